@@ -1,0 +1,85 @@
+//! `AppError`: every failure the HTTP API returns, in OpenAI's error shape
+//! `{"error": {"message", "type", "param", "code"}}` with the matching status.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tokenomy_core::BackendError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub retry_after_s: Option<u32>,
+}
+
+impl AppError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> AppError {
+        AppError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
+    pub fn invalid_value(param: &str, message: impl Into<String>) -> AppError {
+        AppError { code: Some("invalid_value"), ..AppError::invalid(message, Some(param)) }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> AppError {
+        AppError { status: StatusCode::NOT_FOUND, code: Some("not_found"), ..AppError::invalid(message, None) }
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> AppError {
+        AppError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            code: Some("overloaded"),
+            retry_after_s: Some(1),
+            ..AppError::invalid(message, None)
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> AppError {
+        AppError { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "server_error", ..AppError::invalid(message, None) }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl From<BackendError> for AppError {
+    fn from(e: BackendError) -> AppError {
+        let message = e.to_string();
+        match e {
+            BackendError::UnknownModel(_) => AppError {
+                status: StatusCode::NOT_FOUND,
+                code: Some("model_not_found"),
+                ..AppError::invalid(message, Some("model"))
+            },
+            BackendError::ContextLength { .. } => {
+                AppError { code: Some("context_length_exceeded"), ..AppError::invalid(message, Some("messages")) }
+            }
+            BackendError::InvalidRequest(_) => AppError::invalid(message, None),
+            BackendError::Overloaded(_) => AppError::overloaded(message),
+            BackendError::Internal(_) => AppError::internal(message),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}

@@ -1,0 +1,254 @@
+//! OpenAI's wire format: request bodies as clients send them, validated into
+//! [`tokenomy_core`] types, and the response / chunk shapes clients parse.
+//!
+//! API Boundary: nothing outside this crate (and, later, the upstream router) sees these types.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokenomy_core::{ChatMessage, LogprobEntry, SamplingParams, TokenId, Usage};
+
+use crate::error::AppError;
+
+/// Requests may ask for at most this many choices.
+pub const CHOICES_MAX: u32 = 16;
+/// At most this many stop strings (as OpenAI).
+pub const STOPS_MAX: usize = 4;
+pub const TOP_LOGPROBS_MAX: u8 = 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Default, Deserialize)]
+pub struct CommonFields {
+    pub model: String,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub logit_bias: Option<HashMap<String, f32>>,
+    pub stop: Option<StopField>,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub ignore_eos: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    #[serde(flatten)]
+    pub common: CommonFields,
+    pub messages: Vec<WireMessage>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<TokenId>),
+    TokenLists(Vec<Vec<TokenId>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(flatten)]
+    pub common: CommonFields,
+    pub prompt: PromptField,
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub logprobs: Option<i64>,
+    pub suffix: Option<String>,
+}
+
+/// Checks ranges and builds the engine's sampling parameters (`max_tokens` is set later).
+pub fn sampling(c: &CommonFields) -> Result<SamplingParams, AppError> {
+    let mut p = SamplingParams::default();
+    p.temperature = range("temperature", c.temperature, 0.0, 2.0)?.unwrap_or(1.0);
+    p.top_p = range("top_p", c.top_p, 0.0, 1.0)?.unwrap_or(1.0);
+    p.min_p = range("min_p", c.min_p, 0.0, 1.0)?.unwrap_or(0.0);
+    p.presence_penalty = range("presence_penalty", c.presence_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    p.frequency_penalty = range("frequency_penalty", c.frequency_penalty, -2.0, 2.0)?.unwrap_or(0.0);
+    let rep = c.repetition_penalty.or(c.repeat_penalty);
+    p.repetition_penalty = range("repetition_penalty", rep, 0.01, 10.0)?.unwrap_or(1.0);
+    p.top_k = match c.top_k {
+        None => 0,
+        Some(k) if (0..=1_000_000).contains(&k) => k as u32,
+        Some(k) => return Err(AppError::invalid_value("top_k", format!("top_k must be between 0 and 1000000, got {k}"))),
+    };
+    p.seed = c.seed.map(|s| s as u64);
+    p.logit_bias = logit_bias(c.logit_bias.as_ref())?;
+    p.stop = stops(c.stop.as_ref())?;
+    p.ignore_eos = c.ignore_eos.unwrap_or(false);
+    Ok(p)
+}
+
+fn range(name: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<Option<f32>, AppError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => {
+            Err(AppError::invalid_value(name, format!("{name} must be between {lo} and {hi}, got {x}")))
+        }
+        other => Ok(other),
+    }
+}
+
+fn logit_bias(map: Option<&HashMap<String, f32>>) -> Result<Vec<(TokenId, f32)>, AppError> {
+    let Some(map) = map else { return Ok(Vec::new()) };
+    let mut out = Vec::with_capacity(map.len());
+    for (k, &v) in map {
+        let t: TokenId = k
+            .parse()
+            .ok()
+            .filter(|t: &TokenId| *t >= 0)
+            .ok_or_else(|| AppError::invalid_value("logit_bias", format!("logit_bias keys must be token ids, got {k:?}")))?;
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(AppError::invalid_value("logit_bias", format!("logit_bias values must be between -100 and 100, got {v}")));
+        }
+        out.push((t, v));
+    }
+    out.sort_by_key(|b| b.0);
+    Ok(out)
+}
+
+fn stops(stop: Option<&StopField>) -> Result<Vec<String>, AppError> {
+    let list = match stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if list.len() > STOPS_MAX {
+        return Err(AppError::invalid_value("stop", format!("at most {STOPS_MAX} stop sequences are allowed, got {}", list.len())));
+    }
+    Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+pub fn choices(n: Option<u32>) -> Result<u32, AppError> {
+    match n.unwrap_or(1) {
+        n @ 1..=CHOICES_MAX => Ok(n),
+        n => Err(AppError::invalid_value("n", format!("n must be between 1 and {CHOICES_MAX}, got {n}"))),
+    }
+}
+
+/// `max_tokens` as given: `None` when absent.
+pub fn max_tokens(v: Option<i64>, name: &str) -> Result<Option<u32>, AppError> {
+    match v {
+        None => Ok(None),
+        Some(x) if (0..=i64::from(u32::MAX)).contains(&x) => Ok(Some(x as u32)),
+        Some(x) => Err(AppError::invalid_value(name, format!("{name} must be a non-negative integer, got {x}"))),
+    }
+}
+
+pub fn top_logprobs(v: Option<i64>, name: &str, max: u8) -> Result<u8, AppError> {
+    match v {
+        None => Ok(0),
+        Some(x) if (0..=i64::from(max)).contains(&x) => Ok(x as u8),
+        Some(x) => Err(AppError::invalid_value(name, format!("{name} must be between 0 and {max}, got {x}"))),
+    }
+}
+
+/// Flattens OpenAI message content (a string or a list of text parts) to plain text.
+pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppError> {
+    if messages.is_empty() {
+        return Err(AppError::invalid("messages must contain at least one message", Some("messages")));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}]");
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(AppError::invalid_value(&param, format!("unknown role {:?} in {param}", m.role)));
+            }
+            let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+            Ok(ChatMessage { role, content: content_text(m.content.as_ref(), &param)? })
+        })
+        .collect()
+}
+
+fn content_text(content: Option<&Value>, param: &str) -> Result<String, AppError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => return Err(AppError::invalid_value(param, format!("{param}: only text content parts are supported"))),
+                }
+            }
+            Ok(text)
+        }
+        Some(_) => Err(AppError::invalid_value(param, format!("{param}.content must be a string or a list of text parts"))),
+    }
+}
+
+pub fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens(),
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+    })
+}
+
+/// One entry of chat `logprobs.content`.
+pub fn chat_logprob_json(e: &LogprobEntry) -> Value {
+    let top: Vec<Value> = e
+        .top
+        .iter()
+        .map(|t| json!({"token": t.text, "logprob": t.logprob, "bytes": t.bytes}))
+        .collect();
+    json!({"token": e.chosen.text, "logprob": e.chosen.logprob, "bytes": e.chosen.bytes, "top_logprobs": top})
+}
+
+/// The legacy completions `logprobs` object, built up token by token.
+#[derive(Debug, Default, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// Appends one token; `entry` is `None` for the first prompt token.
+    pub fn push(&mut self, text: String, entry: Option<&LogprobEntry>, offset: usize) {
+        self.tokens.push(text);
+        self.text_offset.push(offset);
+        self.token_logprobs.push(entry.map(|e| e.chosen.logprob));
+        self.top_logprobs.push(entry.map(|e| e.top.iter().map(|t| (t.text.clone(), t.logprob)).collect()));
+    }
+}

@@ -1,0 +1,110 @@
+use crate::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn malformed_json_is_a_400_in_openai_shape() {
+    let s = state();
+    let r = send(&s, "POST", "/v1/chat/completions", Some("{not json")).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    let r = send(&s, "POST", "/v1/chat/completions", Some(r#"{"model": "smollm2"}"#)).await;
+    let e = assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(e["message"].as_str().unwrap().contains("messages"), "{e}");
+}
+
+#[tokio::test]
+async fn unknown_model_is_404() {
+    let s = state();
+    let r = post(&s, "/v1/chat/completions", json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let e = assert_error(&r, StatusCode::NOT_FOUND);
+    assert_eq!(e["code"], "model_not_found");
+    assert!(e["message"].as_str().unwrap().contains("gpt-9"));
+}
+
+#[tokio::test]
+async fn a_prompt_longer_than_the_context_names_both_numbers() {
+    let s = state();
+    let long = "word ".repeat(3000);
+    let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": long, "max_tokens": 10})).await;
+    let e = assert_error(&r, StatusCode::BAD_REQUEST);
+    assert_eq!(e["code"], "context_length_exceeded");
+    let m = e["message"].as_str().unwrap();
+    assert!(m.contains("2048") && m.contains("3010") || m.contains("2048"), "{m}");
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": long}]})).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["code"], "context_length_exceeded");
+}
+
+#[tokio::test]
+async fn invalid_parameters_are_400_naming_the_parameter() {
+    let s = state();
+    let base = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    for (field, value) in [
+        ("temperature", json!(5)),
+        ("top_p", json!(1.5)),
+        ("n", json!(0)),
+        ("n", json!(100)),
+        ("max_tokens", json!(-1)),
+        ("presence_penalty", json!(3)),
+        ("top_logprobs", json!(50)),
+        ("logit_bias", json!({"abc": 1})),
+        ("logit_bias", json!({"5": 500})),
+        ("stop", json!(["a", "b", "c", "d", "e"])),
+    ] {
+        let mut body = base.clone();
+        body[field] = value.clone();
+        if field == "top_logprobs" {
+            body["logprobs"] = json!(true);
+        }
+        let r = post(&s, "/v1/chat/completions", body).await;
+        let e = assert_error(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(e["param"], field, "{field}={value}: {e}");
+    }
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": []})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": [999999999], "max_tokens": 1})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": ""})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413() {
+    let s = state();
+    let big = format!(r#"{{"model":"smollm2","prompt":"{}"}}"#, "x".repeat(100 * 1024));
+    let r = send(&s, "POST", "/v1/completions", Some(&big)).await;
+    assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_json() {
+    let s = state();
+    assert_error(&send(&s, "GET", "/v1/nothing", None).await, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn overload_is_a_429_with_retry_after_and_everyone_else_is_answered() {
+    let engine = engine_with(|c| {
+        c.slots = 1;
+        c.queue_max = 2;
+    });
+    let s = AppState::new(std::sync::Arc::new(engine), ApiConfig::default());
+    let body = json!({"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 24, "temperature": 0});
+    let replies = futures::future::join_all((0..12).map(|_| post(&s, "/v1/completions", body.clone()))).await;
+    let mut ok = 0;
+    let mut busy = 0;
+    for r in &replies {
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(r.headers.contains_key("retry-after"));
+                assert_error(r, StatusCode::TOO_MANY_REQUESTS);
+                busy += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "ok={ok} busy={busy}");
+    // and it keeps serving
+    assert_eq!(post(&s, "/v1/completions", body).await.status, StatusCode::OK);
+}

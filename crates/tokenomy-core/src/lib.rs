@@ -1,0 +1,226 @@
+//! The shared language of tokenomy.
+//!
+//! Every other crate speaks in these types: what a generation request is once it has been
+//! validated (no wire format here: the HTTP crate owns OpenAI's and Anthropic's JSON), what the
+//! engine streams back, and how tokens are counted. The [`Backend`] trait is the seam between
+//! the HTTP front end and whatever produces tokens (the local llama.cpp engine today, remote
+//! upstreams later), so the API crate can be tested against any backend and the engine knows
+//! nothing of HTTP.
+//!
+//! Architecture Invariant: this crate does no I/O and depends on no other tokenomy crate.
+
+use std::fmt;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// A token id in a model's vocabulary.
+pub type TokenId = i32;
+
+/// Token counts for one generation, taken from the token ids the engine actually processed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens of the request (including those served from the prefix cache).
+    pub prompt_tokens: u32,
+    /// Of `prompt_tokens`, how many were reused from the prefix cache instead of recomputed.
+    pub cached_tokens: u32,
+    /// Tokens sampled by the engine (every one, including a final end-of-generation token).
+    pub completion_tokens: u32,
+    /// Of `completion_tokens`, how many were reasoning (thinking) tokens.
+    pub reasoning_tokens: u32,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u32 {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    /// Adds another choice's usage, counting the shared prompt once.
+    pub fn add_choice(&mut self, other: &Usage) {
+        self.completion_tokens += other.completion_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token, or a stop string matched.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+    /// The client went away; what was produced is still counted.
+    Cancelled,
+    /// The engine failed.
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::Cancelled | FinishReason::Error => "length",
+        }
+    }
+}
+
+/// Sampling parameters, already validated (ranges checked by the API layer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax), deterministic.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    pub min_p: f32,
+    pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1.0 disables the repetition penalty.
+    pub repetition_penalty: f32,
+    pub logit_bias: Vec<(TokenId, f32)>,
+    pub stop: Vec<String>,
+    /// Upper bound on sampled tokens; the engine also stops at the context window.
+    pub max_tokens: u32,
+    /// Return the log-probability of each sampled token and this many alternatives.
+    pub logprobs: Option<u8>,
+    /// Do not stop at the end-of-generation token.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            stop: Vec::new(),
+            max_tokens: 16,
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// A fully validated generation request: the prompt is already tokenized.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub request_id: String,
+    pub model: String,
+    pub prompt: Vec<TokenId>,
+    pub params: SamplingParams,
+    /// Also return log-probabilities of the prompt tokens (the first one has none).
+    pub echo_logprobs: bool,
+}
+
+/// One candidate token with its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: TokenId,
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// The log-probability of one chosen token and its strongest alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogprobEntry {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// What a backend streams while it generates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Log-probabilities of the prompt tokens (only when `echo_logprobs` was asked).
+    /// The first prompt token has `None`.
+    PromptLogprobs(Vec<Option<LogprobEntry>>),
+    /// New output text. `text` may be empty while bytes of a multi-byte character or a
+    /// possible stop string are held back; `logprobs` is set per sampled token when asked.
+    Token { text: String, logprob: Option<LogprobEntry> },
+}
+
+/// How a generation ended; always delivered, even if the event receiver was dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    /// The full output text, as the client saw it (stop string excluded).
+    pub text: String,
+    pub error: Option<String>,
+}
+
+/// A running generation: a stream of events and the final outcome.
+///
+/// Dropping `events` cancels the generation; `outcome` still arrives with the usage of what
+/// was processed, so a disconnected client is still metered.
+#[derive(Debug)]
+pub struct Generation {
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub outcome: oneshot::Receiver<Outcome>,
+}
+
+/// Facts about a served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The name clients use in `"model"`.
+    pub name: String,
+    pub architecture: String,
+    pub context_length: u32,
+    pub sha256: Option<String>,
+    pub has_chat_template: bool,
+}
+
+/// A chat message handed to a chat template. Content is plain text; the API layer flattens
+/// structured content parts before this point.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Errors a backend returns before generation starts. Each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    #[error("The model `{0}` does not exist")]
+    UnknownModel(String),
+    #[error("This model's maximum context length is {context_length} tokens. However, you requested {requested} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). Please reduce the length of the prompt or max_tokens.")]
+    ContextLength { context_length: u32, requested: u64, prompt_tokens: u32, max_tokens: u32 },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("The server is overloaded: {0}. Retry later.")]
+    Overloaded(String),
+    #[error("The engine failed: {0}")]
+    Internal(String),
+}
+
+/// Anything that produces tokens: the local engine, or (later) a remote upstream.
+///
+/// API Boundary: the HTTP crate sees models only through this trait.
+pub trait Backend: Send + Sync + 'static {
+    fn models(&self) -> Vec<ModelInfo>;
+    /// Whether the models are loaded and the backend accepts work.
+    fn ready(&self) -> bool;
+    fn tokenize(&self, model: &str, text: &str, add_special: bool) -> Result<Vec<TokenId>, BackendError>;
+    fn detokenize(&self, model: &str, tokens: &[TokenId]) -> Result<String, BackendError>;
+    /// Renders chat messages with the model's chat template, ending with the assistant's turn.
+    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError>;
+    /// Starts a generation. Fails fast (before any token) on unknown model, context overflow
+    /// or a full queue.
+    fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError>;
+    /// Backend metrics in Prometheus text exposition format.
+    fn metrics_text(&self) -> String {
+        String::new()
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_openai())
+    }
+}

@@ -1,0 +1,276 @@
+//! The local inference engine: GGUF models on llama.cpp's kernels, everything above them ours.
+//!
+//! llama.cpp (through `llama-cpp-2`) gives us model loading, tokenization and one call:
+//! `llama_decode` of a batch of tokens over many sequences. Above that line the engine is
+//! plain Rust: chat templates ([`template`]), sampling ([`sampler`]), incremental detokenizing
+//! with stop strings ([`text`]), and a continuous-batching scheduler ([`scheduler`]) whose state
+//! is a plain struct tested without threads. One worker thread per model ([`worker`]) owns the
+//! llama.cpp context and carries out the scheduler's plans.
+//!
+//! Architecture Invariant: the engine does no network I/O; it implements
+//! [`tokenomy_core::Backend`] and knows nothing of HTTP or wire formats.
+
+pub mod gguf;
+pub mod metrics;
+pub mod sampler;
+pub mod scheduler;
+pub mod template;
+pub mod text;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use sha2::{Digest, Sha256};
+use tokenomy_core::{
+    Backend, BackendError, ChatMessage, Generation, GenerateRequest, ModelInfo, TokenId,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::sampler::Sampler;
+use crate::scheduler::{JobSpec, Limits};
+use crate::template::ChatTemplate;
+use crate::worker::{Submission, WorkerConfig};
+
+/// llama.cpp's process-wide backend, initialised once.
+pub(crate) fn backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let mut b = LlamaBackend::init().expect("llama backend initialises once");
+        if std::env::var_os("TOKENOMY_LLAMA_LOG").is_none() {
+            b.void_logs();
+        }
+        b
+    })
+}
+
+/// How to load and serve one model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The name clients use in `"model"`.
+    pub name: String,
+    pub path: PathBuf,
+    /// A chat template to use instead of (or in the absence of) the GGUF's own.
+    pub chat_template: Option<String>,
+    pub threads: i32,
+    /// Concurrent sequences (KV slots).
+    pub slots: usize,
+    /// Tokens one sequence may hold (prompt + completion); `None` = the model's training context, at most 8192.
+    pub ctx_tokens_max: Option<u32>,
+    /// KV cells shared by all sequences and the prefix cache; `None` = 4 × ctx_tokens_max.
+    pub kv_cells_max: Option<u32>,
+    pub step_tokens_max: u32,
+    pub queue_max: usize,
+}
+
+impl ModelConfig {
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> ModelConfig {
+        ModelConfig {
+            name: name.into(),
+            path: path.into(),
+            chat_template: None,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get() as i32),
+            slots: 8,
+            ctx_tokens_max: None,
+            kv_cells_max: None,
+            step_tokens_max: 512,
+            queue_max: 64,
+        }
+    }
+}
+
+struct LoadedModel {
+    info: ModelInfo,
+    model: Arc<LlamaModel>,
+    template: Option<ChatTemplate>,
+    tx: SyncSender<Submission>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+/// The local engine: one worker per loaded model.
+pub struct Engine {
+    models: Vec<LoadedModel>,
+    next_job: AtomicU64,
+}
+
+impl Engine {
+    /// Loads every model and starts its worker. Fails with a message naming the model.
+    pub fn load(configs: &[ModelConfig]) -> Result<Engine, String> {
+        let models = configs.iter().map(load_model).collect::<Result<Vec<_>, _>>()?;
+        Ok(Engine { models, next_job: AtomicU64::new(1) })
+    }
+
+    fn get(&self, name: &str) -> Result<&LoadedModel, BackendError> {
+        self.models.iter().find(|m| m.info.name == name).ok_or_else(|| BackendError::UnknownModel(name.to_string()))
+    }
+
+    /// Per-sequence context limit of a model.
+    pub fn ctx_tokens_max(&self, model: &str) -> Result<u32, BackendError> {
+        Ok(self.get(model)?.limits.ctx_tokens_max)
+    }
+}
+
+fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
+    let summary = gguf::inspect(&cfg.path)?;
+    let params = LlamaModelParams::default();
+    let model = LlamaModel::load_from_file(backend(), &cfg.path, &params)
+        .map_err(|e| format!("cannot load {}: {e}", cfg.path.display()))?;
+    let model = Arc::new(model);
+    let template = chat_template(&model, cfg)?;
+    let train_ctx = model.n_ctx_train().max(1);
+    let ctx_tokens_max = cfg.ctx_tokens_max.unwrap_or(train_ctx.min(8192)).min(train_ctx);
+    let kv_cells_max = cfg.kv_cells_max.unwrap_or(ctx_tokens_max * 4).max(ctx_tokens_max);
+    let limits = Limits { slots: cfg.slots, kv_cells_max, step_tokens_max: cfg.step_tokens_max, queue_max: cfg.queue_max, ctx_tokens_max };
+    let metrics = Arc::new(Metrics::default());
+    let info = ModelInfo {
+        name: cfg.name.clone(),
+        architecture: summary.architecture.clone(),
+        context_length: ctx_tokens_max,
+        sha256: Some(file_sha256(&cfg.path)?),
+        has_chat_template: template.is_some(),
+    };
+    let prefix_reuse = summary.sliding_window.is_none() && !model.is_recurrent() && !model.is_hybrid();
+    let tx = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse }, metrics.clone())?;
+    Ok(LoadedModel { info, model, template, tx, limits, metrics })
+}
+
+fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<SyncSender<Submission>, String> {
+    let (tx, rx) = sync_channel(config.limits.queue_max);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tokenomy-worker".into())
+        .spawn(move || worker::run(model, config, rx, metrics, move |r| drop(ready_tx.send(r))))
+        .map_err(|e| format!("cannot start the worker thread: {e}"))?;
+    ready_rx.recv().map_err(|_| "the worker thread died while starting".to_string())??;
+    Ok(tx)
+}
+
+fn chat_template(model: &LlamaModel, cfg: &ModelConfig) -> Result<Option<ChatTemplate>, String> {
+    let source = match &cfg.chat_template {
+        Some(arg) => Some(match template::builtin(arg) {
+            Some(builtin) => builtin.to_string(),
+            None => std::fs::read_to_string(arg).map_err(|e| format!("--chat-template {arg}: {e}"))?,
+        }),
+        None => model.meta_val_str("tokenizer.chat_template").ok(),
+    };
+    let Some(source) = source else { return Ok(None) };
+    let vocab = model.vocab();
+    let piece = |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+    let bos = if vocab.bos().0 >= 0 { piece(vocab.bos()) } else { String::new() };
+    let eos = if vocab.eos().0 >= 0 { piece(vocab.eos()) } else { String::new() };
+    ChatTemplate::new(&source, &bos, &eos).map(Some).map_err(|e| format!("model {}: {e}", cfg.name))
+}
+
+/// sha256 of a file, hex.
+pub fn file_sha256(path: &Path) -> Result<String, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+impl Backend for Engine {
+    fn models(&self) -> Vec<ModelInfo> {
+        self.models.iter().map(|m| m.info.clone()).collect()
+    }
+
+    fn ready(&self) -> bool {
+        !self.models.is_empty()
+    }
+
+    fn tokenize(&self, model: &str, text: &str, add_special: bool) -> Result<Vec<TokenId>, BackendError> {
+        let m = self.get(model)?;
+        Ok(m.model.vocab().tokenize(text.as_bytes(), add_special, true).into_iter().map(|t| t.0).collect())
+    }
+
+    fn detokenize(&self, model: &str, tokens: &[TokenId]) -> Result<String, BackendError> {
+        let m = self.get(model)?;
+        let vocab = m.model.vocab();
+        let n = vocab.n_tokens();
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            if t < 0 || t >= n {
+                return Err(BackendError::InvalidRequest(format!("token id {t} is outside the vocabulary (0..{n})")));
+            }
+            bytes.extend(vocab.token_to_piece(LlamaToken(t), false, None));
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
+        let m = self.get(model)?;
+        let template = m.template.as_ref().ok_or_else(|| {
+            BackendError::InvalidRequest(format!(
+                "the model `{model}` has no chat template in its GGUF file; use /v1/completions, or start the server with --chat-template chatml|gemma|FILE"
+            ))
+        })?;
+        let mut text = template.render(messages).map_err(BackendError::InvalidRequest)?;
+        // The tokenizer adds BOS itself (add_special); a template that also writes it would double it.
+        let bos = template.bos_token();
+        if !bos.is_empty() && m.model.vocab().should_add_bos() && text.starts_with(bos) {
+            text.drain(..bos.len());
+        }
+        Ok(text)
+    }
+
+    fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError> {
+        let m = self.get(&request.model)?;
+        validate_prompt(m, &request)?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (outcome_tx, outcome) = oneshot::channel();
+        let p = request.params;
+        let spec = JobSpec {
+            id: self.next_job.fetch_add(1, Ordering::Relaxed),
+            prompt: request.prompt,
+            max_tokens: p.max_tokens,
+            echo_logits: request.echo_logprobs,
+        };
+        let sub = Submission {
+            sampler: Sampler::new(p.clone(), &spec.prompt),
+            spec,
+            stops: p.stop,
+            logprobs_top: p.logprobs,
+            ignore_eos: p.ignore_eos,
+            events: events_tx,
+            outcome: outcome_tx,
+        };
+        match m.tx.try_send(sub) {
+            Ok(()) => Ok(Generation { events, outcome }),
+            Err(TrySendError::Full(_)) => Err(BackendError::Overloaded(format!("{} requests are already queued for `{}`", m.limits.queue_max, m.info.name))),
+            Err(TrySendError::Disconnected(_)) => Err(BackendError::Internal("the model's worker has stopped".into())),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        for m in &self.models {
+            m.metrics.render(&m.info.name, &mut out);
+        }
+        out
+    }
+}
+
+fn validate_prompt(m: &LoadedModel, request: &GenerateRequest) -> Result<(), BackendError> {
+    let prompt_tokens = request.prompt.len() as u32;
+    if request.prompt.is_empty() {
+        return Err(BackendError::InvalidRequest("the prompt is empty".into()));
+    }
+    let n_vocab = m.model.n_vocab();
+    if let Some(bad) = request.prompt.iter().find(|&&t| t < 0 || t >= n_vocab) {
+        return Err(BackendError::InvalidRequest(format!("token id {bad} is outside the vocabulary (0..{n_vocab})")));
+    }
+    let ctx = m.limits.ctx_tokens_max;
+    let requested = u64::from(prompt_tokens) + u64::from(request.params.max_tokens);
+    if requested > u64::from(ctx) {
+        return Err(BackendError::ContextLength { context_length: ctx, requested, prompt_tokens, max_tokens: request.params.max_tokens });
+    }
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! The scheduler's state: which sequence occupies which KV slot, which tokens go into the next
+//! `llama_decode`, and what is cached. A plain struct with no threads and no llama.cpp calls,
+//! so every decision is unit-tested; the worker thread (`worker.rs`) only carries out its plans.
+//!
+//! Continuous batching: every step feeds one token for each decoding sequence plus chunks of
+//! waiting prompts, up to `step_tokens_max`. New requests join between steps.
+//!
+//! Prefix cache: every slot remembers the exact tokens whose KV it holds. A new request takes
+//! the free slot whose cache shares the longest prefix with its prompt, or copies a longer
+//! prefix from any other slot (`llama_memory_seq_cp`, which shares the cells in a unified KV
+//! cache), and only the rest of its prompt is computed.
+//!
+//! Architecture Invariant: `reserved_cells() <= kv_cells_max` after every call.
+
+use std::collections::VecDeque;
+use tokenomy_core::TokenId;
+
+pub type JobId = u64;
+pub type SeqId = i32;
+
+/// A request waiting for, or holding, a slot.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub id: JobId,
+    pub prompt: Vec<TokenId>,
+    pub max_tokens: u32,
+    /// Compute logits for every prompt token (prompt log-probabilities).
+    pub echo_logits: bool,
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: JobSpec,
+    /// Prompt tokens already in the KV cache.
+    prompt_done: usize,
+    /// Of those, how many came from the prefix cache.
+    cached_tokens: u32,
+    /// The last sampled token, to be fed at the next step.
+    next_token: Option<TokenId>,
+    generated: u32,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// Exactly the tokens whose KV this sequence holds, at positions 0..len.
+    cached: Vec<TokenId>,
+    job: Option<Job>,
+    last_used_step: u64,
+}
+
+/// A KV-cache operation the worker must apply before the batch of the same plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOp {
+    /// Drop positions `from..` of `seq`.
+    Truncate { seq: SeqId, from: u32 },
+    /// Drop all of `dst`, then share positions `0..len` of `src` into it.
+    CopyPrefix { src: SeqId, dst: SeqId, len: u32 },
+}
+
+/// One token of the next batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub job: JobId,
+    pub seq: SeqId,
+    pub token: TokenId,
+    pub pos: u32,
+    /// Whether logits are needed at this position.
+    pub logits: bool,
+    /// This position's logits predict the next token to sample (not just a prompt logprob).
+    pub samples: bool,
+}
+
+/// What to do in one step.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub kv_ops: Vec<KvOp>,
+    pub batch: Vec<BatchEntry>,
+    /// Jobs that got a slot in this step, with their cached prefix length.
+    pub admitted: Vec<(JobId, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub slots: usize,
+    pub kv_cells_max: u32,
+    pub step_tokens_max: u32,
+    pub queue_max: usize,
+    /// Tokens one sequence may hold (prompt + completion).
+    pub ctx_tokens_max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    QueueFull,
+    TooLarge { needed: u32, limit: u32 },
+}
+
+pub struct Scheduler {
+    limits: Limits,
+    slots: Vec<Slot>,
+    waiting: VecDeque<JobSpec>,
+    step: u64,
+    /// False for caches that cannot drop a suffix (sliding-window attention, recurrent state).
+    prefix_reuse: bool,
+}
+
+impl Scheduler {
+    pub fn new(limits: Limits, prefix_reuse: bool) -> Scheduler {
+        assert!(limits.slots > 0 && limits.step_tokens_max > 0);
+        assert!(limits.ctx_tokens_max <= limits.kv_cells_max);
+        let slots = (0..limits.slots).map(|_| Slot::default()).collect();
+        Scheduler { limits, slots, waiting: VecDeque::new(), step: 0, prefix_reuse }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Queues a job. Rejects when the queue is full or the job could never fit.
+    pub fn submit(&mut self, spec: JobSpec) -> Result<(), Reject> {
+        let needed = job_cells(&spec);
+        if needed > self.limits.ctx_tokens_max {
+            return Err(Reject::TooLarge { needed, limit: self.limits.ctx_tokens_max });
+        }
+        if self.waiting.len() >= self.limits.queue_max {
+            return Err(Reject::QueueFull);
+        }
+        self.waiting.push_back(spec);
+        Ok(())
+    }
+
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running_len(&self) -> usize {
+        self.slots.iter().filter(|s| s.job.is_some()).count()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running_len() == 0
+    }
+
+    /// Cells held by idle caches plus cells reserved by running jobs (their whole budget).
+    pub fn reserved_cells(&self) -> u32 {
+        self.slots.iter().map(slot_cells).sum()
+    }
+
+    pub fn cached_cells(&self) -> u32 {
+        self.slots.iter().map(|s| s.cached.len() as u32).sum()
+    }
+
+    /// Removes a waiting job (cancelled before admission). Returns whether it was waiting.
+    pub fn remove_waiting(&mut self, id: JobId) -> bool {
+        let before = self.waiting.len();
+        self.waiting.retain(|j| j.id != id);
+        before != self.waiting.len()
+    }
+
+    /// Plans the next step: admits waiting jobs that fit, then fills the batch.
+    pub fn plan(&mut self) -> Plan {
+        self.step += 1;
+        let mut plan = Plan::default();
+        self.admit(&mut plan);
+        let mut budget = self.limits.step_tokens_max;
+        self.plan_decodes(&mut plan, &mut budget);
+        self.plan_prefills(&mut plan, &mut budget);
+        debug_assert!(self.reserved_cells() <= self.limits.kv_cells_max);
+        plan
+    }
+
+    fn admit(&mut self, plan: &mut Plan) {
+        while let Some(spec) = self.waiting.front() {
+            let Some(dst) = self.free_slot_for(&spec.prompt) else { break };
+            let needed = job_cells(spec);
+            if !self.make_room(needed, dst, &mut plan.kv_ops) {
+                break;
+            }
+            let spec = self.waiting.pop_front().expect("front exists");
+            // Prompt log-probabilities need logits at every prompt position: no reuse.
+            let reuse = self.prefix_reuse && !spec.echo_logits;
+            let cached = self.attach_prefix(dst, &spec.prompt, reuse, &mut plan.kv_ops);
+            plan.admitted.push((spec.id, cached));
+            let slot = &mut self.slots[dst];
+            slot.job = Some(Job { prompt_done: cached as usize, cached_tokens: cached, next_token: None, generated: 0, spec });
+            slot.last_used_step = self.step;
+        }
+    }
+
+    /// The free slot whose cache shares the longest prefix with `prompt` (then least recently used).
+    fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.job.is_none())
+            .max_by_key(|(_, s)| (common_prefix(&s.cached, prompt), std::cmp::Reverse(s.last_used_step)))
+            .map(|(i, _)| i)
+    }
+
+    /// Evicts idle caches (least recently used first, never `keep`) until `needed` more cells
+    /// fit. Returns false if they cannot.
+    fn make_room(&mut self, needed: u32, keep: usize, ops: &mut Vec<KvOp>) -> bool {
+        let dst_cached = self.slots[keep].cached.len() as u32;
+        loop {
+            let reserved = self.reserved_cells() - dst_cached;
+            if reserved + needed <= self.limits.kv_cells_max {
+                return true;
+            }
+            let victim = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| *i != keep && s.job.is_none() && !s.cached.is_empty())
+                .min_by_key(|(_, s)| s.last_used_step)
+                .map(|(i, _)| i);
+            match victim {
+                Some(v) => {
+                    self.slots[v].cached.clear();
+                    ops.push(KvOp::Truncate { seq: v as SeqId, from: 0 });
+                }
+                None => return false,
+            }
+        }
+    }
+
+    /// Points slot `dst` at the longest cached prefix of `prompt`; returns its length.
+    /// At least one prompt token is always left to compute, to get logits.
+    fn attach_prefix(&mut self, dst: usize, prompt: &[TokenId], reuse: bool, ops: &mut Vec<KvOp>) -> u32 {
+        let limit = if reuse { prompt.len().saturating_sub(1) } else { 0 };
+        let own = common_prefix(&self.slots[dst].cached, prompt).min(limit);
+        let (src, best) = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, common_prefix(&s.cached, prompt).min(limit)))
+            .max_by_key(|&(i, len)| (len, i == dst))
+            .expect("at least one slot");
+        let dst_seq = dst as SeqId;
+        if best > own && src != dst {
+            ops.push(KvOp::CopyPrefix { src: src as SeqId, dst: dst_seq, len: best as u32 });
+            self.slots[dst].cached = prompt[..best].to_vec();
+            return best as u32;
+        }
+        ops.push(KvOp::Truncate { seq: dst_seq, from: own as u32 });
+        self.slots[dst].cached.truncate(own);
+        own as u32
+    }
+
+    fn plan_decodes(&mut self, plan: &mut Plan, budget: &mut u32) {
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(job) = slot.job.as_mut() else { continue };
+            let Some(token) = job.next_token.take() else { continue };
+            let pos = slot.cached.len() as u32;
+            plan.batch.push(BatchEntry { job: job.spec.id, seq: i as SeqId, token, pos, logits: true, samples: true });
+            slot.cached.push(token);
+            slot.last_used_step = self.step;
+            *budget -= 1;
+        }
+    }
+
+    fn plan_prefills(&mut self, plan: &mut Plan, budget: &mut u32) {
+        let mut order: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].job.as_ref().is_some_and(|j| j.prompt_done < j.spec.prompt.len()))
+            .collect();
+        order.sort_by_key(|&i| self.slots[i].job.as_ref().map(|j| j.spec.id));
+        for i in order {
+            if *budget == 0 {
+                break;
+            }
+            let slot = &mut self.slots[i];
+            let job = slot.job.as_mut().expect("filtered");
+            let remaining = job.spec.prompt.len() - job.prompt_done;
+            let take = remaining.min(*budget as usize);
+            for k in 0..take {
+                let p = job.prompt_done + k;
+                let last = p + 1 == job.spec.prompt.len();
+                let token = job.spec.prompt[p];
+                let logits = last || job.spec.echo_logits;
+                plan.batch.push(BatchEntry { job: job.spec.id, seq: i as SeqId, token, pos: p as u32, logits, samples: last });
+                slot.cached.push(token);
+            }
+            job.prompt_done += take;
+            slot.last_used_step = self.step;
+            *budget -= take as u32;
+        }
+    }
+
+    /// Records the token sampled for `job`. Returns `false` if the job has used its budget
+    /// (the caller then finishes it with `finish`).
+    pub fn on_sampled(&mut self, job: JobId, token: TokenId) -> bool {
+        let slot = self.slot_of_mut(job).expect("sampled for a running job");
+        let j = slot.job.as_mut().expect("running");
+        j.generated += 1;
+        // submit() checked prompt + max_tokens against the context, so this bounds both.
+        let more = j.generated < j.spec.max_tokens;
+        if more {
+            j.next_token = Some(token);
+        }
+        more
+    }
+
+    /// Ends a running job; its slot keeps the KV of every token it fed, for later reuse.
+    pub fn finish(&mut self, job: JobId) -> Option<(u32, u32)> {
+        let slot = self.slot_of_mut(job)?;
+        let j = slot.job.take().expect("running");
+        // A job cut before its prompt was done leaves a partial cache: still a valid prefix.
+        Some((j.cached_tokens, j.generated))
+    }
+
+    /// Drops every cache (after a failed decode the KV state is unknown).
+    pub fn reset_caches(&mut self) -> Vec<JobId> {
+        let mut ids = Vec::new();
+        for s in &mut self.slots {
+            s.cached.clear();
+            if let Some(j) = s.job.take() {
+                ids.push(j.spec.id);
+            }
+        }
+        ids
+    }
+
+    fn slot_of_mut(&mut self, job: JobId) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.job.as_ref().is_some_and(|j| j.spec.id == job))
+    }
+}
+
+/// Cells a job may use: its prompt plus its completion budget.
+fn job_cells(spec: &JobSpec) -> u32 {
+    (spec.prompt.len() as u32).saturating_add(spec.max_tokens)
+}
+
+fn slot_cells(s: &Slot) -> u32 {
+    match &s.job {
+        Some(j) => job_cells(&j.spec).max(s.cached.len() as u32),
+        None => s.cached.len() as u32,
+    }
+}
+
+fn common_prefix(a: &[TokenId], b: &[TokenId]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { slots: 2, kv_cells_max: 64, step_tokens_max: 8, queue_max: 4, ctx_tokens_max: 32 }
+    }
+
+    fn job(id: JobId, prompt: &[TokenId], max_tokens: u32) -> JobSpec {
+        JobSpec { id, prompt: prompt.to_vec(), max_tokens, echo_logits: false }
+    }
+
+    /// Runs plans, "sampling" token 100+job for every sampling entry, until all jobs finish.
+    fn run_to_end(s: &mut Scheduler) -> Vec<Plan> {
+        let mut plans = Vec::new();
+        while !s.is_idle() {
+            let plan = s.plan();
+            for e in plan.batch.iter().filter(|e| e.samples) {
+                if !s.on_sampled(e.job, 100 + e.job as TokenId) {
+                    s.finish(e.job);
+                }
+            }
+            plans.push(plan);
+            assert!(plans.len() < 100, "no progress");
+        }
+        plans
+    }
+
+    #[test]
+    fn prompt_is_chunked_by_the_step_budget() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1; 20], 2)).unwrap();
+        let plans = run_to_end(&mut s);
+        let sizes: Vec<usize> = plans.iter().map(|p| p.batch.len()).collect();
+        assert_eq!(sizes, vec![8, 8, 4, 1]);
+        let last = &plans[2].batch[3];
+        assert!(last.logits && last.samples && last.pos == 19);
+        assert!(!plans[0].batch[0].logits);
+    }
+
+    #[test]
+    fn decodes_of_running_jobs_share_a_step_with_a_new_prefill() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1, 2], 5)).unwrap();
+        let p1 = s.plan();
+        assert_eq!(p1.batch.len(), 2);
+        assert!(s.on_sampled(1, 7));
+        s.submit(job(2, &[3, 4, 5], 5)).unwrap();
+        let p2 = s.plan();
+        let seqs: Vec<(SeqId, TokenId, u32)> = p2.batch.iter().map(|e| (e.seq, e.token, e.pos)).collect();
+        assert_eq!(seqs, vec![(0, 7, 2), (1, 3, 0), (1, 4, 1), (1, 5, 2)]);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_copied_from_another_slot() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1, 2, 3, 4, 5], 1)).unwrap();
+        run_to_end(&mut s);
+        // slot 0 now caches [1,2,3,4,5]; a second concurrent job keeps slot 0 busy
+        s.submit(job(2, &[9, 9], 3)).unwrap();
+        s.submit(job(3, &[1, 2, 3, 4, 6], 1)).unwrap();
+        let plan = s.plan();
+        // job 2 takes the LRU/empty slot 1 (no shared prefix), job 3 reuses slot 0 by itself
+        assert_eq!(plan.admitted, vec![(2, 0), (3, 4)]);
+        assert!(plan.kv_ops.contains(&KvOp::Truncate { seq: 0, from: 4 }));
+        let fed: Vec<TokenId> = plan.batch.iter().filter(|e| e.job == 3).map(|e| e.token).collect();
+        assert_eq!(fed, vec![6]);
+    }
+
+    #[test]
+    fn copy_prefix_from_a_running_slot() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1, 2, 3, 4], 10)).unwrap();
+        s.plan();
+        s.submit(job(2, &[1, 2, 3, 8], 1)).unwrap();
+        let plan = s.plan();
+        assert_eq!(plan.admitted, vec![(2, 3)]);
+        assert_eq!(plan.kv_ops, vec![KvOp::CopyPrefix { src: 0, dst: 1, len: 3 }]);
+    }
+
+    #[test]
+    fn a_full_prompt_match_still_computes_its_last_token() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1, 2, 3], 1)).unwrap();
+        run_to_end(&mut s);
+        s.submit(job(2, &[1, 2, 3], 1)).unwrap();
+        let plan = s.plan();
+        assert_eq!(plan.admitted, vec![(2, 2)]);
+        assert_eq!(plan.batch.len(), 1);
+        assert_eq!(plan.batch[0].pos, 2);
+    }
+
+    #[test]
+    fn admission_waits_for_kv_room_and_queue_is_bounded() {
+        let mut s = Scheduler::new(Limits { kv_cells_max: 40, ..limits() }, true);
+        s.submit(job(1, &[1; 10], 20)).unwrap();
+        s.submit(job(2, &[2; 10], 20)).unwrap();
+        let plan = s.plan();
+        assert_eq!(plan.admitted.len(), 1, "second job must wait: 30 + 30 > 40");
+        assert!(s.reserved_cells() <= 40);
+        s.submit(job(3, &[3], 1)).unwrap();
+        s.submit(job(4, &[3], 1)).unwrap();
+        s.submit(job(5, &[3], 1)).unwrap();
+        assert_eq!(s.submit(job(6, &[3], 1)), Err(Reject::QueueFull));
+        assert_eq!(s.submit(job(7, &[1; 30], 10)), Err(Reject::TooLarge { needed: 40, limit: 32 }));
+        run_to_end(&mut s);
+        assert!(s.reserved_cells() <= 40);
+    }
+
+    #[test]
+    fn idle_caches_are_evicted_lru_when_room_is_needed() {
+        let mut s = Scheduler::new(Limits { kv_cells_max: 32, ..limits() }, true);
+        s.submit(job(1, &[1; 20], 1)).unwrap();
+        run_to_end(&mut s);
+        assert_eq!(s.cached_cells(), 20);
+        s.submit(job(2, &[2; 20], 5)).unwrap();
+        let plan = s.plan();
+        assert_eq!(plan.admitted, vec![(2, 0)]);
+        assert!(plan.kv_ops.contains(&KvOp::Truncate { seq: 0, from: 0 }), "{:?}", plan.kv_ops);
+        assert!(s.reserved_cells() <= 32);
+    }
+
+    #[test]
+    fn without_prefix_reuse_or_with_echo_the_whole_prompt_is_computed() {
+        for (reuse, echo) in [(false, false), (true, true)] {
+            let mut s = Scheduler::new(limits(), reuse);
+            s.submit(job(1, &[1, 2, 3], 1)).unwrap();
+            run_to_end(&mut s);
+            s.submit(JobSpec { echo_logits: echo, ..job(2, &[1, 2, 3], 1) }).unwrap();
+            let plan = s.plan();
+            assert_eq!(plan.admitted, vec![(2, 0)]);
+            assert_eq!(plan.kv_ops, vec![KvOp::Truncate { seq: 0, from: 0 }]);
+            assert_eq!(plan.batch.len(), 3);
+            assert_eq!(plan.batch.iter().filter(|e| e.logits).count(), if echo { 3 } else { 1 });
+        }
+    }
+
+    #[test]
+    fn max_tokens_and_context_end_a_job() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1, 2], 3)).unwrap();
+        let plans = run_to_end(&mut s);
+        let sampled: usize = plans.iter().map(|p| p.batch.iter().filter(|e| e.samples).count()).sum();
+        assert_eq!(sampled, 3);
+    }
+}

@@ -1,0 +1,149 @@
+//! Chat templates: the Jinja template stored in a GGUF's `tokenizer.chat_template`, rendered
+//! with `minijinja` (plus Python string methods from `minijinja-contrib`, which HF templates use).
+//!
+//! A model without a template (Gemma-3-270M's GGUF has none) gets a template named on the
+//! command line (`--chat-template chatml|gemma|FILE`) or a clear error.
+
+use minijinja::{Environment, Error, ErrorKind, Value};
+use tokenomy_core::ChatMessage;
+
+/// ChatML, used by SmolLM2, Qwen2.5 and many others.
+pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Gemma's turn format (system text is folded into the first user turn, as Gemma 3 does).
+pub const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
+/// Resolves a `--chat-template` argument: a built-in name or a file's contents.
+pub fn builtin(name: &str) -> Option<&'static str> {
+    match name {
+        "chatml" => Some(CHATML),
+        "gemma" => Some(GEMMA),
+        _ => None,
+    }
+}
+
+/// A compiled chat template with the model's special tokens.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, String> {
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| format!("the chat template does not compile: {e}"))?;
+        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    /// Renders `messages` and opens the assistant's turn.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        let template = self.env.get_template("chat").expect("added in new");
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => true,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+        };
+        template.render(ctx).map_err(|e| format!("the chat template failed: {e:#}"))
+    }
+
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+fn strftime_now(format: String) -> String {
+    // Templates use this for "today's date" in the system prompt. Formatting a clock is I/O
+    // free; we support the two formats seen in real templates and fall back to ISO dates.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    const MONTHS: [&str; 12] =
+        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    match format.as_str() {
+        "%d %b %Y" => format!("{d:02} {} {y}", &MONTHS[(m - 1) as usize][..3]),
+        "%d %B %Y" => format!("{d:02} {} {y}", MONTHS[(m - 1) as usize]),
+        _ => format!("{y:04}-{m:02}-{d:02}"),
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage { role: "system".into(), content: "Be brief.".into() },
+            ChatMessage { role: "user".into(), content: "Hi".into() },
+        ]
+    }
+
+    #[test]
+    fn chatml_renders() {
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        expect_test::expect![[r#"
+            <|im_start|>system
+            Be brief.<|im_end|>
+            <|im_start|>user
+            Hi<|im_end|>
+            <|im_start|>assistant
+        "#]]
+        .assert_eq(&t.render(&msgs()).unwrap());
+    }
+
+    #[test]
+    fn gemma_folds_system_into_first_user_turn() {
+        let t = ChatTemplate::new(GEMMA, "<bos>", "<eos>").unwrap();
+        expect_test::expect![[r#"
+            <bos><start_of_turn>user
+            Be brief.
+
+            Hi<end_of_turn>
+            <start_of_turn>model
+        "#]]
+        .assert_eq(&t.render(&msgs()).unwrap());
+    }
+
+    #[test]
+    fn python_string_methods_and_raise_exception_work() {
+        let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let ok = [ChatMessage { role: "user".into(), content: "  hi ".into() }];
+        assert_eq!(t.render(&ok).unwrap(), "HI");
+        let err = t.render(&msgs()).unwrap_err();
+        assert!(err.contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_420), (2025, 11, 28));
+    }
+}

@@ -1,0 +1,292 @@
+//! The worker thread: owns one model's llama.cpp context and carries out the scheduler's plans.
+//!
+//! It is the only code that calls `llama_decode`. Per step: take new submissions (bounded
+//! channel), drop cancelled jobs, ask the scheduler for a plan, apply its KV operations, decode
+//! one batch, then sample for every sequence that needs a token and stream the text out.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use tokenomy_core::{Event, FinishReason, LogprobEntry, Outcome, TokenId, TokenLogprob, Usage};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::sampler::{self, Sampler};
+use crate::scheduler::{BatchEntry, JobId, JobSpec, KvOp, Limits, Scheduler};
+use crate::text::TextStream;
+
+/// A job as handed to the worker.
+pub struct Submission {
+    pub spec: JobSpec,
+    pub sampler: Sampler,
+    pub stops: Vec<String>,
+    pub logprobs_top: Option<u8>,
+    pub ignore_eos: bool,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub outcome: oneshot::Sender<Outcome>,
+}
+
+struct Running {
+    sub: Submission,
+    text: TextStream,
+    output: String,
+    usage: Usage,
+    /// Log-probabilities of prompt tokens 1.. (token 0 has none).
+    prompt_logprobs: Vec<LogprobEntry>,
+}
+
+pub struct WorkerConfig {
+    pub limits: Limits,
+    pub threads: i32,
+    pub prefix_reuse: bool,
+}
+
+/// Runs until every sender of `rx` is dropped. Calls `ready` once the context exists.
+pub fn run(
+    model: Arc<LlamaModel>,
+    config: WorkerConfig,
+    rx: Receiver<Submission>,
+    metrics: Arc<Metrics>,
+    ready: impl FnOnce(Result<(), String>),
+) {
+    let backend = crate::backend();
+    let limits = config.limits;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(limits.kv_cells_max))
+        .with_n_batch(limits.step_tokens_max)
+        .with_n_ubatch(limits.step_tokens_max.min(512))
+        .with_n_seq_max(limits.slots as u32)
+        .with_kv_unified(true)
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads);
+    let ctx = match model.new_context(backend, params) {
+        Ok(ctx) => ctx,
+        Err(e) => return ready(Err(format!("cannot create a llama.cpp context: {e}"))),
+    };
+    ready(Ok(()));
+    let mut w = Worker {
+        model: &model,
+        ctx,
+        sched: Scheduler::new(limits, config.prefix_reuse),
+        jobs: HashMap::new(),
+        batch: LlamaBatch::new(limits.step_tokens_max as usize, 1),
+        metrics,
+    };
+    w.run(rx);
+}
+
+struct Worker<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    sched: Scheduler,
+    jobs: HashMap<JobId, Running>,
+    batch: LlamaBatch<'static>,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker<'_> {
+    fn run(&mut self, rx: Receiver<Submission>) {
+        loop {
+            if !self.intake(&rx) {
+                return;
+            }
+            self.drop_cancelled();
+            let plan = self.sched.plan();
+            for (id, cached) in &plan.admitted {
+                if let Some(job) = self.jobs.get_mut(id) {
+                    job.usage.cached_tokens = *cached;
+                }
+            }
+            self.apply_kv_ops(&plan.kv_ops);
+            self.publish_gauges();
+            if plan.batch.is_empty() {
+                continue;
+            }
+            match self.decode(&plan.batch) {
+                Ok(()) => self.consume_outputs(&plan.batch),
+                Err(e) => self.fail_all(&e),
+            }
+        }
+    }
+
+    /// Moves submissions into the scheduler. Blocks when there is nothing to do.
+    /// Returns false when the engine is shutting down and all work is done.
+    fn intake(&mut self, rx: &Receiver<Submission>) -> bool {
+        if self.sched.is_idle() {
+            match rx.recv() {
+                Ok(sub) => self.accept(sub),
+                Err(_) => return false,
+            }
+        }
+        while self.sched.waiting_len() < self.sched.limits().queue_max {
+            match rx.try_recv() {
+                Ok(sub) => self.accept(sub),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return !self.sched.is_idle(),
+            }
+        }
+        true
+    }
+
+    fn accept(&mut self, sub: Submission) {
+        let spec = sub.spec.clone();
+        let id = spec.id;
+        let prompt_tokens = spec.prompt.len() as u32;
+        if let Err(e) = self.sched.submit(spec) {
+            let msg = format!("rejected by the scheduler: {e:?}");
+            let _ = sub.outcome.send(Outcome { finish_reason: FinishReason::Error, usage: Usage::default(), text: String::new(), error: Some(msg) });
+            return;
+        }
+        let text = TextStream::new(sub.stops.clone());
+        let usage = Usage { prompt_tokens, ..Usage::default() };
+        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new() });
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<JobId> = self.jobs.iter().filter(|(_, j)| j.sub.events.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.sched.remove_waiting(id);
+            self.finish(id, FinishReason::Cancelled, None);
+        }
+    }
+
+    fn apply_kv_ops(&mut self, ops: &[KvOp]) {
+        for op in ops {
+            match *op {
+                KvOp::Truncate { seq, from } => {
+                    if !matches!(self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(from), None), Ok(true)) {
+                        // Partial removal unsupported (e.g. sliding-window caches): drop all.
+                        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                    }
+                }
+                KvOp::CopyPrefix { src, dst, len } => {
+                    let _ = self.ctx.clear_kv_cache_seq(Some(dst as u32), None, None);
+                    let _ = self.ctx.copy_kv_cache_seq(src, dst, None, Some(len));
+                }
+            }
+        }
+    }
+
+    fn decode(&mut self, entries: &[BatchEntry]) -> Result<(), String> {
+        self.batch.clear();
+        for e in entries {
+            self.batch
+                .add(LlamaToken(e.token), e.pos as i32, &[e.seq], e.logits)
+                .map_err(|err| format!("batch: {err}"))?;
+        }
+        self.ctx.decode(&mut self.batch).map_err(|err| format!("llama_decode failed: {err}"))?;
+        self.metrics.add_decoded(entries.len() as u64);
+        Ok(())
+    }
+
+    fn consume_outputs(&mut self, entries: &[BatchEntry]) {
+        for (i, e) in entries.iter().enumerate() {
+            if !e.logits || !self.jobs.contains_key(&e.job) {
+                continue;
+            }
+            let logits = self.ctx.get_logits_ith(i as i32).to_vec();
+            if e.samples {
+                self.sample(e.job, &logits);
+            } else {
+                self.prompt_logprob(e, &logits);
+            }
+        }
+    }
+
+    fn prompt_logprob(&mut self, e: &BatchEntry, logits: &[f32]) {
+        let model = self.model;
+        let job = self.jobs.get_mut(&e.job).expect("checked");
+        if !job.sub.spec.echo_logits {
+            return;
+        }
+        let Some(&next) = job.sub.spec.prompt.get(e.pos as usize + 1) else { return };
+        job.prompt_logprobs.push(logprob_entry(model, logits, next, job.sub.logprobs_top.unwrap_or(0) as usize));
+    }
+
+    fn sample(&mut self, id: JobId, logits: &[f32]) {
+        let model = self.model;
+        let job = self.jobs.get_mut(&id).expect("checked");
+        if job.sub.spec.echo_logits {
+            let mut all = vec![None];
+            all.extend(job.prompt_logprobs.drain(..).map(Some));
+            let _ = job.sub.events.send(Event::PromptLogprobs(all));
+        }
+        if job.sub.spec.max_tokens == 0 {
+            return self.finish(id, FinishReason::Length, None);
+        }
+        let banned = if job.sub.ignore_eos { eog_tokens(model) } else { Vec::new() };
+        let token = job.sub.sampler.sample(logits, &banned);
+        job.sub.sampler.accept(token);
+        job.usage.completion_tokens += 1;
+        if model.vocab().is_eog(LlamaToken(token)) && !job.sub.ignore_eos {
+            return self.finish(id, FinishReason::Stop, None);
+        }
+        let logprob = job.sub.logprobs_top.map(|n| logprob_entry(model, logits, token, n as usize));
+        let piece = model.vocab().token_to_piece(LlamaToken(token), false, None);
+        let released = job.text.push(&piece);
+        job.output.push_str(&released.text);
+        let _ = job.sub.events.send(Event::Token { text: released.text, logprob });
+        if released.stopped {
+            return self.finish(id, FinishReason::Stop, None);
+        }
+        if !self.sched.on_sampled(id, token) {
+            self.finish(id, FinishReason::Length, None);
+        }
+    }
+
+    fn finish(&mut self, id: JobId, reason: FinishReason, error: Option<String>) {
+        self.sched.finish(id);
+        let Some(mut job) = self.jobs.remove(&id) else { return };
+        let tail = job.text.finish();
+        if !tail.is_empty() {
+            job.output.push_str(&tail);
+            let _ = job.sub.events.send(Event::Token { text: tail, logprob: None });
+        }
+        self.metrics.add_finished(&job.usage);
+        let outcome = Outcome { finish_reason: reason, usage: job.usage, text: job.output, error };
+        let _ = job.sub.outcome.send(outcome);
+    }
+
+    fn fail_all(&mut self, error: &str) {
+        tracing::error!(%error, "decode failed; clearing the KV cache and failing running jobs");
+        let ids = self.sched.reset_caches();
+        self.ctx.clear_kv_cache();
+        for id in ids {
+            self.finish(id, FinishReason::Error, Some(error.to_string()));
+        }
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.set_gauges(
+            self.sched.waiting_len() as u64,
+            self.sched.running_len() as u64,
+            self.sched.reserved_cells() as u64,
+            self.sched.cached_cells() as u64,
+        );
+    }
+}
+
+fn eog_tokens(model: &LlamaModel) -> Vec<TokenId> {
+    let vocab = model.vocab();
+    (0..vocab.n_tokens()).filter(|&t| vocab.is_eog(LlamaToken(t))).collect()
+}
+
+fn token_logprob(model: &LlamaModel, token: TokenId, logprob: f32) -> TokenLogprob {
+    let bytes = model.vocab().token_to_piece(LlamaToken(token), true, None);
+    TokenLogprob { token, text: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob }
+}
+
+fn logprob_entry(model: &LlamaModel, logits: &[f32], chosen: TokenId, top_n: usize) -> LogprobEntry {
+    let (lp, top) = sampler::logprobs(logits, chosen, top_n);
+    LogprobEntry {
+        chosen: token_logprob(model, chosen, lp),
+        top: top.into_iter().map(|(t, l)| token_logprob(model, t, l)).collect(),
+    }
+}

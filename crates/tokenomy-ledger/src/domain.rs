@@ -1,0 +1,695 @@
+//! Pure ledger domain: identifiers, accounts, transfers, pricing, and the
+//! balance rules every store applies. No I/O happens here; stores load rows,
+//! call the `apply_*` functions on in-memory copies, and persist the result.
+
+use std::fmt;
+
+/// Micro-credits per credit. Money is always an `i64` count of micro-credits.
+pub const MICROS_PER_CREDIT: i64 = 1_000_000;
+/// Tokens per "mtok" in a [`Price`].
+pub const TOKENS_PER_MTOK: i128 = 1_000_000;
+/// Largest amount a single transfer may move: one billion credits.
+pub const MAX_AMOUNT_MICROS: i64 = 1_000_000_000 * MICROS_PER_CREDIT;
+/// Longest account name, in bytes.
+pub const MAX_NAME_LEN_BYTES: usize = 128;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN_BYTES: usize = 128;
+/// Longest hold timeout: one day.
+pub const MAX_TIMEOUT_MS: i64 = 24 * 60 * 60 * 1000;
+/// Largest leaf a `Leaf` closure may return, in bytes.
+pub const MAX_LEAF_LEN_BYTES: usize = 4096;
+/// Largest statement / log page.
+pub const MAX_PAGE_LEN: u32 = 1000;
+/// Most scopes on one API key, and longest scope string in bytes.
+pub const MAX_SCOPES: usize = 32;
+pub const MAX_SCOPE_LEN_BYTES: usize = 64;
+/// Idempotency keys the ledger derives itself start with this; callers may not use it.
+pub const RESERVED_KEY_PREFIX: char = '~';
+
+/// Account identifier. A `u128`: the top 48 bits are the creation time in ms,
+/// the low 80 bits random, so ids sort by creation time (like a ULID) and fit
+/// a 16-byte big-endian column (`BLOB` / `BYTEA`) whose byte order is numeric order.
+/// `1` and `2` are the two system accounts, created when a store opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AccountId(pub u128);
+/// Transfer identifier; same layout as [`AccountId`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TransferId(pub u128);
+/// API-key identifier; same layout as [`AccountId`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub u128);
+
+/// The treasury: source of minted credits; its balance is minus the money supply.
+pub const TREASURY: AccountId = AccountId(1);
+/// Operator revenue: the credit side of every usage charge.
+pub const OPERATOR_REVENUE: AccountId = AccountId(2);
+
+macro_rules! id_bytes {
+    ($t:ty) => {
+        impl $t {
+            pub fn to_bytes(self) -> [u8; 16] {
+                self.0.to_be_bytes()
+            }
+            pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+                let arr: [u8; 16] = bytes.try_into().ok()?;
+                Some(Self(u128::from_be_bytes(arr)))
+            }
+            /// Time-ordered random id (48-bit ms timestamp, 80 random bits).
+            pub fn generate(now_ms: i64) -> Self {
+                let ts = (now_ms.max(0) as u128) & ((1u128 << 48) - 1);
+                let rnd = rand::random::<u128>() & ((1u128 << 80) - 1);
+                Self((ts << 80) | rnd | 0x100) // never collides with system ids
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:032x}", self.0)
+            }
+        }
+    };
+}
+id_bytes!(AccountId);
+id_bytes!(TransferId);
+id_bytes!(KeyId);
+
+macro_rules! code_enum {
+    ($name:ident { $($v:ident = $n:expr),+ $(,)? }) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($v),+ }
+        impl $name {
+            pub fn as_i16(self) -> i16 { match self { $(Self::$v => $n),+ } }
+            pub fn from_i16(n: i16) -> Option<Self> { match n { $($n => Some(Self::$v),)+ _ => None } }
+        }
+    };
+}
+code_enum!(AccountKind { User = 0, Agent = 1, OperatorRevenue = 2, Treasury = 3 });
+code_enum!(TransferCode { Mint = 0, UsageCharge = 1, Transfer = 2, Refund = 3 });
+code_enum!(TransferState { Pending = 0, Posted = 1, Voided = 2 });
+
+impl AccountKind {
+    /// User and Agent accounts must never spend money they do not have.
+    pub fn must_stay_funded(self) -> bool {
+        matches!(self, AccountKind::User | AccountKind::Agent)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub kind: AccountKind,
+    /// Posted balance: credits minus debits of posted transfers.
+    pub balance_micros: i64,
+    /// Debits held by pending transfers (holds).
+    pub pending_micros: i64,
+    pub created_at_ms: i64,
+}
+
+impl Account {
+    /// What the account may still spend or hold.
+    pub fn available_micros(&self) -> i64 {
+        self.balance_micros - self.pending_micros
+    }
+}
+
+/// One double-entry transfer. A hold (`hold == true`) moves no posted money:
+/// it reserves `amount_micros` on the debit account until it is settled
+/// (a separate posted transfer with `pending_id` = the hold) or voided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub id: TransferId,
+    pub idempotency_key: String,
+    pub debit_account: AccountId,
+    pub credit_account: AccountId,
+    pub amount_micros: i64,
+    pub code: TransferCode,
+    pub state: TransferState,
+    /// True for a pending reservation (TigerBeetle's `flags.pending`).
+    pub hold: bool,
+    /// Hold lifetime; 0 for non-holds.
+    pub timeout_ms: i64,
+    /// `created_at_ms + timeout_ms` for holds; 0 otherwise.
+    pub expires_at_ms: i64,
+    pub created_at_ms: i64,
+    /// For a settlement: the hold it posts.
+    pub pending_id: Option<TransferId>,
+}
+
+impl Transfer {
+    /// True when this transfer moved posted money (counts toward balances).
+    pub fn is_posted_movement(&self) -> bool {
+        !self.hold && self.state == TransferState::Posted
+    }
+    /// True when this transfer currently holds money on its debit account.
+    pub fn is_pending_hold(&self) -> bool {
+        self.hold && self.state == TransferState::Pending
+    }
+}
+
+/// What a caller asks for; compared field by field on an idempotent retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferRequest {
+    pub idempotency_key: String,
+    pub debit_account: AccountId,
+    pub credit_account: AccountId,
+    pub amount_micros: i64,
+    pub code: TransferCode,
+    pub hold: bool,
+    pub timeout_ms: i64,
+}
+
+impl TransferRequest {
+    /// Same key and same parameters: the retry gets the original back.
+    pub fn matches(&self, t: &Transfer) -> bool {
+        debug_assert_eq!(self.idempotency_key, t.idempotency_key);
+        self.debit_account == t.debit_account
+            && self.credit_account == t.credit_account
+            && self.amount_micros == t.amount_micros
+            && self.code == t.code
+            && self.hold == t.hold
+            && self.timeout_ms == t.timeout_ms
+    }
+
+    /// Build the transfer this request creates (state Pending for holds).
+    pub fn into_transfer(self, now_ms: i64, pending_id: Option<TransferId>) -> Transfer {
+        let state = if self.hold { TransferState::Pending } else { TransferState::Posted };
+        let expires_at_ms = if self.hold { now_ms + self.timeout_ms } else { 0 };
+        Transfer {
+            id: TransferId::generate(now_ms),
+            idempotency_key: self.idempotency_key,
+            debit_account: self.debit_account,
+            credit_account: self.credit_account,
+            amount_micros: self.amount_micros,
+            code: self.code,
+            state,
+            hold: self.hold,
+            timeout_ms: self.timeout_ms,
+            expires_at_ms,
+            created_at_ms: now_ms,
+            pending_id,
+        }
+    }
+}
+
+/// Result of settling a hold: the hold (now Posted or Voided), the posted
+/// charge (None when 0 was settled), what went back to the account, and the
+/// log index of the charge's leaf when a leaf closure was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub hold: Transfer,
+    pub posted: Option<Transfer>,
+    pub released_micros: i64,
+    pub log_index: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass back as `after_cursor` for the next page; None when this page is the last.
+    pub next_cursor: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub log_index: u64,
+    pub transfer_id: TransferId,
+    pub account_id: AccountId,
+    pub leaf_bytes: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: KeyId,
+    pub account: AccountId,
+    pub key_hash: [u8; 32],
+    pub scopes: Vec<String>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub spend_cap_day_micros: Option<i64>,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct CheckReport {
+    pub ok: bool,
+    pub accounts: u64,
+    pub transfers: u64,
+    /// Sum of all posted balances; must be 0.
+    pub sum_micros: i128,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("amount must be in 1..={MAX_AMOUNT_MICROS} micros, got {amount_micros}")]
+    InvalidAmount { amount_micros: i64 },
+    #[error("cannot transfer from an account to itself")]
+    SelfTransfer,
+    #[error("unknown account {0}")]
+    UnknownAccount(AccountId),
+    #[error("unknown transfer {0}")]
+    UnknownTransfer(TransferId),
+    #[error("unknown api key {0}")]
+    UnknownKey(KeyId),
+    #[error("insufficient funds: short by {shortfall_micros} micros")]
+    InsufficientFunds { shortfall_micros: i64 },
+    #[error("idempotency key {key:?} was used with different parameters")]
+    IdempotencyConflict { key: String },
+    #[error("account {account} of kind {kind:?} may not be {role} here")]
+    KindNotAllowed { account: AccountId, kind: AccountKind, role: &'static str },
+    #[error("transfer {id} is {state:?}, not a pending hold")]
+    NotPending { id: TransferId, state: TransferState },
+    #[error("cannot settle {requested_micros} micros on a hold of {held_micros}")]
+    SettleExceedsHold { held_micros: i64, requested_micros: i64 },
+    #[error("hold {0} has expired")]
+    HoldExpired(TransferId),
+    #[error("arithmetic overflow")]
+    Overflow,
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("invariant violated: {0}")]
+    InvariantViolation(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+pub type Result<T> = std::result::Result<T, LedgerError>;
+
+// ---------------------------------------------------------------- validation
+
+pub fn validate_amount(amount_micros: i64) -> Result<()> {
+    if amount_micros <= 0 || amount_micros > MAX_AMOUNT_MICROS {
+        return Err(LedgerError::InvalidAmount { amount_micros });
+    }
+    Ok(())
+}
+
+pub fn validate_idempotency_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN_BYTES {
+        return Err(LedgerError::InvalidArgument(format!(
+            "idempotency key must be 1..={MAX_IDEMPOTENCY_KEY_LEN_BYTES} bytes"
+        )));
+    }
+    if key.starts_with(RESERVED_KEY_PREFIX) {
+        return Err(LedgerError::InvalidArgument("idempotency keys may not start with '~'".into()));
+    }
+    Ok(())
+}
+
+pub fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN_BYTES {
+        return Err(LedgerError::InvalidArgument(format!("name must be 1..={MAX_NAME_LEN_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+pub fn validate_timeout(timeout_ms: i64) -> Result<()> {
+    if timeout_ms <= 0 || timeout_ms > MAX_TIMEOUT_MS {
+        return Err(LedgerError::InvalidArgument(format!("timeout_ms must be in 1..={MAX_TIMEOUT_MS}")));
+    }
+    Ok(())
+}
+
+pub fn validate_page_limit(limit: u32) -> Result<()> {
+    if limit == 0 || limit > MAX_PAGE_LEN {
+        return Err(LedgerError::InvalidArgument(format!("limit must be in 1..={MAX_PAGE_LEN}")));
+    }
+    Ok(())
+}
+
+pub fn validate_scopes(scopes: &[String]) -> Result<()> {
+    let bad = |s: &String| {
+        s.is_empty() || s.len() > MAX_SCOPE_LEN_BYTES || !s.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+    };
+    if scopes.len() > MAX_SCOPES || scopes.iter().any(bad) {
+        return Err(LedgerError::InvalidArgument("scopes: at most 32 printable strings without ','".into()));
+    }
+    Ok(())
+}
+
+/// Only User and Agent accounts are created by callers; the two system
+/// accounts exist once, created by the store on open.
+pub fn validate_new_account_kind(kind: AccountKind) -> Result<()> {
+    if !kind.must_stay_funded() {
+        return Err(LedgerError::InvalidArgument(format!("{kind:?} is a system account; it exists once")));
+    }
+    Ok(())
+}
+
+/// Idempotency key the ledger derives for the posted half of a settlement.
+pub fn settle_key(hold_id: TransferId) -> String {
+    format!("{RESERVED_KEY_PREFIX}post:{hold_id}")
+}
+
+// ---------------------------------------------------------------- balance rules
+
+fn require_kind(a: &Account, ok: bool, role: &'static str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::KindNotAllowed { account: a.id, kind: a.kind, role })
+    }
+}
+
+/// Who may be debited by a posted or pending transfer of `code`.
+pub fn check_roles(debit: &Account, credit: &Account, code: TransferCode) -> Result<()> {
+    let debit_ok = match code {
+        TransferCode::Mint | TransferCode::Refund => debit.kind == AccountKind::Treasury,
+        TransferCode::UsageCharge | TransferCode::Transfer => debit.kind.must_stay_funded(),
+    };
+    require_kind(debit, debit_ok, "debited")?;
+    let credit_ok = match code {
+        TransferCode::UsageCharge => credit.kind == AccountKind::OperatorRevenue,
+        _ => credit.kind != AccountKind::Treasury,
+    };
+    require_kind(credit, credit_ok, "credited")?;
+    if debit.id == credit.id {
+        return Err(LedgerError::SelfTransfer);
+    }
+    Ok(())
+}
+
+fn require_funds(a: &Account, amount_micros: i64) -> Result<()> {
+    if a.kind.must_stay_funded() && a.available_micros() < amount_micros {
+        let shortfall_micros = amount_micros - a.available_micros().max(0);
+        return Err(LedgerError::InsufficientFunds { shortfall_micros });
+    }
+    Ok(())
+}
+
+fn add(a: i64, b: i64) -> Result<i64> {
+    a.checked_add(b).ok_or(LedgerError::Overflow)
+}
+
+fn sub(a: i64, b: i64) -> Result<i64> {
+    a.checked_sub(b).ok_or(LedgerError::Overflow)
+}
+
+/// Post `amount` from `debit` to `credit` (mint, transfer).
+pub fn apply_posted(debit: &mut Account, credit: &mut Account, amount_micros: i64) -> Result<()> {
+    validate_amount(amount_micros)?;
+    require_funds(debit, amount_micros)?;
+    let before = debit.balance_micros as i128 + credit.balance_micros as i128;
+    debit.balance_micros = sub(debit.balance_micros, amount_micros)?;
+    credit.balance_micros = add(credit.balance_micros, amount_micros)?;
+    debug_assert_eq!(before, debit.balance_micros as i128 + credit.balance_micros as i128);
+    check_account(debit).and(check_account(credit))
+}
+
+/// Reserve `amount` on `debit` (a hold).
+pub fn apply_hold(debit: &mut Account, amount_micros: i64) -> Result<()> {
+    validate_amount(amount_micros)?;
+    require_funds(debit, amount_micros)?;
+    debit.pending_micros = add(debit.pending_micros, amount_micros)?;
+    check_account(debit)
+}
+
+/// Release a hold of `held` and post `posted` (0..=held) from `debit` to `credit`.
+pub fn apply_settle(debit: &mut Account, credit: &mut Account, held_micros: i64, posted_micros: i64) -> Result<()> {
+    if posted_micros < 0 || posted_micros > held_micros {
+        return Err(LedgerError::SettleExceedsHold { held_micros, requested_micros: posted_micros });
+    }
+    apply_void(debit, held_micros)?;
+    if posted_micros > 0 {
+        apply_posted(debit, credit, posted_micros)?;
+    }
+    Ok(())
+}
+
+/// Release a hold of `held` without moving money.
+pub fn apply_void(debit: &mut Account, held_micros: i64) -> Result<()> {
+    debit.pending_micros = sub(debit.pending_micros, held_micros)?;
+    if debit.pending_micros < 0 {
+        return Err(LedgerError::InvariantViolation(format!("pending < 0 on {}", debit.id)));
+    }
+    check_account(debit)
+}
+
+/// The per-account constraint: User/Agent never below zero available,
+/// OperatorRevenue never negative, system accounts never hold.
+pub fn account_ok(a: &Account) -> bool {
+    match a.kind {
+        AccountKind::User | AccountKind::Agent => a.pending_micros >= 0 && a.available_micros() >= 0,
+        AccountKind::OperatorRevenue => a.balance_micros >= 0 && a.pending_micros == 0,
+        AccountKind::Treasury => a.pending_micros == 0,
+    }
+}
+
+/// The per-account constraint, checked after every change.
+pub fn check_account(a: &Account) -> Result<()> {
+    let ok = account_ok(a);
+    debug_assert!(ok, "account constraint violated: {a:?}");
+    if !ok {
+        return Err(LedgerError::InvariantViolation(format!("account constraint violated: {a:?}")));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- invariants
+
+/// The two postings of a transfer: (debit, -amount), (credit, +amount).
+pub fn postings(t: &Transfer) -> [(AccountId, i64); 2] {
+    [(t.debit_account, -t.amount_micros), (t.credit_account, t.amount_micros)]
+}
+
+/// Every transfer debits exactly what it credits, between two accounts, for a positive amount.
+pub fn check_transfer(t: &Transfer) -> std::result::Result<(), String> {
+    let sum: i128 = postings(t).iter().map(|p| p.1 as i128).sum();
+    if sum != 0 || t.amount_micros <= 0 || t.debit_account == t.credit_account {
+        return Err(format!("transfer {} is unbalanced or degenerate", t.id));
+    }
+    if t.hold != (t.timeout_ms > 0) || (t.pending_id.is_some() && t.hold) {
+        return Err(format!("transfer {} has inconsistent hold fields", t.id));
+    }
+    Ok(())
+}
+
+/// Sums recomputed from transfer history for one account (by `check()` only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountTotals {
+    pub posted_debits_micros: i128,
+    pub posted_credits_micros: i128,
+    pub pending_debits_micros: i128,
+}
+
+/// Picks one sum of [`AccountTotals`] (used by stores' `check()` queries).
+pub type TotalsField = fn(&mut AccountTotals) -> &mut i128;
+
+/// Whole-ledger invariants over read-back state. `totals` is keyed by account;
+/// missing accounts have no transfers. `bad_transfers` counts rows that failed
+/// [`check_transfer`]-equivalent SQL; `log` is (count, min, max) of log indices.
+pub fn check_ledger(
+    accounts: &[Account],
+    totals: &std::collections::HashMap<AccountId, AccountTotals>,
+    transfers: u64,
+    bad_transfers: u64,
+    pending_transfers_micros: i128,
+    log: (u64, Option<u64>, Option<u64>),
+) -> CheckReport {
+    let mut problems = Vec::new();
+    let sum_micros: i128 = accounts.iter().map(|a| a.balance_micros as i128).sum();
+    let sum_pending: i128 = accounts.iter().map(|a| a.pending_micros as i128).sum();
+    if sum_micros != 0 {
+        problems.push(format!("sum of posted balances is {sum_micros}, not 0"));
+    }
+    if sum_pending != pending_transfers_micros {
+        problems.push(format!("sum of pending {sum_pending} != pending holds {pending_transfers_micros}"));
+    }
+    if bad_transfers > 0 {
+        problems.push(format!("{bad_transfers} unbalanced or degenerate transfers"));
+    }
+    for a in accounts {
+        check_account_against_totals(a, totals.get(&a.id).copied().unwrap_or_default(), &mut problems);
+    }
+    check_log_dense(log, &mut problems);
+    CheckReport { ok: problems.is_empty(), accounts: accounts.len() as u64, transfers, sum_micros, problems }
+}
+
+fn check_account_against_totals(a: &Account, t: AccountTotals, problems: &mut Vec<String>) {
+    let expect_balance = t.posted_credits_micros - t.posted_debits_micros;
+    if expect_balance != a.balance_micros as i128 {
+        problems.push(format!("account {}: balance {} != history {expect_balance}", a.id, a.balance_micros));
+    }
+    if t.pending_debits_micros != a.pending_micros as i128 {
+        problems.push(format!("account {}: pending {} != holds {}", a.id, a.pending_micros, t.pending_debits_micros));
+    }
+    if a.kind == AccountKind::OperatorRevenue && t.posted_debits_micros != 0 {
+        problems.push(format!("operator revenue {} was debited", a.id));
+    }
+    if !account_ok(a) {
+        problems.push(format!("account constraint violated: {a:?}"));
+    }
+}
+
+fn check_log_dense(log: (u64, Option<u64>, Option<u64>), problems: &mut Vec<String>) {
+    let (count, min, max) = log;
+    let dense = match (min, max) {
+        (None, None) => count == 0,
+        (Some(lo), Some(hi)) => lo == 0 && hi + 1 == count,
+        _ => false,
+    };
+    if !dense {
+        problems.push(format!("log indices not dense: count {count}, min {min:?}, max {max:?}"));
+    }
+}
+
+// ---------------------------------------------------------------- pricing
+
+/// Token counts of one request. The four fields are DISJOINT: `input_tokens`
+/// excludes cached input, `output_tokens` excludes reasoning. (OpenAI reports
+/// cached tokens inside prompt_tokens and reasoning inside completion_tokens;
+/// use [`Usage::from_openai`] to split them.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+impl Usage {
+    /// From OpenAI-style totals, where cached ⊆ prompt and reasoning ⊆ completion.
+    pub fn from_openai(prompt: u64, cached: u64, completion: u64, reasoning: u64) -> Usage {
+        Usage {
+            input_tokens: prompt.saturating_sub(cached),
+            cached_input_tokens: cached.min(prompt),
+            output_tokens: completion.saturating_sub(reasoning),
+            reasoning_tokens: reasoning.min(completion),
+        }
+    }
+}
+
+/// Micro-credits per million tokens, by token class. Never negative.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Price {
+    pub input_micros_per_mtok: i64,
+    pub cached_input_micros_per_mtok: i64,
+    pub output_micros_per_mtok: i64,
+}
+
+/// Cost of `usage` at `price`, in micro-credits.
+///
+/// Rounding rule: the exact sum Σ tokens × price (micro-credits × tokens/Mtok)
+/// is computed in `i128`, then divided by 1 000 000 rounding UP, once, at the
+/// end. So any non-zero usage at a non-zero price costs at least 1 micro, and
+/// splitting a bill never loses money to truncation. Reasoning tokens bill as
+/// output. Overflow (impossible for sane inputs) returns `Overflow`; negative
+/// prices return `InvalidArgument`.
+pub fn cost_micros(usage: Usage, price: Price) -> Result<i64> {
+    let prices = [price.input_micros_per_mtok, price.cached_input_micros_per_mtok, price.output_micros_per_mtok];
+    if prices.iter().any(|p| *p < 0) {
+        return Err(LedgerError::InvalidArgument("prices must be >= 0".into()));
+    }
+    let output_tokens = usage.output_tokens as i128 + usage.reasoning_tokens as i128;
+    let terms = [
+        (usage.input_tokens as i128, price.input_micros_per_mtok as i128),
+        (usage.cached_input_tokens as i128, price.cached_input_micros_per_mtok as i128),
+        (output_tokens, price.output_micros_per_mtok as i128),
+    ];
+    let mut exact: i128 = 0;
+    for (tokens, p) in terms {
+        let term = tokens.checked_mul(p).ok_or(LedgerError::Overflow)?;
+        exact = exact.checked_add(term).ok_or(LedgerError::Overflow)?;
+    }
+    debug_assert!(exact >= 0);
+    let ceil = exact.checked_add(TOKENS_PER_MTOK - 1).ok_or(LedgerError::Overflow)? / TOKENS_PER_MTOK;
+    i64::try_from(ceil).map_err(|_| LedgerError::Overflow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(balance: i64, pending: i64) -> Account {
+        Account {
+            id: AccountId(9),
+            name: "u".into(),
+            kind: AccountKind::User,
+            balance_micros: balance,
+            pending_micros: pending,
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn cost_rounds_up_once_at_the_end() {
+        let price = Price { input_micros_per_mtok: 1, cached_input_micros_per_mtok: 1, output_micros_per_mtok: 1 };
+        // 3 classes × 1 token × 1 micro/Mtok = 3e-6 micros → ceil → 1 (not 3 × ceil(1e-6) = 3).
+        let u = Usage { input_tokens: 1, cached_input_tokens: 1, output_tokens: 1, reasoning_tokens: 0 };
+        assert_eq!(cost_micros(u, price).unwrap(), 1);
+        assert_eq!(cost_micros(Usage::default(), price).unwrap(), 0);
+        let exact = Usage { input_tokens: 2_000_000, ..Default::default() };
+        assert_eq!(cost_micros(exact, price).unwrap(), 2);
+        let just_over = Usage { input_tokens: 2_000_001, ..Default::default() };
+        assert_eq!(cost_micros(just_over, price).unwrap(), 3);
+    }
+
+    #[test]
+    fn reasoning_bills_as_output() {
+        let price = Price { input_micros_per_mtok: 0, cached_input_micros_per_mtok: 0, output_micros_per_mtok: 10_000_000 };
+        let a = Usage { output_tokens: 100, reasoning_tokens: 50, ..Default::default() };
+        let b = Usage { output_tokens: 150, ..Default::default() };
+        assert_eq!(cost_micros(a, price).unwrap(), cost_micros(b, price).unwrap());
+        assert_eq!(cost_micros(b, price).unwrap(), 1500);
+    }
+
+    #[test]
+    fn cost_overflow_is_an_error_and_negative_price_rejected() {
+        let price = Price { input_micros_per_mtok: i64::MAX, cached_input_micros_per_mtok: i64::MAX, output_micros_per_mtok: i64::MAX };
+        let u = Usage { input_tokens: u64::MAX, cached_input_tokens: u64::MAX, output_tokens: u64::MAX, reasoning_tokens: u64::MAX };
+        assert_eq!(cost_micros(u, price), Err(LedgerError::Overflow));
+        let neg = Price { input_micros_per_mtok: -1, ..Default::default() };
+        assert!(matches!(cost_micros(Usage::default(), neg), Err(LedgerError::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn from_openai_splits_subsets() {
+        let u = Usage::from_openai(100, 30, 50, 20);
+        assert_eq!(u, Usage { input_tokens: 70, cached_input_tokens: 30, output_tokens: 30, reasoning_tokens: 20 });
+    }
+
+    #[test]
+    fn hold_reports_shortfall() {
+        let mut a = user(100, 40);
+        assert_eq!(apply_hold(&mut a, 70), Err(LedgerError::InsufficientFunds { shortfall_micros: 10 }));
+        apply_hold(&mut a, 60).unwrap();
+        assert_eq!(a.available_micros(), 0);
+    }
+
+    #[test]
+    fn settle_posts_part_and_releases_rest() {
+        let mut a = user(100, 50);
+        let mut op = Account { id: OPERATOR_REVENUE, kind: AccountKind::OperatorRevenue, ..user(0, 0) };
+        apply_settle(&mut a, &mut op, 50, 20).unwrap();
+        assert_eq!((a.balance_micros, a.pending_micros, op.balance_micros), (80, 0, 20));
+        assert!(apply_settle(&mut a, &mut op, 10, 11).is_err());
+    }
+
+    #[test]
+    fn roles() {
+        let u = user(0, 0);
+        let t = Account { id: TREASURY, kind: AccountKind::Treasury, ..user(0, 0) };
+        let op = Account { id: OPERATOR_REVENUE, kind: AccountKind::OperatorRevenue, ..user(0, 0) };
+        assert!(check_roles(&t, &u, TransferCode::Mint).is_ok());
+        assert!(check_roles(&u, &op, TransferCode::UsageCharge).is_ok());
+        assert!(check_roles(&op, &u, TransferCode::Transfer).is_err());
+        assert!(check_roles(&u, &t, TransferCode::Transfer).is_err());
+        assert_eq!(check_roles(&u, &u, TransferCode::Transfer), Err(LedgerError::SelfTransfer));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn cost_is_ceil_of_exact(i in 0u64..1u64<<40, c in 0u64..1u64<<40, o in 0u64..1u64<<40, r in 0u64..1u64<<40,
+                                 pi in 0i64..1i64<<40, pc in 0i64..1i64<<40, po in 0i64..1i64<<40) {
+            let u = Usage { input_tokens: i, cached_input_tokens: c, output_tokens: o, reasoning_tokens: r };
+            let p = Price { input_micros_per_mtok: pi, cached_input_micros_per_mtok: pc, output_micros_per_mtok: po };
+            let exact = i as i128 * pi as i128 + c as i128 * pc as i128 + (o as i128 + r as i128) * po as i128;
+            let cost = cost_micros(u, p).unwrap() as i128;
+            proptest::prop_assert!(cost * 1_000_000 >= exact);
+            proptest::prop_assert!((cost - 1) * 1_000_000 < exact || cost == 0);
+        }
+    }
+}

@@ -1,0 +1,654 @@
+//! PostgreSQL store: each operation is one transaction.
+//!
+//! Locking order (fixed, so concurrent operations cannot deadlock):
+//! 1. the hold's `transfers` row (`SELECT … FOR UPDATE`, settle/void only);
+//! 2. customer accounts (User/Agent) by ascending id, `SELECT … FOR UPDATE`;
+//! 3. the system accounts (treasury, operator revenue), touched last and only
+//!    by an atomic `balance += delta` UPDATE, so their hot rows are held for
+//!    the shortest time;
+//! 4. the single `log_head` row, whose UPDATE assigns the next log index.
+//!
+//! Concurrent inserts of the same idempotency key, deadlocks and
+//! serialization failures roll back and retry (at most [`MAX_RETRIES`]).
+
+use std::collections::HashMap;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use crate::domain::*;
+use crate::sqlite::{log_account, new_key_record, MAX_EXPIRE_PER_CALL};
+use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
+
+const SCHEMA: &str = include_str!("sql/pg_schema.sql");
+/// Attempts per operation on a retryable conflict.
+pub const MAX_RETRIES: u32 = 5;
+const ACCOUNT_COLS: &str = "id, name, kind, balance_micros, pending_micros, created_at_ms";
+const TRANSFER_COLS: &str = "id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
+     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id";
+const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, revoked_at_ms";
+const RETRY_MARK: &str = "retryable: ";
+
+/// Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+fn pg_err(e: tokio_postgres::Error) -> LedgerError {
+    let retryable = [SqlState::UNIQUE_VIOLATION, SqlState::T_R_DEADLOCK_DETECTED, SqlState::T_R_SERIALIZATION_FAILURE];
+    match e.code() {
+        Some(code) if retryable.contains(code) => LedgerError::Storage(format!("{RETRY_MARK}{e}")),
+        _ => LedgerError::Storage(format!("{e:?}")),
+    }
+}
+
+fn is_retryable(e: &LedgerError) -> bool {
+    matches!(e, LedgerError::Storage(m) if m.starts_with(RETRY_MARK))
+}
+
+impl PgStore {
+    /// Opens a pool of `pool_size` connections on `url` (public schema).
+    pub async fn open(url: &str, pool_size: usize) -> Result<Self> {
+        Self::open_in_schema(url, "public", pool_size).await
+    }
+
+    /// Opens a pool whose connections use `schema` (created if missing);
+    /// tests use one schema each for isolation.
+    pub async fn open_in_schema(url: &str, schema: &str, pool_size: usize) -> Result<Self> {
+        if schema.is_empty() || schema.len() > 63 || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(LedgerError::InvalidArgument("schema must be 1..=63 of [A-Za-z0-9_]".into()));
+        }
+        if pool_size == 0 || pool_size > 256 {
+            return Err(LedgerError::InvalidArgument("pool_size must be in 1..=256".into()));
+        }
+        let mut cfg: tokio_postgres::Config = url.parse().map_err(pg_err)?;
+        cfg.options(format!("-c search_path={schema}"));
+        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr).max_size(pool_size).build().map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let store = PgStore { pool };
+        store.migrate(schema).await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self, schema: &str) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        tx.batch_execute("SELECT pg_advisory_xact_lock(7357001)").await.map_err(pg_err)?;
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(pg_err)?;
+        tx.batch_execute(SCHEMA).await.map_err(pg_err)?;
+        let now = crate::now_ms();
+        for (id, name, kind) in [
+            (TREASURY, "treasury", AccountKind::Treasury),
+            (OPERATOR_REVENUE, "operator-revenue", AccountKind::OperatorRevenue),
+        ] {
+            tx.execute(
+                "INSERT INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) \
+                 VALUES ($1, $2, $3, 0, 0, $4) ON CONFLICT (id) DO NOTHING",
+                &[&&id.to_bytes()[..], &name, &kind.as_i16(), &now],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client> {
+        self.pool.get().await.map_err(|e| LedgerError::Storage(e.to_string()))
+    }
+
+    /// Runs one operation in its own transaction, retrying retryable conflicts.
+    async fn in_tx<T, F>(&self, op: F) -> Result<T>
+    where
+        F: for<'a> Fn(&'a Transaction<'a>) -> futures_lite::BoxFuture<'a, Result<T>> + Send + Sync,
+        T: Send,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg_err)?;
+            let result = match op(&tx).await {
+                Ok(v) => tx.commit().await.map_err(pg_err).map(|_| v),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            };
+            match result {
+                Err(e) if is_retryable(&e) && attempt < MAX_RETRIES => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+mod futures_lite {
+    pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+}
+
+// ------------------------------------------------------------------ row codecs
+
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
+    row.try_get(i).map_err(pg_err)
+}
+
+fn id_col<T>(row: &Row, i: usize, make: fn(&[u8]) -> Option<T>) -> Result<T> {
+    let bytes: &[u8] = col(row, i)?;
+    make(bytes).ok_or_else(|| LedgerError::Storage("bad id column".into()))
+}
+
+fn enum_col<T>(row: &Row, i: usize, make: fn(i16) -> Option<T>) -> Result<T> {
+    make(col(row, i)?).ok_or_else(|| LedgerError::Storage("bad enum column".into()))
+}
+
+fn row_account(row: &Row) -> Result<Account> {
+    Ok(Account {
+        id: id_col(row, 0, AccountId::from_slice)?,
+        name: col(row, 1)?,
+        kind: enum_col(row, 2, AccountKind::from_i16)?,
+        balance_micros: col(row, 3)?,
+        pending_micros: col(row, 4)?,
+        created_at_ms: col(row, 5)?,
+    })
+}
+
+fn row_transfer(row: &Row, o: usize) -> Result<Transfer> {
+    let pending: Option<&[u8]> = col(row, o + 11)?;
+    Ok(Transfer {
+        id: id_col(row, o, TransferId::from_slice)?,
+        idempotency_key: col(row, o + 1)?,
+        debit_account: id_col(row, o + 2, AccountId::from_slice)?,
+        credit_account: id_col(row, o + 3, AccountId::from_slice)?,
+        amount_micros: col(row, o + 4)?,
+        code: enum_col(row, o + 5, TransferCode::from_i16)?,
+        state: enum_col(row, o + 6, TransferState::from_i16)?,
+        hold: col(row, o + 7)?,
+        timeout_ms: col(row, o + 8)?,
+        expires_at_ms: col(row, o + 9)?,
+        created_at_ms: col(row, o + 10)?,
+        pending_id: pending.and_then(TransferId::from_slice),
+    })
+}
+
+fn row_key(row: &Row) -> Result<KeyRecord> {
+    let hash: &[u8] = col(row, 2)?;
+    let scopes: &str = col(row, 3)?;
+    let small = |v: Option<i64>| v.map(|x| u32::try_from(x).unwrap_or(u32::MAX));
+    Ok(KeyRecord {
+        id: id_col(row, 0, KeyId::from_slice)?,
+        account: id_col(row, 1, AccountId::from_slice)?,
+        key_hash: hash.try_into().map_err(|_| LedgerError::Storage("bad key hash".into()))?,
+        scopes: scopes.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        rpm: small(col(row, 4)?),
+        tpm: small(col(row, 5)?),
+        spend_cap_day_micros: col(row, 6)?,
+        created_at_ms: col(row, 7)?,
+        revoked_at_ms: col(row, 8)?,
+    })
+}
+
+// ------------------------------------------------------------------ row access
+
+async fn query(tx: &Transaction<'_>, sql: &str, args: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<Row>> {
+    let stmt = tx.prepare_cached(sql).await.map_err(pg_err)?;
+    tx.query(&stmt, args).await.map_err(pg_err)
+}
+
+async fn execute(tx: &Transaction<'_>, sql: &str, args: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<u64> {
+    let stmt = tx.prepare_cached(sql).await.map_err(pg_err)?;
+    tx.execute(&stmt, args).await.map_err(pg_err)
+}
+
+fn is_system(id: AccountId) -> bool {
+    id == TREASURY || id == OPERATOR_REVENUE
+}
+
+/// Loads accounts: customer rows locked FOR UPDATE in ascending id order,
+/// system rows read without a lock (they are changed by atomic deltas).
+async fn load_accounts(tx: &Transaction<'_>, ids: &[AccountId]) -> Result<Vec<Account>> {
+    let mut sorted: Vec<AccountId> = ids.iter().copied().filter(|id| !is_system(*id)).collect();
+    sorted.sort();
+    sorted.dedup();
+    let keys: Vec<Vec<u8>> = sorted.iter().map(|id| id.to_bytes().to_vec()).collect();
+    let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let mut found: Vec<Account> = query(tx, &sql, &[&keys]).await?.iter().map(row_account).collect::<Result<_>>()?;
+    let system: Vec<Vec<u8>> = ids.iter().filter(|id| is_system(**id)).map(|id| id.to_bytes().to_vec()).collect();
+    if !system.is_empty() {
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1)");
+        for row in query(tx, &sql, &[&system]).await? {
+            found.push(row_account(&row)?);
+        }
+    }
+    ids.iter()
+        .map(|id| found.iter().find(|a| a.id == *id).cloned().ok_or(LedgerError::UnknownAccount(*id)))
+        .collect()
+}
+
+/// Writes `after - before` as an atomic delta and checks the row it produced.
+async fn store_delta(tx: &Transaction<'_>, before: &Account, after: &Account) -> Result<()> {
+    check_account(after)?;
+    let d_balance = after.balance_micros.checked_sub(before.balance_micros).ok_or(LedgerError::Overflow)?;
+    let d_pending = after.pending_micros.checked_sub(before.pending_micros).ok_or(LedgerError::Overflow)?;
+    if d_balance == 0 && d_pending == 0 {
+        return Ok(());
+    }
+    let sql = format!(
+        "UPDATE accounts SET balance_micros = balance_micros + $2, pending_micros = pending_micros + $3 \
+         WHERE id = $1 RETURNING {ACCOUNT_COLS}"
+    );
+    let rows = query(tx, &sql, &[&&after.id.to_bytes()[..], &d_balance, &d_pending]).await?;
+    let row = rows.first().ok_or(LedgerError::UnknownAccount(after.id))?;
+    let stored = row_account(row)?;
+    debug_assert!(is_system(after.id) || stored == *after, "locked row changed under us");
+    check_account(&stored)
+}
+
+async fn transfer_by_key(tx: &Transaction<'_>, key: &str) -> Result<Option<Transfer>> {
+    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = $1");
+    query(tx, &sql, &[&key]).await?.first().map(|r| row_transfer(r, 0)).transpose()
+}
+
+async fn transfer_for_update(tx: &Transaction<'_>, id: TransferId) -> Result<Transfer> {
+    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = $1 FOR UPDATE");
+    let rows = query(tx, &sql, &[&&id.to_bytes()[..]]).await?;
+    rows.first().map(|r| row_transfer(r, 0)).transpose()?.ok_or(LedgerError::UnknownTransfer(id))
+}
+
+async fn insert_transfer(tx: &Transaction<'_>, t: &Transfer) -> Result<()> {
+    check_transfer(t).map_err(LedgerError::InvariantViolation)?;
+    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)");
+    let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
+    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        &&t.id.to_bytes()[..],
+        &t.idempotency_key,
+        &&t.debit_account.to_bytes()[..],
+        &&t.credit_account.to_bytes()[..],
+        &t.amount_micros,
+        &t.code.as_i16(),
+        &t.state.as_i16(),
+        &t.hold,
+        &t.timeout_ms,
+        &t.expires_at_ms,
+        &t.created_at_ms,
+        &pending,
+    ];
+    execute(tx, &sql, &args).await.map(|_| ())
+}
+
+async fn set_state(tx: &Transaction<'_>, t: &mut Transfer, state: TransferState) -> Result<()> {
+    debug_assert_eq!(t.state, TransferState::Pending);
+    execute(tx, "UPDATE transfers SET state = $2 WHERE id = $1", &[&&t.id.to_bytes()[..], &state.as_i16()]).await?;
+    t.state = state;
+    Ok(())
+}
+
+async fn append_log(tx: &Transaction<'_>, leaf: &Leaf, t: &Transfer) -> Result<u64> {
+    let rows = query(tx, "UPDATE log_head SET next_index = next_index + 1 WHERE id = 1 RETURNING next_index - 1", &[]).await?;
+    let index: i64 = col(rows.first().ok_or_else(|| LedgerError::Storage("log_head missing".into()))?, 0)?;
+    let bytes = run_leaf(leaf, index as u64, t)?;
+    let sql = "INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES ($1,$2,$3,$4)";
+    execute(tx, sql, &[&index, &&t.id.to_bytes()[..], &&log_account(t).to_bytes()[..], &bytes]).await?;
+    Ok(index as u64)
+}
+
+async fn log_index_of(tx: &Transaction<'_>, id: TransferId) -> Result<Option<u64>> {
+    let rows = query(tx, "SELECT log_index FROM log_entries WHERE transfer_id = $1", &[&&id.to_bytes()[..]]).await?;
+    rows.first().map(|r| col::<i64>(r, 0).map(|i| i as u64)).transpose()
+}
+
+// ------------------------------------------------------------------ operations
+
+fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
+    if req.matches(&existing) {
+        Ok(existing)
+    } else {
+        Err(LedgerError::IdempotencyConflict { key: req.idempotency_key.clone() })
+    }
+}
+
+async fn op_posted(tx: &Transaction<'_>, req: TransferRequest, leaf: Option<Leaf>, now: i64) -> Result<Transfer> {
+    if let Some(existing) = transfer_by_key(tx, &req.idempotency_key).await? {
+        return replay(&req, existing);
+    }
+    let before = load_accounts(tx, &[req.debit_account, req.credit_account]).await?;
+    let (mut debit, mut credit) = (before[0].clone(), before[1].clone());
+    check_roles(&debit, &credit, req.code)?;
+    apply_posted(&mut debit, &mut credit, req.amount_micros)?;
+    let t = req.into_transfer(now, None);
+    insert_transfer(tx, &t).await?;
+    store_pair(tx, &before, &debit, &credit).await?;
+    if let Some(leaf) = &leaf {
+        append_log(tx, leaf, &t).await?;
+    }
+    Ok(t)
+}
+
+/// Stores customer rows first, system rows last (see the module's lock order).
+async fn store_pair(tx: &Transaction<'_>, before: &[Account], debit: &Account, credit: &Account) -> Result<()> {
+    let mut pairs = [(&before[0], debit), (&before[1], credit)];
+    pairs.sort_by_key(|(_, a)| (is_system(a.id), a.id));
+    for (b, a) in pairs {
+        store_delta(tx, b, a).await?;
+    }
+    Ok(())
+}
+
+async fn op_hold(tx: &Transaction<'_>, req: TransferRequest, now: i64) -> Result<Transfer> {
+    if let Some(existing) = transfer_by_key(tx, &req.idempotency_key).await? {
+        return replay(&req, existing);
+    }
+    let before = load_accounts(tx, &[req.debit_account, req.credit_account]).await?;
+    let mut debit = before[0].clone();
+    check_roles(&debit, &before[1], req.code)?;
+    apply_hold(&mut debit, req.amount_micros)?;
+    let t = req.into_transfer(now, None);
+    insert_transfer(tx, &t).await?;
+    store_delta(tx, &before[0], &debit).await?;
+    Ok(t)
+}
+
+async fn op_settle(tx: &Transaction<'_>, hold_id: TransferId, amount: i64, now: i64, leaf: Option<Leaf>) -> Result<Settled> {
+    let mut hold = transfer_for_update(tx, hold_id).await?;
+    let prior = match hold.state {
+        TransferState::Posted => transfer_by_key(tx, &settle_key(hold.id)).await?,
+        _ => None,
+    };
+    if settle_precheck(&hold, amount, now, prior.as_ref().map(|t| t.amount_micros))?.is_some() {
+        let log_index = match &prior {
+            Some(p) => log_index_of(tx, p.id).await?,
+            None => None,
+        };
+        let released_micros = hold.amount_micros - amount;
+        return Ok(Settled { hold, posted: prior, released_micros, log_index });
+    }
+    let before = load_accounts(tx, &[hold.debit_account, hold.credit_account]).await?;
+    let (mut debit, mut credit) = (before[0].clone(), before[1].clone());
+    apply_settle(&mut debit, &mut credit, hold.amount_micros, amount)?;
+    let state = if amount > 0 { TransferState::Posted } else { TransferState::Voided };
+    set_state(tx, &mut hold, state).await?;
+    let released_micros = hold.amount_micros - amount;
+    let posted = match amount {
+        0 => None,
+        _ => Some(settle_request(&hold, amount).into_transfer(now, Some(hold.id))),
+    };
+    if let Some(p) = &posted {
+        insert_transfer(tx, p).await?;
+    }
+    store_pair(tx, &before, &debit, &credit).await?;
+    let log_index = match (&posted, &leaf) {
+        (Some(p), Some(leaf)) => Some(append_log(tx, leaf, p).await?),
+        _ => None,
+    };
+    Ok(Settled { hold, posted, released_micros, log_index })
+}
+
+async fn op_void(tx: &Transaction<'_>, hold_id: TransferId) -> Result<Transfer> {
+    let mut hold = transfer_for_update(tx, hold_id).await?;
+    match (hold.hold, hold.state) {
+        (true, TransferState::Voided) => return Ok(hold),
+        (true, TransferState::Pending) => {}
+        (_, state) => return Err(LedgerError::NotPending { id: hold.id, state }),
+    }
+    let before = load_accounts(tx, &[hold.debit_account]).await?;
+    let mut debit = before[0].clone();
+    apply_void(&mut debit, hold.amount_micros)?;
+    set_state(tx, &mut hold, TransferState::Voided).await?;
+    store_delta(tx, &before[0], &debit).await?;
+    Ok(hold)
+}
+
+// ------------------------------------------------------------------ reads
+
+async fn read_check(tx: &Transaction<'_>) -> Result<CheckReport> {
+    let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts");
+    let accounts: Vec<Account> = query(tx, &sql, &[]).await?.iter().map(row_account).collect::<Result<_>>()?;
+    let mut totals: HashMap<AccountId, AccountTotals> = HashMap::new();
+    let queries: [(&str, TotalsField); 3] = [
+        ("SELECT debit_account, SUM(amount_micros)::BIGINT FROM transfers WHERE NOT hold AND state = 1 GROUP BY 1", |t| {
+            &mut t.posted_debits_micros
+        }),
+        ("SELECT credit_account, SUM(amount_micros)::BIGINT FROM transfers WHERE NOT hold AND state = 1 GROUP BY 1", |t| {
+            &mut t.posted_credits_micros
+        }),
+        ("SELECT debit_account, SUM(amount_micros)::BIGINT FROM transfers WHERE hold AND state = 0 GROUP BY 1", |t| {
+            &mut t.pending_debits_micros
+        }),
+    ];
+    for (sql, field) in queries {
+        for row in query(tx, sql, &[]).await? {
+            let id = id_col(&row, 0, AccountId::from_slice)?;
+            *field(totals.entry(id).or_default()) += col::<i64>(&row, 1)? as i128;
+        }
+    }
+    let scalar = |rows: Vec<Row>| -> Result<i64> { col(rows.first().ok_or(LedgerError::Overflow)?, 0) };
+    let transfers = scalar(query(tx, "SELECT COUNT(*) FROM transfers", &[]).await?)? as u64;
+    let bad = scalar(query(tx, BAD_TRANSFERS_SQL, &[]).await?)? as u64;
+    let pending_sql = "SELECT COALESCE(SUM(amount_micros), 0)::BIGINT FROM transfers WHERE hold AND state = 0";
+    let pending = scalar(query(tx, pending_sql, &[]).await?)? as i128;
+    let rows = query(tx, "SELECT COUNT(*), MIN(log_index), MAX(log_index) FROM log_entries", &[]).await?;
+    let row = rows.first().ok_or(LedgerError::Overflow)?;
+    let log = (col::<i64>(row, 0)? as u64, col::<Option<i64>>(row, 1)?.map(|v| v as u64), col::<Option<i64>>(row, 2)?.map(|v| v as u64));
+    let mut report = check_ledger(&accounts, &totals, transfers, bad, pending, log);
+    let head = scalar(query(tx, "SELECT next_index FROM log_head WHERE id = 1", &[]).await?)? as u64;
+    if head != log.0 {
+        report.problems.push(format!("log_head {head} != log size {}", log.0));
+        report.ok = false;
+    }
+    Ok(report)
+}
+
+const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount_micros <= 0 \
+    OR t.debit_account = t.credit_account OR t.hold <> (t.timeout_ms > 0) \
+    OR (t.hold AND t.state = 1 AND NOT EXISTS (SELECT 1 FROM transfers p \
+        WHERE p.idempotency_key = '~post:' || encode(t.id, 'hex') AND p.pending_id = t.id \
+        AND p.amount_micros <= t.amount_micros))";
+
+async fn read_statement(tx: &Transaction<'_>, account: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+    load_accounts(tx, &[account]).await?;
+    let sql = format!(
+        "SELECT seq, {TRANSFER_COLS} FROM transfers WHERE (debit_account = $1 OR credit_account = $1) \
+         AND seq > $2 ORDER BY seq LIMIT $3"
+    );
+    let after = after.unwrap_or(0) as i64;
+    let rows = query(tx, &sql, &[&&account.to_bytes()[..], &after, &(limit as i64)]).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut last = 0i64;
+    for row in &rows {
+        last = col(row, 0)?;
+        items.push(row_transfer(row, 1)?);
+    }
+    let next_cursor = (items.len() == limit as usize).then_some(last as u64);
+    Ok(Page { items, next_cursor })
+}
+
+async fn read_keys(tx: &Transaction<'_>, sql_where: &'static str, arg: Vec<u8>) -> Result<Vec<KeyRecord>> {
+    let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE {sql_where} ORDER BY created_at_ms, id");
+    query(tx, &sql, &[&arg]).await?.iter().map(row_key).collect()
+}
+
+// ------------------------------------------------------------------ trait
+
+impl LedgerStore for PgStore {
+    async fn create_account(&self, name: &str, kind: AccountKind) -> Result<Account> {
+        validate_name(name)?;
+        validate_new_account_kind(kind)?;
+        let now = crate::now_ms();
+        let a = Account { id: AccountId::generate(now), name: name.to_owned(), kind, balance_micros: 0, pending_micros: 0, created_at_ms: now };
+        let sql = "INSERT INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) VALUES ($1,$2,$3,0,0,$4)";
+        let a2 = a.clone();
+        self.in_tx(move |tx| {
+            let a = a2.clone();
+            Box::pin(async move { execute(tx, sql, &[&&a.id.to_bytes()[..], &a.name, &a.kind.as_i16(), &a.created_at_ms]).await })
+        })
+        .await?;
+        Ok(a)
+    }
+
+    async fn get_account(&self, id: AccountId) -> Result<Account> {
+        self.in_tx(move |tx| {
+            Box::pin(async move {
+                let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = $1");
+                let rows = query(tx, &sql, &[&&id.to_bytes()[..]]).await?;
+                rows.first().map(row_account).transpose()?.ok_or(LedgerError::UnknownAccount(id))
+            })
+        })
+        .await
+    }
+
+    async fn mint(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
+        let req = posted_request(TREASURY, account, amount_micros, key, TransferCode::Mint)?;
+        let now = crate::now_ms();
+        self.in_tx(|tx| Box::pin(op_posted(tx, req.clone(), leaf.clone(), now))).await
+    }
+
+    async fn transfer(&self, from: AccountId, to: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
+        let req = posted_request(from, to, amount_micros, key, TransferCode::Transfer)?;
+        let now = crate::now_ms();
+        self.in_tx(|tx| Box::pin(op_posted(tx, req.clone(), leaf.clone(), now))).await
+    }
+
+    async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
+        let req = hold_request(account, amount_micros, key, timeout_ms)?;
+        self.in_tx(|tx| Box::pin(op_hold(tx, req.clone(), now_ms))).await
+    }
+
+    async fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> Result<Settled> {
+        self.in_tx(|tx| Box::pin(op_settle(tx, hold_id, amount_micros, now_ms, leaf.clone()))).await
+    }
+
+    async fn void(&self, hold_id: TransferId) -> Result<Transfer> {
+        self.in_tx(|tx| Box::pin(op_void(tx, hold_id))).await
+    }
+
+    async fn expire_holds(&self, now_ms: i64) -> Result<u64> {
+        let sql = "SELECT id FROM transfers WHERE hold AND state = 0 AND expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2";
+        let limit = MAX_EXPIRE_PER_CALL as i64;
+        let ids: Vec<TransferId> = self
+            .in_tx(|tx| {
+                Box::pin(async move {
+                    query(tx, sql, &[&now_ms, &limit]).await?.iter().map(|r| id_col(r, 0, TransferId::from_slice)).collect()
+                })
+            })
+            .await?;
+        let mut voided = 0;
+        for id in ids {
+            // Each void is its own short transaction; a hold settled meanwhile is skipped.
+            match self.void(id).await {
+                Ok(_) => voided += 1,
+                Err(LedgerError::NotPending { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(voided)
+    }
+
+    async fn statement(&self, account: AccountId, after_cursor: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+        validate_page_limit(limit)?;
+        self.in_tx(|tx| Box::pin(read_statement(tx, account, after_cursor, limit))).await
+    }
+
+    async fn check(&self) -> Result<CheckReport> {
+        self.in_tx(|tx| {
+            Box::pin(async move {
+                tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(pg_err)?;
+                read_check(tx).await
+            })
+        })
+        .await
+    }
+
+    async fn log_entries(&self, from_index: u64, limit: u32) -> Result<Vec<LogEntry>> {
+        validate_page_limit(limit)?;
+        let sql = "SELECT log_index, transfer_id, account_id, leaf_bytes FROM log_entries \
+                   WHERE log_index >= $1 ORDER BY log_index LIMIT $2";
+        let from = i64::try_from(from_index).unwrap_or(i64::MAX);
+        self.in_tx(|tx| {
+            Box::pin(async move {
+                let rows = query(tx, sql, &[&from, &(limit as i64)]).await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(LogEntry {
+                            log_index: col::<i64>(r, 0)? as u64,
+                            transfer_id: id_col(r, 1, TransferId::from_slice)?,
+                            account_id: id_col(r, 2, AccountId::from_slice)?,
+                            leaf_bytes: col(r, 3)?,
+                        })
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn log_size(&self) -> Result<u64> {
+        self.in_tx(|tx| {
+            Box::pin(async move {
+                let rows = query(tx, "SELECT COUNT(*) FROM log_entries", &[]).await?;
+                Ok(col::<i64>(rows.first().ok_or(LedgerError::Overflow)?, 0)? as u64)
+            })
+        })
+        .await
+    }
+
+    async fn create_key(
+        &self,
+        account: AccountId,
+        key_hash: [u8; 32],
+        scopes: &[String],
+        rpm: Option<u32>,
+        tpm: Option<u32>,
+        spend_cap_day_micros: Option<i64>,
+    ) -> Result<KeyId> {
+        let rec = new_key_record(account, key_hash, scopes, rpm, tpm, spend_cap_day_micros)?;
+        let sql = format!("INSERT INTO api_keys ({KEY_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL)");
+        let result = self
+            .in_tx(|tx| {
+                let (rec, sql) = (rec.clone(), sql.clone());
+                Box::pin(async move {
+                    load_accounts(tx, &[rec.account]).await?;
+                    let (rpm, tpm) = (rec.rpm.map(i64::from), rec.tpm.map(i64::from));
+                    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                        &&rec.id.to_bytes()[..],
+                        &&rec.account.to_bytes()[..],
+                        &&rec.key_hash[..],
+                        &rec.scopes.join(","),
+                        &rpm,
+                        &tpm,
+                        &rec.spend_cap_day_micros,
+                        &rec.created_at_ms,
+                    ];
+                    execute(tx, &sql, &args).await
+                })
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(rec.id),
+            Err(e) if is_retryable(&e) => Err(LedgerError::InvalidArgument("key hash exists".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn find_key_by_hash(&self, key_hash: [u8; 32]) -> Result<Option<KeyRecord>> {
+        let keys = self
+            .in_tx(|tx| Box::pin(read_keys(tx, "key_hash = $1 AND revoked_at_ms IS NULL", key_hash.to_vec())))
+            .await?;
+        Ok(keys.into_iter().next())
+    }
+
+    async fn revoke_key(&self, key_id: KeyId) -> Result<()> {
+        let now = crate::now_ms();
+        let sql = "UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1";
+        let n = self.in_tx(|tx| Box::pin(async move { execute(tx, sql, &[&&key_id.to_bytes()[..], &now]).await })).await?;
+        if n == 0 {
+            return Err(LedgerError::UnknownKey(key_id));
+        }
+        Ok(())
+    }
+
+    async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {
+        let id = account.to_bytes().to_vec();
+        self.in_tx(|tx| Box::pin(read_keys(tx, "account_id = $1", id.clone()))).await
+    }
+}

@@ -1,0 +1,744 @@
+//! SQLite store: one file in WAL mode, one writer thread, group commit.
+//!
+//! Every write is a job sent over a bounded channel to the single writer
+//! thread. The writer takes the first queued job, then drains up to
+//! [`MAX_BATCH`] more without waiting, and runs them all inside ONE
+//! `BEGIN IMMEDIATE … COMMIT`. Each job runs inside its own `SAVEPOINT`, so a
+//! job that fails (insufficient funds, conflict…) is rolled back alone while
+//! the others commit. Replies are sent only after the COMMIT returns, so no
+//! caller sees a write that is not durable; if the COMMIT fails, every job in
+//! the batch gets the error. Concurrent settlements therefore share one fsync.
+//!
+//! Durability ([`Durability`]): the default is `journal_mode=WAL` with
+//! `synchronous=FULL` (the WAL is fsynced on every commit, i.e. once per
+//! batch): a crash or power loss loses no acknowledged write.
+//! `Durability::Normal` is WAL with `synchronous=NORMAL`: no fsync per commit,
+//! the database always stays consistent and survives a process crash, but an
+//! OS crash or power loss may lose the last acknowledged batches. Reads use a
+//! separate connection, which in WAL mode never blocks the writer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::*;
+use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
+
+/// Most jobs committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+/// Depth of the writer's queue; senders wait (backpressure) when it is full.
+pub const CHANNEL_CAPACITY: usize = 8192;
+/// Most holds one `expire_holds` call voids (call again if it returns this many).
+pub const MAX_EXPIRE_PER_CALL: u64 = 10_000;
+
+const SCHEMA: &str = include_str!("sql/sqlite_schema.sql");
+const TRANSFER_COLS: &str = "id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
+     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id";
+const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, revoked_at_ms";
+
+type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+
+/// Cheap to clone; all clones share the writer thread and read connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+/// How hard a commit tries to reach the disk (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: fsync per commit (per batch). Survives power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL` in WAL: survives process crashes, not power loss.
+    Normal,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the ledger file with [`Durability::Full`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, Durability::Full)
+    }
+
+    /// Opens the ledger file and starts the writer thread.
+    pub fn open_with(path: impl AsRef<Path>, durability: Durability) -> Result<Self> {
+        let writer = open_conn(path.as_ref())?;
+        let sync = match durability {
+            Durability::Full => "PRAGMA synchronous=FULL",
+            Durability::Normal => "PRAGMA synchronous=NORMAL",
+        };
+        writer.execute_batch(sync).map_err(db_err)?;
+        writer.execute_batch(SCHEMA).map_err(db_err)?;
+        create_system_accounts(&writer)?;
+        let reader = open_conn(path.as_ref())?;
+        let (jobs, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        std::thread::Builder::new()
+            .name("ledger-sqlite-writer".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)) })
+    }
+
+    /// Runs `f` on the writer thread inside the next group-commit batch.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = in_savepoint(conn, f);
+            Box::new(move |commit_err| {
+                let _ = tx.send(match commit_err {
+                    Some(e) => Err(e.clone()),
+                    None => result,
+                });
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| LedgerError::Closed)?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Runs `f` on the read connection in a blocking task, inside one read transaction.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = reader.lock().map_err(|_| LedgerError::Storage("reader poisoned".into()))?;
+            let tx = conn.transaction().map_err(db_err)?;
+            let out = f(&tx)?;
+            tx.finish().map_err(db_err)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| LedgerError::Storage(e.to_string()))?
+    }
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536;",
+    )
+    .map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn create_system_accounts(conn: &Connection) -> Result<()> {
+    let now = crate::now_ms();
+    for (id, name, kind) in [
+        (TREASURY, "treasury", AccountKind::Treasury),
+        (OPERATOR_REVENUE, "operator-revenue", AccountKind::OperatorRevenue),
+    ] {
+        conn.execute(
+            "INSERT OR IGNORE INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) \
+             VALUES (?1, ?2, ?3, 0, 0, ?4)",
+            params![&id.to_bytes()[..], name, kind.as_i16(), now],
+        )
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    exec(conn, "SAVEPOINT job")?;
+    let result = f(conn);
+    match &result {
+        Ok(_) => exec(conn, "RELEASE job")?,
+        Err(_) => {
+            exec(conn, "ROLLBACK TO job")?;
+            exec(conn, "RELEASE job")?;
+        }
+    }
+    result
+}
+
+fn exec(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(db_err)
+}
+
+/// The group-commit loop: one transaction per batch of queued jobs.
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = Vec::with_capacity(64);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&conn, batch);
+    }
+}
+
+fn commit_batch(conn: &Connection, batch: Vec<Job>) {
+    debug_assert!(!batch.is_empty() && batch.len() <= MAX_BATCH);
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        let finishes: Vec<Finish> = batch.into_iter().map(|j| j(conn)).collect();
+        finishes.into_iter().for_each(|f| f(Some(&e)));
+        return;
+    }
+    let finishes: Vec<Finish> = batch.into_iter().map(|job| job(conn)).collect();
+    let commit = exec(conn, "COMMIT");
+    if commit.is_err() {
+        let _ = exec(conn, "ROLLBACK");
+    }
+    let err = commit.err();
+    for finish in finishes {
+        finish(err.as_ref());
+    }
+}
+
+// ------------------------------------------------------------------ row codecs
+
+fn id_col<T>(row: &Row, i: usize, make: fn(&[u8]) -> Option<T>) -> rusqlite::Result<T> {
+    let bytes: Vec<u8> = row.get(i)?;
+    make(&bytes).ok_or(rusqlite::Error::InvalidColumnType(i, "id".into(), rusqlite::types::Type::Blob))
+}
+
+fn enum_col<T>(row: &Row, i: usize, make: fn(i16) -> Option<T>) -> rusqlite::Result<T> {
+    let n: i16 = row.get(i)?;
+    make(n).ok_or(rusqlite::Error::IntegralValueOutOfRange(i, n as i64))
+}
+
+fn row_account(row: &Row) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: id_col(row, 0, AccountId::from_slice)?,
+        name: row.get(1)?,
+        kind: enum_col(row, 2, AccountKind::from_i16)?,
+        balance_micros: row.get(3)?,
+        pending_micros: row.get(4)?,
+        created_at_ms: row.get(5)?,
+    })
+}
+
+fn row_transfer(row: &Row) -> rusqlite::Result<Transfer> {
+    row_transfer_at(row, 0)
+}
+
+/// Decodes `TRANSFER_COLS` starting at column `o`.
+fn row_transfer_at(row: &Row, o: usize) -> rusqlite::Result<Transfer> {
+    let pending: Option<Vec<u8>> = row.get(o + 11)?;
+    Ok(Transfer {
+        id: id_col(row, o, TransferId::from_slice)?,
+        idempotency_key: row.get(o + 1)?,
+        debit_account: id_col(row, o + 2, AccountId::from_slice)?,
+        credit_account: id_col(row, o + 3, AccountId::from_slice)?,
+        amount_micros: row.get(o + 4)?,
+        code: enum_col(row, o + 5, TransferCode::from_i16)?,
+        state: enum_col(row, o + 6, TransferState::from_i16)?,
+        hold: row.get(o + 7)?,
+        timeout_ms: row.get(o + 8)?,
+        expires_at_ms: row.get(o + 9)?,
+        created_at_ms: row.get(o + 10)?,
+        pending_id: pending.as_deref().and_then(TransferId::from_slice),
+    })
+}
+
+fn row_key(row: &Row) -> rusqlite::Result<KeyRecord> {
+    let hash: Vec<u8> = row.get(2)?;
+    let scopes: String = row.get(3)?;
+    Ok(KeyRecord {
+        id: id_col(row, 0, KeyId::from_slice)?,
+        account: id_col(row, 1, AccountId::from_slice)?,
+        key_hash: hash.try_into().map_err(|_| rusqlite::Error::IntegralValueOutOfRange(2, 0))?,
+        scopes: scopes.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        rpm: row.get(4)?,
+        tpm: row.get(5)?,
+        spend_cap_day_micros: row.get(6)?,
+        created_at_ms: row.get(7)?,
+        revoked_at_ms: row.get(8)?,
+    })
+}
+
+// ------------------------------------------------------------------ row access
+
+fn load_account(c: &Connection, id: AccountId) -> Result<Account> {
+    c.prepare_cached("SELECT id, name, kind, balance_micros, pending_micros, created_at_ms FROM accounts WHERE id = ?1")
+        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_account).optional())
+        .map_err(db_err)?
+        .ok_or(LedgerError::UnknownAccount(id))
+}
+
+fn store_account(c: &Connection, a: &Account) -> Result<()> {
+    check_account(a)?;
+    let n = c
+        .prepare_cached("UPDATE accounts SET balance_micros = ?2, pending_micros = ?3 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![&a.id.to_bytes()[..], a.balance_micros, a.pending_micros]))
+        .map_err(db_err)?;
+    assert_eq!(n, 1, "account row vanished");
+    Ok(())
+}
+
+fn transfer_by_key(c: &Connection, key: &str) -> Result<Option<Transfer>> {
+    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ?1");
+    c.prepare_cached(&sql).and_then(|mut s| s.query_row([key], row_transfer).optional()).map_err(db_err)
+}
+
+fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
+    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ?1");
+    c.prepare_cached(&sql)
+        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_transfer).optional())
+        .map_err(db_err)?
+        .ok_or(LedgerError::UnknownTransfer(id))
+}
+
+fn insert_transfer(c: &Connection, t: &Transfer) -> Result<()> {
+    check_transfer(t).map_err(LedgerError::InvariantViolation)?;
+    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)");
+    let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
+    c.prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.execute(params![
+                &t.id.to_bytes()[..],
+                t.idempotency_key,
+                &t.debit_account.to_bytes()[..],
+                &t.credit_account.to_bytes()[..],
+                t.amount_micros,
+                t.code.as_i16(),
+                t.state.as_i16(),
+                t.hold,
+                t.timeout_ms,
+                t.expires_at_ms,
+                t.created_at_ms,
+                pending,
+            ])
+        })
+        .map(|_| ())
+        .map_err(db_err)
+}
+
+fn set_state(c: &Connection, t: &mut Transfer, state: TransferState) -> Result<()> {
+    debug_assert_eq!(t.state, TransferState::Pending);
+    c.prepare_cached("UPDATE transfers SET state = ?2 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![&t.id.to_bytes()[..], state.as_i16()]))
+        .map_err(db_err)?;
+    t.state = state;
+    Ok(())
+}
+
+fn append_log(c: &Connection, leaf: &Leaf, t: &Transfer) -> Result<u64> {
+    let next: i64 = c
+        .prepare_cached("SELECT COALESCE(MAX(log_index) + 1, 0) FROM log_entries")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db_err)?;
+    let index = next as u64;
+    let bytes = run_leaf(leaf, index, t)?;
+    c.prepare_cached("INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES (?1,?2,?3,?4)")
+        .and_then(|mut s| s.execute(params![next, &t.id.to_bytes()[..], &log_account(t).to_bytes()[..], bytes]))
+        .map_err(db_err)?;
+    Ok(index)
+}
+
+/// The customer-side account a log entry is filed under.
+pub(crate) fn log_account(t: &Transfer) -> AccountId {
+    if t.code == TransferCode::Mint {
+        t.credit_account
+    } else {
+        t.debit_account
+    }
+}
+
+fn log_index_of(c: &Connection, id: TransferId) -> Result<Option<u64>> {
+    c.prepare_cached("SELECT log_index FROM log_entries WHERE transfer_id = ?1")
+        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], |r| r.get::<_, i64>(0)).optional())
+        .map(|o| o.map(|i| i as u64))
+        .map_err(db_err)
+}
+
+// ------------------------------------------------------------------ operations
+
+fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
+    if req.matches(&existing) {
+        Ok(existing)
+    } else {
+        Err(LedgerError::IdempotencyConflict { key: req.idempotency_key.clone() })
+    }
+}
+
+fn op_posted(c: &Connection, req: TransferRequest, leaf: Option<Leaf>, now: i64) -> Result<Transfer> {
+    if let Some(existing) = transfer_by_key(c, &req.idempotency_key)? {
+        return replay(&req, existing);
+    }
+    let mut debit = load_account(c, req.debit_account)?;
+    let mut credit = load_account(c, req.credit_account)?;
+    check_roles(&debit, &credit, req.code)?;
+    apply_posted(&mut debit, &mut credit, req.amount_micros)?;
+    let t = req.into_transfer(now, None);
+    insert_transfer(c, &t)?;
+    store_account(c, &debit)?;
+    store_account(c, &credit)?;
+    if let Some(leaf) = &leaf {
+        append_log(c, leaf, &t)?;
+    }
+    Ok(t)
+}
+
+fn op_hold(c: &Connection, req: TransferRequest, now: i64) -> Result<Transfer> {
+    if let Some(existing) = transfer_by_key(c, &req.idempotency_key)? {
+        return replay(&req, existing);
+    }
+    let mut debit = load_account(c, req.debit_account)?;
+    let credit = load_account(c, req.credit_account)?;
+    check_roles(&debit, &credit, req.code)?;
+    apply_hold(&mut debit, req.amount_micros)?;
+    let t = req.into_transfer(now, None);
+    insert_transfer(c, &t)?;
+    store_account(c, &debit)?;
+    Ok(t)
+}
+
+fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: Option<Leaf>) -> Result<Settled> {
+    let mut hold = transfer_by_id(c, hold_id)?;
+    let prior = match hold.state {
+        TransferState::Posted => transfer_by_key(c, &settle_key(hold.id))?,
+        _ => None,
+    };
+    if settle_precheck(&hold, amount, now, prior.as_ref().map(|t| t.amount_micros))?.is_some() {
+        let log_index = match &prior {
+            Some(p) => log_index_of(c, p.id)?,
+            None => None,
+        };
+        let released_micros = hold.amount_micros - amount;
+        return Ok(Settled { hold, posted: prior, released_micros, log_index });
+    }
+    let mut debit = load_account(c, hold.debit_account)?;
+    let mut credit = load_account(c, hold.credit_account)?;
+    apply_settle(&mut debit, &mut credit, hold.amount_micros, amount)?;
+    let state = if amount > 0 { TransferState::Posted } else { TransferState::Voided };
+    set_state(c, &mut hold, state)?;
+    store_account(c, &debit)?;
+    store_account(c, &credit)?;
+    let released_micros = hold.amount_micros - amount;
+    if amount == 0 {
+        return Ok(Settled { hold, posted: None, released_micros, log_index: None });
+    }
+    let posted = settle_request(&hold, amount).into_transfer(now, Some(hold.id));
+    insert_transfer(c, &posted)?;
+    let log_index = match &leaf {
+        Some(leaf) => Some(append_log(c, leaf, &posted)?),
+        None => None,
+    };
+    Ok(Settled { hold, posted: Some(posted), released_micros, log_index })
+}
+
+fn op_void(c: &Connection, hold_id: TransferId) -> Result<Transfer> {
+    let mut hold = transfer_by_id(c, hold_id)?;
+    match (hold.hold, hold.state) {
+        (true, TransferState::Voided) => return Ok(hold),
+        (true, TransferState::Pending) => {}
+        (_, state) => return Err(LedgerError::NotPending { id: hold.id, state }),
+    }
+    let mut debit = load_account(c, hold.debit_account)?;
+    apply_void(&mut debit, hold.amount_micros)?;
+    set_state(c, &mut hold, TransferState::Voided)?;
+    store_account(c, &debit)?;
+    Ok(hold)
+}
+
+fn op_expire(c: &Connection, now: i64) -> Result<u64> {
+    let ids: Vec<Vec<u8>> = c
+        .prepare_cached(
+            "SELECT id FROM transfers WHERE hold = 1 AND state = 0 AND expires_at_ms <= ?1 \
+             ORDER BY expires_at_ms LIMIT ?2",
+        )
+        .and_then(|mut s| s.query_map(params![now, MAX_EXPIRE_PER_CALL as i64], |r| r.get(0))?.collect())
+        .map_err(db_err)?;
+    for id in &ids {
+        let id = TransferId::from_slice(id).ok_or_else(|| LedgerError::Storage("bad transfer id".into()))?;
+        op_void(c, id)?;
+    }
+    Ok(ids.len() as u64)
+}
+
+fn op_create_account(c: &Connection, name: String, kind: AccountKind, now: i64) -> Result<Account> {
+    let a = Account { id: AccountId::generate(now), name, kind, balance_micros: 0, pending_micros: 0, created_at_ms: now };
+    c.prepare_cached(
+        "INSERT INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) VALUES (?1,?2,?3,0,0,?4)",
+    )
+    .and_then(|mut s| s.execute(params![&a.id.to_bytes()[..], a.name, a.kind.as_i16(), now]))
+    .map_err(db_err)?;
+    Ok(a)
+}
+
+fn op_create_key(c: &Connection, rec: KeyRecord) -> Result<KeyId> {
+    load_account(c, rec.account)?;
+    let sql = format!("INSERT INTO api_keys ({KEY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,NULL)");
+    c.prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.execute(params![
+                &rec.id.to_bytes()[..],
+                &rec.account.to_bytes()[..],
+                &rec.key_hash[..],
+                rec.scopes.join(","),
+                rec.rpm,
+                rec.tpm,
+                rec.spend_cap_day_micros,
+                rec.created_at_ms,
+            ])
+        })
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => LedgerError::InvalidArgument("key hash exists".into()),
+            _ => db_err(e),
+        })?;
+    Ok(rec.id)
+}
+
+fn op_revoke_key(c: &Connection, id: KeyId, now: i64) -> Result<()> {
+    let n = c
+        .prepare_cached("UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![&id.to_bytes()[..], now]))
+        .map_err(db_err)?;
+    if n == 0 {
+        return Err(LedgerError::UnknownKey(id));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ reads
+
+fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+    let sql = format!(
+        "SELECT seq, {TRANSFER_COLS} FROM transfers WHERE seq IN ( \
+           SELECT seq FROM transfers WHERE debit_account = ?1 AND seq > ?2 \
+           UNION SELECT seq FROM transfers WHERE credit_account = ?1 AND seq > ?2) \
+         ORDER BY seq LIMIT ?3"
+    );
+    let after = after.unwrap_or(0) as i64;
+    let rows: Vec<(i64, Transfer)> = c
+        .prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_map(params![&account.to_bytes()[..], after, limit as i64], |r| {
+                let seq: i64 = r.get(0)?;
+                let t = row_transfer_at(r, 1)?;
+                Ok((seq, t))
+            })?
+            .collect()
+        })
+        .map_err(db_err)?;
+    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.0 as u64)).flatten();
+    Ok(Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor })
+}
+
+fn query_i128(c: &Connection, sql: &str) -> Result<i128> {
+    c.prepare_cached(sql).and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0))).map(i128::from).map_err(db_err)
+}
+
+fn read_totals(c: &Connection) -> Result<HashMap<AccountId, AccountTotals>> {
+    let mut totals: HashMap<AccountId, AccountTotals> = HashMap::new();
+    let queries: [(&str, TotalsField); 3] = [
+        ("SELECT debit_account, SUM(amount_micros) FROM transfers WHERE hold = 0 AND state = 1 GROUP BY 1", |t| {
+            &mut t.posted_debits_micros
+        }),
+        ("SELECT credit_account, SUM(amount_micros) FROM transfers WHERE hold = 0 AND state = 1 GROUP BY 1", |t| {
+            &mut t.posted_credits_micros
+        }),
+        ("SELECT debit_account, SUM(amount_micros) FROM transfers WHERE hold = 1 AND state = 0 GROUP BY 1", |t| {
+            &mut t.pending_debits_micros
+        }),
+    ];
+    for (sql, field) in queries {
+        let rows: Vec<(AccountId, i64)> = c
+            .prepare_cached(sql)
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((id_col(r, 0, AccountId::from_slice)?, r.get(1)?)))?.collect()
+            })
+            .map_err(db_err)?;
+        for (id, sum) in rows {
+            *field(totals.entry(id).or_default()) += sum as i128;
+        }
+    }
+    Ok(totals)
+}
+
+const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount_micros <= 0 \
+    OR t.debit_account = t.credit_account OR (t.hold = 1) <> (t.timeout_ms > 0) \
+    OR (t.hold = 1 AND t.state = 1 AND NOT EXISTS (SELECT 1 FROM transfers p \
+        WHERE p.idempotency_key = '~post:' || lower(hex(t.id)) AND p.pending_id = t.id \
+        AND p.amount_micros <= t.amount_micros))";
+
+fn read_check(c: &Connection) -> Result<CheckReport> {
+    let accounts: Vec<Account> = c
+        .prepare_cached("SELECT id, name, kind, balance_micros, pending_micros, created_at_ms FROM accounts")
+        .and_then(|mut s| s.query_map([], row_account)?.collect())
+        .map_err(db_err)?;
+    let totals = read_totals(c)?;
+    let transfers = query_i128(c, "SELECT COUNT(*) FROM transfers")? as u64;
+    let bad = query_i128(c, BAD_TRANSFERS_SQL)? as u64;
+    let pending =
+        query_i128(c, "SELECT COALESCE(SUM(amount_micros), 0) FROM transfers WHERE hold = 1 AND state = 0")?;
+    let log = c
+        .prepare_cached("SELECT COUNT(*), MIN(log_index), MAX(log_index) FROM log_entries")
+        .and_then(|mut s| {
+            s.query_row([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(|v| v as u64), r.get::<_, Option<i64>>(2)?.map(|v| v as u64)))
+            })
+        })
+        .map_err(db_err)?;
+    Ok(check_ledger(&accounts, &totals, transfers, bad, pending, log))
+}
+
+fn read_log(c: &Connection, from: u64, limit: u32) -> Result<Vec<LogEntry>> {
+    c.prepare_cached(
+        "SELECT log_index, transfer_id, account_id, leaf_bytes FROM log_entries \
+         WHERE log_index >= ?1 ORDER BY log_index LIMIT ?2",
+    )
+    .and_then(|mut s| {
+        s.query_map(params![from as i64, limit as i64], |r| {
+            Ok(LogEntry {
+                log_index: r.get::<_, i64>(0)? as u64,
+                transfer_id: id_col(r, 1, TransferId::from_slice)?,
+                account_id: id_col(r, 2, AccountId::from_slice)?,
+                leaf_bytes: r.get(3)?,
+            })
+        })?
+        .collect()
+    })
+    .map_err(db_err)
+}
+
+fn read_keys(c: &Connection, sql_where: &str, arg: &[u8]) -> Result<Vec<KeyRecord>> {
+    let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE {sql_where} ORDER BY created_at_ms, id");
+    c.prepare_cached(&sql).and_then(|mut s| s.query_map([arg], row_key)?.collect()).map_err(db_err)
+}
+
+// ------------------------------------------------------------------ trait
+
+impl LedgerStore for SqliteStore {
+    async fn create_account(&self, name: &str, kind: AccountKind) -> Result<Account> {
+        validate_name(name)?;
+        validate_new_account_kind(kind)?;
+        let (name, now) = (name.to_owned(), crate::now_ms());
+        self.write(move |c| op_create_account(c, name, kind, now)).await
+    }
+
+    async fn get_account(&self, id: AccountId) -> Result<Account> {
+        self.read(move |c| load_account(c, id)).await
+    }
+
+    async fn mint(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
+        let req = posted_request(TREASURY, account, amount_micros, key, TransferCode::Mint)?;
+        let now = crate::now_ms();
+        self.write(move |c| op_posted(c, req, leaf, now)).await
+    }
+
+    async fn transfer(
+        &self,
+        from: AccountId,
+        to: AccountId,
+        amount_micros: i64,
+        key: &str,
+        leaf: Option<Leaf>,
+    ) -> Result<Transfer> {
+        let req = posted_request(from, to, amount_micros, key, TransferCode::Transfer)?;
+        let now = crate::now_ms();
+        self.write(move |c| op_posted(c, req, leaf, now)).await
+    }
+
+    async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
+        let req = hold_request(account, amount_micros, key, timeout_ms)?;
+        self.write(move |c| op_hold(c, req, now_ms)).await
+    }
+
+    async fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> Result<Settled> {
+        self.write(move |c| op_settle(c, hold_id, amount_micros, now_ms, leaf)).await
+    }
+
+    async fn void(&self, hold_id: TransferId) -> Result<Transfer> {
+        self.write(move |c| op_void(c, hold_id)).await
+    }
+
+    async fn expire_holds(&self, now_ms: i64) -> Result<u64> {
+        self.write(move |c| op_expire(c, now_ms)).await
+    }
+
+    async fn statement(&self, account: AccountId, after_cursor: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+        validate_page_limit(limit)?;
+        self.read(move |c| {
+            load_account(c, account)?;
+            read_statement(c, account, after_cursor, limit)
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<CheckReport> {
+        self.read(read_check).await
+    }
+
+    async fn log_entries(&self, from_index: u64, limit: u32) -> Result<Vec<LogEntry>> {
+        validate_page_limit(limit)?;
+        self.read(move |c| read_log(c, from_index, limit)).await
+    }
+
+    async fn log_size(&self) -> Result<u64> {
+        self.read(|c| query_i128(c, "SELECT COUNT(*) FROM log_entries").map(|n| n as u64)).await
+    }
+
+    async fn create_key(
+        &self,
+        account: AccountId,
+        key_hash: [u8; 32],
+        scopes: &[String],
+        rpm: Option<u32>,
+        tpm: Option<u32>,
+        spend_cap_day_micros: Option<i64>,
+    ) -> Result<KeyId> {
+        let rec = new_key_record(account, key_hash, scopes, rpm, tpm, spend_cap_day_micros)?;
+        self.write(move |c| op_create_key(c, rec)).await
+    }
+
+    async fn find_key_by_hash(&self, key_hash: [u8; 32]) -> Result<Option<KeyRecord>> {
+        let keys = self.read(move |c| read_keys(c, "key_hash = ?1 AND revoked_at_ms IS NULL", &key_hash)).await?;
+        Ok(keys.into_iter().next())
+    }
+
+    async fn revoke_key(&self, key_id: KeyId) -> Result<()> {
+        let now = crate::now_ms();
+        self.write(move |c| op_revoke_key(c, key_id, now)).await
+    }
+
+    async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {
+        self.read(move |c| read_keys(c, "account_id = ?1", &account.to_bytes())).await
+    }
+}
+
+/// Validates and builds a new key row (shared by both stores).
+pub(crate) fn new_key_record(
+    account: AccountId,
+    key_hash: [u8; 32],
+    scopes: &[String],
+    rpm: Option<u32>,
+    tpm: Option<u32>,
+    spend_cap_day_micros: Option<i64>,
+) -> Result<KeyRecord> {
+    validate_scopes(scopes)?;
+    if spend_cap_day_micros.is_some_and(|c| !(0..=MAX_AMOUNT_MICROS).contains(&c)) {
+        return Err(LedgerError::InvalidArgument("spend cap out of range".into()));
+    }
+    let now = crate::now_ms();
+    Ok(KeyRecord {
+        id: KeyId::generate(now),
+        account,
+        key_hash,
+        scopes: scopes.to_vec(),
+        rpm,
+        tpm,
+        spend_cap_day_micros,
+        created_at_ms: now,
+        revoked_at_ms: None,
+    })
+}

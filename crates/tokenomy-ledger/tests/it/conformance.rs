@@ -1,0 +1,392 @@
+//! The conformance suite: written once, generic over `LedgerStore`, run
+//! against every store by `conformance_suite!` in main.rs.
+
+use std::sync::Arc;
+
+use tokenomy_ledger::*;
+
+const C: i64 = MICROS_PER_CREDIT;
+const T0: i64 = 1_700_000_000_000;
+
+async fn assert_check_ok<S: LedgerStore>(s: &S) -> CheckReport {
+    let report = s.check().await.unwrap();
+    assert!(report.ok, "check failed: {:?}", report.problems);
+    assert_eq!(report.sum_micros, 0);
+    report
+}
+
+async fn funded<S: LedgerStore>(s: &S, name: &str, micros: i64) -> Account {
+    let a = s.create_account(name, AccountKind::User).await.unwrap();
+    if micros > 0 {
+        s.mint(a.id, micros, &format!("fund-{}", a.id), None).await.unwrap();
+    }
+    s.get_account(a.id).await.unwrap()
+}
+
+fn leaf_fn() -> Leaf {
+    Arc::new(|index: u64, t: &Transfer| {
+        let mut v = index.to_be_bytes().to_vec();
+        v.extend_from_slice(&t.id.to_bytes());
+        v.extend_from_slice(&t.amount_micros.to_be_bytes());
+        v
+    })
+}
+
+pub async fn system_accounts_exist<S: LedgerStore>(s: Arc<S>) {
+    assert_eq!(s.get_account(TREASURY).await.unwrap().kind, AccountKind::Treasury);
+    assert_eq!(s.get_account(OPERATOR_REVENUE).await.unwrap().kind, AccountKind::OperatorRevenue);
+    let r = assert_check_ok(&*s).await;
+    assert_eq!((r.accounts, r.transfers), (2, 0));
+    assert_eq!(s.log_size().await.unwrap(), 0);
+}
+
+pub async fn create_and_get_account<S: LedgerStore>(s: Arc<S>) {
+    let a = s.create_account("alice", AccountKind::User).await.unwrap();
+    let b = s.create_account("bot", AccountKind::Agent).await.unwrap();
+    assert_ne!(a.id, b.id);
+    assert_eq!(s.get_account(a.id).await.unwrap(), a);
+    assert_eq!((a.balance_micros, a.pending_micros), (0, 0));
+    for kind in [AccountKind::Treasury, AccountKind::OperatorRevenue] {
+        assert!(matches!(s.create_account("x", kind).await, Err(LedgerError::InvalidArgument(_))));
+    }
+    assert!(matches!(s.create_account("", AccountKind::User).await, Err(LedgerError::InvalidArgument(_))));
+    assert!(s.create_account(&"n".repeat(129), AccountKind::User).await.is_err());
+    let missing = AccountId(u128::MAX);
+    assert_eq!(s.get_account(missing).await, Err(LedgerError::UnknownAccount(missing)));
+}
+
+pub async fn mint_and_transfer<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let b = funded(&*s, "b", 0).await;
+    assert_eq!(a.balance_micros, 10 * C);
+    let t = s.transfer(a.id, b.id, 3 * C, "t1", None).await.unwrap();
+    assert_eq!((t.state, t.code, t.amount_micros, t.hold), (TransferState::Posted, TransferCode::Transfer, 3 * C, false));
+    assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 7 * C);
+    assert_eq!(s.get_account(b.id).await.unwrap().balance_micros, 3 * C);
+    assert_eq!(s.get_account(TREASURY).await.unwrap().balance_micros, -10 * C);
+    let err = s.transfer(b.id, a.id, 3 * C + 1, "t2", None).await;
+    assert_eq!(err, Err(LedgerError::InsufficientFunds { shortfall_micros: 1 }));
+    s.transfer(b.id, OPERATOR_REVENUE, C, "t3", None).await.unwrap();
+    assert_eq!(s.get_account(OPERATOR_REVENUE).await.unwrap().balance_micros, C);
+    let r = assert_check_ok(&*s).await;
+    assert_eq!(r.transfers, 3);
+}
+
+pub async fn idempotent_retries<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 0).await;
+    let b = funded(&*s, "b", 0).await;
+    let m1 = s.mint(a.id, 5 * C, "m", None).await.unwrap();
+    let m2 = s.mint(a.id, 5 * C, "m", None).await.unwrap();
+    assert_eq!(m1, m2);
+    assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 5 * C);
+    let t1 = s.transfer(a.id, b.id, C, "t", None).await.unwrap();
+    assert_eq!(s.transfer(a.id, b.id, C, "t", None).await.unwrap(), t1);
+    let h1 = s.hold(a.id, 2 * C, "h", 60_000, T0).await.unwrap();
+    let h2 = s.hold(a.id, 2 * C, "h", 60_000, T0 + 5).await.unwrap();
+    assert_eq!(h1, h2);
+    assert_eq!(s.get_account(a.id).await.unwrap().pending_micros, 2 * C);
+    let s1 = s.settle(h1.id, C, T0 + 10, Some(leaf_fn())).await.unwrap();
+    let s2 = s.settle(h1.id, C, T0 + 20, Some(leaf_fn())).await.unwrap();
+    assert_eq!(s1, s2);
+    assert_eq!(s1.log_index, Some(0));
+    assert_eq!(s.log_size().await.unwrap(), 1);
+    let v1 = s.hold(a.id, C, "h2", 60_000, T0).await.unwrap();
+    s.void(v1.id).await.unwrap();
+    assert_eq!(s.void(v1.id).await.unwrap().state, TransferState::Voided);
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (3 * C, 0));
+    assert_check_ok(&*s).await;
+}
+
+pub async fn idempotency_conflicts<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let b = funded(&*s, "b", 0).await;
+    let conflict = |k: &str| Err(LedgerError::IdempotencyConflict { key: k.to_owned() });
+    s.mint(a.id, C, "k1", None).await.unwrap();
+    assert_eq!(s.mint(a.id, 2 * C, "k1", None).await.map(|_| ()), conflict("k1"));
+    assert_eq!(s.mint(b.id, C, "k1", None).await.map(|_| ()), conflict("k1"));
+    assert_eq!(s.transfer(a.id, b.id, C, "k1", None).await.map(|_| ()), conflict("k1"));
+    assert_eq!(s.hold(a.id, C, "k1", 1000, T0).await.map(|_| ()), conflict("k1"));
+    let h = s.hold(a.id, C, "h", 1000, T0).await.unwrap();
+    assert_eq!(s.hold(a.id, C, "h", 2000, T0).await.map(|_| ()), conflict("h"));
+    s.settle(h.id, C / 2, T0 + 1, None).await.unwrap();
+    let key = settle_key(h.id);
+    assert_eq!(s.settle(h.id, C / 3, T0 + 2, None).await.map(|_| ()), conflict(&key));
+    assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 11 * C - C / 2);
+    assert_check_ok(&*s).await;
+}
+
+pub async fn rejects_bad_requests<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let b = funded(&*s, "b", 0).await;
+    let missing = AccountId(0xdead_beef_u128 << 64);
+    assert_eq!(s.transfer(a.id, a.id, C, "self", None).await, Err(LedgerError::SelfTransfer));
+    for amount in [0, -1, i64::MIN, i64::MAX, MAX_AMOUNT_MICROS + 1] {
+        let e = Err(LedgerError::InvalidAmount { amount_micros: amount });
+        assert_eq!(s.transfer(a.id, b.id, amount, "neg", None).await, e);
+        assert_eq!(s.mint(a.id, amount, "neg", None).await, e);
+        assert_eq!(s.hold(a.id, amount, "neg", 1000, T0).await, e);
+    }
+    assert_eq!(s.mint(missing, C, "u1", None).await, Err(LedgerError::UnknownAccount(missing)));
+    assert_eq!(s.transfer(a.id, missing, C, "u2", None).await, Err(LedgerError::UnknownAccount(missing)));
+    assert_eq!(s.transfer(missing, a.id, C, "u3", None).await, Err(LedgerError::UnknownAccount(missing)));
+    assert_eq!(s.hold(missing, C, "u4", 1000, T0).await, Err(LedgerError::UnknownAccount(missing)));
+    let unknown = TransferId(42);
+    assert_eq!(s.settle(unknown, 1, T0, None).await, Err(LedgerError::UnknownTransfer(unknown)));
+    assert_eq!(s.void(unknown).await, Err(LedgerError::UnknownTransfer(unknown)));
+    assert!(matches!(s.transfer(OPERATOR_REVENUE, a.id, 1, "op", None).await, Err(LedgerError::KindNotAllowed { .. })));
+    assert!(matches!(s.transfer(TREASURY, a.id, 1, "tr", None).await, Err(LedgerError::KindNotAllowed { .. })));
+    assert!(matches!(s.transfer(a.id, TREASURY, 1, "tr2", None).await, Err(LedgerError::KindNotAllowed { .. })));
+    assert!(matches!(s.mint(TREASURY, 1, "tm", None).await, Err(LedgerError::SelfTransfer)));
+    assert!(matches!(s.hold(OPERATOR_REVENUE, 1, "oh", 1000, T0).await, Err(LedgerError::KindNotAllowed { .. })));
+    for key in ["", "~post:x"] {
+        assert!(matches!(s.mint(a.id, 1, key, None).await, Err(LedgerError::InvalidArgument(_))));
+    }
+    assert!(matches!(s.mint(a.id, 1, &"k".repeat(129), None).await, Err(LedgerError::InvalidArgument(_))));
+    for timeout in [0, -5, MAX_TIMEOUT_MS + 1] {
+        assert!(matches!(s.hold(a.id, 1, "to", timeout, T0).await, Err(LedgerError::InvalidArgument(_))));
+    }
+    let t = s.transfer(a.id, b.id, C, "posted", None).await.unwrap();
+    assert!(matches!(s.settle(t.id, 1, T0, None).await, Err(LedgerError::NotPending { .. })));
+    assert!(matches!(s.void(t.id).await, Err(LedgerError::NotPending { .. })));
+    // Nothing above moved money except the one transfer.
+    assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 9 * C);
+    let r = assert_check_ok(&*s).await;
+    assert_eq!(r.transfers, 2);
+}
+
+pub async fn hold_settle_void<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let h1 = s.hold(a.id, 6 * C, "h1", 60_000, T0).await.unwrap();
+    assert_eq!((h1.state, h1.hold, h1.expires_at_ms), (TransferState::Pending, true, T0 + 60_000));
+    assert_eq!((h1.debit_account, h1.credit_account, h1.code), (a.id, OPERATOR_REVENUE, TransferCode::UsageCharge));
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros, acc.available_micros()), (10 * C, 6 * C, 4 * C));
+    let short = s.hold(a.id, 5 * C, "h2", 60_000, T0).await;
+    assert_eq!(short, Err(LedgerError::InsufficientFunds { shortfall_micros: C }));
+    assert!(matches!(s.transfer(a.id, OPERATOR_REVENUE, 5 * C, "tx", None).await, Err(LedgerError::InsufficientFunds { .. })));
+    assert_check_ok(&*s).await;
+    let st = s.settle(h1.id, 2 * C, T0 + 1, None).await.unwrap();
+    let posted = st.posted.clone().unwrap();
+    assert_eq!((st.hold.state, st.released_micros, st.log_index), (TransferState::Posted, 4 * C, None));
+    assert_eq!((posted.amount_micros, posted.pending_id, posted.state), (2 * C, Some(h1.id), TransferState::Posted));
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (8 * C, 0));
+    assert_eq!(s.get_account(OPERATOR_REVENUE).await.unwrap().balance_micros, 2 * C);
+    assert!(matches!(s.void(h1.id).await, Err(LedgerError::NotPending { .. })));
+    let h3 = s.hold(a.id, 8 * C, "h3", 60_000, T0).await.unwrap();
+    assert_eq!(s.void(h3.id).await.unwrap().state, TransferState::Voided);
+    assert!(matches!(s.settle(h3.id, 1, T0 + 2, None).await, Err(LedgerError::NotPending { .. })));
+    assert_eq!(s.get_account(a.id).await.unwrap().available_micros(), 8 * C);
+    assert_check_ok(&*s).await;
+}
+
+pub async fn settle_edge_cases<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let h = s.hold(a.id, 3 * C, "h", 1000, T0).await.unwrap();
+    let over = s.settle(h.id, 3 * C + 1, T0, None).await;
+    assert_eq!(over, Err(LedgerError::SettleExceedsHold { held_micros: 3 * C, requested_micros: 3 * C + 1 }));
+    assert!(s.settle(h.id, -1, T0, None).await.is_err());
+    let zero = s.settle(h.id, 0, T0 + 1, Some(leaf_fn())).await.unwrap();
+    assert_eq!((zero.hold.state, zero.posted.clone(), zero.released_micros, zero.log_index), (TransferState::Voided, None, 3 * C, None));
+    assert_eq!(s.settle(h.id, 0, T0 + 2, None).await.unwrap().hold, zero.hold);
+    let full = s.hold(a.id, 10 * C, "full", 1000, T0).await.unwrap();
+    s.settle(full.id, 10 * C, T0 + 999, None).await.unwrap();
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (0, 0));
+    assert_eq!(s.log_size().await.unwrap(), 0);
+    assert_check_ok(&*s).await;
+}
+
+pub async fn expire_holds<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let mut holds = Vec::new();
+    for i in 0..5 {
+        holds.push(s.hold(a.id, C, &format!("e{i}"), 1000 + i, T0).await.unwrap());
+    }
+    let long = s.hold(a.id, C, "long", 100_000, T0).await.unwrap();
+    assert_eq!(s.expire_holds(T0 + 999).await.unwrap(), 0);
+    assert_eq!(s.settle(holds[0].id, 1, T0 + 1000, None).await, Err(LedgerError::HoldExpired(holds[0].id)));
+    assert_eq!(s.expire_holds(T0 + 1002).await.unwrap(), 3);
+    assert_eq!(s.expire_holds(T0 + 2000).await.unwrap(), 2);
+    assert_eq!(s.expire_holds(T0 + 2000).await.unwrap(), 0);
+    for h in &holds {
+        assert!(matches!(s.settle(h.id, 1, T0 + 2001, None).await, Err(LedgerError::NotPending { .. })));
+    }
+    assert_eq!(s.get_account(a.id).await.unwrap().pending_micros, C);
+    s.settle(long.id, C, T0 + 2001, None).await.unwrap();
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (9 * C, 0));
+    assert_check_ok(&*s).await;
+}
+
+pub async fn concurrent_holds_never_overdraw<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C + C / 2).await;
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let h = s.hold(a.id, C, &format!("c{i}"), 60_000, T0).await?;
+            let amount = (i as i64 % 3 + 1) * C / 4;
+            let st = s.settle(h.id, amount, T0 + 1, Some(leaf_fn())).await?;
+            Ok::<_, LedgerError>(st)
+        }));
+    }
+    let mut posted = 0;
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(st) => {
+                ok += 1;
+                posted += st.posted.unwrap().amount_micros;
+            }
+            Err(LedgerError::InsufficientFunds { shortfall_micros }) => assert!(shortfall_micros > 0),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        let acc = s.get_account(a.id).await.unwrap();
+        assert!(acc.available_micros() >= 0);
+    }
+    assert!((10..200).contains(&ok), "{ok} holds succeeded");
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!(acc.pending_micros, 0);
+    assert_eq!(10 * C + C / 2 - acc.balance_micros, posted);
+    assert_eq!(s.get_account(OPERATOR_REVENUE).await.unwrap().balance_micros, posted);
+    assert_eq!(s.log_size().await.unwrap(), ok);
+    let log = s.log_entries(0, 1000).await.unwrap();
+    assert!(log.iter().enumerate().all(|(i, e)| e.log_index == i as u64 && e.account_id == a.id));
+    assert_check_ok(&*s).await;
+}
+
+pub async fn leaf_appended_atomically<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 0).await;
+    let b = funded(&*s, "b", 0).await;
+    let m = s.mint(a.id, 10 * C, "m", Some(leaf_fn())).await.unwrap();
+    let t = s.transfer(a.id, b.id, C, "t", Some(leaf_fn())).await.unwrap();
+    let h = s.hold(a.id, 2 * C, "h", 60_000, T0).await.unwrap();
+    let too_big: Leaf = Arc::new(|_, _| vec![0u8; MAX_LEAF_LEN_BYTES + 1]);
+    assert!(matches!(s.settle(h.id, C, T0 + 1, Some(too_big)).await, Err(LedgerError::InvalidArgument(_))));
+    let panics: Leaf = Arc::new(|_, _| panic!("leaf panics"));
+    assert!(s.settle(h.id, C, T0 + 1, Some(panics)).await.is_err());
+    // The failed settlements left no charge and no log entry behind.
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (9 * C, 2 * C));
+    assert_eq!(s.log_size().await.unwrap(), 2);
+    let st = s.settle(h.id, C, T0 + 2, Some(leaf_fn())).await.unwrap();
+    assert_eq!(st.log_index, Some(2));
+    let posted = st.posted.unwrap();
+    let log = s.log_entries(0, 10).await.unwrap();
+    let ids: Vec<_> = log.iter().map(|e| (e.log_index, e.transfer_id, e.account_id)).collect();
+    assert_eq!(ids, vec![(0, m.id, a.id), (1, t.id, a.id), (2, posted.id, a.id)]);
+    assert_eq!(log[2].leaf_bytes, leaf_fn()(2, &posted));
+    assert_eq!(s.log_entries(1, 1).await.unwrap(), log[1..2].to_vec());
+    assert!(s.log_entries(3, 10).await.unwrap().is_empty());
+    assert!(s.log_entries(0, 0).await.is_err());
+    assert_check_ok(&*s).await;
+}
+
+pub async fn statement_pages<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 100 * C).await;
+    let b = funded(&*s, "b", 0).await;
+    let mut expected = vec![];
+    for i in 0..24 {
+        let (from, to) = if i % 2 == 0 { (a.id, b.id) } else { (b.id, a.id) };
+        expected.push(s.transfer(from, to, C, &format!("s{i}"), None).await.unwrap());
+    }
+    let mut seen = vec![];
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = s.statement(b.id, cursor, 10).await.unwrap();
+        pages += 1;
+        seen.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+    assert!(pages >= 3);
+    let a_all = s.statement(a.id, None, 1000).await.unwrap();
+    assert_eq!((a_all.items.len(), a_all.next_cursor), (25, None));
+    assert_eq!(a_all.items[0].code, TransferCode::Mint);
+    assert!(s.statement(a.id, None, 0).await.is_err());
+    assert!(s.statement(a.id, None, MAX_PAGE_LEN + 1).await.is_err());
+    assert!(s.statement(AccountId(7 << 100), None, 10).await.is_err());
+    assert_check_ok(&*s).await;
+}
+
+pub async fn api_keys<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 0).await;
+    let scopes = vec!["chat".to_owned(), "models:read".to_owned()];
+    let k1 = s.create_key(a.id, [1; 32], &scopes, Some(60), Some(100_000), Some(5 * C)).await.unwrap();
+    let k2 = s.create_key(a.id, [2; 32], &[], None, None, None).await.unwrap();
+    let rec = s.find_key_by_hash([1; 32]).await.unwrap().unwrap();
+    assert_eq!((rec.id, rec.account, rec.key_hash), (k1, a.id, [1; 32]));
+    assert_eq!((rec.scopes.clone(), rec.rpm, rec.tpm, rec.spend_cap_day_micros), (scopes.clone(), Some(60), Some(100_000), Some(5 * C)));
+    assert_eq!(rec.revoked_at_ms, None);
+    assert!(s.create_key(a.id, [1; 32], &[], None, None, None).await.is_err());
+    let missing = AccountId(9 << 100);
+    assert_eq!(s.create_key(missing, [3; 32], &[], None, None, None).await, Err(LedgerError::UnknownAccount(missing)));
+    assert!(s.create_key(a.id, [4; 32], &["a,b".to_owned()], None, None, None).await.is_err());
+    s.revoke_key(k1).await.unwrap();
+    s.revoke_key(k1).await.unwrap();
+    assert_eq!(s.find_key_by_hash([1; 32]).await.unwrap(), None);
+    assert_eq!(s.find_key_by_hash([9; 32]).await.unwrap(), None);
+    let keys = s.list_keys(a.id).await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().any(|k| k.id == k1 && k.revoked_at_ms.is_some()));
+    assert!(keys.iter().any(|k| k.id == k2 && k.revoked_at_ms.is_none()));
+    let bogus = KeyId(5);
+    assert_eq!(s.revoke_key(bogus).await, Err(LedgerError::UnknownKey(bogus)));
+}
+
+/// A deterministic mixed workload from several tasks; read-back invariants hold throughout.
+pub async fn mixed_workload_check<S: LedgerStore>(s: Arc<S>) {
+    let users: Vec<Account> = {
+        let mut v = vec![];
+        for i in 0..4 {
+            v.push(funded(&*s, &format!("u{i}"), 50 * C).await);
+        }
+        v
+    };
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let (s, users) = (s.clone(), users.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25u64 {
+                let from = &users[((w + i) % 4) as usize];
+                let to = &users[((w + i + 1) % 4) as usize];
+                let key = format!("w{w}-{i}");
+                let _ = match i % 4 {
+                    0 => s.transfer(from.id, to.id, (i as i64 + 1) * C / 10, &key, None).await.map(|_| ()),
+                    1 => s.mint(from.id, C, &key, Some(leaf_fn())).await.map(|_| ()),
+                    2 => match s.hold(from.id, 2 * C, &key, 60_000, T0).await {
+                        Ok(h) => s.settle(h.id, (i as i64) * C / 20, T0 + 1, Some(leaf_fn())).await.map(|_| ()),
+                        Err(e) => Err(e),
+                    },
+                    _ => s.hold(from.id, C, &key, 10, T0).await.map(|_| ()),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_check_ok(&*s).await;
+    let expired = s.expire_holds(T0 + 10).await.unwrap();
+    assert_eq!(expired, 8 * 6);
+    let report = assert_check_ok(&*s).await;
+    let total: i64 = {
+        let mut sum = 0;
+        for u in &users {
+            let acc = s.get_account(u.id).await.unwrap();
+            assert_eq!(acc.pending_micros, 0);
+            sum += acc.balance_micros;
+        }
+        sum
+    };
+    let op = s.get_account(OPERATOR_REVENUE).await.unwrap().balance_micros;
+    let treasury = s.get_account(TREASURY).await.unwrap().balance_micros;
+    assert_eq!(total + op + treasury, 0);
+    assert_eq!(report.accounts, 6);
+}

@@ -1,0 +1,179 @@
+//! `tokenomy`: the one binary. This crate is the composition root: it parses the command line,
+//! loads models into the engine, wires the engine into the HTTP app and runs it. Nothing
+//! depends on it; everything it does is wiring.
+
+mod models;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokenomy_api::{ApiConfig, AppState};
+use tokenomy_engine::{Engine, ModelConfig};
+
+#[derive(Parser)]
+#[command(name = "tokenomy", version, about = "Serve, meter, charge and prove LLM tokens on your own machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models behind the OpenAI API.
+    Serve(ServeArgs),
+    /// Fetch a model: a local file, an https URL, or a Hugging Face `org/repo/file.gguf`.
+    Pull {
+        source: String,
+        /// Expected sha256 (hex); known files are checked against the manifest anyway.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// List the known models and the files in the model directory.
+    Models,
+    /// Print a GGUF file's architecture, context length, quantization, size and template.
+    Inspect { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A model name (see `tokenomy models`) or a GGUF path; repeat to serve several.
+    #[arg(long = "model", default_value = models::DEFAULT_MODEL)]
+    models: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1:8080", env = "TOKENOMY_LISTEN")]
+    listen: SocketAddr,
+    /// Where the node keeps its state (ledger, keys, receipts log).
+    #[arg(long, env = "TOKENOMY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// CPU threads for llama.cpp's kernels (default: all cores).
+    #[arg(long, env = "TOKENOMY_THREADS")]
+    threads: Option<i32>,
+    /// Chat template for models whose GGUF has none (or to override it): chatml, gemma or a file.
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Tokens one request may hold, prompt + completion (default: the model's, at most 8192).
+    #[arg(long)]
+    ctx_size: Option<u32>,
+    /// Sequences decoded together (continuous batching slots).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// KV cache cells shared by all sequences and the prefix cache (default: 4 × ctx-size).
+    #[arg(long)]
+    kv_cells: Option<u32>,
+    /// Requests that may wait for a slot; more get 429.
+    #[arg(long, default_value_t = 64)]
+    queue_max: usize,
+    /// Maximum request body in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    body_bytes_max: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Pull { source, sha256 } => rt.block_on(models::pull(&source, sha256.as_deref())).map(|_| ()),
+        Command::Models => list_models(),
+        Command::Inspect { file } => inspect(&file),
+    }
+}
+
+fn list_models() -> Result<()> {
+    let dir = models::models_dir();
+    println!("model directory: {}", dir.display());
+    for k in models::KNOWN {
+        let here = if dir.join(k.file).is_file() { "downloaded" } else { "not downloaded" };
+        println!("{:<20} {:<14} {}", k.name, here, k.about);
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut others: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".gguf") && !models::KNOWN.iter().any(|k| k.file == n))
+            .collect();
+        others.sort();
+        for n in others {
+            println!("{:<20} downloaded     (local file)", n.trim_end_matches(".gguf"));
+        }
+    }
+    Ok(())
+}
+
+fn inspect(file: &std::path::Path) -> Result<()> {
+    let s = tokenomy_engine::gguf::inspect(file).map_err(anyhow::Error::msg)?;
+    println!("file:          {}", file.display());
+    if let Some(name) = &s.name {
+        println!("name:          {name}");
+    }
+    println!("architecture:  {}", s.architecture);
+    println!("context:       {}", s.context_length.map_or("unknown".into(), |c| c.to_string()));
+    println!("quantization:  {}", s.quantization);
+    println!("size:          {} bytes ({:.1} MiB)", s.size_bytes, s.size_bytes as f64 / (1024.0 * 1024.0));
+    println!("tensors:       {}", s.tensors);
+    println!("chat template: {}", if s.has_chat_template { "yes" } else { "no (serve with --chat-template)" });
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let configs = model_configs(&args)?;
+    tracing::info!(models = ?configs.iter().map(|c| &c.name).collect::<Vec<_>>(), "loading");
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&configs)).await?.map_err(anyhow::Error::msg)?;
+    let state = AppState::new(Arc::new(engine), ApiConfig { body_bytes_max: args.body_bytes_max });
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), "serving the OpenAI API at http://{addr}/v1");
+    axum::serve(listener, tokenomy_api::app(state.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shutting down: waiting for in-flight metering");
+    if !state.drain(Duration::from_secs(30)).await {
+        tracing::warn!("some metering tasks did not finish in time");
+    }
+    Ok(())
+}
+
+fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
+    args.models
+        .iter()
+        .map(|m| {
+            let (name, path) = models::resolve(m)?;
+            let mut c = ModelConfig::new(name, path);
+            if let Some(t) = args.threads {
+                c.threads = t;
+            }
+            c.chat_template = args.chat_template.clone();
+            c.slots = args.parallel.max(1);
+            c.ctx_tokens_max = args.ctx_size;
+            c.kv_cells_max = args.kv_cells;
+            c.queue_max = args.queue_max.max(1);
+            Ok(c)
+        })
+        .collect()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("signal received; finishing in-flight requests");
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a fresh machine needs to build and test tokenomy:
+# cmake, g++ and libclang-dev for llama.cpp's build (llama-cpp-sys-2), unzip for the model wheels.
+set -euo pipefail
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v g++ >/dev/null || need+=(g++)
+command -v unzip >/dev/null || need+=(unzip)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi

@@ -1,0 +1,104 @@
+"""The official `openai` package as a client of a real tokenomy node."""
+import signal
+import threading
+import time
+
+import openai
+import pytest
+
+from conftest import MODEL
+
+
+@pytest.fixture
+def client(node):
+    return openai.OpenAI(base_url=node.base + "/v1", api_key="unused-without-auth", max_retries=0)
+
+
+def test_models(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == [MODEL]
+
+
+def test_chat(client):
+    r = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 20
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_stream_with_usage(client):
+    plain = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=20,
+        messages=[{"role": "user", "content": "Say hello to Bob."}],
+    )
+    stream = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=20, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Say hello to Bob."}],
+    )
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == plain.choices[0].message.content
+    assert usage.completion_tokens == plain.usage.completion_tokens
+    assert finish == plain.choices[0].finish_reason
+
+
+def test_completions_echo_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="The cat sat on the mat.", max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == r.usage.prompt_tokens
+    assert r.choices[0].text.endswith("The cat sat on the mat.")
+
+
+def test_completions_plain_and_stream(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_errors_are_openai_errors(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert "nope" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, temperature=9, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "temperature"
+
+
+def test_sigterm_finishes_in_flight_streams_and_meters_them(fresh_node):
+    c = openai.OpenAI(base_url=fresh_node.base + "/v1", api_key="x", max_retries=0)
+    got = {}
+
+    def consume():
+        stream = c.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=64, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Write a poem about the sea."}])
+        text = ""
+        for chunk in stream:
+            if chunk.usage:
+                got["usage"] = chunk.usage
+            for ch in chunk.choices:
+                text += ch.delta.content or ""
+        got["text"] = text
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(0.5)
+    fresh_node.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert fresh_node.proc.wait(60) == 0
+    assert got.get("usage") is not None, "the in-flight stream was not finished: " + fresh_node.read_log()
+    assert got["usage"].completion_tokens > 0
+    assert "metered" in fresh_node.read_log()
