@@ -7,7 +7,7 @@ bash scripts/install-deps.sh
 bash scripts/fetch-test-models.sh
 # A real PostgreSQL server for the ledger's conformance suite (installed and started here).
 export TOKENOMY_TEST_POSTGRES_URL="${TOKENOMY_TEST_POSTGRES_URL:-$(bash scripts/start-postgres.sh)}"
-cargo build --locked -p tokenomy
+cargo build --locked --workspace --all-targets
 cargo test --locked --workspace
 # Python clients, against the built binary
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

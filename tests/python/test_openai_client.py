@@ -22,7 +22,8 @@ def test_models(client):
 def test_chat(client):
     r = client.chat.completions.create(
         model=MODEL, temperature=0, max_tokens=20,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "system", "content": "You are a concise assistant."},
+                  {"role": "user", "content": "What is the capital of France?"}],
     )
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")

@@ -12,6 +12,7 @@
 //!
 //! Architecture Invariant: `reserved_cells() <= kv_cells_max` after every call.
 
+use std::cmp::Reverse;
 use std::collections::VecDeque;
 use tokenomy_core::TokenId;
 
@@ -187,13 +188,14 @@ impl Scheduler {
         }
     }
 
-    /// The free slot whose cache shares the longest prefix with `prompt` (then least recently used).
+    /// The free slot whose cache shares the longest prefix with `prompt`, then the least
+    /// recently used, then the lowest index.
     fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.job.is_none())
-            .max_by_key(|(_, s)| (common_prefix(&s.cached, prompt), std::cmp::Reverse(s.last_used_step)))
+            .max_by_key(|(i, s)| (common_prefix(&s.cached, prompt), Reverse(s.last_used_step), Reverse(*i)))
             .map(|(i, _)| i)
     }
 

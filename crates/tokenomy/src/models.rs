@@ -57,7 +57,11 @@ pub fn models_dir() -> PathBuf {
 pub fn resolve(arg: &str) -> Result<(String, PathBuf)> {
     let path = Path::new(arg);
     if path.is_file() {
-        let name = path.file_stem().map_or(arg.to_string(), |s| s.to_string_lossy().into_owned());
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = match KNOWN.iter().find(|k| k.file == file) {
+            Some(k) => k.name.to_string(),
+            None => file.trim_end_matches(".gguf").to_string(),
+        };
         return Ok((name, path.to_path_buf()));
     }
     if let Some(k) = KNOWN.iter().find(|k| k.name == arg) {
