@@ -10,7 +10,7 @@ if [ -x "$out/bin/llama-bench" ] && [ -x "$out/bin/llama-server" ]; then echo "$
 mkdir -p "$out"
 src=$out/src
 if [ ! -d "$src/vendor/llama.cpp" ]; then
-  python3 -m pip download --quiet --no-deps --no-binary=:all: -d "$out/sdist" llama-cpp-python >&2
+  python3 -m pip download --quiet --no-deps --no-binary=llama-cpp-python -d "$out/sdist" llama-cpp-python >&2
   rm -rf "$src"; mkdir -p "$src"
   tar -xzf "$out"/sdist/llama_cpp_python-*.tar.gz -C "$src" --strip-components=1
 fi

@@ -1,0 +1,172 @@
+//! Tests of the built `tokenomy` binary: `inspect`, `pull` (local file, URL, Hugging Face path
+//! against a local HTTP server), and serving each required architecture.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenomy");
+
+fn models_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TOKENOMY_TEST_MODELS") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("TOKENOMY_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".tokenomy"));
+    home.join("models")
+}
+
+fn model(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(p.is_file(), "{} missing: run scripts/fetch-test-models.sh", p.display());
+    p
+}
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(args: &[&str]) -> Node {
+    let port = free_port();
+    let tmp = tempdir("serve");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").args(args).args(["--listen", &format!("127.0.0.1:{port}"), "--threads", "2", "--ctx-size", "1024", "--parallel", "2"]);
+    cmd.arg("--data-dir").arg(&tmp).stdout(Stdio::null()).stderr(Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let node = Node { child, base: format!("http://127.0.0.1:{port}") };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::blocking::get(format!("{}/ready", node.base)) {
+            if r.status().is_success() {
+                return node;
+            }
+        }
+        assert!(Instant::now() < deadline, "node did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn chat(node: &Node, model: &str) -> (u16, Value) {
+    let body = json!({"model": model, "temperature": 0, "max_tokens": 16, "messages": [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is the capital of France?"}]});
+    let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).json(&body).send().unwrap();
+    (r.status().as_u16(), r.json().unwrap())
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tokenomy-it-{tag}-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn inspect_prints_the_facts_of_each_model() {
+    for (file, arch, quant, template) in [(SMOLLM2, "llama", "Q4_1", "yes"), (QWEN, "qwen2", "Q4_K_M", "yes"), (GEMMA, "gemma3", "Q4_K_M", "no")] {
+        let (ok, out) = run(&["inspect", model(file).to_str().unwrap()], &[]);
+        assert!(ok, "{out}");
+        assert!(out.contains(&format!("architecture:  {arch}")), "{out}");
+        assert!(out.contains(&format!("quantization:  {quant}")), "{out}");
+        assert!(out.contains(&format!("chat template: {template}")), "{out}");
+        assert!(out.contains("context:") && out.contains("size:"), "{out}");
+    }
+    let (ok, out) = run(&["inspect", "/nonexistent.gguf"], &[]);
+    assert!(!ok && out.contains("nonexistent"), "{out}");
+}
+
+#[test]
+fn pull_from_a_file_a_url_and_a_hugging_face_path_checks_sha256() {
+    let home = tempdir("pull");
+    let serve_dir = tempdir("hf");
+    // a local "Hugging Face" layout: ORG/REPO/resolve/main/FILE
+    let hf_file = serve_dir.join("org/repo/resolve/main");
+    std::fs::create_dir_all(&hf_file).unwrap();
+    std::fs::copy(model(SMOLLM2), hf_file.join(SMOLLM2)).unwrap();
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(&serve_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::blocking::get(&endpoint).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let env_home: &[(&str, &Path)] = &[("TOKENOMY_HOME", &home)];
+    // 1. local file
+    let (ok, out) = run(&["pull", model(SMOLLM2).to_str().unwrap()], env_home);
+    assert!(ok, "{out}");
+    assert!(home.join("models").join(SMOLLM2).is_file());
+    // 2. a URL, with a wrong expected sha256: refused and not kept
+    std::fs::remove_file(home.join("models").join(SMOLLM2)).unwrap();
+    let url = format!("{endpoint}/org/repo/resolve/main/{SMOLLM2}");
+    let (ok, out) = run(&["pull", &url, "--sha256", &"0".repeat(64)], env_home);
+    assert!(!ok && out.contains("sha256 mismatch"), "{out}");
+    assert!(!home.join("models").join(SMOLLM2).exists());
+    // 3. a Hugging Face path, through HF_ENDPOINT
+    let mut cmd = Command::new(BIN);
+    cmd.args(["pull", &format!("org/repo/{SMOLLM2}")]).env("TOKENOMY_HOME", &home).env("HF_ENDPOINT", &endpoint);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(home.join("models").join(SMOLLM2).is_file());
+    // and `models` lists it as downloaded
+    let (ok, out) = run(&["models"], env_home);
+    assert!(ok && out.lines().any(|l| l.starts_with("smollm2") && l.contains("downloaded") && !l.contains("not downloaded")), "{out}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn qwen2_answers_a_chat() {
+    let node = serve(&["--model", model(QWEN).to_str().unwrap()]);
+    let (status, v) = chat(&node, "qwen2.5-coder-0.5b");
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}
+
+#[test]
+fn gemma3_needs_a_template_and_answers_with_one() {
+    let node = serve(&["--model", model(GEMMA).to_str().unwrap()]);
+    let (status, v) = chat(&node, "gemma3-270m");
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--chat-template"), "{v}");
+    drop(node);
+    let node = serve(&["--model", model(GEMMA).to_str().unwrap(), "--chat-template", "gemma"]);
+    let (status, v) = chat(&node, "gemma3-270m");
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+}
