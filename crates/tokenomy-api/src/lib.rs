@@ -97,6 +97,16 @@ impl AppState {
     }
 }
 
+/// Serves `app(state)` on `listener` until `shutdown` resolves, then lets in-flight requests
+/// finish (streams included).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}
+
 pub fn app(state: AppState) -> Router {
     let body_max = state.config.body_bytes_max;
     Router::new()

@@ -132,7 +132,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving the OpenAI API at http://{addr}/v1");
-    axum::serve(listener, tokenomy_api::app(state.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    tokenomy_api::serve(listener, state.clone(), shutdown_signal()).await?;
     tracing::info!("shutting down: waiting for in-flight metering");
     if !state.drain(Duration::from_secs(30)).await {
         tracing::warn!("some metering tasks did not finish in time");
