@@ -77,6 +77,7 @@ pub fn run(
         sched: Scheduler::new(limits, config.prefix_reuse),
         jobs: HashMap::new(),
         batch: LlamaBatch::new(limits.step_tokens_max as usize, 1),
+        eog: eog_tokens(&model),
         metrics,
     };
     w.run(rx);
@@ -88,6 +89,8 @@ struct Worker<'m> {
     sched: Scheduler,
     jobs: HashMap<JobId, Running>,
     batch: LlamaBatch<'static>,
+    /// End-of-generation tokens, banned under `ignore_eos` (computed once: it scans the vocabulary).
+    eog: Vec<TokenId>,
     metrics: Arc<Metrics>,
 }
 
@@ -221,8 +224,8 @@ impl Worker<'_> {
         if job.sub.spec.max_tokens == 0 {
             return self.finish(id, FinishReason::Length, None);
         }
-        let banned = if job.sub.ignore_eos { eog_tokens(model) } else { Vec::new() };
-        let token = job.sub.sampler.sample(logits, &banned);
+        let banned: &[TokenId] = if job.sub.ignore_eos { &self.eog } else { &[] };
+        let token = job.sub.sampler.sample(logits, banned);
         job.sub.sampler.accept(token);
         job.usage.completion_tokens += 1;
         if model.vocab().is_eog(LlamaToken(token)) && !job.sub.ignore_eos {
