@@ -4,6 +4,7 @@
 mod chat;
 mod completions;
 mod errors;
+mod reference;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
