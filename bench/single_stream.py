@@ -2,7 +2,7 @@
 the same GGUF and thread count, measured in one run. Prints a Markdown table with ratios.
 
 Usage: python bench/single_stream.py --tokenomy target/debug/tokenomy \
-           --llama-bench target/llama-cpp-ref/bin/llama-bench --model PATH.gguf [--threads 2] [--runs 5]
+           --llama-bench target/llama-cpp-ref/build/bin/llama-bench --model PATH.gguf [--threads 2] [--runs 5]
 """
 import argparse
 import json

@@ -2,11 +2,12 @@
 # Builds llama.cpp's own tools (llama-bench, llama-server, llama-perplexity) from the
 # llama-cpp-python sdist on PyPI, which vendors llama.cpp. They are the reference that
 # benchmarks and recorded outputs are compared against. Nothing of it is committed.
-# Usage: scripts/build-llama-cpp-reference.sh [BUILD_DIR]   (default: target/llama-cpp-ref)
+# Usage: scripts/build-llama-cpp-reference.sh [OUT_DIR]   (default: target/llama-cpp-ref; tools in OUT_DIR/build/bin)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/llama-cpp-ref}
-if [ -x "$out/bin/llama-bench" ] && [ -x "$out/bin/llama-server" ]; then echo "$out/bin"; exit 0; fi
+bin=$out/build/bin
+if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-server" ] && [ -x "$bin/llama-perplexity" ]; then echo "$bin"; exit 0; fi
 mkdir -p "$out"
 src=$out/src
 if [ ! -d "$src/vendor/llama.cpp" ]; then
@@ -16,7 +17,8 @@ if [ ! -d "$src/vendor/llama.cpp" ]; then
 fi
 cmake -S "$src/vendor/llama.cpp" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$out/build" -j"$(nproc)" --target llama-bench llama-server llama-perplexity >&2
-mkdir -p "$out/bin"
-cp "$out"/build/bin/llama-bench "$out"/build/bin/llama-server "$out"/build/bin/llama-perplexity "$out/bin/"
-echo "$out/bin"
+# one target at a time: parallel builds of several tools race on the shared static libraries
+for t in llama-bench llama-server llama-perplexity; do
+  cmake --build "$out/build" -j"$(nproc)" --target "$t" >&2
+done
+echo "$bin"
