@@ -1,14 +1,43 @@
 //! tokenomy against llama.cpp's own server on the same GGUF: rendered chat prompt, prompt token
-//! ids and greedy answers must match token for token. The reference file was recorded with
+//! ids and greedy answers must match token for token (SmolLM2 and Qwen2.5-Coder). The reference files were recorded with
 //! `bench/record_llama_server_reference.py` (see its "produced_by" field).
 
 use crate::*;
 use serde_json::json;
 use tokenomy_core::{Backend, ChatMessage};
+use tokenomy_engine::{Engine, ModelConfig};
 
-fn reference() -> Value {
-    let text = include_str!("../data/llama_server_smollm2.json");
-    serde_json::from_str(text).expect("reference JSON parses")
+/// A model and the answers llama.cpp recorded for it.
+struct Reference {
+    model: &'static str,
+    file: &'static str,
+    data: &'static str,
+}
+
+const REFERENCES: [Reference; 2] = [
+    Reference { model: MODEL, file: "SmolLM2-135M-Instruct.Q4_1.gguf", data: include_str!("../data/llama_server_smollm2.json") },
+    Reference {
+        model: "qwen2.5-coder-0.5b",
+        file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        data: include_str!("../data/llama_server_qwen2.5-coder.json"),
+    },
+];
+
+impl Reference {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.data).expect("reference JSON parses")
+    }
+
+    /// A single-slot engine for this model (see `solo_state`).
+    fn engine(&self) -> Arc<Engine> {
+        let path = models_dir().join(self.file);
+        assert!(path.is_file(), "{} missing: run scripts/fetch-test-models.sh", path.display());
+        let mut c = ModelConfig::new(self.model, path);
+        c.threads = 2;
+        c.slots = 1;
+        c.ctx_tokens_max = Some(2048);
+        Arc::new(Engine::load(&[c]).expect("model loads"))
+    }
 }
 
 fn messages(v: &Value) -> Vec<ChatMessage> {
@@ -19,37 +48,35 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
         .collect()
 }
 
-#[test]
-fn chat_prompts_and_token_ids_match_llama_server() {
-    let engine = shared_engine();
-    for case in reference()["chats"].as_array().unwrap() {
-        let rendered = engine.render_chat(MODEL, &messages(&case["messages"])).unwrap();
-        // llama-server's /apply-template output may still carry the BOS text that its
-        // tokenizer then skips; compare what is tokenized.
-        let ids = engine.tokenize(MODEL, &rendered, true).unwrap();
-        let want: Vec<i32> = case["prompt_token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect();
-        assert_eq!(ids, want, "prompt tokens differ for {}\nours: {rendered:?}\ntheirs: {:?}", case["messages"], case["prompt"]);
-        assert_eq!(ids.len() as u64, case["usage"]["prompt_tokens"].as_u64().unwrap());
-    }
-    for case in reference()["texts"].as_array().unwrap() {
-        let ids = engine.tokenize(MODEL, case["text"].as_str().unwrap(), true).unwrap();
-        let want: Vec<i32> = case["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect();
-        assert_eq!(ids, want, "tokenization of {:?}", case["text"]);
-    }
+fn ids(v: &Value) -> Vec<i32> {
+    v.as_array().unwrap().iter().map(|t| t.as_i64().unwrap() as i32).collect()
 }
 
 #[tokio::test]
-async fn greedy_answers_match_llama_server_token_for_token() {
-    let s = solo_state();
-    let r = reference();
-    let max_tokens = r["max_tokens"].as_u64().unwrap();
-    for case in r["chats"].as_array().unwrap() {
-        let body = json!({"model": MODEL, "messages": case["messages"], "temperature": 0, "max_tokens": max_tokens});
-        let v = post(&s, "/v1/chat/completions", body).await.json();
-        assert_eq!(v["choices"][0]["message"]["content"], case["content"], "answer differs for {}", case["messages"]);
-        assert_eq!(v["usage"]["prompt_tokens"], case["usage"]["prompt_tokens"]);
-        assert_eq!(v["usage"]["completion_tokens"], case["usage"]["completion_tokens"]);
-        assert_eq!(v["choices"][0]["finish_reason"], case["finish_reason"]);
+async fn prompts_token_ids_and_greedy_answers_match_llama_server() {
+    for r in &REFERENCES {
+        let engine = r.engine();
+        let data = r.json();
+        for case in data["texts"].as_array().unwrap() {
+            let got = engine.tokenize(r.model, case["text"].as_str().unwrap(), true).unwrap();
+            assert_eq!(got, ids(&case["token_ids"]), "{}: tokenization of {:?}", r.model, case["text"]);
+        }
+        let max_tokens = data["max_tokens"].as_u64().unwrap();
+        for case in data["chats"].as_array().unwrap() {
+            // A fresh engine per chat: llama-server ran with cache_prompt off, and a prompt
+            // computed partly from the prefix cache may round differently in late tokens.
+            let engine = r.engine();
+            let s = AppState::new(engine.clone(), ApiConfig::default());
+            let rendered = engine.render_chat(r.model, &messages(&case["messages"])).unwrap();
+            let got = engine.tokenize(r.model, &rendered, true).unwrap();
+            assert_eq!(got, ids(&case["prompt_token_ids"]), "{}: prompt tokens differ\nours: {rendered:?}\ntheirs: {:?}", r.model, case["prompt"]);
+            let body = json!({"model": r.model, "messages": case["messages"], "temperature": 0, "max_tokens": max_tokens});
+            let v = post(&s, "/v1/chat/completions", body).await.json();
+            assert_eq!(v["choices"][0]["message"]["content"], case["content"], "{}: answer differs for {}", r.model, case["messages"]);
+            assert_eq!(v["usage"]["prompt_tokens"], case["usage"]["prompt_tokens"], "{}", r.model);
+            assert_eq!(v["usage"]["completion_tokens"], case["usage"]["completion_tokens"], "{}", r.model);
+            assert_eq!(v["choices"][0]["finish_reason"], case["finish_reason"], "{}", r.model);
+        }
     }
 }
 
