@@ -105,6 +105,7 @@ impl Worker<'_> {
             for (id, cached) in &plan.admitted {
                 if let Some(job) = self.jobs.get_mut(id) {
                     job.usage.cached_tokens = *cached;
+                    job.usage.prompt_tokens = *cached;
                 }
             }
             self.apply_kv_ops(&plan.kv_ops);
@@ -113,7 +114,10 @@ impl Worker<'_> {
                 continue;
             }
             match self.decode(&plan.batch) {
-                Ok(()) => self.consume_outputs(&plan.batch),
+                Ok(()) => {
+                self.count_prompt_tokens(&plan.batch);
+                self.consume_outputs(&plan.batch);
+            }
                 Err(e) => self.fail_all(&e),
             }
         }
@@ -141,14 +145,15 @@ impl Worker<'_> {
     fn accept(&mut self, sub: Submission) {
         let spec = sub.spec.clone();
         let id = spec.id;
-        let prompt_tokens = spec.prompt.len() as u32;
         if let Err(e) = self.sched.submit(spec) {
             let msg = format!("rejected by the scheduler: {e:?}");
             let _ = sub.outcome.send(Outcome { finish_reason: FinishReason::Error, usage: Usage::default(), text: String::new(), error: Some(msg) });
             return;
         }
         let text = TextStream::new(sub.stops.clone());
-        let usage = Usage { prompt_tokens, ..Usage::default() };
+        // prompt_tokens grows as prompt tokens are reused (admission) or decoded, so a job
+        // cancelled while waiting or mid-prompt is metered for what was processed only.
+        let usage = Usage::default();
         self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new() });
     }
 
@@ -187,6 +192,16 @@ impl Worker<'_> {
         self.ctx.decode(&mut self.batch).map_err(|err| format!("llama_decode failed: {err}"))?;
         self.metrics.add_decoded(entries.len() as u64);
         Ok(())
+    }
+
+    fn count_prompt_tokens(&mut self, entries: &[BatchEntry]) {
+        for e in entries {
+            if let Some(job) = self.jobs.get_mut(&e.job) {
+                if (e.pos as usize) < job.sub.spec.prompt.len() {
+                    job.usage.prompt_tokens += 1;
+                }
+            }
+        }
     }
 
     fn consume_outputs(&mut self, entries: &[BatchEntry]) {
