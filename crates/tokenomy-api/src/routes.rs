@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use tokenomy_core::{Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, SamplingParams, TokenId, Usage};
+use tokenomy_core::{Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -179,7 +179,7 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(req): ApiJs
     Ok(with_request_id(chat_body(started, id).await?.into_response(), &rid))
 }
 
-async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<Option<LogprobEntry>>>) {
+async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
     let mut events = choice.events;
     let (mut text, mut logprobs, mut prompt_lp) = (String::new(), Vec::new(), None);
     while let Some(ev) = events.recv().await {
@@ -335,14 +335,13 @@ fn prompt_tokens(state: &AppState, model: &str, prompt: &PromptField) -> Result<
     Ok(prompts)
 }
 
-fn completion_logprobs(echo: Option<&(String, Vec<Option<LogprobEntry>>)>, generated: &[LogprobEntry]) -> CompletionLogprobs {
+fn completion_logprobs(echo: Option<&(String, Vec<PromptLogprob>)>, generated: &[LogprobEntry]) -> CompletionLogprobs {
     let mut lp = CompletionLogprobs::default();
     let mut offset = 0;
     if let Some((_, prompt)) = echo {
-        for e in prompt {
-            let text = e.as_ref().map(|e| e.chosen.text.clone()).unwrap_or_default();
-            lp.push(text.clone(), e.as_ref(), offset);
-            offset += text.chars().count();
+        for p in prompt {
+            lp.push(p.text.clone(), p.entry.as_ref(), offset);
+            offset += p.text.chars().count();
         }
     }
     for e in generated {

@@ -134,12 +134,18 @@ pub struct LogprobEntry {
     pub top: Vec<TokenLogprob>,
 }
 
+/// One prompt token and its log-probability given the tokens before it (`None` for the first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub text: String,
+    pub entry: Option<LogprobEntry>,
+}
+
 /// What a backend streams while it generates.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Log-probabilities of the prompt tokens (only when `echo_logprobs` was asked).
-    /// The first prompt token has `None`.
-    PromptLogprobs(Vec<Option<LogprobEntry>>),
+    PromptLogprobs(Vec<PromptLogprob>),
     /// New output text. `text` may be empty while bytes of a multi-byte character or a
     /// possible stop string are held back; `logprobs` is set per sampled token when asked.
     Token { text: String, logprob: Option<LogprobEntry> },

@@ -14,7 +14,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use tokenomy_core::{Event, FinishReason, LogprobEntry, Outcome, TokenId, TokenLogprob, Usage};
+use tokenomy_core::{Event, FinishReason, LogprobEntry, Outcome, PromptLogprob, TokenId, TokenLogprob, Usage};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -232,8 +232,9 @@ impl Worker<'_> {
         let model = self.model;
         let job = self.jobs.get_mut(&id).expect("checked");
         if job.sub.spec.echo_logits {
-            let mut all = vec![None];
-            all.extend(job.prompt_logprobs.drain(..).map(Some));
+            let first = token_logprob(model, job.sub.spec.prompt[0], 0.0).text;
+            let mut all = vec![PromptLogprob { text: first, entry: None }];
+            all.extend(job.prompt_logprobs.drain(..).map(|e| PromptLogprob { text: e.chosen.text.clone(), entry: Some(e) }));
             let _ = job.sub.events.send(Event::PromptLogprobs(all));
         }
         if job.sub.spec.max_tokens == 0 {

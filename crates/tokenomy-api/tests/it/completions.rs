@@ -32,7 +32,9 @@ async fn echo_with_logprobs_and_zero_max_tokens_scores_the_prompt() {
     assert_eq!(token_logprobs.len(), n_tokens);
     assert!(token_logprobs[0].is_null());
     assert!(token_logprobs[1..].iter().all(|l| l.as_f64().unwrap() <= 0.0));
-    assert_eq!(lp["tokens"].as_array().unwrap().len(), n_tokens);
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), n_tokens);
+    assert!(tokens.iter().all(|t| t.as_str().is_some_and(|t| !t.is_empty())), "every prompt token has its text: {tokens:?}");
     assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), n_tokens);
     assert_eq!(lp["text_offset"].as_array().unwrap().len(), n_tokens);
     assert_eq!(v["usage"]["completion_tokens"], 0);
