@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/fetch-test-models.sh
 # A real PostgreSQL server for the ledger's conformance suite (installed and started here).
-export TOKENOMY_TEST_POSTGRES_URL="${TOKENOMY_TEST_POSTGRES_URL:-$(bash scripts/start-postgres.sh)}"
+if [ -z "${TOKENOMY_TEST_POSTGRES_URL:-}" ]; then
+  TOKENOMY_TEST_POSTGRES_URL=$(bash scripts/start-postgres.sh)  # fails the run if it fails
+fi
+export TOKENOMY_TEST_POSTGRES_URL
 cargo build --locked --workspace --all-targets
 cargo test --locked --workspace
 # Python clients, against the built binary
