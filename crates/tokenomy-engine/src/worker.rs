@@ -115,9 +115,9 @@ impl Worker<'_> {
             }
             match self.decode(&plan.batch) {
                 Ok(()) => {
-                self.count_prompt_tokens(&plan.batch);
-                self.consume_outputs(&plan.batch);
-            }
+                    self.count_prompt_tokens(&plan.batch);
+                    self.consume_outputs(&plan.batch);
+                }
                 Err(e) => self.fail_all(&e),
             }
         }
@@ -232,7 +232,7 @@ impl Worker<'_> {
         let model = self.model;
         let job = self.jobs.get_mut(&id).expect("checked");
         if job.sub.spec.echo_logits {
-            let first = token_logprob(model, job.sub.spec.prompt[0], 0.0).text;
+            let first = token_text(model, job.sub.spec.prompt[0]);
             let mut all = vec![PromptLogprob { text: first, entry: None }];
             all.extend(job.prompt_logprobs.drain(..).map(|e| PromptLogprob { text: e.chosen.text.clone(), entry: Some(e) }));
             let _ = job.sub.events.send(Event::PromptLogprobs(all));
@@ -297,8 +297,17 @@ fn eog_tokens(model: &LlamaModel) -> Vec<TokenId> {
     (0..vocab.n_tokens()).filter(|&t| vocab.is_eog(LlamaToken(t))).collect()
 }
 
+/// A token's piece as clients see it in logprobs (special tokens rendered).
+fn token_bytes(model: &LlamaModel, token: TokenId) -> Vec<u8> {
+    model.vocab().token_to_piece(LlamaToken(token), true, None)
+}
+
+fn token_text(model: &LlamaModel, token: TokenId) -> String {
+    String::from_utf8_lossy(&token_bytes(model, token)).into_owned()
+}
+
 fn token_logprob(model: &LlamaModel, token: TokenId, logprob: f32) -> TokenLogprob {
-    let bytes = model.vocab().token_to_piece(LlamaToken(token), true, None);
+    let bytes = token_bytes(model, token);
     TokenLogprob { token, text: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob }
 }
 
