@@ -8,10 +8,9 @@ Usage: python bench/record_llama_server_reference.py --server target/llama-cpp-r
 """
 import argparse
 import json
-import socket
-import subprocess
-import time
 import urllib.request
+
+from localserver import post_json as post, start, stop
 
 CHATS = [
     [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "What is the capital of France?"}],
@@ -23,11 +22,6 @@ CHATS = [
 TEXTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog.", "  leading spaces and émojis 🚀 and 数字 123"]
 
 
-def post(base, path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    return json.load(urllib.request.urlopen(req, timeout=300))
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
@@ -35,19 +29,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-tokens", type=int, default=48)
     a = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([a.server, "-m", a.model, "--jinja", "-np", "1", "-t", "2", "-c", "2048", "--port", str(port),
-                             "--host", "127.0.0.1", "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, base = start(lambda port: [a.server, "-m", a.model, "--jinja", "-np", "1", "-t", "2", "-c", "2048",
+                                     "--port", str(port), "--host", "127.0.0.1", "--no-webui"], "/health")
     try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         version = json.load(urllib.request.urlopen(base + "/props")).get("build_info", "unknown")
         chats = []
         for messages in CHATS:
@@ -66,8 +50,7 @@ def main():
             json.dump(out, f, indent=1, ensure_ascii=False)
             f.write("\n")
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,13 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(base, path, body, stream=False):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    return urllib.request.urlopen(req, timeout=600)
+from localserver import post, start, stop
 
 
 def llama_bench(binary, model, threads, pp, tg):
@@ -37,18 +27,10 @@ def llama_bench(binary, model, threads, pp, tg):
 
 
 def tokenomy_runs(binary, model, threads, pp, tg, runs):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([binary, "serve", "--model", model, "--listen", f"127.0.0.1:{port}", "--threads", str(threads),
-                             "--parallel", "1", "--ctx-size", str(max(2048, pp + tg + 8))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx = str(max(2048, pp + tg + 8))
+    proc, base = start(lambda port: [binary, "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
+                                     "--threads", str(threads), "--parallel", "1", "--ctx-size", ctx], "/ready")
     try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(base + "/ready", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
         name = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
         rng = random.Random(7)
         prefill, decode = [], []
@@ -75,8 +57,7 @@ def tokenomy_runs(binary, model, threads, pp, tg, runs):
                 decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         return statistics.median(prefill), statistics.median(decode), len(prefill)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def main():
