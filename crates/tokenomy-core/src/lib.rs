@@ -178,6 +178,7 @@ pub struct ModelInfo {
     pub name: String,
     pub architecture: String,
     pub context_length: u32,
+    /// The model file's sha256 (hex); `None` while it is still being hashed after load.
     pub sha256: Option<String>,
     pub has_chat_template: bool,
 }

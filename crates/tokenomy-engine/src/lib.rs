@@ -88,6 +88,8 @@ impl ModelConfig {
 
 struct LoadedModel {
     info: ModelInfo,
+    /// The GGUF file's sha256, hashed on a background thread so loading is not delayed.
+    sha256: Arc<OnceLock<String>>,
     model: Arc<LlamaModel>,
     template: Option<ChatTemplate>,
     tx: SyncSender<Submission>,
@@ -134,12 +136,21 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
         name: cfg.name.clone(),
         architecture: summary.architecture.clone(),
         context_length: ctx_tokens_max,
-        sha256: Some(file_sha256(&cfg.path)?),
+        sha256: None,
         has_chat_template: template.is_some(),
     };
     let prefix_reuse = summary.sliding_window.is_none() && !model.is_recurrent() && !model.is_hybrid();
     let tx = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse }, metrics.clone())?;
-    Ok(LoadedModel { info, model, template, tx, limits, metrics })
+    let sha256 = Arc::new(OnceLock::new());
+    let (cell, path) = (sha256.clone(), cfg.path.clone());
+    std::thread::Builder::new()
+        .name("tokenomy-sha256".into())
+        .spawn(move || match file_sha256(&path) {
+            Ok(hex) => drop(cell.set(hex)),
+            Err(e) => tracing::warn!(error = %e, "cannot hash the model file"),
+        })
+        .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
+    Ok(LoadedModel { info, sha256, model, template, tx, limits, metrics })
 }
 
 fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<SyncSender<Submission>, String> {
@@ -179,7 +190,10 @@ pub fn file_sha256(path: &Path) -> Result<String, String> {
 
 impl Backend for Engine {
     fn models(&self) -> Vec<ModelInfo> {
-        self.models.iter().map(|m| m.info.clone()).collect()
+        self.models
+            .iter()
+            .map(|m| ModelInfo { sha256: m.sha256.get().cloned(), ..m.info.clone() })
+            .collect()
     }
 
     fn ready(&self) -> bool {

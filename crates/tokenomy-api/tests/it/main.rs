@@ -114,6 +114,16 @@ async fn models_health_ready_metrics() {
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], MODEL);
     assert_eq!(m["data"][0]["meta"]["architecture"], "llama");
+    // the file is hashed in the background after load; it shows up shortly
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let sha = send(&s, "GET", "/v1/models", None).await.json()["data"][0]["meta"]["sha256"].clone();
+        if sha == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" {
+            break;
+        }
+        assert!(sha.is_null() && std::time::Instant::now() < deadline, "sha256 {sha}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(send(&s, "GET", "/v1/models/smollm2", None).await.status, StatusCode::OK);
     assert_error(&send(&s, "GET", "/v1/models/nope", None).await, StatusCode::NOT_FOUND);
     assert_eq!(send(&s, "GET", "/health", None).await.json()["status"], "ok");
