@@ -16,7 +16,7 @@ version="$(ls /usr/lib/postgresql | sort -V | tail -1)"
 if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main"' | grep -q .; then
     pg_createcluster "$version" main
 fi
-pg_conftool "$version" main set listen_addresses 127.0.0.1 >/dev/null
+pg_conftool "$version" main set listen_addresses localhost >/dev/null
 pg_conftool "$version" main set port 5432 >/dev/null
 if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" && $4 == "online"' | grep -q .; then
     pg_ctlcluster "$version" main start
