@@ -31,6 +31,7 @@
 //!   of charges) be appended in the *same* transaction as the charge, so a
 //!   charge and its log entry exist together or not at all.
 
+pub mod any;
 pub mod domain;
 pub mod pg;
 pub mod sqlite;
@@ -38,6 +39,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::sync::Arc;
 
+pub use any::AnyStore;
 pub use domain::*;
 pub use pg::PgStore;
 pub use sqlite::{Durability, SqliteStore};

@@ -1,0 +1,555 @@
+//! tokenomy-billing: the charging path between the HTTP layer and the ledger.
+//!
+//! Why it is its own crate: the HTTP crate should know requests and responses, the ledger
+//! crate double-entry rules, the receipts crate formats and proofs. What ties them together
+//! per request — who is calling (API keys), may they (scopes, rate limits), what the request
+//! may cost at worst (prices), holding that before generating, settling the exact cost after
+//! and signing the receipt that lands in the log in the same transaction — is policy, and it
+//! lives here, testable without a socket or a model.
+//!
+//! The request path: [`Billing::authenticate`] → [`Billing::admit`] (RPM/TPM) →
+//! [`Billing::hold`] (worst case; 402 when short) → generate → [`Billing::settle`] (exact cost,
+//! receipt appended in the same ledger transaction) or [`Billing::void`] (engine failure).
+//!
+//! Architecture Invariant: no charge without a receipt and no receipt without a charge — the
+//! receipt is the ledger's log leaf for the posting, written in the posting's transaction.
+//! Architecture Invariant: no network I/O here besides the ledger store it is handed; files
+//! only in the node's data dir (keys, config, last checkpoint).
+
+pub mod config;
+pub mod keys;
+pub mod log;
+pub mod ratelimit;
+mod node;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokenomy_ledger::{
+    cost_micros, Account, AccountId, AccountKind, AnyStore, CheckReport, KeyId, KeyRecord, LedgerError, LedgerStore, Page, Price,
+    Transfer, TransferState,
+};
+use tokenomy_receipts::{Receipt, ReceiptBundle, ReceiptKind, SignerKey, TlogProof, VerifierKey};
+
+pub use config::NodeConfig;
+pub use node::{FirstRun, OpenOptions};
+pub use ratelimit::{Allowance, Limited, Limits};
+
+pub const SCOPE_INFERENCE: &str = "inference";
+pub const SCOPE_ADMIN: &str = "admin";
+
+/// Why a billing step refused; the HTTP layer maps each kind to a status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BillingError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits or lower max_tokens.")]
+    InsufficientQuota { needed_micros: i64, shortfall_micros: i64 },
+    #[error("Rate limit of {} per minute reached for this key; retry in {:.1} s", .0.limit, .0.retry_after_ms as f64 / 1000.0)]
+    RateLimited(Limited),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<LedgerError> for BillingError {
+    fn from(e: LedgerError) -> BillingError {
+        use LedgerError as L;
+        match e {
+            L::InvalidAmount { .. } | L::SelfTransfer | L::InvalidArgument(_) | L::KindNotAllowed { .. } | L::Overflow => {
+                BillingError::Invalid(e.to_string())
+            }
+            L::UnknownAccount(_) | L::UnknownTransfer(_) | L::UnknownKey(_) => BillingError::NotFound(e.to_string()),
+            L::InsufficientFunds { shortfall_micros } => BillingError::InsufficientQuota { needed_micros: 0, shortfall_micros },
+            L::IdempotencyConflict { .. } | L::NotPending { .. } | L::SettleExceedsHold { .. } | L::HoldExpired(_) => {
+                BillingError::Conflict(e.to_string())
+            }
+            L::InvariantViolation(_) | L::Storage(_) | L::Closed => BillingError::Internal(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BillingError>;
+
+/// An authenticated API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: KeyId,
+    pub account: AccountId,
+    pub scopes: Vec<String>,
+    pub limits: Limits,
+}
+
+impl Principal {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+    pub fn is_admin(&self) -> bool {
+        self.has_scope(SCOPE_ADMIN)
+    }
+}
+
+/// What a request may cost, known before generating.
+#[derive(Debug, Clone)]
+pub struct ChargeRequest {
+    pub request_id: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    /// Completion tokens the request may produce, over all its choices.
+    pub completion_tokens_max: u64,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+}
+
+/// A placed hold; consumed by [`Billing::settle`] or [`Billing::void`].
+#[derive(Debug)]
+pub struct Hold {
+    pub principal: Principal,
+    pub request_id: String,
+    pub receipt_id: String,
+    pub model: String,
+    pub price: Price,
+    pub held_micros: i64,
+    pub started_at_ms: i64,
+    hold: Option<Transfer>,
+}
+
+/// What was served, known after generating.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    pub usage: tokenomy_core::Usage,
+    pub model_sha256: [u8; 32],
+    pub request_sha256: [u8; 32],
+    pub output_sha256: [u8; 32],
+}
+
+/// A posted charge and its receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRef {
+    pub receipt_id: String,
+    pub log_index: u64,
+    /// Micro-credits posted (positive).
+    pub amount_micros: i64,
+    pub transfer_id: String,
+}
+
+/// The node: ledger store, configuration, signing key, log view and limiters.
+pub struct Billing {
+    store: AnyStore,
+    config: NodeConfig,
+    signer: SignerKey,
+    data_dir: PathBuf,
+    log: tokio::sync::Mutex<log::LogState>,
+    limiter: Mutex<ratelimit::RateLimiter>,
+}
+
+impl std::fmt::Debug for Billing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Billing").field("store", &self.store).field("origin", &self.signer.name()).finish_non_exhaustive()
+    }
+}
+
+fn hex_id(s: &str) -> Option<u128> {
+    (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u128::from_str_radix(s, 16).ok()).flatten()
+}
+
+pub fn parse_account_id(s: &str) -> Result<AccountId> {
+    hex_id(s).map(AccountId).ok_or_else(|| BillingError::Invalid(format!("malformed account id {s:?}: expected 32 hex digits")))
+}
+
+pub fn parse_key_id(s: &str) -> Result<KeyId> {
+    hex_id(s).map(KeyId).ok_or_else(|| BillingError::Invalid(format!("malformed key id {s:?}: expected 32 hex digits")))
+}
+
+pub fn parse_account_kind(s: &str) -> Result<AccountKind> {
+    match s {
+        "user" => Ok(AccountKind::User),
+        "agent" => Ok(AccountKind::Agent),
+        _ => Err(BillingError::Invalid(format!("account kind must be \"user\" or \"agent\", got {s:?}"))),
+    }
+}
+
+pub fn account_kind_name(k: AccountKind) -> &'static str {
+    match k {
+        AccountKind::User => "user",
+        AccountKind::Agent => "agent",
+        AccountKind::OperatorRevenue => "operator_revenue",
+        AccountKind::Treasury => "treasury",
+    }
+}
+
+impl Billing {
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    pub fn verifier(&self) -> VerifierKey {
+        self.signer.verifier()
+    }
+
+    pub fn origin(&self) -> &str {
+        self.signer.name()
+    }
+
+    pub fn price(&self, model: &str) -> Price {
+        self.config.price(model)
+    }
+
+    // ----------------------------------------------------------------- keys and limits
+
+    /// The key behind a bearer token; 401 for a missing, unknown or revoked key.
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal> {
+        let token = bearer.ok_or_else(|| {
+            BillingError::Unauthorized("Missing API key. Send `Authorization: Bearer <key>` (see DATA_DIR/user.key on this node).".into())
+        })?;
+        let invalid = || BillingError::Unauthorized("Invalid API key.".into());
+        if token.is_empty() || token.len() > keys::KEY_LEN_MAX_BYTES {
+            return Err(invalid());
+        }
+        let hash = keys::hash(token);
+        let rec = self.store.find_key_by_hash(hash).await?.ok_or_else(invalid)?;
+        if !keys::hashes_equal(&rec.key_hash, &hash) || rec.revoked_at_ms.is_some() {
+            return Err(invalid());
+        }
+        Ok(principal(&rec))
+    }
+
+    /// Admits one request under the key's RPM/TPM limits.
+    pub fn admit(&self, p: &Principal) -> Result<Allowance> {
+        let mut l = self.limiter.lock().expect("limiter lock");
+        l.admit(p.key_id, p.limits, tokenomy_ledger::now_ms()).map_err(BillingError::RateLimited)
+    }
+
+    pub async fn create_key(&self, account: AccountId, scopes: &[String], rpm: Option<u32>, tpm: Option<u32>) -> Result<(KeyId, String)> {
+        for s in scopes {
+            if s != SCOPE_INFERENCE && s != SCOPE_ADMIN {
+                return Err(BillingError::Invalid(format!("unknown scope {s:?}: use \"inference\" and/or \"admin\"")));
+            }
+        }
+        if scopes.is_empty() {
+            return Err(BillingError::Invalid("a key needs at least one scope".into()));
+        }
+        if rpm == Some(0) || tpm == Some(0) {
+            return Err(BillingError::Invalid("rpm and tpm must be positive (omit them for no limit)".into()));
+        }
+        let acc = self.store.get_account(account).await?;
+        if scopes.iter().any(|s| s == SCOPE_INFERENCE) && !acc.kind.must_stay_funded() {
+            return Err(BillingError::Invalid("inference keys belong to user or agent accounts".into()));
+        }
+        let (key, hash) = keys::generate();
+        let id = self.store.create_key(account, hash, scopes, rpm, tpm, None).await?;
+        Ok((id, key))
+    }
+
+    pub async fn revoke_key(&self, key: KeyId) -> Result<()> {
+        Ok(self.store.revoke_key(key).await?)
+    }
+
+    pub async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {
+        self.store.get_account(account).await?;
+        Ok(self.store.list_keys(account).await?)
+    }
+
+    // ----------------------------------------------------------------- accounts
+
+    pub async fn create_account(&self, name: &str, kind: AccountKind) -> Result<Account> {
+        Ok(self.store.create_account(name, kind).await?)
+    }
+
+    pub async fn account(&self, id: AccountId) -> Result<Account> {
+        Ok(self.store.get_account(id).await?)
+    }
+
+    pub async fn statement(&self, id: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+        self.store.get_account(id).await?;
+        Ok(self.store.statement(id, after, limit).await?)
+    }
+
+    pub async fn check(&self) -> Result<CheckReport> {
+        Ok(self.store.check().await?)
+    }
+
+    /// Credits from the treasury, with a receipt.
+    pub async fn mint(&self, to: AccountId, amount_micros: i64, idempotency_key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        let receipt = self.money_receipt(ReceiptKind::Mint, to, actor);
+        let t = self.store.mint(to, amount_micros, idempotency_key, Some(leaf_for(receipt, amount_micros))).await?;
+        Ok((t.clone(), self.receipt_of(&t).await?))
+    }
+
+    /// Credits between two accounts, with a receipt.
+    pub async fn transfer(&self, from: AccountId, to: AccountId, amount_micros: i64, key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        let receipt = self.money_receipt(ReceiptKind::Transfer, from, actor);
+        let t = self.store.transfer(from, to, amount_micros, key, Some(leaf_for(receipt, -amount_micros))).await?;
+        Ok((t.clone(), self.receipt_of(&t).await?))
+    }
+
+    fn money_receipt(&self, kind: ReceiptKind, account: AccountId, actor: &Principal) -> Receipt {
+        let now = tokenomy_ledger::now_ms().max(0) as u64;
+        Receipt {
+            kind,
+            request_id: String::new(),
+            model: String::new(),
+            started_at_ms: now,
+            ended_at_ms: now,
+            ..self.blank_receipt(new_receipt_id(), account, actor.key_id)
+        }
+    }
+
+    /// The receipt id of a posted transfer (the first one, when a retry hit an idempotency key).
+    async fn receipt_of(&self, t: &Transfer) -> Result<ReceiptRef> {
+        let mut log = self.log.lock().await;
+        log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        let id = log.receipt_for_transfer(t.id).ok_or_else(|| BillingError::Internal(format!("transfer {} has no receipt in the log", t.id)))?;
+        let (index, _) = log.find(&id).expect("indexed receipt");
+        Ok(ReceiptRef { receipt_id: id, log_index: index, amount_micros: t.amount_micros, transfer_id: t.id.to_string() })
+    }
+
+    fn blank_receipt(&self, receipt_id: String, account: AccountId, key: KeyId) -> Receipt {
+        Receipt {
+            version: tokenomy_receipts::receipt::RECEIPT_VERSION,
+            origin: self.signer.name().to_string(),
+            receipt_id,
+            request_id: String::new(),
+            account_id: account.to_string(),
+            key_id: key.to_string(),
+            kind: ReceiptKind::Usage,
+            model: String::new(),
+            model_sha256: [0; 32],
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            reasoning_tokens: 0,
+            price_input_micros_per_mtok: 0,
+            price_cached_input_micros_per_mtok: 0,
+            price_output_micros_per_mtok: 0,
+            amount_micros: 0,
+            transfer_id: String::new(),
+            started_at_ms: 0,
+            ended_at_ms: 0,
+            request_sha256: [0; 32],
+            output_sha256: [0; 32],
+            log_index: 0,
+        }
+    }
+
+    // ----------------------------------------------------------------- the request path
+
+    /// The worst-case cost of a request at this model's price.
+    pub fn worst_case_micros(&self, req: &ChargeRequest) -> Result<i64> {
+        let usage = tokenomy_ledger::Usage { input_tokens: req.prompt_tokens, output_tokens: req.completion_tokens_max, ..Default::default() };
+        Ok(cost_micros(usage, self.price(&req.model))?)
+    }
+
+    /// Places the hold for `req`'s worst case. 402 when the account cannot cover it.
+    pub async fn hold(&self, p: &Principal, req: &ChargeRequest) -> Result<Hold> {
+        if !p.has_scope(SCOPE_INFERENCE) {
+            return Err(BillingError::Forbidden("This key lacks the \"inference\" scope.".into()));
+        }
+        let worst = self.worst_case_micros(req)?;
+        if worst > tokenomy_ledger::MAX_AMOUNT_MICROS {
+            return Err(BillingError::Invalid(format!("this request could cost {worst} micro-credits, more than one charge may be; lower max_tokens")));
+        }
+        let now = tokenomy_ledger::now_ms();
+        let mut h = Hold {
+            principal: p.clone(),
+            request_id: req.request_id.clone(),
+            receipt_id: format!("rcpt_{}", req.request_id),
+            model: req.model.clone(),
+            price: self.price(&req.model),
+            held_micros: worst,
+            started_at_ms: now,
+            hold: None,
+        };
+        if worst == 0 {
+            return Ok(h); // a free model: nothing to hold, nothing to post, no receipt
+        }
+        let key = match &req.idempotency_key {
+            Some(k) => format!("idem:{}:{k}", p.account),
+            None => format!("req:{}", req.request_id),
+        };
+        let timeout = self.config.billing.hold_timeout_ms;
+        let t = match self.store.hold(p.account, worst, &key, timeout, now).await {
+            Err(LedgerError::InsufficientFunds { shortfall_micros }) => {
+                return Err(BillingError::InsufficientQuota { needed_micros: worst, shortfall_micros })
+            }
+            Err(LedgerError::IdempotencyConflict { .. }) => {
+                return Err(BillingError::Conflict("This Idempotency-Key was already used for a different request.".into()))
+            }
+            r => r?,
+        };
+        if t.created_at_ms != now || t.state != TransferState::Pending {
+            return Err(BillingError::Conflict(
+                "A request with this Idempotency-Key was already processed (or is in progress); it was charged once and is not run again.".into(),
+            ));
+        }
+        h.hold = Some(t);
+        Ok(h)
+    }
+
+    /// Posts the exact cost of what was served, releases the rest, and appends the receipt.
+    /// `None` when nothing was charged (a free model or zero cost).
+    pub async fn settle(&self, h: Hold, s: Served) -> Result<Option<ReceiptRef>> {
+        let u = &s.usage;
+        let (prompt, cached, completion, reasoning) =
+            (u64::from(u.prompt_tokens), u64::from(u.cached_tokens), u64::from(u.completion_tokens), u64::from(u.reasoning_tokens));
+        self.charge_tpm(&h.principal, prompt + completion);
+        let usage = tokenomy_ledger::Usage::from_openai(prompt, cached, completion, reasoning);
+        let cost = cost_micros(usage, h.price)?;
+        let Some(hold) = h.hold.as_ref() else { return Ok(None) };
+        if cost > h.held_micros {
+            // Never more than the hold: the worst case bounds what the engine may produce.
+            tracing::error!(cost, held = h.held_micros, request_id = %h.request_id, "usage exceeded the hold; charging the hold");
+        }
+        let cost = cost.min(h.held_micros);
+        let now = tokenomy_ledger::now_ms();
+        if cost == 0 {
+            self.store.void(hold.id).await?;
+            return Ok(None);
+        }
+        let receipt = Receipt {
+            request_id: h.request_id.clone(),
+            model: h.model.clone(),
+            model_sha256: s.model_sha256,
+            prompt_tokens: prompt,
+            cached_tokens: cached.min(prompt),
+            completion_tokens: completion,
+            reasoning_tokens: reasoning.min(completion),
+            price_input_micros_per_mtok: h.price.input_micros_per_mtok.max(0) as u64,
+            price_cached_input_micros_per_mtok: h.price.cached_input_micros_per_mtok.max(0) as u64,
+            price_output_micros_per_mtok: h.price.output_micros_per_mtok.max(0) as u64,
+            started_at_ms: h.started_at_ms.max(0) as u64,
+            ended_at_ms: now.max(h.started_at_ms).max(0) as u64,
+            request_sha256: s.request_sha256,
+            output_sha256: s.output_sha256,
+            ..self.blank_receipt(h.receipt_id.clone(), h.principal.account, h.principal.key_id)
+        };
+        let settled = self.store.settle(hold.id, cost, now, Some(leaf_for(receipt, -cost))).await?;
+        let posted = settled.posted.ok_or_else(|| BillingError::Internal("settle posted nothing".into()))?;
+        let log_index = settled.log_index.ok_or_else(|| BillingError::Internal("settle logged nothing".into()))?;
+        Ok(Some(ReceiptRef { receipt_id: h.receipt_id, log_index, amount_micros: posted.amount_micros, transfer_id: posted.id.to_string() }))
+    }
+
+    /// Releases a hold without charging (the engine failed before serving anything).
+    pub async fn void(&self, h: Hold) -> Result<()> {
+        if let Some(t) = h.hold {
+            self.store.void(t.id).await?;
+        }
+        Ok(())
+    }
+
+    fn charge_tpm(&self, p: &Principal, tokens: u64) {
+        let mut l = self.limiter.lock().expect("limiter lock");
+        l.charge_tokens(p.key_id, p.limits, tokens, tokenomy_ledger::now_ms());
+    }
+
+    // ----------------------------------------------------------------- the log
+
+    /// The signed checkpoint covering every entry committed so far.
+    pub async fn checkpoint(&self) -> Result<log::Signed> {
+        let mut log = self.log.lock().await;
+        log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        self.checkpoint_locked(&mut log)
+    }
+
+    fn checkpoint_locked(&self, log: &mut log::LogState) -> Result<log::Signed> {
+        let before = log.last().map(|s| s.checkpoint.size);
+        let signed = log.checkpoint(&self.signer).map_err(BillingError::Internal)?;
+        if before != Some(signed.checkpoint.size) {
+            node::persist_checkpoint(&self.data_dir, &signed.note).map_err(|e| BillingError::Internal(format!("saving the checkpoint: {e}")))?;
+        }
+        Ok(signed)
+    }
+
+    /// Consistency proof between two tree sizes of the log.
+    pub async fn consistency(&self, old: u64, new: u64) -> Result<Vec<tokenomy_receipts::Hash>> {
+        let mut log = self.log.lock().await;
+        log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        if old == 0 || old > new || new > log.size() {
+            return Err(BillingError::Invalid(format!("need 0 < old <= new <= {} (the log size), got old={old} new={new}", log.size())));
+        }
+        log.consistency_proof(old, new).map_err(BillingError::Invalid)
+    }
+
+    /// The verifiable bundle of one receipt: fields, signed bytes, signature and a tlog-proof
+    /// against the latest checkpoint. Another account's receipt is "not found".
+    pub async fn receipt_bundle(&self, receipt_id: &str, viewer: &Principal) -> Result<String> {
+        let not_found = || BillingError::NotFound(format!("No receipt {receipt_id:?} for this key."));
+        let mut log = self.log.lock().await;
+        if log.find(receipt_id).is_none() {
+            log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        }
+        let (index, account) = log.find(receipt_id).ok_or_else(not_found)?;
+        if account != viewer.account && !viewer.is_admin() {
+            return Err(not_found());
+        }
+        let signed = self.checkpoint_locked(&mut log)?;
+        let hashes = log.inclusion_proof(index, signed.checkpoint.size).map_err(BillingError::Internal)?;
+        drop(log);
+        let entry = self.store.log_entries(index, 1).await?.pop().ok_or_else(not_found)?;
+        let receipt = Receipt::from_canonical_bytes(&entry.leaf_bytes).map_err(|e| BillingError::Internal(e.to_string()))?;
+        let (canonical, signature) = receipt.sign(&self.signer).map_err(|e| BillingError::Internal(e.to_string()))?;
+        assert_eq!(canonical, entry.leaf_bytes, "a logged receipt re-encodes to its own bytes");
+        let proof = TlogProof { extra: None, index, hashes, checkpoint_note: signed.note };
+        Ok(ReceiptBundle::new(receipt, &canonical, &signature, &self.signer.verifier(), &proof).to_json())
+    }
+
+    /// Voids holds past their timeout (after a crash, or a request that never settled).
+    pub async fn expire_holds(&self) -> Result<u64> {
+        Ok(self.store.expire_holds(tokenomy_ledger::now_ms()).await?)
+    }
+
+    /// Background upkeep: a checkpoint at least every `checkpoint_interval_ms` while entries
+    /// arrive, expired holds voided every `expire_interval_ms`. Ends when `self` is dropped.
+    pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let cp = std::time::Duration::from_millis(self.config.billing.checkpoint_interval_ms);
+        let ex_every = (self.config.billing.expire_interval_ms / self.config.billing.checkpoint_interval_ms).max(1);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cp);
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                let Some(b) = weak.upgrade() else { return };
+                if let Err(e) = b.checkpoint().await {
+                    tracing::error!(error = %e, "checkpoint");
+                }
+                if n % ex_every == 0 {
+                    match b.expire_holds().await {
+                        Ok(0) => {}
+                        Ok(k) => tracing::warn!(voided = k, "voided expired holds"),
+                        Err(e) => tracing::error!(error = %e, "expiring holds"),
+                    }
+                }
+                n += 1;
+            }
+        })
+    }
+}
+
+fn principal(rec: &KeyRecord) -> Principal {
+    Principal { key_id: rec.id, account: rec.account, scopes: rec.scopes.clone(), limits: Limits { rpm: rec.rpm, tpm: rec.tpm } }
+}
+
+fn new_receipt_id() -> String {
+    format!("rcpt_{:032x}", rand::random::<u128>())
+}
+
+/// The log leaf of a posting: the receipt with the ledger's transfer id and log index filled in.
+fn leaf_for(receipt: Receipt, amount_micros: i64) -> tokenomy_ledger::Leaf {
+    Arc::new(move |log_index: u64, t: &Transfer| {
+        let r = Receipt { log_index, transfer_id: t.id.to_string(), amount_micros, ..receipt.clone() };
+        r.canonical_bytes().expect("receipts built by the node are valid")
+    })
+}
+

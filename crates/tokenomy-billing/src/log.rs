@@ -1,0 +1,124 @@
+//! The node's view of its receipts log: an in-memory Merkle tree that mirrors the durable log
+//! in the ledger store (the store is the truth; the tree is rebuilt from it at start and
+//! caught up before every proof), an index from receipt id to log position, and the last
+//! checkpoint this node signed.
+//!
+//! Architecture Invariant: the node never signs two inconsistent checkpoints. Every new
+//! checkpoint is checked against the last one signed (kept in `DATA_DIR/checkpoint`, so the
+//! rule survives restarts): the tree at the old size must have the old root.
+
+use std::collections::HashMap;
+
+use tokenomy_ledger::{AccountId, LedgerStore, LogEntry, TransferId};
+use tokenomy_receipts::{Checkpoint, Hash, Receipt, SignerKey, Tree, VerifierKey};
+
+/// Entries read from the store per catch-up query.
+const SYNC_BATCH: u32 = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub checkpoint: Checkpoint,
+    /// The signed note, exactly as published.
+    pub note: String,
+}
+
+#[derive(Debug)]
+pub struct LogState {
+    tree: Tree,
+    /// receipt id → (log index, account).
+    index: HashMap<String, (u64, AccountId)>,
+    /// ledger transfer → receipt id.
+    by_transfer: HashMap<TransferId, String>,
+    last: Option<Signed>,
+}
+
+impl LogState {
+    /// A log state that continues from `last`, a checkpoint signed before (if any).
+    pub fn new(last: Option<Signed>) -> LogState {
+        LogState { tree: Tree::new(), index: HashMap::new(), by_transfer: HashMap::new(), last }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.tree.size()
+    }
+
+    pub fn last(&self) -> Option<&Signed> {
+        self.last.as_ref()
+    }
+
+    /// Appends every entry the store has beyond our tree, in log order.
+    pub async fn sync<S: LedgerStore>(&mut self, store: &S) -> Result<(), String> {
+        loop {
+            let entries = store.log_entries(self.tree.size(), SYNC_BATCH).await.map_err(|e| e.to_string())?;
+            let n = entries.len();
+            for e in entries {
+                self.push(&e)?;
+            }
+            if n < SYNC_BATCH as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    fn push(&mut self, e: &LogEntry) -> Result<(), String> {
+        assert_eq!(e.log_index, self.tree.size(), "the store returned log entries out of order");
+        let r = Receipt::from_canonical_bytes(&e.leaf_bytes).map_err(|err| format!("log entry {}: {err}", e.log_index))?;
+        if r.log_index != e.log_index {
+            return Err(format!("log entry {} holds a receipt for index {}", e.log_index, r.log_index));
+        }
+        self.tree.push_data(&e.leaf_bytes);
+        self.by_transfer.insert(e.transfer_id, r.receipt_id.clone());
+        self.index.insert(r.receipt_id, (e.log_index, e.account_id));
+        Ok(())
+    }
+
+    pub fn receipt_for_transfer(&self, t: TransferId) -> Option<String> {
+        self.by_transfer.get(&t).cloned()
+    }
+
+    pub fn find(&self, receipt_id: &str) -> Option<(u64, AccountId)> {
+        self.index.get(receipt_id).copied()
+    }
+
+    /// The latest checkpoint, signing a new one if the tree grew since the last.
+    pub fn checkpoint(&mut self, signer: &SignerKey) -> Result<Signed, String> {
+        if let Some(last) = &self.last {
+            if last.checkpoint.size == self.tree.size() {
+                assert_eq!(last.checkpoint.root, self.tree.root(), "same size, different root: the log was rewritten");
+                return Ok(last.clone());
+            }
+            self.assert_consistent_with(&last.checkpoint)?;
+        }
+        let checkpoint = Checkpoint::new(signer.name(), self.tree.size(), self.tree.root());
+        let note = checkpoint.sign(signer).map_err(|e| e.to_string())?;
+        let signed = Signed { checkpoint, note };
+        self.last = Some(signed.clone());
+        Ok(signed)
+    }
+
+    /// Refuses to go on from a log that does not extend a checkpoint we signed.
+    pub fn assert_consistent_with(&self, old: &Checkpoint) -> Result<(), String> {
+        if old.size > self.tree.size() {
+            return Err(format!("the log has {} entries but checkpoint {} was signed: entries were lost", self.tree.size(), old.size));
+        }
+        let root: Hash = self.tree.root_at(old.size).map_err(|e| e.to_string())?;
+        if root != old.root {
+            return Err(format!("the log at size {} does not match the signed checkpoint: history was rewritten", old.size));
+        }
+        Ok(())
+    }
+
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, String> {
+        self.tree.inclusion_proof(index, size).map_err(|e| e.to_string())
+    }
+
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, String> {
+        self.tree.consistency_proof(old, new).map_err(|e| e.to_string())
+    }
+
+    /// Reads a checkpoint note we signed, checking our own signature.
+    pub fn open_signed(note: &str, key: &VerifierKey) -> Result<Signed, String> {
+        let checkpoint = Checkpoint::open(note, key).map_err(|e| format!("stored checkpoint: {e}"))?;
+        Ok(Signed { checkpoint, note: note.to_string() })
+    }
+}

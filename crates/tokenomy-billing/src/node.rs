@@ -1,0 +1,161 @@
+//! Opening a node's billing state from its data dir, and the first-run bootstrap.
+//!
+//! Files in the data dir (secrets mode 0600, written atomically: temp file, fsync, rename):
+//! `tokenomy.toml` (prices and settings), `ledger.sqlite` (the embedded store),
+//! `node.key` (the Ed25519 signing key, a signed-note private key), `node.pub` (its verifier
+//! key), `checkpoint` (the last checkpoint signed), `admin.key` and `user.key` (first run).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokenomy_ledger::{AccountId, AccountKind, AnyStore, LedgerStore, PgStore, SqliteStore, OPERATOR_REVENUE};
+use tokenomy_receipts::SignerKey;
+
+use crate::config::{NodeConfig, DEFAULT_CONFIG_TOML};
+use crate::{keys, log, Billing, BillingError, Principal, Result, SCOPE_ADMIN, SCOPE_INFERENCE};
+
+/// PostgreSQL connections per node.
+const PG_POOL_SIZE: usize = 16;
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub data_dir: PathBuf,
+    /// `postgres://…` for a shared store; SQLite in the data dir otherwise.
+    pub database_url: Option<String>,
+    /// Log origin for a new node key (default `tokenomy.local/node-<random>`).
+    pub origin: Option<String>,
+    /// Environment overrides (`TOKENOMY_PRICES__…`, `TOKENOMY_BILLING__…`).
+    pub env: Vec<(String, String)>,
+}
+
+/// What the first start on an empty data dir created; shown once to the operator.
+#[derive(Debug, Clone)]
+pub struct FirstRun {
+    pub admin_key: String,
+    pub user_key: String,
+    pub user_account: AccountId,
+    pub grant_micros: i64,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BillingError + '_ {
+    move |e| BillingError::Internal(format!("{}: {e}", path.display()))
+}
+
+/// Writes `text` to `path` atomically; `secret` files get mode 0600.
+pub(crate) fn write_file(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub(crate) fn persist_checkpoint(dir: &Path, note: &str) -> std::io::Result<()> {
+    write_file(&dir.join("checkpoint"), note, false)
+}
+
+fn read_or_create_config(dir: &Path, env: &[(String, String)]) -> Result<NodeConfig> {
+    let path = dir.join("tokenomy.toml");
+    if !path.exists() {
+        write_file(&path, DEFAULT_CONFIG_TOML, false).map_err(io_err(&path))?;
+    }
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    NodeConfig::parse(&text, env.iter().cloned()).map_err(BillingError::Invalid)
+}
+
+fn read_or_create_signer(dir: &Path, origin: Option<&str>) -> Result<SignerKey> {
+    let path = dir.join("node.key");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        return SignerKey::parse(text.trim()).map_err(|e| BillingError::Invalid(format!("{}: {e}", path.display())));
+    }
+    let name = origin.map_or_else(|| format!("tokenomy.local/node-{:08x}", rand::random::<u32>()), str::to_string);
+    let key = SignerKey::generate(&name, &mut rand::rngs::OsRng).map_err(|e| BillingError::Invalid(format!("origin {name:?}: {e}")))?;
+    write_file(&path, &format!("{}\n", key.to_key_string()), true).map_err(io_err(&path))?;
+    let pub_path = dir.join("node.pub");
+    write_file(&pub_path, &format!("{}\n", key.verifier()), false).map_err(io_err(&pub_path))?;
+    Ok(key)
+}
+
+async fn open_store(dir: &Path, url: Option<&str>) -> Result<AnyStore> {
+    Ok(match url {
+        Some(u) => AnyStore::Pg(PgStore::open(u, PG_POOL_SIZE).await?),
+        None => AnyStore::Sqlite(SqliteStore::open(dir.join("ledger.sqlite"))?),
+    })
+}
+
+impl Billing {
+    /// Opens (or creates) the node's state. On an empty data dir, also creates the admin key,
+    /// a local user account with a starting grant and its inference key (see [`FirstRun`]).
+    pub async fn open(opts: OpenOptions) -> Result<(Arc<Billing>, Option<FirstRun>)> {
+        let dir = opts.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let config = read_or_create_config(&dir, &opts.env)?;
+        let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
+        let store = open_store(&dir, opts.database_url.as_deref()).await?;
+        let cp_path = dir.join("checkpoint");
+        let last = match std::fs::read_to_string(&cp_path) {
+            Ok(note) => Some(log::LogState::open_signed(&note, &signer.verifier()).map_err(BillingError::Internal)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(&cp_path)(e)),
+        };
+        let mut log = log::LogState::new(last.clone());
+        log.sync(&store).await.map_err(BillingError::Internal)?;
+        if let Some(l) = &last {
+            log.assert_consistent_with(&l.checkpoint).map_err(BillingError::Internal)?;
+        }
+        let billing = Arc::new(Billing {
+            store,
+            config,
+            signer,
+            data_dir: dir.clone(),
+            log: tokio::sync::Mutex::new(log),
+            limiter: Mutex::new(Default::default()),
+        });
+        let voided = billing.expire_holds().await?;
+        if voided > 0 {
+            tracing::warn!(voided, "voided holds left by an earlier run");
+        }
+        let first = if dir.join("admin.key").exists() { None } else { Some(billing.first_run().await?) };
+        Ok((billing, first))
+    }
+
+    async fn first_run(&self) -> Result<FirstRun> {
+        let (admin_id, admin_key) = {
+            let (key, hash) = keys::generate();
+            let id = self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, None).await?;
+            (id, key)
+        };
+        let admin = Principal { key_id: admin_id, account: OPERATOR_REVENUE, scopes: vec![SCOPE_ADMIN.into()], limits: Default::default() };
+        let user = self.store.create_account("local", AccountKind::User).await?;
+        let grant = self.config.billing.first_run_grant_micros;
+        if grant > 0 {
+            self.mint(user.id, grant, &format!("first-run-grant:{}", user.id), &admin).await?;
+        }
+        let (_, user_key) = self.create_key(user.id, &[SCOPE_INFERENCE.to_string()], None, None).await?;
+        let (user_path, admin_path) = (self.data_dir.join("user.key"), self.data_dir.join("admin.key"));
+        write_file(&user_path, &format!("{user_key}\n"), true).map_err(io_err(&user_path))?;
+        write_file(&admin_path, &format!("{admin_key}\n"), true).map_err(io_err(&admin_path))?;
+        Ok(FirstRun { admin_key, user_key, user_account: user.id, grant_micros: grant })
+    }
+
+    /// The local user's key (`DATA_DIR/user.key`), for `--no-auth` mode.
+    pub async fn local_principal(&self) -> Result<Principal> {
+        let path = self.data_dir.join("user.key");
+        let key = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        self.authenticate(Some(key.trim())).await
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}

@@ -1,0 +1,153 @@
+//! Per-key rate limits: requests per minute and tokens per minute, exact on one node.
+//!
+//! GCRA (the generic cell rate algorithm): each key keeps a "theoretical arrival time" (TAT)
+//! per limit. A request of cost `c` moves TAT to `max(TAT, now) + c × T` where `T` is one
+//! minute divided by the limit; it is allowed when the new TAT is at most one minute ahead of
+//! now, so a full minute's allowance may be used in a burst. Tokens are known only after the
+//! generation, so TPM admits a request while the key is not in debt and charges the exact
+//! tokens afterwards. A plain struct, the time passed in: tested without threads or clocks.
+
+use std::collections::HashMap;
+
+use tokenomy_ledger::KeyId;
+
+const WINDOW_MS: i64 = 60_000;
+
+/// Keys tracked at most; idle keys (TAT in the past) are dropped first.
+pub const TRACKED_KEYS_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+}
+
+/// What the `x-ratelimit-*` headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Allowance {
+    pub limit_requests: Option<u32>,
+    pub remaining_requests: u32,
+    pub reset_requests_ms: i64,
+    pub limit_tokens: Option<u32>,
+    pub remaining_tokens: u32,
+    pub reset_tokens_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    /// Which limit: "requests" or "tokens".
+    pub limit: &'static str,
+    pub retry_after_ms: i64,
+    pub allowance: Allowance,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyState {
+    requests_tat_ms: i64,
+    tokens_tat_ms: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    keys: HashMap<KeyId, KeyState>,
+}
+
+fn interval_ms(limit: u32) -> f64 {
+    WINDOW_MS as f64 / f64::from(limit.max(1))
+}
+
+fn remaining(limit: u32, tat_ms: i64, now_ms: i64) -> u32 {
+    let used_ms = (tat_ms - now_ms).max(0) as f64;
+    ((WINDOW_MS as f64 - used_ms) / interval_ms(limit)).floor().clamp(0.0, f64::from(limit)) as u32
+}
+
+impl RateLimiter {
+    /// Admits one request of `key` at `now_ms`, or says how long to wait.
+    pub fn admit(&mut self, key: KeyId, limits: Limits, now_ms: i64) -> Result<Allowance, Limited> {
+        if limits.rpm.is_none() && limits.tpm.is_none() {
+            return Ok(Allowance::default());
+        }
+        self.bound(now_ms);
+        let s = self.keys.entry(key).or_default();
+        let mut a = Allowance { limit_requests: limits.rpm, limit_tokens: limits.tpm, ..Allowance::default() };
+        if let Some(tpm) = limits.tpm {
+            // In debt beyond the window: wait until the debt is back inside it.
+            let ahead = s.tokens_tat_ms - now_ms;
+            a.remaining_tokens = remaining(tpm, s.tokens_tat_ms, now_ms);
+            a.reset_tokens_ms = ahead.max(0);
+            if ahead >= WINDOW_MS {
+                return Err(Limited { limit: "tokens", retry_after_ms: ahead - WINDOW_MS + 1, allowance: a });
+            }
+        }
+        if let Some(rpm) = limits.rpm {
+            let tat = s.requests_tat_ms.max(now_ms) + interval_ms(rpm).ceil() as i64;
+            if tat - now_ms > WINDOW_MS {
+                a.remaining_requests = 0;
+                a.reset_requests_ms = s.requests_tat_ms - now_ms;
+                return Err(Limited { limit: "requests", retry_after_ms: tat - now_ms - WINDOW_MS, allowance: a });
+            }
+            s.requests_tat_ms = tat;
+            a.remaining_requests = remaining(rpm, tat, now_ms);
+            a.reset_requests_ms = tat - now_ms;
+        }
+        Ok(a)
+    }
+
+    /// Charges the tokens a finished request used against the key's TPM.
+    pub fn charge_tokens(&mut self, key: KeyId, limits: Limits, tokens: u64, now_ms: i64) {
+        let Some(tpm) = limits.tpm else { return };
+        let s = self.keys.entry(key).or_default();
+        let cost_ms = (tokens as f64 * interval_ms(tpm)).ceil() as i64;
+        s.tokens_tat_ms = s.tokens_tat_ms.max(now_ms).saturating_add(cost_ms);
+    }
+
+    fn bound(&mut self, now_ms: i64) {
+        if self.keys.len() >= TRACKED_KEYS_MAX {
+            self.keys.retain(|_, s| s.requests_tat_ms > now_ms || s.tokens_tat_ms > now_ms);
+        }
+        assert!(self.keys.len() <= TRACKED_KEYS_MAX, "every tracked key is busy; the limiter is full");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: KeyId = KeyId(7);
+
+    #[test]
+    fn rpm_allows_a_minute_burst_then_paces() {
+        let mut r = RateLimiter::default();
+        let l = Limits { rpm: Some(3), tpm: None };
+        for left in [2, 1, 0] {
+            assert_eq!(r.admit(K, l, 0).unwrap().remaining_requests, left);
+        }
+        let e = r.admit(K, l, 0).unwrap_err();
+        assert_eq!((e.limit, e.retry_after_ms), ("requests", 20_000));
+        assert!(r.admit(K, l, 19_999).is_err());
+        assert!(r.admit(K, l, 20_000).is_ok());
+        // Another key is independent.
+        assert!(r.admit(KeyId(8), l, 0).is_ok());
+    }
+
+    #[test]
+    fn tpm_admits_until_in_debt_then_waits_exactly() {
+        let mut r = RateLimiter::default();
+        let l = Limits { rpm: None, tpm: Some(600) }; // 100 ms per token
+        assert!(r.admit(K, l, 0).is_ok());
+        r.charge_tokens(K, l, 599, 0);
+        assert_eq!(r.admit(K, l, 0).unwrap().remaining_tokens, 1);
+        r.charge_tokens(K, l, 1_000, 0); // a big answer: 1 599 tokens in debt
+        let e = r.admit(K, l, 0).unwrap_err();
+        assert_eq!(e.limit, "tokens");
+        assert_eq!(e.retry_after_ms, 159_900 - 60_000 + 1);
+        assert!(r.admit(K, l, 99_901).is_ok());
+    }
+
+    #[test]
+    fn unlimited_keys_are_not_tracked() {
+        let mut r = RateLimiter::default();
+        assert!(r.admit(K, Limits { rpm: None, tpm: None }, 0).is_ok());
+        assert!(r.keys.is_empty());
+    }
+}

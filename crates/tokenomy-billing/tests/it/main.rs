@@ -1,0 +1,128 @@
+//! The charging path against a real SQLite file (and a real PostgreSQL server when
+//! `TOKENOMY_TEST_POSTGRES_URL` is set): first run, keys, holds, settlement, receipts that
+//! verify offline, and the log surviving a restart.
+
+use tokenomy_billing::{Billing, BillingError, ChargeRequest, OpenOptions, Served};
+use tokenomy_core::Usage;
+use tokenomy_ledger::LedgerStore;
+use tokenomy_receipts::{verify_bundle, verify_consistency_notes, VerifierKey};
+
+fn opts(dir: &std::path::Path, pg: Option<&str>) -> OpenOptions {
+    OpenOptions { data_dir: dir.to_path_buf(), database_url: pg.map(str::to_string), origin: Some("test.node/log".into()), env: vec![] }
+}
+
+fn stores() -> Vec<Option<String>> {
+    let mut v = vec![None];
+    match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
+        Ok(u) => v.push(Some(u)),
+        Err(_) => eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set"),
+    }
+    v
+}
+
+/// A PostgreSQL URL with a fresh, empty database for one test.
+async fn fresh_pg(url: &str, name: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let base = url.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+fn req(id: &str, prompt: u64, max: u64) -> ChargeRequest {
+    ChargeRequest { request_id: id.into(), model: "smollm2".into(), prompt_tokens: prompt, completion_tokens_max: max, idempotency_key: None }
+}
+
+fn served(prompt: u32, completion: u32) -> Served {
+    Served { usage: Usage { prompt_tokens: prompt, completion_tokens: completion, ..Default::default() }, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_run_charge_receipt_and_restart() {
+    for (i, pg) in stores().into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = match pg {
+            Some(u) => Some(fresh_pg(&u, "tokenomy_billing_it").await),
+            None => None,
+        };
+        let (b, first) = Billing::open(opts(dir.path(), pg.as_deref())).await.unwrap();
+        let first = first.expect("an empty data dir is a first run");
+        for f in ["admin.key", "user.key", "node.key"] {
+            let meta = std::fs::metadata(dir.path().join(f)).unwrap();
+            #[cfg(unix)]
+            assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600, "{f}");
+        }
+        assert_eq!(std::fs::read_to_string(dir.path().join("user.key")).unwrap().trim(), first.user_key);
+        let user = b.authenticate(Some(&first.user_key)).await.unwrap();
+        let admin = b.authenticate(Some(&first.admin_key)).await.unwrap();
+        assert!(admin.is_admin() && !user.is_admin());
+        assert!(matches!(b.authenticate(Some("tk-nope")).await, Err(BillingError::Unauthorized(_))));
+        assert!(matches!(b.authenticate(None).await, Err(BillingError::Unauthorized(_))));
+
+        // Hold the worst case, settle the exact cost: the balance drops by exactly the receipt.
+        let before = b.account(user.account).await.unwrap();
+        assert_eq!(before.balance_micros, first.grant_micros);
+        let h = b.hold(&user, &req("r1", 1_000, 9_000)).await.unwrap();
+        assert_eq!(h.held_micros, 50_000 / 1000 + 200_000 * 9 / 1000); // smollm2 prices
+        assert_eq!(b.account(user.account).await.unwrap().pending_micros, h.held_micros);
+        let r = b.settle(h, served(1_000, 10)).await.unwrap().expect("charged");
+        assert_eq!(r.amount_micros, 50 + 2); // 1000 × 0.05 + ceil(10 × 0.2)
+        let after = b.account(user.account).await.unwrap();
+        assert_eq!((after.balance_micros, after.pending_micros), (before.balance_micros - r.amount_micros, 0));
+
+        // A void charges nothing and logs nothing.
+        let size = b.store().log_size().await.unwrap();
+        let h = b.hold(&user, &req("r2", 10, 10)).await.unwrap();
+        b.void(h).await.unwrap();
+        assert_eq!(b.store().log_size().await.unwrap(), size);
+
+        // Too expensive: 402 with the shortfall; nothing changes.
+        let e = b.hold(&user, &req("r3", 1, 1_000_000_000_000)).await.unwrap_err();
+        assert!(matches!(e, BillingError::InsufficientQuota { shortfall_micros, .. } if shortfall_micros > 0), "{e:?}");
+
+        // The receipt verifies offline with only the public key; another account cannot see it.
+        let key = VerifierKey::parse(std::fs::read_to_string(dir.path().join("node.pub")).unwrap().trim()).unwrap();
+        let bundle = b.receipt_bundle(&r.receipt_id, &user).await.unwrap();
+        let v = verify_bundle(&bundle, &key).unwrap();
+        assert_eq!(v.receipt.amount_micros, -r.amount_micros);
+        assert_eq!(v.receipt.transfer_id, r.transfer_id);
+        let other_acc = b.create_account("other", tokenomy_ledger::AccountKind::User).await.unwrap();
+        let (_, other_key) = b.create_key(other_acc.id, &["inference".into()], None, None).await.unwrap();
+        let other = b.authenticate(Some(&other_key)).await.unwrap();
+        assert!(matches!(b.receipt_bundle(&r.receipt_id, &other).await, Err(BillingError::NotFound(_))));
+        assert!(b.receipt_bundle(&r.receipt_id, &admin).await.is_ok());
+        let old = b.checkpoint().await.unwrap();
+        assert_eq!(b.check().await.unwrap().ok, true);
+        drop(b);
+
+        // Restart: same key, the log continues consistently; no first run again.
+        let (b, again) = Billing::open(opts(dir.path(), pg.as_deref())).await.unwrap();
+        assert!(again.is_none());
+        let user = b.authenticate(Some(&first.user_key)).await.unwrap();
+        let h = b.hold(&user, &req("r4", 5, 5)).await.unwrap();
+        b.settle(h, served(5, 5)).await.unwrap().unwrap();
+        let new = b.checkpoint().await.unwrap();
+        assert!(new.checkpoint.size > old.checkpoint.size, "store {i}");
+        let proof = b.consistency(old.checkpoint.size, new.checkpoint.size).await.unwrap();
+        verify_consistency_notes(&old.note, &new.note, &proof, &key).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_log_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+    let h = b.hold(&user, &req("t1", 5, 5)).await.unwrap();
+    b.settle(h, served(5, 5)).await.unwrap();
+    b.checkpoint().await.unwrap();
+    drop(b);
+    // Rewrite history: the checkpoint file now claims a root the log does not have.
+    let cp = std::fs::read_to_string(dir.path().join("checkpoint")).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("node.key"), other.path().join("node.key")).unwrap();
+    std::fs::write(other.path().join("checkpoint"), cp).unwrap();
+    let e = Billing::open(opts(other.path(), None)).await.unwrap_err();
+    assert!(e.to_string().contains("entries were lost"), "{e}");
+}

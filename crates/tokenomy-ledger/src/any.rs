@@ -1,0 +1,98 @@
+//! [`AnyStore`]: the closed set of stores, so that callers that pick a store at run time (from
+//! `--database`) hold one concrete type. `LedgerStore` returns `impl Future`, which is not
+//! object safe; a closed enum dispatched by `match` is the TensorZero way and costs nothing.
+
+use crate::*;
+
+/// The store chosen at start: embedded SQLite or shared PostgreSQL.
+#[derive(Clone)]
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Pg(PgStore),
+}
+
+impl std::fmt::Debug for AnyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AnyStore::Sqlite(_) => "AnyStore::Sqlite",
+            AnyStore::Pg(_) => "AnyStore::Pg",
+        })
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        async move {
+            match $self {
+                AnyStore::Sqlite($s) => $e.await,
+                AnyStore::Pg($s) => $e.await,
+            }
+        }
+    };
+}
+
+impl LedgerStore for AnyStore {
+    fn create_account(&self, name: &str, kind: AccountKind) -> impl Future<Output = Result<Account>> + Send {
+        dispatch!(self, s => s.create_account(name, kind))
+    }
+    fn get_account(&self, id: AccountId) -> impl Future<Output = Result<Account>> + Send {
+        dispatch!(self, s => s.get_account(id))
+    }
+    fn mint(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, leaf: Option<Leaf>) -> impl Future<Output = Result<Transfer>> + Send {
+        dispatch!(self, s => s.mint(account, amount_micros, idempotency_key, leaf))
+    }
+    fn transfer(
+        &self,
+        from: AccountId,
+        to: AccountId,
+        amount_micros: i64,
+        idempotency_key: &str,
+        leaf: Option<Leaf>,
+    ) -> impl Future<Output = Result<Transfer>> + Send {
+        dispatch!(self, s => s.transfer(from, to, amount_micros, idempotency_key, leaf))
+    }
+    fn hold(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, timeout_ms: i64, now_ms: i64) -> impl Future<Output = Result<Transfer>> + Send {
+        dispatch!(self, s => s.hold(account, amount_micros, idempotency_key, timeout_ms, now_ms))
+    }
+    fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> impl Future<Output = Result<Settled>> + Send {
+        dispatch!(self, s => s.settle(hold_id, amount_micros, now_ms, leaf))
+    }
+    fn void(&self, hold_id: TransferId) -> impl Future<Output = Result<Transfer>> + Send {
+        dispatch!(self, s => s.void(hold_id))
+    }
+    fn expire_holds(&self, now_ms: i64) -> impl Future<Output = Result<u64>> + Send {
+        dispatch!(self, s => s.expire_holds(now_ms))
+    }
+    fn statement(&self, account: AccountId, after_cursor: Option<u64>, limit: u32) -> impl Future<Output = Result<Page<Transfer>>> + Send {
+        dispatch!(self, s => s.statement(account, after_cursor, limit))
+    }
+    fn check(&self) -> impl Future<Output = Result<CheckReport>> + Send {
+        dispatch!(self, s => s.check())
+    }
+    fn log_entries(&self, from_index: u64, limit: u32) -> impl Future<Output = Result<Vec<LogEntry>>> + Send {
+        dispatch!(self, s => s.log_entries(from_index, limit))
+    }
+    fn log_size(&self) -> impl Future<Output = Result<u64>> + Send {
+        dispatch!(self, s => s.log_size())
+    }
+    fn create_key(
+        &self,
+        account: AccountId,
+        key_hash: [u8; 32],
+        scopes: &[String],
+        rpm: Option<u32>,
+        tpm: Option<u32>,
+        spend_cap_day_micros: Option<i64>,
+    ) -> impl Future<Output = Result<KeyId>> + Send {
+        dispatch!(self, s => s.create_key(account, key_hash, scopes, rpm, tpm, spend_cap_day_micros))
+    }
+    fn find_key_by_hash(&self, key_hash: [u8; 32]) -> impl Future<Output = Result<Option<KeyRecord>>> + Send {
+        dispatch!(self, s => s.find_key_by_hash(key_hash))
+    }
+    fn revoke_key(&self, key_id: KeyId) -> impl Future<Output = Result<()>> + Send {
+        dispatch!(self, s => s.revoke_key(key_id))
+    }
+    fn list_keys(&self, account: AccountId) -> impl Future<Output = Result<Vec<KeyRecord>>> + Send {
+        dispatch!(self, s => s.list_keys(account))
+    }
+}
