@@ -83,3 +83,32 @@ impl IntoResponse for AppError {
         resp
     }
 }
+
+impl From<tokenomy_billing::BillingError> for AppError {
+    fn from(e: tokenomy_billing::BillingError) -> AppError {
+        use tokenomy_billing::BillingError as B;
+        let message = e.to_string();
+        let base = AppError::invalid(message, None);
+        match e {
+            B::Unauthorized(_) => AppError { status: StatusCode::UNAUTHORIZED, code: Some("invalid_api_key"), ..base },
+            B::Forbidden(_) => AppError { status: StatusCode::FORBIDDEN, code: Some("permission_denied"), ..base },
+            B::NotFound(_) => AppError { status: StatusCode::NOT_FOUND, code: Some("not_found"), ..base },
+            B::Invalid(_) => AppError { code: Some("invalid_value"), ..base },
+            B::Conflict(_) => AppError { status: StatusCode::CONFLICT, code: Some("conflict"), ..base },
+            B::InsufficientQuota { .. } => AppError {
+                status: StatusCode::PAYMENT_REQUIRED,
+                kind: "insufficient_quota",
+                code: Some("insufficient_quota"),
+                ..base
+            },
+            B::RateLimited(l) => AppError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                kind: "rate_limit_error",
+                code: Some("rate_limit_exceeded"),
+                retry_after_s: Some(u32::try_from(((l.retry_after_ms + 999) / 1000).max(1)).unwrap_or(u32::MAX)),
+                ..base
+            },
+            B::Internal(_) => AppError::internal(base.message),
+        }
+    }
+}

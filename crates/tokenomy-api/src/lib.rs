@@ -8,18 +8,22 @@
 //!
 //! Architecture Invariant: this is the only crate that knows axum and OpenAI's JSON.
 
+mod charge;
 pub mod error;
 pub mod openai;
 mod routes;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
+use tokenomy_billing::{Billing, ReceiptRef};
 use tokenomy_core::{Backend, Outcome};
+use tokenomy_ledger::AccountId;
 use tokio_util::task::TaskTracker;
 
 pub use error::AppError;
@@ -44,12 +48,38 @@ pub struct Meter {
     pub cached_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub cancelled: AtomicU64,
+    pub charged_micros: AtomicU64,
+    /// Per-account totals since this node started (for `/v1/me`), bounded.
+    accounts: Mutex<HashMap<AccountId, AccountUsage>>,
+}
+
+/// Accounts whose usage totals are kept in memory at most.
+pub const METERED_ACCOUNTS_MAX: usize = 100_000;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct AccountUsage {
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    charged_micros: u64,
 }
 
 impl Meter {
-    fn record(&self, request_id: &str, model: &str, outcomes: &[Outcome]) {
+    fn record(&self, request_id: &str, model: &str, outcomes: &[Outcome], account: Option<AccountId>, receipt: Option<&ReceiptRef>) {
         let Some(first) = outcomes.first() else { return };
         let completion: u32 = outcomes.iter().map(|o| o.usage.completion_tokens).sum();
+        let charged = receipt.map_or(0, |r| r.amount_micros.max(0) as u64);
+        self.charged_micros.fetch_add(charged, Relaxed);
+        if let Some(a) = account {
+            let mut m = self.accounts.lock().expect("meter lock");
+            if m.len() < METERED_ACCOUNTS_MAX || m.contains_key(&a) {
+                let u = m.entry(a).or_default();
+                u.requests += 1;
+                u.prompt_tokens += u64::from(first.usage.prompt_tokens);
+                u.completion_tokens += u64::from(completion);
+                u.charged_micros += charged;
+            }
+        }
         self.requests.fetch_add(1, Relaxed);
         self.prompt_tokens.fetch_add(first.usage.prompt_tokens.into(), Relaxed);
         self.cached_tokens.fetch_add(first.usage.cached_tokens.into(), Relaxed);
@@ -61,6 +91,14 @@ impl Meter {
         tracing::info!(request_id, model, prompt_tokens = first.usage.prompt_tokens, cached_tokens = first.usage.cached_tokens, completion_tokens = completion, cancelled, "metered");
     }
 
+    fn account_json(&self, account: AccountId) -> serde_json::Value {
+        let u = self.accounts.lock().expect("meter lock").get(&account).copied().unwrap_or_default();
+        serde_json::json!({
+            "since": "node start", "requests": u.requests, "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens, "charged_micros": u.charged_micros,
+        })
+    }
+
     fn render(&self, out: &mut String) {
         use std::fmt::Write;
         for (name, v, help) in [
@@ -69,6 +107,7 @@ impl Meter {
             ("tokenomy_metered_cached_tokens_total", &self.cached_tokens, "Cached prompt tokens metered"),
             ("tokenomy_metered_completion_tokens_total", &self.completion_tokens, "Completion tokens metered"),
             ("tokenomy_cancelled_requests_total", &self.cancelled, "Requests whose client went away"),
+            ("tokenomy_charged_micros_total", &self.charged_micros, "Micro-credits posted for usage"),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
         }
@@ -83,11 +122,30 @@ pub struct AppState {
     pub meter: Arc<Meter>,
     /// Metering tasks; awaited at shutdown so no usage is lost.
     pub tasks: TaskTracker,
+    /// The ledger, keys and receipts log; `None` serves without accounts or charges.
+    pub billing: Option<Arc<Billing>>,
+    /// Requests without a key are charged to the local user (`DATA_DIR/user.key`).
+    pub no_auth: bool,
+    idempotency: Arc<charge::IdempotencyCache>,
 }
 
 impl AppState {
+    /// A node that serves without charging (no ledger).
     pub fn new(backend: Arc<dyn Backend>, config: ApiConfig) -> AppState {
-        AppState { backend, config, meter: Arc::new(Meter::default()), tasks: TaskTracker::new() }
+        AppState {
+            backend,
+            config,
+            meter: Arc::new(Meter::default()),
+            tasks: TaskTracker::new(),
+            billing: None,
+            no_auth: false,
+            idempotency: Default::default(),
+        }
+    }
+
+    /// A node that authenticates every request and charges it to the caller's account.
+    pub fn with_billing(self, billing: Arc<Billing>, no_auth: bool) -> AppState {
+        AppState { billing: Some(billing), no_auth, ..self }
     }
 
     /// Waits (bounded) for outstanding metering tasks.
@@ -117,6 +175,19 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
+        .route("/v1/me", get(charge::me))
+        .route("/v1/receipts/{id}", get(charge::get_receipt))
+        .route("/v1/log/checkpoint", get(charge::checkpoint))
+        .route("/v1/log/consistency", get(charge::consistency))
+        .route("/v1/node/key", get(charge::node_key))
+        .route("/admin/v1/accounts", post(charge::create_account))
+        .route("/admin/v1/accounts/{id}", get(charge::get_account))
+        .route("/admin/v1/accounts/{id}/keys", post(charge::create_key).get(charge::list_keys))
+        .route("/admin/v1/accounts/{id}/mint", post(charge::mint))
+        .route("/admin/v1/accounts/{id}/transfers", get(charge::account_transfers))
+        .route("/admin/v1/keys/{id}", delete(charge::revoke_key))
+        .route("/admin/v1/transfers", post(charge::transfer))
+        .route("/admin/v1/ledger/check", get(charge::ledger_check))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(state)

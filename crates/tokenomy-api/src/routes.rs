@@ -6,17 +6,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokenomy_core::{Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
+use sha2::{Digest, Sha256};
+use tokenomy_billing::{Allowance, ChargeRequest, Hold, Principal, ReceiptRef, Served};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::openai::{self, ChatRequest, CompletionLogprobs, CompletionRequest, PromptField};
+use crate::charge::{self, Begin};
 use crate::{AppError, AppState};
 
 /// `Json` whose rejections are OpenAI-shaped errors.
@@ -30,6 +33,38 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// A JSON body and the SHA-256 of its bytes (the receipt's `request_sha256`).
+pub struct HashedJson<T> {
+    pub value: T,
+    pub sha256: [u8; 32],
+}
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+        if !is_json {
+            return Err(AppError::invalid("Expected a JSON body with `Content-Type: application/json`", None));
+        }
+        let bytes = bytes::Bytes::from_request(req, state).await.map_err(|r| {
+            let status = r.status();
+            let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                format!("The request body is too large: {}", r.body_text())
+            } else {
+                format!("Could not read the request body: {}", r.body_text())
+            };
+            AppError { status: if status.is_client_error() { status } else { StatusCode::BAD_REQUEST }, ..AppError::invalid(message, None) }
+        })?;
+        let value = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?.0;
+        Ok(HashedJson { value, sha256: Sha256::digest(&bytes).into() })
     }
 }
 
@@ -54,17 +89,40 @@ struct Choice {
     events: mpsc::UnboundedReceiver<Event>,
 }
 
+/// What the metering task hands to the response: every choice's outcome and, when the
+/// request was charged, its receipt.
+struct Done {
+    outcomes: Vec<Outcome>,
+    receipt: Option<ReceiptRef>,
+}
+
 /// Started generations of one request; outcomes go to the metering task.
 struct Started {
     request_id: String,
     model: String,
     choices: Vec<Choice>,
-    done: oneshot::Receiver<Vec<Outcome>>,
+    done: oneshot::Receiver<Done>,
 }
 
-/// Starts `n` generations for each prompt and spawns the task that meters their outcomes.
-fn start(state: &AppState, model: &str, prompts: &[Vec<TokenId>], n: u32, params: &SamplingParams, echo: bool) -> Result<Started, AppError> {
-    let request_id = uuid::Uuid::new_v4().simple().to_string();
+/// The billing context of one request, decided before generating.
+struct Charge {
+    principal: Principal,
+    hold: Hold,
+    request_sha256: [u8; 32],
+}
+
+/// Starts `n` generations for each prompt and spawns the task that meters (and, with a
+/// charge, settles) their outcomes. The task outlives the client, so a disconnect is charged.
+fn start(
+    state: &AppState,
+    request_id: String,
+    model: &str,
+    prompts: &[Vec<TokenId>],
+    n: u32,
+    params: &SamplingParams,
+    echo: bool,
+    charge: Option<Charge>,
+) -> Result<Started, AppError> {
     let mut choices = Vec::new();
     let mut outcomes = Vec::new();
     let mut failure = None;
@@ -86,7 +144,7 @@ fn start(state: &AppState, model: &str, prompts: &[Vec<TokenId>], n: u32, params
         }
     }
     let (done_tx, done) = oneshot::channel();
-    let (meter, rid, m) = (state.meter.clone(), request_id.clone(), model.to_string());
+    let (st, rid, m, failed) = (state.clone(), request_id.clone(), model.to_string(), failure.is_some());
     state.tasks.spawn(async move {
         let mut all = Vec::with_capacity(outcomes.len());
         for o in outcomes {
@@ -94,13 +152,146 @@ fn start(state: &AppState, model: &str, prompts: &[Vec<TokenId>], n: u32, params
                 all.push(o);
             }
         }
-        meter.record(&rid, &m, &all);
-        let _ = done_tx.send(all);
+        let account = charge.as_ref().map(|c| c.principal.account);
+        let receipt = match charge {
+            Some(c) => finish_charge(&st, c, &m, &all, failed).await,
+            None => None,
+        };
+        st.meter.record(&rid, &m, &all, account, receipt.as_ref());
+        let _ = done_tx.send(Done { outcomes: all, receipt });
     });
     match failure {
         Some(e) => Err(e),
         None => Ok(Started { request_id, model: model.to_string(), choices, done }),
     }
+}
+
+/// Settles the hold for what was served, or voids it when the engine failed.
+async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], failed: bool) -> Option<ReceiptRef> {
+    let billing = state.billing.as_ref()?;
+    let request_id = c.hold.request_id.clone();
+    if failed || outcomes.is_empty() || engine_error(outcomes).is_some() {
+        if let Err(e) = billing.void(c.hold).await {
+            tracing::error!(request_id, error = %e, "voiding a hold");
+        }
+        return None;
+    }
+    let texts: Vec<&str> = outcomes.iter().map(|o| o.text.as_str()).collect();
+    let served = Served {
+        usage: total_usage(outcomes),
+        model_sha256: model_sha256(state, model).await,
+        request_sha256: c.request_sha256,
+        output_sha256: Sha256::digest(serde_json::to_vec(&texts).unwrap_or_default()).into(),
+    };
+    match billing.settle(c.hold, served).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(request_id, error = %e, "settling a charge");
+            None
+        }
+    }
+}
+
+/// The served file's sha256; hashing runs in the background at load, so wait for it (bounded).
+async fn model_sha256(state: &AppState, model: &str) -> [u8; 32] {
+    for _ in 0..600 {
+        let sha = state.backend.models().into_iter().find(|m| m.name == model).and_then(|m| m.sha256);
+        if let Some(h) = sha.and_then(|h| hex::decode(h).ok()).and_then(|v| <[u8; 32]>::try_from(v).ok()) {
+            return h;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    [0; 32]
+}
+
+/// Authenticates, rate-limits and places the hold for the worst case of a request.
+async fn begin_charge(
+    state: &AppState,
+    caller: Option<&Principal>,
+    request_id: &str,
+    model: &str,
+    prompts: &[Vec<TokenId>],
+    completion_tokens_max: u64,
+    idempotency_key: Option<String>,
+    request_sha256: [u8; 32],
+) -> Result<Option<Charge>, AppError> {
+    let (Some(billing), Some(p)) = (&state.billing, caller) else { return Ok(None) };
+    let req = ChargeRequest {
+        request_id: request_id.to_string(),
+        model: model.to_string(),
+        prompt_tokens: prompts.iter().map(|p| p.len() as u64).sum(),
+        completion_tokens_max,
+        idempotency_key,
+    };
+    let hold = billing.hold(p, &req).await?;
+    Ok(Some(Charge { principal: p.clone(), hold, request_sha256 }))
+}
+
+/// Headers every billed response carries.
+fn billed_headers(mut resp: Response, request_id: &str, receipt_id: Option<&str>, allowance: &Allowance) -> Response {
+    resp = with_request_id(resp, request_id);
+    if let Some(id) = receipt_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        resp.headers_mut().insert("tokenomy-receipt", id);
+    }
+    charge::ratelimit_headers(&mut resp, allowance);
+    resp
+}
+
+/// The caller, their rate-limit allowance and the `Idempotency-Key`, or a replayed response.
+struct Gate {
+    request_sha256: [u8; 32],
+    caller: Option<Principal>,
+    allowance: Allowance,
+    idempotency_key: Option<String>,
+}
+
+async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: [u8; 32]) -> Result<Result<Gate, Response>, AppError> {
+    let caller = charge::caller(state, headers).await?;
+    let idempotency_key = charge::idempotency_key(headers)?;
+    if let (Some(p), Some(k)) = (&caller, &idempotency_key) {
+        if let Begin::Replay(r) = state.idempotency.begin(p.account, k, request_sha256)? {
+            return Ok(Err(r));
+        }
+    }
+    let allowance = match (&state.billing, &caller) {
+        (Some(b), Some(p)) => match b.admit(p) {
+            Ok(a) => a,
+            Err(e) => {
+                release(state, &caller, &idempotency_key);
+                return Err(e.into());
+            }
+        },
+        _ => Allowance::default(),
+    };
+    Ok(Ok(Gate { request_sha256, caller, allowance, idempotency_key }))
+}
+
+fn release(state: &AppState, caller: &Option<Principal>, key: &Option<String>) {
+    if let (Some(p), Some(k)) = (caller, key) {
+        state.idempotency.abandon(p.account, k);
+    }
+}
+
+/// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`.
+async fn remember(state: &AppState, g: &Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
+    let (Some(p), Some(k)) = (&g.caller, &g.idempotency_key) else { return result };
+    match result {
+        Ok(resp) if resp.status().is_success() && !is_sse(&resp) => {
+            let (parts, body) = resp.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| AppError::internal(e.to_string()))?;
+            state.idempotency.finish(p.account, k, g.request_sha256, parts.status, bytes.clone());
+            Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
+        }
+        other => {
+            // Streams are not replayed: the ledger refuses a second charge for the key instead.
+            state.idempotency.abandon(p.account, k);
+            other
+        }
+    }
+}
+
+fn is_sse(resp: &Response) -> bool {
+    resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 fn total_usage(outcomes: &[Outcome]) -> Usage {
@@ -150,7 +341,17 @@ fn sse<S: Stream<Item = Value> + Send + 'static>(chunks: S) -> Sse<impl Stream<I
 // ---------------------------------------------------------------------------------------------
 // /v1/chat/completions
 
-pub async fn chat_completions(State(state): State<AppState>, ApiJson(req): ApiJson<ChatRequest>) -> Result<Response, AppError> {
+pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    let g = match gate(&state, &headers, body.sha256).await? {
+        Ok(g) => g,
+        Err(replay) => return Ok(replay),
+    };
+    let result = chat_inner(&state, &g, body).await;
+    remember(&state, &g, result).await
+}
+
+async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    let req = body.value;
     let mut params = openai::sampling(&req.common)?;
     let n = openai::choices(req.common.n)?;
     let top = openai::top_logprobs(req.top_logprobs, "top_logprobs", openai::TOP_LOGPROBS_MAX)?;
@@ -160,7 +361,7 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(req): ApiJs
     params.logprobs = req.logprobs.then_some(top);
     let messages = openai::chat_messages(&req.messages)?;
     let model = req.common.model.clone();
-    let ctx = context_length(&state, &model)?;
+    let ctx = context_length(state, &model)?;
     let text = state.backend.render_chat(&model, &messages)?;
     let prompt = state.backend.tokenize(&model, &text, true)?;
     let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
@@ -168,15 +369,22 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(req): ApiJs
     if params.max_tokens == 0 && asked.is_none() {
         params.max_tokens = 1; // let the engine report the context overflow with both numbers
     }
-    let started = start(&state, &model, &[prompt], n, &params, false)?;
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let prompts = [prompt];
+    let worst = u64::from(n) * u64::from(params.max_tokens);
+    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
+    let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
+    let started = start(state, request_id, &model, &prompts, n, &params, false, charge)?;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let id = format!("chatcmpl-{}", started.request_id);
-    if req.common.stream {
-        let rid = started.request_id.clone();
-        return Ok(with_request_id(sse(chat_stream(started, id, include_usage)).into_response(), &rid));
-    }
     let rid = started.request_id.clone();
-    Ok(with_request_id(chat_body(started, id).await?.into_response(), &rid))
+    if req.common.stream {
+        let resp = sse(chat_stream(started, id, include_usage)).into_response();
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
+    }
+    let (body, receipt) = chat_body(started, id).await?;
+    let receipt_id = receipt.map(|r| r.receipt_id);
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
 }
 
 async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
@@ -194,10 +402,10 @@ async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<
     (choice.index, text, logprobs, prompt_lp)
 }
 
-async fn chat_body(started: Started, id: String) -> Result<Json<Value>, AppError> {
+async fn chat_body(started: Started, id: String) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
-    let outcomes = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
+    let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
     }
@@ -213,12 +421,16 @@ async fn chat_body(started: Started, id: String) -> Result<Json<Value>, AppError
             })
         })
         .collect();
-    Ok(Json(json!({
+    let mut body = json!({
         "id": id, "object": "chat.completion", "created": now_s(), "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
         "usage": openai::usage_json(&total_usage(&outcomes)),
-    })))
+    });
+    if let Some(r) = &receipt {
+        body["receipt"] = charge::receipt_json(r);
+    }
+    Ok((Json(body), receipt))
 }
 
 const SYSTEM_FINGERPRINT: &str = concat!("tokenomy-", env!("CARGO_PKG_VERSION"));
@@ -257,8 +469,8 @@ fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream
             futures::future::ready(out)
         })
     };
-    let tail = stream::once(done).flat_map(move |outcomes| {
-        let outcomes = outcomes.unwrap_or_default();
+    let tail = stream::once(done).flat_map(move |done| {
+        let (outcomes, receipt) = done.map(|d| (d.outcomes, d.receipt)).unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
         if let Some(e) = engine_error(&outcomes) {
             out.push(e.body());
@@ -271,6 +483,9 @@ fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream
             u["usage"] = openai::usage_json(&total_usage(&outcomes));
             out.push(u);
         }
+        if let (Some(r), Some(last)) = (&receipt, out.last_mut()) {
+            last["receipt"] = charge::receipt_json(r);
+        }
         stream::iter(out)
     });
     head.chain(body).chain(tail)
@@ -279,7 +494,17 @@ fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream
 // ---------------------------------------------------------------------------------------------
 // /v1/completions
 
-pub async fn completions(State(state): State<AppState>, ApiJson(req): ApiJson<CompletionRequest>) -> Result<Response, AppError> {
+pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<CompletionRequest>) -> Result<Response, AppError> {
+    let g = match gate(&state, &headers, body.sha256).await? {
+        Ok(g) => g,
+        Err(replay) => return Ok(replay),
+    };
+    let result = completions_inner(&state, &g, body).await;
+    remember(&state, &g, result).await
+}
+
+async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<CompletionRequest>) -> Result<Response, AppError> {
+    let req = body.value;
     let mut params = openai::sampling(&req.common)?;
     let n = openai::choices(req.common.n)?;
     let top = openai::top_logprobs(req.logprobs, "logprobs", 5)?;
@@ -288,14 +513,18 @@ pub async fn completions(State(state): State<AppState>, ApiJson(req): ApiJson<Co
         return Err(AppError::invalid_value("suffix", "suffix is not supported"));
     }
     let model = req.common.model.clone();
-    context_length(&state, &model)?;
-    let prompts = prompt_tokens(&state, &model, &req.prompt)?;
+    context_length(state, &model)?;
+    let prompts = prompt_tokens(state, &model, &req.prompt)?;
     params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(16);
     if params.max_tokens == 0 && !req.echo {
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }
     let echo_logprobs = req.echo && req.logprobs.is_some();
-    let started = start(&state, &model, &prompts, n, &params, echo_logprobs)?;
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
+    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
+    let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
+    let started = start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge)?;
     let echo_texts: Vec<String> = if req.echo {
         prompts.iter().map(|p| state.backend.detokenize(&model, p)).collect::<Result<_, _>>()?
     } else {
@@ -305,9 +534,12 @@ pub async fn completions(State(state): State<AppState>, ApiJson(req): ApiJson<Co
     let rid = started.request_id.clone();
     if req.common.stream {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(with_request_id(sse(completion_stream(started, ctx, include_usage)).into_response(), &rid));
+        let resp = sse(completion_stream(started, ctx, include_usage)).into_response();
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
     }
-    Ok(with_request_id(completion_body(started, ctx).await?.into_response(), &rid))
+    let (body, receipt) = completion_body(started, ctx).await?;
+    let receipt_id = receipt.map(|r| r.receipt_id);
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
 }
 
 struct CompletionCtx {
@@ -351,10 +583,10 @@ fn completion_logprobs(echo: Option<&(String, Vec<PromptLogprob>)>, generated: &
     lp
 }
 
-async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<Json<Value>, AppError> {
+async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
-    let outcomes = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
+    let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
     }
@@ -374,12 +606,16 @@ async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<Json<Va
             json!({"index": index, "text": full, "logprobs": logprobs, "finish_reason": finish_reason(&outcomes, index)})
         })
         .collect();
-    Ok(Json(json!({
+    let mut body = json!({
         "id": ctx.id, "object": "text_completion", "created": now_s(), "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
         "usage": openai::usage_json(&total_usage(&outcomes)),
-    })))
+    });
+    if let Some(r) = &receipt {
+        body["receipt"] = charge::receipt_json(r);
+    }
+    Ok((Json(body), receipt))
 }
 
 fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) -> impl Stream<Item = Value> + Send {
@@ -412,8 +648,8 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
             futures::future::ready(out)
         })
     };
-    let tail = stream::once(done).flat_map(move |outcomes| {
-        let outcomes = outcomes.unwrap_or_default();
+    let tail = stream::once(done).flat_map(move |done| {
+        let (outcomes, receipt) = done.map(|d| (d.outcomes, d.receipt)).unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
         if let Some(e) = engine_error(&outcomes) {
             out.push(e.body());
@@ -425,6 +661,9 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
             let mut u = chunk(json!([]));
             u["usage"] = openai::usage_json(&total_usage(&outcomes));
             out.push(u);
+        }
+        if let (Some(r), Some(last)) = (&receipt, out.last_mut()) {
+            last["receipt"] = charge::receipt_json(r);
         }
         stream::iter(out)
     });

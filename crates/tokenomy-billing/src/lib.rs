@@ -121,6 +121,13 @@ pub struct Hold {
     hold: Option<Transfer>,
 }
 
+impl Hold {
+    /// Whether a ledger hold was placed (false for a free model): the request gets a receipt.
+    pub fn is_charged(&self) -> bool {
+        self.hold.is_some()
+    }
+}
+
 /// What was served, known after generating.
 #[derive(Debug, Clone, Default)]
 pub struct Served {

@@ -2,6 +2,7 @@
 //! loads models into the engine, wires the engine into the HTTP app and runs it. Nothing
 //! depends on it; everything it does is wiring.
 
+mod cli;
 mod models;
 
 use std::net::SocketAddr;
@@ -36,6 +37,53 @@ enum Command {
     Models,
     /// Print a GGUF file's architecture, context length, quantization, size and template.
     Inspect { file: PathBuf },
+    /// Check a receipt offline: signature, fields, inclusion proof, checkpoint signature.
+    Verify {
+        /// The JSON document `GET /v1/receipts/{id}` returned.
+        receipt: PathBuf,
+        /// The node's verifier key (`GET /v1/node/key`, or DATA_DIR/node.pub), inline or a file.
+        #[arg(long)]
+        key: String,
+    },
+    /// Check offline that the log grew append-only between two checkpoints.
+    VerifyLog {
+        #[arg(long)]
+        key: String,
+        /// The older checkpoint note (`GET /v1/log/checkpoint`).
+        old: PathBuf,
+        /// The newer checkpoint note.
+        new: PathBuf,
+        /// The consistency proof (`GET /v1/log/consistency?old=N&new=M`).
+        proof: PathBuf,
+    },
+    /// Manage accounts on a running node (admin key).
+    Accounts {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::Accounts,
+    },
+    /// Manage API keys on a running node (admin key).
+    Keys {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::Keys,
+    },
+    /// Mint and transfer credits on a running node (admin key).
+    Credits {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::Credits,
+    },
+    /// Check the ledger's invariants on a running node (admin key).
+    Ledger {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::Ledger,
+    },
 }
 
 #[derive(clap::Args)]
@@ -69,6 +117,16 @@ struct ServeArgs {
     /// Maximum request body in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     body_bytes_max: usize,
+    /// A shared PostgreSQL ledger (`postgres://…`); default: SQLite in the data dir.
+    #[arg(long, env = "TOKENOMY_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+    /// Accept requests without an API key, charging them to the local user (DATA_DIR/user.key).
+    /// For one person on their own machine only.
+    #[arg(long)]
+    no_auth: bool,
+    /// The receipts log's name, used when the node key is first created.
+    #[arg(long, env = "TOKENOMY_ORIGIN")]
+    origin: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -83,6 +141,12 @@ fn main() -> Result<()> {
         Command::Pull { source, sha256 } => rt.block_on(models::pull(&source, sha256.as_deref())).map(|_| ()),
         Command::Models => list_models(),
         Command::Inspect { file } => inspect(&file),
+        Command::Verify { receipt, key } => cli::verify(&receipt, &key),
+        Command::VerifyLog { key, old, new, proof } => cli::verify_log(&key, &old, &new, &proof),
+        Command::Accounts { conn, cmd } => rt.block_on(cli::accounts(conn, cmd)),
+        Command::Keys { conn, cmd } => rt.block_on(cli::keys(conn, cmd)),
+        Command::Credits { conn, cmd } => rt.block_on(cli::credits(conn, cmd)),
+        Command::Ledger { conn, cmd } => rt.block_on(cli::ledger(conn, cmd)),
     }
 }
 
@@ -125,19 +189,52 @@ fn inspect(file: &std::path::Path) -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let billing = open_billing(&args, &data_dir).await?;
     let configs = model_configs(&args)?;
     tracing::info!(models = ?configs.iter().map(|c| &c.name).collect::<Vec<_>>(), "loading");
     let engine = tokio::task::spawn_blocking(move || Engine::load(&configs)).await?.map_err(anyhow::Error::msg)?;
-    let state = AppState::new(Arc::new(engine), ApiConfig { body_bytes_max: args.body_bytes_max });
+    let upkeep = billing.spawn_upkeep();
+    let state = AppState::new(Arc::new(engine), ApiConfig { body_bytes_max: args.body_bytes_max }).with_billing(billing.clone(), args.no_auth);
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving the OpenAI API at http://{addr}/v1");
+    if args.no_auth {
+        tracing::warn!("--no-auth: ANYONE who can reach http://{addr} spends the local user's credits without a key");
+    } else {
+        eprintln!(
+            "\n  API key for the local user: {}\n  try: curl http://{addr}/v1/chat/completions -H \"Authorization: Bearer $(cat {})\" \\\n         -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n",
+            data_dir.join("user.key").display(),
+            data_dir.join("user.key").display(),
+            args.models.first().map(|m| models::resolve(m).map(|r| r.0).unwrap_or_default()).unwrap_or_default(),
+        );
+    }
     tokenomy_api::serve(listener, state.clone(), shutdown_signal()).await?;
     tracing::info!("shutting down: waiting for in-flight metering");
     if !state.drain(Duration::from_secs(30)).await {
         tracing::warn!("some metering tasks did not finish in time");
     }
+    upkeep.abort();
+    if let Err(e) = billing.checkpoint().await {
+        tracing::warn!(error = %e, "final checkpoint");
+    }
     Ok(())
+}
+
+async fn open_billing(args: &ServeArgs, data_dir: &std::path::Path) -> Result<Arc<tokenomy_billing::Billing>> {
+    let env = std::env::vars().filter(|(k, _)| k.starts_with("TOKENOMY_PRICES__") || k.starts_with("TOKENOMY_BILLING__")).collect();
+    let opts = tokenomy_billing::OpenOptions { data_dir: data_dir.to_path_buf(), database_url: args.database.clone(), origin: args.origin.clone(), env };
+    let (billing, first) = tokenomy_billing::Billing::open(opts).await.map_err(|e| anyhow::anyhow!("opening the ledger: {e}"))?;
+    if let Some(f) = first {
+        eprintln!(
+            "\n  First start: created an admin key ({}) and a local user account {} with {} credits,\n  whose inference key is in {}. Keys are shown once and stored only as hashes.\n",
+            data_dir.join("admin.key").display(),
+            f.user_account,
+            f.grant_micros as f64 / 1e6,
+            data_dir.join("user.key").display(),
+        );
+    }
+    tracing::info!(origin = billing.origin(), key = %billing.verifier(), "receipts log");
+    Ok(billing)
 }
 
 fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {

@@ -1,6 +1,7 @@
 //! HTTP tests of the OpenAI routes against the real engine and the real SmolLM2 model
 //! (fetched by scripts/fetch-test-models.sh). Requests go through `app(state)` with `oneshot`.
 
+mod billing;
 mod chat;
 mod completions;
 mod errors;
@@ -79,7 +80,15 @@ impl Reply {
 }
 
 pub async fn send(state: &AppState, method: &str, uri: &str, body: Option<&str>) -> Reply {
+    request(state, method, uri, body, &[]).await
+}
+
+/// A request with extra headers (`authorization`, `idempotency-key`, …).
+pub async fn request(state: &AppState, method: &str, uri: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Reply {
     let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     if body.is_some() {
         req = req.header("content-type", "application/json");
     }

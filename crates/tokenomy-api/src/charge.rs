@@ -1,0 +1,356 @@
+//! The billing side of the HTTP API: who is calling, the `Idempotency-Key` replay cache, the
+//! admin API (`/admin/v1/…`), `/v1/me`, and the public receipts log (`/v1/receipts/{id}`,
+//! `/v1/log/…`, `/v1/node/key`). The policy itself lives in `tokenomy-billing`; this module
+//! only translates HTTP to it and back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Principal, ReceiptRef};
+use tokenomy_ledger::{Account, AccountId, KeyRecord, Transfer};
+
+use crate::routes::ApiJson;
+use crate::{AppError, AppState};
+
+/// The `Authorization: Bearer` token, if any.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim)
+}
+
+/// The caller of an inference route: `None` when the node does not bill (no ledger).
+pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<Principal>, AppError> {
+    let Some(b) = &state.billing else { return Ok(None) };
+    if state.no_auth && bearer(headers).is_none() {
+        return Ok(Some(b.local_principal().await?));
+    }
+    Ok(Some(b.authenticate(bearer(headers)).await?))
+}
+
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+    let b = billing(state)?;
+    let p = b.authenticate(bearer(headers)).await?;
+    if !p.is_admin() {
+        return Err(tokenomy_billing::BillingError::Forbidden("This route needs a key with the \"admin\" scope.".into()).into());
+    }
+    Ok(())
+}
+
+fn billing(state: &AppState) -> Result<&tokenomy_billing::Billing, AppError> {
+    state.billing.as_deref().ok_or_else(|| AppError::not_found("This node runs without a ledger."))
+}
+
+pub(crate) fn ratelimit_headers(resp: &mut Response, a: &Allowance) {
+    let h = resp.headers_mut();
+    let mut put = |name: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(name, v);
+        }
+    };
+    if let Some(l) = a.limit_requests {
+        put("x-ratelimit-limit-requests", l.to_string());
+        put("x-ratelimit-remaining-requests", a.remaining_requests.to_string());
+        put("x-ratelimit-reset-requests", format!("{}ms", a.reset_requests_ms.max(0)));
+    }
+    if let Some(l) = a.limit_tokens {
+        put("x-ratelimit-limit-tokens", l.to_string());
+        put("x-ratelimit-remaining-tokens", a.remaining_tokens.to_string());
+        put("x-ratelimit-reset-tokens", format!("{}ms", a.reset_tokens_ms.max(0)));
+    }
+}
+
+pub(crate) fn receipt_json(r: &ReceiptRef) -> Value {
+    json!({
+        "id": r.receipt_id, "log_index": r.log_index, "amount_micros": r.amount_micros,
+        "transfer_id": r.transfer_id, "url": format!("/v1/receipts/{}", r.receipt_id),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency-Key: the first response of a key is kept (bounded) and replayed to retries.
+
+/// Completed responses kept for replay, oldest dropped first.
+pub const IDEMPOTENT_RESPONSES_MAX: usize = 10_000;
+pub const IDEMPOTENCY_KEY_LEN_MAX_BYTES: usize = 64;
+
+#[derive(Clone)]
+enum Slot {
+    InFlight { request_sha256: [u8; 32] },
+    Done { request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes },
+}
+
+#[derive(Default)]
+pub struct IdempotencyCache {
+    inner: Mutex<(HashMap<(AccountId, String), Slot>, VecDeque<(AccountId, String)>)>,
+}
+
+pub(crate) enum Begin {
+    /// First time: run it, then call `finish` or `abandon`.
+    Run,
+    Replay(Response),
+}
+
+impl IdempotencyCache {
+    pub(crate) fn begin(&self, account: AccountId, key: &str, request_sha256: [u8; 32]) -> Result<Begin, AppError> {
+        let mut g = self.inner.lock().expect("idempotency lock");
+        let first_sha = match g.0.get(&(account, key.to_string())) {
+            Some(Slot::InFlight { request_sha256 } | Slot::Done { request_sha256, .. }) => Some(*request_sha256),
+            None => None,
+        };
+        if first_sha.is_some_and(|s| s != request_sha256) {
+            return Err(AppError {
+                status: StatusCode::CONFLICT,
+                code: Some("idempotency_key_reused"),
+                ..AppError::invalid("This Idempotency-Key was already used with a different request body.", None)
+            });
+        }
+        match g.0.get(&(account, key.to_string())) {
+            Some(Slot::InFlight { .. }) => Err(AppError {
+                status: StatusCode::CONFLICT,
+                code: Some("idempotency_key_in_use"),
+                ..AppError::invalid("A request with this Idempotency-Key is still in progress; retry when it has finished.", None)
+            }),
+            Some(Slot::Done { status, body, .. }) => {
+                let mut r = (*status, body.clone()).into_response();
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+                Ok(Begin::Replay(r))
+            }
+            None => {
+                g.0.insert((account, key.to_string()), Slot::InFlight { request_sha256 });
+                Ok(Begin::Run)
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self, account: AccountId, key: &str, request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes) {
+        let mut g = self.inner.lock().expect("idempotency lock");
+        let k = (account, key.to_string());
+        g.0.insert(k.clone(), Slot::Done { request_sha256, status, body });
+        g.1.push_back(k);
+        while g.1.len() > IDEMPOTENT_RESPONSES_MAX {
+            if let Some(old) = g.1.pop_front() {
+                g.0.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn abandon(&self, account: AccountId, key: &str) {
+        let mut g = self.inner.lock().expect("idempotency lock");
+        if matches!(g.0.get(&(account, key.to_string())), Some(Slot::InFlight { .. })) {
+            g.0.remove(&(account, key.to_string()));
+        }
+    }
+}
+
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AppError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let s = v.to_str().map_err(|_| AppError::invalid("Idempotency-Key must be visible ASCII", None))?;
+    if s.is_empty() || s.len() > IDEMPOTENCY_KEY_LEN_MAX_BYTES || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AppError::invalid(format!("Idempotency-Key must be 1..={IDEMPOTENCY_KEY_LEN_MAX_BYTES} visible ASCII characters"), None));
+    }
+    Ok(Some(s.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON shapes
+
+fn account_json(a: &Account) -> Value {
+    json!({
+        "id": a.id.to_string(), "object": "account", "name": a.name, "kind": account_kind_name(a.kind),
+        "balance_micros": a.balance_micros, "pending_micros": a.pending_micros,
+        "available_micros": a.available_micros(), "created_at_ms": a.created_at_ms,
+    })
+}
+
+fn transfer_json(t: &Transfer) -> Value {
+    json!({
+        "id": t.id.to_string(), "object": "transfer", "idempotency_key": t.idempotency_key,
+        "from": t.debit_account.to_string(), "to": t.credit_account.to_string(),
+        "amount_micros": t.amount_micros, "code": format!("{:?}", t.code).to_lowercase(),
+        "state": format!("{:?}", t.state).to_lowercase(), "created_at_ms": t.created_at_ms,
+        "pending_id": t.pending_id.map(|p| p.to_string()),
+    })
+}
+
+fn key_json(k: &KeyRecord) -> Value {
+    json!({
+        "key_id": k.id.to_string(), "account_id": k.account.to_string(), "scopes": k.scopes,
+        "rpm": k.rpm, "tpm": k.tpm, "created_at_ms": k.created_at_ms, "revoked_at_ms": k.revoked_at_ms,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    name: String,
+    kind: String,
+}
+
+pub async fn create_account(State(state): State<AppState>, headers: HeaderMap, ApiJson(req): ApiJson<NewAccount>) -> Result<Response, AppError> {
+    admin(&state, &headers).await?;
+    let kind = parse_account_kind(&req.kind)?;
+    let a = billing(&state)?.create_account(&req.name, kind).await?;
+    Ok((StatusCode::CREATED, Json(account_json(&a))).into_response())
+}
+
+pub async fn get_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let a = billing(&state)?.account(parse_account_id(&id)?).await?;
+    Ok(Json(account_json(&a)))
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+pub async fn account_transfers(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let page = billing(&state)?.statement(parse_account_id(&id)?, q.after, q.limit.unwrap_or(100)).await?;
+    Ok(Json(json!({
+        "object": "list", "data": page.items.iter().map(transfer_json).collect::<Vec<_>>(),
+        "next_after": page.next_cursor, "has_more": page.next_cursor.is_some(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    #[serde(default = "default_scopes")]
+    scopes: Vec<String>,
+    rpm: Option<u32>,
+    tpm: Option<u32>,
+}
+
+fn default_scopes() -> Vec<String> {
+    vec![tokenomy_billing::SCOPE_INFERENCE.to_string()]
+}
+
+pub async fn create_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<NewKey>,
+) -> Result<Response, AppError> {
+    admin(&state, &headers).await?;
+    let account = parse_account_id(&id)?;
+    let (key_id, key) = billing(&state)?.create_key(account, &req.scopes, req.rpm, req.tpm).await?;
+    let body = json!({"key_id": key_id.to_string(), "key": key, "account_id": account.to_string(), "scopes": req.scopes, "rpm": req.rpm, "tpm": req.tpm});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub async fn list_keys(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let keys = billing(&state)?.list_keys(parse_account_id(&id)?).await?;
+    Ok(Json(json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()})))
+}
+
+pub async fn revoke_key(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let key = parse_key_id(&id)?;
+    billing(&state)?.revoke_key(key).await?;
+    Ok(Json(json!({"key_id": key.to_string(), "revoked": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mint {
+    amount_micros: i64,
+    idempotency_key: String,
+}
+
+pub async fn mint(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, ApiJson(req): ApiJson<Mint>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let b = billing(&state)?;
+    let actor = b.authenticate(bearer(&headers)).await?;
+    let (t, r) = b.mint(parse_account_id(&id)?, req.amount_micros, &req.idempotency_key, &actor).await?;
+    Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTransfer {
+    from: String,
+    to: String,
+    amount_micros: i64,
+    idempotency_key: String,
+}
+
+pub async fn transfer(State(state): State<AppState>, headers: HeaderMap, ApiJson(req): ApiJson<NewTransfer>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let b = billing(&state)?;
+    let actor = b.authenticate(bearer(&headers)).await?;
+    let (from, to) = (parse_account_id(&req.from)?, parse_account_id(&req.to)?);
+    let (t, r) = b.transfer(from, to, req.amount_micros, &req.idempotency_key, &actor).await?;
+    Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
+}
+
+pub async fn ledger_check(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let r = billing(&state)?.check().await?;
+    Ok(Json(json!({
+        "ok": r.ok, "accounts": r.accounts, "transfers": r.transfers,
+        "sum_micros": i64::try_from(r.sum_micros).unwrap_or(i64::MAX), "problems": r.problems,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A key's own view, and the public log
+
+pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, AppError> {
+    let b = billing(&state)?;
+    let p = b.authenticate(bearer(&headers)).await?;
+    let a = b.account(p.account).await?;
+    Ok(Json(json!({
+        "object": "me", "key_id": p.key_id.to_string(), "scopes": p.scopes,
+        "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm},
+        "account": account_json(&a),
+        "usage": state.meter.account_json(p.account),
+    })))
+}
+
+pub async fn get_receipt(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, AppError> {
+    let b = billing(&state)?;
+    let p = b.authenticate(bearer(&headers)).await?;
+    let body = b.receipt_bundle(&id, &p).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+pub async fn checkpoint(State(state): State<AppState>) -> Result<Response, AppError> {
+    let signed = billing(&state)?.checkpoint().await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], signed.note).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ConsistencyQuery {
+    old: u64,
+    new: u64,
+}
+
+pub async fn consistency(State(state): State<AppState>, Query(q): Query<ConsistencyQuery>) -> Result<Json<Value>, AppError> {
+    use base64::Engine;
+    let hashes = billing(&state)?.consistency(q.old, q.new).await?;
+    let proof: Vec<String> = hashes.iter().map(|h| base64::engine::general_purpose::STANDARD.encode(h)).collect();
+    Ok(Json(json!({"old": q.old, "new": q.new, "proof": proof})))
+}
+
+pub async fn node_key(State(state): State<AppState>) -> Result<Response, AppError> {
+    let key = billing(&state)?.verifier().to_string();
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{key}\n")).into_response())
+}

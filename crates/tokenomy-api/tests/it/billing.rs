@@ -1,0 +1,342 @@
+//! The charging path through HTTP with the real model, on a real SQLite file and (when
+//! `TOKENOMY_TEST_POSTGRES_URL` is set) a real PostgreSQL server: keys, holds, 402, settlement,
+//! idempotency, tenant isolation, the admin API, receipts verified offline, the log.
+
+use std::collections::HashSet;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tokenomy_api::AppState;
+use tokenomy_billing::{Billing, FirstRun, OpenOptions};
+use tokenomy_receipts::{verify_bundle, verify_consistency_notes, VerifierKey};
+
+use crate::{assert_error, request, shared_engine, Reply, MODEL};
+
+pub struct Node {
+    pub state: AppState,
+    pub first: FirstRun,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn stores() -> Vec<Option<String>> {
+    let mut v = vec![None];
+    match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
+        Ok(u) => v.push(Some(u)),
+        Err(_) => eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set"),
+    }
+    v
+}
+
+/// A fresh database on the test server, so tests do not see each other's ledgers.
+async fn fresh_pg(url: &str, name: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    format!("{}/{name}", url.rsplit_once('/').unwrap().0)
+}
+
+/// A billed node on a fresh data dir (SQLite) or a fresh PostgreSQL database named `db`.
+pub async fn node(pg: Option<&str>, db: &str, env: &[(&str, &str)]) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = match pg {
+        Some(u) => Some(fresh_pg(u, db).await),
+        None => None,
+    };
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let (b, first) = Billing::open(OpenOptions { data_dir: dir.path().into(), database_url, origin: Some("test.tokenomy/log".into()), env })
+        .await
+        .unwrap();
+    let state = AppState::new(shared_engine(), Default::default()).with_billing(b, false);
+    Node { state, first: first.unwrap(), dir }
+}
+
+impl Node {
+    pub async fn call(&self, method: &str, uri: &str, body: Option<Value>, key: &str) -> Reply {
+        let auth = format!("Bearer {key}");
+        let body = body.map(|b| b.to_string());
+        request(&self.state, method, uri, body.as_deref(), &[("authorization", &auth)]).await
+    }
+
+    pub async fn admin(&self, method: &str, uri: &str, body: Option<Value>) -> Value {
+        let r = self.call(method, uri, body, &self.first.admin_key).await;
+        assert!(r.status.is_success(), "{method} {uri}: {} {}", r.status, r.text);
+        r.json()
+    }
+
+    /// A new user account with `micros` credits and an inference key.
+    pub async fn funded(&self, name: &str, micros: i64) -> (String, String) {
+        let a = self.admin("POST", "/admin/v1/accounts", Some(json!({"name": name, "kind": "user"}))).await;
+        let id = a["id"].as_str().unwrap().to_string();
+        if micros > 0 {
+            self.admin("POST", &format!("/admin/v1/accounts/{id}/mint"), Some(json!({"amount_micros": micros, "idempotency_key": format!("fund-{name}")}))).await;
+        }
+        let k = self.admin("POST", &format!("/admin/v1/accounts/{id}/keys"), Some(json!({"scopes": ["inference"]}))).await;
+        (id, k["key"].as_str().unwrap().to_string())
+    }
+
+    pub async fn balance(&self, id: &str) -> (i64, i64) {
+        let a = self.admin("GET", &format!("/admin/v1/accounts/{id}"), None).await;
+        (a["balance_micros"].as_i64().unwrap(), a["pending_micros"].as_i64().unwrap())
+    }
+
+    /// Every transfer of an account (all pages).
+    pub async fn statement(&self, id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.admin("GET", &format!("/admin/v1/accounts/{id}/transfers?limit=1000{after}"), None).await;
+            out.extend(page["data"].as_array().unwrap().iter().cloned());
+            match page["next_after"].as_u64() {
+                Some(c) => after = format!("&after={c}"),
+                None => return out,
+            }
+        }
+    }
+
+    pub async fn check(&self) -> Value {
+        let c = self.admin("GET", "/admin/v1/ledger/check", None).await;
+        assert_eq!(c["ok"], true, "{c}");
+        assert_eq!(c["sum_micros"], 0, "{c}");
+        c
+    }
+
+    pub fn key(&self) -> VerifierKey {
+        VerifierKey::parse(std::fs::read_to_string(self.dir.path().join("node.pub")).unwrap().trim()).unwrap()
+    }
+}
+
+fn chat(max_tokens: u32) -> Value {
+    json!({"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+           "messages": [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "Name a color."}]})
+}
+
+/// Posted usage charges (the settled halves of holds) in a statement.
+fn posted_usage(st: &[Value]) -> Vec<&Value> {
+    st.iter().filter(|t| t["code"] == "usagecharge" && t["state"] == "posted" && !t["pending_id"].is_null()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charged_request_has_a_receipt_that_verifies_offline() {
+    for pg in stores() {
+        let n = node(pg.as_deref(), "tokenomy_api_receipts", &[]).await;
+        let user = n.first.user_key.clone();
+        let acc = n.first.user_account.to_string();
+        let (b0, _) = n.balance(&acc).await;
+        let r = n.call("POST", "/v1/chat/completions", Some(chat(8)), &user).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let body = r.json();
+        let rid = r.headers["tokenomy-receipt"].to_str().unwrap().to_string();
+        assert_eq!(body["receipt"]["id"], rid.as_str());
+        let amount = body["receipt"]["amount_micros"].as_i64().unwrap();
+        assert!(amount > 0);
+        let (b1, p1) = n.balance(&acc).await;
+        assert_eq!((b0 - b1, p1), (amount, 0), "the balance drops by exactly the receipt");
+
+        // The bundle verifies with only the public key, and says what the response said.
+        let bundle = n.call("GET", &format!("/v1/receipts/{rid}"), None, &user).await;
+        assert_eq!(bundle.status, StatusCode::OK, "{}", bundle.text);
+        let v = verify_bundle(&bundle.text, &n.key()).unwrap();
+        assert_eq!(v.receipt.amount_micros, -amount);
+        assert_eq!(v.receipt.prompt_tokens, body["usage"]["prompt_tokens"].as_u64().unwrap());
+        assert_eq!(v.receipt.completion_tokens, body["usage"]["completion_tokens"].as_u64().unwrap());
+        assert_eq!(hex::encode(v.receipt.model_sha256), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+        assert_eq!(v.receipt.account_id, acc);
+
+        // A stream carries the receipt in its last chunk.
+        let mut req = chat(4);
+        req["stream"] = json!(true);
+        req["stream_options"] = json!({"include_usage": true});
+        let s = n.call("POST", "/v1/chat/completions", Some(req), &user).await;
+        let data = s.sse_data();
+        let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+        assert!(last["usage"].is_object() && last["receipt"]["id"].is_string(), "{last}");
+        assert_eq!(last["receipt"]["id"], s.headers["tokenomy-receipt"].to_str().unwrap());
+
+        // Checkpoints: more requests later, and the log provably only grew.
+        let old_note = n.call("GET", "/v1/log/checkpoint", None, "").await.text;
+        assert!(old_note.starts_with("test.tokenomy/log\n"), "{old_note}");
+        n.call("POST", "/v1/chat/completions", Some(chat(2)), &user).await;
+        let new_note = n.call("GET", "/v1/log/checkpoint", None, "").await.text;
+        let size = |note: &str| note.lines().nth(1).unwrap().parse::<u64>().unwrap();
+        let (old, new) = (size(&old_note), size(&new_note));
+        assert!(new > old);
+        let proof = n.call("GET", &format!("/v1/log/consistency?old={old}&new={new}"), None, "").await.json();
+        let hashes: Vec<[u8; 32]> = proof["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(h.as_str().unwrap()).unwrap().try_into().unwrap()
+            })
+            .collect();
+        verify_consistency_notes(&old_note, &new_note, &hashes, &n.key()).unwrap();
+        let key_text = n.call("GET", "/v1/node/key", None, "").await.text;
+        assert_eq!(key_text.trim(), n.key().to_string());
+        n.check().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_overdraw_an_account() {
+    for pg in stores() {
+        let n = node(pg.as_deref(), "tokenomy_api_concurrent", &[]).await;
+        // Worst case of one request: its prompt at the input price + 8 tokens at the output price.
+        let probe = n.call("POST", "/v1/chat/completions", Some(chat(1)), &n.first.user_key).await.json();
+        let prompt = probe["usage"]["prompt_tokens"].as_i64().unwrap();
+        let worst = (prompt * 50_000 + 8 * 200_000).div_euclid(1_000_000) + 1;
+        let (acc, key) = n.funded("busy", 10 * worst).await;
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (state, key) = (n.state.clone(), key.clone());
+                tokio::spawn(async move {
+                    let auth = format!("Bearer {key}");
+                    request(&state, "POST", "/v1/chat/completions", Some(&chat(8).to_string()), &[("authorization", &auth)]).await
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            let r = t.await.unwrap();
+            match r.status {
+                StatusCode::OK => {
+                    assert!(r.json()["choices"][0]["message"]["content"].is_string());
+                    ok += 1;
+                }
+                StatusCode::PAYMENT_REQUIRED => {
+                    let e = assert_error(&r, StatusCode::PAYMENT_REQUIRED);
+                    assert_eq!(e["code"], "insufficient_quota");
+                    assert!(e["message"].as_str().unwrap().contains("short by"), "{e}");
+                }
+                s => panic!("every request gets an answer or a 402, got {s}: {}", r.text),
+            }
+        }
+        assert!(ok >= 10, "about ten requests are funded, {ok} answered");
+        let (balance, pending) = n.balance(&acc).await;
+        assert!(balance >= 0 && pending == 0, "balance {balance}, pending {pending}");
+        let st = n.statement(&acc).await;
+        let charged: i64 = posted_usage(&st).iter().map(|t| t["amount_micros"].as_i64().unwrap()).sum();
+        assert_eq!(charged, 10 * worst - balance, "posted charges equal the drop in balance");
+        assert_eq!(posted_usage(&st).len(), ok, "one posted charge per answer");
+        n.check().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_with_the_same_idempotency_key_is_charged_once() {
+    let n = node(None, "", &[]).await;
+    let (acc, key) = n.funded("retry", 1_000_000).await;
+    let auth = format!("Bearer {key}");
+    let h = [("authorization", auth.as_str()), ("idempotency-key", "order-42")];
+    let body = chat(6).to_string();
+    let a = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
+    let b = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK), "{} {}", a.text, b.text);
+    assert_eq!(a.text, b.text, "the retry returns the first result");
+    assert_eq!(b.headers["idempotent-replayed"], "true");
+    let st = n.statement(&acc).await;
+    assert_eq!(posted_usage(&st).len(), 1);
+    let (bal, _) = n.balance(&acc).await;
+    assert_eq!(1_000_000 - bal, a.json()["receipt"]["amount_micros"].as_i64().unwrap());
+    // The same key with a different body is refused, not run.
+    let other = request(&n.state, "POST", "/v1/chat/completions", Some(&chat(7).to_string()), &h).await;
+    assert_eq!(assert_error(&other, StatusCode::CONFLICT)["code"], "idempotency_key_reused");
+    // Another account's identical key is its own request.
+    let (_, key2) = n.funded("retry2", 1_000_000).await;
+    let auth2 = format!("Bearer {key2}");
+    let c = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &[("authorization", &auth2), ("idempotency-key", "order-42")]).await;
+    assert!(!c.headers.contains_key("idempotent-replayed"));
+    n.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_see_only_their_own_account_and_revocation_is_immediate() {
+    let n = node(None, "", &[]).await;
+    let (a_id, a_key) = n.funded("alice", 1_000_000).await;
+    let (b_id, b_key) = n.funded("bob", 1_000_000).await;
+    let r = n.call("POST", "/v1/chat/completions", Some(chat(2)), &b_key).await;
+    let b_receipt = r.json()["receipt"]["id"].as_str().unwrap().to_string();
+    // Alice cannot read Bob's receipt (404, not 403), his account, or mint or move his money.
+    assert_error(&n.call("GET", &format!("/v1/receipts/{b_receipt}"), None, &a_key).await, StatusCode::NOT_FOUND);
+    assert_eq!(n.call("GET", &format!("/v1/receipts/{b_receipt}"), None, &b_key).await.status, StatusCode::OK);
+    assert_error(&n.call("GET", &format!("/admin/v1/accounts/{b_id}"), None, &a_key).await, StatusCode::FORBIDDEN);
+    let steal = json!({"from": b_id, "to": a_id, "amount_micros": 1, "idempotency_key": "steal"});
+    assert_error(&n.call("POST", "/admin/v1/transfers", Some(steal), &a_key).await, StatusCode::FORBIDDEN);
+    let me = n.call("GET", "/v1/me", None, &a_key).await.json();
+    assert_eq!(me["account"]["id"], a_id.as_str());
+    assert_eq!(me["account"]["balance_micros"], 1_000_000);
+    // Revoked: 401 on the very next request.
+    let keys = n.admin("GET", &format!("/admin/v1/accounts/{a_id}/keys"), None).await;
+    let key_id = keys["data"][0]["key_id"].as_str().unwrap().to_string();
+    n.admin("DELETE", &format!("/admin/v1/keys/{key_id}"), None).await;
+    let e = assert_error(&n.call("POST", "/v1/chat/completions", Some(chat(2)), &a_key).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(e["code"], "invalid_api_key");
+    assert_error(&n.call("GET", "/v1/me", None, &a_key).await, StatusCode::UNAUTHORIZED);
+    // No key at all.
+    let r = request(&n.state, "POST", "/v1/chat/completions", Some(&chat(2).to_string()), &[]).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_admin_input_is_refused_and_changes_nothing() {
+    for pg in stores() {
+        let n = node(pg.as_deref(), "tokenomy_api_bad_input", &[]).await;
+        let (a, a_key) = n.funded("a", 1_000).await;
+        let (b, _) = n.funded("b", 1_000).await;
+        let before = n.check().await;
+        let admin = n.first.admin_key.clone();
+        let cases: Vec<(&str, String, Value, &str, StatusCode)> = vec![
+            ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": -5, "idempotency_key": "n"}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 0, "idempotency_key": "z"}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 1e30, "idempotency_key": "o"}), &admin, StatusCode::UNPROCESSABLE_ENTITY),
+            ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": i64::MAX, "idempotency_key": "m"}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", "/admin/v1/accounts/00000000000000000000000000000abc/mint".into(), json!({"amount_micros": 5, "idempotency_key": "u"}), &admin, StatusCode::NOT_FOUND),
+            ("POST", "/admin/v1/accounts/not-an-id/mint".into(), json!({"amount_micros": 5, "idempotency_key": "x"}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", "/admin/v1/transfers".into(), json!({"from": a, "to": a, "amount_micros": 5, "idempotency_key": "s"}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", "/admin/v1/transfers".into(), json!({"from": a, "to": b, "amount_micros": 5_000, "idempotency_key": "t"}), &admin, StatusCode::PAYMENT_REQUIRED),
+            ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 5, "idempotency_key": "k"}), &a_key, StatusCode::FORBIDDEN),
+            ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 5, "idempotency_key": "k"}), "", StatusCode::UNAUTHORIZED),
+            ("POST", "/admin/v1/accounts".into(), json!({"name": "x", "kind": "treasury"}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", format!("/admin/v1/accounts/{a}/keys"), json!({"scopes": ["root"]}), &admin, StatusCode::BAD_REQUEST),
+        ];
+        for (method, uri, body, key, status) in cases {
+            let r = n.call(method, &uri, Some(body.clone()), key).await;
+            let e = assert_error(&r, status);
+            assert!(!e["message"].as_str().unwrap().is_empty(), "{uri} {body}");
+        }
+        let after = n.check().await;
+        assert_eq!((before["accounts"].clone(), before["transfers"].clone()), (after["accounts"].clone(), after["transfers"].clone()));
+        assert_eq!(n.balance(&a).await, (1_000, 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_insufficient_quota_speak_openai() {
+    let n = node(None, "", &[]).await;
+    let (acc, _) = n.funded("limited", 10_000_000).await;
+    let k = n.admin("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"scopes": ["inference"], "rpm": 2}))).await;
+    let key = k["key"].as_str().unwrap();
+    let first = n.call("POST", "/v1/chat/completions", Some(chat(1)), key).await;
+    assert_eq!(first.headers["x-ratelimit-limit-requests"], "2");
+    assert_eq!(first.headers["x-ratelimit-remaining-requests"], "1");
+    n.call("POST", "/v1/chat/completions", Some(chat(1)), key).await;
+    let r = n.call("POST", "/v1/chat/completions", Some(chat(1)), key).await;
+    let e = assert_error(&r, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert!(r.headers["retry-after"].to_str().unwrap().parse::<u32>().unwrap() >= 1);
+
+    // An unfunded account: 402 before any generation, nothing held.
+    let (poor, poor_key) = n.funded("poor", 0).await;
+    let r = n.call("POST", "/v1/chat/completions", Some(chat(8)), &poor_key).await;
+    let e = assert_error(&r, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("insufficient_quota"), Some("insufficient_quota")));
+    assert_eq!(n.balance(&poor).await, (0, 0));
+    // Receipt ids are unique across requests.
+    let ids: HashSet<String> = futures::future::join_all((0..3).map(|_| n.call("POST", "/v1/completions", Some(json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2})), &n.first.user_key)))
+        .await
+        .iter()
+        .map(|r| r.json()["receipt"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+}

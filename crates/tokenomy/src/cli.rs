@@ -1,0 +1,256 @@
+//! Client commands: `verify` / `verify-log` (offline, no network) and the admin wrappers
+//! `accounts`, `keys`, `credits`, `ledger` that call a running node's `/admin/v1` API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use tokenomy_receipts::{verify_bundle, verify_consistency_notes, Hash, VerifierKey};
+
+/// A verifier key given inline (`name+hash+base64`) or as a file holding one.
+fn load_key(arg: &str) -> Result<VerifierKey> {
+    let text = if Path::new(arg).is_file() { std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))? } else { arg.to_string() };
+    VerifierKey::parse(text.trim()).map_err(|e| anyhow::anyhow!("verifier key: {e}"))
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `tokenomy verify RECEIPT --key K`: signature, fields, inclusion proof and checkpoint.
+pub fn verify(receipt: &Path, key: &str) -> Result<()> {
+    let key = load_key(key)?;
+    let v = verify_bundle(&read(receipt)?, &key).map_err(|e| anyhow::anyhow!("receipt does not verify: {e}"))?;
+    let r = &v.receipt;
+    println!("ok: receipt {} ({}) signed by {}", r.receipt_id, r.kind, key.name());
+    println!("  account {}  amount {} micro-credits  transfer {}", r.account_id, r.amount_micros, r.transfer_id);
+    if !r.model.is_empty() {
+        println!("  model {}  prompt {}  cached {}  completion {}  reasoning {}", r.model, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens);
+    }
+    println!("  log index {} included in checkpoint of size {}", r.log_index, v.checkpoint.size);
+    Ok(())
+}
+
+/// `tokenomy verify-log --key K OLD NEW PROOF`: the log grew append-only from OLD to NEW.
+pub fn verify_log(key: &str, old: &Path, new: &Path, proof: &Path) -> Result<()> {
+    let key = load_key(key)?;
+    let hashes = parse_proof(&read(proof)?)?;
+    let (o, n) = verify_consistency_notes(&read(old)?, &read(new)?, &hashes, &key).map_err(|e| anyhow::anyhow!("log is not consistent: {e}"))?;
+    println!("ok: the log of {} grew append-only from size {} to {}", key.name(), o.size, n.size);
+    Ok(())
+}
+
+/// The body of `GET /v1/log/consistency` (`{"proof": [base64…]}`), or one base64 hash per line.
+fn parse_proof(text: &str) -> Result<Vec<Hash>> {
+    let lines: Vec<String> = match serde_json::from_str::<Value>(text) {
+        Ok(v) => v["proof"].as_array().context("proof JSON has no \"proof\" array")?.iter().map(|h| h.as_str().unwrap_or_default().to_string()).collect(),
+        Err(_) => text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(),
+    };
+    lines
+        .iter()
+        .map(|l| {
+            let b = base64::engine::general_purpose::STANDARD.decode(l.trim()).context("proof hash is not base64")?;
+            <Hash>::try_from(b.as_slice()).map_err(|_| anyhow::anyhow!("proof hash is not 32 bytes"))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin wrappers
+
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// The node's address.
+    #[arg(long, env = "TOKENOMY_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// Admin key (default: DATA_DIR/admin.key).
+    #[arg(long, env = "TOKENOMY_ADMIN_KEY", global = true, hide_env_values = true)]
+    admin_key: Option<String>,
+    /// The node's data dir, to find admin.key.
+    #[arg(long, env = "TOKENOMY_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Print the node's JSON answer as is.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Accounts {
+    /// Create a user or agent account.
+    Create {
+        name: String,
+        #[arg(long, default_value = "user")]
+        kind: String,
+    },
+    /// Balance and pending holds of an account.
+    Show { id: String },
+    /// The account's transfers, oldest first.
+    Transfers {
+        id: String,
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Keys {
+    /// Create a key for an account; the key is shown once.
+    Create {
+        account: String,
+        #[arg(long = "scope", default_values_t = ["inference".to_string()])]
+        scopes: Vec<String>,
+        #[arg(long)]
+        rpm: Option<u32>,
+        #[arg(long)]
+        tpm: Option<u32>,
+    },
+    /// List an account's keys (hashes are never shown).
+    List { account: String },
+    /// Revoke a key at once.
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum Credits {
+    /// Mint credits from the treasury into an account.
+    Mint {
+        account: String,
+        amount_micros: i64,
+        /// Makes the mint safe to retry (default: a random one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Move credits between accounts.
+    Transfer {
+        from: String,
+        to: String,
+        amount_micros: i64,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Ledger {
+    /// Re-derive every ledger invariant from history.
+    Check,
+}
+
+fn idem(k: Option<String>) -> String {
+    k.unwrap_or_else(|| format!("cli-{:032x}", rand_u128()))
+}
+
+fn rand_u128() -> u128 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    t ^ (u128::from(std::process::id()) << 64)
+}
+
+impl Conn {
+    fn admin_key(&self) -> Result<String> {
+        if let Some(k) = &self.admin_key {
+            return Ok(k.clone());
+        }
+        let dir = self.data_dir.clone().unwrap_or_else(|| crate::models::home().join("data"));
+        let p = dir.join("admin.key");
+        Ok(read(&p).context("no admin key: pass --admin-key or --data-dir")?.trim().to_string())
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut req = reqwest::Client::new().request(method, &url).bearer_auth(self.admin_key()?);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.with_context(|| format!("{url} answered {status} with a body that is not JSON"))?;
+        if !status.is_success() {
+            bail!("{status}: {}", v["error"]["message"].as_str().unwrap_or(&v.to_string()));
+        }
+        Ok(v)
+    }
+
+    fn show(&self, v: &Value) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            return;
+        }
+        print_flat("", v);
+    }
+}
+
+fn print_flat(prefix: &str, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                print_flat(&p, x);
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                print_flat(&format!("{prefix}[{i}]"), x);
+            }
+        }
+        Value::String(s) => println!("{prefix}: {s}"),
+        other => println!("{prefix}: {other}"),
+    }
+}
+
+pub async fn accounts(c: Conn, cmd: Accounts) -> Result<()> {
+    use reqwest::Method;
+    let v = match cmd {
+        Accounts::Create { name, kind } => c.call(Method::POST, "/admin/v1/accounts", Some(json!({"name": name, "kind": kind}))).await?,
+        Accounts::Show { id } => c.call(Method::GET, &format!("/admin/v1/accounts/{id}"), None).await?,
+        Accounts::Transfers { id, after, limit } => {
+            let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
+            c.call(Method::GET, &format!("/admin/v1/accounts/{id}/transfers?limit={limit}{after}"), None).await?
+        }
+    };
+    c.show(&v);
+    Ok(())
+}
+
+pub async fn keys(c: Conn, cmd: Keys) -> Result<()> {
+    use reqwest::Method;
+    let v = match cmd {
+        Keys::Create { account, scopes, rpm, tpm } => {
+            c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(json!({"scopes": scopes, "rpm": rpm, "tpm": tpm}))).await?
+        }
+        Keys::List { account } => c.call(Method::GET, &format!("/admin/v1/accounts/{account}/keys"), None).await?,
+        Keys::Revoke { key_id } => c.call(Method::DELETE, &format!("/admin/v1/keys/{key_id}"), None).await?,
+    };
+    c.show(&v);
+    Ok(())
+}
+
+pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
+    use reqwest::Method;
+    let v = match cmd {
+        Credits::Mint { account, amount_micros, idempotency_key } => {
+            let body = json!({"amount_micros": amount_micros, "idempotency_key": idem(idempotency_key)});
+            c.call(Method::POST, &format!("/admin/v1/accounts/{account}/mint"), Some(body)).await?
+        }
+        Credits::Transfer { from, to, amount_micros, idempotency_key } => {
+            let body = json!({"from": from, "to": to, "amount_micros": amount_micros, "idempotency_key": idem(idempotency_key)});
+            c.call(Method::POST, "/admin/v1/transfers", Some(body)).await?
+        }
+    };
+    c.show(&v);
+    Ok(())
+}
+
+pub async fn ledger(c: Conn, cmd: Ledger) -> Result<()> {
+    let v = match cmd {
+        Ledger::Check => c.call(reqwest::Method::GET, "/admin/v1/ledger/check", None).await?,
+    };
+    c.show(&v);
+    if v["ok"] != json!(true) {
+        bail!("the ledger check failed");
+    }
+    Ok(())
+}
