@@ -175,6 +175,7 @@ fn transfer_json(t: &Transfer) -> Value {
         "from": t.debit_account.to_string(), "to": t.credit_account.to_string(),
         "amount_micros": t.amount_micros, "code": format!("{:?}", t.code).to_lowercase(),
         "state": format!("{:?}", t.state).to_lowercase(), "created_at_ms": t.created_at_ms,
+        "is_hold": t.hold, "expires_at_ms": t.hold.then_some(t.expires_at_ms),
         "pending_id": t.pending_id.map(|p| p.to_string()),
     })
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod crash;
 mod layering;
 
 use serde_json::{json, Value};
@@ -21,13 +22,13 @@ fn models_dir() -> PathBuf {
     home.join("models")
 }
 
-fn model(file: &str) -> PathBuf {
+pub fn model(file: &str) -> PathBuf {
     let p = models_dir().join(file);
     assert!(p.is_file(), "{} missing: run scripts/fetch-test-models.sh", p.display());
     p
 }
 
-const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 
@@ -35,9 +36,10 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-struct Node {
+pub struct Node {
     child: Child,
-    base: String,
+    pub base: String,
+    pub dir: PathBuf,
 }
 
 impl Drop for Node {
@@ -48,13 +50,35 @@ impl Drop for Node {
 }
 
 fn serve(args: &[&str]) -> Node {
+    serve_in(&tempdir("serve"), args, &[])
+}
+
+impl Node {
+    /// The local user's inference key, written at first start.
+    pub fn user_key(&self) -> String {
+        std::fs::read_to_string(self.dir.join("user.key")).unwrap().trim().to_string()
+    }
+
+    pub fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.key")).unwrap().trim().to_string()
+    }
+
+    /// `kill -9`: no shutdown, no drain.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on `dir` and waits until it is ready.
+pub fn serve_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Node {
     let port = free_port();
-    let tmp = tempdir("serve");
     let mut cmd = Command::new(BIN);
     cmd.arg("serve").args(args).args(["--listen", &format!("127.0.0.1:{port}"), "--threads", "2", "--ctx-size", "1024", "--parallel", "2"]);
-    cmd.arg("--data-dir").arg(&tmp).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.arg("--data-dir").arg(dir).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.envs(env.iter().copied());
     let child = cmd.spawn().unwrap();
-    let node = Node { child, base: format!("http://127.0.0.1:{port}") };
+    let node = Node { child, base: format!("http://127.0.0.1:{port}"), dir: dir.to_path_buf() };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(r) = reqwest::blocking::get(format!("{}/ready", node.base)) {
@@ -71,17 +95,17 @@ fn chat(node: &Node, model: &str) -> (u16, Value) {
     let body = json!({"model": model, "temperature": 0, "max_tokens": 16, "messages": [
         {"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "What is the capital of France?"}]});
-    let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).json(&body).send().unwrap();
+    let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(node.user_key()).json(&body).send().unwrap();
     (r.status().as_u16(), r.json().unwrap())
 }
 
-fn tempdir(tag: &str) -> PathBuf {
+pub fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tokenomy-it-{tag}-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn run(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+pub fn run(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
     let mut cmd = Command::new(BIN);
     cmd.args(args);
     for (k, v) in env {
