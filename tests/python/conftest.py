@@ -32,6 +32,7 @@ class Node:
         binary = os.environ.get("TOKENOMY_BIN", "target/debug/tokenomy")
         model = models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
         assert model.is_file(), f"{model} missing: run scripts/fetch-test-models.sh"
+        self.data = tmp / "data"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [binary, "serve", "--model", str(model), "--listen", f"127.0.0.1:{self.port}",
@@ -48,6 +49,15 @@ class Node:
             except OSError:
                 time.sleep(0.1)
         raise TimeoutError(self.read_log())
+
+    @property
+    def key(self) -> str:
+        """The local user's inference key, written on first start."""
+        return (self.data / "user.key").read_text().strip()
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data / "admin.key").read_text().strip()
 
     def read_log(self) -> str:
         self.log.flush()

@@ -11,7 +11,7 @@ from conftest import MODEL
 
 @pytest.fixture
 def client(node):
-    return openai.OpenAI(base_url=node.base + "/v1", api_key="unused-without-auth", max_retries=0)
+    return openai.OpenAI(base_url=node.base + "/v1", api_key=node.key, max_retries=0)
 
 
 def test_models(client):
@@ -79,7 +79,7 @@ def test_errors_are_openai_errors(client):
 
 
 def test_sigterm_finishes_in_flight_streams_and_meters_them(fresh_node):
-    c = openai.OpenAI(base_url=fresh_node.base + "/v1", api_key="x", max_retries=0)
+    c = openai.OpenAI(base_url=fresh_node.base + "/v1", api_key=fresh_node.key, max_retries=0)
     got = {}
 
     def consume():
@@ -90,6 +90,8 @@ def test_sigterm_finishes_in_flight_streams_and_meters_them(fresh_node):
         for chunk in stream:
             if chunk.usage:
                 got["usage"] = chunk.usage
+            if (chunk.model_extra or {}).get("receipt"):
+                got["receipt"] = chunk.model_extra["receipt"]
             for ch in chunk.choices:
                 text += ch.delta.content or ""
         got["text"] = text
@@ -102,4 +104,40 @@ def test_sigterm_finishes_in_flight_streams_and_meters_them(fresh_node):
     assert fresh_node.proc.wait(60) == 0
     assert got.get("usage") is not None, "the in-flight stream was not finished: " + fresh_node.read_log()
     assert got["usage"].completion_tokens > 0
+    assert got.get("receipt", {}).get("amount_micros", 0) > 0, "the drained stream was charged with a receipt"
     assert "metered" in fresh_node.read_log()
+
+
+def test_receipts_ride_along_without_breaking_the_client(node, client):
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, temperature=0, max_tokens=8, messages=[{"role": "user", "content": "Say hi."}])
+    r = raw.parse()
+    receipt = r.model_extra["receipt"]
+    assert raw.headers["tokenomy-receipt"] == receipt["id"]
+    assert receipt["amount_micros"] > 0 and r.usage.completion_tokens > 0
+    # the full receipt is there for the key that paid
+    import json, urllib.request
+    req = urllib.request.Request(node.base + receipt["url"], headers={"Authorization": "Bearer " + node.key})
+    with urllib.request.urlopen(req) as resp:
+        bundle = json.load(resp)
+    assert bundle["receipt"]["receipt_id"] == receipt["id"]
+    assert bundle["proof"].startswith("c2sp.org/tlog-proof@v1")
+
+
+def test_bad_key_and_no_credit_are_openai_errors(node):
+    bad = openai.OpenAI(base_url=node.base + "/v1", api_key="tk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "invalid_api_key"
+    import json, urllib.request
+    def admin(method, path, body=None):
+        req = urllib.request.Request(node.base + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": "Bearer " + node.admin_key, "Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as resp:
+            return json.load(resp)
+    acc = admin("POST", "/admin/v1/accounts", {"name": "broke", "kind": "user"})
+    key = admin("POST", f"/admin/v1/accounts/{acc['id']}/keys", {"scopes": ["inference"]})["key"]
+    broke = openai.OpenAI(base_url=node.base + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        broke.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 402 and e.value.body["code"] == "insufficient_quota"
