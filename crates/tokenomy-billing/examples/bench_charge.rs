@@ -1,0 +1,150 @@
+//! The charging path's cost per request, against the bare ledger measured in the same run.
+//!
+//! cargo run --release -p tokenomy-billing --example bench_charge
+//! Env: BENCH_WRITERS (64 concurrent requests), BENCH_SECS (5 per phase),
+//! TOKENOMY_TEST_POSTGRES_URL (also PostgreSQL; a database `tokenomy_bench` is recreated).
+//!
+//! Phases, per store:
+//! * `ledger`  — reference: `hold` + `settle` on the store, no receipt;
+//! * `billing` — `Billing::hold` + `Billing::settle`: prices, worst case, the receipt built,
+//!   appended to the log in the settlement's transaction (what every request adds);
+//! * `bundles` — `GET /v1/receipts/{id}`'s work: catch up, checkpoint, inclusion proof, signature.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokenomy_billing::{Billing, ChargeRequest, OpenOptions, Principal, Served};
+use tokenomy_ledger::{AccountKind, LedgerStore, MICROS_PER_CREDIT};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Stats {
+    per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    n: usize,
+}
+
+fn stats(mut lat_us: Vec<u32>, secs: f64) -> Stats {
+    lat_us.sort_unstable();
+    let pct = |p: usize| lat_us.get(lat_us.len().saturating_sub(1) * p / 100).copied().unwrap_or(0) as f64 / 1000.0;
+    Stats { per_s: lat_us.len() as f64 / secs, p50_ms: pct(50), p99_ms: pct(99), n: lat_us.len() }
+}
+
+async fn run_phase<F, Fut>(writers: &[Principal], secs: u64, f: F) -> Stats
+where
+    F: Fn(Principal, u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let until = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = writers
+        .iter()
+        .cloned()
+        .map(|p| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = 0;
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    f(p.clone(), i).await;
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    i += 1;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    stats(all, start.elapsed().as_secs_f64())
+}
+
+async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
+    let mut principals = Vec::new();
+    for w in 0..writers {
+        let a = b.create_account(&format!("bench-{w}"), AccountKind::User).await.unwrap();
+        b.store().mint(a.id, 1_000_000 * MICROS_PER_CREDIT, &format!("bench-fund-{}", a.id), None).await.unwrap();
+        let (_, key) = b.create_key(a.id, &["inference".into()], None, None).await.unwrap();
+        principals.push(b.authenticate(Some(&key)).await.unwrap());
+    }
+    let store = b.store().clone();
+    let ledger = run_phase(&principals, secs, move |p, i| {
+        let s = store.clone();
+        async move {
+            let now = tokenomy_ledger::now_ms();
+            let h = s.hold(p.account, 10_000, &format!("ref-{}-{i}", p.key_id), 60_000, now).await.unwrap();
+            s.settle(h.id, 1 + (i as i64 % 9_999), now, None).await.unwrap();
+        }
+    })
+    .await;
+    let bb = b.clone();
+    let billing = run_phase(&principals, secs, move |p, i| {
+        let b = bb.clone();
+        async move {
+            let req = ChargeRequest {
+                request_id: format!("{}-{i}", p.key_id),
+                model: "smollm2".into(),
+                prompt_tokens: 200,
+                completion_tokens_max: 256,
+                idempotency_key: None,
+            };
+            let h = b.hold(&p, &req).await.unwrap();
+            let mut s = Served::default();
+            s.usage.prompt_tokens = 200;
+            s.usage.completion_tokens = 1 + (i % 255) as u32;
+            b.settle(h, s).await.unwrap().expect("charged");
+        }
+    })
+    .await;
+    // Bundles for receipts made in the billing phase.
+    let admin = Principal { key_id: principals[0].key_id, account: principals[0].account, scopes: vec!["admin".into()], limits: Default::default() };
+    let size = b.checkpoint().await.unwrap().checkpoint.size;
+    let ids: Vec<String> = (0..writers.min(8)).map(|w| format!("rcpt_{}-{}", principals[w as usize].key_id, 0)).collect();
+    let bb = b.clone();
+    let bundles = run_phase(&principals[..ids.len()], secs.min(3), move |p, _| {
+        let (b, admin, id) = (bb.clone(), admin.clone(), format!("rcpt_{}-0", p.key_id));
+        async move {
+            b.receipt_bundle(&id, &admin).await.unwrap();
+        }
+    })
+    .await;
+    let check = b.check().await.unwrap();
+    println!("{name}: {writers} concurrent writers, {secs} s per phase; log size {size}; ledger check ok={}", check.ok);
+    println!("  ledger  (reference, no receipt): {:>7.0} settled/s  hold+settle p50 {:>6.2} ms  p99 {:>6.2} ms  ({} pairs)", ledger.per_s, ledger.p50_ms, ledger.p99_ms, ledger.n);
+    println!("  billing (charge + receipt):      {:>7.0} settled/s  hold+settle p50 {:>6.2} ms  p99 {:>6.2} ms  ({} pairs)", billing.per_s, billing.p50_ms, billing.p99_ms, billing.n);
+    println!(
+        "  ratio billing/ledger: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x; receipt path adds p50 {:+.2} ms, p99 {:+.2} ms",
+        billing.per_s / ledger.per_s,
+        billing.p50_ms / ledger.p50_ms.max(1e-9),
+        billing.p99_ms / ledger.p99_ms.max(1e-9),
+        billing.p50_ms - ledger.p50_ms,
+        billing.p99_ms - ledger.p99_ms
+    );
+    println!("  receipt bundles (proof + signature): {:>7.0}/s  p50 {:.2} ms  p99 {:.2} ms", bundles.per_s, bundles.p50_ms, bundles.p99_ms);
+}
+
+#[tokio::main]
+async fn main() {
+    let writers = env_u64("BENCH_WRITERS", 64);
+    let secs = env_u64("BENCH_SECS", 5);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |d: &std::path::Path, url: Option<String>| OpenOptions { data_dir: d.into(), database_url: url, origin: Some("bench.tokenomy/log".into()), env: vec![] };
+    let (b, _) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    bench("sqlite", b, writers, secs).await;
+    if let Ok(url) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("DROP DATABASE IF EXISTS tokenomy_bench WITH (FORCE)").await.unwrap();
+        client.batch_execute("CREATE DATABASE tokenomy_bench").await.unwrap();
+        let pg = format!("{}/tokenomy_bench", url.rsplit_once('/').unwrap().0);
+        let dir = tempfile::tempdir().unwrap();
+        let (b, _) = Billing::open(opts(dir.path(), Some(pg))).await.unwrap();
+        bench("postgres", b, writers, secs).await;
+    }
+}
