@@ -11,6 +11,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -29,7 +30,8 @@ def llama_bench(binary, model, threads, pp, tg):
 def tokenomy_runs(binary, model, threads, pp, tg, runs):
     ctx = str(max(2048, pp + tg + 8))
     proc, base = start(lambda port: [binary, "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
-                                     "--threads", str(threads), "--parallel", "1", "--ctx-size", ctx], "/ready")
+                                     "--threads", str(threads), "--parallel", "1", "--ctx-size", ctx,
+                                     "--no-auth", "--data-dir", tempfile.mkdtemp(prefix="tokenomy-bench-")], "/ready")
     try:
         name = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
         rng = random.Random(7)

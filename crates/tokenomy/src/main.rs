@@ -2,6 +2,7 @@
 //! loads models into the engine, wires the engine into the HTTP app and runs it. Nothing
 //! depends on it; everything it does is wiring.
 
+mod bench;
 mod cli;
 mod models;
 
@@ -37,6 +38,8 @@ enum Command {
     Models,
     /// Print a GGUF file's architecture, context length, quantization, size and template.
     Inspect { file: PathBuf },
+    /// Load-test an OpenAI-compatible server: N streams, shared-prefix or no-sharing prompts.
+    Bench(bench::BenchArgs),
     /// Check a receipt offline: signature, fields, inclusion proof, checkpoint signature.
     Verify {
         /// The JSON document `GET /v1/receipts/{id}` returned.
@@ -141,6 +144,7 @@ fn main() -> Result<()> {
         Command::Pull { source, sha256 } => rt.block_on(models::pull(&source, sha256.as_deref())).map(|_| ()),
         Command::Models => list_models(),
         Command::Inspect { file } => inspect(&file),
+        Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Verify { receipt, key } => cli::verify(&receipt, &key),
         Command::VerifyLog { key, old, new, proof } => cli::verify_log(&key, &old, &new, &proof),
         Command::Accounts { conn, cmd } => rt.block_on(cli::accounts(conn, cmd)),
