@@ -1,0 +1,193 @@
+//! Tool calls in model output.
+
+use serde_json::{Map, Value};
+
+/// One call the model asked for. `arguments` is a JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// Output split into the text meant for the user and the calls.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parsed {
+    pub content: String,
+    pub calls: Vec<ToolCall>,
+}
+
+/// One model family's tool-call syntax.
+pub trait ToolCallParser: Send + Sync {
+    /// Splits `text` into content and calls to functions named in `known` (others stay text).
+    fn parse(&self, text: &str, known: &[&str]) -> Parsed;
+    /// Text that opens a call, appended to the prompt to make the model call a tool
+    /// (`tool_choice: required`, or a named function).
+    fn forced_prefix(&self, name: Option<&str>) -> String;
+}
+
+/// Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Hermes, many
+/// fine-tunes), and the fenced or bare JSON objects small models write instead.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Hermes;
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+impl ToolCallParser for Hermes {
+    fn parse(&self, text: &str, known: &[&str]) -> Parsed {
+        if text.contains(OPEN) {
+            return tagged(text, known);
+        }
+        if let Some(p) = fenced(text, known) {
+            return p;
+        }
+        match calls_in(text.trim(), known) {
+            Some(calls) => Parsed { content: String::new(), calls },
+            None => Parsed { content: text.to_string(), calls: vec![] },
+        }
+    }
+
+    fn forced_prefix(&self, name: Option<&str>) -> String {
+        match name {
+            Some(n) => format!("{OPEN}\n{{\"name\": {}, \"arguments\": ", Value::String(n.to_string())),
+            None => format!("{OPEN}\n{{\"name\": \""),
+        }
+    }
+}
+
+fn tagged(text: &str, known: &[&str]) -> Parsed {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(OPEN) {
+        content.push_str(&rest[..i]);
+        let after = &rest[i + OPEN.len()..];
+        let (inner, next) = match after.find(CLOSE) {
+            Some(j) => (&after[..j], &after[j + CLOSE.len()..]),
+            None => (after, ""),
+        };
+        match calls_in(inner.trim(), known) {
+            Some(c) => calls.extend(c),
+            None => {
+                content.push_str(OPEN);
+                content.push_str(inner);
+            }
+        }
+        rest = next;
+    }
+    content.push_str(rest);
+    Parsed { content: content.trim().to_string(), calls }
+}
+
+/// A ```json … ``` (or bare ```) block holding a call or a list of calls.
+fn fenced(text: &str, known: &[&str]) -> Option<Parsed> {
+    let start = text.find("```")?;
+    let body_start = start + 3 + text[start + 3..].find('\n')? + 1;
+    let end = body_start + text[body_start..].find("```")?;
+    let calls = calls_in(text[body_start..end].trim(), known)?;
+    let content = format!("{}{}", &text[..start], &text[end + 3..]).trim().to_string();
+    Some(Parsed { content, calls })
+}
+
+/// One call object, or a list of them; `None` unless every element is a call to a known function.
+fn calls_in(json: &str, known: &[&str]) -> Option<Vec<ToolCall>> {
+    let v: Value = serde_json::from_str(json).ok().or_else(|| first_object(json))?;
+    let items = match v {
+        Value::Array(a) => a,
+        o => vec![o],
+    };
+    let calls: Option<Vec<ToolCall>> = items.into_iter().map(|i| call(i, known)).collect();
+    calls.filter(|c| !c.is_empty())
+}
+
+/// The first complete JSON object in `s` (models add words around it).
+fn first_object(s: &str) -> Option<Value> {
+    let start = s.find('{')?;
+    let mut de = serde_json::Deserializer::from_str(&s[start..]).into_iter::<Value>();
+    de.next()?.ok()
+}
+
+fn call(v: Value, known: &[&str]) -> Option<ToolCall> {
+    let Value::Object(mut o) = v else { return None };
+    // {"name", "arguments"} or OpenAI's own {"function": {"name", "arguments"}}
+    if let Some(Value::Object(f)) = o.remove("function") {
+        o = f;
+    }
+    let name = o.get("name")?.as_str()?.to_string();
+    if !known.contains(&name.as_str()) {
+        return None;
+    }
+    let args = o.remove("arguments").or_else(|| o.remove("parameters")).unwrap_or(Value::Object(Map::new()));
+    let arguments = match args {
+        Value::String(s) => serde_json::from_str(&s).ok().filter(Value::is_object)?,
+        Value::Object(m) => Value::Object(m),
+        Value::Null => Value::Object(Map::new()),
+        _ => return None,
+    };
+    Some(ToolCall { name, arguments })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const KNOWN: &[&str] = &["get_weather", "add"];
+
+    fn call(name: &str, args: Value) -> ToolCall {
+        ToolCall { name: name.into(), arguments: args }
+    }
+
+    #[test]
+    fn hermes_tags_one_or_many_with_text_around() {
+        let t = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": \"{\\\"a\\\": 1, \\\"b\\\": 2}\"}\n</tool_call>";
+        let p = Hermes.parse(t, KNOWN);
+        assert_eq!(p.content, "Let me check.");
+        assert_eq!(p.calls, vec![call("get_weather", json!({"city": "Paris"})), call("add", json!({"a": 1, "b": 2}))]);
+    }
+
+    #[test]
+    fn unclosed_tag_at_the_end_still_parses() {
+        let p = Hermes.parse("<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}", KNOWN);
+        assert_eq!(p.calls, vec![call("add", json!({"a": 1}))]);
+        assert_eq!(p.content, "");
+    }
+
+    #[test]
+    fn fenced_json_as_small_models_write_it() {
+        let t = "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n```";
+        assert_eq!(Hermes.parse(t, KNOWN).calls, vec![call("get_weather", json!({"city": "Oslo"}))]);
+        let list = "Sure:\n```\n[{\"name\": \"add\", \"parameters\": {\"a\": 2}}, {\"function\": {\"name\": \"add\", \"arguments\": {\"a\": 3}}}]\n```\nDone.";
+        let p = Hermes.parse(list, KNOWN);
+        assert_eq!(p.calls, vec![call("add", json!({"a": 2})), call("add", json!({"a": 3}))]);
+        assert_eq!(p.content, "Sure:\n\nDone.");
+    }
+
+    #[test]
+    fn bare_json_and_plain_text() {
+        assert_eq!(Hermes.parse(" {\"name\": \"add\", \"arguments\": {}} ", KNOWN).calls, vec![call("add", json!({}))]);
+        let plain = Hermes.parse("The weather is fine.", KNOWN);
+        assert_eq!((plain.content.as_str(), plain.calls.len()), ("The weather is fine.", 0));
+    }
+
+    #[test]
+    fn unknown_functions_and_broken_json_stay_text() {
+        let t = "<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n</tool_call>";
+        let p = Hermes.parse(t, KNOWN);
+        assert!(p.calls.is_empty() && p.content.contains("rm_rf"));
+        let broken = Hermes.parse("```json\n{\"name\": \"add\", \"arguments\": {\n```", KNOWN);
+        assert!(broken.calls.is_empty());
+        let not_object = Hermes.parse("{\"name\": \"add\", \"arguments\": [1]}", KNOWN);
+        assert!(not_object.calls.is_empty());
+    }
+
+    #[test]
+    fn forced_prefix_completes_to_a_call() {
+        let named = Hermes.forced_prefix(Some("add"));
+        let p = Hermes.parse(&format!("{named}{{\"a\": 1}}}}\n</tool_call>"), KNOWN);
+        assert_eq!(p.calls, vec![call("add", json!({"a": 1}))]);
+        let any = Hermes.forced_prefix(None);
+        let p = Hermes.parse(&format!("{any}get_weather\", \"arguments\": {{}}}}"), KNOWN);
+        assert_eq!(p.calls, vec![call("get_weather", json!({}))]);
+    }
+}
