@@ -62,6 +62,12 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Where reasoning goes: `reasoning_content` (default), `reasoning`, `both`, or `none`
+    /// (no split: the think block stays in `content`).
+    pub reasoning_format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +75,103 @@ pub struct WireMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Value>,
+    pub tool_calls: Option<Vec<Value>>,
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// At most this many tools per request.
+pub const TOOLS_MAX: usize = 128;
+
+/// What the request asked of tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// The definitions as the template gets them.
+    pub defs: Vec<Value>,
+    pub names: Vec<String>,
+    pub choice: ToolChoice,
+}
+
+fn valid_tool_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Validates `tools` and `tool_choice`; `None` when the request has no tools.
+pub fn tools(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Tools>, AppError> {
+    let Some(tools) = tools.filter(|t| !t.is_null()) else {
+        if choice.is_some_and(|c| !c.is_null() && c != "none" && c != "auto") {
+            return Err(AppError::invalid_value("tool_choice", "tool_choice needs `tools`"));
+        }
+        return Ok(None);
+    };
+    let list = tools.as_array().ok_or_else(|| AppError::invalid_value("tools", "tools must be an array of function definitions"))?;
+    if list.len() > TOOLS_MAX {
+        return Err(AppError::invalid_value("tools", format!("at most {TOOLS_MAX} tools")));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for (i, t) in list.iter().enumerate() {
+        let param = format!("tools[{i}]");
+        if t["type"] != "function" || !t["function"].is_object() {
+            return Err(AppError::invalid_value(&param, format!("{param} must be {{\"type\": \"function\", \"function\": {{…}}}}")));
+        }
+        let f = &t["function"];
+        let name = f["name"].as_str().unwrap_or_default();
+        if !valid_tool_name(name) {
+            return Err(AppError::invalid_value(&param, format!("{param}.function.name must be 1-64 characters of a-z, A-Z, 0-9, _ or -, got {:?}", f["name"])));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(AppError::invalid_value(&param, format!("two tools are named {name:?}")));
+        }
+        let params = &f["parameters"];
+        if !params.is_null() && (!params.is_object() || params.get("type").is_some_and(|t| t != "object")) {
+            return Err(AppError::invalid_value(&param, format!("{param}.function.parameters must be a JSON Schema object with \"type\": \"object\"")));
+        }
+        names.push(name.to_string());
+    }
+    let choice = match choice {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => return Err(AppError::invalid_value("tool_choice", format!("tool_choice must be \"none\", \"auto\", \"required\" or a named function, got {other:?}"))),
+        },
+        Some(v) => {
+            let name = v["function"]["name"].as_str().filter(|_| v["type"] == "function").ok_or_else(|| {
+                AppError::invalid_value("tool_choice", "tool_choice must be {\"type\": \"function\", \"function\": {\"name\": …}}")
+            })?;
+            if !names.iter().any(|n| n == name) {
+                return Err(AppError::invalid_value("tool_choice", format!("tool_choice names {name:?}, which is not in tools")));
+            }
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    Ok(Some(Tools { defs: list.clone(), names, choice }))
+}
+
+/// An assistant message's `tool_calls` for the template: arguments as objects.
+fn template_tool_calls(calls: &[Value], param: &str) -> Result<Vec<Value>, AppError> {
+    calls
+        .iter()
+        .map(|c| {
+            let f = &c["function"];
+            let name = f["name"].as_str().ok_or_else(|| AppError::invalid_value(param, format!("{param}.tool_calls needs function.name")))?;
+            let args = match &f["arguments"] {
+                Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+                Value::Null => json!({}),
+                v => v.clone(),
+            };
+            Ok(json!({"id": c["id"], "type": "function", "function": {"name": name, "arguments": args}}))
+        })
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,7 +294,20 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
                 return Err(AppError::invalid_value(&param, format!("unknown role {:?} in {param}", m.role)));
             }
             let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
-            Ok(ChatMessage { role, content: content_text(m.content.as_ref(), &param)? })
+            let tool_calls = match &m.tool_calls {
+                Some(c) if m.role == "assistant" => template_tool_calls(c, &param)?,
+                _ => Vec::new(),
+            };
+            if m.role == "tool" && m.tool_call_id.is_none() && m.name.is_none() {
+                return Err(AppError::invalid_value(&param, format!("{param}: a tool message needs tool_call_id")));
+            }
+            Ok(ChatMessage {
+                role,
+                content: content_text(m.content.as_ref(), &param)?,
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+            })
         })
         .collect()
 }

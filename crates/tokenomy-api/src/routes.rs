@@ -13,7 +13,13 @@ use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokenomy_core::{Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use sha2::{Digest, Sha256};
+use tokenomy_chat::reasoning::{ReasoningSplitter, Start};
+use tokenomy_chat::toolcall::{Hermes, ToolCallParser};
+use tokenomy_core::ReasoningMode;
 use tokenomy_billing::{Allowance, ChargeRequest, Hold, Principal, ReceiptRef, Served};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -362,7 +368,36 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let messages = openai::chat_messages(&req.messages)?;
     let model = req.common.model.clone();
     let ctx = context_length(state, &model)?;
-    let text = state.backend.render_chat(&model, &messages)?;
+    let tools = openai::tools(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let active = tools.filter(|t| t.choice != openai::ToolChoice::None);
+    let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
+    let mut text = state.backend.render_chat(&model, &messages, defs)?;
+    let format = reasoning_format(req.reasoning_format.as_deref())?;
+    let opened = text.trim_end().ends_with(tokenomy_chat::reasoning::OPEN);
+    params.reasoning = match (format, opened) {
+        (ReasoningFormat::None, _) => ReasoningMode::Off,
+        (_, true) => ReasoningMode::OpenedByPrompt,
+        (_, false) => ReasoningMode::Detect,
+    };
+    let prefix = match active.as_ref().map(|t| &t.choice) {
+        Some(openai::ToolChoice::Required) => Hermes.forced_prefix(None),
+        Some(openai::ToolChoice::Named(n)) => Hermes.forced_prefix(Some(n)),
+        _ => String::new(),
+    };
+    if !prefix.is_empty() {
+        text.push_str(&prefix);
+        params.reasoning = ReasoningMode::Off;
+    }
+    let post = ChatPost {
+        tool_names: active.map(|t| t.names).unwrap_or_default(),
+        prefix,
+        reasoning: match params.reasoning {
+            ReasoningMode::Off => None,
+            ReasoningMode::OpenedByPrompt => Some(Start::InReasoning),
+            ReasoningMode::Detect => Some(Start::Detect),
+        },
+        format,
+    };
     let prompt = state.backend.tokenize(&model, &text, true)?;
     let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
     params.max_tokens = asked.unwrap_or_else(|| ctx.saturating_sub(prompt.len() as u32));
@@ -379,10 +414,10 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let id = format!("chatcmpl-{}", started.request_id);
     let rid = started.request_id.clone();
     if req.common.stream {
-        let resp = sse(chat_stream(started, id, include_usage)).into_response();
+        let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
         return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
     }
-    let (body, receipt) = chat_body(started, id).await?;
+    let (body, receipt) = chat_body(started, id, &post).await?;
     let receipt_id = receipt.map(|r| r.receipt_id);
     Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
 }
@@ -402,7 +437,107 @@ async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<
     (choice.index, text, logprobs, prompt_lp)
 }
 
-async fn chat_body(started: Started, id: String) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
+/// Where reasoning text goes in the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReasoningFormat {
+    ReasoningContent,
+    Reasoning,
+    Both,
+    None,
+}
+
+fn reasoning_format(v: Option<&str>) -> Result<ReasoningFormat, AppError> {
+    match v {
+        None | Some("reasoning_content") | Some("deepseek") | Some("auto") => Ok(ReasoningFormat::ReasoningContent),
+        Some("reasoning") => Ok(ReasoningFormat::Reasoning),
+        Some("both") => Ok(ReasoningFormat::Both),
+        Some("none") => Ok(ReasoningFormat::None),
+        Some(other) => Err(AppError::invalid_value(
+            "reasoning_format",
+            format!("reasoning_format must be \"reasoning_content\", \"reasoning\", \"both\" or \"none\", got {other:?}"),
+        )),
+    }
+}
+
+/// How a chat answer is read back: tool calls (with the forced prefix the prompt ended
+/// with) and the reasoning split.
+struct ChatPost {
+    tool_names: Vec<String>,
+    prefix: String,
+    reasoning: Option<Start>,
+    format: ReasoningFormat,
+}
+
+/// One choice's text as an assistant message, and whether it is a tool call.
+struct Answer {
+    reasoning: String,
+    content: String,
+    calls: Vec<tokenomy_chat::toolcall::ToolCall>,
+}
+
+impl ChatPost {
+    fn tools_on(&self) -> bool {
+        !self.tool_names.is_empty()
+    }
+
+    fn read(&self, text: &str) -> Answer {
+        let (reasoning, content) = match self.reasoning {
+            Some(start) => {
+                let s = tokenomy_chat::reasoning::split(text, start);
+                (s.reasoning, s.content)
+            }
+            None => (String::new(), text.to_string()),
+        };
+        if self.tools_on() {
+            let names: Vec<&str> = self.tool_names.iter().map(String::as_str).collect();
+            let p = Hermes.parse(&format!("{}{content}", self.prefix), &names);
+            if !p.calls.is_empty() {
+                return Answer { reasoning, content: p.content, calls: p.calls };
+            }
+        }
+        Answer { reasoning, content, calls: Vec::new() }
+    }
+
+    fn put_reasoning(&self, target: &mut Value, reasoning: &str) {
+        if reasoning.is_empty() {
+            return;
+        }
+        if matches!(self.format, ReasoningFormat::ReasoningContent | ReasoningFormat::Both) {
+            target["reasoning_content"] = json!(reasoning);
+        }
+        if matches!(self.format, ReasoningFormat::Reasoning | ReasoningFormat::Both) {
+            target["reasoning"] = json!(reasoning);
+        }
+    }
+}
+
+fn call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+}
+
+fn message_json(post: &ChatPost, a: &Answer) -> Value {
+    let content = if a.calls.is_empty() || !a.content.is_empty() { json!(a.content) } else { Value::Null };
+    let mut m = json!({"role": "assistant", "content": content});
+    post.put_reasoning(&mut m, &a.reasoning);
+    if !a.calls.is_empty() {
+        m["tool_calls"] = a
+            .calls
+            .iter()
+            .map(|c| json!({"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}}))
+            .collect();
+    }
+    m
+}
+
+fn answer_finish_reason(outcomes: &[Outcome], index: u32, a: &Answer) -> &'static str {
+    if a.calls.is_empty() {
+        finish_reason(outcomes, index)
+    } else {
+        "tool_calls"
+    }
+}
+
+async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
     let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
@@ -413,11 +548,12 @@ async fn chat_body(started: Started, id: String) -> Result<(Json<Value>, Option<
         .iter()
         .map(|(index, text, lps, _)| {
             let logprobs = (!lps.is_empty()).then(|| json!({"content": lps.iter().map(openai::chat_logprob_json).collect::<Vec<_>>()}));
+            let a = post.read(text);
             json!({
                 "index": index,
-                "message": {"role": "assistant", "content": text},
+                "message": message_json(post, &a),
                 "logprobs": logprobs,
-                "finish_reason": finish_reason(&outcomes, *index),
+                "finish_reason": answer_finish_reason(&outcomes, *index, &a),
             })
         })
         .collect();
@@ -442,7 +578,28 @@ fn merged(choices: Vec<Choice>) -> impl Stream<Item = (u32, Event)> + Send {
     }))
 }
 
-fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream<Item = Value> + Send {
+/// Streamed deltas of one choice's answer when tools are on (the answer is read whole:
+/// a call is sent as OpenAI sends it, id and name first, then the arguments).
+fn buffered_deltas(post: &ChatPost, a: &Answer) -> Vec<Value> {
+    let mut out = Vec::new();
+    if !a.reasoning.is_empty() {
+        let mut d = json!({});
+        post.put_reasoning(&mut d, &a.reasoning);
+        out.push(d);
+    }
+    if !a.content.is_empty() {
+        out.push(json!({"content": a.content}));
+    }
+    for (k, c) in a.calls.iter().enumerate() {
+        out.push(json!({"tool_calls": [{"index": k, "id": call_id(), "type": "function", "function": {"name": c.name, "arguments": ""}}]}));
+        out.push(json!({"tool_calls": [{"index": k, "function": {"arguments": c.arguments.to_string()}}]}));
+    }
+    out
+}
+
+fn chat_stream(started: Started, id: String, include_usage: bool, post: ChatPost) -> impl Stream<Item = Value> + Send {
+    let post = Arc::new(post);
+    let splitters: Arc<Mutex<HashMap<u32, ReasoningSplitter>>> = Arc::default();
     let Started { model, choices, done, .. } = started;
     let created = now_s();
     let base = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT});
@@ -457,12 +614,23 @@ fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream
         stream::iter((0..n).map(move |i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]))))
     };
     let body = {
-        let chunk = chunk.clone();
+        let (chunk, post, splitters) = (chunk.clone(), post.clone(), splitters.clone());
         merged(choices).filter_map(move |(i, ev)| {
             let out = match ev {
+                // With tools on, the answer is read whole at the end.
+                Event::Token { .. } if post.tools_on() => None,
                 Event::Token { text, logprob } if !text.is_empty() || logprob.is_some() => {
                     let lp = logprob.map(|e| json!({"content": [openai::chat_logprob_json(&e)]}));
-                    Some(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}])))
+                    let delta = match post.reasoning {
+                        None => json!({"content": text}),
+                        Some(start) => {
+                            let mut sp = splitters.lock().expect("splitters");
+                            let s = sp.entry(i).or_insert_with(|| ReasoningSplitter::new(start)).push(&text);
+                            split_delta(&post, s)
+                        }
+                    };
+                    (delta.as_object().is_some_and(|d| !d.is_empty()) || lp.is_some())
+                        .then(|| chunk(json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}])))
                 }
                 _ => None,
             };
@@ -476,7 +644,20 @@ fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream
             out.push(e.body());
         }
         for i in 0..n {
-            out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&outcomes, i)}])));
+            let mut reason = finish_reason(&outcomes, i);
+            if post.tools_on() {
+                let a = post.read(outcomes.get(i as usize).map_or("", |o| o.text.as_str()));
+                for d in buffered_deltas(&post, &a) {
+                    out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
+                }
+                reason = answer_finish_reason(&outcomes, i, &a);
+            } else if let Some(s) = splitters.lock().expect("splitters").get_mut(&i) {
+                let d = split_delta(&post, s.finish());
+                if d.as_object().is_some_and(|d| !d.is_empty()) {
+                    out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
+                }
+            }
+            out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}])));
         }
         if include_usage {
             let mut u = chunk(json!([]));
@@ -489,6 +670,15 @@ fn chat_stream(started: Started, id: String, include_usage: bool) -> impl Stream
         stream::iter(out)
     });
     head.chain(body).chain(tail)
+}
+
+fn split_delta(post: &ChatPost, s: tokenomy_chat::reasoning::Split) -> Value {
+    let mut d = json!({});
+    post.put_reasoning(&mut d, &s.reasoning);
+    if !s.content.is_empty() {
+        d["content"] = json!(s.content);
+    }
+    d
 }
 
 // ---------------------------------------------------------------------------------------------

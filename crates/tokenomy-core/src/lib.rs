@@ -85,6 +85,18 @@ pub struct SamplingParams {
     pub logprobs: Option<u8>,
     /// Do not stop at the end-of-generation token.
     pub ignore_eos: bool,
+    /// Which completion tokens count as reasoning (`<think>…</think>`), for exact usage.
+    pub reasoning: ReasoningMode,
+}
+
+/// Where a think block may be: opened by the prompt (R1 distills' templates end with
+/// `<think>`), opened by the model at the start of its output, or not looked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReasoningMode {
+    #[default]
+    Off,
+    OpenedByPrompt,
+    Detect,
 }
 
 impl Default for SamplingParams {
@@ -103,6 +115,7 @@ impl Default for SamplingParams {
             max_tokens: 16,
             logprobs: None,
             ignore_eos: false,
+            reasoning: ReasoningMode::Off,
         }
     }
 }
@@ -184,11 +197,25 @@ pub struct ModelInfo {
 }
 
 /// A chat message handed to a chat template. Content is plain text; the API layer flattens
-/// structured content parts before this point.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// structured content parts before this point. Serialized the way chat templates expect
+/// (OpenAI's shape): `tool_calls` as `[{"id", "type": "function", "function": {"name",
+/// "arguments": {…}}}]` with arguments as an object, `tool_call_id` / `name` on tool results.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
+    }
 }
 
 /// Errors a backend returns before generation starts. Each maps to one HTTP status.
@@ -216,7 +243,9 @@ pub trait Backend: Send + Sync + 'static {
     fn tokenize(&self, model: &str, text: &str, add_special: bool) -> Result<Vec<TokenId>, BackendError>;
     fn detokenize(&self, model: &str, tokens: &[TokenId]) -> Result<String, BackendError>;
     /// Renders chat messages with the model's chat template, ending with the assistant's turn.
-    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError>;
+    /// Renders a chat with the model's template, offering `tools` (OpenAI function
+    /// definitions, `[{"type": "function", "function": {…}}]`) when not empty.
+    fn render_chat(&self, model: &str, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, BackendError>;
     /// Starts a generation. Fails fast (before any token) on unknown model, context overflow
     /// or a full queue.
     fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError>;

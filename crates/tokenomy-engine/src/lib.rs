@@ -219,14 +219,14 @@ impl Backend for Engine {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    fn render_chat(&self, model: &str, messages: &[ChatMessage]) -> Result<String, BackendError> {
+    fn render_chat(&self, model: &str, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, BackendError> {
         let m = self.get(model)?;
         let template = m.template.as_ref().ok_or_else(|| {
             BackendError::InvalidRequest(format!(
                 "the model `{model}` has no chat template in its GGUF file; use /v1/completions, or start the server with --chat-template chatml|gemma|FILE"
             ))
         })?;
-        let mut text = template.render(messages).map_err(BackendError::InvalidRequest)?;
+        let mut text = template.render(messages, tools).map_err(BackendError::InvalidRequest)?;
         // The tokenizer adds BOS itself (add_special); a template that also writes it would double it.
         let bos = template.bos_token();
         if !bos.is_empty() && m.model.vocab().should_add_bos() && text.starts_with(bos) {
@@ -253,6 +253,7 @@ impl Backend for Engine {
             stops: p.stop,
             logprobs_top: p.logprobs,
             ignore_eos: p.ignore_eos,
+            reasoning: p.reasoning,
             events: events_tx,
             outcome: outcome_tx,
         };

@@ -44,10 +44,12 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` and opens the assistant's turn.
-    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
+    pub fn render(&self, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, String> {
         let template = self.env.get_template("chat").expect("added in new");
+        let tools = if tools.is_empty() { Value::from(()) } else { Value::from_serialize(tools) };
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
+            tools => tools,
             add_generation_prompt => true,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
@@ -100,8 +102,8 @@ mod tests {
 
     fn msgs() -> Vec<ChatMessage> {
         vec![
-            ChatMessage { role: "system".into(), content: "Be brief.".into() },
-            ChatMessage { role: "user".into(), content: "Hi".into() },
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
         ]
     }
 
@@ -115,7 +117,7 @@ mod tests {
             Hi<|im_end|>
             <|im_start|>assistant
         "#]]
-        .assert_eq(&t.render(&msgs()).unwrap());
+        .assert_eq(&t.render(&msgs(), &[]).unwrap());
     }
 
     #[test]
@@ -128,16 +130,16 @@ mod tests {
             Hi<end_of_turn>
             <start_of_turn>model
         "#]]
-        .assert_eq(&t.render(&msgs()).unwrap());
+        .assert_eq(&t.render(&msgs(), &[]).unwrap());
     }
 
     #[test]
     fn python_string_methods_and_raise_exception_work() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        let ok = [ChatMessage { role: "user".into(), content: "  hi ".into() }];
-        assert_eq!(t.render(&ok).unwrap(), "HI");
-        let err = t.render(&msgs()).unwrap_err();
+        let ok = [ChatMessage::new("user", "  hi ")];
+        assert_eq!(t.render(&ok, &[]).unwrap(), "HI");
+        let err = t.render(&msgs(), &[]).unwrap_err();
         assert!(err.contains("first must be user"), "{err}");
     }
 

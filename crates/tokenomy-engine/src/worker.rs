@@ -4,6 +4,8 @@
 //! channel), drop cancelled jobs, ask the scheduler for a plan, apply its KV operations, decode
 //! one batch, then sample for every sequence that needs a token and stream the text out.
 
+use tokenomy_chat::reasoning::{ReasoningSplitter, Start};
+use tokenomy_core::ReasoningMode;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -29,6 +31,7 @@ pub struct Submission {
     pub stops: Vec<String>,
     pub logprobs_top: Option<u8>,
     pub ignore_eos: bool,
+    pub reasoning: tokenomy_core::ReasoningMode,
     pub events: mpsc::UnboundedSender<Event>,
     pub outcome: oneshot::Sender<Outcome>,
 }
@@ -40,6 +43,8 @@ struct Running {
     usage: Usage,
     /// Log-probabilities of prompt tokens 1.. (token 0 has none).
     prompt_logprobs: Vec<LogprobEntry>,
+    /// Tracks the think block so reasoning tokens are counted exactly.
+    reasoning: Option<ReasoningSplitter>,
 }
 
 pub struct WorkerConfig {
@@ -154,7 +159,12 @@ impl Worker<'_> {
         // prompt_tokens grows as prompt tokens are reused (admission) or decoded, so a job
         // cancelled while waiting or mid-prompt is metered for what was processed only.
         let usage = Usage::default();
-        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new() });
+        let reasoning = match sub.reasoning {
+            ReasoningMode::Off => None,
+            ReasoningMode::OpenedByPrompt => Some(ReasoningSplitter::new(Start::InReasoning)),
+            ReasoningMode::Detect => Some(ReasoningSplitter::new(Start::Detect)),
+        };
+        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new(), reasoning });
     }
 
     fn drop_cancelled(&mut self) {
@@ -249,6 +259,15 @@ impl Worker<'_> {
         }
         let logprob = job.sub.logprobs_top.map(|n| logprob_entry(model, logits, token, n as usize));
         let piece = model.vocab().token_to_piece(LlamaToken(token), false, None);
+        if let Some(r) = job.reasoning.as_mut() {
+            // A token is reasoning if the think block is open before or after it (so the
+            // tokens that open and close the block count too).
+            let before = r.in_reasoning();
+            r.push(&String::from_utf8_lossy(&piece));
+            if before || r.in_reasoning() {
+                job.usage.reasoning_tokens += 1;
+            }
+        }
         let released = job.text.push(&piece);
         job.output.push_str(&released.text);
         let _ = job.sub.events.send(Event::Token { text: released.text, logprob });

@@ -26,9 +26,9 @@ async fn greedy_chat_answers_and_counts_prompt_tokens_with_the_engines_tokenizer
     let engine = shared_engine();
     let rendered = engine
         .render_chat(MODEL, &[
-            tokenomy_core::ChatMessage { role: "system".into(), content: "You are a concise assistant.".into() },
-            tokenomy_core::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() },
-        ])
+            tokenomy_core::ChatMessage::new("system", "You are a concise assistant."),
+            tokenomy_core::ChatMessage::new("user", "What is the capital of France?"),
+        ], &[])
         .unwrap();
     let prompt_tokens = engine.tokenize(MODEL, &rendered, true).unwrap().len() as u64;
     let u = &v["usage"];

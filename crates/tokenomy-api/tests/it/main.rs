@@ -6,6 +6,7 @@ mod chat;
 mod completions;
 mod errors;
 mod reference;
+mod tools;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

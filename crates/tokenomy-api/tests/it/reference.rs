@@ -44,7 +44,7 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|m| ChatMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].as_str().unwrap().into() })
+        .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
         .collect()
 }
 
@@ -67,7 +67,7 @@ async fn prompts_token_ids_and_greedy_answers_match_llama_server() {
             // computed partly from the prefix cache may round differently in late tokens.
             let engine = r.engine();
             let s = AppState::new(engine.clone(), ApiConfig::default());
-            let rendered = engine.render_chat(r.model, &messages(&case["messages"])).unwrap();
+            let rendered = engine.render_chat(r.model, &messages(&case["messages"]), &[]).unwrap();
             let got = engine.tokenize(r.model, &rendered, true).unwrap();
             assert_eq!(got, ids(&case["prompt_token_ids"]), "{}: prompt tokens differ\nours: {rendered:?}\ntheirs: {:?}", r.model, case["prompt"]);
             let body = json!({"model": r.model, "messages": case["messages"], "temperature": 0, "max_tokens": max_tokens});

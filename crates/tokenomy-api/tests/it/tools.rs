@@ -1,0 +1,151 @@
+//! Tool calling with the real Qwen2.5-Coder-0.5B-Instruct (a Hermes-style tool template), and
+//! the reasoning split end to end through a chat-template override.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tokenomy_api::{ApiConfig, AppState};
+use tokenomy_engine::{Engine, ModelConfig};
+
+use crate::{assert_error, engine_with, models_dir, post, Reply};
+
+const QWEN: &str = "qwen2.5-coder-0.5b";
+
+fn qwen() -> AppState {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    let e = ENGINE.get_or_init(|| {
+        let p = models_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+        assert!(p.is_file(), "{} is missing: run scripts/fetch-test-models.sh", p.display());
+        let mut c = ModelConfig::new(QWEN, p);
+        c.threads = 2;
+        c.slots = 2;
+        c.ctx_tokens_max = Some(2048);
+        Arc::new(Engine::load(&[c]).expect("qwen loads"))
+    });
+    AppState::new(e.clone(), ApiConfig::default())
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+}
+
+fn ask(tool_choice: Value, stream: bool) -> Value {
+    json!({"model": QWEN, "temperature": 0, "max_tokens": 64, "stream": stream, "tools": [weather_tool()], "tool_choice": tool_choice,
+           "messages": [{"role": "user", "content": "What is the weather in Paris right now?"}]})
+}
+
+fn the_call(r: &Reply) -> Value {
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    let call = c["message"]["tool_calls"][0].clone();
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args.is_object(), "{args}");
+    call
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_step_tool_loop_with_qwen() {
+    let s = qwen();
+    for choice in [json!("auto"), json!("required"), json!({"type": "function", "function": {"name": "get_weather"}})] {
+        the_call(&post(&s, "/v1/chat/completions", ask(choice, false)).await);
+    }
+    let r = post(&s, "/v1/chat/completions", ask(json!("required"), false)).await;
+    let call = the_call(&r);
+    // Feed the result back through the model's own template; it answers in words.
+    let follow = json!({"model": QWEN, "temperature": 0, "max_tokens": 48, "tools": [weather_tool()], "tool_choice": "none",
+        "messages": [
+            {"role": "user", "content": "What is the weather in Paris right now?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"city\": \"Paris\", \"sky\": \"sunny\", \"celsius\": 21}"}]});
+    let r = post(&s, "/v1/chat/completions", follow).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{v}");
+    assert!(text.contains("21") || text.to_lowercase().contains("sunny"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_tool_calls_arrive_as_openai_sends_them() {
+    let s = qwen();
+    let r = post(&s, "/v1/chat/completions", ask(json!("required"), true)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let chunks: Vec<Value> = r.sse_data().iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+    assert!(deltas.len() >= 2, "{chunks:?}");
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(deltas[0]["function"]["arguments"], "");
+    let args: String = deltas.iter().map(|d| d["function"]["arguments"].as_str().unwrap_or("")).collect();
+    assert!(serde_json::from_str::<Value>(&args).unwrap().is_object(), "{args}");
+    let last = chunks.iter().rev().find(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tools_and_tool_choices_are_400() {
+    let s = qwen();
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        json!({"tools": [{"type": "retrieval"}]}),
+        json!({"tools": [{"type": "function", "function": {"name": "has space"}}]}),
+        json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}),
+        json!({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}),
+        json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        json!({"tools": [weather_tool()], "tool_choice": "sometimes"}),
+        json!({"tool_choice": "required"}),
+        json!({"tools": "get_weather"}),
+    ];
+    for extra in cases {
+        let mut body = json!({"model": QWEN, "messages": msgs, "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let e = assert_error(&post(&s, "/v1/chat/completions", body.clone()).await, StatusCode::BAD_REQUEST);
+        assert!(e["message"].as_str().unwrap().len() > 10, "{body}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_opened_by_the_template_never_reaches_content() {
+    // A chatml template whose assistant turn opens a think block, as R1 distills' do.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("think.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+    )
+    .unwrap();
+    let engine = engine_with(|c| c.chat_template = Some(template.to_string_lossy().into_owned()));
+    let s = AppState::new(Arc::new(engine), ApiConfig::default());
+    let body = json!({"model": crate::MODEL, "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
+    let v = post(&s, "/v1/chat/completions", body.clone()).await.json();
+    let m = &v["choices"][0]["message"];
+    assert_eq!(m["content"], "", "{v}");
+    assert!(!m["reasoning_content"].as_str().unwrap().is_empty(), "{v}");
+    let u = &v["usage"];
+    assert_eq!(u["completion_tokens_details"]["reasoning_tokens"], u["completion_tokens"], "{v}");
+    // Streamed: reasoning deltas only, and the other field name on request.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["reasoning_format"] = json!("reasoning");
+    let r = post(&s, "/v1/chat/completions", sb).await;
+    let chunks: Vec<Value> = r.sse_data().iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let reasoning: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["reasoning"].as_str()).collect();
+    assert_eq!(content, "");
+    assert_eq!(reasoning, m["reasoning_content"].as_str().unwrap());
+    // `none` leaves the text where the model put it.
+    let mut raw = body;
+    raw["reasoning_format"] = json!("none");
+    let v = post(&s, "/v1/chat/completions", raw).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], m["reasoning_content"]);
+    assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+}
