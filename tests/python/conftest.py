@@ -25,12 +25,12 @@ def free_port() -> int:
 
 
 class Node:
-    def __init__(self, tmp: pathlib.Path, *extra: str):
+    def __init__(self, tmp: pathlib.Path, *extra: str, model_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"node-{self.port}.log"
         binary = os.environ.get("TOKENOMY_BIN", "target/debug/tokenomy")
-        model = models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = models_dir() / model_file
         assert model.is_file(), f"{model} missing: run scripts/fetch-test-models.sh"
         self.data = tmp / "data"
         self.log = open(self.log_path, "w")
@@ -83,5 +83,12 @@ def node(tmp_path_factory):
 @pytest.fixture
 def fresh_node(tmp_path):
     n = Node(tmp_path)
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="session")
+def qwen_node(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("qwen"), "--parallel", "2", model_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
     yield n
     n.stop()

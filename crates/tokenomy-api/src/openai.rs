@@ -65,6 +65,7 @@ pub struct ChatRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    pub response_format: Option<Value>,
     /// Where reasoning goes: `reasoning_content` (default), `reasoning`, `both`, or `none`
     /// (no split: the think block stays in `content`).
     pub reasoning_format: Option<String>,
@@ -78,6 +79,24 @@ pub struct WireMessage {
     pub tool_calls: Option<Vec<Value>>,
     pub tool_call_id: Option<String>,
     pub name: Option<String>,
+}
+
+/// `response_format` as a constraint: `text` (none), `json_object`, or `json_schema`.
+pub fn response_format(v: Option<&Value>) -> Result<Option<tokenomy_core::Grammar>, AppError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    let bad = |m: String| AppError::invalid_value("response_format", m);
+    match v["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(tokenomy_core::Grammar::JsonSchema(json!({"type": "object"})))),
+        Some("json_schema") => {
+            let schema = &v["json_schema"]["schema"];
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad("response_format.json_schema.schema must be a JSON Schema object".into()));
+            }
+            Ok(Some(tokenomy_core::Grammar::JsonSchema(schema.clone())))
+        }
+        other => Err(bad(format!("response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"))),
+    }
 }
 
 /// At most this many tools per request.

@@ -371,7 +371,7 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let tools = openai::tools(req.tools.as_ref(), req.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
-    let mut text = state.backend.render_chat(&model, &messages, defs)?;
+    let text = state.backend.render_chat(&model, &messages, defs)?;
     let format = reasoning_format(req.reasoning_format.as_deref())?;
     let opened = text.trim_end().ends_with(tokenomy_chat::reasoning::OPEN);
     params.reasoning = match (format, opened) {
@@ -379,18 +379,23 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
         (_, true) => ReasoningMode::OpenedByPrompt,
         (_, false) => ReasoningMode::Detect,
     };
-    let prefix = match active.as_ref().map(|t| &t.choice) {
-        Some(openai::ToolChoice::Required) => Hermes.forced_prefix(None),
-        Some(openai::ToolChoice::Named(n)) => Hermes.forced_prefix(Some(n)),
-        _ => String::new(),
-    };
-    if !prefix.is_empty() {
-        text.push_str(&prefix);
+    params.grammar = openai::response_format(req.response_format.as_ref())?;
+    // `required` or a named function: decoding is constrained to a valid call.
+    let forced: Option<Vec<&Value>> = active.as_ref().and_then(|t| match &t.choice {
+        openai::ToolChoice::Required => Some(t.defs.iter().collect()),
+        openai::ToolChoice::Named(n) => Some(t.defs.iter().filter(|d| d["function"]["name"] == n.as_str()).collect()),
+        _ => None,
+    });
+    if let Some(defs) = forced {
+        let tools: Vec<(&str, &Value)> = defs.iter().map(|d| (d["function"]["name"].as_str().unwrap_or_default(), &d["function"]["parameters"])).collect();
+        params.grammar = Some(tokenomy_core::Grammar::Lark(Hermes.call_grammar(&tools)));
+    }
+    if params.grammar.is_some() {
         params.reasoning = ReasoningMode::Off;
     }
     let post = ChatPost {
         tool_names: active.map(|t| t.names).unwrap_or_default(),
-        prefix,
+        prefix: String::new(),
         reasoning: match params.reasoning {
             ReasoningMode::Off => None,
             ReasoningMode::OpenedByPrompt => Some(Start::InReasoning),

@@ -20,9 +20,10 @@ pub struct Parsed {
 pub trait ToolCallParser: Send + Sync {
     /// Splits `text` into content and calls to functions named in `known` (others stay text).
     fn parse(&self, text: &str, known: &[&str]) -> Parsed;
-    /// Text that opens a call, appended to the prompt to make the model call a tool
-    /// (`tool_choice: required`, or a named function).
-    fn forced_prefix(&self, name: Option<&str>) -> String;
+    /// A grammar (llguidance's Lark dialect) whose every sentence is one call, in this family's
+    /// syntax, to one of `tools` (`(name, JSON Schema of the arguments)`): constraining decoding
+    /// with it makes `tool_choice: required` (or a named function) always yield a valid call.
+    fn call_grammar(&self, tools: &[(&str, &Value)]) -> String;
 }
 
 /// Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Hermes, many
@@ -47,11 +48,21 @@ impl ToolCallParser for Hermes {
         }
     }
 
-    fn forced_prefix(&self, name: Option<&str>) -> String {
-        match name {
-            Some(n) => format!("{OPEN}\n{{\"name\": {}, \"arguments\": ", Value::String(n.to_string())),
-            None => format!("{OPEN}\n{{\"name\": \""),
-        }
+    fn call_grammar(&self, tools: &[(&str, &Value)]) -> String {
+        let one_of: Vec<Value> = tools
+            .iter()
+            .map(|(name, params)| {
+                let args = if params.is_object() { (*params).clone() } else { serde_json::json!({"type": "object"}) };
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": args},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let schema = serde_json::json!({"anyOf": one_of});
+        format!("start: \"{OPEN}\\n\" call \"\\n{CLOSE}\"\ncall: %json {schema}\n")
     }
 }
 
@@ -182,12 +193,13 @@ mod tests {
     }
 
     #[test]
-    fn forced_prefix_completes_to_a_call() {
-        let named = Hermes.forced_prefix(Some("add"));
-        let p = Hermes.parse(&format!("{named}{{\"a\": 1}}}}\n</tool_call>"), KNOWN);
-        assert_eq!(p.calls, vec![call("add", json!({"a": 1}))]);
-        let any = Hermes.forced_prefix(None);
-        let p = Hermes.parse(&format!("{any}get_weather\", \"arguments\": {{}}}}"), KNOWN);
-        assert_eq!(p.calls, vec![call("get_weather", json!({}))]);
+    fn the_call_grammar_names_every_tool_and_its_schema() {
+        let params = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let g = Hermes.call_grammar(&[("add", &params), ("get_weather", &Value::Null)]);
+        assert!(g.starts_with("start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {"), "{g}");
+        let schema: Value = serde_json::from_str(g.lines().nth(1).unwrap().strip_prefix("call: %json ").unwrap()).unwrap();
+        assert_eq!(schema["anyOf"][0]["properties"]["name"]["const"], "add");
+        assert_eq!(schema["anyOf"][0]["properties"]["arguments"], params);
+        assert_eq!(schema["anyOf"][1]["properties"]["arguments"], json!({"type": "object"}));
     }
 }

@@ -87,6 +87,17 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Which completion tokens count as reasoning (`<think>…</think>`), for exact usage.
     pub reasoning: ReasoningMode,
+    /// A constraint every sampled token must keep satisfiable; generation ends when it is complete.
+    pub grammar: Option<Grammar>,
+}
+
+/// A constraint on the output, enforced during sampling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grammar {
+    /// The output is one JSON value valid against this JSON Schema.
+    JsonSchema(serde_json::Value),
+    /// A Lark grammar in llguidance's dialect (may embed `%json {…}` schemas).
+    Lark(String),
 }
 
 /// Where a think block may be: opened by the prompt (R1 distills' templates end with
@@ -116,6 +127,7 @@ impl Default for SamplingParams {
             logprobs: None,
             ignore_eos: false,
             reasoning: ReasoningMode::Off,
+            grammar: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! Architecture Invariant: the engine does no network I/O; it implements
 //! [`tokenomy_core::Backend`] and knows nothing of HTTP or wire formats.
 
+mod constraint;
 pub mod gguf;
 pub mod metrics;
 pub mod sampler;
@@ -92,6 +93,7 @@ struct LoadedModel {
     sha256: Arc<OnceLock<String>>,
     model: Arc<LlamaModel>,
     template: Option<ChatTemplate>,
+    grammars: constraint::Compiler,
     tx: SyncSender<Submission>,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -150,7 +152,7 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
             Err(e) => tracing::warn!(error = %e, "cannot hash the model file"),
         })
         .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
-    Ok(LoadedModel { info, sha256, model, template, tx, limits, metrics })
+    Ok(LoadedModel { info, sha256, model, template, grammars: Default::default(), tx, limits, metrics })
 }
 
 fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<SyncSender<Submission>, String> {
@@ -241,6 +243,10 @@ impl Backend for Engine {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (outcome_tx, outcome) = oneshot::channel();
         let p = request.params;
+        let constraint = match &p.grammar {
+            Some(g) => Some(m.grammars.matcher(&m.model, g).map_err(BackendError::InvalidRequest)?),
+            None => None,
+        };
         let spec = JobSpec {
             id: self.next_job.fetch_add(1, Ordering::Relaxed),
             prompt: request.prompt,
@@ -254,6 +260,7 @@ impl Backend for Engine {
             logprobs_top: p.logprobs,
             ignore_eos: p.ignore_eos,
             reasoning: p.reasoning,
+            constraint,
             events: events_tx,
             outcome: outcome_tx,
         };

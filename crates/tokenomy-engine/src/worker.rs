@@ -32,6 +32,7 @@ pub struct Submission {
     pub logprobs_top: Option<u8>,
     pub ignore_eos: bool,
     pub reasoning: tokenomy_core::ReasoningMode,
+    pub constraint: Option<crate::constraint::Constraint>,
     pub events: mpsc::UnboundedSender<Event>,
     pub outcome: oneshot::Sender<Outcome>,
 }
@@ -251,8 +252,26 @@ impl Worker<'_> {
             return self.finish(id, FinishReason::Length, None);
         }
         let banned: &[TokenId] = if job.sub.ignore_eos { &self.eog } else { &[] };
-        let token = job.sub.sampler.sample(logits, banned);
+        let token = match job.sub.constraint.as_mut() {
+            None => job.sub.sampler.sample(logits, banned),
+            Some(c) => {
+                let mut masked = logits.to_vec();
+                if let Err(e) = c.mask(&mut masked) {
+                    return self.finish(id, FinishReason::Error, Some(format!("constraint: {e}")));
+                }
+                job.sub.sampler.sample(&masked, banned)
+            }
+        };
         job.sub.sampler.accept(token);
+        let constraint_done = match job.sub.constraint.as_mut() {
+            Some(c) => {
+                if let Err(e) = c.accept(token) {
+                    return self.finish(id, FinishReason::Error, Some(format!("constraint: {e}")));
+                }
+                c.is_done()
+            }
+            None => false,
+        };
         job.usage.completion_tokens += 1;
         if model.vocab().is_eog(LlamaToken(token)) && !job.sub.ignore_eos {
             return self.finish(id, FinishReason::Stop, None);
@@ -271,7 +290,7 @@ impl Worker<'_> {
         let released = job.text.push(&piece);
         job.output.push_str(&released.text);
         let _ = job.sub.events.send(Event::Token { text: released.text, logprob });
-        if released.stopped {
+        if released.stopped || constraint_done {
             return self.finish(id, FinishReason::Stop, None);
         }
         if !self.sched.on_sampled(id, token) {

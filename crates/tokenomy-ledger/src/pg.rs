@@ -1,12 +1,16 @@
 //! PostgreSQL store: each operation is one transaction.
 //!
-//! Locking order (fixed, so concurrent operations cannot deadlock):
-//! 1. the hold's `transfers` row (`SELECT … FOR UPDATE`, settle/void only);
+//! `hold` and `settle` (the charging hot path) are batched: many of them run
+//! in one transaction with a fixed number of round trips (see `pg_batch.rs`);
+//! the other writes run one transaction each.
+//!
+//! Locking order (fixed, so concurrent operations and batches cannot deadlock):
+//! 1. the holds' `transfers` rows (`SELECT … FOR UPDATE`, ascending id);
 //! 2. customer accounts (User/Agent) by ascending id, `SELECT … FOR UPDATE`;
-//! 3. the system accounts (treasury, operator revenue), touched last and only
+//! 3. the single `log_head` row, which assigns the next log index;
+//! 4. the system accounts (treasury, operator revenue), touched last and only
 //!    by an atomic `balance += delta` UPDATE, so their hot rows are held for
-//!    the shortest time;
-//! 4. the single `log_head` row, whose UPDATE assigns the next log index.
+//!    the shortest time.
 //!
 //! Concurrent inserts of the same idempotency key, deadlocks and
 //! serialization failures roll back and retry (at most [`MAX_RETRIES`]).
@@ -30,10 +34,17 @@ const TRANSFER_COLS: &str = "id, idempotency_key, debit_account, credit_account,
 const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, revoked_at_ms";
 const RETRY_MARK: &str = "retryable: ";
 
-/// Cheap to clone; clones share the connection pool.
+#[path = "pg_batch.rs"]
+mod batch;
+pub use batch::{BATCHERS, MAX_PG_BATCH, PG_CHANNEL_CAPACITY};
+
+/// Cheap to clone; clones share the connection pool and the batch tasks.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Queue of the batch tasks that run `hold` and `settle` (see [`batch`]);
+    /// None: every operation runs in its own transaction.
+    jobs: Option<tokio::sync::mpsc::Sender<batch::Job>>,
 }
 
 fn pg_err(e: tokio_postgres::Error) -> LedgerError {
@@ -67,8 +78,9 @@ impl PgStore {
         cfg.options(format!("-c search_path={schema}"));
         let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(mgr).max_size(pool_size).build().map_err(|e| LedgerError::Storage(e.to_string()))?;
-        let store = PgStore { pool };
+        let mut store = PgStore { pool, jobs: None };
         store.migrate(schema).await?;
+        store.jobs = Some(batch::spawn(store.pool.clone()));
         Ok(store)
     }
 
@@ -318,21 +330,32 @@ async fn op_posted(tx: &Transaction<'_>, req: TransferRequest, leaf: Option<Leaf
     apply_posted(&mut debit, &mut credit, req.amount_micros)?;
     let t = req.into_transfer(now, None);
     insert_transfer(tx, &t).await?;
-    store_pair(tx, &before, &debit, &credit).await?;
-    if let Some(leaf) = &leaf {
-        append_log(tx, leaf, &t).await?;
-    }
+    store_pair(tx, &before, &debit, &credit, leaf.as_ref().map(|l| (l, &t))).await?;
     Ok(t)
 }
 
-/// Stores customer rows first, system rows last (see the module's lock order).
-async fn store_pair(tx: &Transaction<'_>, before: &[Account], debit: &Account, credit: &Account) -> Result<()> {
+/// Stores customer rows first, then appends the log entry (locking `log_head`),
+/// then system rows last: the module's lock order, shared with the batch path.
+async fn store_pair(
+    tx: &Transaction<'_>,
+    before: &[Account],
+    debit: &Account,
+    credit: &Account,
+    log: Option<(&Leaf, &Transfer)>,
+) -> Result<Option<u64>> {
     let mut pairs = [(&before[0], debit), (&before[1], credit)];
     pairs.sort_by_key(|(_, a)| (is_system(a.id), a.id));
-    for (b, a) in pairs {
+    for (b, a) in pairs.iter().filter(|(_, a)| !is_system(a.id)) {
         store_delta(tx, b, a).await?;
     }
-    Ok(())
+    let index = match log {
+        Some((leaf, t)) => Some(append_log(tx, leaf, t).await?),
+        None => None,
+    };
+    for (b, a) in pairs.iter().filter(|(_, a)| is_system(a.id)) {
+        store_delta(tx, b, a).await?;
+    }
+    Ok(index)
 }
 
 async fn op_hold(tx: &Transaction<'_>, req: TransferRequest, now: i64) -> Result<Transfer> {
@@ -376,11 +399,11 @@ async fn op_settle(tx: &Transaction<'_>, hold_id: TransferId, amount: i64, now: 
     if let Some(p) = &posted {
         insert_transfer(tx, p).await?;
     }
-    store_pair(tx, &before, &debit, &credit).await?;
-    let log_index = match (&posted, &leaf) {
-        (Some(p), Some(leaf)) => Some(append_log(tx, leaf, p).await?),
+    let log = match (&posted, &leaf) {
+        (Some(p), Some(leaf)) => Some((leaf, p)),
         _ => None,
     };
+    let log_index = store_pair(tx, &before, &debit, &credit, log).await?;
     Ok(Settled { hold, posted, released_micros, log_index })
 }
 
@@ -511,10 +534,22 @@ impl LedgerStore for PgStore {
 
     async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
         let req = hold_request(account, amount_micros, key, timeout_ms)?;
+        if let Some(jobs) = &self.jobs {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let job = batch::Job { op: batch::Op::Hold { req, now: now_ms }, reply: batch::Reply::Hold(tx) };
+            jobs.send(job).await.map_err(|_| LedgerError::Closed)?;
+            return rx.await.map_err(|_| LedgerError::Closed)?;
+        }
         self.in_tx(|tx| Box::pin(op_hold(tx, req.clone(), now_ms))).await
     }
 
     async fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> Result<Settled> {
+        if let Some(jobs) = &self.jobs {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let op = batch::Op::Settle { hold_id, amount: amount_micros, now: now_ms, leaf };
+            jobs.send(batch::Job { op, reply: batch::Reply::Settle(tx) }).await.map_err(|_| LedgerError::Closed)?;
+            return rx.await.map_err(|_| LedgerError::Closed)?;
+        }
         self.in_tx(|tx| Box::pin(op_settle(tx, hold_id, amount_micros, now_ms, leaf.clone()))).await
     }
 

@@ -149,3 +149,64 @@ async fn reasoning_opened_by_the_template_never_reaches_content() {
     assert_eq!(v["choices"][0]["message"]["content"], m["reasoning_content"]);
     assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_schema_outputs_always_validate_at_temperature_1() {
+    let s = qwen();
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3}},
+        "required": ["name", "age", "pets"], "additionalProperties": false});
+    let mut valid = 0;
+    for seed in 0..10 {
+        let body = json!({"model": QWEN, "temperature": 1.0, "seed": seed, "n": 10, "max_tokens": 80,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "strict": true, "schema": schema}},
+            "messages": [{"role": "user", "content": "Invent a person and their pets."}]});
+        let v = post(&s, "/v1/chat/completions", body).await.json();
+        for c in v["choices"].as_array().unwrap() {
+            let text = c["message"]["content"].as_str().unwrap();
+            let p: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?} {c}"));
+            let o = p.as_object().unwrap();
+            assert_eq!(o.len(), 3, "{p}");
+            assert!(p["name"].as_str().is_some_and(|n| n.chars().count() <= 20), "{p}");
+            assert!(p["age"].as_i64().is_some_and(|a| (0..=150).contains(&a)), "{p}");
+            let pets = p["pets"].as_array().unwrap();
+            assert!(pets.len() <= 3 && pets.iter().all(|x| ["cat", "dog", "fish"].contains(&x.as_str().unwrap())), "{p}");
+            valid += 1;
+        }
+    }
+    assert_eq!(valid, 100);
+    // json_object: any object
+    let body = json!({"model": QWEN, "temperature": 1.0, "max_tokens": 60, "response_format": {"type": "json_object"},
+        "messages": [{"role": "user", "content": "Describe Paris."}]});
+    let v = post(&s, "/v1/chat/completions", body).await.json();
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(text).map(|v| v.is_object()).unwrap_or(false) || v["choices"][0]["finish_reason"] == "length", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_always_yields_a_valid_call_even_at_temperature_1() {
+    let s = qwen();
+    let add = json!({"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"], "additionalProperties": false}}});
+    for seed in 0..4 {
+        let body = json!({"model": QWEN, "temperature": 1.0, "seed": seed, "n": 5, "max_tokens": 80, "tools": [weather_tool(), add], "tool_choice": "required",
+            "messages": [{"role": "user", "content": "Tell me a joke about cats."}]});
+        let v = post(&s, "/v1/chat/completions", body).await.json();
+        for c in v["choices"].as_array().unwrap() {
+            assert_eq!(c["finish_reason"], "tool_calls", "{c}");
+            let call = &c["message"]["tool_calls"][0]["function"];
+            let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+            match call["name"].as_str().unwrap() {
+                "add" => assert!(args["a"].is_i64() && args["b"].is_i64(), "{args}"),
+                "get_weather" => assert!(args["city"].is_string(), "{args}"),
+                other => panic!("unknown tool {other}"),
+            }
+        }
+    }
+    let bad = json!({"model": QWEN, "max_tokens": 5, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}},
+        "messages": [{"role": "user", "content": "hi"}]});
+    assert_error(&post(&s, "/v1/chat/completions", bad).await, StatusCode::BAD_REQUEST);
+    let bad = json!({"model": QWEN, "max_tokens": 5, "response_format": {"type": "yaml"}, "messages": [{"role": "user", "content": "hi"}]});
+    assert_error(&post(&s, "/v1/chat/completions", bad).await, StatusCode::BAD_REQUEST);
+}

@@ -390,3 +390,131 @@ pub async fn mixed_workload_check<S: LedgerStore>(s: Arc<S>) {
     assert_eq!(total + op + treasury, 0);
     assert_eq!(report.accounts, 6);
 }
+
+/// Many jobs land in the same group-commit batch; the ones that fail (a leaf
+/// closure panics, a settle exceeds its hold, funds run out) must not fail,
+/// roll back or reorder the others, and duplicates must replay the original.
+pub async fn batch_failures_are_isolated<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 60 * C).await;
+    // Concurrent holds with the same key: one hold, every caller gets it back.
+    let mut dup = Vec::new();
+    for _ in 0..16 {
+        let s = s.clone();
+        dup.push(tokio::spawn(async move { s.hold(a.id, C, "same-key", 60_000, T0).await }));
+    }
+    let mut same = Vec::new();
+    for t in dup {
+        same.push(t.await.unwrap().unwrap());
+    }
+    assert!(same.iter().all(|h| *h == same[0]));
+    assert_eq!(s.get_account(a.id).await.unwrap().pending_micros, C);
+    s.void(same[0].id).await.unwrap();
+    // 80 holds of 1 credit on 60 credits: 60 succeed, 20 are short, concurrently.
+    let mut tasks = Vec::new();
+    for i in 0..80u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.hold(a.id, C, &format!("b{i}"), 60_000, T0).await }));
+    }
+    let mut holds = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(h) => holds.push(h),
+            Err(LedgerError::InsufficientFunds { .. }) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(holds.len(), 60);
+    assert_eq!(s.get_account(a.id).await.unwrap().available_micros(), 0);
+    // Settle them all concurrently with a mix of failures and duplicates.
+    let panics: Leaf = Arc::new(|_, _| panic!("leaf panics"));
+    let mut tasks = Vec::new();
+    for (i, h) in holds.iter().enumerate() {
+        let copies = if i % 5 == 1 { 3 } else { 1 };
+        for _ in 0..copies {
+            let (s, h, panics) = (s.clone(), h.clone(), panics.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = match i % 5 {
+                    0 => s.settle(h.id, C / 2, T0 + 1, Some(panics)).await,
+                    2 => s.settle(h.id, C + 1, T0 + 1, Some(leaf_fn())).await,
+                    3 => s.settle(h.id, 0, T0 + 1, Some(leaf_fn())).await,
+                    _ => s.settle(h.id, C / 4, T0 + 1, Some(leaf_fn())).await,
+                };
+                (i, r)
+            }));
+        }
+    }
+    let mut by_hold: std::collections::HashMap<usize, Vec<Settled>> = Default::default();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match (i % 5, r) {
+            (0, Err(LedgerError::InvalidArgument(_))) => {}
+            (2, Err(LedgerError::SettleExceedsHold { .. })) => {}
+            (3, Ok(st)) => assert_eq!((st.posted, st.log_index, st.released_micros), (None, None, C)),
+            (1 | 4, Ok(st)) => by_hold.entry(i).or_default().push(st),
+            (k, r) => panic!("job kind {k}: unexpected {r:?}"),
+        }
+    }
+    // Duplicated settles all got the same result, with the same log index.
+    for results in by_hold.values() {
+        assert!(results.iter().all(|r| *r == results[0]), "{results:?}");
+        assert!(results[0].log_index.is_some());
+    }
+    let settled = by_hold.len() as u64;
+    assert_eq!(settled, 24);
+    // Failed settles left their holds pending; they can still be settled.
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!(acc.pending_micros, 24 * C);
+    assert_eq!(acc.balance_micros, 60 * C - settled as i64 * (C / 4));
+    assert_eq!(s.log_size().await.unwrap(), settled);
+    let log = s.log_entries(0, 1000).await.unwrap();
+    assert!(log.iter().enumerate().all(|(k, e)| e.log_index == k as u64));
+    let mut indices: Vec<u64> = by_hold.values().map(|r| r[0].log_index.unwrap()).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (0..settled).collect::<Vec<_>>());
+    for (k, e) in log.iter().enumerate() {
+        let posted = by_hold.values().find(|r| r[0].log_index == Some(k as u64)).unwrap()[0].posted.clone().unwrap();
+        assert_eq!((e.transfer_id, &e.leaf_bytes), (posted.id, &leaf_fn()(k as u64, &posted)));
+    }
+    for (i, h) in holds.iter().enumerate() {
+        if i % 5 == 0 || i % 5 == 2 {
+            s.settle(h.id, C, T0 + 2, None).await.unwrap();
+        }
+    }
+    assert_eq!(s.get_account(a.id).await.unwrap().pending_micros, 0);
+    assert_check_ok(&*s).await;
+}
+
+/// Writers hammering one account with hold + settle pairs never overdraw it
+/// and the log stays dense, whatever the batching.
+pub async fn concurrent_pairs_one_account<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 100 * C).await;
+    let mut tasks = Vec::new();
+    for w in 0..32u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut spent = 0;
+            for i in 0..20u64 {
+                match s.hold(a.id, C, &format!("p{w}-{i}"), 60_000, T0).await {
+                    Ok(h) => {
+                        let st = s.settle(h.id, C / 2 + (w as i64), T0 + 1, Some(leaf_fn())).await.unwrap();
+                        spent += st.posted.unwrap().amount_micros;
+                    }
+                    Err(LedgerError::InsufficientFunds { .. }) => {}
+                    Err(e) => panic!("unexpected {e}"),
+                }
+                assert!(s.get_account(a.id).await.unwrap().available_micros() >= 0);
+            }
+            spent
+        }));
+    }
+    let mut spent = 0;
+    for t in tasks {
+        spent += t.await.unwrap();
+    }
+    let acc = s.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (100 * C - spent, 0));
+    assert_eq!(s.get_account(OPERATOR_REVENUE).await.unwrap().balance_micros, spent);
+    let n = s.log_size().await.unwrap();
+    assert_eq!(s.log_entries(0, 1000).await.unwrap().len() as u64, n);
+    assert_check_ok(&*s).await;
+}

@@ -78,4 +78,6 @@ conformance_suite!(
     statement_pages,
     api_keys,
     mixed_workload_check,
+    batch_failures_are_isolated,
+    concurrent_pairs_one_account,
 );

@@ -1,0 +1,566 @@
+//! Batched holds and settlements for [`PgStore`](super::PgStore).
+//!
+//! `hold` and `settle` are the charging hot path. Run one transaction each,
+//! every settlement updates the operator-revenue row and `log_head`, so they
+//! all queue on those two row locks for a commit (an fsync) each. Instead,
+//! calls are queued to [`BATCHERS`] tasks; each takes every queued job (up to
+//! [`MAX_PG_BATCH`]) and runs them in ONE transaction with a fixed number of
+//! round trips, whatever the batch size:
+//!
+//! 1. lock the settled holds (`FOR UPDATE`, ascending id);
+//! 2. read the idempotency keys the batch may replay;
+//! 3. lock the customer accounts (`FOR UPDATE`, ascending id) and read the
+//!    system accounts (changed only by atomic deltas);
+//! 4. apply the domain rules to every job **in memory, in queue order**
+//!    ([`plan`]): a job that fails (insufficient funds, conflict, expired…)
+//!    changes nothing and the next job sees the state without it, exactly as
+//!    if the jobs had run one by one;
+//! 5. when some settlement appends a leaf, lock `log_head` and number the
+//!    leaves `head, head+1, …` in queue order; a leaf closure that fails
+//!    fails its job and the plan is recomputed without it (the locks are
+//!    still held, so nothing changed meanwhile);
+//! 6. write everything with set-based statements (`unnest` arrays): the new
+//!    transfers, the holds' new states, one delta per customer account, the
+//!    log entries and `log_head`, and last one delta per system account;
+//!    then COMMIT, and only then reply.
+//!
+//! The lock order (holds → customer accounts → `log_head` → system accounts)
+//! is the one the per-operation path uses, so batches and single operations
+//! (or other nodes) cannot deadlock on each other. If anything in the batch
+//! fails at the database level (a unique violation from another node's
+//! concurrent insert, a deadlock, a lost connection, even an unknown COMMIT
+//! outcome), the batch is rolled back and each job is re-run alone through
+//! the per-operation path, which retries; both operations are idempotent
+//! (hold by key, settle by hold), so a re-run after a COMMIT that did succeed
+//! returns the original result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::*;
+
+/// Concurrent batch tasks (each with its own connection while it runs).
+pub const BATCHERS: usize = 4;
+/// Most jobs in one batch transaction.
+pub const MAX_PG_BATCH: usize = 512;
+/// Depth of the batch queue; senders wait (backpressure) when it is full.
+pub const PG_CHANNEL_CAPACITY: usize = 8192;
+
+pub(super) enum Op {
+    Hold { req: TransferRequest, now: i64 },
+    Settle { hold_id: TransferId, amount: i64, now: i64, leaf: Option<Leaf> },
+}
+
+pub(super) enum Reply {
+    Hold(oneshot::Sender<Result<Transfer>>),
+    Settle(oneshot::Sender<Result<Settled>>),
+}
+
+pub(super) struct Job {
+    pub op: Op,
+    pub reply: Reply,
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Outcome {
+    Hold(Result<Transfer>),
+    /// A settlement; `log` is its position in the plan's log list (index assigned later),
+    /// `replay_of` a posted transfer whose existing log index must be looked up.
+    Settle { result: Result<Settled>, log: Option<usize>, replay_of: Option<TransferId> },
+}
+
+/// Starts the batch tasks; they end when every sender (every `PgStore` clone) is dropped.
+pub(super) fn spawn(pool: Pool) -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel::<Job>(PG_CHANNEL_CAPACITY);
+    let rx = Arc::new(Mutex::new(rx));
+    for _ in 0..BATCHERS {
+        let (rx, pool) = (rx.clone(), pool.clone());
+        tokio::spawn(async move {
+            loop {
+                let batch = {
+                    let mut rx = rx.lock().await;
+                    let Some(first) = rx.recv().await else { return };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_PG_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    batch
+                };
+                run(&pool, batch).await;
+            }
+        });
+    }
+    tx
+}
+
+async fn run(pool: &Pool, batch: Vec<Job>) {
+    let ops: Vec<&Op> = batch.iter().map(|j| &j.op).collect();
+    let outcome = match pool.get().await {
+        Ok(mut client) => match client.transaction().await {
+            Ok(tx) => match execute_batch(&tx, &ops).await {
+                Ok(results) => tx.commit().await.map(|_| results).map_err(pg_err),
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(pg_err(e)),
+        },
+        Err(e) => Err(LedgerError::Storage(e.to_string())),
+    };
+    match outcome {
+        Ok(results) => {
+            for (job, result) in batch.into_iter().zip(results) {
+                match (job.reply, result) {
+                    (Reply::Hold(tx), Outcome::Hold(r)) => drop(tx.send(r)),
+                    (Reply::Settle(tx), Outcome::Settle { result, .. }) => drop(tx.send(result)),
+                    _ => unreachable!("outcome kind matches its job"),
+                }
+            }
+        }
+        Err(_) => {
+            // Nothing of the batch is known to be committed: re-run each job alone
+            // (idempotent), concurrently, through the per-operation path with retries.
+            let store = PgStore { pool: pool.clone(), jobs: None };
+            let runs = batch.into_iter().map(|job| {
+                let store = store.clone();
+                async move {
+                    match (job.op, job.reply) {
+                        (Op::Hold { req, now }, Reply::Hold(tx)) => {
+                            let r = store.in_tx(|t| Box::pin(op_hold(t, req.clone(), now))).await;
+                            let _ = tx.send(r);
+                        }
+                        (Op::Settle { hold_id, amount, now, leaf }, Reply::Settle(tx)) => {
+                            let r = store.in_tx(|t| Box::pin(op_settle(t, hold_id, amount, now, leaf.clone()))).await;
+                            let _ = tx.send(r);
+                        }
+                        _ => unreachable!("reply kind matches its job"),
+                    }
+                }
+            });
+            let handles: Vec<_> = runs.map(tokio::spawn).collect();
+            for h in handles {
+                let _ = h.await;
+            }
+        }
+    }
+}
+
+/// Rows the batch read (and locked) before planning.
+struct Loaded {
+    holds: HashMap<TransferId, Transfer>,
+    by_key: HashMap<String, Transfer>,
+    accounts: HashMap<AccountId, Account>,
+}
+
+/// The in-memory result of applying the batch's jobs in order.
+struct Plan {
+    outcomes: Vec<Outcome>,
+    accounts: HashMap<AccountId, Account>,
+    new_transfers: Vec<Transfer>,
+    states: Vec<(TransferId, TransferState)>,
+    /// (job position, posted transfer, leaf) in log order.
+    log: Vec<(usize, Transfer, Leaf)>,
+}
+
+async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>> {
+    // 1. Lock the holds being settled, in ascending id order.
+    let mut hold_ids: Vec<TransferId> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Settle { hold_id, .. } => Some(*hold_id),
+            Op::Hold { .. } => None,
+        })
+        .collect();
+    hold_ids.sort();
+    hold_ids.dedup();
+    let mut holds = HashMap::new();
+    if !hold_ids.is_empty() {
+        let ids: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
+        let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+        for row in query(tx, &sql, &[&ids]).await? {
+            let t = row_transfer(&row, 0)?;
+            holds.insert(t.id, t);
+        }
+    }
+    // 2. Idempotency keys the batch may replay: new holds' keys, posted holds' settle keys.
+    let mut keys: Vec<String> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Hold { req, .. } => Some(req.idempotency_key.clone()),
+            Op::Settle { .. } => None,
+        })
+        .collect();
+    keys.extend(holds.values().filter(|h| h.state == TransferState::Posted).map(|h| settle_key(h.id)));
+    keys.sort();
+    keys.dedup();
+    let mut by_key = HashMap::new();
+    if !keys.is_empty() {
+        let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ANY($1)");
+        for row in query(tx, &sql, &[&keys]).await? {
+            let t = row_transfer(&row, 0)?;
+            by_key.insert(t.idempotency_key.clone(), t);
+        }
+    }
+    // 3. Accounts: customers locked in ascending id order, system rows read.
+    let mut ids: Vec<AccountId> = Vec::new();
+    for op in ops {
+        if let Op::Hold { req, .. } = op {
+            ids.extend([req.debit_account, req.credit_account]);
+        }
+    }
+    for h in holds.values() {
+        ids.extend([h.debit_account, h.credit_account]);
+    }
+    ids.sort();
+    ids.dedup();
+    let customers: Vec<Vec<u8>> = ids.iter().filter(|id| !is_system(**id)).map(|id| id.to_bytes().to_vec()).collect();
+    let system: Vec<Vec<u8>> = ids.iter().filter(|id| is_system(**id)).map(|id| id.to_bytes().to_vec()).collect();
+    let mut accounts = HashMap::new();
+    if !customers.is_empty() {
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+        for row in query(tx, &sql, &[&customers]).await? {
+            let a = row_account(&row)?;
+            accounts.insert(a.id, a);
+        }
+    }
+    if !system.is_empty() {
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1)");
+        for row in query(tx, &sql, &[&system]).await? {
+            let a = row_account(&row)?;
+            accounts.insert(a.id, a);
+        }
+    }
+    let loaded = Loaded { holds, by_key, accounts };
+
+    // 4–5. Plan in memory; number the leaves under the log_head lock.
+    let mut excluded: HashMap<usize, LedgerError> = HashMap::new();
+    let mut head: Option<i64> = None;
+    let (plan, leaves) = loop {
+        let plan = plan(ops, &loaded, &excluded);
+        if plan.log.is_empty() {
+            break (plan, Vec::new());
+        }
+        let base = match head {
+            Some(h) => h,
+            None => {
+                let rows = query(tx, "SELECT next_index FROM log_head WHERE id = 1 FOR UPDATE", &[]).await?;
+                let h: i64 = col(rows.first().ok_or_else(|| LedgerError::Storage("log_head missing".into()))?, 0)?;
+                head = Some(h);
+                h
+            }
+        };
+        let mut leaves = Vec::with_capacity(plan.log.len());
+        let mut failed = None;
+        for (k, (pos, t, leaf)) in plan.log.iter().enumerate() {
+            match run_leaf(leaf, (base + k as i64) as u64, t) {
+                Ok(bytes) => leaves.push(bytes),
+                Err(e) => {
+                    failed = Some((*pos, e));
+                    break;
+                }
+            }
+        }
+        match failed {
+            Some((pos, e)) => {
+                excluded.insert(pos, e);
+            }
+            None => break (plan, leaves),
+        }
+    };
+
+    // 6. Writes, pipelined on the one connection (sent in this order).
+    let base = head.unwrap_or(0);
+    let mut outcomes = plan.outcomes;
+    let replayed: Vec<Vec<u8>> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Settle { replay_of: Some(id), .. } => Some(id.to_bytes().to_vec()),
+            _ => None,
+        })
+        .collect();
+    let insert_transfers = async {
+        if plan.new_transfers.is_empty() {
+            return Ok(());
+        }
+        insert_transfers(tx, &plan.new_transfers).await
+    };
+    let update_states = async {
+        if plan.states.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Vec<u8>> = plan.states.iter().map(|(id, _)| id.to_bytes().to_vec()).collect();
+        let states: Vec<i16> = plan.states.iter().map(|(_, s)| s.as_i16()).collect();
+        let sql = "UPDATE transfers t SET state = u.state FROM unnest($1::bytea[], $2::int2[]) AS u(id, state) \
+                   WHERE t.id = u.id";
+        let n = execute(tx, sql, &[&ids, &states]).await?;
+        if n != ids.len() as u64 {
+            return Err(LedgerError::Storage(format!("updated {n} of {} holds", ids.len())));
+        }
+        Ok(())
+    };
+    let (customer_deltas, system_deltas) = deltas(&loaded.accounts, &plan.accounts)?;
+    let update_customers = async {
+        if customer_deltas.is_empty() {
+            return Ok(());
+        }
+        store_deltas(tx, &customer_deltas, &plan.accounts).await
+    };
+    let append_log = async {
+        if plan.log.is_empty() {
+            return Ok(());
+        }
+        let indices: Vec<i64> = (0..plan.log.len() as i64).map(|k| base + k).collect();
+        let tids: Vec<Vec<u8>> = plan.log.iter().map(|(_, t, _)| t.id.to_bytes().to_vec()).collect();
+        let accs: Vec<Vec<u8>> = plan.log.iter().map(|(_, t, _)| log_account(t).to_bytes().to_vec()).collect();
+        let sql = "INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) \
+                   SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])";
+        let next = base + plan.log.len() as i64;
+        let ins_args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&indices, &tids, &accs, &leaves];
+        let head_args: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
+        let ins = execute(tx, sql, &ins_args);
+        let head = execute(tx, "UPDATE log_head SET next_index = $1 WHERE id = 1", &head_args);
+        let (a, b) = tokio::join!(ins, head);
+        a.and(b).map(|_| ())
+    };
+    let lookup_replays = async {
+        if replayed.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = query(tx, "SELECT transfer_id, log_index FROM log_entries WHERE transfer_id = ANY($1)", &[&replayed])
+            .await?;
+        rows.iter().map(|r| Ok((id_col(r, 0, TransferId::from_slice)?, col::<i64>(r, 1)? as u64))).collect::<Result<HashMap<_, _>>>()
+    };
+    let (a, b, c, d, replay_index) = tokio::join!(insert_transfers, update_states, update_customers, append_log, lookup_replays);
+    a?;
+    b?;
+    c?;
+    d?;
+    let replay_index = replay_index?;
+    // System accounts last, one statement each in id order (the lock order).
+    if !system_deltas.is_empty() {
+        store_deltas(tx, &system_deltas, &plan.accounts).await?;
+    }
+    for o in &mut outcomes {
+        if let Outcome::Settle { result: Ok(s), log, replay_of } = o {
+            if let Some(k) = log {
+                s.log_index = Some((base + *k as i64) as u64);
+            } else if let Some(id) = replay_of {
+                s.log_index = replay_index.get(id).copied();
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Applies the jobs in order to copies of the loaded rows (skipping `excluded`, which fail
+/// with their recorded error). Pure: the same input gives the same plan.
+fn plan(ops: &[&Op], loaded: &Loaded, excluded: &HashMap<usize, LedgerError>) -> Plan {
+    let mut accounts = loaded.accounts.clone();
+    let mut holds = loaded.holds.clone();
+    let mut by_key = loaded.by_key.clone();
+    // Log position of settlements posted earlier in this batch, by posted transfer id.
+    let mut batch_log: HashMap<TransferId, usize> = HashMap::new();
+    let mut out = Plan { outcomes: Vec::with_capacity(ops.len()), accounts: HashMap::new(), new_transfers: Vec::new(), states: Vec::new(), log: Vec::new() };
+    for (pos, op) in ops.iter().enumerate() {
+        if let Some(e) = excluded.get(&pos) {
+            out.outcomes.push(match op {
+                Op::Hold { .. } => Outcome::Hold(Err(e.clone())),
+                Op::Settle { .. } => Outcome::Settle { result: Err(e.clone()), log: None, replay_of: None },
+            });
+            continue;
+        }
+        match op {
+            Op::Hold { req, now } => {
+                let is_new = !by_key.contains_key(&req.idempotency_key);
+                let r = plan_hold(req, *now, &mut accounts, &mut by_key);
+                if let (true, Ok(t)) = (is_new, &r) {
+                    out.new_transfers.push(t.clone());
+                }
+                out.outcomes.push(Outcome::Hold(r));
+            }
+            Op::Settle { hold_id, amount, now, leaf } => {
+                let o = plan_settle(pos, *hold_id, *amount, *now, leaf, &mut accounts, &mut holds, &mut by_key, &mut batch_log, &mut out);
+                out.outcomes.push(o);
+            }
+        }
+    }
+    out.accounts = accounts;
+    out
+}
+
+fn plan_hold(req: &TransferRequest, now: i64, accounts: &mut HashMap<AccountId, Account>, by_key: &mut HashMap<String, Transfer>) -> Result<Transfer> {
+    if let Some(existing) = by_key.get(&req.idempotency_key) {
+        return replay(req, existing.clone());
+    }
+    let debit = accounts.get(&req.debit_account).cloned().ok_or(LedgerError::UnknownAccount(req.debit_account))?;
+    let credit = accounts.get(&req.credit_account).ok_or(LedgerError::UnknownAccount(req.credit_account))?;
+    check_roles(&debit, credit, req.code)?;
+    let mut debit = debit;
+    apply_hold(&mut debit, req.amount_micros)?;
+    let t = req.clone().into_transfer(now, None);
+    check_transfer(&t).map_err(LedgerError::InvariantViolation)?;
+    accounts.insert(debit.id, debit);
+    by_key.insert(t.idempotency_key.clone(), t.clone());
+    Ok(t)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_settle(
+    pos: usize,
+    hold_id: TransferId,
+    amount: i64,
+    now: i64,
+    leaf: &Option<Leaf>,
+    accounts: &mut HashMap<AccountId, Account>,
+    holds: &mut HashMap<TransferId, Transfer>,
+    by_key: &mut HashMap<String, Transfer>,
+    batch_log: &mut HashMap<TransferId, usize>,
+    out: &mut Plan,
+) -> Outcome {
+    let fail = |e| Outcome::Settle { result: Err(e), log: None, replay_of: None };
+    let Some(hold) = holds.get(&hold_id).cloned() else { return fail(LedgerError::UnknownTransfer(hold_id)) };
+    let prior = match hold.state {
+        TransferState::Posted => by_key.get(&settle_key(hold.id)).cloned(),
+        _ => None,
+    };
+    match settle_precheck(&hold, amount, now, prior.as_ref().map(|t| t.amount_micros)) {
+        Err(e) => return fail(e),
+        Ok(Some(())) => {
+            let released_micros = hold.amount_micros - amount;
+            // A replay: of a settlement earlier in this batch (its log slot is known),
+            // or of a committed one (its log index is looked up).
+            let (log, replay_of) = match &prior {
+                Some(p) => match batch_log.get(&p.id) {
+                    Some(k) => (Some(*k), None),
+                    None if out.new_transfers.iter().any(|n| n.id == p.id) => (None, None),
+                    None => (None, Some(p.id)),
+                },
+                None => (None, None),
+            };
+            return Outcome::Settle { result: Ok(Settled { hold, posted: prior, released_micros, log_index: None }), log, replay_of };
+        }
+        Ok(None) => {}
+    }
+    let (Some(debit), Some(credit)) = (accounts.get(&hold.debit_account).cloned(), accounts.get(&hold.credit_account).cloned()) else {
+        return fail(LedgerError::UnknownAccount(hold.debit_account));
+    };
+    let (mut debit, mut credit) = (debit, credit);
+    if let Err(e) = apply_settle(&mut debit, &mut credit, hold.amount_micros, amount).and(check_account(&debit)).and(check_account(&credit)) {
+        return fail(e);
+    }
+    let state = if amount > 0 { TransferState::Posted } else { TransferState::Voided };
+    let posted = (amount > 0).then(|| settle_request(&hold, amount).into_transfer(now, Some(hold.id)));
+    if let Some(p) = &posted {
+        if let Err(e) = check_transfer(p) {
+            return fail(LedgerError::InvariantViolation(e));
+        }
+    }
+    // Commit the job to the batch state.
+    let mut hold = hold;
+    hold.state = state;
+    holds.insert(hold.id, hold.clone());
+    accounts.insert(debit.id, debit);
+    accounts.insert(credit.id, credit);
+    out.states.push((hold.id, state));
+    let mut log = None;
+    if let Some(p) = &posted {
+        out.new_transfers.push(p.clone());
+        by_key.insert(p.idempotency_key.clone(), p.clone());
+        if let Some(leaf) = leaf {
+            log = Some(out.log.len());
+            batch_log.insert(p.id, out.log.len());
+            out.log.push((pos, p.clone(), leaf.clone()));
+        }
+    }
+    let released_micros = hold.amount_micros - amount;
+    Outcome::Settle { result: Ok(Settled { hold, posted, released_micros, log_index: None }), log, replay_of: None }
+}
+
+/// Per-account (balance, pending) deltas, customers and system accounts apart, by ascending id.
+#[allow(clippy::type_complexity)]
+fn deltas(
+    before: &HashMap<AccountId, Account>,
+    after: &HashMap<AccountId, Account>,
+) -> Result<(Vec<(AccountId, i64, i64)>, Vec<(AccountId, i64, i64)>)> {
+    let mut customers = Vec::new();
+    let mut system = Vec::new();
+    for (id, a) in after {
+        let b = before.get(id).ok_or(LedgerError::UnknownAccount(*id))?;
+        let db = a.balance_micros.checked_sub(b.balance_micros).ok_or(LedgerError::Overflow)?;
+        let dp = a.pending_micros.checked_sub(b.pending_micros).ok_or(LedgerError::Overflow)?;
+        if db == 0 && dp == 0 {
+            continue;
+        }
+        check_account(a)?;
+        if is_system(*id) { &mut system } else { &mut customers }.push((*id, db, dp));
+    }
+    customers.sort_by_key(|d| d.0);
+    system.sort_by_key(|d| d.0);
+    Ok((customers, system))
+}
+
+/// Applies deltas and checks every row they produced (customer rows are locked,
+/// so they must equal the plan exactly).
+async fn store_deltas(tx: &Transaction<'_>, deltas: &[(AccountId, i64, i64)], planned: &HashMap<AccountId, Account>) -> Result<()> {
+    let system = deltas.iter().all(|d| is_system(d.0));
+    let chunks: Vec<&[(AccountId, i64, i64)]> = if system { deltas.chunks(1).collect() } else { vec![deltas] };
+    for chunk in chunks {
+        let ids: Vec<Vec<u8>> = chunk.iter().map(|d| d.0.to_bytes().to_vec()).collect();
+        let dbs: Vec<i64> = chunk.iter().map(|d| d.1).collect();
+        let dps: Vec<i64> = chunk.iter().map(|d| d.2).collect();
+        let sql = "UPDATE accounts a SET balance_micros = a.balance_micros + d.db, pending_micros = a.pending_micros + d.dp \
+             FROM unnest($1::bytea[], $2::int8[], $3::int8[]) AS d(id, db, dp) WHERE a.id = d.id \
+             RETURNING a.id, a.name, a.kind, a.balance_micros, a.pending_micros, a.created_at_ms";
+        let rows = query(tx, sql, &[&ids, &dbs, &dps]).await?;
+        if rows.len() != chunk.len() {
+            return Err(LedgerError::Storage(format!("updated {} of {} accounts", rows.len(), chunk.len())));
+        }
+        for row in &rows {
+            let stored = row_account(row)?;
+            if !is_system(stored.id) && planned.get(&stored.id) != Some(&stored) {
+                return Err(LedgerError::InvariantViolation(format!("locked account {} changed under the batch", stored.id)));
+            }
+            check_account(&stored)?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_transfers(tx: &Transaction<'_>, ts: &[Transfer]) -> Result<()> {
+    let ids: Vec<Vec<u8>> = ts.iter().map(|t| t.id.to_bytes().to_vec()).collect();
+    let keys: Vec<&str> = ts.iter().map(|t| t.idempotency_key.as_str()).collect();
+    let debits: Vec<Vec<u8>> = ts.iter().map(|t| t.debit_account.to_bytes().to_vec()).collect();
+    let credits: Vec<Vec<u8>> = ts.iter().map(|t| t.credit_account.to_bytes().to_vec()).collect();
+    let amounts: Vec<i64> = ts.iter().map(|t| t.amount_micros).collect();
+    let codes: Vec<i16> = ts.iter().map(|t| t.code.as_i16()).collect();
+    let states: Vec<i16> = ts.iter().map(|t| t.state.as_i16()).collect();
+    let hold: Vec<bool> = ts.iter().map(|t| t.hold).collect();
+    let timeouts: Vec<i64> = ts.iter().map(|t| t.timeout_ms).collect();
+    let expires: Vec<i64> = ts.iter().map(|t| t.expires_at_ms).collect();
+    let created: Vec<i64> = ts.iter().map(|t| t.created_at_ms).collect();
+    let pending: Vec<Option<Vec<u8>>> = ts.iter().map(|t| t.pending_id.map(|p| p.to_bytes().to_vec())).collect();
+    // WITH ORDINALITY + ORDER BY: `seq` (the statement cursor) follows queue order.
+    let sql = format!(
+        "INSERT INTO transfers ({TRANSFER_COLS}) \
+         SELECT id, k, d, c, a, code, st, h, tm, ex, cr, p FROM unnest($1::bytea[], $2::text[], $3::bytea[], \
+         $4::bytea[], $5::int8[], $6::int2[], $7::int2[], $8::bool[], $9::int8[], $10::int8[], $11::int8[], \
+         $12::bytea[]) WITH ORDINALITY AS u(id, k, d, c, a, code, st, h, tm, ex, cr, p, ord) ORDER BY ord"
+    );
+    let n = execute(
+        tx,
+        &sql,
+        &[&ids, &keys, &debits, &credits, &amounts, &codes, &states, &hold, &timeouts, &expires, &created, &pending],
+    )
+    .await?;
+    if n != ts.len() as u64 {
+        return Err(LedgerError::Storage(format!("inserted {n} of {} transfers", ts.len())));
+    }
+    Ok(())
+}
