@@ -54,21 +54,33 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(&adjusted);
         }
-        let mut candidates: Vec<(TokenId, f32)> = adjusted
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as TokenId, l))
-            .collect();
-        if candidates.is_empty() {
+        let max = adjusted.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
             return argmax(logits);
         }
-        truncate_top_k(&mut candidates, self.params.top_k as usize);
-        let probs = softmax_sorted(&mut candidates, 1.0);
-        let keep = nucleus_len(&probs, self.params.top_p, self.params.min_p);
-        candidates.truncate(keep);
-        let probs = softmax_sorted(&mut candidates, self.params.temperature);
+        let p = &self.params;
         let draw: f32 = self.rng.gen();
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // No truncation: draw straight from the softmax, O(vocab), no sort.
+            return draw_unsorted(&adjusted, max, p.temperature, draw);
+        }
+        let mut candidates: Vec<(TokenId, f32)> =
+            adjusted.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as TokenId, l)).collect();
+        truncate_top_k(&mut candidates, p.top_k as usize);
+        // Probabilities at temperature 1, normalised over the top-k survivors.
+        let total: f32 = candidates.iter().map(|c| (c.1 - max).exp()).sum();
+        if p.min_p > 0.0 {
+            let cut = max + p.min_p.ln();
+            candidates.retain(|c| c.1 >= cut);
+        }
+        if p.top_p < 1.0 {
+            nucleus(&mut candidates, max, total, p.top_p);
+        }
+        let probs: Vec<f32> = {
+            let e: Vec<f32> = candidates.iter().map(|c| ((c.1 - max) / p.temperature).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            e.into_iter().map(|x| x / sum).collect()
+        };
         pick(&candidates, &probs, draw)
     }
 
@@ -118,29 +130,50 @@ fn truncate_top_k(candidates: &mut Vec<(TokenId, f32)>, k: usize) {
     }
 }
 
-/// Sorts candidates by descending logit and returns their softmax at `temperature`.
-fn softmax_sorted(candidates: &mut [(TokenId, f32)], temperature: f32) -> Vec<f32> {
-    candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let max = candidates[0].1;
-    let exps: Vec<f32> = candidates.iter().map(|c| ((c.1 - max) / temperature).exp()).collect();
-    let sum: f32 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
-}
-
-/// How many of the (descending) probabilities survive top-p and min-p. Always at least one.
-fn nucleus_len(probs: &[f32], top_p: f32, min_p: f32) -> usize {
-    let floor = probs[0] * min_p;
+/// One token drawn from softmax(`logits` / `temperature`) without sorting.
+fn draw_unsorted(logits: &[f32], max: f32, temperature: f32, draw: f32) -> TokenId {
+    let sum: f32 = logits.iter().map(|&l| ((l - max) / temperature).exp()).sum();
+    let target = draw * sum;
     let mut cumulative = 0.0;
-    for (i, &p) in probs.iter().enumerate() {
-        if i > 0 && p < floor {
-            return i;
-        }
-        cumulative += p;
-        if cumulative >= top_p {
-            return i + 1;
+    let mut last = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        let e = ((l - max) / temperature).exp();
+        if e > 0.0 {
+            cumulative += e;
+            last = i;
+            if target < cumulative {
+                return i as TokenId;
+            }
         }
     }
-    probs.len()
+    last as TokenId
+}
+
+/// Keeps the smallest prefix, by descending probability (ties: lower id first), whose mass
+/// (normalised by `total`) reaches `top_p`; at least one token. Sorts only what it keeps:
+/// the best 64, 256, … candidates are selected and sorted until the mass is reached.
+fn nucleus(candidates: &mut Vec<(TokenId, f32)>, max: f32, total: f32, top_p: f32) {
+    let desc = |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut k = 64;
+    loop {
+        let n = k.min(candidates.len());
+        if n < candidates.len() {
+            candidates.select_nth_unstable_by(n - 1, desc);
+        }
+        candidates[..n].sort_unstable_by(desc);
+        let mut cumulative = 0.0;
+        for i in 0..n {
+            cumulative += (candidates[i].1 - max).exp() / total;
+            if cumulative >= top_p {
+                candidates.truncate(i + 1);
+                return;
+            }
+        }
+        if n == candidates.len() {
+            return;
+        }
+        k *= 4;
+    }
 }
 
 fn pick(candidates: &[(TokenId, f32)], probs: &[f32], draw: f32) -> TokenId {
@@ -225,11 +258,45 @@ mod tests {
         }
     }
 
+    fn kept(logits: &[f32], top_p: f32) -> Vec<TokenId> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        let mut c: Vec<(TokenId, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as TokenId, l)).collect();
+        nucleus(&mut c, max, total, top_p);
+        c.into_iter().map(|x| x.0).collect()
+    }
+
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
-        assert_eq!(nucleus_len(&[0.5, 0.3, 0.15, 0.05], 0.8, 0.0), 2);
-        assert_eq!(nucleus_len(&[0.5, 0.3, 0.15, 0.05], 1.0, 0.2), 3);
-        assert_eq!(nucleus_len(&[0.9, 0.1], 0.1, 0.0), 1);
+        let l: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        assert_eq!(kept(&l, 0.8), vec![0, 1]);
+        assert_eq!(kept(&l, 0.81), vec![0, 1, 2]);
+        assert_eq!(kept(&[0.9f32.ln(), 0.1f32.ln()], 0.1), vec![0]);
+        // a large vocabulary: the progressive partial sort keeps exactly the sorted prefix
+        let big: Vec<f32> = (0..5_000).map(|i| ((i * 7919) % 5_000) as f32 / 500.0).collect();
+        let mut order: Vec<TokenId> = (0..5_000).collect();
+        order.sort_by(|&a, &b| big[b as usize].total_cmp(&big[a as usize]).then(a.cmp(&b)));
+        let k = kept(&big, 0.9);
+        assert_eq!(k, order[..k.len()].to_vec());
+        // min-p: tokens below min_p × p(max) are never drawn
+        let mut p = params(1.0);
+        p.min_p = 0.5;
+        let mut s = Sampler::new(p, &[]);
+        for _ in 0..200 {
+            assert!(s.sample(&[0.0, 0.0, -1.0, -5.0], &[]) < 2);
+        }
+    }
+
+    #[test]
+    fn unfiltered_sampling_follows_the_softmax() {
+        let mut s = Sampler::new(params(1.0), &[]);
+        let mut counts = [0u32; 3];
+        for _ in 0..6_000 {
+            counts[s.sample(&[0.0, 2.0f32.ln(), f32::NEG_INFINITY], &[]) as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        let ratio = f64::from(counts[1]) / f64::from(counts[0]);
+        assert!((1.8..2.2).contains(&ratio), "{counts:?}");
     }
 
     #[test]
