@@ -225,7 +225,12 @@ async fn concurrent_requests_never_overdraw_an_account() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_request_with_the_same_idempotency_key_is_charged_once() {
-    let n = node(None, "", &[]).await;
+    for pg in stores() {
+        retry_once(node(pg.as_deref(), "tokenomy_api_idempotency", &[]).await).await;
+    }
+}
+
+async fn retry_once(n: Node) {
     let (acc, key) = n.funded("retry", 1_000_000).await;
     let auth = format!("Bearer {key}");
     let h = [("authorization", auth.as_str()), ("idempotency-key", "order-42")];
@@ -252,7 +257,12 @@ async fn a_retried_request_with_the_same_idempotency_key_is_charged_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_see_only_their_own_account_and_revocation_is_immediate() {
-    let n = node(None, "", &[]).await;
+    for pg in stores() {
+        isolation(node(pg.as_deref(), "tokenomy_api_isolation", &[]).await).await;
+    }
+}
+
+async fn isolation(n: Node) {
     let (a_id, a_key) = n.funded("alice", 1_000_000).await;
     let (b_id, b_key) = n.funded("bob", 1_000_000).await;
     let r = n.call("POST", "/v1/chat/completions", Some(chat(2)), &b_key).await;
