@@ -18,10 +18,12 @@ use tokenomy_ledger::{Account, AccountId, KeyRecord, Transfer};
 use crate::routes::ApiJson;
 use crate::{AppError, AppState};
 
-/// The `Authorization: Bearer` token, if any.
+/// The API key: `Authorization: Bearer …` (OpenAI) or `x-api-key: …` (Anthropic).
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim)
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim);
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 /// The caller of an inference route: `None` when the node does not bill (no ledger).

@@ -8,6 +8,7 @@
 //!
 //! Architecture Invariant: this is the only crate that knows axum and OpenAI's JSON.
 
+mod anthropic;
 mod charge;
 pub mod error;
 pub mod openai;
@@ -175,6 +176,8 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/me", get(charge::me))
         .route("/v1/receipts/{id}", get(charge::get_receipt))
         .route("/v1/log/checkpoint", get(charge::checkpoint))

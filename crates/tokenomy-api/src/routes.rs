@@ -103,8 +103,8 @@ struct Done {
 }
 
 /// Started generations of one request; outcomes go to the metering task.
-struct Started {
-    request_id: String,
+pub(crate) struct Started {
+    pub(crate) request_id: String,
     model: String,
     choices: Vec<Choice>,
     done: oneshot::Receiver<Done>,
@@ -234,7 +234,7 @@ async fn begin_charge(
 }
 
 /// Headers every billed response carries.
-fn billed_headers(mut resp: Response, request_id: &str, receipt_id: Option<&str>, allowance: &Allowance) -> Response {
+pub(crate) fn billed_headers(mut resp: Response, request_id: &str, receipt_id: Option<&str>, allowance: &Allowance) -> Response {
     resp = with_request_id(resp, request_id);
     if let Some(id) = receipt_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         resp.headers_mut().insert("tokenomy-receipt", id);
@@ -244,14 +244,14 @@ fn billed_headers(mut resp: Response, request_id: &str, receipt_id: Option<&str>
 }
 
 /// The caller, their rate-limit allowance and the `Idempotency-Key`, or a replayed response.
-struct Gate {
+pub(crate) struct Gate {
     request_sha256: [u8; 32],
-    caller: Option<Principal>,
-    allowance: Allowance,
+    pub(crate) caller: Option<Principal>,
+    pub(crate) allowance: Allowance,
     idempotency_key: Option<String>,
 }
 
-async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: [u8; 32]) -> Result<Result<Gate, Response>, AppError> {
+pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: [u8; 32]) -> Result<Result<Gate, Response>, AppError> {
     let caller = charge::caller(state, headers).await?;
     let idempotency_key = charge::idempotency_key(headers)?;
     if let (Some(p), Some(k)) = (&caller, &idempotency_key) {
@@ -279,7 +279,7 @@ fn release(state: &AppState, caller: &Option<Principal>, key: &Option<String>) {
 }
 
 /// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`.
-async fn remember(state: &AppState, g: &Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
+pub(crate) async fn remember(state: &AppState, g: &Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
     let (Some(p), Some(k)) = (&g.caller, &g.idempotency_key) else { return result };
     match result {
         Ok(resp) if resp.status().is_success() && !is_sse(&resp) => {
@@ -336,7 +336,7 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
     resp
 }
 
-fn sse<S: Stream<Item = Value> + Send + 'static>(chunks: S) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+pub(crate) fn sse<S: Stream<Item = Value> + Send + 'static>(chunks: S) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let body = chunks
         .map(|v| SseEvent::default().data(v.to_string()))
         .chain(stream::once(async { SseEvent::default().data("[DONE]") }))
@@ -357,6 +357,29 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
 }
 
 async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    let run = chat_run(state, g, body).await?;
+    let ChatRun { started, post, id, receipt_id, stream, include_usage } = run;
+    let rid = started.request_id.clone();
+    if stream {
+        let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
+    }
+    let (body, receipt) = chat_body(started, id, &post).await?;
+    let receipt_id = receipt.map(|r| r.receipt_id);
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
+}
+
+/// A chat request validated, charged and started; the caller renders its output.
+pub(crate) struct ChatRun {
+    pub(crate) started: Started,
+    pub(crate) post: ChatPost,
+    pub(crate) id: String,
+    pub(crate) receipt_id: Option<String>,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+}
+
+pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<ChatRun, AppError> {
     let req = body.value;
     let mut params = openai::sampling(&req.common)?;
     let n = openai::choices(req.common.n)?;
@@ -417,14 +440,7 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let started = start(state, request_id, &model, &prompts, n, &params, false, charge)?;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let id = format!("chatcmpl-{}", started.request_id);
-    let rid = started.request_id.clone();
-    if req.common.stream {
-        let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
-        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
-    }
-    let (body, receipt) = chat_body(started, id, &post).await?;
-    let receipt_id = receipt.map(|r| r.receipt_id);
-    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
+    Ok(ChatRun { started, post, id, receipt_id, stream: req.common.stream, include_usage })
 }
 
 async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
@@ -466,7 +482,7 @@ fn reasoning_format(v: Option<&str>) -> Result<ReasoningFormat, AppError> {
 
 /// How a chat answer is read back: tool calls (with the forced prefix the prompt ended
 /// with) and the reasoning split.
-struct ChatPost {
+pub(crate) struct ChatPost {
     tool_names: Vec<String>,
     prefix: String,
     reasoning: Option<Start>,
@@ -542,7 +558,7 @@ fn answer_finish_reason(outcomes: &[Outcome], index: u32, a: &Answer) -> &'stati
     }
 }
 
-async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
+pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
     let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
@@ -602,7 +618,7 @@ fn buffered_deltas(post: &ChatPost, a: &Answer) -> Vec<Value> {
     out
 }
 
-fn chat_stream(started: Started, id: String, include_usage: bool, post: ChatPost) -> impl Stream<Item = Value> + Send {
+pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, post: ChatPost) -> impl Stream<Item = Value> + Send {
     let post = Arc::new(post);
     let splitters: Arc<Mutex<HashMap<u32, ReasoningSplitter>>> = Arc::default();
     let Started { model, choices, done, .. } = started;

@@ -1,0 +1,324 @@
+//! Anthropic's Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`) on the same
+//! engine, metering and billing path as the OpenAI routes: a Messages request is translated into
+//! the chat pipeline's request, and its answer (body or chunk stream) back into Anthropic's
+//! shapes — content blocks, `tool_use` / `tool_result`, `stop_reason`, and the streaming events
+//! `message_start` … `message_stop`. Errors use Anthropic's `{"type": "error", "error": …}`.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, Stream, StreamExt};
+use serde_json::{json, Map, Value};
+
+use crate::openai::ChatRequest;
+use crate::routes::{self, HashedJson};
+use crate::{AppError, AppState};
+
+/// An [`AppError`] rendered in Anthropic's error shape.
+pub struct AnthropicError(AppError);
+
+impl From<AppError> for AnthropicError {
+    fn from(e: AppError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl From<tokenomy_core::BackendError> for AnthropicError {
+    fn from(e: tokenomy_core::BackendError) -> Self {
+        AnthropicError(e.into())
+    }
+}
+
+fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let retry = e.retry_after_s;
+        let body = json!({"type": "error", "error": {"type": error_type(e.status), "message": e.message}});
+        let mut r = (e.status, Json(body)).into_response();
+        if let Some(s) = retry {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
+    }
+}
+
+fn invalid(message: impl Into<String>) -> AppError {
+    AppError::invalid(message, None)
+}
+
+/// Text of a `content` that is a string or a list of blocks of the given kinds.
+fn text_of(content: &Value, what: &str) -> Result<String, AppError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut out = String::new();
+            for b in blocks {
+                match (b["type"].as_str(), b["text"].as_str()) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    _ => return Err(invalid(format!("{what}: only text blocks are supported here, got {}", b["type"]))),
+                }
+            }
+            Ok(out)
+        }
+        Value::Null => Ok(String::new()),
+        _ => Err(invalid(format!("{what} must be a string or a list of content blocks"))),
+    }
+}
+
+/// One Anthropic message as OpenAI chat messages (a `user` turn may carry tool results, which
+/// become `tool` messages; an `assistant` turn may carry `tool_use` blocks, which become calls).
+fn messages_of(m: &Value, i: usize) -> Result<Vec<Value>, AppError> {
+    let role = m["role"].as_str().unwrap_or_default();
+    if role != "user" && role != "assistant" {
+        return Err(invalid(format!("messages.{i}.role must be \"user\" or \"assistant\"")));
+    }
+    let Value::Array(blocks) = &m["content"] else {
+        return Ok(vec![json!({"role": role, "content": text_of(&m["content"], &format!("messages.{i}.content"))?})]);
+    };
+    let (mut text, mut calls, mut results) = (String::new(), Vec::new(), Vec::new());
+    for (j, b) in blocks.iter().enumerate() {
+        match b["type"].as_str() {
+            Some("text") => text.push_str(b["text"].as_str().unwrap_or_default()),
+            Some("tool_use") if role == "assistant" => calls.push(json!({
+                "id": b["id"], "type": "function",
+                "function": {"name": b["name"], "arguments": b["input"].to_string()},
+            })),
+            Some("tool_result") if role == "user" => results.push(json!({
+                "role": "tool", "tool_call_id": b["tool_use_id"],
+                "content": text_of(&b["content"], &format!("messages.{i}.content.{j}.content"))?,
+            })),
+            other => return Err(invalid(format!("messages.{i}.content.{j}: unsupported block type {other:?} for role {role}"))),
+        }
+    }
+    let mut out = results;
+    if !text.is_empty() || !calls.is_empty() || out.is_empty() {
+        let mut msg = json!({"role": role, "content": text});
+        if !calls.is_empty() {
+            msg["tool_calls"] = Value::Array(calls);
+        }
+        out.push(msg);
+    }
+    Ok(out)
+}
+
+/// The Messages request as the chat pipeline's (OpenAI-shaped) request.
+fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
+    let o = body.as_object().ok_or_else(|| invalid("the body must be a JSON object"))?;
+    let model = o.get("model").and_then(Value::as_str).ok_or_else(|| invalid("model: field required"))?;
+    let max_tokens = o.get("max_tokens").and_then(Value::as_i64);
+    if max_tokens.is_none() && !count_only {
+        return Err(invalid("max_tokens: field required"));
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = o.get("system") {
+        messages.push(json!({"role": "system", "content": text_of(system, "system")?}));
+    }
+    let list = o.get("messages").and_then(Value::as_array).ok_or_else(|| invalid("messages: field required"))?;
+    for (i, m) in list.iter().enumerate() {
+        messages.extend(messages_of(m, i)?);
+    }
+    let mut chat = Map::new();
+    chat.insert("model".into(), json!(model));
+    chat.insert("messages".into(), Value::Array(messages));
+    if let Some(n) = max_tokens {
+        chat.insert("max_tokens".into(), json!(n));
+    }
+    for (from, to) in [("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("stop_sequences", "stop")] {
+        if let Some(v) = o.get(from) {
+            chat.insert(to.into(), v.clone());
+        }
+    }
+    if let Some(tools) = o.get("tools").and_then(Value::as_array) {
+        let defs: Vec<Value> = tools
+            .iter()
+            .map(|t| json!({"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}}))
+            .collect();
+        chat.insert("tools".into(), Value::Array(defs));
+    }
+    if let Some(tc) = o.get("tool_choice") {
+        let choice = match tc["type"].as_str() {
+            Some("auto") => json!("auto"),
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => json!({"type": "function", "function": {"name": tc["name"]}}),
+            other => return Err(invalid(format!("tool_choice.type must be auto, any, tool or none, got {other:?}"))),
+        };
+        chat.insert("tool_choice".into(), choice);
+    }
+    if o.get("stream").and_then(Value::as_bool) == Some(true) {
+        chat.insert("stream".into(), json!(true));
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(Value::Object(chat))
+}
+
+fn stop_reason(finish: &str) -> &'static str {
+    match finish {
+        "length" => "max_tokens",
+        "tool_calls" => "tool_use",
+        _ => "end_turn",
+    }
+}
+
+fn tool_use_id(openai_id: &str) -> String {
+    format!("toolu_{}", openai_id.trim_start_matches("call_"))
+}
+
+fn usage_of(u: &Value) -> Value {
+    json!({
+        "input_tokens": u["prompt_tokens"].as_u64().unwrap_or(0) - u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0),
+        "cache_read_input_tokens": u["prompt_tokens_details"]["cached_tokens"],
+        "output_tokens": u["completion_tokens"],
+    })
+}
+
+/// An OpenAI chat completion body as an Anthropic message.
+fn to_message(v: &Value) -> Value {
+    let c = &v["choices"][0];
+    let m = &c["message"];
+    let mut content = Vec::new();
+    if let Some(t) = m["content"].as_str().filter(|t| !t.is_empty()) {
+        content.push(json!({"type": "text", "text": t}));
+    }
+    for call in m["tool_calls"].as_array().into_iter().flatten() {
+        let input: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or("{}")).unwrap_or(json!({}));
+        content.push(json!({"type": "tool_use", "id": tool_use_id(call["id"].as_str().unwrap_or_default()), "name": call["function"]["name"], "input": input}));
+    }
+    let mut out = json!({
+        "id": format!("msg_{}", v["id"].as_str().unwrap_or_default().trim_start_matches("chatcmpl-")),
+        "type": "message", "role": "assistant", "model": v["model"], "content": content,
+        "stop_reason": stop_reason(c["finish_reason"].as_str().unwrap_or("stop")), "stop_sequence": null,
+        "usage": usage_of(&v["usage"]),
+    });
+    if !v["receipt"].is_null() {
+        out["receipt"] = v["receipt"].clone();
+    }
+    out
+}
+
+pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Response, AnthropicError> {
+    let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, false)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    let g = match routes::gate(&state, &headers, body.sha256).await? {
+        Ok(g) => g,
+        Err(replay) => return Ok(replay),
+    };
+    let result = run(&state, &g, HashedJson { value: chat, sha256: body.sha256 }).await;
+    Ok(routes::remember(&state, &g, result).await?)
+}
+
+async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    let r = routes::chat_run(state, g, chat).await?;
+    let rid = r.started.request_id.clone();
+    if r.stream {
+        let events = events(routes::chat_stream(r.started, r.id, true, r.post));
+        return Ok(routes::billed_headers(Sse::new(events).into_response(), &rid, r.receipt_id.as_deref(), &g.allowance));
+    }
+    let (Json(v), receipt) = routes::chat_body(r.started, r.id, &r.post).await?;
+    let receipt_id = receipt.map(|x| x.receipt_id);
+    Ok(routes::billed_headers(Json(to_message(&v)).into_response(), &rid, receipt_id.as_deref(), &g.allowance))
+}
+
+/// Which content block is open in the stream being translated.
+#[derive(Default)]
+struct StreamState {
+    started: bool,
+    index: i64,
+    open: Option<&'static str>,
+    stop: Option<&'static str>,
+}
+
+fn ev(name: &str, data: Value) -> SseEvent {
+    SseEvent::default().event(name).data(data.to_string())
+}
+
+impl StreamState {
+    fn close(&mut self, out: &mut Vec<SseEvent>) {
+        if self.open.take().is_some() {
+            out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": self.index})));
+            self.index += 1;
+        }
+    }
+
+    fn chunk(&mut self, c: &Value) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        if c.get("error").is_some() {
+            out.push(ev("error", json!({"type": "error", "error": {"type": "api_error", "message": c["error"]["message"]}})));
+            return out;
+        }
+        if !self.started {
+            self.started = true;
+            let id = format!("msg_{}", c["id"].as_str().unwrap_or_default().trim_start_matches("chatcmpl-"));
+            out.push(ev("message_start", json!({"type": "message_start", "message": {
+                "id": id, "type": "message", "role": "assistant", "model": c["model"], "content": [],
+                "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}}})));
+        }
+        let choice = &c["choices"][0];
+        let delta = &choice["delta"];
+        if let Some(t) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            if self.open != Some("text") {
+                self.close(&mut out);
+                self.open = Some("text");
+                out.push(ev("content_block_start", json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}})));
+            }
+            out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": t}})));
+        }
+        for tc in delta["tool_calls"].as_array().into_iter().flatten() {
+            if let Some(id) = tc["id"].as_str() {
+                self.close(&mut out);
+                self.open = Some("tool_use");
+                out.push(ev("content_block_start", json!({"type": "content_block_start", "index": self.index,
+                    "content_block": {"type": "tool_use", "id": tool_use_id(id), "name": tc["function"]["name"], "input": {}}})));
+            }
+            if let Some(a) = tc["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
+                out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "input_json_delta", "partial_json": a}})));
+            }
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            self.stop = Some(stop_reason(f));
+        }
+        if c["usage"].is_object() {
+            self.close(&mut out);
+            let mut d = json!({"type": "message_delta", "delta": {"stop_reason": self.stop.unwrap_or("end_turn"), "stop_sequence": null}, "usage": usage_of(&c["usage"])});
+            if !c["receipt"].is_null() {
+                d["receipt"] = c["receipt"].clone();
+            }
+            out.push(ev("message_delta", d));
+            out.push(ev("message_stop", json!({"type": "message_stop"})));
+        }
+        out
+    }
+}
+
+fn events(chunks: impl Stream<Item = Value> + Send + 'static) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut st = StreamState::default();
+    chunks.flat_map(move |c| stream::iter(st.chunk(&c))).map(Ok)
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's tokens as the model's template renders them.
+pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Json<Value>, AnthropicError> {
+    crate::charge::caller(&state, &headers).await?;
+    let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, true)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    let messages = crate::openai::chat_messages(&chat.messages)?;
+    let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
+    let defs: &[Value] = tools.as_ref().map_or(&[], |t| &t.defs);
+    let text = state.backend.render_chat(&chat.common.model, &messages, defs)?;
+    let n = state.backend.tokenize(&chat.common.model, &text, true)?.len();
+    Ok(Json(json!({"input_tokens": n})))
+}
