@@ -1,6 +1,7 @@
 //! HTTP tests of the OpenAI routes against the real engine and the real SmolLM2 model
 //! (fetched by scripts/fetch-test-models.sh). Requests go through `app(state)` with `oneshot`.
 
+mod batching;
 mod billing;
 mod chat;
 mod completions;
