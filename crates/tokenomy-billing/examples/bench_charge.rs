@@ -138,11 +138,7 @@ async fn main() {
     let (b, _) = Billing::open(opts(dir.path(), None)).await.unwrap();
     bench("sqlite", b, writers, secs).await;
     if let Ok(url) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        client.batch_execute("DROP DATABASE IF EXISTS tokenomy_bench WITH (FORCE)").await.unwrap();
-        client.batch_execute("CREATE DATABASE tokenomy_bench").await.unwrap();
-        let pg = format!("{}/tokenomy_bench", url.rsplit_once('/').unwrap().0);
+        let pg = tokenomy_ledger::testing::fresh_database(&url, "tokenomy_bench").await;
         let dir = tempfile::tempdir().unwrap();
         let (b, _) = Billing::open(opts(dir.path(), Some(pg))).await.unwrap();
         bench("postgres", b, writers, secs).await;

@@ -35,6 +35,7 @@ pub mod any;
 pub mod domain;
 pub mod pg;
 pub mod sqlite;
+pub mod testing;
 
 use std::future::Future;
 use std::sync::Arc;

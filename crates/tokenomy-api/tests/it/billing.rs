@@ -18,23 +18,7 @@ pub struct Node {
     pub dir: tempfile::TempDir,
 }
 
-pub fn stores() -> Vec<Option<String>> {
-    let mut v = vec![None];
-    match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
-        Ok(u) => v.push(Some(u)),
-        Err(_) => eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set"),
-    }
-    v
-}
-
-/// A fresh database on the test server, so tests do not see each other's ledgers.
-async fn fresh_pg(url: &str, name: &str) -> String {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    format!("{}/{name}", url.rsplit_once('/').unwrap().0)
-}
+pub use tokenomy_ledger::testing::{fresh_database as fresh_pg, stores};
 
 /// A billed node on a fresh data dir (SQLite) or a fresh PostgreSQL database named `db`.
 pub async fn node(pg: Option<&str>, db: &str, env: &[(&str, &str)]) -> Node {

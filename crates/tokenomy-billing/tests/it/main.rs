@@ -11,24 +11,7 @@ fn opts(dir: &std::path::Path, pg: Option<&str>) -> OpenOptions {
     OpenOptions { data_dir: dir.to_path_buf(), database_url: pg.map(str::to_string), origin: Some("test.node/log".into()), env: vec![] }
 }
 
-fn stores() -> Vec<Option<String>> {
-    let mut v = vec![None];
-    match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
-        Ok(u) => v.push(Some(u)),
-        Err(_) => eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set"),
-    }
-    v
-}
-
-/// A PostgreSQL URL with a fresh, empty database for one test.
-async fn fresh_pg(url: &str, name: &str) -> String {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let base = url.rsplit_once('/').unwrap().0;
-    format!("{base}/{name}")
-}
+use tokenomy_ledger::testing::{fresh_database as fresh_pg, stores};
 
 fn req(id: &str, prompt: u64, max: u64) -> ChargeRequest {
     ChargeRequest { request_id: id.into(), model: "smollm2".into(), prompt_tokens: prompt, completion_tokens_max: max, idempotency_key: None }

@@ -17,23 +17,10 @@ const REQUESTS: usize = 50;
 const ROUNDS: usize = 4;
 const HOLD_TIMEOUT_MS: u64 = 4_000;
 
-fn stores() -> Vec<Option<String>> {
-    let mut v = vec![None];
-    match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
-        Ok(u) => v.push(Some(u)),
-        Err(_) => eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set"),
-    }
-    v
-}
+use tokenomy_ledger::testing::stores;
 
 fn fresh_pg(url: &str, name: &str) -> String {
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    });
-    format!("{}/{name}", url.rsplit_once('/').unwrap().0)
+    tokio::runtime::Runtime::new().unwrap().block_on(tokenomy_ledger::testing::fresh_database(url, name))
 }
 
 /// One streaming request: the receipt id from the header, and whether the stream completed.

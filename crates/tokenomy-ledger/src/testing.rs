@@ -1,0 +1,22 @@
+//! Helpers for tests, here and in crates built on the ledger, that run against the real
+//! PostgreSQL server named by `TOKENOMY_TEST_POSTGRES_URL` (started by `scripts/test.sh`).
+
+/// The stores a test should run against: `None` for SQLite, then `Some(url)` for PostgreSQL
+/// when `TOKENOMY_TEST_POSTGRES_URL` is set (otherwise it says SKIP on stderr).
+pub fn stores() -> Vec<Option<String>> {
+    let mut v = vec![None];
+    match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
+        Ok(u) => v.push(Some(u)),
+        Err(_) => eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set"),
+    }
+    v
+}
+
+/// Drops and recreates database `name` on the server at `url`; returns the new database's URL.
+pub async fn fresh_database(url: &str, name: &str) -> String {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
+    tokio::spawn(conn);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.expect("drop the test database");
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create the test database");
+    format!("{}/{name}", url.rsplit_once('/').expect("a URL with a database").0)
+}
