@@ -67,7 +67,10 @@ impl RateLimiter {
         if limits.rpm.is_none() && limits.tpm.is_none() {
             return Ok(Allowance::default());
         }
-        self.bound(now_ms);
+        if !self.bound(key, now_ms) {
+            // Every tracked key is busy: refuse briefly rather than forget someone's debt.
+            return Err(Limited { limit: "requests", retry_after_ms: 1_000, allowance: Allowance::default() });
+        }
         let s = self.keys.entry(key).or_default();
         let mut a = Allowance { limit_requests: limits.rpm, limit_tokens: limits.tpm, ..Allowance::default() };
         if let Some(tpm) = limits.tpm {
@@ -101,11 +104,13 @@ impl RateLimiter {
         s.tokens_tat_ms = s.tokens_tat_ms.max(now_ms).saturating_add(cost_ms);
     }
 
-    fn bound(&mut self, now_ms: i64) {
-        if self.keys.len() >= TRACKED_KEYS_MAX {
+    /// Makes room for `key` by dropping idle keys (their state is the default anyway);
+    /// false if every tracked key is still busy.
+    fn bound(&mut self, key: KeyId, now_ms: i64) -> bool {
+        if self.keys.len() >= TRACKED_KEYS_MAX && !self.keys.contains_key(&key) {
             self.keys.retain(|_, s| s.requests_tat_ms > now_ms || s.tokens_tat_ms > now_ms);
         }
-        assert!(self.keys.len() <= TRACKED_KEYS_MAX, "every tracked key is busy; the limiter is full");
+        self.keys.len() < TRACKED_KEYS_MAX || self.keys.contains_key(&key)
     }
 }
 
