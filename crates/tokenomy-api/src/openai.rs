@@ -93,9 +93,31 @@ pub fn response_format(v: Option<&Value>) -> Result<Option<tokenomy_core::Gramma
             if !schema.is_object() && !schema.is_boolean() {
                 return Err(bad("response_format.json_schema.schema must be a JSON Schema object".into()));
             }
-            Ok(Some(tokenomy_core::Grammar::JsonSchema(schema.clone())))
+            let mut schema = schema.clone();
+            if v["json_schema"]["strict"] == true {
+                closed_objects(&mut schema);
+            }
+            Ok(Some(tokenomy_core::Grammar::JsonSchema(schema)))
         }
         other => Err(bad(format!("response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"))),
+    }
+}
+
+/// OpenAI's strict mode: an object schema that does not say otherwise allows no properties
+/// beyond those it lists (applied recursively).
+pub fn closed_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(o) => {
+            let is_object = o.get("type") == Some(&json!("object")) || o.contains_key("properties");
+            if is_object && !o.contains_key("additionalProperties") {
+                o.insert("additionalProperties".into(), json!(false));
+            }
+            for v in o.values_mut() {
+                closed_objects(v);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(closed_objects),
+        _ => {}
     }
 }
 
@@ -385,5 +407,20 @@ impl CompletionLogprobs {
         self.text_offset.push(offset);
         self.token_logprobs.push(entry.map(|e| e.chosen.logprob));
         self.top_logprobs.push(entry.map(|e| e.top.iter().map(|t| (t.text.clone(), t.logprob)).collect()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_schemas_close_every_object() {
+        let mut s = json!({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+            "c": {"type": "object", "additionalProperties": true}}, "required": ["a"]});
+        closed_objects(&mut s);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["c"]["additionalProperties"], true, "an explicit choice is kept");
     }
 }

@@ -410,7 +410,16 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         _ => None,
     });
     if let Some(defs) = forced {
-        let tools: Vec<(&str, &Value)> = defs.iter().map(|d| (d["function"]["name"].as_str().unwrap_or_default(), &d["function"]["parameters"])).collect();
+        // A forced call's arguments get exactly the declared parameters (OpenAI's strict mode).
+        let closed: Vec<(&str, Value)> = defs
+            .iter()
+            .map(|d| {
+                let mut p = d["function"]["parameters"].clone();
+                openai::closed_objects(&mut p);
+                (d["function"]["name"].as_str().unwrap_or_default(), p)
+            })
+            .collect();
+        let tools: Vec<(&str, &Value)> = closed.iter().map(|(n, p)| (*n, p)).collect();
         params.grammar = Some(tokenomy_core::Grammar::Lark(Hermes.call_grammar(&tools)));
     }
     if params.grammar.is_some() {
