@@ -427,7 +427,6 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     }
     let post = ChatPost {
         tool_names: active.map(|t| t.names).unwrap_or_default(),
-        prefix: String::new(),
         reasoning: match params.reasoning {
             ReasoningMode::Off => None,
             ReasoningMode::OpenedByPrompt => Some(Start::InReasoning),
@@ -489,11 +488,9 @@ fn reasoning_format(v: Option<&str>) -> Result<ReasoningFormat, AppError> {
     }
 }
 
-/// How a chat answer is read back: tool calls (with the forced prefix the prompt ended
-/// with) and the reasoning split.
+/// How a chat answer is read back: tool calls and the reasoning split.
 pub(crate) struct ChatPost {
     tool_names: Vec<String>,
-    prefix: String,
     reasoning: Option<Start>,
     format: ReasoningFormat,
 }
@@ -520,7 +517,7 @@ impl ChatPost {
         };
         if self.tools_on() {
             let names: Vec<&str> = self.tool_names.iter().map(String::as_str).collect();
-            let p = Hermes.parse(&format!("{}{content}", self.prefix), &names);
+            let p = Hermes.parse(&content, &names);
             if !p.calls.is_empty() {
                 return Answer { reasoning, content: p.content, calls: p.calls };
             }
