@@ -44,6 +44,17 @@ impl Sampler {
     /// Picks the next token from `logits` (one value per vocabulary entry).
     /// `banned` tokens (e.g. end-of-generation under `ignore_eos`) are never chosen.
     pub fn sample(&mut self, logits: &[f32], banned: &[TokenId]) -> TokenId {
+        self.sample_restricted(logits, banned, None::<fn(&mut [f32]) -> Result<(), ()>>).unwrap_or(0)
+    }
+
+    /// [`Sampler::sample`], with `restrict` setting the logits of forbidden tokens to −∞ (a
+    /// grammar's mask) on the sampler's own working copy, so the row is copied once.
+    pub fn sample_restricted<E>(
+        &mut self,
+        logits: &[f32],
+        banned: &[TokenId],
+        restrict: Option<impl FnOnce(&mut [f32]) -> Result<(), E>>,
+    ) -> Result<TokenId, E> {
         let mut adjusted = logits.to_vec();
         self.apply_bias_and_penalties(&mut adjusted);
         for &t in banned {
@@ -51,18 +62,22 @@ impl Sampler {
                 *l = f32::NEG_INFINITY;
             }
         }
+        let restricted = restrict.is_some();
+        if let Some(r) = restrict {
+            r(&mut adjusted)?;
+        }
         if self.params.temperature <= 0.0 {
-            return argmax(&adjusted);
+            return Ok(argmax(&adjusted));
         }
         let max = adjusted.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
-            return argmax(logits);
+            return Ok(if restricted { argmax(&adjusted) } else { argmax(logits) });
         }
         let p = &self.params;
         let draw: f32 = self.rng.gen();
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // No truncation: draw straight from the softmax, O(vocab), no sort.
-            return draw_unsorted(&adjusted, max, p.temperature, draw);
+            return Ok(draw_unsorted(&adjusted, max, p.temperature, draw));
         }
         let mut candidates: Vec<(TokenId, f32)> =
             adjusted.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as TokenId, l)).collect();
@@ -81,7 +96,7 @@ impl Sampler {
             let sum: f32 = e.iter().sum();
             e.into_iter().map(|x| x / sum).collect()
         };
-        pick(&candidates, &probs, draw)
+        Ok(pick(&candidates, &probs, draw))
     }
 
     fn apply_bias_and_penalties(&self, logits: &mut [f32]) {

@@ -252,15 +252,10 @@ impl Worker<'_> {
             return self.finish(id, FinishReason::Length, None);
         }
         let banned: &[TokenId] = if job.sub.ignore_eos { &self.eog } else { &[] };
-        let token = match job.sub.constraint.as_mut() {
-            None => job.sub.sampler.sample(logits, banned),
-            Some(c) => {
-                let mut masked = logits.to_vec();
-                if let Err(e) = c.mask(&mut masked) {
-                    return self.finish(id, FinishReason::Error, Some(format!("constraint: {e}")));
-                }
-                job.sub.sampler.sample(&masked, banned)
-            }
+        let restrict = job.sub.constraint.as_mut().map(|c| move |l: &mut [f32]| c.mask(l));
+        let token = match job.sub.sampler.sample_restricted(logits, banned, restrict) {
+            Ok(t) => t,
+            Err(e) => return self.finish(id, FinishReason::Error, Some(format!("constraint: {e}"))),
         };
         job.sub.sampler.accept(token);
         let constraint_done = match job.sub.constraint.as_mut() {
