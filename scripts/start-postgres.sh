@@ -19,7 +19,13 @@ fi
 pg_conftool "$version" main set listen_addresses localhost >/dev/null
 pg_conftool "$version" main set port 5432 >/dev/null
 if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" && $4 == "online"' | grep -q .; then
-    pg_ctlcluster "$version" main start
+    # The server is a daemon: it must not inherit this script's stdout (fd 3, often the pipe of a
+    # `$(...)` that waits for EOF) nor the caller's stderr pipe, or whoever reads them waits forever.
+    log="$(mktemp)"
+    if ! pg_ctlcluster "$version" main start </dev/null >"$log" 2>&1 3>&-; then
+        cat "$log"; rm -f "$log"; exit 1
+    fi
+    cat "$log"; rm -f "$log"
 fi
 
 for _ in $(seq 1 30); do
