@@ -162,6 +162,17 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
         };
         chat.insert("tool_choice".into(), choice);
     }
+    if let Some(t) = o.get("thinking") {
+        match t["type"].as_str() {
+            // A model that thinks does so anyway; the budget caps it.
+            Some("enabled") => {
+                let budget = t["budget_tokens"].as_i64().ok_or_else(|| invalid("thinking.budget_tokens: a whole number of tokens is required"))?;
+                chat.insert("thinking_token_budget".into(), json!(budget));
+            }
+            Some("disabled") => {}
+            other => return Err(invalid(format!("thinking.type must be enabled or disabled, got {other:?}"))),
+        }
+    }
     if o.get("stream").and_then(Value::as_bool) == Some(true) {
         chat.insert("stream".into(), json!(true));
         chat.insert("stream_options".into(), json!({"include_usage": true}));
@@ -194,6 +205,10 @@ fn to_message(v: &Value) -> Value {
     let c = &v["choices"][0];
     let m = &c["message"];
     let mut content = Vec::new();
+    if let Some(t) = m["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+        // Anthropic's signature is its own; this node proves its output with the receipt.
+        content.push(json!({"type": "thinking", "thinking": t, "signature": ""}));
+    }
     if let Some(t) = m["content"].as_str().filter(|t| !t.is_empty()) {
         content.push(json!({"type": "text", "text": t}));
     }
@@ -271,6 +286,14 @@ impl StreamState {
         }
         let choice = &c["choices"][0];
         let delta = &choice["delta"];
+        if let Some(t) = delta["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+            if self.open != Some("thinking") {
+                self.close(&mut out);
+                self.open = Some("thinking");
+                out.push(ev("content_block_start", json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "thinking", "thinking": "", "signature": ""}})));
+            }
+            out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "thinking_delta", "thinking": t}})));
+        }
         if let Some(t) = delta["content"].as_str().filter(|t| !t.is_empty()) {
             if self.open != Some("text") {
                 self.close(&mut out);

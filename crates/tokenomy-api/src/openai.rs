@@ -69,6 +69,9 @@ pub struct ChatRequest {
     /// Where reasoning goes: `reasoning_content` (default), `reasoning`, `both`, or `none`
     /// (no split: the think block stays in `content`).
     pub reasoning_format: Option<String>,
+    /// Most tokens the model may spend thinking before its think block is closed for it
+    /// (vLLM's name for it).
+    pub thinking_token_budget: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

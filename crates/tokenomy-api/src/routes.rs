@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use tokenomy_chat::reasoning::{ReasoningSplitter, Start};
+use tokenomy_chat::callstream::{CallStream, Piece};
+use tokenomy_chat::reasoning::{ReasoningSplitter, Split, Start};
 use tokenomy_chat::toolcall::{Hermes, ToolCallParser};
 use tokenomy_core::ReasoningMode;
 use tokenomy_billing::{Allowance, ChargeRequest, Hold, Principal, ReceiptRef, Served};
@@ -402,6 +403,12 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         (_, true) => ReasoningMode::OpenedByPrompt,
         (_, false) => ReasoningMode::Detect,
     };
+    params.reasoning_budget = match req.thinking_token_budget {
+        None => None,
+        Some(b) => Some(u32::try_from(b).map_err(|_| {
+            AppError::invalid_value("thinking_token_budget", format!("thinking_token_budget must be a whole number of tokens from 0 to {}, got {b}", u32::MAX))
+        })?),
+    };
     params.grammar = openai::response_format(req.response_format.as_ref())?;
     // `required` or a named function: decoding is constrained to a valid call.
     let forced: Option<Vec<&Value>> = active.as_ref().and_then(|t| match &t.choice {
@@ -605,28 +612,72 @@ fn merged(choices: Vec<Choice>) -> impl Stream<Item = (u32, Event)> + Send {
     }))
 }
 
-/// Streamed deltas of one choice's answer when tools are on (the answer is read whole:
-/// a call is sent as OpenAI sends it, id and name first, then the arguments).
-fn buffered_deltas(post: &ChatPost, a: &Answer) -> Vec<Value> {
-    let mut out = Vec::new();
-    if !a.reasoning.is_empty() {
-        let mut d = json!({});
-        post.put_reasoning(&mut d, &a.reasoning);
-        out.push(d);
+/// What one streamed choice has read so far: the reasoning split, then tool calls.
+struct ChoiceReader {
+    splitter: Option<ReasoningSplitter>,
+    calls: Option<CallStream>,
+}
+
+impl ChoiceReader {
+    fn new(post: &ChatPost) -> Self {
+        let names: Vec<&str> = post.tool_names.iter().map(String::as_str).collect();
+        ChoiceReader { splitter: post.reasoning.map(ReasoningSplitter::new), calls: post.tools_on().then(|| CallStream::new(&names)) }
     }
-    if !a.content.is_empty() {
-        out.push(json!({"content": a.content}));
+
+    /// Deltas for the next piece of text (several when, say, content is followed by a call).
+    fn push(&mut self, post: &ChatPost, text: &str) -> Vec<Value> {
+        let split = match &mut self.splitter {
+            Some(sp) => sp.push(text),
+            None => Split { reasoning: String::new(), content: text.to_string() },
+        };
+        self.deltas(post, split, false)
     }
-    for (k, c) in a.calls.iter().enumerate() {
-        out.push(json!({"tool_calls": [{"index": k, "id": call_id(), "type": "function", "function": {"name": c.name, "arguments": ""}}]}));
-        out.push(json!({"tool_calls": [{"index": k, "function": {"arguments": c.arguments.to_string()}}]}));
+
+    fn finish(&mut self, post: &ChatPost) -> Vec<Value> {
+        let split = self.splitter.as_mut().map(ReasoningSplitter::finish).unwrap_or_default();
+        self.deltas(post, split, true)
     }
-    out
+
+    fn called(&self) -> bool {
+        self.calls.as_ref().is_some_and(|c| c.calls() > 0)
+    }
+
+    fn deltas(&mut self, post: &ChatPost, split: Split, last: bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut r = json!({});
+        post.put_reasoning(&mut r, &split.reasoning);
+        if r.as_object().is_some_and(|o| !o.is_empty()) {
+            out.push(r);
+        }
+        let Some(calls) = &mut self.calls else {
+            if !split.content.is_empty() {
+                out.push(json!({"content": split.content}));
+            }
+            return out;
+        };
+        let mut pieces = calls.push(&split.content);
+        if last {
+            pieces.extend(calls.finish());
+        }
+        out.extend(pieces.into_iter().map(piece_delta));
+        out
+    }
+}
+
+/// One piece of an answer as OpenAI streams it: a call's id and name first, then its arguments.
+fn piece_delta(p: Piece) -> Value {
+    match p {
+        Piece::Content(s) => json!({"content": s}),
+        Piece::CallStart { index, name } => {
+            json!({"tool_calls": [{"index": index, "id": call_id(), "type": "function", "function": {"name": name, "arguments": ""}}]})
+        }
+        Piece::CallArgs { index, fragment } => json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}),
+    }
 }
 
 pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, post: ChatPost) -> impl Stream<Item = Value> + Send {
     let post = Arc::new(post);
-    let splitters: Arc<Mutex<HashMap<u32, ReasoningSplitter>>> = Arc::default();
+    let readers: Arc<Mutex<HashMap<u32, ChoiceReader>>> = Arc::default();
     let Started { model, choices, done, .. } = started;
     let created = now_s();
     let base = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT});
@@ -641,27 +692,21 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         stream::iter((0..n).map(move |i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]))))
     };
     let body = {
-        let (chunk, post, splitters) = (chunk.clone(), post.clone(), splitters.clone());
-        merged(choices).filter_map(move |(i, ev)| {
-            let out = match ev {
-                // With tools on, the answer is read whole at the end.
-                Event::Token { .. } if post.tools_on() => None,
-                Event::Token { text, logprob } if !text.is_empty() || logprob.is_some() => {
-                    let lp = logprob.map(|e| json!({"content": [openai::chat_logprob_json(&e)]}));
-                    let delta = match post.reasoning {
-                        None => json!({"content": text}),
-                        Some(start) => {
-                            let mut sp = splitters.lock().expect("splitters");
-                            let s = sp.entry(i).or_insert_with(|| ReasoningSplitter::new(start)).push(&text);
-                            split_delta(&post, s)
-                        }
-                    };
-                    (delta.as_object().is_some_and(|d| !d.is_empty()) || lp.is_some())
-                        .then(|| chunk(json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}])))
+        let (chunk, post, readers) = (chunk.clone(), post.clone(), readers.clone());
+        merged(choices).flat_map(move |(i, ev)| {
+            let mut out = Vec::new();
+            if let Event::Token { text, logprob } = ev {
+                let mut lp = logprob.map(|e| json!({"content": [openai::chat_logprob_json(&e)]}));
+                let mut readers = readers.lock().expect("readers");
+                let deltas = readers.entry(i).or_insert_with(|| ChoiceReader::new(&post)).push(&post, &text);
+                for d in deltas {
+                    out.push(chunk(json!([{"index": i, "delta": d, "logprobs": lp.take(), "finish_reason": null}])));
                 }
-                _ => None,
-            };
-            futures::future::ready(out)
+                if let Some(lp) = lp {
+                    out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": null}])));
+                }
+            }
+            stream::iter(out)
         })
     };
     let tail = stream::once(done).flat_map(move |done| {
@@ -671,19 +716,11 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
             out.push(e.body());
         }
         for i in 0..n {
-            let mut reason = finish_reason(&outcomes, i);
-            if post.tools_on() {
-                let a = post.read(outcomes.get(i as usize).map_or("", |o| o.text.as_str()));
-                for d in buffered_deltas(&post, &a) {
-                    out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
-                }
-                reason = answer_finish_reason(&outcomes, i, &a);
-            } else if let Some(s) = splitters.lock().expect("splitters").get_mut(&i) {
-                let d = split_delta(&post, s.finish());
-                if d.as_object().is_some_and(|d| !d.is_empty()) {
-                    out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
-                }
+            let mut reader = readers.lock().expect("readers").remove(&i).unwrap_or_else(|| ChoiceReader::new(&post));
+            for d in reader.finish(&post) {
+                out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
             }
+            let reason = if reader.called() { "tool_calls" } else { finish_reason(&outcomes, i) };
             out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}])));
         }
         if include_usage {
@@ -697,15 +734,6 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         stream::iter(out)
     });
     head.chain(body).chain(tail)
-}
-
-fn split_delta(post: &ChatPost, s: tokenomy_chat::reasoning::Split) -> Value {
-    let mut d = json!({});
-    post.put_reasoning(&mut d, &s.reasoning);
-    if !s.content.is_empty() {
-        d["content"] = json!(s.content);
-    }
-    d
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,8 +7,11 @@
 //!
 //! * [`toolcall`]: a [`toolcall::ToolCallParser`] per family (Hermes / Qwen2.5 `<tool_call>`
 //!   first), with the fenced-JSON answers small models give instead of their template's tags.
+//! * [`callstream`]: the same calls read while the answer streams (name first, then argument
+//!   fragments), for OpenAI's streamed `tool_calls` deltas and Anthropic's `input_json_delta`.
 //! * [`reasoning`]: a streaming splitter of `<think>…</think>` reasoning from the answer,
 //!   including R1 distills whose template opens the block in the prompt.
 
+pub mod callstream;
 pub mod reasoning;
 pub mod toolcall;

@@ -87,6 +87,9 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Which completion tokens count as reasoning (`<think>…</think>`), for exact usage.
     pub reasoning: ReasoningMode,
+    /// At most this many reasoning tokens: then the engine closes the think block itself
+    /// (`\n</think>\n\n`, forced, billed as output) and the model writes its answer.
+    pub reasoning_budget: Option<u32>,
     /// A constraint every sampled token must keep satisfiable; generation ends when it is complete.
     pub grammar: Option<Grammar>,
 }
@@ -127,6 +130,7 @@ impl Default for SamplingParams {
             logprobs: None,
             ignore_eos: false,
             reasoning: ReasoningMode::Off,
+            reasoning_budget: None,
             grammar: None,
         }
     }

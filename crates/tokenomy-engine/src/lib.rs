@@ -260,6 +260,11 @@ impl Backend for Engine {
             logprobs_top: p.logprobs,
             ignore_eos: p.ignore_eos,
             reasoning: p.reasoning,
+            reasoning_budget: p.reasoning_budget,
+            close_reasoning: match p.reasoning_budget {
+                Some(_) => m.model.vocab().tokenize(b"\n</think>\n\n", false, true).into_iter().map(|t| t.0).collect(),
+                None => Vec::new(),
+            },
             constraint,
             events: events_tx,
             outcome: outcome_tx,

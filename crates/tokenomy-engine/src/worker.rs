@@ -32,9 +32,24 @@ pub struct Submission {
     pub logprobs_top: Option<u8>,
     pub ignore_eos: bool,
     pub reasoning: tokenomy_core::ReasoningMode,
+    /// Reasoning tokens allowed before `close_reasoning` is forced.
+    pub reasoning_budget: Option<u32>,
+    /// The tokens that close a think block (`\n</think>\n\n`).
+    pub close_reasoning: Vec<TokenId>,
     pub constraint: Option<crate::constraint::Constraint>,
     pub events: mpsc::UnboundedSender<Event>,
     pub outcome: oneshot::Sender<Outcome>,
+}
+
+impl Running {
+    /// Once the think block has used its budget, the tokens that close it come next.
+    fn close_reasoning_at_budget(&mut self) {
+        let (Some(budget), Some(r)) = (self.sub.reasoning_budget, self.reasoning.as_ref()) else { return };
+        if !self.budget_spent && r.in_reasoning() && self.usage.reasoning_tokens >= budget {
+            self.budget_spent = true;
+            self.forced.extend(self.sub.close_reasoning.iter().copied());
+        }
+    }
 }
 
 struct Running {
@@ -46,6 +61,9 @@ struct Running {
     prompt_logprobs: Vec<LogprobEntry>,
     /// Tracks the think block so reasoning tokens are counted exactly.
     reasoning: Option<ReasoningSplitter>,
+    /// Tokens to emit next instead of sampling (the think block closed at its budget).
+    forced: std::collections::VecDeque<TokenId>,
+    budget_spent: bool,
 }
 
 pub struct WorkerConfig {
@@ -165,7 +183,8 @@ impl Worker<'_> {
             ReasoningMode::OpenedByPrompt => Some(ReasoningSplitter::new(Start::InReasoning)),
             ReasoningMode::Detect => Some(ReasoningSplitter::new(Start::Detect)),
         };
-        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new(), reasoning });
+        let forced = std::collections::VecDeque::new();
+        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new(), reasoning, forced, budget_spent: false });
     }
 
     fn drop_cancelled(&mut self) {
@@ -251,11 +270,15 @@ impl Worker<'_> {
         if job.sub.spec.max_tokens == 0 {
             return self.finish(id, FinishReason::Length, None);
         }
+        job.close_reasoning_at_budget();
         let banned: &[TokenId] = if job.sub.ignore_eos { &self.eog } else { &[] };
         let restrict = job.sub.constraint.as_mut().map(|c| move |l: &mut [f32]| c.mask(l));
-        let token = match job.sub.sampler.sample_restricted(logits, banned, restrict) {
-            Ok(t) => t,
-            Err(e) => return self.finish(id, FinishReason::Error, Some(format!("constraint: {e}"))),
+        let token = match job.forced.pop_front() {
+            Some(t) => t,
+            None => match job.sub.sampler.sample_restricted(logits, banned, restrict) {
+                Ok(t) => t,
+                Err(e) => return self.finish(id, FinishReason::Error, Some(format!("constraint: {e}"))),
+            },
         };
         job.sub.sampler.accept(token);
         let constraint_done = match job.sub.constraint.as_mut() {

@@ -75,18 +75,33 @@ async fn a_two_step_tool_loop_with_qwen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_tool_calls_arrive_as_openai_sends_them() {
     let s = qwen();
-    let r = post(&s, "/v1/chat/completions", ask(json!("required"), true)).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let chunks: Vec<Value> = r.sse_data().iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
-    let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
-    assert!(deltas.len() >= 2, "{chunks:?}");
-    assert_eq!(deltas[0]["function"]["name"], "get_weather");
-    assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
-    assert_eq!(deltas[0]["function"]["arguments"], "");
-    let args: String = deltas.iter().map(|d| d["function"]["arguments"].as_str().unwrap_or("")).collect();
-    assert!(serde_json::from_str::<Value>(&args).unwrap().is_object(), "{args}");
-    let last = chunks.iter().rev().find(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
-    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+    // `required` decodes the template's tags (streamed incrementally); in `auto` mode this model
+    // writes a fenced JSON block instead (read whole at the end). Both must stream the call the
+    // non-streamed answer holds.
+    for choice in ["required", "auto"] {
+        let whole = the_call(&post(&s, "/v1/chat/completions", ask(json!(choice), false)).await);
+        let r = post(&s, "/v1/chat/completions", ask(json!(choice), true)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let chunks: Vec<Value> = r.sse_data().iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+        let deltas: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+        assert!(deltas.len() >= 2, "{chunks:?}");
+        // id and name first, with empty arguments; then argument fragments only.
+        assert_eq!(deltas[0]["function"]["name"], "get_weather");
+        assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(deltas[0]["function"]["arguments"], "");
+        assert!(deltas[1..].iter().all(|d| d["id"].is_null() && d["function"]["name"].is_null() && d["index"] == 0), "{deltas:?}");
+        if choice == "required" {
+            assert!(deltas.len() >= 4, "arguments arrive in several fragments: {deltas:?}");
+        }
+        let args: String = deltas.iter().map(|d| d["function"]["arguments"].as_str().unwrap_or("")).collect();
+        let args: Value = serde_json::from_str(&args).unwrap_or_else(|e| panic!("{args}: {e}"));
+        let want: Value = serde_json::from_str(whole["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, want, "{choice}");
+        let content: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert!(!content.contains("tool_call") && !content.contains("get_weather"), "{choice}: {content:?}");
+        let last = chunks.iter().rev().find(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +163,49 @@ async fn reasoning_opened_by_the_template_never_reaches_content() {
     let v = post(&s, "/v1/chat/completions", raw).await.json();
     assert_eq!(v["choices"][0]["message"]["content"], m["reasoning_content"]);
     assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_budget_closes_the_think_block_and_the_answer_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("think.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+    )
+    .unwrap();
+    let engine = engine_with(|c| c.chat_template = Some(template.to_string_lossy().into_owned()));
+    let s = AppState::new(Arc::new(engine), ApiConfig::default());
+    let body = json!({"model": crate::MODEL, "temperature": 0, "max_tokens": 40, "thinking_token_budget": 5,
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
+    let v = post(&s, "/v1/chat/completions", body.clone()).await.json();
+    let m = &v["choices"][0]["message"];
+    let (reasoning, content) = (m["reasoning_content"].as_str().unwrap(), m["content"].as_str().unwrap());
+    assert!(!reasoning.is_empty() && !reasoning.contains("</think>"), "{v}");
+    assert!(!content.trim().is_empty() && !content.contains("think>"), "the answer follows the closed block: {v}");
+    let u = &v["usage"];
+    let thought = u["completion_tokens_details"]["reasoning_tokens"].as_u64().unwrap();
+    // The budget, plus the few tokens of `\n</think>` that close the block.
+    assert!((5..=5 + 6).contains(&thought), "{v}");
+    assert!(u["completion_tokens"].as_u64().unwrap() > thought, "{v}");
+    // Budget 0: no thinking at all beyond the closing tag.
+    let mut zero = body.clone();
+    zero["thinking_token_budget"] = json!(0);
+    let z = post(&s, "/v1/chat/completions", zero).await.json();
+    assert!(z["usage"]["completion_tokens_details"]["reasoning_tokens"].as_u64().unwrap() <= 6, "{z}");
+    assert!(!z["choices"][0]["message"]["content"].as_str().unwrap().trim().is_empty(), "{z}");
+    // Anthropic's `thinking.budget_tokens` is the same cap, and the thinking comes back as a block.
+    let a = json!({"model": crate::MODEL, "max_tokens": 40, "temperature": 0, "thinking": {"type": "enabled", "budget_tokens": 5},
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
+    let msg = post(&s, "/v1/messages", a).await.json();
+    assert_eq!(msg["content"][0]["type"], "thinking", "{msg}");
+    assert_eq!(msg["content"][0]["thinking"], m["reasoning_content"], "{msg}");
+    assert_eq!(msg["content"][1]["type"], "text", "{msg}");
+    // A negative budget is a 400 naming the parameter.
+    let mut bad = body;
+    bad["thinking_token_budget"] = json!(-1);
+    let e = assert_error(&post(&s, "/v1/chat/completions", bad).await, StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "thinking_token_budget", "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,8 @@ fn chat(node: &Node, model: &str) -> (u16, Value) {
     let body = json!({"model": model, "temperature": 0, "max_tokens": 16, "messages": [
         {"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "What is the capital of France?"}]});
-    let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(node.user_key()).json(&body).send().unwrap();
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+    let r = client.post(format!("{}/v1/chat/completions", node.base)).bearer_auth(node.user_key()).json(&body).send().unwrap();
     (r.status().as_u16(), r.json().unwrap())
 }
 
