@@ -128,9 +128,8 @@ async fn bad_tools_and_tool_choices_are_400() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reasoning_opened_by_the_template_never_reaches_content() {
-    // A chatml template whose assistant turn opens a think block, as R1 distills' do.
+/// SmolLM2 behind a chatml template whose assistant turn opens a think block, as R1 distills' do.
+fn thinking() -> (tempfile::TempDir, AppState) {
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("think.jinja");
     std::fs::write(
@@ -140,6 +139,12 @@ async fn reasoning_opened_by_the_template_never_reaches_content() {
     .unwrap();
     let engine = engine_with(|c| c.chat_template = Some(template.to_string_lossy().into_owned()));
     let s = AppState::new(Arc::new(engine), ApiConfig::default());
+    (dir, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_opened_by_the_template_never_reaches_content() {
+    let (_dir, s) = thinking();
     let body = json!({"model": crate::MODEL, "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
     let v = post(&s, "/v1/chat/completions", body.clone()).await.json();
     let m = &v["choices"][0]["message"];
@@ -167,15 +172,7 @@ async fn reasoning_opened_by_the_template_never_reaches_content() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reasoning_budget_closes_the_think_block_and_the_answer_follows() {
-    let dir = tempfile::tempdir().unwrap();
-    let template = dir.path().join("think.jinja");
-    std::fs::write(
-        &template,
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
-    )
-    .unwrap();
-    let engine = engine_with(|c| c.chat_template = Some(template.to_string_lossy().into_owned()));
-    let s = AppState::new(Arc::new(engine), ApiConfig::default());
+    let (_dir, s) = thinking();
     let body = json!({"model": crate::MODEL, "temperature": 0, "max_tokens": 40, "thinking_token_budget": 5,
         "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
     let v = post(&s, "/v1/chat/completions", body.clone()).await.json();
