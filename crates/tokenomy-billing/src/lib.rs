@@ -23,6 +23,7 @@ pub mod ratelimit;
 mod node;
 
 use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokenomy_ledger::{
@@ -119,6 +120,44 @@ pub struct Hold {
     pub held_micros: i64,
     pub started_at_ms: i64,
     hold: Option<Transfer>,
+    /// Keeps the hold alive while the request is served; dropped with the `Hold`.
+    _live: Option<LiveGuard>,
+}
+
+/// The holds of requests this node is serving, with their current expiry: the upkeep task
+/// extends them before they could expire, so an answer that takes longer than
+/// `hold_timeout_ms` is still charged. A crashed node extends nothing, and its holds expire.
+#[derive(Debug, Default)]
+pub(crate) struct LiveHolds(Mutex<HashMap<tokenomy_ledger::TransferId, i64>>);
+
+/// Removes its hold from [`LiveHolds`] when the request's `Hold` is settled, voided or dropped.
+#[derive(Debug)]
+struct LiveGuard {
+    live: Arc<LiveHolds>,
+    id: tokenomy_ledger::TransferId,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live.0.lock().expect("live holds").remove(&self.id);
+    }
+}
+
+impl LiveHolds {
+    fn guard(self: &Arc<Self>, t: &Transfer) -> LiveGuard {
+        self.0.lock().expect("live holds").insert(t.id, t.expires_at_ms);
+        LiveGuard { live: self.clone(), id: t.id }
+    }
+
+    /// Holds whose expiry is less than half a timeout away, marked as extended to `until_ms`.
+    fn due(&self, now_ms: i64, timeout_ms: i64, until_ms: i64) -> Vec<tokenomy_ledger::TransferId> {
+        let mut live = self.0.lock().expect("live holds");
+        let due: Vec<tokenomy_ledger::TransferId> = live.iter().filter(|(_, &exp)| exp - now_ms < timeout_ms / 2).map(|(id, _)| *id).collect();
+        for id in &due {
+            live.insert(*id, until_ms);
+        }
+        due
+    }
 }
 
 impl Hold {
@@ -155,6 +194,7 @@ pub struct Billing {
     data_dir: PathBuf,
     log: tokio::sync::Mutex<log::LogState>,
     limiter: Mutex<ratelimit::RateLimiter>,
+    live: Arc<LiveHolds>,
 }
 
 impl std::fmt::Debug for Billing {
@@ -377,6 +417,7 @@ impl Billing {
             held_micros: worst,
             started_at_ms: now,
             hold: None,
+            _live: None,
         };
         if worst == 0 {
             return Ok(h); // a free model: nothing to hold, nothing to post, no receipt
@@ -400,6 +441,7 @@ impl Billing {
                 "A request with this Idempotency-Key was already processed (or is in progress); it was charged once and is not run again.".into(),
             ));
         }
+        h._live = Some(self.live.guard(&t));
         h.hold = Some(t);
         Ok(h)
     }
@@ -512,12 +554,26 @@ impl Billing {
     }
 
     /// Voids holds past their timeout (after a crash, or a request that never settled).
+    /// Extends the holds of requests still being served that would expire within half a
+    /// timeout; returns how many were extended.
+    pub async fn extend_live_holds(&self) -> Result<u64> {
+        let now = tokenomy_ledger::now_ms();
+        let timeout = self.config.billing.hold_timeout_ms;
+        let due = self.live.due(now, timeout, now + timeout);
+        let mut n = 0;
+        for ids in due.chunks(tokenomy_ledger::sqlite::MAX_EXPIRE_PER_CALL as usize) {
+            n += self.store.extend_holds(ids, now + timeout).await?;
+        }
+        Ok(n)
+    }
+
     pub async fn expire_holds(&self) -> Result<u64> {
         Ok(self.store.expire_holds(tokenomy_ledger::now_ms()).await?)
     }
 
     /// Background upkeep: a checkpoint at least every `checkpoint_interval_ms` while entries
-    /// arrive, expired holds voided every `expire_interval_ms`. Ends when `self` is dropped.
+    /// arrive (and the holds of requests in progress extended on the same tick), expired holds
+    /// voided every `expire_interval_ms`. Ends when `self` is dropped.
     pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let cp = std::time::Duration::from_millis(self.config.billing.checkpoint_interval_ms);
@@ -530,6 +586,9 @@ impl Billing {
                 let Some(b) = weak.upgrade() else { return };
                 if let Err(e) = b.checkpoint().await {
                     tracing::error!(error = %e, "checkpoint");
+                }
+                if let Err(e) = b.extend_live_holds().await {
+                    tracing::error!(error = %e, "extending the holds of requests in progress");
                 }
                 if n % ex_every == 0 {
                     match b.expire_holds().await {

@@ -120,6 +120,7 @@ impl Billing {
             data_dir: dir.clone(),
             log: tokio::sync::Mutex::new(log),
             limiter: Mutex::new(Default::default()),
+            live: Default::default(),
         });
         let voided = billing.expire_holds().await?;
         if voided > 0 {

@@ -60,6 +60,10 @@ impl LedgerStore for AnyStore {
     fn void(&self, hold_id: TransferId) -> impl Future<Output = Result<Transfer>> + Send {
         dispatch!(self, s => s.void(hold_id))
     }
+    fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> impl Future<Output = Result<u64>> + Send {
+        dispatch!(self, s => s.extend_holds(hold_ids, expires_at_ms))
+    }
+
     fn expire_holds(&self, now_ms: i64) -> impl Future<Output = Result<u64>> + Send {
         dispatch!(self, s => s.expire_holds(now_ms))
     }

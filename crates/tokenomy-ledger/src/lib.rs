@@ -98,6 +98,11 @@ pub trait LedgerStore: Send + Sync + 'static {
     fn void(&self, hold_id: TransferId) -> impl Future<Output = Result<Transfer>> + Send;
     /// Voids up to [`sqlite::MAX_EXPIRE_PER_CALL`] holds whose timeout passed; returns how many.
     fn expire_holds(&self, now_ms: i64) -> impl Future<Output = Result<u64>> + Send;
+    /// Moves the expiry of those of `hold_ids` still pending to `expires_at_ms` (never
+    /// earlier): a node keeps the holds of requests it is still serving alive, so a long answer
+    /// is charged however long it takes, while a crashed node's holds still expire. At most
+    /// [`sqlite::MAX_EXPIRE_PER_CALL`] ids; returns how many holds were extended.
+    fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> impl Future<Output = Result<u64>> + Send;
     /// Transfers touching `account`, oldest first, after `after_cursor`.
     fn statement(
         &self,
@@ -139,6 +144,14 @@ pub(crate) fn run_leaf(leaf: &Leaf, log_index: u64, t: &Transfer) -> Result<Vec<
         return Err(LedgerError::InvalidArgument(format!("leaf exceeds {MAX_LEAF_LEN_BYTES} bytes")));
     }
     Ok(bytes)
+}
+
+/// Bounds an [`LedgerStore::extend_holds`] call.
+pub(crate) fn extend_request(hold_ids: &[TransferId]) -> Result<Vec<Vec<u8>>> {
+    if hold_ids.len() as u64 > sqlite::MAX_EXPIRE_PER_CALL {
+        return Err(LedgerError::InvalidArgument(format!("at most {} holds per extend", sqlite::MAX_EXPIRE_PER_CALL)));
+    }
+    Ok(hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect())
 }
 
 /// Validates the caller's side of a hold before any I/O.

@@ -557,6 +557,16 @@ impl LedgerStore for PgStore {
         self.in_tx(|tx| Box::pin(op_void(tx, hold_id))).await
     }
 
+    async fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> Result<u64> {
+        let ids = crate::extend_request(hold_ids)?;
+        let sql = "UPDATE transfers SET expires_at_ms = $1 WHERE id = ANY($2) AND hold AND state = 0 AND expires_at_ms < $1";
+        self.in_tx(move |tx| {
+            let ids = ids.clone();
+            Box::pin(async move { execute(tx, sql, &[&expires_at_ms, &ids]).await })
+        })
+        .await
+    }
+
     async fn expire_holds(&self, now_ms: i64) -> Result<u64> {
         let sql = "SELECT id FROM transfers WHERE hold AND state = 0 AND expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2";
         let limit = MAX_EXPIRE_PER_CALL as i64;

@@ -702,6 +702,21 @@ impl LedgerStore for SqliteStore {
         self.write(move |c| op_void(c, hold_id)).await
     }
 
+    async fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> Result<u64> {
+        let ids = crate::extend_request(hold_ids)?;
+        self.write(move |c| {
+            let mut st = c
+                .prepare_cached("UPDATE transfers SET expires_at_ms = ?1 WHERE id = ?2 AND hold = 1 AND state = 0 AND expires_at_ms < ?1")
+                .map_err(db_err)?;
+            let mut n = 0;
+            for id in &ids {
+                n += st.execute(params![expires_at_ms, id]).map_err(db_err)? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     async fn expire_holds(&self, now_ms: i64) -> Result<u64> {
         self.write(move |c| op_expire(c, now_ms)).await
     }

@@ -109,3 +109,38 @@ async fn a_tampered_log_refuses_to_start() {
     let e = Billing::open(opts(other.path(), None)).await.unwrap_err();
     assert!(e.to_string().contains("entries were lost"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_served_longer_than_the_hold_timeout_is_still_charged() {
+    for pg in stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = match pg {
+            Some(u) => Some(fresh_pg(&u, "tokenomy_billing_live").await),
+            None => None,
+        };
+        let mut o = opts(dir.path(), pg.as_deref());
+        o.env = vec![
+            ("TOKENOMY_BILLING__HOLD_TIMEOUT_MS".into(), "1000".into()),
+            ("TOKENOMY_BILLING__EXPIRE_INTERVAL_MS".into(), "100".into()),
+            ("TOKENOMY_BILLING__CHECKPOINT_INTERVAL_MS".into(), "100".into()),
+        ];
+        let (b, first) = Billing::open(o).await.unwrap();
+        let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+        let _upkeep = b.spawn_upkeep();
+        let before = b.account(user.account).await.unwrap().balance_micros;
+        let served_long = b.hold(&user, &req("long", 10, 100)).await.unwrap();
+        let abandoned = b.hold(&user, &req("gone", 10, 100)).await.unwrap();
+        // A hold whose request is gone (dropped without settle or void, as after a panic) is
+        // no longer kept alive; the one still being served is, for three timeouts.
+        drop(abandoned);
+        tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+        let acc = b.account(user.account).await.unwrap();
+        assert_eq!(acc.pending_micros, served_long.held_micros, "only the live hold is still pending");
+        let r = b.settle(served_long, served(10, 100)).await.unwrap().expect("charged with a receipt");
+        assert!(r.amount_micros > 0);
+        let acc = b.account(user.account).await.unwrap();
+        assert_eq!((acc.pending_micros, acc.balance_micros), (0, before - r.amount_micros));
+        assert!(b.store().check().await.unwrap().ok);
+    }
+}
+

@@ -220,6 +220,24 @@ pub async fn expire_holds<S: LedgerStore>(s: Arc<S>) {
     assert_check_ok(&*s).await;
 }
 
+pub async fn extend_holds<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let live = s.hold(a.id, C, "x1", 1000, T0).await.unwrap();
+    let idle = s.hold(a.id, C, "x2", 1000, T0).await.unwrap();
+    let done = s.hold(a.id, C, "x3", 1000, T0).await.unwrap();
+    s.settle(done.id, 1, T0 + 10, None).await.unwrap();
+    // Only pending holds move, and never to an earlier expiry.
+    assert_eq!(s.extend_holds(&[live.id, done.id], T0 + 5000).await.unwrap(), 1);
+    assert_eq!(s.extend_holds(&[live.id], T0 + 10).await.unwrap(), 0);
+    assert_eq!(s.extend_holds(&[], T0 + 10).await.unwrap(), 0);
+    assert_eq!(s.expire_holds(T0 + 1001).await.unwrap(), 1, "only the idle hold expires");
+    assert!(matches!(s.settle(idle.id, 1, T0 + 1002, None).await, Err(LedgerError::NotPending { .. })));
+    s.settle(live.id, C, T0 + 4000, None).await.unwrap();
+    let too_many = vec![live.id; tokenomy_ledger::sqlite::MAX_EXPIRE_PER_CALL as usize + 1];
+    assert!(matches!(s.extend_holds(&too_many, T0).await, Err(LedgerError::InvalidArgument(_))));
+    assert_check_ok(&*s).await;
+}
+
 pub async fn concurrent_holds_never_overdraw<S: LedgerStore>(s: Arc<S>) {
     let a = funded(&*s, "a", 10 * C + C / 2).await;
     let mut tasks = Vec::new();

@@ -73,6 +73,7 @@ conformance_suite!(
     hold_settle_void,
     settle_edge_cases,
     expire_holds,
+    extend_holds,
     concurrent_holds_never_overdraw,
     leaf_appended_atomically,
     statement_pages,
