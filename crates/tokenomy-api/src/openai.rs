@@ -96,18 +96,19 @@ pub fn response_format(v: Option<&Value>) -> Result<Option<tokenomy_core::Gramma
             if !schema.is_object() && !schema.is_boolean() {
                 return Err(bad("response_format.json_schema.schema must be a JSON Schema object".into()));
             }
+            // Strict or not, an object that leaves `additionalProperties` unsaid gets only the
+            // properties it declares: what a caller of structured output means (xgrammar does
+            // the same), and small models otherwise add keys of their own. `true` allows more.
             let mut schema = schema.clone();
-            if v["json_schema"]["strict"] == true {
-                closed_objects(&mut schema);
-            }
+            closed_objects(&mut schema);
             Ok(Some(tokenomy_core::Grammar::JsonSchema(schema)))
         }
         other => Err(bad(format!("response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"))),
     }
 }
 
-/// OpenAI's strict mode: an object schema that does not say otherwise allows no properties
-/// beyond those it lists (applied recursively).
+/// OpenAI's strict mode, applied to every constrained schema: an object schema that does not
+/// say otherwise allows no properties beyond those it lists (applied recursively).
 pub fn closed_objects(schema: &mut Value) {
     match schema {
         Value::Object(o) => {
