@@ -14,6 +14,7 @@ use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokenomy_core::{Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
@@ -459,11 +460,25 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
 }
 
 async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
+    collect_until_settled(choice, None).await
+}
+
+/// Collects a choice; with tools on, stops the engine once the answer's calls are settled
+/// (closing the events channel cancels the job; what was generated is still metered).
+async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
     let mut events = choice.events;
+    let mut reader = post.filter(|p| p.tools_on()).map(|p| (p, ChoiceReader::new(p)));
     let (mut text, mut logprobs, mut prompt_lp) = (String::new(), Vec::new(), None);
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Token { text: t, logprob } => {
+                if let Some((p, r)) = reader.as_mut() {
+                    r.push(p, &t);
+                    if r.settled() {
+                        events.close();
+                        reader = None;
+                    }
+                }
                 text.push_str(&t);
                 logprobs.extend(logprob);
             }
@@ -573,7 +588,7 @@ fn answer_finish_reason(outcomes: &[Outcome], index: u32, a: &Answer) -> &'stati
 
 pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
-    let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
+    let collected = futures::future::join_all(choices.into_iter().map(|c| collect_until_settled(c, Some(post)))).await;
     let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
@@ -612,6 +627,25 @@ fn merged(choices: Vec<Choice>) -> impl Stream<Item = (u32, Event)> + Send {
     }))
 }
 
+/// Like [`merged`], but choice `i`'s engine job is stopped (its channel closed, what is
+/// buffered still delivered) once `stops[i]` is set.
+fn merged_stoppable(choices: Vec<Choice>, stops: Arc<Vec<AtomicBool>>) -> impl Stream<Item = (u32, Event)> + Send {
+    stream::select_all(choices.into_iter().map(move |c| {
+        let (index, stops) = (c.index, stops.clone());
+        stream::unfold((c.events, false), move |(mut rx, closed)| {
+            let stops = stops.clone();
+            async move {
+                let stop = !closed && stops.get(index as usize).is_some_and(|s| s.load(AtomicOrdering::Relaxed));
+                if stop {
+                    rx.close();
+                }
+                rx.recv().await.map(|e| ((index, e), (rx, closed || stop)))
+            }
+        })
+        .boxed()
+    }))
+}
+
 /// What one streamed choice has read so far: the reasoning split, then tool calls.
 struct ChoiceReader {
     splitter: Option<ReasoningSplitter>,
@@ -636,6 +670,10 @@ impl ChoiceReader {
     fn finish(&mut self, post: &ChatPost) -> Vec<Value> {
         let split = self.splitter.as_mut().map(ReasoningSplitter::finish).unwrap_or_default();
         self.deltas(post, split, true)
+    }
+
+    fn settled(&self) -> bool {
+        self.calls.as_ref().is_some_and(CallStream::settled)
     }
 
     fn called(&self) -> bool {
@@ -691,14 +729,19 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         let chunk = chunk.clone();
         stream::iter((0..n).map(move |i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]))))
     };
+    let stops: Arc<Vec<AtomicBool>> = Arc::new((0..n).map(|_| AtomicBool::new(false)).collect());
     let body = {
-        let (chunk, post, readers) = (chunk.clone(), post.clone(), readers.clone());
-        merged(choices).flat_map(move |(i, ev)| {
+        let (chunk, post, readers, stopper) = (chunk.clone(), post.clone(), readers.clone(), stops.clone());
+        merged_stoppable(choices, stops).flat_map(move |(i, ev)| {
             let mut out = Vec::new();
             if let Event::Token { text, logprob } = ev {
                 let mut lp = logprob.map(|e| json!({"content": [openai::chat_logprob_json(&e)]}));
                 let mut readers = readers.lock().expect("readers");
-                let deltas = readers.entry(i).or_insert_with(|| ChoiceReader::new(&post)).push(&post, &text);
+                let reader = readers.entry(i).or_insert_with(|| ChoiceReader::new(&post));
+                let deltas = reader.push(&post, &text);
+                if reader.settled() {
+                    stopper[i as usize].store(true, AtomicOrdering::Relaxed);
+                }
                 for d in deltas {
                     out.push(chunk(json!([{"index": i, "delta": d, "logprobs": lp.take(), "finish_reason": null}])));
                 }

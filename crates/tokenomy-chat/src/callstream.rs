@@ -93,6 +93,24 @@ impl CallStream {
         CallStream { known: known.iter().map(|s| s.to_string()).collect(), mode: Mode::Text, held: String::new(), calls: 0, sent_content: false }
     }
 
+    /// Whether more output can no longer change what this answer calls: a fenced block or a bare
+    /// JSON object is read by its first block or object only, so once that is complete and holds
+    /// calls, generation may stop (small models otherwise repeat the call until `max_tokens`,
+    /// billed for nothing).
+    pub fn settled(&self) -> bool {
+        if self.mode != Mode::Rest {
+            return false;
+        }
+        let t = self.held.trim_start();
+        let complete = if t.starts_with(FENCE) {
+            t.find('\n').is_some_and(|nl| t[nl..].contains(FENCE))
+        } else {
+            // Not a list: with trailing text the whole-text parser reads only its first object.
+            t.starts_with('{') && matches!(serde_json::Deserializer::from_str(t).into_iter::<serde_json::Value>().next(), Some(Ok(_)))
+        };
+        complete && !Hermes.parse(&self.held, &self.known()).calls.is_empty()
+    }
+
     /// Number of calls started so far.
     pub fn calls(&self) -> usize {
         self.calls
@@ -432,6 +450,27 @@ mod tests {
         agrees_with_whole_text("Sure:\n```\n[{\"name\": \"add\", \"parameters\": {\"a\": 2}}]\n```");
         agrees_with_whole_text(" {\"name\": \"add\", \"arguments\": {}} ");
         agrees_with_whole_text("```python\nprint(1)\n```");
+    }
+
+    #[test]
+    fn a_complete_fenced_or_bare_call_settles_the_answer() {
+        let settled_after = |text: &str| {
+            let mut s = CallStream::new(KNOWN);
+            (1..=text.len()).find(|&n| text.is_char_boundary(n) && {
+                s = CallStream::new(KNOWN);
+                s.push(&text[..n]);
+                s.settled()
+            })
+        };
+        let fenced = "```json\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n```";
+        assert_eq!(settled_after(&format!("{fenced}\n{fenced}")), Some(fenced.len()));
+        let bare = "{\"name\": \"add\", \"arguments\": {\"a\": 1}}";
+        assert_eq!(settled_after(&format!("{bare}{bare}")), Some(bare.len()));
+        // Not calls, a list, tags, or plain text: never settled early.
+        assert_eq!(settled_after("```python\nprint(1)\n```\nmore"), None);
+        assert_eq!(settled_after("[{\"name\": \"add\", \"arguments\": {}}] "), None);
+        assert_eq!(settled_after("<tool_call>\n{\"name\": \"add\", \"arguments\": {}}\n</tool_call>"), None);
+        assert_eq!(settled_after("{\"weather\": \"sunny\"} and more"), None);
     }
 
     #[test]

@@ -265,3 +265,31 @@ async fn required_always_yields_a_valid_call_even_at_temperature_1() {
     let bad = json!({"model": QWEN, "max_tokens": 5, "response_format": {"type": "yaml"}, "messages": [{"role": "user", "content": "hi"}]});
     assert_error(&post(&s, "/v1/chat/completions", bad).await, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_call_stops_the_model_repeating_it() {
+    let s = qwen();
+    // After a tool result this model writes its call again as bare JSON, over and over until
+    // max_tokens. Only the first object is ever read, so the node stops generating (and
+    // billing) once that object is complete.
+    let body = |stream: bool| {
+        json!({"model": QWEN, "temperature": 0, "max_tokens": 150, "stream": stream, "stream_options": {"include_usage": true},
+            "tools": [weather_tool()], "messages": [
+            {"role": "user", "content": "What is the weather in Paris right now?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "It's sunny."}]})
+    };
+    // (Without the stop: 150 of 150 tokens, measured when this test was written.)
+    let v = post(&s, "/v1/chat/completions", body(false)).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().unwrap().len(), 1, "{v}");
+    let used = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(used < 40, "generation went on after the call was complete: {v}");
+    // Streamed: the same call, the same stop, and the usage says so.
+    let r = post(&s, "/v1/chat/completions", body(true)).await;
+    let chunks: Vec<Value> = r.sse_data().iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let names: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"].get("name")).collect();
+    assert_eq!(names, vec!["get_weather"], "{chunks:?}");
+    let usage = chunks.iter().find_map(|c| c["usage"]["completion_tokens"].as_u64()).unwrap();
+    assert!(usage < 40, "{chunks:?}");
+}
