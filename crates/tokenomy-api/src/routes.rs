@@ -435,6 +435,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     }
     let post = ChatPost {
         tool_names: active.map(|t| t.names).unwrap_or_default(),
+        one_call: req.parallel_tool_calls == Some(false),
         reasoning: match params.reasoning {
             ReasoningMode::Off => None,
             ReasoningMode::OpenedByPrompt => Some(Start::InReasoning),
@@ -469,17 +470,20 @@ async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> (u32,
     let mut events = choice.events;
     let mut reader = post.filter(|p| p.tools_on()).map(|p| (p, ChoiceReader::new(p)));
     let (mut text, mut logprobs, mut prompt_lp) = (String::new(), Vec::new(), None);
+    let mut settled = false;
     while let Some(ev) = events.recv().await {
         match ev {
+            // Tokens the engine made before it saw the stop are metered, not part of the answer.
+            Event::Token { .. } if settled => {}
             Event::Token { text: t, logprob } => {
+                text.push_str(&t);
                 if let Some((p, r)) = reader.as_mut() {
                     r.push(p, &t);
                     if r.settled() {
                         events.close();
-                        reader = None;
+                        settled = true;
                     }
                 }
-                text.push_str(&t);
                 logprobs.extend(logprob);
             }
             Event::PromptLogprobs(lp) => prompt_lp = Some(lp),
@@ -513,6 +517,8 @@ fn reasoning_format(v: Option<&str>) -> Result<ReasoningFormat, AppError> {
 /// How a chat answer is read back: tool calls and the reasoning split.
 pub(crate) struct ChatPost {
     tool_names: Vec<String>,
+    /// `parallel_tool_calls: false`: at most one call, and the answer ends with it.
+    one_call: bool,
     reasoning: Option<Start>,
     format: ReasoningFormat,
 }
@@ -539,7 +545,10 @@ impl ChatPost {
         };
         if self.tools_on() {
             let names: Vec<&str> = self.tool_names.iter().map(String::as_str).collect();
-            let p = Hermes.parse(&content, &names);
+            let mut p = Hermes.parse(&content, &names);
+            if self.one_call {
+                p.calls.truncate(1);
+            }
             if !p.calls.is_empty() {
                 return Answer { reasoning, content: p.content, calls: p.calls };
             }
@@ -655,7 +664,8 @@ struct ChoiceReader {
 impl ChoiceReader {
     fn new(post: &ChatPost) -> Self {
         let names: Vec<&str> = post.tool_names.iter().map(String::as_str).collect();
-        ChoiceReader { splitter: post.reasoning.map(ReasoningSplitter::new), calls: post.tools_on().then(|| CallStream::new(&names)) }
+        let calls = post.tools_on().then(|| CallStream::new(&names)).map(|c| if post.one_call { c.one_call() } else { c });
+        ChoiceReader { splitter: post.reasoning.map(ReasoningSplitter::new), calls }
     }
 
     /// Deltas for the next piece of text (several when, say, content is followed by a call).

@@ -86,11 +86,24 @@ pub struct CallStream {
     calls: usize,
     /// Whether any content was sent (bare JSON counts as a call only if it is the whole answer).
     sent_content: bool,
+    /// At most one call (`parallel_tool_calls: false`): the answer ends with the first.
+    one_call: bool,
 }
 
 impl CallStream {
     pub fn new(known: &[&str]) -> Self {
-        CallStream { known: known.iter().map(|s| s.to_string()).collect(), mode: Mode::Text, held: String::new(), calls: 0, sent_content: false }
+        CallStream { known: known.iter().map(|s| s.to_string()).collect(), mode: Mode::Text, held: String::new(), calls: 0, sent_content: false, one_call: false }
+    }
+
+    /// At most one call: once it is complete the answer is settled and the rest is ignored.
+    pub fn one_call(mut self) -> Self {
+        self.one_call = true;
+        self
+    }
+
+    /// One call allowed, and it is complete (its arguments closed, or read whole).
+    fn one_call_done(&self) -> bool {
+        self.one_call && self.calls > 0 && !matches!(self.mode, Mode::Args { .. })
     }
 
     /// Whether more output can no longer change what this answer calls: a fenced block or a bare
@@ -98,6 +111,9 @@ impl CallStream {
     /// calls, generation may stop (small models otherwise repeat the call until `max_tokens`,
     /// billed for nothing).
     pub fn settled(&self) -> bool {
+        if self.one_call_done() {
+            return true;
+        }
         if self.mode != Mode::Rest {
             return false;
         }
@@ -117,15 +133,21 @@ impl CallStream {
     }
 
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        if self.one_call_done() {
+            return Vec::new();
+        }
         self.held.push_str(text);
         let mut out = Vec::new();
-        while self.step(&mut out) {}
+        while !self.one_call_done() && self.step(&mut out) {}
         out
     }
 
     /// The end of the answer: whatever was held is decided.
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
+        if self.one_call_done() {
+            return out;
+        }
         let held = std::mem::take(&mut self.held);
         match std::mem::replace(&mut self.mode, Mode::Text) {
             Mode::Text => {
@@ -170,7 +192,8 @@ impl CallStream {
             return;
         }
         self.content(out, p.content);
-        for c in p.calls {
+        let keep = if self.one_call { 1 } else { p.calls.len() };
+        for c in p.calls.into_iter().take(keep) {
             let index = self.start_call(out, c.name);
             out.push(Piece::CallArgs { index, fragment: c.arguments.to_string() });
         }
@@ -471,6 +494,31 @@ mod tests {
         assert_eq!(settled_after("[{\"name\": \"add\", \"arguments\": {}}] "), None);
         assert_eq!(settled_after("<tool_call>\n{\"name\": \"add\", \"arguments\": {}}\n</tool_call>"), None);
         assert_eq!(settled_after("{\"weather\": \"sunny\"} and more"), None);
+    }
+
+    #[test]
+    fn one_call_ends_the_answer_at_its_first_call() {
+        let two = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2}}\n</tool_call>";
+        for chunk in [1, 7, two.len()] {
+            let mut s = CallStream::new(KNOWN).one_call();
+            let mut pieces = Vec::new();
+            let mut settled_at = None;
+            for (k, piece) in two.as_bytes().chunks(chunk).enumerate() {
+                pieces.extend(s.push(std::str::from_utf8(piece).unwrap()));
+                if s.settled() && settled_at.is_none() {
+                    settled_at = Some(k);
+                }
+            }
+            pieces.extend(s.finish());
+            assert!(settled_at.is_some());
+            assert_eq!(rebuild(&pieces), (String::new(), vec![("add".to_string(), json!({"a": 1}))]), "chunk {chunk}");
+        }
+        let list = "```json\n[{\"name\": \"add\", \"arguments\": {\"a\": 1}}, {\"name\": \"add\", \"arguments\": {\"a\": 2}}]\n```";
+        let mut s = CallStream::new(KNOWN).one_call();
+        let mut pieces = s.push(list);
+        assert!(s.settled());
+        pieces.extend(s.finish());
+        assert_eq!(rebuild(&pieces).1, vec![("add".to_string(), json!({"a": 1}))]);
     }
 
     #[test]
