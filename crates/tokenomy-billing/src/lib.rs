@@ -553,7 +553,6 @@ impl Billing {
         Ok(ReceiptBundle::new(receipt, &canonical, &signature, &self.signer.verifier(), &proof).to_json())
     }
 
-    /// Voids holds past their timeout (after a crash, or a request that never settled).
     /// Extends the holds of requests still being served that would expire within half a
     /// timeout; returns how many were extended.
     pub async fn extend_live_holds(&self) -> Result<u64> {
@@ -567,6 +566,7 @@ impl Billing {
         Ok(n)
     }
 
+    /// Voids holds past their timeout (after a crash, or a request that never settled).
     pub async fn expire_holds(&self) -> Result<u64> {
         Ok(self.store.expire_holds(tokenomy_ledger::now_ms()).await?)
     }

@@ -41,17 +41,6 @@ pub struct Submission {
     pub outcome: oneshot::Sender<Outcome>,
 }
 
-impl Running {
-    /// Once the think block has used its budget, the tokens that close it come next.
-    fn close_reasoning_at_budget(&mut self) {
-        let (Some(budget), Some(r)) = (self.sub.reasoning_budget, self.reasoning.as_ref()) else { return };
-        if !self.budget_spent && r.in_reasoning() && self.usage.reasoning_tokens >= budget {
-            self.budget_spent = true;
-            self.forced.extend(self.sub.close_reasoning.iter().copied());
-        }
-    }
-}
-
 struct Running {
     sub: Submission,
     text: TextStream,
@@ -64,6 +53,17 @@ struct Running {
     /// Tokens to emit next instead of sampling (the think block closed at its budget).
     forced: std::collections::VecDeque<TokenId>,
     budget_spent: bool,
+}
+
+impl Running {
+    /// Once the think block has used its budget, the tokens that close it come next.
+    fn close_reasoning_at_budget(&mut self) {
+        let (Some(budget), Some(r)) = (self.sub.reasoning_budget, self.reasoning.as_ref()) else { return };
+        if !self.budget_spent && r.in_reasoning() && self.usage.reasoning_tokens >= budget {
+            self.budget_spent = true;
+            self.forced.extend(self.sub.close_reasoning.iter().copied());
+        }
+    }
 }
 
 pub struct WorkerConfig {
