@@ -185,9 +185,10 @@ impl CallStream {
 
     /// Text read whole: its calls (if any) and the content around them.
     fn whole(&mut self, out: &mut Vec<Piece>, text: &str) {
+        // `text` is a tag, a fenced block onward, or a bare JSON answer (only ever entered before
+        // any content was sent), so the whole-text parser reads it as it would the whole answer.
         let p = Hermes.parse(text, &self.known());
-        let bare_json_after_text = p.calls.len() > 0 && !text.trim_start().starts_with(OPEN) && !text.contains(FENCE) && self.sent_content;
-        if p.calls.is_empty() || bare_json_after_text {
+        if p.calls.is_empty() {
             self.content(out, text.to_string());
             return;
         }
