@@ -13,7 +13,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Principal, ReceiptRef};
-use tokenomy_ledger::{Account, AccountId, KeyRecord, Transfer};
+use tokenomy_ledger::{Account, AccountId, KeyRecord, KeySpend, SpendCaps, Transfer};
 
 use crate::routes::ApiJson;
 use crate::{AppError, AppState};
@@ -186,6 +186,23 @@ fn key_json(k: &KeyRecord) -> Value {
     json!({
         "key_id": k.id.to_string(), "account_id": k.account.to_string(), "scopes": k.scopes,
         "rpm": k.rpm, "tpm": k.tpm, "created_at_ms": k.created_at_ms, "revoked_at_ms": k.revoked_at_ms,
+        "spend_cap_day_micros": k.caps.day_micros, "spend_cap_month_micros": k.caps.month_micros,
+        "spend": spend_json(k.caps, k.spend),
+    })
+}
+
+/// A key's spend this UTC day and month (0 once a period has passed) and its holds in flight.
+/// Counted only for keys with a cap (`null` otherwise).
+fn spend_json(caps: SpendCaps, spend: KeySpend) -> Value {
+    if !caps.is_capped() {
+        return Value::Null;
+    }
+    let s = spend.at(tokenomy_ledger::now_ms());
+    let left = |cap: Option<i64>, spent: i64| cap.map(|c| (c - spent - s.pending_micros).max(0));
+    json!({
+        "day_micros": s.day_micros, "month_micros": s.month_micros, "pending_micros": s.pending_micros,
+        "day_remaining_micros": left(caps.day_micros, s.day_micros),
+        "month_remaining_micros": left(caps.month_micros, s.month_micros),
     })
 }
 
@@ -239,6 +256,8 @@ pub struct NewKey {
     scopes: Vec<String>,
     rpm: Option<u32>,
     tpm: Option<u32>,
+    spend_cap_day_micros: Option<i64>,
+    spend_cap_month_micros: Option<i64>,
 }
 
 fn default_scopes() -> Vec<String> {
@@ -253,8 +272,13 @@ pub async fn create_key(
 ) -> Result<Response, AppError> {
     admin(&state, &headers).await?;
     let account = parse_account_id(&id)?;
-    let (key_id, key) = billing(&state)?.create_key(account, &req.scopes, req.rpm, req.tpm).await?;
-    let body = json!({"key_id": key_id.to_string(), "key": key, "account_id": account.to_string(), "scopes": req.scopes, "rpm": req.rpm, "tpm": req.tpm});
+    let caps = SpendCaps { day_micros: req.spend_cap_day_micros, month_micros: req.spend_cap_month_micros };
+    let (key_id, key) = billing(&state)?.create_key(account, &req.scopes, req.rpm, req.tpm, caps).await?;
+    let body = json!({
+        "key_id": key_id.to_string(), "key": key, "account_id": account.to_string(), "scopes": req.scopes,
+        "rpm": req.rpm, "tpm": req.tpm,
+        "spend_cap_day_micros": caps.day_micros, "spend_cap_month_micros": caps.month_micros,
+    });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
@@ -322,7 +346,11 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
     let a = b.account(p.account).await?;
     Ok(Json(json!({
         "object": "me", "key_id": p.key_id.to_string(), "scopes": p.scopes,
-        "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm},
+        "limits": {
+            "rpm": p.limits.rpm, "tpm": p.limits.tpm,
+            "spend_cap_day_micros": p.caps.day_micros, "spend_cap_month_micros": p.caps.month_micros,
+        },
+        "spend": spend_json(p.caps, p.spend),
         "account": account_json(&a),
         "usage": state.meter.account_json(p.account),
     })))

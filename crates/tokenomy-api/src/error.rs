@@ -101,6 +101,12 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 code: Some("insufficient_quota"),
                 ..base
             },
+            B::SpendCapExceeded { .. } => AppError {
+                status: StatusCode::PAYMENT_REQUIRED,
+                kind: "insufficient_quota",
+                code: Some("spend_cap_exceeded"),
+                ..base
+            },
             B::RateLimited(l) => AppError {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 kind: "rate_limit_error",

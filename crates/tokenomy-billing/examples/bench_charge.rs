@@ -70,7 +70,7 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     for w in 0..writers {
         let a = b.create_account(&format!("bench-{w}"), AccountKind::User).await.unwrap();
         b.store().mint(a.id, 1_000_000 * MICROS_PER_CREDIT, &format!("bench-fund-{}", a.id), None).await.unwrap();
-        let (_, key) = b.create_key(a.id, &["inference".into()], None, None).await.unwrap();
+        let (_, key) = b.create_key(a.id, &["inference".into()], None, None, Default::default()).await.unwrap();
         principals.push(b.authenticate(Some(&key)).await.unwrap());
     }
     let store = b.store().clone();
@@ -103,7 +103,7 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     })
     .await;
     // Bundles for receipts made in the billing phase.
-    let admin = Principal { key_id: principals[0].key_id, account: principals[0].account, scopes: vec!["admin".into()], limits: Default::default() };
+    let admin = Principal { key_id: principals[0].key_id, account: principals[0].account, scopes: vec!["admin".into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
     let size = b.checkpoint().await.unwrap().checkpoint.size;
     let ids: Vec<String> = (0..writers.min(8)).map(|w| format!("rcpt_{}-{}", principals[w as usize].key_id, 0)).collect();
     let bb = b.clone();

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use tokenomy_ledger::{
     cost_micros, Account, AccountId, AccountKind, AnyStore, CheckReport, KeyId, KeyRecord, LedgerError, LedgerStore, Page, Price,
-    Transfer, TransferState,
+    Transfer, TransferState, KeySpend, SpendCaps,
 };
 use tokenomy_receipts::{Receipt, ReceiptBundle, ReceiptKind, SignerKey, TlogProof, VerifierKey};
 
@@ -54,6 +54,14 @@ pub enum BillingError {
     Conflict(String),
     #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits or lower max_tokens.")]
     InsufficientQuota { needed_micros: i64, shortfall_micros: i64 },
+    #[error(
+        "This API key's {period} spend cap of {cap_micros} micro-credits would be exceeded: {remaining_micros} remain \
+         this {unit} (in-flight requests included) and this request may cost up to {needed_micros}. The cap resets at \
+         00:00 UTC{on}; lower max_tokens or use a key with a higher cap.",
+        unit = if *period == "daily" { "day" } else { "month" },
+        on = if *period == "daily" { "" } else { " on the 1st" }
+    )]
+    SpendCapExceeded { period: &'static str, cap_micros: i64, remaining_micros: i64, needed_micros: i64 },
     #[error("Rate limit of {} per minute reached for this key; retry in {:.1} s", .0.limit, .0.retry_after_ms as f64 / 1000.0)]
     RateLimited(Limited),
     #[error("{0}")]
@@ -69,6 +77,9 @@ impl From<LedgerError> for BillingError {
             }
             L::UnknownAccount(_) | L::UnknownTransfer(_) | L::UnknownKey(_) => BillingError::NotFound(e.to_string()),
             L::InsufficientFunds { shortfall_micros } => BillingError::InsufficientQuota { needed_micros: 0, shortfall_micros },
+            L::SpendCapExceeded { period, cap_micros, remaining_micros, requested_micros } => {
+                BillingError::SpendCapExceeded { period, cap_micros, remaining_micros, needed_micros: requested_micros }
+            }
             L::IdempotencyConflict { .. } | L::NotPending { .. } | L::SettleExceedsHold { .. } | L::HoldExpired(_) => {
                 BillingError::Conflict(e.to_string())
             }
@@ -86,6 +97,10 @@ pub struct Principal {
     pub account: AccountId,
     pub scopes: Vec<String>,
     pub limits: Limits,
+    /// The key's spend caps; a capped key's holds go through `hold_for_key`.
+    pub caps: SpendCaps,
+    /// Its spending counters as read when it authenticated.
+    pub spend: KeySpend,
 }
 
 impl Principal {
@@ -278,7 +293,14 @@ impl Billing {
         l.admit(p.key_id, p.limits, tokenomy_ledger::now_ms()).map_err(BillingError::RateLimited)
     }
 
-    pub async fn create_key(&self, account: AccountId, scopes: &[String], rpm: Option<u32>, tpm: Option<u32>) -> Result<(KeyId, String)> {
+    pub async fn create_key(
+        &self,
+        account: AccountId,
+        scopes: &[String],
+        rpm: Option<u32>,
+        tpm: Option<u32>,
+        caps: SpendCaps,
+    ) -> Result<(KeyId, String)> {
         for s in scopes {
             if s != SCOPE_INFERENCE && s != SCOPE_ADMIN {
                 return Err(BillingError::Invalid(format!("unknown scope {s:?}: use \"inference\" and/or \"admin\"")));
@@ -295,7 +317,7 @@ impl Billing {
             return Err(BillingError::Invalid("inference keys belong to user or agent accounts".into()));
         }
         let (key, hash) = keys::generate();
-        let id = self.store.create_key(account, hash, scopes, rpm, tpm, None).await?;
+        let id = self.store.create_key(account, hash, scopes, rpm, tpm, caps).await?;
         Ok((id, key))
     }
 
@@ -427,7 +449,11 @@ impl Billing {
             None => format!("req:{}", req.request_id),
         };
         let timeout = self.config.billing.hold_timeout_ms;
-        let t = match self.store.hold(p.account, worst, &key, timeout, now).await {
+        let placed = match p.caps.is_capped() {
+            true => self.store.hold_for_key(p.account, p.key_id, worst, &key, timeout, now).await,
+            false => self.store.hold(p.account, worst, &key, timeout, now).await,
+        };
+        let t = match placed {
             Err(LedgerError::InsufficientFunds { shortfall_micros }) => {
                 return Err(BillingError::InsufficientQuota { needed_micros: worst, shortfall_micros })
             }
@@ -604,7 +630,14 @@ impl Billing {
 }
 
 fn principal(rec: &KeyRecord) -> Principal {
-    Principal { key_id: rec.id, account: rec.account, scopes: rec.scopes.clone(), limits: Limits { rpm: rec.rpm, tpm: rec.tpm } }
+    Principal {
+        key_id: rec.id,
+        account: rec.account,
+        scopes: rec.scopes.clone(),
+        limits: Limits { rpm: rec.rpm, tpm: rec.tpm },
+        caps: rec.caps,
+        spend: rec.spend,
+    }
 }
 
 fn new_receipt_id() -> String {

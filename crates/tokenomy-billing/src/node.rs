@@ -133,16 +133,16 @@ impl Billing {
     async fn first_run(&self) -> Result<FirstRun> {
         let (admin_id, admin_key) = {
             let (key, hash) = keys::generate();
-            let id = self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, None).await?;
+            let id = self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, Default::default()).await?;
             (id, key)
         };
-        let admin = Principal { key_id: admin_id, account: OPERATOR_REVENUE, scopes: vec![SCOPE_ADMIN.into()], limits: Default::default() };
+        let admin = Principal { key_id: admin_id, account: OPERATOR_REVENUE, scopes: vec![SCOPE_ADMIN.into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
         let user = self.store.create_account("local", AccountKind::User).await?;
         let grant = self.config.billing.first_run_grant_micros;
         if grant > 0 {
             self.mint(user.id, grant, &format!("first-run-grant:{}", user.id), &admin).await?;
         }
-        let (_, user_key) = self.create_key(user.id, &[SCOPE_INFERENCE.to_string()], None, None).await?;
+        let (_, user_key) = self.create_key(user.id, &[SCOPE_INFERENCE.to_string()], None, None, Default::default()).await?;
         let (user_path, admin_path) = (self.data_dir.join("user.key"), self.data_dir.join("admin.key"));
         write_file(&user_path, &format!("{user_key}\n"), true).map_err(io_err(&user_path))?;
         write_file(&admin_path, &format!("{admin_key}\n"), true).map_err(io_err(&admin_path))?;

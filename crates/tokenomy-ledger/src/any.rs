@@ -54,6 +54,17 @@ impl LedgerStore for AnyStore {
     fn hold(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, timeout_ms: i64, now_ms: i64) -> impl Future<Output = Result<Transfer>> + Send {
         dispatch!(self, s => s.hold(account, amount_micros, idempotency_key, timeout_ms, now_ms))
     }
+    fn hold_for_key(
+        &self,
+        account: AccountId,
+        key: KeyId,
+        amount_micros: i64,
+        idempotency_key: &str,
+        timeout_ms: i64,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Transfer>> + Send {
+        dispatch!(self, s => s.hold_for_key(account, key, amount_micros, idempotency_key, timeout_ms, now_ms))
+    }
     fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> impl Future<Output = Result<Settled>> + Send {
         dispatch!(self, s => s.settle(hold_id, amount_micros, now_ms, leaf))
     }
@@ -86,9 +97,9 @@ impl LedgerStore for AnyStore {
         scopes: &[String],
         rpm: Option<u32>,
         tpm: Option<u32>,
-        spend_cap_day_micros: Option<i64>,
+        caps: SpendCaps,
     ) -> impl Future<Output = Result<KeyId>> + Send {
-        dispatch!(self, s => s.create_key(account, key_hash, scopes, rpm, tpm, spend_cap_day_micros))
+        dispatch!(self, s => s.create_key(account, key_hash, scopes, rpm, tpm, caps))
     }
     fn find_key_by_hash(&self, key_hash: [u8; 32]) -> impl Future<Output = Result<Option<KeyRecord>>> + Send {
         dispatch!(self, s => s.find_key_by_hash(key_hash))

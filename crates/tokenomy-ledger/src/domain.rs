@@ -133,6 +133,9 @@ pub struct Transfer {
     pub created_at_ms: i64,
     /// For a settlement: the hold it posts.
     pub pending_id: Option<TransferId>,
+    /// The API key whose spend caps this hold (and its settlement) counts against
+    /// ([`KeySpend`]); None for transfers not placed through `hold_for_key`.
+    pub key_id: Option<KeyId>,
 }
 
 impl Transfer {
@@ -156,6 +159,8 @@ pub struct TransferRequest {
     pub code: TransferCode,
     pub hold: bool,
     pub timeout_ms: i64,
+    /// See [`Transfer::key_id`].
+    pub key_id: Option<KeyId>,
 }
 
 impl TransferRequest {
@@ -168,6 +173,7 @@ impl TransferRequest {
             && self.code == t.code
             && self.hold == t.hold
             && self.timeout_ms == t.timeout_ms
+            && self.key_id == t.key_id
     }
 
     /// Build the transfer this request creates (state Pending for holds).
@@ -187,6 +193,7 @@ impl TransferRequest {
             expires_at_ms,
             created_at_ms: now_ms,
             pending_id,
+            key_id: self.key_id,
         }
     }
 }
@@ -225,9 +232,120 @@ pub struct KeyRecord {
     pub scopes: Vec<String>,
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
-    pub spend_cap_day_micros: Option<i64>,
+    pub caps: SpendCaps,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+    /// The key's spending counters as stored (maintained only for holds placed
+    /// through `hold_for_key`; see [`KeySpend`]).
+    pub spend: KeySpend,
+}
+
+/// Optional limits on what one API key may spend per UTC calendar day and month,
+/// in-flight holds included (so concurrent requests cannot overshoot them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpendCaps {
+    pub day_micros: Option<i64>,
+    pub month_micros: Option<i64>,
+}
+
+impl SpendCaps {
+    pub fn is_capped(&self) -> bool {
+        self.day_micros.is_some() || self.month_micros.is_some()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for cap in [self.day_micros, self.month_micros].into_iter().flatten() {
+            if !(0..=MAX_AMOUNT_MICROS).contains(&cap) {
+                return Err(LedgerError::InvalidArgument(format!("spend cap must be in 0..={MAX_AMOUNT_MICROS} micros")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key's maintained spending counters (one row with the key; no history scan):
+/// what its pending holds reserve, and what it posted in the UTC day and month
+/// numbered `day` / `month` ([`utc_day`], [`utc_month`]). A counter whose period
+/// has passed reads as 0 ([`KeySpend::at`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeySpend {
+    pub pending_micros: i64,
+    pub day: i64,
+    pub day_micros: i64,
+    pub month: i64,
+    pub month_micros: i64,
+}
+
+/// Days since 1970-01-01 (UTC) of a Unix-epoch millisecond time.
+pub fn utc_day(now_ms: i64) -> i64 {
+    now_ms.div_euclid(86_400_000)
+}
+
+/// Months since 1970-01 (UTC) of a Unix-epoch millisecond time (civil calendar).
+pub fn utc_month(now_ms: i64) -> i64 {
+    // Howard Hinnant's civil_from_days.
+    let z = utc_day(now_ms) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 }; // 1..=12
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year - 1970) * 12 + (month - 1)
+}
+
+impl KeySpend {
+    /// The counters as seen at `now_ms`: a period that has passed starts again at 0.
+    pub fn at(self, now_ms: i64) -> KeySpend {
+        let (day, month) = (utc_day(now_ms), utc_month(now_ms));
+        KeySpend {
+            pending_micros: self.pending_micros,
+            day,
+            day_micros: if self.day == day { self.day_micros } else { 0 },
+            month,
+            month_micros: if self.month == month { self.month_micros } else { 0 },
+        }
+    }
+
+    /// Reserves `amount` for a hold, unless it could take the key past a cap
+    /// (posted this period + every pending hold + this one).
+    pub fn apply_hold(&mut self, caps: SpendCaps, amount_micros: i64, now_ms: i64) -> Result<()> {
+        let s = self.at(now_ms);
+        let committed = add(s.pending_micros, amount_micros)?;
+        for (period, cap, spent) in [("daily", caps.day_micros, s.day_micros), ("monthly", caps.month_micros, s.month_micros)] {
+            let Some(cap) = cap else { continue };
+            let total = add(spent, committed)?;
+            if total > cap {
+                let remaining_micros = cap.saturating_sub(add(spent, s.pending_micros)?).max(0);
+                return Err(LedgerError::SpendCapExceeded { period, cap_micros: cap, remaining_micros, requested_micros: amount_micros });
+            }
+        }
+        *self = KeySpend { pending_micros: committed, ..s };
+        Ok(())
+    }
+
+    /// Releases a hold of `held` and counts `posted` (≤ held) as spent at `now_ms`.
+    pub fn apply_settle(&mut self, held_micros: i64, posted_micros: i64, now_ms: i64) -> Result<()> {
+        let mut s = self.at(now_ms);
+        s.pending_micros = sub(s.pending_micros, held_micros)?;
+        s.day_micros = add(s.day_micros, posted_micros)?;
+        s.month_micros = add(s.month_micros, posted_micros)?;
+        if s.pending_micros < 0 {
+            return Err(LedgerError::InvariantViolation("key pending < 0".into()));
+        }
+        *self = s;
+        Ok(())
+    }
+
+    /// Releases a hold of `held` (voided or expired): nothing is spent.
+    pub fn apply_void(&mut self, held_micros: i64) -> Result<()> {
+        self.pending_micros = sub(self.pending_micros, held_micros)?;
+        if self.pending_micros < 0 {
+            return Err(LedgerError::InvariantViolation("key pending < 0".into()));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -262,6 +380,11 @@ pub enum LedgerError {
     NotPending { id: TransferId, state: TransferState },
     #[error("cannot settle {requested_micros} micros on a hold of {held_micros}")]
     SettleExceedsHold { held_micros: i64, requested_micros: i64 },
+    #[error(
+        "this API key's {period} spend cap of {cap_micros} micro-credits would be exceeded: \
+         {remaining_micros} remain, the request may cost up to {requested_micros}"
+    )]
+    SpendCapExceeded { period: &'static str, cap_micros: i64, remaining_micros: i64, requested_micros: i64 },
     #[error("hold {0} has expired")]
     HoldExpired(TransferId),
     #[error("arithmetic overflow")]
@@ -522,6 +645,25 @@ fn check_account_against_totals(a: &Account, t: AccountTotals, problems: &mut Ve
     if !account_ok(a) {
         problems.push(format!("account constraint violated: {a:?}"));
     }
+}
+
+/// Each key's maintained `pending_micros` equals the sum of its pending holds.
+/// `keys`: (key, stored pending); `holds`: pending hold sums by `key_id`.
+pub fn check_key_pending(
+    keys: &[(KeyId, i64)],
+    holds: &std::collections::HashMap<KeyId, i128>,
+    report: &mut CheckReport,
+) {
+    for (id, pending) in keys {
+        let held = holds.get(id).copied().unwrap_or(0);
+        if held != *pending as i128 {
+            report.problems.push(format!("key {id}: pending {pending} != its pending holds {held}"));
+        }
+    }
+    for id in holds.keys().filter(|id| !keys.iter().any(|(k, _)| k == *id)) {
+        report.problems.push(format!("pending holds name unknown key {id}"));
+    }
+    report.ok = report.problems.is_empty();
 }
 
 fn check_log_dense(log: (u64, Option<u64>, Option<u64>), problems: &mut Vec<String>) {

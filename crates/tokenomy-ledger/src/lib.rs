@@ -85,6 +85,21 @@ pub trait LedgerStore: Send + Sync + 'static {
         timeout_ms: i64,
         now_ms: i64,
     ) -> impl Future<Output = Result<Transfer>> + Send;
+    /// [`hold`](Self::hold) on behalf of an API key with spend caps: in the same
+    /// transaction the key's [`KeySpend`] reserves the amount, and the hold fails
+    /// with [`LedgerError::SpendCapExceeded`] if posted spend this UTC day/month
+    /// plus every pending hold of the key plus this one could exceed a cap. Its
+    /// settlement counts as spent, its void or expiry releases the reservation.
+    /// (Keys without caps use `hold`: their requests touch no key row.)
+    fn hold_for_key(
+        &self,
+        account: AccountId,
+        key: KeyId,
+        amount_micros: i64,
+        idempotency_key: &str,
+        timeout_ms: i64,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Transfer>> + Send;
     /// Posts `amount_micros` (≤ held) of a hold and voids the rest. Idempotent
     /// per hold: settling again with the same amount returns the same result.
     fn settle(
@@ -121,7 +136,7 @@ pub trait LedgerStore: Send + Sync + 'static {
         scopes: &[String],
         rpm: Option<u32>,
         tpm: Option<u32>,
-        spend_cap_day_micros: Option<i64>,
+        caps: SpendCaps,
     ) -> impl Future<Output = Result<KeyId>> + Send;
     /// The live (not revoked) key with this hash.
     fn find_key_by_hash(&self, key_hash: [u8; 32]) -> impl Future<Output = Result<Option<KeyRecord>>> + Send;
@@ -155,7 +170,13 @@ pub(crate) fn extend_request(hold_ids: &[TransferId]) -> Result<Vec<Vec<u8>>> {
 }
 
 /// Validates the caller's side of a hold before any I/O.
-pub(crate) fn hold_request(account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64) -> Result<TransferRequest> {
+pub(crate) fn hold_request(
+    account: AccountId,
+    amount_micros: i64,
+    key: &str,
+    timeout_ms: i64,
+    key_id: Option<KeyId>,
+) -> Result<TransferRequest> {
     validate_amount(amount_micros)?;
     validate_idempotency_key(key)?;
     validate_timeout(timeout_ms)?;
@@ -167,6 +188,7 @@ pub(crate) fn hold_request(account: AccountId, amount_micros: i64, key: &str, ti
         code: TransferCode::UsageCharge,
         hold: true,
         timeout_ms,
+        key_id,
     })
 }
 
@@ -191,6 +213,7 @@ pub(crate) fn posted_request(
         code,
         hold: false,
         timeout_ms: 0,
+        key_id: None,
     })
 }
 
@@ -204,6 +227,7 @@ pub(crate) fn settle_request(hold: &Transfer, amount_micros: i64) -> TransferReq
         code: hold.code,
         hold: false,
         timeout_ms: 0,
+        key_id: hold.key_id,
     }
 }
 

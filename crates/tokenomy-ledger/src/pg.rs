@@ -7,8 +7,9 @@
 //! Locking order (fixed, so concurrent operations and batches cannot deadlock):
 //! 1. the holds' `transfers` rows (`SELECT … FOR UPDATE`, ascending id);
 //! 2. customer accounts (User/Agent) by ascending id, `SELECT … FOR UPDATE`;
-//! 3. the single `log_head` row, which assigns the next log index;
-//! 4. the system accounts (treasury, operator revenue), touched last and only
+//! 3. the API key row of a `hold_for_key` hold (`FOR UPDATE`);
+//! 4. the single `log_head` row, which assigns the next log index;
+//! 5. the system accounts (treasury, operator revenue), touched last and only
 //!    by an atomic `balance += delta` UPDATE, so their hot rows are held for
 //!    the shortest time.
 //!
@@ -30,8 +31,8 @@ const SCHEMA: &str = include_str!("sql/pg_schema.sql");
 pub const MAX_RETRIES: u32 = 5;
 const ACCOUNT_COLS: &str = "id, name, kind, balance_micros, pending_micros, created_at_ms";
 const TRANSFER_COLS: &str = "id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
-     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id";
-const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, revoked_at_ms";
+     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id";
+use crate::sqlite::KEY_COLS;
 const RETRY_MARK: &str = "retryable: ";
 
 #[path = "pg_batch.rs"]
@@ -168,6 +169,7 @@ fn row_account(row: &Row) -> Result<Account> {
 
 fn row_transfer(row: &Row, o: usize) -> Result<Transfer> {
     let pending: Option<&[u8]> = col(row, o + 11)?;
+    let key: Option<&[u8]> = col(row, o + 12)?;
     Ok(Transfer {
         id: id_col(row, o, TransferId::from_slice)?,
         idempotency_key: col(row, o + 1)?,
@@ -181,6 +183,7 @@ fn row_transfer(row: &Row, o: usize) -> Result<Transfer> {
         expires_at_ms: col(row, o + 9)?,
         created_at_ms: col(row, o + 10)?,
         pending_id: pending.and_then(TransferId::from_slice),
+        key_id: key.and_then(KeyId::from_slice),
     })
 }
 
@@ -195,9 +198,16 @@ fn row_key(row: &Row) -> Result<KeyRecord> {
         scopes: scopes.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
         rpm: small(col(row, 4)?),
         tpm: small(col(row, 5)?),
-        spend_cap_day_micros: col(row, 6)?,
+        caps: SpendCaps { day_micros: col(row, 6)?, month_micros: col(row, 9)? },
         created_at_ms: col(row, 7)?,
         revoked_at_ms: col(row, 8)?,
+        spend: KeySpend {
+            pending_micros: col(row, 10)?,
+            day: col(row, 11)?,
+            day_micros: col(row, 12)?,
+            month: col(row, 13)?,
+            month_micros: col(row, 14)?,
+        },
     })
 }
 
@@ -270,9 +280,10 @@ async fn transfer_for_update(tx: &Transaction<'_>, id: TransferId) -> Result<Tra
 
 async fn insert_transfer(tx: &Transaction<'_>, t: &Transfer) -> Result<()> {
     check_transfer(t).map_err(LedgerError::InvariantViolation)?;
-    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)");
+    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)");
     let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
-    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+    let key = t.key_id.map(|k| k.to_bytes().to_vec());
+    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
         &&t.id.to_bytes()[..],
         &t.idempotency_key,
         &&t.debit_account.to_bytes()[..],
@@ -285,6 +296,7 @@ async fn insert_transfer(tx: &Transaction<'_>, t: &Transfer) -> Result<()> {
         &t.expires_at_ms,
         &t.created_at_ms,
         &pending,
+        &key,
     ];
     execute(tx, &sql, &args).await.map(|_| ())
 }
@@ -303,6 +315,29 @@ async fn append_log(tx: &Transaction<'_>, leaf: &Leaf, t: &Transfer) -> Result<u
     let sql = "INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES ($1,$2,$3,$4)";
     execute(tx, sql, &[&index, &&t.id.to_bytes()[..], &&log_account(t).to_bytes()[..], &bytes]).await?;
     Ok(index as u64)
+}
+
+/// A key's caps and spend counters, its row locked (lock order step 3); the key must
+/// be live and belong to `account` when given.
+async fn key_spend_for_update(tx: &Transaction<'_>, id: KeyId, account: Option<AccountId>) -> Result<(SpendCaps, KeySpend)> {
+    let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE id = $1 FOR UPDATE");
+    let rows = query(tx, &sql, &[&&id.to_bytes()[..]]).await?;
+    let rec = rows.first().map(row_key).transpose()?.ok_or(LedgerError::UnknownKey(id))?;
+    if account.is_some_and(|a| a != rec.account || rec.revoked_at_ms.is_some()) {
+        return Err(LedgerError::UnknownKey(id));
+    }
+    Ok((rec.caps, rec.spend))
+}
+
+async fn store_key_spend(tx: &Transaction<'_>, id: KeyId, s: &KeySpend) -> Result<()> {
+    assert!(s.pending_micros >= 0, "key pending below zero");
+    let sql = "UPDATE api_keys SET pending_micros = $2, spend_day = $3, spend_day_micros = $4, spend_month = $5, \
+               spend_month_micros = $6 WHERE id = $1";
+    let n = execute(tx, sql, &[&&id.to_bytes()[..], &s.pending_micros, &s.day, &s.day_micros, &s.month, &s.month_micros]).await?;
+    if n != 1 {
+        return Err(LedgerError::UnknownKey(id));
+    }
+    Ok(())
 }
 
 async fn log_index_of(tx: &Transaction<'_>, id: TransferId) -> Result<Option<u64>> {
@@ -366,9 +401,20 @@ async fn op_hold(tx: &Transaction<'_>, req: TransferRequest, now: i64) -> Result
     let mut debit = before[0].clone();
     check_roles(&debit, &before[1], req.code)?;
     apply_hold(&mut debit, req.amount_micros)?;
+    let key = match req.key_id {
+        Some(id) => {
+            let (caps, mut spend) = key_spend_for_update(tx, id, Some(req.debit_account)).await?;
+            spend.apply_hold(caps, req.amount_micros, now)?;
+            Some((id, spend))
+        }
+        None => None,
+    };
     let t = req.into_transfer(now, None);
     insert_transfer(tx, &t).await?;
     store_delta(tx, &before[0], &debit).await?;
+    if let Some((id, spend)) = &key {
+        store_key_spend(tx, *id, spend).await?;
+    }
     Ok(t)
 }
 
@@ -389,6 +435,11 @@ async fn op_settle(tx: &Transaction<'_>, hold_id: TransferId, amount: i64, now: 
     let before = load_accounts(tx, &[hold.debit_account, hold.credit_account]).await?;
     let (mut debit, mut credit) = (before[0].clone(), before[1].clone());
     apply_settle(&mut debit, &mut credit, hold.amount_micros, amount)?;
+    if let Some(id) = hold.key_id {
+        let (_, mut spend) = key_spend_for_update(tx, id, None).await?;
+        spend.apply_settle(hold.amount_micros, amount, now)?;
+        store_key_spend(tx, id, &spend).await?;
+    }
     let state = if amount > 0 { TransferState::Posted } else { TransferState::Voided };
     set_state(tx, &mut hold, state).await?;
     let released_micros = hold.amount_micros - amount;
@@ -417,6 +468,11 @@ async fn op_void(tx: &Transaction<'_>, hold_id: TransferId) -> Result<Transfer> 
     let before = load_accounts(tx, &[hold.debit_account]).await?;
     let mut debit = before[0].clone();
     apply_void(&mut debit, hold.amount_micros)?;
+    if let Some(id) = hold.key_id {
+        let (_, mut spend) = key_spend_for_update(tx, id, None).await?;
+        spend.apply_void(hold.amount_micros)?;
+        store_key_spend(tx, id, &spend).await?;
+    }
     set_state(tx, &mut hold, TransferState::Voided).await?;
     store_delta(tx, &before[0], &debit).await?;
     Ok(hold)
@@ -459,6 +515,18 @@ async fn read_check(tx: &Transaction<'_>) -> Result<CheckReport> {
         report.problems.push(format!("log_head {head} != log size {}", log.0));
         report.ok = false;
     }
+    let keys: Vec<(KeyId, i64)> = query(tx, "SELECT id, pending_micros FROM api_keys", &[])
+        .await?
+        .iter()
+        .map(|r| Ok((id_col(r, 0, KeyId::from_slice)?, col(r, 1)?)))
+        .collect::<Result<_>>()?;
+    let sql = "SELECT key_id, SUM(amount_micros)::BIGINT FROM transfers WHERE hold AND state = 0 AND key_id IS NOT NULL GROUP BY 1";
+    let holds: HashMap<KeyId, i128> = query(tx, sql, &[])
+        .await?
+        .iter()
+        .map(|r| Ok((id_col(r, 0, KeyId::from_slice)?, col::<i64>(r, 1)? as i128)))
+        .collect::<Result<_>>()?;
+    check_key_pending(&keys, &holds, &mut report);
     Ok(report)
 }
 
@@ -533,13 +601,27 @@ impl LedgerStore for PgStore {
     }
 
     async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
-        let req = hold_request(account, amount_micros, key, timeout_ms)?;
+        let req = hold_request(account, amount_micros, key, timeout_ms, None)?;
         if let Some(jobs) = &self.jobs {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let job = batch::Job { op: batch::Op::Hold { req, now: now_ms }, reply: batch::Reply::Hold(tx) };
             jobs.send(job).await.map_err(|_| LedgerError::Closed)?;
             return rx.await.map_err(|_| LedgerError::Closed)?;
         }
+        self.in_tx(|tx| Box::pin(op_hold(tx, req.clone(), now_ms))).await
+    }
+
+    async fn hold_for_key(
+        &self,
+        account: AccountId,
+        key_id: KeyId,
+        amount_micros: i64,
+        key: &str,
+        timeout_ms: i64,
+        now_ms: i64,
+    ) -> Result<Transfer> {
+        // Not batched: capped keys are the exception, and their row lock orders them anyway.
+        let req = hold_request(account, amount_micros, key, timeout_ms, Some(key_id))?;
         self.in_tx(|tx| Box::pin(op_hold(tx, req.clone(), now_ms))).await
     }
 
@@ -644,25 +726,26 @@ impl LedgerStore for PgStore {
         scopes: &[String],
         rpm: Option<u32>,
         tpm: Option<u32>,
-        spend_cap_day_micros: Option<i64>,
+        caps: SpendCaps,
     ) -> Result<KeyId> {
-        let rec = new_key_record(account, key_hash, scopes, rpm, tpm, spend_cap_day_micros)?;
-        let sql = format!("INSERT INTO api_keys ({KEY_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL)");
+        let rec = new_key_record(account, key_hash, scopes, rpm, tpm, caps)?;
+        let sql = format!("INSERT INTO api_keys ({KEY_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,$9,0,0,0,0,0)");
         let result = self
             .in_tx(|tx| {
                 let (rec, sql) = (rec.clone(), sql.clone());
                 Box::pin(async move {
                     load_accounts(tx, &[rec.account]).await?;
                     let (rpm, tpm) = (rec.rpm.map(i64::from), rec.tpm.map(i64::from));
-                    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+                    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
                         &&rec.id.to_bytes()[..],
                         &&rec.account.to_bytes()[..],
                         &&rec.key_hash[..],
                         &rec.scopes.join(","),
                         &rpm,
                         &tpm,
-                        &rec.spend_cap_day_micros,
+                        &rec.caps.day_micros,
                         &rec.created_at_ms,
+                        &rec.caps.month_micros,
                     ];
                     execute(tx, &sql, &args).await
                 })

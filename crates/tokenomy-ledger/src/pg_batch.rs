@@ -70,6 +70,9 @@ enum Outcome {
     /// A settlement; `log` is its position in the plan's log list (index assigned later),
     /// `replay_of` a posted transfer whose existing log index must be looked up.
     Settle { result: Result<Settled>, log: Option<usize>, replay_of: Option<TransferId> },
+    /// Left out of the batch: run alone, through the per-operation path, after it commits
+    /// (the settlement of a `hold_for_key` hold, which must update its key row).
+    Alone,
 }
 
 /// Starts the batch tasks; they end when every sender (every `PgStore` clone) is dropped.
@@ -116,39 +119,45 @@ async fn run(pool: &Pool, batch: Vec<Job>) {
     };
     match outcome {
         Ok(results) => {
+            let mut alone = Vec::new();
             for (job, result) in batch.into_iter().zip(results) {
                 match (job.reply, result) {
                     (Reply::Hold(tx), Outcome::Hold(r)) => drop(tx.send(r)),
                     (Reply::Settle(tx), Outcome::Settle { result, .. }) => drop(tx.send(result)),
+                    (reply, Outcome::Alone) => alone.push(Job { op: job.op, reply }),
                     _ => unreachable!("outcome kind matches its job"),
                 }
             }
+            run_alone(pool, alone).await;
         }
-        Err(_) => {
-            // Nothing of the batch is known to be committed: re-run each job alone
-            // (idempotent), concurrently, through the per-operation path with retries.
-            let store = PgStore { pool: pool.clone(), jobs: None };
-            let runs = batch.into_iter().map(|job| {
-                let store = store.clone();
-                async move {
-                    match (job.op, job.reply) {
-                        (Op::Hold { req, now }, Reply::Hold(tx)) => {
-                            let r = store.in_tx(|t| Box::pin(op_hold(t, req.clone(), now))).await;
-                            let _ = tx.send(r);
-                        }
-                        (Op::Settle { hold_id, amount, now, leaf }, Reply::Settle(tx)) => {
-                            let r = store.in_tx(|t| Box::pin(op_settle(t, hold_id, amount, now, leaf.clone()))).await;
-                            let _ = tx.send(r);
-                        }
-                        _ => unreachable!("reply kind matches its job"),
-                    }
+        // Nothing of the batch is known to be committed: re-run each job alone
+        // (idempotent), concurrently, through the per-operation path with retries.
+        Err(_) => run_alone(pool, batch).await,
+    }
+}
+
+/// Runs jobs one transaction each, concurrently, through the per-operation path.
+async fn run_alone(pool: &Pool, jobs: Vec<Job>) {
+    let store = PgStore { pool: pool.clone(), jobs: None };
+    let runs = jobs.into_iter().map(|job| {
+        let store = store.clone();
+        async move {
+            match (job.op, job.reply) {
+                (Op::Hold { req, now }, Reply::Hold(tx)) => {
+                    let r = store.in_tx(|t| Box::pin(op_hold(t, req.clone(), now))).await;
+                    let _ = tx.send(r);
                 }
-            });
-            let handles: Vec<_> = runs.map(tokio::spawn).collect();
-            for h in handles {
-                let _ = h.await;
+                (Op::Settle { hold_id, amount, now, leaf }, Reply::Settle(tx)) => {
+                    let r = store.in_tx(|t| Box::pin(op_settle(t, hold_id, amount, now, leaf.clone()))).await;
+                    let _ = tx.send(r);
+                }
+                _ => unreachable!("reply kind matches its job"),
             }
         }
+    });
+    let handles: Vec<_> = runs.map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
     }
 }
 
@@ -426,6 +435,9 @@ fn plan_settle(
 ) -> Outcome {
     let fail = |e| Outcome::Settle { result: Err(e), log: None, replay_of: None };
     let Some(hold) = holds.get(&hold_id).cloned() else { return fail(LedgerError::UnknownTransfer(hold_id)) };
+    if hold.key_id.is_some() {
+        return Outcome::Alone;
+    }
     let prior = match hold.state {
         TransferState::Posted => by_key.get(&settle_key(hold.id)).cloned(),
         _ => None,
@@ -546,17 +558,18 @@ async fn insert_transfers(tx: &Transaction<'_>, ts: &[Transfer]) -> Result<()> {
     let expires: Vec<i64> = ts.iter().map(|t| t.expires_at_ms).collect();
     let created: Vec<i64> = ts.iter().map(|t| t.created_at_ms).collect();
     let pending: Vec<Option<Vec<u8>>> = ts.iter().map(|t| t.pending_id.map(|p| p.to_bytes().to_vec())).collect();
+    let key_ids: Vec<Option<Vec<u8>>> = ts.iter().map(|t| t.key_id.map(|k| k.to_bytes().to_vec())).collect();
     // WITH ORDINALITY + ORDER BY: `seq` (the statement cursor) follows queue order.
     let sql = format!(
         "INSERT INTO transfers ({TRANSFER_COLS}) \
-         SELECT id, k, d, c, a, code, st, h, tm, ex, cr, p FROM unnest($1::bytea[], $2::text[], $3::bytea[], \
+         SELECT id, k, d, c, a, code, st, h, tm, ex, cr, p, kid FROM unnest($1::bytea[], $2::text[], $3::bytea[], \
          $4::bytea[], $5::int8[], $6::int2[], $7::int2[], $8::bool[], $9::int8[], $10::int8[], $11::int8[], \
-         $12::bytea[]) WITH ORDINALITY AS u(id, k, d, c, a, code, st, h, tm, ex, cr, p, ord) ORDER BY ord"
+         $12::bytea[], $13::bytea[]) WITH ORDINALITY AS u(id, k, d, c, a, code, st, h, tm, ex, cr, p, kid, ord) ORDER BY ord"
     );
     let n = execute(
         tx,
         &sql,
-        &[&ids, &keys, &debits, &credits, &amounts, &codes, &states, &hold, &timeouts, &expires, &created, &pending],
+        &[&ids, &keys, &debits, &credits, &amounts, &codes, &states, &hold, &timeouts, &expires, &created, &pending, &key_ids],
     )
     .await?;
     if n != ts.len() as u64 {

@@ -37,8 +37,19 @@ pub const MAX_EXPIRE_PER_CALL: u64 = 10_000;
 
 const SCHEMA: &str = include_str!("sql/sqlite_schema.sql");
 const TRANSFER_COLS: &str = "id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
-     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id";
-const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, revoked_at_ms";
+     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id";
+pub(crate) const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, \
+     revoked_at_ms, spend_cap_month_micros, pending_micros, spend_day, spend_day_micros, spend_month, spend_month_micros";
+/// Columns added by schema version 2 to tables a version-1 file already has.
+const V2_COLUMNS: [(&str, &str, &str); 7] = [
+    ("transfers", "key_id", "BLOB"),
+    ("api_keys", "spend_cap_month_micros", "INTEGER"),
+    ("api_keys", "pending_micros", "INTEGER NOT NULL DEFAULT 0 CHECK (pending_micros >= 0)"),
+    ("api_keys", "spend_day", "INTEGER NOT NULL DEFAULT 0"),
+    ("api_keys", "spend_day_micros", "INTEGER NOT NULL DEFAULT 0"),
+    ("api_keys", "spend_month", "INTEGER NOT NULL DEFAULT 0"),
+    ("api_keys", "spend_month_micros", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
 /// A job returns its reply and whether it failed after writing (poisons the batch).
@@ -80,6 +91,7 @@ impl SqliteStore {
         };
         writer.execute_batch(sync).map_err(db_err)?;
         writer.execute_batch(SCHEMA).map_err(db_err)?;
+        migrate(&writer)?;
         create_system_accounts(&writer)?;
         let reader = open_conn(path.as_ref())?;
         let (jobs, rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -149,6 +161,27 @@ fn open_conn(path: &Path) -> Result<Connection> {
     .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
+}
+
+/// Brings a version-1 file to version 2 (adds the columns it lacks), atomically.
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = (|| {
+        for (table, column, decl) in V2_COLUMNS {
+            let has: bool = conn
+                .query_row(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"), [column], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|n| n > 0)
+                .map_err(db_err)?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")).map_err(db_err)?;
+            }
+        }
+        conn.execute_batch("UPDATE schema_version SET version = 2 WHERE version < 2").map_err(db_err)
+    })();
+    conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" }).map_err(db_err)?;
+    result
 }
 
 fn create_system_accounts(conn: &Connection) -> Result<()> {
@@ -244,6 +277,7 @@ fn row_transfer(row: &Row) -> rusqlite::Result<Transfer> {
 /// Decodes `TRANSFER_COLS` starting at column `o`.
 fn row_transfer_at(row: &Row, o: usize) -> rusqlite::Result<Transfer> {
     let pending: Option<Vec<u8>> = row.get(o + 11)?;
+    let key: Option<Vec<u8>> = row.get(o + 12)?;
     Ok(Transfer {
         id: id_col(row, o, TransferId::from_slice)?,
         idempotency_key: row.get(o + 1)?,
@@ -257,6 +291,7 @@ fn row_transfer_at(row: &Row, o: usize) -> rusqlite::Result<Transfer> {
         expires_at_ms: row.get(o + 9)?,
         created_at_ms: row.get(o + 10)?,
         pending_id: pending.as_deref().and_then(TransferId::from_slice),
+        key_id: key.as_deref().and_then(KeyId::from_slice),
     })
 }
 
@@ -270,9 +305,16 @@ fn row_key(row: &Row) -> rusqlite::Result<KeyRecord> {
         scopes: scopes.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
         rpm: row.get(4)?,
         tpm: row.get(5)?,
-        spend_cap_day_micros: row.get(6)?,
+        caps: SpendCaps { day_micros: row.get(6)?, month_micros: row.get(9)? },
         created_at_ms: row.get(7)?,
         revoked_at_ms: row.get(8)?,
+        spend: KeySpend {
+            pending_micros: row.get(10)?,
+            day: row.get(11)?,
+            day_micros: row.get(12)?,
+            month: row.get(13)?,
+            month_micros: row.get(14)?,
+        },
     })
 }
 
@@ -310,8 +352,9 @@ fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
 
 fn insert_transfer(c: &Connection, t: &Transfer) -> Result<()> {
     check_transfer(t).map_err(LedgerError::InvariantViolation)?;
-    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)");
+    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)");
     let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
+    let key = t.key_id.map(|k| k.to_bytes().to_vec());
     c.prepare_cached(&sql)
         .and_then(|mut s| {
             s.execute(params![
@@ -327,6 +370,7 @@ fn insert_transfer(c: &Connection, t: &Transfer) -> Result<()> {
                 t.expires_at_ms,
                 t.created_at_ms,
                 pending,
+                key,
             ])
         })
         .map(|_| ())
@@ -339,6 +383,35 @@ fn set_state(c: &Connection, t: &mut Transfer, state: TransferState) -> Result<(
         .and_then(|mut s| s.execute(params![&t.id.to_bytes()[..], state.as_i16()]))
         .map_err(db_err)?;
     t.state = state;
+    Ok(())
+}
+
+/// A key's caps and spend counters (the key must be live and belong to `account`
+/// when given).
+fn load_key_spend(c: &Connection, id: KeyId, account: Option<AccountId>) -> Result<(SpendCaps, KeySpend)> {
+    let rec = c
+        .prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_key).optional())
+        .map_err(db_err)?
+        .ok_or(LedgerError::UnknownKey(id))?;
+    if account.is_some_and(|a| a != rec.account || rec.revoked_at_ms.is_some()) {
+        return Err(LedgerError::UnknownKey(id));
+    }
+    Ok((rec.caps, rec.spend))
+}
+
+fn store_key_spend(c: &Connection, id: KeyId, s: &KeySpend) -> Result<()> {
+    assert!(s.pending_micros >= 0, "key pending below zero");
+    let n = c
+        .prepare_cached(
+            "UPDATE api_keys SET pending_micros = ?2, spend_day = ?3, spend_day_micros = ?4, spend_month = ?5, \
+             spend_month_micros = ?6 WHERE id = ?1",
+        )
+        .and_then(|mut st| {
+            st.execute(params![&id.to_bytes()[..], s.pending_micros, s.day, s.day_micros, s.month, s.month_micros])
+        })
+        .map_err(db_err)?;
+    assert_eq!(n, 1, "key row vanished");
     Ok(())
 }
 
@@ -424,9 +497,20 @@ fn op_hold(c: &Connection, req: TransferRequest, now: i64) -> Result<Transfer> {
     let credit = load_account(c, req.credit_account)?;
     check_roles(&debit, &credit, req.code)?;
     apply_hold(&mut debit, req.amount_micros)?;
+    let key = match req.key_id {
+        Some(id) => {
+            let (caps, mut spend) = load_key_spend(c, id, Some(req.debit_account))?;
+            spend.apply_hold(caps, req.amount_micros, now)?;
+            Some((id, spend))
+        }
+        None => None,
+    };
     let t = req.into_transfer(now, None);
     insert_transfer(c, &t)?;
     store_account(c, &debit)?;
+    if let Some((id, spend)) = &key {
+        store_key_spend(c, *id, spend)?;
+    }
     Ok(t)
 }
 
@@ -449,6 +533,14 @@ fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: O
     apply_settle(&mut debit, &mut credit, hold.amount_micros, amount)?;
     check_account(&debit)?;
     check_account(&credit)?;
+    let key = match hold.key_id {
+        Some(id) => {
+            let (_, mut spend) = load_key_spend(c, id, None)?;
+            spend.apply_settle(hold.amount_micros, amount, now)?;
+            Some((id, spend))
+        }
+        None => None,
+    };
     let state = if amount > 0 { TransferState::Posted } else { TransferState::Voided };
     let released_micros = hold.amount_micros - amount;
     // Everything that can fail is computed before the first write.
@@ -463,6 +555,9 @@ fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: O
     set_state(c, &mut hold, state)?;
     store_account(c, &debit)?;
     store_account(c, &credit)?;
+    if let Some((id, spend)) = &key {
+        store_key_spend(c, *id, spend)?;
+    }
     let log_index = match &posted {
         Some(p) => {
             insert_transfer(c, p)?;
@@ -485,8 +580,19 @@ fn op_void(c: &Connection, hold_id: TransferId) -> Result<Transfer> {
     }
     let mut debit = load_account(c, hold.debit_account)?;
     apply_void(&mut debit, hold.amount_micros)?;
+    let key = match hold.key_id {
+        Some(id) => {
+            let (_, mut spend) = load_key_spend(c, id, None)?;
+            spend.apply_void(hold.amount_micros)?;
+            Some((id, spend))
+        }
+        None => None,
+    };
     set_state(c, &mut hold, TransferState::Voided)?;
     store_account(c, &debit)?;
+    if let Some((id, spend)) = &key {
+        store_key_spend(c, *id, spend)?;
+    }
     Ok(hold)
 }
 
@@ -517,7 +623,7 @@ fn op_create_account(c: &Connection, name: String, kind: AccountKind, now: i64) 
 
 fn op_create_key(c: &Connection, rec: KeyRecord) -> Result<KeyId> {
     load_account(c, rec.account)?;
-    let sql = format!("INSERT INTO api_keys ({KEY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,NULL)");
+    let sql = format!("INSERT INTO api_keys ({KEY_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,NULL,?9,0,0,0,0,0)");
     c.prepare_cached(&sql)
         .and_then(|mut s| {
             s.execute(params![
@@ -527,8 +633,9 @@ fn op_create_key(c: &Connection, rec: KeyRecord) -> Result<KeyId> {
                 rec.scopes.join(","),
                 rec.rpm,
                 rec.tpm,
-                rec.spend_cap_day_micros,
+                rec.caps.day_micros,
                 rec.created_at_ms,
+                rec.caps.month_micros,
             ])
         })
         .map_err(|e| match e.sqlite_error_code() {
@@ -629,7 +736,19 @@ fn read_check(c: &Connection) -> Result<CheckReport> {
             })
         })
         .map_err(db_err)?;
-    Ok(check_ledger(&accounts, &totals, transfers, bad, pending, log))
+    let mut report = check_ledger(&accounts, &totals, transfers, bad, pending, log);
+    let keys: Vec<(KeyId, i64)> = c
+        .prepare_cached("SELECT id, pending_micros FROM api_keys")
+        .and_then(|mut s| s.query_map([], |r| Ok((id_col(r, 0, KeyId::from_slice)?, r.get(1)?)))?.collect())
+        .map_err(db_err)?;
+    let holds: HashMap<KeyId, i128> = c
+        .prepare_cached(
+            "SELECT key_id, SUM(amount_micros) FROM transfers WHERE hold = 1 AND state = 0 AND key_id IS NOT NULL GROUP BY 1",
+        )
+        .and_then(|mut s| s.query_map([], |r| Ok((id_col(r, 0, KeyId::from_slice)?, r.get::<_, i64>(1)? as i128)))?.collect())
+        .map_err(db_err)?;
+    check_key_pending(&keys, &holds, &mut report);
+    Ok(report)
 }
 
 fn read_log(c: &Connection, from: u64, limit: u32) -> Result<Vec<LogEntry>> {
@@ -690,7 +809,20 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
-        let req = hold_request(account, amount_micros, key, timeout_ms)?;
+        let req = hold_request(account, amount_micros, key, timeout_ms, None)?;
+        self.write(move |c| op_hold(c, req, now_ms)).await
+    }
+
+    async fn hold_for_key(
+        &self,
+        account: AccountId,
+        key_id: KeyId,
+        amount_micros: i64,
+        key: &str,
+        timeout_ms: i64,
+        now_ms: i64,
+    ) -> Result<Transfer> {
+        let req = hold_request(account, amount_micros, key, timeout_ms, Some(key_id))?;
         self.write(move |c| op_hold(c, req, now_ms)).await
     }
 
@@ -750,9 +882,9 @@ impl LedgerStore for SqliteStore {
         scopes: &[String],
         rpm: Option<u32>,
         tpm: Option<u32>,
-        spend_cap_day_micros: Option<i64>,
+        caps: SpendCaps,
     ) -> Result<KeyId> {
-        let rec = new_key_record(account, key_hash, scopes, rpm, tpm, spend_cap_day_micros)?;
+        let rec = new_key_record(account, key_hash, scopes, rpm, tpm, caps)?;
         self.write(move |c| op_create_key(c, rec)).await
     }
 
@@ -778,12 +910,10 @@ pub(crate) fn new_key_record(
     scopes: &[String],
     rpm: Option<u32>,
     tpm: Option<u32>,
-    spend_cap_day_micros: Option<i64>,
+    caps: SpendCaps,
 ) -> Result<KeyRecord> {
     validate_scopes(scopes)?;
-    if spend_cap_day_micros.is_some_and(|c| !(0..=MAX_AMOUNT_MICROS).contains(&c)) {
-        return Err(LedgerError::InvalidArgument("spend cap out of range".into()));
-    }
+    caps.validate()?;
     let now = crate::now_ms();
     Ok(KeyRecord {
         id: KeyId::generate(now),
@@ -792,8 +922,9 @@ pub(crate) fn new_key_record(
         scopes: scopes.to_vec(),
         rpm,
         tpm,
-        spend_cap_day_micros,
+        caps,
         created_at_ms: now,
         revoked_at_ms: None,
+        spend: KeySpend::default(),
     })
 }

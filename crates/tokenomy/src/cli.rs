@@ -107,6 +107,12 @@ pub enum Keys {
         rpm: Option<u32>,
         #[arg(long)]
         tpm: Option<u32>,
+        /// Most the key may spend per UTC day (micro-credits; in-flight requests count).
+        #[arg(long)]
+        spend_cap_day_micros: Option<i64>,
+        /// Most the key may spend per UTC calendar month (micro-credits).
+        #[arg(long)]
+        spend_cap_month_micros: Option<i64>,
     },
     /// List an account's keys (hashes are never shown).
     List { account: String },
@@ -218,8 +224,12 @@ pub async fn accounts(c: Conn, cmd: Accounts) -> Result<()> {
 pub async fn keys(c: Conn, cmd: Keys) -> Result<()> {
     use reqwest::Method;
     let v = match cmd {
-        Keys::Create { account, scopes, rpm, tpm } => {
-            c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(json!({"scopes": scopes, "rpm": rpm, "tpm": tpm}))).await?
+        Keys::Create { account, scopes, rpm, tpm, spend_cap_day_micros, spend_cap_month_micros } => {
+            let body = json!({
+                "scopes": scopes, "rpm": rpm, "tpm": tpm,
+                "spend_cap_day_micros": spend_cap_day_micros, "spend_cap_month_micros": spend_cap_month_micros,
+            });
+            c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(body)).await?
         }
         Keys::List { account } => c.call(Method::GET, &format!("/admin/v1/accounts/{account}/keys"), None).await?,
         Keys::Revoke { key_id } => c.call(Method::DELETE, &format!("/admin/v1/keys/{key_id}"), None).await?,

@@ -95,6 +95,23 @@ fn chat(max_tokens: u32) -> Value {
            "messages": [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "Name a color."}]})
 }
 
+/// `count` copies of `chat(8)` sent at once with `key`; the replies in order.
+async fn concurrent_chats(n: &Node, key: &str, count: usize) -> Vec<Reply> {
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let (state, auth) = (n.state.clone(), format!("Bearer {key}"));
+            tokio::spawn(async move {
+                request(&state, "POST", "/v1/chat/completions", Some(&chat(8).to_string()), &[("authorization", &auth)]).await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(count);
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    replies
+}
+
 /// Posted usage charges (the settled halves of holds) in a statement.
 fn posted_usage(st: &[Value]) -> Vec<&Value> {
     st.iter().filter(|t| t["code"] == "usagecharge" && t["state"] == "posted" && !t["pending_id"].is_null()).collect()
@@ -171,18 +188,8 @@ async fn concurrent_requests_never_overdraw_an_account() {
         let prompt = probe["usage"]["prompt_tokens"].as_i64().unwrap();
         let worst = (prompt * 50_000 + 8 * 200_000).div_euclid(1_000_000) + 1;
         let (acc, key) = n.funded("busy", 10 * worst).await;
-        let tasks: Vec<_> = (0..200)
-            .map(|_| {
-                let (state, key) = (n.state.clone(), key.clone());
-                tokio::spawn(async move {
-                    let auth = format!("Bearer {key}");
-                    request(&state, "POST", "/v1/chat/completions", Some(&chat(8).to_string()), &[("authorization", &auth)]).await
-                })
-            })
-            .collect();
         let mut ok = 0;
-        for t in tasks {
-            let r = t.await.unwrap();
+        for r in concurrent_chats(&n, &key, 200).await {
             match r.status {
                 StatusCode::OK => {
                     assert!(r.json()["choices"][0]["message"]["content"].is_string());
@@ -333,4 +340,52 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
         .map(|r| r.json()["receipt"]["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), 3);
+}
+
+/// A key's daily spend cap holds under concurrency (in-flight requests count against it),
+/// on both stores; `/v1/me` and the admin key list report the spend; bad caps are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_spend_cap_bounds_concurrent_requests() {
+    for pg in stores() {
+        let n = node(pg.as_deref(), "tokenomy_api_spend_cap", &[]).await;
+        let probe = n.call("POST", "/v1/chat/completions", Some(chat(1)), &n.first.user_key).await.json();
+        let prompt = probe["usage"]["prompt_tokens"].as_i64().unwrap();
+        let worst = (prompt * 50_000 + 8 * 200_000).div_euclid(1_000_000) + 1;
+        let (acc, _) = n.funded("agent-owner", 1_000 * worst).await;
+        let cap = 5 * worst;
+        let k = n
+            .admin("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"scopes": ["inference"], "spend_cap_day_micros": cap})))
+            .await;
+        assert_eq!(k["spend_cap_day_micros"], cap);
+        let key = k["key"].as_str().unwrap().to_string();
+        let mut ok = 0;
+        for r in concurrent_chats(&n, &key, 30).await {
+            match r.status {
+                StatusCode::OK => ok += 1,
+                StatusCode::PAYMENT_REQUIRED => {
+                    let e = assert_error(&r, StatusCode::PAYMENT_REQUIRED);
+                    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("insufficient_quota"), Some("spend_cap_exceeded")));
+                    assert!(e["message"].as_str().unwrap().contains("daily spend cap"), "{e}");
+                }
+                s => panic!("an answer or a 402, got {s}: {}", r.text),
+            }
+        }
+        assert!(ok >= 5, "at least the cap's worth of worst cases is served: {ok}");
+        let st = n.statement(&acc).await;
+        let charged: i64 = posted_usage(&st).iter().map(|t| t["amount_micros"].as_i64().unwrap()).sum();
+        assert!(charged <= cap, "charged {charged} > cap {cap}");
+        assert_eq!(posted_usage(&st).len(), ok);
+        let me = n.call("GET", "/v1/me", None, &key).await.json();
+        assert_eq!(me["limits"]["spend_cap_day_micros"], cap);
+        assert_eq!((me["spend"]["day_micros"].as_i64(), me["spend"]["pending_micros"].as_i64()), (Some(charged), Some(0)));
+        assert_eq!(me["spend"]["day_remaining_micros"].as_i64(), Some(cap - charged));
+        let listed = n.admin("GET", &format!("/admin/v1/accounts/{acc}/keys"), None).await;
+        let row = listed["data"].as_array().unwrap().iter().find(|r| r["key_id"] == k["key_id"]).unwrap().clone();
+        assert_eq!(row["spend"]["day_micros"].as_i64(), Some(charged));
+        // Uncapped keys report no spend counters; a negative cap is refused.
+        assert!(n.call("GET", "/v1/me", None, &n.first.user_key).await.json()["spend"].is_null());
+        let bad = n.call("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"spend_cap_month_micros": -5})), &n.first.admin_key).await;
+        assert!(assert_error(&bad, StatusCode::BAD_REQUEST)["message"].as_str().unwrap().contains("spend cap"));
+        n.check().await;
+    }
 }

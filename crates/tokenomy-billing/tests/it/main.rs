@@ -71,7 +71,7 @@ async fn first_run_charge_receipt_and_restart() {
         assert_eq!(v.receipt.amount_micros, -r.amount_micros);
         assert_eq!(v.receipt.transfer_id, r.transfer_id);
         let other_acc = b.create_account("other", tokenomy_ledger::AccountKind::User).await.unwrap();
-        let (_, other_key) = b.create_key(other_acc.id, &["inference".into()], None, None).await.unwrap();
+        let (_, other_key) = b.create_key(other_acc.id, &["inference".into()], None, None, Default::default()).await.unwrap();
         let other = b.authenticate(Some(&other_key)).await.unwrap();
         assert!(matches!(b.receipt_bundle(&r.receipt_id, &other).await, Err(BillingError::NotFound(_))));
         assert!(b.receipt_bundle(&r.receipt_id, &admin).await.is_ok());

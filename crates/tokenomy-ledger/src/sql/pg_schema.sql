@@ -1,4 +1,4 @@
--- tokenomy-ledger PostgreSQL schema, version 1. Idempotent: runs on every open
+-- tokenomy-ledger PostgreSQL schema, version 2 (version-1 tables get the new columns). Idempotent: runs on every open
 -- (under an advisory lock), in the schema named by search_path.
 -- Ids are 16-byte big-endian u128 BYTEA. Money is BIGINT micro-credits.
 -- kind: 0 User, 1 Agent, 2 OperatorRevenue, 3 Treasury.
@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS transfers (
     pending_id      BYTEA,
     CHECK (debit_account <> credit_account)
 );
+-- version 2
+ALTER TABLE transfers ADD COLUMN IF NOT EXISTS key_id BYTEA;  -- hold_for_key: whose spend caps it counts against
 CREATE INDEX IF NOT EXISTS transfers_debit ON transfers (debit_account, seq);
 CREATE INDEX IF NOT EXISTS transfers_credit ON transfers (credit_account, seq);
 CREATE INDEX IF NOT EXISTS transfers_pending ON transfers (expires_at_ms) WHERE hold AND state = 0;
@@ -67,4 +69,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at_ms        BIGINT NOT NULL,
     revoked_at_ms        BIGINT
 );
+-- version 2: monthly cap and the maintained spend counters (KeySpend)
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS spend_cap_month_micros BIGINT;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS pending_micros BIGINT NOT NULL DEFAULT 0 CHECK (pending_micros >= 0);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS spend_day BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS spend_day_micros BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS spend_month BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS spend_month_micros BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id);
+UPDATE schema_version SET version = 2 WHERE version < 2;

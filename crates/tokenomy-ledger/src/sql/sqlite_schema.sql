@@ -1,4 +1,5 @@
--- tokenomy-ledger SQLite schema, version 1. Idempotent: runs on every open.
+-- tokenomy-ledger SQLite schema, version 2. Idempotent: runs on every open
+-- (a version-1 file first gets the version-2 columns: `migrate` in sqlite.rs).
 -- Ids are 16-byte big-endian u128 blobs. Money is INTEGER micro-credits.
 -- kind: 0 User, 1 Agent, 2 OperatorRevenue, 3 Treasury.
 -- code: 0 Mint, 1 UsageCharge, 2 Transfer, 3 Refund. state: 0 Pending, 1 Posted, 2 Voided.
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS transfers (
     expires_at_ms   INTEGER NOT NULL,
     created_at_ms   INTEGER NOT NULL,
     pending_id      BLOB,
+    key_id          BLOB,                         -- hold_for_key: whose spend caps it counts against
     CHECK (debit_account <> credit_account)
 );
 CREATE INDEX IF NOT EXISTS transfers_debit ON transfers (debit_account, seq);
@@ -57,6 +59,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
     tpm                  INTEGER,
     spend_cap_day_micros INTEGER,
     created_at_ms        INTEGER NOT NULL,
-    revoked_at_ms        INTEGER
+    revoked_at_ms        INTEGER,
+    -- version 2: monthly cap and the maintained spend counters (KeySpend)
+    spend_cap_month_micros INTEGER,
+    pending_micros       INTEGER NOT NULL DEFAULT 0 CHECK (pending_micros >= 0),
+    spend_day            INTEGER NOT NULL DEFAULT 0,
+    spend_day_micros     INTEGER NOT NULL DEFAULT 0,
+    spend_month          INTEGER NOT NULL DEFAULT 0,
+    spend_month_micros   INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id);

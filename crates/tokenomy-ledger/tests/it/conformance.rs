@@ -336,16 +336,20 @@ pub async fn statement_pages<S: LedgerStore>(s: Arc<S>) {
 pub async fn api_keys<S: LedgerStore>(s: Arc<S>) {
     let a = funded(&*s, "a", 0).await;
     let scopes = vec!["chat".to_owned(), "models:read".to_owned()];
-    let k1 = s.create_key(a.id, [1; 32], &scopes, Some(60), Some(100_000), Some(5 * C)).await.unwrap();
-    let k2 = s.create_key(a.id, [2; 32], &[], None, None, None).await.unwrap();
+    let caps = SpendCaps { day_micros: Some(5 * C), month_micros: Some(50 * C) };
+    let none = SpendCaps::default();
+    let k1 = s.create_key(a.id, [1; 32], &scopes, Some(60), Some(100_000), caps).await.unwrap();
+    let k2 = s.create_key(a.id, [2; 32], &[], None, None, none).await.unwrap();
     let rec = s.find_key_by_hash([1; 32]).await.unwrap().unwrap();
     assert_eq!((rec.id, rec.account, rec.key_hash), (k1, a.id, [1; 32]));
-    assert_eq!((rec.scopes.clone(), rec.rpm, rec.tpm, rec.spend_cap_day_micros), (scopes.clone(), Some(60), Some(100_000), Some(5 * C)));
-    assert_eq!(rec.revoked_at_ms, None);
-    assert!(s.create_key(a.id, [1; 32], &[], None, None, None).await.is_err());
+    assert_eq!((rec.scopes.clone(), rec.rpm, rec.tpm, rec.caps), (scopes.clone(), Some(60), Some(100_000), caps));
+    assert_eq!((rec.revoked_at_ms, rec.spend), (None, KeySpend::default()));
+    assert!(s.create_key(a.id, [1; 32], &[], None, None, none).await.is_err());
     let missing = AccountId(9 << 100);
-    assert_eq!(s.create_key(missing, [3; 32], &[], None, None, None).await, Err(LedgerError::UnknownAccount(missing)));
-    assert!(s.create_key(a.id, [4; 32], &["a,b".to_owned()], None, None, None).await.is_err());
+    assert_eq!(s.create_key(missing, [3; 32], &[], None, None, none).await, Err(LedgerError::UnknownAccount(missing)));
+    assert!(s.create_key(a.id, [4; 32], &["a,b".to_owned()], None, None, none).await.is_err());
+    let negative = SpendCaps { day_micros: Some(-1), month_micros: None };
+    assert!(matches!(s.create_key(a.id, [5; 32], &[], None, None, negative).await, Err(LedgerError::InvalidArgument(_))));
     s.revoke_key(k1).await.unwrap();
     s.revoke_key(k1).await.unwrap();
     assert_eq!(s.find_key_by_hash([1; 32]).await.unwrap(), None);
@@ -535,4 +539,117 @@ pub async fn concurrent_pairs_one_account<S: LedgerStore>(s: Arc<S>) {
     let n = s.log_size().await.unwrap();
     assert_eq!(s.log_entries(0, 1000).await.unwrap().len() as u64, n);
     assert_check_ok(&*s).await;
+}
+
+/// Per-key spend caps: posted spend this UTC day/month plus every pending hold of
+/// the key bound each new hold; periods roll over; voids and expiry release.
+pub async fn spend_caps<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 100 * C).await;
+    let b = funded(&*s, "b", 100 * C).await;
+    let caps = SpendCaps { day_micros: Some(10 * C), month_micros: Some(15 * C) };
+    let k = s.create_key(a.id, [11; 32], &[], None, None, caps).await.unwrap();
+    let spend = |s: Arc<S>| async move { s.find_key_by_hash([11; 32]).await.unwrap().unwrap().spend };
+    // T0 = 2023-11-14T22:13:20Z.
+    let h1 = s.hold_for_key(a.id, k, 6 * C, "c1", 60_000, T0).await.unwrap();
+    assert_eq!(h1.key_id, Some(k));
+    assert_eq!(s.hold_for_key(a.id, k, 6 * C, "c1", 60_000, T0).await.unwrap().id, h1.id, "idempotent");
+    assert!(matches!(s.hold(a.id, 6 * C, "c1", 60_000, T0).await, Err(LedgerError::IdempotencyConflict { .. })));
+    let over = s.hold_for_key(a.id, k, 5 * C, "c2", 60_000, T0).await;
+    assert_eq!(
+        over,
+        Err(LedgerError::SpendCapExceeded { period: "daily", cap_micros: 10 * C, remaining_micros: 4 * C, requested_micros: 5 * C })
+    );
+    assert_eq!(spend(s.clone()).await.pending_micros, 6 * C);
+    let st = s.settle(h1.id, 3 * C, T0 + 1, None).await.unwrap();
+    assert_eq!(st.posted.unwrap().key_id, Some(k));
+    let sp = spend(s.clone()).await;
+    assert_eq!((sp.pending_micros, sp.day_micros, sp.month_micros), (0, 3 * C, 3 * C));
+    assert_eq!((sp.day, sp.month), (utc_day(T0), (2023 - 1970) * 12 + 10));
+    let h2 = s.hold_for_key(a.id, k, 7 * C, "c3", 60_000, T0 + 2).await.unwrap();
+    s.settle(h2.id, 7 * C, T0 + 3, None).await.unwrap();
+    assert!(matches!(s.hold_for_key(a.id, k, 1, "c4", 60_000, T0 + 4).await, Err(LedgerError::SpendCapExceeded { period: "daily", remaining_micros: 0, .. })));
+    // A plain hold on the same account is not the key's business.
+    let plain = s.hold(a.id, 20 * C, "plain", 60_000, T0 + 4).await.unwrap();
+    s.void(plain.id).await.unwrap();
+    // The next UTC day: the daily counter starts again, the monthly one does not.
+    let day2 = T0 + 86_400_000;
+    assert!(matches!(
+        s.hold_for_key(a.id, k, 6 * C, "c5", 60_000, day2).await,
+        Err(LedgerError::SpendCapExceeded { period: "monthly", remaining_micros, .. }) if remaining_micros == 5 * C
+    ));
+    let h3 = s.hold_for_key(a.id, k, 5 * C, "c6", 60_000, day2).await.unwrap();
+    s.void(h3.id).await.unwrap();
+    s.void(h3.id).await.unwrap();
+    assert_eq!(spend(s.clone()).await.pending_micros, 0);
+    // Expiry releases the reservation too.
+    s.hold_for_key(a.id, k, 2 * C, "c7", 1_000, day2).await.unwrap();
+    assert_eq!(spend(s.clone()).await.pending_micros, 2 * C);
+    assert_eq!(s.expire_holds(day2 + 5_000).await.unwrap(), 1);
+    assert_eq!(spend(s.clone()).await.pending_micros, 0);
+    // The next month: both counters start again.
+    let december = T0 + 20 * 86_400_000;
+    let h4 = s.hold_for_key(a.id, k, 10 * C, "c8", 60_000, december).await.unwrap();
+    s.settle(h4.id, 0, december + 1, None).await.unwrap();
+    let sp = spend(s.clone()).await;
+    assert_eq!((sp.pending_micros, sp.day_micros, sp.month_micros), (0, 0, 0));
+    // Another account's key, a revoked key, an unknown key.
+    assert_eq!(s.hold_for_key(b.id, k, C, "x1", 60_000, december).await, Err(LedgerError::UnknownKey(k)));
+    let kb = s.create_key(b.id, [12; 32], &[], None, None, caps).await.unwrap();
+    s.revoke_key(kb).await.unwrap();
+    assert_eq!(s.hold_for_key(b.id, kb, C, "x2", 60_000, december).await, Err(LedgerError::UnknownKey(kb)));
+    assert_eq!(s.hold_for_key(b.id, KeyId(77), C, "x3", 60_000, december).await, Err(LedgerError::UnknownKey(KeyId(77))));
+    assert_check_ok(&*s).await;
+}
+
+/// Concurrent requests through one capped key cannot overshoot its cap (the
+/// failure mode of budgets checked outside the ledger transaction).
+pub async fn spend_cap_holds_under_concurrency<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 1000 * C).await;
+    let caps = SpendCaps { day_micros: Some(12 * C), month_micros: None };
+    let k = s.create_key(a.id, [21; 32], &[], None, None, caps).await.unwrap();
+    let now = lib_now();
+    let mut tasks = Vec::new();
+    for w in 0..40u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            match s.hold_for_key(a.id, k, C, &format!("w{w}"), 60_000, now).await {
+                Ok(h) => {
+                    let st = s.settle(h.id, C / 2, now + 1, Some(leaf_fn())).await.unwrap();
+                    assert!(st.log_index.is_some());
+                    1
+                }
+                Err(LedgerError::SpendCapExceeded { .. }) => 0,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    // Each hold reserves 1 credit: while holds are in flight at most 12 fit; settled
+    // at half, more fit later. Never more than the cap is spent or reserved.
+    let sp = s.find_key_by_hash([21; 32]).await.unwrap().unwrap().spend;
+    assert_eq!(sp.pending_micros, 0);
+    assert_eq!(sp.day_micros, ok * (C / 2));
+    assert!(ok >= 12 && sp.day_micros <= 12 * C, "{ok} holds, spent {}", sp.day_micros);
+    assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 1000 * C - ok * (C / 2));
+    assert_check_ok(&*s).await;
+}
+
+fn lib_now() -> i64 {
+    tokenomy_ledger::now_ms()
+}
+
+#[test]
+fn utc_periods() {
+    assert_eq!((utc_day(0), utc_month(0)), (0, 0));
+    assert_eq!(utc_month(-1), -1, "1969-12");
+    // 2024-02-29T23:59:59.999Z and the next millisecond.
+    let leap = 1_709_251_199_999;
+    assert_eq!((utc_month(leap), utc_month(leap + 1)), ((2024 - 1970) * 12 + 1, (2024 - 1970) * 12 + 2));
+    assert_eq!(utc_day(leap + 1) - utc_day(leap), 1);
+    // 2026-12-31T12:00:00Z → December; 2027-01-01T00:00:00Z → January.
+    assert_eq!(utc_month(1_798_718_400_000), (2026 - 1970) * 12 + 11);
+    assert_eq!(utc_month(1_798_761_600_000), (2027 - 1970) * 12);
 }

@@ -81,4 +81,64 @@ conformance_suite!(
     mixed_workload_check,
     batch_failures_are_isolated,
     concurrent_pairs_one_account,
+    spend_caps,
+    spend_cap_holds_under_concurrency,
 );
+
+/// A ledger file written by schema version 1 opens as version 2: its rows are
+/// kept and the key columns and spend counters are added.
+#[tokio::test]
+async fn sqlite_file_of_schema_v1_is_migrated() {
+    use tokenomy_ledger::*;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(include_str!("../data/sqlite_schema_v1.sql")).unwrap();
+        c.execute(
+            "INSERT INTO accounts VALUES (?1, 'old', 0, 0, 0, 1)",
+            [&AccountId(42 << 64).to_bytes()[..]],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO api_keys (id, account_id, key_hash, scopes, spend_cap_day_micros, created_at_ms) \
+             VALUES (?1, ?2, ?3, 'inference', 7, 1)",
+            rusqlite::params![&KeyId(9).to_bytes()[..], &AccountId(42 << 64).to_bytes()[..], &[3u8; 32][..]],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    let rec = s.find_key_by_hash([3; 32]).await.unwrap().unwrap();
+    assert_eq!((rec.caps, rec.spend), (SpendCaps { day_micros: Some(7), month_micros: None }, KeySpend::default()));
+    s.mint(AccountId(42 << 64), 100, "m", None).await.unwrap();
+    let h = s.hold_for_key(AccountId(42 << 64), KeyId(9), 7, "h", 60_000, now_ms()).await.unwrap();
+    assert!(matches!(s.hold_for_key(AccountId(42 << 64), KeyId(9), 1, "h2", 60_000, now_ms()).await, Err(LedgerError::SpendCapExceeded { .. })));
+    s.settle(h.id, 5, now_ms(), None).await.unwrap();
+    assert!(s.check().await.unwrap().ok);
+    drop(s);
+    let again = SqliteStore::open(&path).unwrap();
+    assert_eq!(again.find_key_by_hash([3; 32]).await.unwrap().unwrap().spend.day_micros, 5);
+}
+
+/// A PostgreSQL schema created by version 1 is brought to version 2 on open.
+#[tokio::test]
+async fn postgres_schema_v1_is_migrated() {
+    use tokenomy_ledger::*;
+    let Ok(url) = std::env::var(PG_ENV) else { return };
+    let schema = format!("v1_{:016x}", rand_u64());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path = {schema}; {}", include_str!("../data/pg_schema_v1.sql")))
+        .await
+        .unwrap();
+    let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
+    let a = s.create_account("a", AccountKind::User).await.unwrap();
+    s.mint(a.id, 100, "m", None).await.unwrap();
+    let caps = SpendCaps { day_micros: Some(10), month_micros: Some(20) };
+    let k = s.create_key(a.id, [4; 32], &[], None, None, caps).await.unwrap();
+    let h = s.hold_for_key(a.id, k, 10, "h", 60_000, now_ms()).await.unwrap();
+    s.settle(h.id, 4, now_ms(), None).await.unwrap();
+    assert_eq!(s.find_key_by_hash([4; 32]).await.unwrap().unwrap().spend.month_micros, 4);
+    assert!(s.check().await.unwrap().ok);
+}

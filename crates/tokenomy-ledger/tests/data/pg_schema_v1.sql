@@ -1,0 +1,70 @@
+-- tokenomy-ledger PostgreSQL schema, version 1. Idempotent: runs on every open
+-- (under an advisory lock), in the schema named by search_path.
+-- Ids are 16-byte big-endian u128 BYTEA. Money is BIGINT micro-credits.
+-- kind: 0 User, 1 Agent, 2 OperatorRevenue, 3 Treasury.
+-- code: 0 Mint, 1 UsageCharge, 2 Transfer, 3 Refund. state: 0 Pending, 1 Posted, 2 Voided.
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+
+CREATE TABLE IF NOT EXISTS accounts (
+    id              BYTEA    PRIMARY KEY CHECK (length(id) = 16),
+    name            TEXT     NOT NULL CHECK (length(name) BETWEEN 1 AND 128),
+    kind            SMALLINT NOT NULL CHECK (kind BETWEEN 0 AND 3),
+    balance_micros  BIGINT   NOT NULL,
+    pending_micros  BIGINT   NOT NULL CHECK (pending_micros >= 0),
+    created_at_ms   BIGINT   NOT NULL,
+    CHECK (kind NOT IN (0, 1) OR balance_micros - pending_micros >= 0),
+    CHECK (kind <> 2 OR (balance_micros >= 0 AND pending_micros = 0)),
+    CHECK (kind <> 3 OR pending_micros = 0)
+);
+
+CREATE TABLE IF NOT EXISTS transfers (
+    seq             BIGINT   GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- statement cursor
+    id              BYTEA    NOT NULL UNIQUE CHECK (length(id) = 16),
+    idempotency_key TEXT     NOT NULL UNIQUE,
+    debit_account   BYTEA    NOT NULL,
+    credit_account  BYTEA    NOT NULL,
+    amount_micros   BIGINT   NOT NULL CHECK (amount_micros > 0),
+    code            SMALLINT NOT NULL,
+    state           SMALLINT NOT NULL,
+    hold            BOOLEAN  NOT NULL,
+    timeout_ms      BIGINT   NOT NULL,
+    expires_at_ms   BIGINT   NOT NULL,
+    created_at_ms   BIGINT   NOT NULL,
+    pending_id      BYTEA,
+    CHECK (debit_account <> credit_account)
+);
+CREATE INDEX IF NOT EXISTS transfers_debit ON transfers (debit_account, seq);
+CREATE INDEX IF NOT EXISTS transfers_credit ON transfers (credit_account, seq);
+CREATE INDEX IF NOT EXISTS transfers_pending ON transfers (expires_at_ms) WHERE hold AND state = 0;
+
+CREATE TABLE IF NOT EXISTS log_head (
+    id         SMALLINT PRIMARY KEY CHECK (id = 1),
+    next_index BIGINT   NOT NULL CHECK (next_index >= 0)
+);
+INSERT INTO log_head (id, next_index) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS log_entries (
+    log_index   BIGINT PRIMARY KEY CHECK (log_index >= 0),
+    transfer_id BYTEA  NOT NULL UNIQUE,
+    account_id  BYTEA  NOT NULL,
+    leaf_bytes  BYTEA  NOT NULL
+);
+CREATE OR REPLACE FUNCTION log_entries_append_only() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'log_entries is append-only'; END $$;
+DROP TRIGGER IF EXISTS log_entries_no_change ON log_entries;
+CREATE TRIGGER log_entries_no_change BEFORE UPDATE OR DELETE ON log_entries
+    FOR EACH ROW EXECUTE FUNCTION log_entries_append_only();
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    id                   BYTEA  PRIMARY KEY,
+    account_id           BYTEA  NOT NULL,
+    key_hash             BYTEA  NOT NULL UNIQUE CHECK (length(key_hash) = 32),
+    scopes               TEXT   NOT NULL,
+    rpm                  BIGINT,
+    tpm                  BIGINT,
+    spend_cap_day_micros BIGINT,
+    created_at_ms        BIGINT NOT NULL,
+    revoked_at_ms        BIGINT
+);
+CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id);
