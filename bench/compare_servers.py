@@ -6,11 +6,15 @@ Usage:
   python bench/compare_servers.py --tokenomy target/debug/tokenomy \
       --llama-server target/llama-cpp-ref/build/bin/llama-server \
       --model ~/.tokenomy/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf [--model …] \
-      [--threads 2] [--streams 8] [--requests-per-stream 2] [--max-tokens 48]
+      [--threads 2] [--streams 8] [--requests-per-stream 2] [--max-tokens 48] [--rounds 3]
+
+Machines here drift by tens of per cent within minutes, so each model is measured in rounds
+(llama-server, then tokenomy, repeated) and the ratios are medians of per-round ratios.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 
@@ -45,28 +49,40 @@ def main():
     p.add_argument("--requests-per-stream", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--ctx-per-stream", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=3, help="llama-server then tokenomy, this many times per model")
     a = p.parse_args()
+    med = statistics.median
     rows = []
     for model in a.model:
         model = os.path.expanduser(model)
         name = os.path.basename(model)
-        ls = run_server(lambda port: [a.llama_server, "-m", model, "-t", str(a.threads), "-np", str(a.streams),
-                                      "-c", str(a.ctx_per_stream * a.streams), "--host", "127.0.0.1", "--port", str(port)],
-                        "/health", a.tokenomy, a)
-        tk = run_server(lambda port: [a.tokenomy, "serve", "--model", model, "--threads", str(a.threads), "--parallel", str(a.streams),
-                                      "--ctx-size", str(a.ctx_per_stream), "--listen", f"127.0.0.1:{port}", "--no-auth",
-                                      "--data-dir", tempfile.mkdtemp(prefix="tokenomy-bench-")],
-                        "/ready", a.tokenomy, a)
+        rounds = []
+        for _ in range(a.rounds):
+            ls = run_server(lambda port: [a.llama_server, "-m", model, "-t", str(a.threads), "-np", str(a.streams),
+                                          "-c", str(a.ctx_per_stream * a.streams), "--host", "127.0.0.1", "--port", str(port)],
+                            "/health", a.tokenomy, a)
+            tk = run_server(lambda port: [a.tokenomy, "serve", "--model", model, "--threads", str(a.threads), "--parallel", str(a.streams),
+                                          "--ctx-size", str(a.ctx_per_stream), "--listen", f"127.0.0.1:{port}", "--no-auth",
+                                          "--data-dir", tempfile.mkdtemp(prefix="tokenomy-bench-")],
+                            "/ready", a.tokenomy, a)
+            rounds.append((ls, tk))
         for w in ("shared-prefix", "no-sharing"):
-            rows.append((name, w, ls[w], tk[w]))
-    print(f"{a.streams} streams × {a.requests_per_stream} requests × {a.max_tokens} tokens (ignore_eos), {a.threads} threads, seed 7\n")
-    print("| model | workload | llama-server tok/s | tokenomy tok/s | ratio | llama-server TTFT p50 ms | tokenomy TTFT p50 ms | ratio | TPOT p50 ms (ls / tk) | CPU-s per Mtok (ls / tk) | errors (ls / tk) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, w, ls, tk in rows:
-        print(f"| {name} | {w} | {ls['completion_tok_per_s']:.1f} | {tk['completion_tok_per_s']:.1f} | "
-              f"{tk['completion_tok_per_s'] / ls['completion_tok_per_s']:.2f} | {ls['ttft_ms_p50']:.0f} | {tk['ttft_ms_p50']:.0f} | "
-              f"{tk['ttft_ms_p50'] / ls['ttft_ms_p50']:.2f} | {ls['tpot_ms_p50']:.1f} / {tk['tpot_ms_p50']:.1f} | "
-              f"{ls['cpu_s_per_mtok']:.0f} / {tk['cpu_s_per_mtok']:.0f} | {ls['errors']} / {tk['errors']} |")
+            pairs = [(ls[w], tk[w]) for ls, tk in rounds]
+            rows.append((name, w, pairs))
+    print(f"{a.streams} streams × {a.requests_per_stream} requests × {a.max_tokens} tokens (ignore_eos), {a.threads} threads, seed 7; "
+          f"{a.rounds} rounds per model (llama-server, then tokenomy); figures are medians over rounds, ratios the median "
+          f"of the per-round ratios\n")
+    print("| model | workload | llama-server tok/s | tokenomy tok/s | ratio | llama-server TTFT p50 ms | tokenomy TTFT p50 ms | ratio | TPOT p50 ms (ls / tk) | CPU-s per Mtok (ls / tk) | errors (ls / tk) | per-round tok/s ratios |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, w, pairs in rows:
+        m = lambda side, key: med([p[side][key] for p in pairs])
+        tps = [p[1]["completion_tok_per_s"] / p[0]["completion_tok_per_s"] for p in pairs]
+        ttft = [p[1]["ttft_ms_p50"] / p[0]["ttft_ms_p50"] for p in pairs]
+        errors = (sum(p[0]["errors"] for p in pairs), sum(p[1]["errors"] for p in pairs))
+        print(f"| {name} | {w} | {m(0, 'completion_tok_per_s'):.1f} | {m(1, 'completion_tok_per_s'):.1f} | {med(tps):.2f} | "
+              f"{m(0, 'ttft_ms_p50'):.0f} | {m(1, 'ttft_ms_p50'):.0f} | {med(ttft):.2f} | "
+              f"{m(0, 'tpot_ms_p50'):.1f} / {m(1, 'tpot_ms_p50'):.1f} | {m(0, 'cpu_s_per_mtok'):.0f} / {m(1, 'cpu_s_per_mtok'):.0f} | "
+              f"{errors[0]} / {errors[1]} | {' '.join(f'{r:.2f}' for r in tps)} |")
 
 
 if __name__ == "__main__":

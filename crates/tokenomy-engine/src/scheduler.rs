@@ -8,7 +8,10 @@
 //! Prefix cache: every slot remembers the exact tokens whose KV it holds. A new request takes
 //! the free slot whose cache shares the longest prefix with its prompt, or copies a longer
 //! prefix from any other slot (`llama_memory_seq_cp`, which shares the cells in a unified KV
-//! cache), and only the rest of its prompt is computed.
+//! cache), and only the rest of its prompt is computed. A request whose prompt shares a prefix
+//! with a running request that is still computing it waits in the queue until that prefix is
+//! in the cache (when at least [`SHARED_WAIT_TOKENS_MIN`] tokens would otherwise be computed
+//! twice): eight agents sending the same system prompt at once compute it once, not eight times.
 //!
 //! Architecture Invariant: `reserved_cells() <= kv_cells_max` after every call.
 
@@ -17,6 +20,10 @@ use std::collections::VecDeque;
 use tokenomy_core::TokenId;
 
 pub type JobId = u64;
+
+/// A queued request waits for a running one to finish computing a shared prefix only when it
+/// would otherwise compute at least this many of that prefix's tokens itself.
+pub const SHARED_WAIT_TOKENS_MIN: usize = 16;
 pub type SeqId = i32;
 
 /// A request waiting for, or holding, a slot.
@@ -170,14 +177,21 @@ impl Scheduler {
         plan
     }
 
+    /// Admits queued jobs in order while slots and cells allow; a job waiting for a shared
+    /// prefix ([`Self::waits_for_prefix`]) is passed over (it keeps its place) for this step.
     fn admit(&mut self, plan: &mut Plan) {
-        while let Some(spec) = self.waiting.front() {
+        let mut k = 0;
+        while let Some(spec) = self.waiting.get(k) {
+            if self.waits_for_prefix(spec) {
+                k += 1;
+                continue;
+            }
             let Some(dst) = self.free_slot_for(&spec.prompt) else { break };
             let needed = job_cells(spec);
             if !self.make_room(needed, dst, &mut plan.kv_ops) {
                 break;
             }
-            let spec = self.waiting.pop_front().expect("front exists");
+            let spec = self.waiting.remove(k).expect("k < len");
             // Prompt log-probabilities need logits at every prompt position: no reuse.
             let reuse = self.prefix_reuse && !spec.echo_logits;
             let cached = self.attach_prefix(dst, &spec.prompt, reuse, &mut plan.kv_ops);
@@ -186,6 +200,27 @@ impl Scheduler {
             slot.job = Some(Job { prompt_done: cached as usize, cached_tokens: cached, next_token: None, generated: 0, spec });
             slot.last_used_step = self.step;
         }
+    }
+
+    /// Whether `spec` should stay queued because a running job is still computing a prefix
+    /// they share, at least [`SHARED_WAIT_TOKENS_MIN`] tokens longer than any cached now.
+    /// The running job's prefill makes progress every step, so the wait is bounded.
+    fn waits_for_prefix(&self, spec: &JobSpec) -> bool {
+        if !self.prefix_reuse || spec.echo_logits {
+            return false;
+        }
+        let limit = spec.prompt.len().saturating_sub(1);
+        let shared = |tokens: &[TokenId]| common_prefix(tokens, &spec.prompt).min(limit);
+        let cached = self.slots.iter().map(|s| shared(&s.cached)).max().unwrap_or(0);
+        let in_flight = self
+            .slots
+            .iter()
+            .filter_map(|s| s.job.as_ref())
+            .filter(|j| j.prompt_done < j.spec.prompt.len())
+            .map(|j| shared(&j.spec.prompt))
+            .max()
+            .unwrap_or(0);
+        in_flight >= cached + SHARED_WAIT_TOKENS_MIN
     }
 
     /// The free slot whose cache shares the longest prefix with `prompt`, then the least
@@ -393,6 +428,51 @@ mod tests {
         let p2 = s.plan();
         let seqs: Vec<(SeqId, TokenId, u32)> = p2.batch.iter().map(|e| (e.seq, e.token, e.pos)).collect();
         assert_eq!(seqs, vec![(0, 7, 2), (1, 3, 0), (1, 4, 1), (1, 5, 2)]);
+    }
+
+    /// 24 shared tokens, then one of its own.
+    fn agent(id: JobId, own: TokenId) -> JobSpec {
+        let mut prompt: Vec<TokenId> = (1..=24).collect();
+        prompt.push(own);
+        job(id, &prompt, 2)
+    }
+
+    #[test]
+    fn requests_arriving_together_compute_their_shared_prefix_once() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(agent(1, 50)).unwrap();
+        s.submit(agent(2, 60)).unwrap();
+        let plans = run_to_end(&mut s);
+        // Job 2 waits while job 1 computes the prefix (8 tokens a step), then copies what is
+        // cached: it is admitted once fewer than SHARED_WAIT_TOKENS_MIN shared tokens remain.
+        let admitted: Vec<(usize, JobId, u32)> =
+            plans.iter().enumerate().flat_map(|(k, p)| p.admitted.iter().map(move |(j, c)| (k, *j, *c))).collect();
+        assert_eq!(admitted, vec![(0, 1, 0), (2, 2, 16)]);
+        assert!(plans[2].kv_ops.contains(&KvOp::CopyPrefix { src: 0, dst: 1, len: 16 }));
+        let fed = |id: JobId| plans.iter().flat_map(|p| &p.batch).filter(|e| e.job == id).count();
+        assert_eq!((fed(1), fed(2)), (25 + 1, 25 - 16 + 1), "prompt tokens computed, plus one fed-back sample each");
+    }
+
+    #[test]
+    fn only_requests_that_share_a_prefix_in_flight_wait() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(agent(1, 50)).unwrap();
+        s.submit(agent(2, 60)).unwrap();
+        s.submit(job(3, &[90; 10], 2)).unwrap();
+        let p = s.plan();
+        let admitted: Vec<JobId> = p.admitted.iter().map(|a| a.0).collect();
+        assert_eq!(admitted, vec![1, 3], "job 3 shares nothing: it passes job 2, which keeps its place");
+        assert_eq!(s.waiting_len(), 1);
+        // Prompt log-probabilities never reuse a cache, so they never wait for one.
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(agent(1, 50)).unwrap();
+        s.submit(JobSpec { echo_logits: true, ..agent(2, 60) }).unwrap();
+        assert_eq!(s.plan().admitted.len(), 2);
+        // Nor do models whose cache cannot be shared.
+        let mut s = Scheduler::new(limits(), false);
+        s.submit(agent(1, 50)).unwrap();
+        s.submit(agent(2, 60)).unwrap();
+        assert_eq!(s.plan().admitted.len(), 2);
     }
 
     #[test]
