@@ -1,0 +1,43 @@
+//! The admin CLI wrappers (`tokenomy accounts|keys|credits|ledger … --json`) against a running
+//! node: an agent account gets credits and a key with a daily spend cap, the cap refuses a
+//! request it cannot cover with the API's 402, and bad input is an error that names the problem.
+
+use serde_json::{json, Value};
+
+use crate::{model, run, serve, SMOLLM2};
+
+#[test]
+fn the_admin_cli_wraps_the_admin_api() {
+    let m = model(SMOLLM2);
+    let node = serve(&["--model", m.to_str().unwrap()]);
+    let dir = node.dir.to_str().unwrap().to_string();
+    let cli = |args: &[&str]| -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--url", &node.base, "--data-dir", &dir, "--json"]);
+        let (ok, out) = run(&all, &[]);
+        assert!(ok, "tokenomy {args:?}: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+    };
+    let acc = cli(&["accounts", "create", "agent-7", "--kind", "agent"]);
+    let id = acc["id"].as_str().unwrap().to_string();
+    let minted = cli(&["credits", "mint", &id, "5000000", "--idempotency-key", "cli-fund-7"]);
+    assert_eq!(minted["transfer"]["amount_micros"], 5_000_000);
+    let k = cli(&["keys", "create", &id, "--spend-cap-day-micros", "1", "--spend-cap-month-micros", "100"]);
+    assert_eq!((k["spend_cap_day_micros"].as_i64(), k["spend_cap_month_micros"].as_i64()), (Some(1), Some(100)));
+    let key = k["key"].as_str().unwrap();
+
+    let body = json!({"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]});
+    let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(key).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 402);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["code"], "spend_cap_exceeded", "{e}");
+
+    let shown = cli(&["accounts", "show", &id]);
+    assert_eq!((shown["balance_micros"].as_i64(), shown["pending_micros"].as_i64()), (Some(5_000_000), Some(0)));
+    let keys = cli(&["keys", "list", &id]);
+    assert_eq!(keys["data"][0]["spend"]["day_remaining_micros"], 1);
+    assert_eq!(cli(&["ledger", "check"])["ok"], true);
+
+    let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("spend cap"), "{out}");
+}
