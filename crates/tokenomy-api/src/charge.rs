@@ -198,7 +198,7 @@ fn spend_json(caps: SpendCaps, spend: KeySpend) -> Value {
         return Value::Null;
     }
     let s = spend.at(tokenomy_ledger::now_ms());
-    let left = |cap: Option<i64>, spent: i64| cap.map(|c| (c - spent - s.pending_micros).max(0));
+    let left = |cap: Option<i64>, spent: i64| cap.map(|c: i64| c.saturating_sub(spent).saturating_sub(s.pending_micros).max(0));
     json!({
         "day_micros": s.day_micros, "month_micros": s.month_micros, "pending_micros": s.pending_micros,
         "day_remaining_micros": left(caps.day_micros, s.day_micros),
