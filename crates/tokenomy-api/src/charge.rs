@@ -288,6 +288,28 @@ pub async fn list_keys(State(state): State<AppState>, headers: HeaderMap, Path(i
     Ok(Json(json!({"object": "list", "data": keys.iter().map(key_json).collect::<Vec<_>>()})))
 }
 
+/// `PUT /admin/v1/keys/{id}/limits`: all four limits, each omitted or null = no limit.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimits {
+    rpm: Option<u32>,
+    tpm: Option<u32>,
+    spend_cap_day_micros: Option<i64>,
+    spend_cap_month_micros: Option<i64>,
+}
+
+pub async fn set_key_limits(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<KeyLimits>,
+) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let caps = SpendCaps { day_micros: req.spend_cap_day_micros, month_micros: req.spend_cap_month_micros };
+    let rec = billing(&state)?.set_key_limits(parse_key_id(&id)?, req.rpm, req.tpm, caps).await?;
+    Ok(Json(key_json(&rec)))
+}
+
 pub async fn revoke_key(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
     let key = parse_key_id(&id)?;

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tokenomy_billing::{Billing, ReceiptRef};
 use tokenomy_core::{Backend, Outcome};
@@ -189,6 +189,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/v1/accounts/{id}/mint", post(charge::mint))
         .route("/admin/v1/accounts/{id}/transfers", get(charge::account_transfers))
         .route("/admin/v1/keys/{id}", delete(charge::revoke_key))
+        .route("/admin/v1/keys/{id}/limits", put(charge::set_key_limits))
         .route("/admin/v1/transfers", post(charge::transfer))
         .route("/admin/v1/ledger/check", get(charge::ledger_check))
         .fallback(routes::not_found)

@@ -321,6 +321,14 @@ impl Billing {
         Ok((id, key))
     }
 
+    /// Replaces a key's RPM/TPM limits and spend caps; effective from its next request.
+    pub async fn set_key_limits(&self, key: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
+        if rpm == Some(0) || tpm == Some(0) {
+            return Err(BillingError::Invalid("rpm and tpm must be positive (omit them for no limit)".into()));
+        }
+        Ok(self.store.set_key_limits(key, rpm, tpm, caps).await?)
+    }
+
     pub async fn revoke_key(&self, key: KeyId) -> Result<()> {
         Ok(self.store.revoke_key(key).await?)
     }

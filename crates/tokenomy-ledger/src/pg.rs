@@ -775,6 +775,24 @@ impl LedgerStore for PgStore {
         Ok(())
     }
 
+    async fn set_key_limits(&self, key_id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
+        caps.validate()?;
+        let sql = format!(
+            "UPDATE api_keys SET rpm = $2, tpm = $3, spend_cap_day_micros = $4, spend_cap_month_micros = $5 \
+             WHERE id = $1 RETURNING {KEY_COLS}"
+        );
+        let (rpm, tpm) = (rpm.map(i64::from), tpm.map(i64::from));
+        let rows = self
+            .in_tx(|tx| {
+                let sql = sql.clone();
+                Box::pin(async move {
+                    query(tx, &sql, &[&&key_id.to_bytes()[..], &rpm, &tpm, &caps.day_micros, &caps.month_micros]).await
+                })
+            })
+            .await?;
+        rows.first().map(row_key).transpose()?.ok_or(LedgerError::UnknownKey(key_id))
+    }
+
     async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {
         let id = account.to_bytes().to_vec();
         self.in_tx(|tx| Box::pin(read_keys(tx, "account_id = $1", id.clone()))).await

@@ -656,6 +656,19 @@ fn op_revoke_key(c: &Connection, id: KeyId, now: i64) -> Result<()> {
     Ok(())
 }
 
+fn op_set_key_limits(c: &Connection, id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
+    let n = c
+        .prepare_cached(
+            "UPDATE api_keys SET rpm = ?2, tpm = ?3, spend_cap_day_micros = ?4, spend_cap_month_micros = ?5 WHERE id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![&id.to_bytes()[..], rpm, tpm, caps.day_micros, caps.month_micros]))
+        .map_err(db_err)?;
+    if n == 0 {
+        return Err(LedgerError::UnknownKey(id));
+    }
+    read_keys(c, "id = ?1", &id.to_bytes())?.pop().ok_or(LedgerError::UnknownKey(id))
+}
+
 // ------------------------------------------------------------------ reads
 
 fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
@@ -896,6 +909,11 @@ impl LedgerStore for SqliteStore {
     async fn revoke_key(&self, key_id: KeyId) -> Result<()> {
         let now = crate::now_ms();
         self.write(move |c| op_revoke_key(c, key_id, now)).await
+    }
+
+    async fn set_key_limits(&self, key_id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
+        caps.validate()?;
+        self.write(move |c| op_set_key_limits(c, key_id, rpm, tpm, caps)).await
     }
 
     async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {

@@ -103,21 +103,47 @@ pub enum Keys {
         account: String,
         #[arg(long = "scope", default_values_t = ["inference".to_string()])]
         scopes: Vec<String>,
-        #[arg(long)]
-        rpm: Option<u32>,
-        #[arg(long)]
-        tpm: Option<u32>,
-        /// Most the key may spend per UTC day (micro-credits; in-flight requests count).
-        #[arg(long)]
-        spend_cap_day_micros: Option<i64>,
-        /// Most the key may spend per UTC calendar month (micro-credits).
-        #[arg(long)]
-        spend_cap_month_micros: Option<i64>,
+        #[command(flatten)]
+        limits: KeyLimits,
     },
     /// List an account's keys (hashes are never shown).
     List { account: String },
+    /// Replace a key's limits (every one not given is removed); effective from its next request.
+    Limits {
+        key_id: String,
+        #[command(flatten)]
+        limits: KeyLimits,
+    },
     /// Revoke a key at once.
     Revoke { key_id: String },
+}
+
+/// A key's limits; each one not given means no limit.
+#[derive(Args, Clone)]
+pub struct KeyLimits {
+    /// Requests per minute.
+    #[arg(long)]
+    rpm: Option<u32>,
+    /// Tokens per minute.
+    #[arg(long)]
+    tpm: Option<u32>,
+    /// Most the key may spend per UTC day (micro-credits; in-flight requests count).
+    #[arg(long)]
+    spend_cap_day_micros: Option<i64>,
+    /// Most the key may spend per UTC calendar month (micro-credits).
+    #[arg(long)]
+    spend_cap_month_micros: Option<i64>,
+}
+
+impl KeyLimits {
+    /// The admin API's fields for these limits.
+    fn json(&self) -> serde_json::Map<String, Value> {
+        let v = json!({
+            "rpm": self.rpm, "tpm": self.tpm,
+            "spend_cap_day_micros": self.spend_cap_day_micros, "spend_cap_month_micros": self.spend_cap_month_micros,
+        });
+        v.as_object().cloned().unwrap_or_default()
+    }
 }
 
 #[derive(Subcommand)]
@@ -224,12 +250,13 @@ pub async fn accounts(c: Conn, cmd: Accounts) -> Result<()> {
 pub async fn keys(c: Conn, cmd: Keys) -> Result<()> {
     use reqwest::Method;
     let v = match cmd {
-        Keys::Create { account, scopes, rpm, tpm, spend_cap_day_micros, spend_cap_month_micros } => {
-            let body = json!({
-                "scopes": scopes, "rpm": rpm, "tpm": tpm,
-                "spend_cap_day_micros": spend_cap_day_micros, "spend_cap_month_micros": spend_cap_month_micros,
-            });
-            c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(body)).await?
+        Keys::Create { account, scopes, limits } => {
+            let mut body = limits.json();
+            body.insert("scopes".into(), json!(scopes));
+            c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(Value::Object(body))).await?
+        }
+        Keys::Limits { key_id, limits } => {
+            c.call(Method::PUT, &format!("/admin/v1/keys/{key_id}/limits"), Some(Value::Object(limits.json()))).await?
         }
         Keys::List { account } => c.call(Method::GET, &format!("/admin/v1/accounts/{account}/keys"), None).await?,
         Keys::Revoke { key_id } => c.call(Method::DELETE, &format!("/admin/v1/keys/{key_id}"), None).await?,

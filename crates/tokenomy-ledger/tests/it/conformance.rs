@@ -637,6 +637,27 @@ pub async fn spend_cap_holds_under_concurrency<S: LedgerStore>(s: Arc<S>) {
     assert_check_ok(&*s).await;
 }
 
+/// A key's limits and caps can be replaced; its spend counters stay, and the new cap bounds
+/// the next hold at once.
+pub async fn key_limits_can_be_changed<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 100 * C).await;
+    let caps = SpendCaps { day_micros: Some(3 * C), month_micros: None };
+    let k = s.create_key(a.id, [31; 32], &[], Some(10), None, caps).await.unwrap();
+    let h = s.hold_for_key(a.id, k, 2 * C, "l1", 60_000, T0).await.unwrap();
+    s.settle(h.id, 2 * C, T0 + 1, None).await.unwrap();
+    assert!(matches!(s.hold_for_key(a.id, k, 2 * C, "l2", 60_000, T0 + 2).await, Err(LedgerError::SpendCapExceeded { .. })));
+    let raised = SpendCaps { day_micros: Some(5 * C), month_micros: Some(50 * C) };
+    let rec = s.set_key_limits(k, None, Some(1000), raised).await.unwrap();
+    assert_eq!((rec.rpm, rec.tpm, rec.caps, rec.spend.day_micros), (None, Some(1000), raised, 2 * C));
+    assert_eq!(s.find_key_by_hash([31; 32]).await.unwrap().unwrap(), rec);
+    s.hold_for_key(a.id, k, 2 * C, "l3", 60_000, T0 + 3).await.unwrap();
+    assert_eq!(s.set_key_limits(KeyId(99), None, None, raised).await, Err(LedgerError::UnknownKey(KeyId(99))));
+    let bad = SpendCaps { day_micros: Some(-1), month_micros: None };
+    assert!(matches!(s.set_key_limits(k, None, None, bad).await, Err(LedgerError::InvalidArgument(_))));
+    assert_eq!(s.find_key_by_hash([31; 32]).await.unwrap().unwrap().caps, raised, "a refused change changes nothing");
+    assert_check_ok(&*s).await;
+}
+
 fn lib_now() -> i64 {
     tokenomy_ledger::now_ms()
 }

@@ -83,6 +83,7 @@ conformance_suite!(
     concurrent_pairs_one_account,
     spend_caps,
     spend_cap_holds_under_concurrency,
+    key_limits_can_be_changed,
 );
 
 /// A ledger file written by schema version 1 opens as version 2: its rows are

@@ -1,6 +1,7 @@
 //! The admin CLI wrappers (`tokenomy accounts|keys|credits|ledger … --json`) against a running
 //! node: an agent account gets credits and a key with a daily spend cap, the cap refuses a
-//! request it cannot cover with the API's 402, and bad input is an error that names the problem.
+//! request it cannot cover with the API's 402, raising it lets the next request through, and
+//! bad input is an error that names the problem.
 
 use serde_json::{json, Value};
 
@@ -36,6 +37,15 @@ fn the_admin_cli_wraps_the_admin_api() {
     assert_eq!((shown["balance_micros"].as_i64(), shown["pending_micros"].as_i64()), (Some(5_000_000), Some(0)));
     let keys = cli(&["keys", "list", &id]);
     assert_eq!(keys["data"][0]["spend"]["day_remaining_micros"], 1);
+    // Raising the cap takes effect at the key's next request.
+    let key_id = k["key_id"].as_str().unwrap();
+    let changed = cli(&["keys", "limits", key_id, "--spend-cap-day-micros", "1000000", "--rpm", "30"]);
+    assert_eq!((changed["spend_cap_day_micros"].as_i64(), changed["rpm"].as_i64(), changed["spend_cap_month_micros"].as_i64()), (Some(1_000_000), Some(30), None));
+    let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(key).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+    let spent = cli(&["keys", "list", &id])["data"][0]["spend"]["day_micros"].as_i64().unwrap();
+    assert!(spent > 0);
+    assert_eq!(cli(&["accounts", "show", &id])["balance_micros"].as_i64(), Some(5_000_000 - spent));
     assert_eq!(cli(&["ledger", "check"])["ok"], true);
 
     let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
