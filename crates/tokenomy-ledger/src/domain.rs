@@ -647,6 +647,17 @@ fn check_account_against_totals(a: &Account, t: AccountTotals, problems: &mut Ve
     }
 }
 
+/// Every log entry names a posted transfer (a receipt exists only for money that moved: never
+/// for a pending or voided hold). `orphans`: entries whose transfer is not a posted non-hold
+/// transfer. `log_entries.transfer_id` is unique, so together with the posting in the same
+/// transaction this makes entries and receipted postings one to one.
+pub fn check_log_postings(orphans: u64, report: &mut CheckReport) {
+    if orphans > 0 {
+        report.problems.push(format!("{orphans} log entries name no posted transfer"));
+    }
+    report.ok = report.problems.is_empty();
+}
+
 /// Each key's maintained `pending_micros` equals the sum of its pending holds.
 /// `keys`: (key, stored pending); `holds`: pending hold sums by `key_id`.
 pub fn check_key_pending(

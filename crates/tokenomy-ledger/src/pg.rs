@@ -527,8 +527,13 @@ async fn read_check(tx: &Transaction<'_>) -> Result<CheckReport> {
         .map(|r| Ok((id_col(r, 0, KeyId::from_slice)?, col::<i64>(r, 1)? as i128)))
         .collect::<Result<_>>()?;
     check_key_pending(&keys, &holds, &mut report);
+    let orphans = scalar(query(tx, LOG_ORPHANS_SQL, &[]).await?)? as u64;
+    check_log_postings(orphans, &mut report);
     Ok(report)
 }
+
+const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXISTS \
+    (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND NOT t.hold AND t.state = 1)";
 
 const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount_micros <= 0 \
     OR t.debit_account = t.credit_account OR t.hold <> (t.timeout_ms > 0) \

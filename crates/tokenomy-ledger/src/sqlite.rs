@@ -731,6 +731,9 @@ const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount
         WHERE p.idempotency_key = '~post:' || lower(hex(t.id)) AND p.pending_id = t.id \
         AND p.amount_micros <= t.amount_micros))";
 
+const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXISTS \
+    (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND t.hold = 0 AND t.state = 1)";
+
 fn read_check(c: &Connection) -> Result<CheckReport> {
     let accounts: Vec<Account> = c
         .prepare_cached("SELECT id, name, kind, balance_micros, pending_micros, created_at_ms FROM accounts")
@@ -761,6 +764,7 @@ fn read_check(c: &Connection) -> Result<CheckReport> {
         .and_then(|mut s| s.query_map([], |r| Ok((id_col(r, 0, KeyId::from_slice)?, r.get::<_, i64>(1)? as i128)))?.collect())
         .map_err(db_err)?;
     check_key_pending(&keys, &holds, &mut report);
+    check_log_postings(query_i128(c, LOG_ORPHANS_SQL)? as u64, &mut report);
     Ok(report)
 }
 

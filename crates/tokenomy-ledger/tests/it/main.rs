@@ -1,6 +1,7 @@
 //! Single integration-test binary: the conformance suite, run against every store.
 
 mod conformance;
+mod tamper;
 
 use std::io::Write;
 use std::sync::{Arc, Once};

@@ -2,7 +2,8 @@
 //! (when `TOKENOMY_TEST_POSTGRES_URL` is set) PostgreSQL. Afterwards: no hold left pending past
 //! its timeout, the ledger checks out, no request is charged twice, every completed response has
 //! exactly one posted charge whose receipt verifies offline with the CLI, the log holds exactly
-//! one receipt per posting, and every checkpoint published before a crash is consistent with
+//! one receipt per posting and none for a voided hold (`ledger/check`: every log entry names a
+//! posted transfer, each at most once; the log's size equals the postings), and every checkpoint published before a crash is consistent with
 //! the one after (checked with `tokenomy verify-log`).
 
 use std::collections::HashSet;
