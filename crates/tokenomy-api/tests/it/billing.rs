@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tokenomy_api::AppState;
 use tokenomy_billing::{Billing, FirstRun, OpenOptions};
-use tokenomy_receipts::{verify_bundle, verify_consistency_notes, VerifierKey};
+use tokenomy_receipts::{verify_bundle, verify_consistency_notes, ReceiptKind, VerifierKey};
 
 use crate::{assert_error, request, shared_engine, Reply, MODEL};
 
@@ -143,6 +143,21 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
         assert_eq!(v.receipt.completion_tokens, body["usage"]["completion_tokens"].as_u64().unwrap());
         assert_eq!(hex::encode(v.receipt.model_sha256), "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
         assert_eq!(v.receipt.account_id, acc);
+
+        // Mints and transfers between accounts are receipted and verify the same way.
+        let (other, _) = n.funded("receipt-peer", 0).await;
+        let m = n.admin("POST", &format!("/admin/v1/accounts/{acc}/mint"), Some(json!({"amount_micros": 7, "idempotency_key": "rm"}))).await;
+        let t = n
+            .admin("POST", "/admin/v1/transfers", Some(json!({"from": acc, "to": other, "amount_micros": 3, "idempotency_key": "rt"})))
+            .await;
+        for (doc, kind, amount) in [(&m, ReceiptKind::Mint, 7), (&t, ReceiptKind::Transfer, -3)] {
+            let id = doc["receipt"]["id"].as_str().unwrap();
+            let bundle = n.call("GET", &format!("/v1/receipts/{id}"), None, &user).await;
+            assert_eq!(bundle.status, StatusCode::OK, "{}", bundle.text);
+            let v = verify_bundle(&bundle.text, &n.key()).unwrap();
+            assert_eq!((v.receipt.kind, v.receipt.amount_micros), (kind, amount));
+            assert_eq!(v.receipt.transfer_id, doc["transfer"]["id"].as_str().unwrap());
+        }
 
         // A stream carries the receipt in its last chunk.
         let mut req = chat(4);
