@@ -35,6 +35,7 @@ pub mod any;
 pub mod domain;
 pub mod pg;
 pub mod sqlite;
+mod sqlite_writer;
 pub mod testing;
 
 use std::future::Future;

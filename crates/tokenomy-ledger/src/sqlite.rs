@@ -1,22 +1,23 @@
 //! SQLite store: one file in WAL mode, one writer thread, group commit.
 //!
 //! Every write is a job sent over a bounded channel to the single writer
-//! thread. The writer takes the first queued job, then drains up to
-//! [`MAX_BATCH`] more without waiting, and runs them all inside ONE
+//! thread (`sqlite_writer.rs`). The writer takes the first queued job, then
+//! drains up to [`MAX_BATCH`] more without waiting, and runs them all inside ONE
 //! `BEGIN IMMEDIATE … COMMIT`. Each job validates everything (leaf closure
 //! included) before its first write, so a job that fails (insufficient funds,
 //! conflict…) wrote nothing and the others commit; a job that fails after
-//! writing (a storage error) rolls the whole batch back (see `write`). Replies are sent only after the COMMIT returns, so no
-//! caller sees a write that is not durable; if the COMMIT fails, every job in
-//! the batch gets the error. Concurrent settlements therefore share one fsync.
+//! writing (a storage error) rolls the whole batch back (see `write`). Replies
+//! are sent only once the batch is durable, so no caller is told about a write
+//! that is not; if the COMMIT fails, every job in the batch gets the error.
+//! Concurrent settlements therefore share one fsync.
 //!
-//! Durability ([`Durability`]): the default is `journal_mode=WAL` with
-//! `synchronous=FULL` (the WAL is fsynced on every commit, i.e. once per
-//! batch): a crash or power loss loses no acknowledged write.
-//! `Durability::Normal` is WAL with `synchronous=NORMAL`: no fsync per commit,
-//! the database always stays consistent and survives a process crash, but an
-//! OS crash or power loss may lose the last acknowledged batches. Reads use a
-//! separate connection, which in WAL mode never blocks the writer.
+//! Durability ([`Durability`]): the default, `Full`, answers a batch only after
+//! an fsync of the WAL that began after its COMMIT (run by a syncer thread, so
+//! the writer goes on with the next batch meanwhile): a crash or power loss
+//! loses no acknowledged write. `Durability::Normal` answers right after the
+//! COMMIT: the database always stays consistent and survives a process crash,
+//! but an OS crash or power loss may lose the last acknowledged batches. Reads
+//! use a separate connection, which in WAL mode never blocks the writer.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,12 +27,17 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::*;
+use crate::sqlite_writer::{checkpoint_loop, sync_loop, wal_path, writer_loop, Acks, Finish, Job, WriteConn, Writer};
 use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
 
 /// Most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
 /// Depth of the writer's queue; senders wait (backpressure) when it is full.
 pub const CHANNEL_CAPACITY: usize = 8192;
+/// Committed batches waiting for the syncer's fsync; the writer waits when it is full.
+pub const SYNC_QUEUE_BATCHES: usize = 64;
+/// Least time between two WAL checkpoints.
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Most holds one `expire_holds` call voids (call again if it returns this many).
 pub const MAX_EXPIRE_PER_CALL: u64 = 10_000;
 
@@ -51,9 +57,6 @@ const V2_COLUMNS: [(&str, &str, &str); 7] = [
     ("api_keys", "spend_month_micros", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
-type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
-/// A job returns its reply and whether it failed after writing (poisons the batch).
-type Job = Box<dyn FnOnce(&Connection) -> (Finish, bool) + Send>;
 
 /// Cheap to clone; all clones share the writer thread and read connection.
 #[derive(Clone)]
@@ -85,20 +88,35 @@ impl SqliteStore {
     /// Opens the ledger file and starts the writer thread.
     pub fn open_with(path: impl AsRef<Path>, durability: Durability) -> Result<Self> {
         let writer = open_conn(path.as_ref())?;
-        let sync = match durability {
-            Durability::Full => "PRAGMA synchronous=FULL",
-            Durability::Normal => "PRAGMA synchronous=NORMAL",
-        };
-        writer.execute_batch(sync).map_err(db_err)?;
         writer.execute_batch(SCHEMA).map_err(db_err)?;
         migrate(&writer)?;
         create_system_accounts(&writer)?;
+        // The writer never checkpoints: copying the WAL back into the database (and its
+        // fsync) runs on the checkpointer thread, off the commit path.
+        // Its commits never fsync either (`synchronous=NORMAL`): with `Durability::Full` the
+        // syncer thread fsyncs the WAL after each commit and only then answers the batch.
+        writer.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA synchronous=NORMAL").map_err(db_err)?;
         let reader = open_conn(path.as_ref())?;
+        let checkpointer = open_conn(path.as_ref())?;
+        let (committed, commits) = std::sync::mpsc::sync_channel(1);
         let (jobs, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        std::thread::Builder::new()
-            .name("ledger-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx))
-            .map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(name.into()).spawn(f).map(|_| ()).map_err(|e| LedgerError::Storage(e.to_string()))
+        };
+        spawn("ledger-sqlite-checkpoint", Box::new(move || checkpoint_loop(checkpointer, commits, CHECKPOINT_INTERVAL)))?;
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acks = match durability {
+            Durability::Normal => Acks::Now,
+            Durability::Full => {
+                let (to_syncer, batches) = std::sync::mpsc::sync_channel(SYNC_QUEUE_BATCHES);
+                let wal = wal_path(path.as_ref());
+                let failed = failed.clone();
+                spawn("ledger-sqlite-sync", Box::new(move || sync_loop(&wal, batches, &failed)))?;
+                Acks::AfterSync(to_syncer)
+            }
+        };
+        let w = Writer { conn: WriteConn::new(writer), committed, acks, failed };
+        spawn("ledger-sqlite-writer", Box::new(move || writer_loop(w, rx)))?;
         Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)) })
     }
 
@@ -114,13 +132,20 @@ impl SqliteStore {
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&WriteConn) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let before = conn.total_changes();
-            let result = f(conn);
-            let dirty = result.is_err() && conn.total_changes() != before;
+            let (result, dirty) = match conn {
+                Some(conn) => {
+                    let before = conn.changes();
+                    let result = f(conn);
+                    let dirty = result.is_err() && conn.changes() != before;
+                    (result, dirty)
+                }
+                // Not run: the batch's error is the answer.
+                None => (Err(LedgerError::Closed), false),
+            };
             let finish: Finish = Box::new(move |commit_err| {
                 let _ = tx.send(match commit_err {
                     Some(e) => Err(e.clone()),
@@ -200,51 +225,8 @@ fn create_system_accounts(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-fn exec(conn: &Connection, sql: &str) -> Result<()> {
+pub(crate) fn exec(conn: &Connection, sql: &str) -> Result<()> {
     conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(db_err)
-}
-
-/// The group-commit loop: one transaction per batch of queued jobs.
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = Vec::with_capacity(64);
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        commit_batch(&conn, batch);
-    }
-}
-
-fn commit_batch(conn: &Connection, batch: Vec<Job>) {
-    debug_assert!(!batch.is_empty() && batch.len() <= MAX_BATCH);
-    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
-        let finishes: Vec<Finish> = batch.into_iter().map(|j| j(conn).0).collect();
-        finishes.into_iter().for_each(|f| f(Some(&e)));
-        return;
-    }
-    let mut poisoned = false;
-    let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
-    for job in batch {
-        let (finish, dirty) = job(conn);
-        poisoned |= dirty;
-        finishes.push(finish);
-    }
-    let outcome = if poisoned {
-        Err(LedgerError::Storage("batch rolled back: an operation failed after writing".into()))
-    } else {
-        exec(conn, "COMMIT")
-    };
-    if outcome.is_err() {
-        let _ = exec(conn, "ROLLBACK");
-    }
-    let err = outcome.err();
-    for finish in finishes {
-        finish(err.as_ref());
-    }
 }
 
 // ------------------------------------------------------------------ row codecs
@@ -320,14 +302,14 @@ fn row_key(row: &Row) -> rusqlite::Result<KeyRecord> {
 
 // ------------------------------------------------------------------ row access
 
-fn load_account(c: &Connection, id: AccountId) -> Result<Account> {
+pub(crate) fn load_account(c: &Connection, id: AccountId) -> Result<Account> {
     c.prepare_cached("SELECT id, name, kind, balance_micros, pending_micros, created_at_ms FROM accounts WHERE id = ?1")
         .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_account).optional())
         .map_err(db_err)?
         .ok_or(LedgerError::UnknownAccount(id))
 }
 
-fn store_account(c: &Connection, a: &Account) -> Result<()> {
+pub(crate) fn store_account(c: &Connection, a: &Account) -> Result<()> {
     check_account(a)?;
     let n = c
         .prepare_cached("UPDATE accounts SET balance_micros = ?2, pending_micros = ?3 WHERE id = ?1")
@@ -350,7 +332,8 @@ fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
         .ok_or(LedgerError::UnknownTransfer(id))
 }
 
-fn insert_transfer(c: &Connection, t: &Transfer) -> Result<()> {
+/// Inserts a transfer; `Ok(false)` when its idempotency key is taken (nothing written).
+fn insert_transfer(c: &Connection, t: &Transfer) -> Result<bool> {
     check_transfer(t).map_err(LedgerError::InvariantViolation)?;
     let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)");
     let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
@@ -373,17 +356,57 @@ fn insert_transfer(c: &Connection, t: &Transfer) -> Result<()> {
                 key,
             ])
         })
-        .map(|_| ())
-        .map_err(db_err)
+        .map(|_| true)
+        .or_else(|e| match &e {
+            rusqlite::Error::SqliteFailure(f, Some(msg))
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE && msg.ends_with("transfers.idempotency_key") =>
+            {
+                Ok(false)
+            }
+            _ => Err(db_err(e)),
+        })
 }
 
-fn set_state(c: &Connection, t: &mut Transfer, state: TransferState) -> Result<()> {
+/// Ends a pending hold; `seq` is its rowid when the writer knows it.
+fn set_state(c: &Connection, t: &mut Transfer, seq: Option<i64>, state: TransferState) -> Result<()> {
     debug_assert_eq!(t.state, TransferState::Pending);
-    c.prepare_cached("UPDATE transfers SET state = ?2 WHERE id = ?1")
-        .and_then(|mut s| s.execute(params![&t.id.to_bytes()[..], state.as_i16()]))
-        .map_err(db_err)?;
+    let n = match seq {
+        Some(seq) => c
+            .prepare_cached("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND state = 0")
+            .and_then(|mut s| s.execute(params![seq, state.as_i16()])),
+        None => c
+            .prepare_cached("UPDATE transfers SET state = ?2 WHERE id = ?1 AND state = 0")
+            .and_then(|mut s| s.execute(params![&t.id.to_bytes()[..], state.as_i16()])),
+    }
+    .map_err(db_err)?;
+    if n != 1 {
+        return Err(LedgerError::InvariantViolation(format!("hold {} was not pending", t.id)));
+    }
     t.state = state;
     Ok(())
+}
+
+/// A hold and its rowid (when cached), from the writer's cache or the database.
+fn hold_by_id(c: &WriteConn, id: TransferId) -> Result<(Option<i64>, Transfer)> {
+    match c.take_hold(id) {
+        Some((seq, t)) => Ok((Some(seq), t)),
+        None => Ok((None, transfer_by_id(c, id)?)),
+    }
+}
+
+/// A failed validation, unless the request is a retry of one already done.
+fn replay_or(c: &Connection, req: &TransferRequest, e: LedgerError) -> Result<Transfer> {
+    match transfer_by_key(c, &req.idempotency_key)? {
+        Some(existing) => replay(req, existing),
+        None => Err(e),
+    }
+}
+
+/// The transfer holding `req`'s idempotency key (after an insert found it taken).
+fn replay_existing(c: &Connection, req: &TransferRequest) -> Result<Transfer> {
+    let existing = transfer_by_key(c, &req.idempotency_key)?
+        .ok_or_else(|| LedgerError::Storage("idempotency key taken but not found".into()))?;
+    replay(req, existing)
 }
 
 /// A key's caps and spend counters (the key must be live and belong to `account`
@@ -426,20 +449,21 @@ fn next_log_index(c: &Connection) -> Result<u64> {
 
 /// Computes a leaf (index and bytes) before any write of its operation, so a
 /// failing closure leaves nothing behind.
-fn prepare_leaf(c: &Connection, leaf: &Option<Leaf>, t: &Transfer) -> Result<Option<(u64, Vec<u8>)>> {
+fn prepare_leaf(c: &WriteConn, leaf: &Option<Leaf>, t: &Transfer) -> Result<Option<(u64, Vec<u8>)>> {
     match leaf {
         Some(leaf) => {
-            let index = next_log_index(c)?;
+            let index = c.next_log_index(next_log_index)?;
             Ok(Some((index, run_leaf(leaf, index, t)?)))
         }
         None => Ok(None),
     }
 }
 
-fn insert_log(c: &Connection, index: u64, bytes: &[u8], t: &Transfer) -> Result<u64> {
+fn insert_log(c: &WriteConn, index: u64, bytes: &[u8], t: &Transfer) -> Result<u64> {
     c.prepare_cached("INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES (?1,?2,?3,?4)")
         .and_then(|mut s| s.execute(params![index as i64, &t.id.to_bytes()[..], &log_account(t).to_bytes()[..], bytes]))
         .map_err(db_err)?;
+    c.appended_log(index);
     Ok(index)
 }
 
@@ -469,53 +493,71 @@ fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
     }
 }
 
-fn op_posted(c: &Connection, req: TransferRequest, leaf: Option<Leaf>, now: i64) -> Result<Transfer> {
-    if let Some(existing) = transfer_by_key(c, &req.idempotency_key)? {
-        return replay(&req, existing);
-    }
-    let mut debit = load_account(c, req.debit_account)?;
-    let mut credit = load_account(c, req.credit_account)?;
-    check_roles(&debit, &credit, req.code)?;
-    apply_posted(&mut debit, &mut credit, req.amount_micros)?;
-    let t = req.into_transfer(now, None);
+// Every operation validates (from the writer's cache) before its first write. The
+// idempotency key is checked by the transfer's INSERT itself (its unique index), which is
+// the first write: a retry finds the key taken, writes nothing and replays. A retry that
+// fails validation (the first attempt spent the funds) is looked up the same way.
+
+fn op_posted(c: &WriteConn, req: TransferRequest, leaf: Option<Leaf>, now: i64) -> Result<Transfer> {
+    let checked = (|| {
+        let mut debit = c.account(req.debit_account)?;
+        let mut credit = c.account(req.credit_account)?;
+        check_roles(&debit, &credit, req.code)?;
+        apply_posted(&mut debit, &mut credit, req.amount_micros)?;
+        Ok((debit, credit))
+    })();
+    let (debit, credit) = match checked {
+        Ok(accounts) => accounts,
+        Err(e) => return replay_or(c, &req, e),
+    };
+    let t = req.clone().into_transfer(now, None);
     check_transfer(&t).map_err(LedgerError::InvariantViolation)?;
     let log = prepare_leaf(c, &leaf, &t)?;
-    insert_transfer(c, &t)?;
-    store_account(c, &debit)?;
-    store_account(c, &credit)?;
+    if !insert_transfer(c, &t)? {
+        return replay_existing(c, &req);
+    }
+    c.stage_account(&debit)?;
+    c.stage_account(&credit)?;
     if let Some((index, bytes)) = &log {
         insert_log(c, *index, bytes, &t)?;
     }
     Ok(t)
 }
 
-fn op_hold(c: &Connection, req: TransferRequest, now: i64) -> Result<Transfer> {
-    if let Some(existing) = transfer_by_key(c, &req.idempotency_key)? {
-        return replay(&req, existing);
-    }
-    let mut debit = load_account(c, req.debit_account)?;
-    let credit = load_account(c, req.credit_account)?;
-    check_roles(&debit, &credit, req.code)?;
-    apply_hold(&mut debit, req.amount_micros)?;
-    let key = match req.key_id {
-        Some(id) => {
-            let (caps, mut spend) = load_key_spend(c, id, Some(req.debit_account))?;
-            spend.apply_hold(caps, req.amount_micros, now)?;
-            Some((id, spend))
-        }
-        None => None,
+fn op_hold(c: &WriteConn, req: TransferRequest, now: i64) -> Result<Transfer> {
+    let checked = (|| {
+        let mut debit = c.account(req.debit_account)?;
+        let credit = c.account(req.credit_account)?;
+        check_roles(&debit, &credit, req.code)?;
+        apply_hold(&mut debit, req.amount_micros)?;
+        let key = match req.key_id {
+            Some(id) => {
+                let (caps, mut spend) = load_key_spend(c, id, Some(req.debit_account))?;
+                spend.apply_hold(caps, req.amount_micros, now)?;
+                Some((id, spend))
+            }
+            None => None,
+        };
+        Ok((debit, key))
+    })();
+    let (debit, key) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return replay_or(c, &req, e),
     };
-    let t = req.into_transfer(now, None);
-    insert_transfer(c, &t)?;
-    store_account(c, &debit)?;
+    let t = req.clone().into_transfer(now, None);
+    if !insert_transfer(c, &t)? {
+        return replay_existing(c, &req);
+    }
+    c.remember_hold(c.last_insert_rowid(), &t);
+    c.stage_account(&debit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
     }
     Ok(t)
 }
 
-fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: Option<Leaf>) -> Result<Settled> {
-    let mut hold = transfer_by_id(c, hold_id)?;
+fn op_settle(c: &WriteConn, hold_id: TransferId, amount: i64, now: i64, leaf: Option<Leaf>) -> Result<Settled> {
+    let (seq, mut hold) = hold_by_id(c, hold_id)?;
     let prior = match hold.state {
         TransferState::Posted => transfer_by_key(c, &settle_key(hold.id))?,
         _ => None,
@@ -528,8 +570,8 @@ fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: O
         let released_micros = hold.amount_micros - amount;
         return Ok(Settled { hold, posted: prior, released_micros, log_index });
     }
-    let mut debit = load_account(c, hold.debit_account)?;
-    let mut credit = load_account(c, hold.credit_account)?;
+    let mut debit = c.account(hold.debit_account)?;
+    let mut credit = c.account(hold.credit_account)?;
     apply_settle(&mut debit, &mut credit, hold.amount_micros, amount)?;
     check_account(&debit)?;
     check_account(&credit)?;
@@ -552,15 +594,18 @@ fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: O
         }
         None => None,
     };
-    set_state(c, &mut hold, state)?;
-    store_account(c, &debit)?;
-    store_account(c, &credit)?;
+    set_state(c, &mut hold, seq, state)?;
+    c.stage_account(&debit)?;
+    c.stage_account(&credit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
     }
     let log_index = match &posted {
         Some(p) => {
-            insert_transfer(c, p)?;
+            // The hold was pending, so its settlement's key is free.
+            if !insert_transfer(c, p)? {
+                return Err(LedgerError::InvariantViolation(format!("settlement of {} already exists", hold.id)));
+            }
             match &log {
                 Some((index, bytes)) => Some(insert_log(c, *index, bytes, p)?),
                 None => None,
@@ -571,14 +616,14 @@ fn op_settle(c: &Connection, hold_id: TransferId, amount: i64, now: i64, leaf: O
     Ok(Settled { hold, posted, released_micros, log_index })
 }
 
-fn op_void(c: &Connection, hold_id: TransferId) -> Result<Transfer> {
-    let mut hold = transfer_by_id(c, hold_id)?;
+fn op_void(c: &WriteConn, hold_id: TransferId) -> Result<Transfer> {
+    let (seq, mut hold) = hold_by_id(c, hold_id)?;
     match (hold.hold, hold.state) {
         (true, TransferState::Voided) => return Ok(hold),
         (true, TransferState::Pending) => {}
         (_, state) => return Err(LedgerError::NotPending { id: hold.id, state }),
     }
-    let mut debit = load_account(c, hold.debit_account)?;
+    let mut debit = c.account(hold.debit_account)?;
     apply_void(&mut debit, hold.amount_micros)?;
     let key = match hold.key_id {
         Some(id) => {
@@ -588,15 +633,15 @@ fn op_void(c: &Connection, hold_id: TransferId) -> Result<Transfer> {
         }
         None => None,
     };
-    set_state(c, &mut hold, TransferState::Voided)?;
-    store_account(c, &debit)?;
+    set_state(c, &mut hold, seq, TransferState::Voided)?;
+    c.stage_account(&debit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
     }
     Ok(hold)
 }
 
-fn op_expire(c: &Connection, now: i64) -> Result<u64> {
+fn op_expire(c: &WriteConn, now: i64) -> Result<u64> {
     let ids: Vec<Vec<u8>> = c
         .prepare_cached(
             "SELECT id FROM transfers WHERE hold = 1 AND state = 0 AND expires_at_ms <= ?1 \
@@ -854,6 +899,7 @@ impl LedgerStore for SqliteStore {
     async fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> Result<u64> {
         let ids = crate::extend_request(hold_ids)?;
         self.write(move |c| {
+            c.forget_holds();
             let mut st = c
                 .prepare_cached("UPDATE transfers SET expires_at_ms = ?1 WHERE id = ?2 AND hold = 1 AND state = 0 AND expires_at_ms < ?1")
                 .map_err(db_err)?;

@@ -95,6 +95,15 @@ pub async fn idempotent_retries<S: LedgerStore>(s: Arc<S>) {
     assert_eq!(s.void(v1.id).await.unwrap().state, TransferState::Voided);
     let acc = s.get_account(a.id).await.unwrap();
     assert_eq!((acc.balance_micros, acc.pending_micros), (3 * C, 0));
+    // A retry whose first attempt spent the funds it needs still replays (not a 402).
+    let all = s.transfer(a.id, b.id, 3 * C, "all", None).await.unwrap();
+    assert_eq!(s.transfer(a.id, b.id, 3 * C, "all", None).await.unwrap(), all);
+    let c = funded(&*s, "c", 2 * C).await;
+    let whole = s.hold(c.id, 2 * C, "whole", 60_000, T0).await.unwrap();
+    assert_eq!(s.hold(c.id, 2 * C, "whole", 60_000, T0 + 1).await.unwrap(), whole);
+    let conflict = Err(LedgerError::IdempotencyConflict { key: "whole".into() });
+    assert_eq!(s.hold(c.id, 3 * C, "whole", 60_000, T0).await.map(|_| ()), conflict);
+    assert_eq!(s.get_account(c.id).await.unwrap().pending_micros, 2 * C);
     assert_check_ok(&*s).await;
 }
 
