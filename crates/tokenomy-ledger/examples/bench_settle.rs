@@ -4,7 +4,8 @@
 //! ("sqlite" = Durability::Full, "sqlite-n" = Durability::Normal)
 //! Env: BENCH_WRITERS (64), BENCH_SECS (5), BENCH_LEAF (1: settle appends a
 //! 40-byte log leaf, as the receipts log does; 0: no leaf),
-//! TOKENOMY_TEST_POSTGRES_URL (also benchmark PostgreSQL when set).
+//! TOKENOMY_TEST_POSTGRES_URL (also benchmark PostgreSQL when set),
+//! BENCH_STORES (which to run: `sqlite,sqlite-n,postgres`, the default).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,13 +80,19 @@ async fn main() {
             v
         })),
     };
+    let stores = std::env::var("BENCH_STORES").unwrap_or_else(|_| "sqlite,sqlite-n,postgres".into());
+    let stores: Vec<&str> = stores.split(',').collect();
     let dir = tempfile::tempdir().unwrap();
     for (name, durability) in [("sqlite", Durability::Full), ("sqlite-n", Durability::Normal)] {
+        if !stores.contains(&name) {
+            continue;
+        }
         let path = dir.path().join(format!("{name}.db"));
         let sqlite = Arc::new(SqliteStore::open_with(path, durability).unwrap());
         bench(name, sqlite, writers, secs, leaf.clone()).await;
     }
     match std::env::var("TOKENOMY_TEST_POSTGRES_URL") {
+        _ if !stores.contains(&"postgres") => {}
         Ok(url) => {
             let schema = format!("bench_{}", now_ms());
             let pg = Arc::new(PgStore::open_in_schema(&url, &schema, writers.min(64) as usize).await.unwrap());
