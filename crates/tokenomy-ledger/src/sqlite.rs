@@ -899,13 +899,15 @@ impl LedgerStore for SqliteStore {
     async fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> Result<u64> {
         let ids = crate::extend_request(hold_ids)?;
         self.write(move |c| {
-            c.forget_holds();
             let mut st = c
                 .prepare_cached("UPDATE transfers SET expires_at_ms = ?1 WHERE id = ?2 AND hold = 1 AND state = 0 AND expires_at_ms < ?1")
                 .map_err(db_err)?;
             let mut n = 0;
             for id in &ids {
                 n += st.execute(params![expires_at_ms, id]).map_err(db_err)? as u64;
+                if let Some(id) = TransferId::from_slice(id) {
+                    c.extend_cached_hold(id, expires_at_ms);
+                }
             }
             Ok(n)
         })

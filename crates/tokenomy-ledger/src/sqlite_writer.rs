@@ -115,9 +115,11 @@ impl WriteConn {
         cache.holds.insert(t.id, (seq, t.clone()));
     }
 
-    /// Forgets holds whose row changed outside `take_hold` (timeouts extended).
-    pub(crate) fn forget_holds(&self) {
-        self.cache.borrow_mut().holds.clear();
+    /// Mirrors `extend_holds` on the cached copies (the same rule as its UPDATE).
+    pub(crate) fn extend_cached_hold(&self, id: TransferId, expires_at_ms: i64) {
+        if let Some((_, t)) = self.cache.borrow_mut().holds.get_mut(&id) {
+            t.expires_at_ms = t.expires_at_ms.max(expires_at_ms);
+        }
     }
 
     pub(crate) fn next_log_index(&self, load: impl FnOnce(&Connection) -> Result<u64>) -> Result<u64> {
