@@ -43,8 +43,9 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use super::*;
 
 /// Concurrent batch tasks (each with its own connection while it runs). Two: while one
-/// batch waits for its COMMIT's WAL flush, the other computes (on 2 cores, 1 and 2 tasks
-/// measured the same and 4 was 35 % slower: batches then contend for the same locks).
+/// batch waits for its COMMIT's WAL flush, the other computes (measured on 2 cores with the
+/// server on the same machine: 1 and 2 tasks alike, 4 was 35 % slower, the batches then
+/// contending for the same row locks; a larger server may want more).
 pub const BATCHERS: usize = 2;
 /// Most jobs in one batch transaction.
 pub const MAX_PG_BATCH: usize = 512;
@@ -185,7 +186,8 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     // statements are prepared once per connection and PostgreSQL soon switches to a generic
     // plan, made with the statistics of the moment: for a table created or grown since the
     // last ANALYZE it is a sequential scan comparing each row with every key of the batch
-    // (measured: half of the server's time, and growing with the table). Never scan here.
+    // (measured: half of the server's time, and growing with the table). Make scans the
+    // planner's last resort for this transaction (one more round trip per batch).
     tx.batch_execute("SET LOCAL enable_seqscan = off").await.map_err(pg_err)?;
     // 1. Lock the holds being settled, in ascending id order.
     let mut hold_ids: Vec<TransferId> = ops

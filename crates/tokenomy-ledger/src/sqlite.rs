@@ -17,7 +17,9 @@
 //! loses no acknowledged write. `Durability::Normal` answers right after the
 //! COMMIT: the database always stays consistent and survives a process crash,
 //! but an OS crash or power loss may lose the last acknowledged batches. Reads
-//! use a separate connection, which in WAL mode never blocks the writer.
+//! use a separate connection, which in WAL mode never blocks the writer; they may
+//! see a committed batch before its fsync returns, except the log, which is read
+//! only up to its last durable entry (the node signs checkpoints over it).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,7 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::*;
-use crate::sqlite_writer::{checkpoint_loop, sync_loop, wal_path, writer_loop, Acks, Finish, Job, WriteConn, Writer};
+use crate::sqlite_writer::{checkpoint_loop, open_wal, sync_loop, writer_loop, Acks, Finish, Job, Shared, WriteConn, Writer};
 use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
 
 /// Most jobs committed in one transaction.
@@ -36,6 +38,9 @@ pub const MAX_BATCH: usize = 1024;
 pub const CHANNEL_CAPACITY: usize = 8192;
 /// Committed batches waiting for the syncer's fsync; the writer waits when it is full.
 pub const SYNC_QUEUE_BATCHES: usize = 64;
+/// WAL size (pages) past which the writer itself checkpoints (a backstop: the checkpointer
+/// thread normally keeps it far smaller); also the size the WAL file is truncated back to.
+pub const WAL_BACKSTOP_PAGES: u64 = 16_384;
 /// Least time between two WAL checkpoints.
 pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Most holds one `expire_holds` call voids (call again if it returns this many).
@@ -63,6 +68,7 @@ const V2_COLUMNS: [(&str, &str, &str); 7] = [
 pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
+    shared: Arc<Shared>,
 }
 
 fn db_err(e: rusqlite::Error) -> LedgerError {
@@ -72,7 +78,8 @@ fn db_err(e: rusqlite::Error) -> LedgerError {
 /// How hard a commit tries to reach the disk (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// `synchronous=FULL`: fsync per commit (per batch). Survives power loss.
+    /// A batch is answered after an fsync of the WAL that began after its COMMIT (one per
+    /// batch, on the syncer thread). Survives power loss.
     #[default]
     Full,
     /// `synchronous=NORMAL` in WAL: survives process crashes, not power loss.
@@ -91,11 +98,21 @@ impl SqliteStore {
         writer.execute_batch(SCHEMA).map_err(db_err)?;
         migrate(&writer)?;
         create_system_accounts(&writer)?;
-        // The writer never checkpoints: copying the WAL back into the database (and its
-        // fsync) runs on the checkpointer thread, off the commit path.
+        // Copying the WAL back into the database (and its fsync) runs on the checkpointer
+        // thread, off the commit path; the writer only checkpoints as a backstop, when the
+        // WAL passes `WAL_BACKSTOP_PAGES` (see `checkpoint_loop`).
         // Its commits never fsync either (`synchronous=NORMAL`): with `Durability::Full` the
         // syncer thread fsyncs the WAL after each commit and only then answers the batch.
-        writer.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA synchronous=NORMAL").map_err(db_err)?;
+        writer
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}; PRAGMA journal_size_limit={}; PRAGMA synchronous=NORMAL",
+                WAL_BACKSTOP_PAGES * 4096
+            ))
+            .map_err(db_err)?;
+        // Whatever an earlier run left in the WAL is on disk before anything is built on it.
+        let wal = open_wal(&writer)?;
+        wal.0.sync_data().map_err(|e| LedgerError::Storage(format!("fsync of {}: {e}", wal.1.display())))?;
+        let shared = Shared::new(next_log_index(&writer)?);
         let reader = open_conn(path.as_ref())?;
         let checkpointer = open_conn(path.as_ref())?;
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
@@ -103,21 +120,24 @@ impl SqliteStore {
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new().name(name.into()).spawn(f).map(|_| ()).map_err(|e| LedgerError::Storage(e.to_string()))
         };
-        spawn("ledger-sqlite-checkpoint", Box::new(move || checkpoint_loop(checkpointer, commits, CHECKPOINT_INTERVAL)))?;
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sh = shared.clone();
+        spawn("ledger-sqlite-checkpoint", Box::new(move || checkpoint_loop(checkpointer, commits, CHECKPOINT_INTERVAL, &sh)))?;
         let acks = match durability {
             Durability::Normal => Acks::Now,
             Durability::Full => {
                 let (to_syncer, batches) = std::sync::mpsc::sync_channel(SYNC_QUEUE_BATCHES);
-                let wal = wal_path(path.as_ref());
-                let failed = failed.clone();
-                spawn("ledger-sqlite-sync", Box::new(move || sync_loop(&wal, batches, &failed)))?;
+                let sh = shared.clone();
+                spawn("ledger-sqlite-sync", Box::new(move || sync_loop(wal, batches, &sh)))?;
                 Acks::AfterSync(to_syncer)
             }
         };
-        let w = Writer { conn: WriteConn::new(writer), committed, acks, failed };
+        let w = Writer { conn: WriteConn::new(writer), committed, acks, shared: shared.clone() };
         spawn("ledger-sqlite-writer", Box::new(move || writer_loop(w, rx)))?;
-        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)) })
+        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)), shared })
+    }
+
+    fn durable_log_next(&self) -> u64 {
+        self.shared.durable_log_next.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs `f` on the writer thread inside the next group-commit batch.
@@ -372,8 +392,8 @@ fn set_state(c: &Connection, t: &mut Transfer, seq: Option<i64>, state: Transfer
     debug_assert_eq!(t.state, TransferState::Pending);
     let n = match seq {
         Some(seq) => c
-            .prepare_cached("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND state = 0")
-            .and_then(|mut s| s.execute(params![seq, state.as_i16()])),
+            .prepare_cached("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0")
+            .and_then(|mut s| s.execute(params![seq, state.as_i16(), &t.id.to_bytes()[..]])),
         None => c
             .prepare_cached("UPDATE transfers SET state = ?2 WHERE id = ?1 AND state = 0")
             .and_then(|mut s| s.execute(params![&t.id.to_bytes()[..], state.as_i16()])),
@@ -499,6 +519,13 @@ fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
 // fails validation (the first attempt spent the funds) is looked up the same way.
 
 fn op_posted(c: &WriteConn, req: TransferRequest, leaf: Option<Leaf>, now: i64) -> Result<Transfer> {
+    // A retry must not run the leaf closure again (it could fail where the first run
+    // succeeded): with a leaf (receipted mints and transfers, rare), look the key up first.
+    if leaf.is_some() {
+        if let Some(existing) = transfer_by_key(c, &req.idempotency_key)? {
+            return replay(&req, existing);
+        }
+    }
     let checked = (|| {
         let mut debit = c.account(req.debit_account)?;
         let mut credit = c.account(req.credit_account)?;
@@ -931,13 +958,19 @@ impl LedgerStore for SqliteStore {
         self.read(read_check).await
     }
 
+    // The log is read no further than what is on disk (`Shared::durable_log_next`): the node
+    // signs checkpoints over what these return.
     async fn log_entries(&self, from_index: u64, limit: u32) -> Result<Vec<LogEntry>> {
         validate_page_limit(limit)?;
-        self.read(move |c| read_log(c, from_index, limit)).await
+        let durable = self.durable_log_next();
+        let mut entries = self.read(move |c| read_log(c, from_index, limit)).await?;
+        entries.retain(|e| e.log_index < durable);
+        Ok(entries)
     }
 
     async fn log_size(&self) -> Result<u64> {
-        self.read(|c| query_i128(c, "SELECT COUNT(*) FROM log_entries").map(|n| n as u64)).await
+        let size = self.read(|c| query_i128(c, "SELECT COUNT(*) FROM log_entries").map(|n| n as u64)).await?;
+        Ok(size.min(self.durable_log_next()))
     }
 
     async fn create_key(

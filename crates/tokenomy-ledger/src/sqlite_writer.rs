@@ -21,8 +21,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SendError, SyncSender};
 use std::sync::Arc;
 
@@ -52,6 +51,9 @@ pub(crate) struct WriteConn {
 
 #[derive(Default)]
 struct Cache {
+    /// `PRAGMA data_version` when the cache was last known valid: another connection's
+    /// commit changes it, and then nothing cached can be trusted.
+    data_version: Option<i64>,
     accounts: HashMap<AccountId, Account>,
     /// Accounts changed in this batch and not yet written.
     dirty: HashSet<AccountId>,
@@ -152,6 +154,53 @@ impl WriteConn {
     fn reset(&self) {
         *self.cache.borrow_mut() = Cache::default();
     }
+
+    /// Drops the cache if another connection committed since it was filled (a second
+    /// process on the same file, an operator's `sqlite3` shell). Inside the batch's
+    /// transaction, so nobody else can commit until it ends.
+    fn revalidate(&self) -> Result<()> {
+        let version: i64 = self.conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let known = self.cache.borrow().data_version;
+        if known != Some(version) {
+            self.reset();
+            self.cache.borrow_mut().data_version = Some(version);
+        }
+        Ok(())
+    }
+
+    /// The log's next index as of this batch, when the writer knows it.
+    fn log_next(&self) -> Option<u64> {
+        self.cache.borrow().next_log_index
+    }
+}
+
+/// What the writer, the syncer, the checkpointer and the readers share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Set when the WAL could not be synced or checkpointed: nothing more is acknowledged.
+    pub failed: AtomicBool,
+    /// Log entries below this index are on disk. Readers of the log (which sign
+    /// checkpoints over it) see no further: an entry a power loss could still take back
+    /// must never be signed.
+    pub durable_log_next: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(durable_log_next: u64) -> Arc<Self> {
+        Arc::new(Shared { failed: AtomicBool::new(false), durable_log_next: AtomicU64::new(durable_log_next) })
+    }
+
+    fn durable(&self, log_next: Option<u64>) {
+        if let Some(n) = log_next {
+            self.durable_log_next.fetch_max(n, Ordering::SeqCst);
+        }
+    }
+
+    fn fail(&self, what: &str) -> LedgerError {
+        self.failed.store(true, Ordering::SeqCst);
+        eprintln!("tokenomy-ledger: {what}; refusing further writes until restart");
+        LedgerError::Storage(format!("{what}; restart the node"))
+    }
 }
 
 /// The writer thread's state.
@@ -160,8 +209,7 @@ pub(crate) struct Writer {
     /// Tells the checkpointer that the WAL grew.
     pub committed: SyncSender<()>,
     pub acks: Acks,
-    /// Set when an fsync of the WAL failed: nothing more is acknowledged as durable.
-    pub failed: Arc<AtomicBool>,
+    pub shared: Arc<Shared>,
 }
 
 /// When a committed batch is answered.
@@ -177,6 +225,8 @@ pub(crate) enum Acks {
 pub(crate) struct Committed {
     finishes: Vec<Finish>,
     err: Option<LedgerError>,
+    /// The log's next index once this batch is durable.
+    log_next: Option<u64>,
 }
 
 impl Committed {
@@ -186,10 +236,13 @@ impl Committed {
     }
 }
 
-pub(crate) fn wal_path(db: &Path) -> std::path::PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push("-wal");
-    name.into()
+/// The WAL file of `conn`'s main database, opened for the syncer (kept open: a writeback
+/// error is reported once per open file, so a new handle per fsync could miss it).
+pub(crate) fn open_wal(conn: &Connection) -> Result<(std::fs::File, std::path::PathBuf)> {
+    let db = conn.path().filter(|p| !p.is_empty()).ok_or_else(|| LedgerError::Storage("ledger has no file".into()))?;
+    let wal = std::path::PathBuf::from(format!("{db}-wal"));
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&wal).map_err(|e| LedgerError::Storage(format!("{}: {e}", wal.display())))?;
+    Ok((file, wal))
 }
 
 /// Answers committed batches once their WAL frames are on disk. Every batch queued when an
@@ -197,31 +250,42 @@ pub(crate) fn wal_path(db: &Path) -> std::path::PathBuf {
 /// frame's checksum chains to the previous one), so a batch the disk kept implies every
 /// earlier batch was kept too: later batches, which may have read an earlier one's
 /// writes, are never answered before it.
-pub(crate) fn sync_loop(wal: &Path, batches: Receiver<Committed>, failed: &AtomicBool) {
+///
+/// After a failed fsync the kernel may have dropped the dirty pages, and a later fsync can
+/// succeed without them ("fsyncgate"): from then on every batch, queued or not, is answered
+/// with an error and the node must restart (recovery then keeps what the disk has).
+pub(crate) fn sync_loop(wal: (std::fs::File, std::path::PathBuf), batches: Receiver<Committed>, shared: &Shared) {
+    let (file, path) = wal;
     while let Ok(first) = batches.recv() {
         let mut ready = vec![first];
         ready.extend(batches.try_iter());
-        let synced = std::fs::File::open(wal).and_then(|f| f.sync_data());
-        let err = synced.err().map(|e| {
-            // After a failed fsync the kernel may have dropped the dirty pages: nothing
-            // written since can be promised durable ("fsyncgate"); the node must restart.
-            failed.store(true, Ordering::SeqCst);
-            eprintln!("tokenomy-ledger: fsync of {} failed: {e}; refusing further writes", wal.display());
-            LedgerError::Storage(format!("fsync of the ledger's WAL failed: {e}"))
-        });
-        ready.into_iter().for_each(|b| b.answer(err.as_ref()));
+        let err = if shared.failed.load(Ordering::SeqCst) {
+            Some(LedgerError::Storage("the ledger's WAL could not be made durable earlier; restart the node".into()))
+        } else {
+            file.sync_data().err().map(|e| shared.fail(&format!("fsync of {} failed: {e}", path.display())))
+        };
+        for b in ready {
+            if err.is_none() {
+                shared.durable(b.log_next);
+            }
+            b.answer(err.as_ref());
+        }
     }
 }
 
 /// Checkpoints the WAL after commits, at most every `interval`; ends when the writer
-/// does. PASSIVE never blocks the writer; once a checkpoint has copied every frame, the
-/// writer's next transaction starts the WAL over, so it stays bounded. (The
-/// checkpointer's connection is `synchronous=FULL`: the WAL is synced before its frames
-/// are copied, and the database after.)
-pub(crate) fn checkpoint_loop(conn: Connection, commits: Receiver<()>, interval: std::time::Duration) {
+/// does. PASSIVE never blocks the writer. Under sustained writes a PASSIVE checkpoint
+/// rarely catches up with the last frame, so the WAL would never start over: the writer
+/// keeps a large `wal_autocheckpoint` as a backstop, which finds most frames already
+/// copied. (The checkpointer's connection is `synchronous=FULL`: the WAL is synced before
+/// its frames are copied, and the database after.) An I/O error here is fatal like a
+/// failed fsync: it may have consumed the error a later fsync of the WAL would report.
+pub(crate) fn checkpoint_loop(conn: Connection, commits: Receiver<()>, interval: std::time::Duration, shared: &Shared) {
     while commits.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            eprintln!("tokenomy-ledger: WAL checkpoint failed (will retry): {e}");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Err(rusqlite::Error::SqliteFailure(f, _)) if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {}
+            Err(e) => drop(shared.fail(&format!("WAL checkpoint failed: {e}"))),
+            Ok(()) => {}
         }
         std::thread::sleep(interval);
     }
@@ -238,9 +302,9 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let done = if w.failed.load(Ordering::SeqCst) {
-            let err = LedgerError::Storage("an fsync of the ledger's WAL failed earlier; restart the node".into());
-            Committed { finishes: batch.into_iter().map(|j| j(None).0).collect(), err: Some(err) }
+        let done = if w.shared.failed.load(Ordering::SeqCst) {
+            let err = LedgerError::Storage("the ledger's WAL could not be made durable earlier; restart the node".into());
+            Committed { finishes: batch.into_iter().map(|j| j(None).0).collect(), err: Some(err), log_next: None }
         } else {
             commit_batch(&w.conn, batch)
         };
@@ -249,10 +313,15 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
         match &w.acks {
             Acks::AfterSync(syncer) if done.err.is_none() => {
                 if let Err(SendError(done)) = syncer.send(done) {
-                    done.answer(Some(&LedgerError::Closed));
+                    let err = w.shared.fail("the ledger's syncer thread is gone");
+                    done.answer(Some(&err));
                 }
             }
-            _ => done.answer(None),
+            Acks::AfterSync(_) => done.answer(None),
+            Acks::Now => {
+                w.shared.durable(done.log_next);
+                done.answer(None);
+            }
         }
     }
 }
@@ -260,9 +329,10 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
 /// Runs one batch in one transaction. Its answers wait in the returned value.
 fn commit_batch(c: &WriteConn, batch: Vec<Job>) -> Committed {
     debug_assert!(!batch.is_empty() && batch.len() <= MAX_BATCH);
-    if let Err(e) = exec(c, "BEGIN IMMEDIATE") {
+    if let Err(e) = exec(c, "BEGIN IMMEDIATE").and_then(|()| c.revalidate()) {
+        let _ = exec(c, "ROLLBACK");
         c.reset();
-        return Committed { finishes: batch.into_iter().map(|j| j(None).0).collect(), err: Some(e) };
+        return Committed { finishes: batch.into_iter().map(|j| j(None).0).collect(), err: Some(e), log_next: None };
     }
     let mut poisoned = false;
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
@@ -280,5 +350,6 @@ fn commit_batch(c: &WriteConn, batch: Vec<Job>) -> Committed {
         let _ = exec(c, "ROLLBACK");
         c.reset();
     }
-    Committed { finishes, err: outcome.err() }
+    let log_next = if outcome.is_ok() { c.log_next() } else { None };
+    Committed { finishes, err: outcome.err(), log_next }
 }

@@ -1,6 +1,7 @@
-//! `check` finds what a store's own API can never produce: rows written behind its back.
-//! Each test tampers with a real database (the SQLite file, the PostgreSQL schema) and expects
-//! `check` to name the problem.
+//! `check` finds what a store's own API can never produce: rows written behind its back;
+//! the SQLite writer notices another connection's commits; a store reopens with its log.
+//! The tampering tests write to a real database behind the store's back (the SQLite file,
+//! the PostgreSQL schema) and expect `check` to name the problem.
 
 use std::sync::Arc;
 
@@ -57,4 +58,54 @@ async fn postgres_log_entry_for_a_voided_hold_fails_check() {
     );
     client.execute(&sql, &[&h.id.to_bytes().to_vec(), &a.id.to_bytes().to_vec()]).await.unwrap();
     assert_names_orphan(&s.check().await.unwrap());
+}
+
+/// A store closed and opened again (the WAL is gone after a clean close) keeps its data, and
+/// its log reads up to its last entry, with either durability.
+#[tokio::test]
+async fn sqlite_reopens_with_its_log() {
+    for durability in [Durability::Full, Durability::Normal] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let leaf: Leaf = Arc::new(|i: u64, t: &Transfer| [i.to_be_bytes().as_slice(), &t.id.to_bytes()].concat());
+        let a = {
+            let s = SqliteStore::open_with(&path, durability).unwrap();
+            let a = s.create_account("a", AccountKind::User).await.unwrap();
+            s.mint(a.id, 10 * C, "m", Some(leaf.clone())).await.unwrap();
+            let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
+            s.settle(h.id, C / 2, now_ms(), Some(leaf.clone())).await.unwrap();
+            assert_eq!(s.log_size().await.unwrap(), 2);
+            a
+        };
+        // The threads end once the store is dropped; give them a moment to close the file.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let s = SqliteStore::open_with(&path, durability).unwrap();
+        assert_eq!(s.log_size().await.unwrap(), 2, "{durability:?}");
+        assert_eq!(s.log_entries(0, 10).await.unwrap().len(), 2);
+        assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 10 * C - C / 2);
+        let h = s.hold(a.id, C, "h2", 60_000, now_ms()).await.unwrap();
+        assert_eq!(s.settle(h.id, 1, now_ms(), Some(leaf)).await.unwrap().log_index, Some(2));
+        assert_eq!(s.log_size().await.unwrap(), 3);
+        assert!(s.check().await.unwrap().ok);
+    }
+}
+
+/// A second writer on the same file (another process, an operator's shell): the first
+/// store's writer must not act on the balances it cached before.
+#[tokio::test]
+async fn sqlite_writer_sees_another_connections_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let first = SqliteStore::open(&path).unwrap();
+    let a = first.create_account("a", AccountKind::User).await.unwrap();
+    first.mint(a.id, C, "m1", None).await.unwrap();
+    first.hold(a.id, C / 2, "h1", 60_000, now_ms()).await.unwrap();
+    let second = SqliteStore::open(&path).unwrap();
+    second.mint(a.id, 5 * C, "m2", None).await.unwrap();
+    // Needs the second mint: a stale cache would refuse it, and then write a stale balance.
+    first.hold(a.id, 5 * C, "h2", 60_000, now_ms()).await.unwrap();
+    let acc = first.get_account(a.id).await.unwrap();
+    assert_eq!((acc.balance_micros, acc.pending_micros), (6 * C, 5 * C + C / 2));
+    let report = second.check().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
 }
