@@ -62,7 +62,6 @@ const V2_COLUMNS: [(&str, &str, &str); 7] = [
     ("api_keys", "spend_month_micros", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
-
 /// Cheap to clone; all clones share the writer thread and read connection.
 #[derive(Clone)]
 pub struct SqliteStore {
