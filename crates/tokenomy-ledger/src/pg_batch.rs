@@ -8,7 +8,8 @@
 //! round trips, whatever the batch size:
 //!
 //! 1. lock the settled holds (`FOR UPDATE`, ascending id);
-//! 2. read the idempotency keys the batch may replay;
+//! 2. read the idempotency keys the batch may replay (1, 2 and the system accounts'
+//!    read are pipelined: one round trip);
 //! 3. lock the customer accounts (`FOR UPDATE`, ascending id) and read the
 //!    system accounts (changed only by atomic deltas);
 //! 4. apply the domain rules to every job **in memory, in queue order**
@@ -187,8 +188,8 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     // plan, made with the statistics of the moment: for a table created or grown since the
     // last ANALYZE it is a sequential scan comparing each row with every key of the batch
     // (measured: half of the server's time, and growing with the table). Make scans the
-    // planner's last resort for this transaction (one more round trip per batch).
-    tx.batch_execute("SET LOCAL enable_seqscan = off").await.map_err(pg_err)?;
+    // planner's last resort for this transaction.
+    let no_scans = async { tx.batch_execute("SET LOCAL enable_seqscan = off").await.map_err(pg_err) };
     // 1. Lock the holds being settled, in ascending id order.
     let mut hold_ids: Vec<TransferId> = ops
         .iter()
@@ -199,35 +200,41 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         .collect();
     hold_ids.sort();
     hold_ids.dedup();
-    let mut holds = HashMap::new();
-    if !hold_ids.is_empty() {
-        let ids: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
-        let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-        for row in query(tx, &sql, &[&ids]).await? {
-            let t = row_transfer(&row, 0)?;
-            holds.insert(t.id, t);
+    let lock_holds = async {
+        let mut holds = HashMap::new();
+        if !hold_ids.is_empty() {
+            let ids: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
+            let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+            for row in query(tx, &sql, &[&ids]).await? {
+                let t = row_transfer(&row, 0)?;
+                holds.insert(t.id, t);
+            }
         }
-    }
-    // 2. Idempotency keys the batch may replay: new holds' keys, posted holds' settle keys.
-    let mut keys: Vec<String> = ops
+        Ok::<_, LedgerError>(holds)
+    };
+    // 2. Idempotency keys the batch may replay: new holds' keys now, posted holds' settle
+    //    keys (a retried settlement: rare) once the holds are read.
+    let hold_keys: Vec<String> = ops
         .iter()
         .filter_map(|op| match op {
             Op::Hold { req, .. } => Some(req.idempotency_key.clone()),
             Op::Settle { .. } => None,
         })
         .collect();
-    keys.extend(holds.values().filter(|h| h.state == TransferState::Posted).map(|h| settle_key(h.id)));
-    keys.sort();
-    keys.dedup();
-    let mut by_key = HashMap::new();
-    if !keys.is_empty() {
-        let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ANY($1)");
-        for row in query(tx, &sql, &[&keys]).await? {
-            let t = row_transfer(&row, 0)?;
-            by_key.insert(t.idempotency_key.clone(), t);
-        }
-    }
-    // 3. Accounts: customers locked in ascending id order, system rows read.
+    // 3 (part). The system accounts: read, not locked (changed only by atomic deltas, last).
+    let read_system = async {
+        let system: Vec<Vec<u8>> = [TREASURY, OPERATOR_REVENUE].iter().map(|id| id.to_bytes().to_vec()).collect();
+        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1)");
+        query(tx, &sql, &[&system]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
+    };
+    // Independent reads, pipelined on the one connection (sent, and run, in this order).
+    let (no_scans, holds, by_key, system) = tokio::join!(no_scans, lock_holds, read_keys(tx, hold_keys), read_system);
+    no_scans?;
+    let holds = holds?;
+    let mut by_key = by_key?;
+    let replay_keys: Vec<String> = holds.values().filter(|h| h.state == TransferState::Posted).map(|h| settle_key(h.id)).collect();
+    by_key.extend(read_keys(tx, replay_keys).await?);
+    // 3. Customer accounts locked in ascending id order.
     let mut ids: Vec<AccountId> = Vec::new();
     for op in ops {
         if let Op::Hold { req, .. } = op {
@@ -240,18 +247,10 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     ids.sort();
     ids.dedup();
     let customers: Vec<Vec<u8>> = ids.iter().filter(|id| !is_system(**id)).map(|id| id.to_bytes().to_vec()).collect();
-    let system: Vec<Vec<u8>> = ids.iter().filter(|id| is_system(**id)).map(|id| id.to_bytes().to_vec()).collect();
-    let mut accounts = HashMap::new();
+    let mut accounts: HashMap<AccountId, Account> = system?.into_iter().map(|a| (a.id, a)).collect();
     if !customers.is_empty() {
         let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE");
         for row in query(tx, &sql, &[&customers]).await? {
-            let a = row_account(&row)?;
-            accounts.insert(a.id, a);
-        }
-    }
-    if !system.is_empty() {
-        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1)");
-        for row in query(tx, &sql, &[&system]).await? {
             let a = row_account(&row)?;
             accounts.insert(a.id, a);
         }
@@ -376,6 +375,21 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         }
     }
     Ok(outcomes)
+}
+
+/// The transfers holding `keys` (idempotency keys), by key.
+async fn read_keys(tx: &Transaction<'_>, mut keys: Vec<String>) -> Result<HashMap<String, Transfer>> {
+    keys.sort();
+    keys.dedup();
+    let mut by_key = HashMap::new();
+    if !keys.is_empty() {
+        let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ANY($1)");
+        for row in query(tx, &sql, &[&keys]).await? {
+            let t = row_transfer(&row, 0)?;
+            by_key.insert(t.idempotency_key.clone(), t);
+        }
+    }
+    Ok(by_key)
 }
 
 /// Applies the jobs in order to copies of the loaded rows (skipping `excluded`, which fail
