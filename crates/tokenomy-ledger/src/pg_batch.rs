@@ -8,10 +8,10 @@
 //! round trips, whatever the batch size:
 //!
 //! 1. lock the settled holds (`FOR UPDATE`, ascending id);
-//! 2. read the idempotency keys the batch may replay (1, 2 and the system accounts'
-//!    read are pipelined: one round trip);
-//! 3. lock the customer accounts (`FOR UPDATE`, ascending id) and read the
-//!    system accounts (changed only by atomic deltas);
+//! 2. read the idempotency keys the batch may replay, and the system accounts
+//!    (read, not locked: changed only by atomic deltas); 1 and 2 are pipelined,
+//!    one round trip;
+//! 3. lock the customer accounts (`FOR UPDATE`, ascending id);
 //! 4. apply the domain rules to every job **in memory, in queue order**
 //!    ([`plan`]): a job that fails (insufficient funds, conflict, expired…)
 //!    changes nothing and the next job sees the state without it, exactly as
