@@ -298,12 +298,20 @@ async fn insert_transfer(tx: &Transaction<'_>, t: &Transfer) -> Result<()> {
         &pending,
         &key,
     ];
-    execute(tx, &sql, &args).await.map(|_| ())
+    execute(tx, &sql, &args).await?;
+    if t.hold && t.state == TransferState::Pending {
+        let sql = "INSERT INTO pending_holds (id, expires_at_ms) VALUES ($1, $2)";
+        execute(tx, sql, &[&&t.id.to_bytes()[..], &t.expires_at_ms]).await?;
+    }
+    Ok(())
 }
 
 async fn set_state(tx: &Transaction<'_>, t: &mut Transfer, state: TransferState) -> Result<()> {
     debug_assert_eq!(t.state, TransferState::Pending);
     execute(tx, "UPDATE transfers SET state = $2 WHERE id = $1", &[&&t.id.to_bytes()[..], &state.as_i16()]).await?;
+    if execute(tx, "DELETE FROM pending_holds WHERE id = $1", &[&&t.id.to_bytes()[..]]).await? != 1 {
+        return Err(LedgerError::InvariantViolation(format!("pending hold {} missing from pending_holds", t.id)));
+    }
     t.state = state;
     Ok(())
 }
@@ -529,8 +537,20 @@ async fn read_check(tx: &Transaction<'_>) -> Result<CheckReport> {
     check_key_pending(&keys, &holds, &mut report);
     let orphans = scalar(query(tx, LOG_ORPHANS_SQL, &[]).await?)? as u64;
     check_log_postings(orphans, &mut report);
+    let unlisted = scalar(query(tx, PENDING_UNLISTED_SQL, &[]).await?)?;
+    if unlisted != 0 {
+        report.problems.push(format!("{unlisted} pending holds differ between transfers and pending_holds"));
+        report.ok = false;
+    }
     Ok(report)
 }
+
+/// Pending holds missing from `pending_holds` (or with another expiry), plus rows of
+/// `pending_holds` that name no pending hold.
+const PENDING_UNLISTED_SQL: &str = "SELECT (SELECT COUNT(*) FROM (SELECT id, expires_at_ms FROM transfers \
+    WHERE hold AND state = 0 EXCEPT ALL SELECT id, expires_at_ms FROM pending_holds) a) \
+    + (SELECT COUNT(*) FROM (SELECT id, expires_at_ms FROM pending_holds \
+    EXCEPT ALL SELECT id, expires_at_ms FROM transfers WHERE hold AND state = 0) b)";
 
 const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXISTS \
     (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND NOT t.hold AND t.state = 1)";
@@ -646,7 +666,9 @@ impl LedgerStore for PgStore {
 
     async fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> Result<u64> {
         let ids = crate::extend_request(hold_ids)?;
-        let sql = "UPDATE transfers SET expires_at_ms = $1 WHERE id = ANY($2) AND hold AND state = 0 AND expires_at_ms < $1";
+        let sql = "WITH t AS (UPDATE transfers SET expires_at_ms = $1 WHERE id = ANY($2) AND hold AND state = 0 \
+                   AND expires_at_ms < $1 RETURNING id) \
+                   UPDATE pending_holds p SET expires_at_ms = $1 FROM t WHERE p.id = t.id";
         self.in_tx(move |tx| {
             let ids = ids.clone();
             Box::pin(async move { execute(tx, sql, &[&expires_at_ms, &ids]).await })
@@ -655,7 +677,7 @@ impl LedgerStore for PgStore {
     }
 
     async fn expire_holds(&self, now_ms: i64) -> Result<u64> {
-        let sql = "SELECT id FROM transfers WHERE hold AND state = 0 AND expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2";
+        let sql = "SELECT id FROM pending_holds WHERE expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2";
         let limit = MAX_EXPIRE_PER_CALL as i64;
         let ids: Vec<TransferId> = self
             .in_tx(|tx| {

@@ -9,21 +9,28 @@
 //!
 //! 1. lock the settled holds (`FOR UPDATE`, ascending id);
 //! 2. read the idempotency keys the batch may replay, and the system accounts
-//!    (read, not locked: changed only by atomic deltas); 1 and 2 are pipelined,
-//!    one round trip;
-//! 3. lock the customer accounts (`FOR UPDATE`, ascending id);
-//! 4. apply the domain rules to every job **in memory, in queue order**
+//!    (read, not locked: changed only by atomic deltas);
+//! 3. lock the customer accounts (`FOR UPDATE`, ascending id): those the new
+//!    holds name and those of the settled holds (read from the rows just locked);
+//! 4. when some settlement may append a leaf, lock `log_head`;
+//!
+//!    1–4 (and the transaction's planner settings) are pipelined: one round trip;
+//! 5. apply the domain rules to every job **in memory, in queue order**
 //!    ([`plan`]): a job that fails (insufficient funds, conflict, expired…)
 //!    changes nothing and the next job sees the state without it, exactly as
-//!    if the jobs had run one by one;
-//! 5. when some settlement appends a leaf, lock `log_head` and number the
-//!    leaves `head, head+1, …` in queue order; a leaf closure that fails
-//!    fails its job and the plan is recomputed without it (the locks are
-//!    still held, so nothing changed meanwhile);
-//! 6. write everything with set-based statements (`unnest` arrays): the new
-//!    transfers, the holds' new states, one delta per customer account, the
-//!    log entries and `log_head`, and last one delta per system account;
-//!    then COMMIT, and only then reply.
+//!    if the jobs had run one by one; the leaves are numbered `head, head+1, …`
+//!    in queue order; a leaf closure that fails fails its job and the plan is
+//!    recomputed without it (the locks are still held, so nothing changed meanwhile);
+//! 6. write everything with set-based statements (`unnest` arrays), pipelined
+//!    (one round trip): the new transfers (and the new holds in `pending_holds`),
+//!    the holds' new states (and their rows out of `pending_holds`), one delta per
+//!    customer account, the log entries and `log_head`, and last one delta per
+//!    system account; then COMMIT, and only then reply.
+//!
+//! So a batch costs four round trips whatever its size (BEGIN, reads and locks,
+//! writes, COMMIT; a fifth only when a settlement is retried after its commit),
+//! and `log_head`, the one row every receipted settlement needs, stays locked for
+//! the last two.
 //!
 //! The lock order (holds → customer accounts → `log_head` → system accounts)
 //! is the one the per-operation path uses, so batches and single operations
@@ -188,8 +195,13 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     // plan, made with the statistics of the moment: for a table created or grown since the
     // last ANALYZE it is a sequential scan comparing each row with every key of the batch
     // (measured: half of the server's time, and growing with the table). Make scans the
-    // planner's last resort for this transaction.
-    let no_scans = async { tx.batch_execute("SET LOCAL enable_seqscan = off").await.map_err(pg_err) };
+    // planner's last resort for this transaction, and always use the generic plan: with
+    // scans off it never looks cheaper than a custom one, so PostgreSQL went on planning
+    // every statement of every batch anew (`perf`: 6 % of the server; forcing it, 1.15×
+    // settled charges/s, docs/benchmarks.md).
+    let no_scans = async {
+        tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan").await.map_err(pg_err)
+    };
     // 1. Lock the holds being settled, in ascending id order.
     let mut hold_ids: Vec<TransferId> = ops
         .iter()
@@ -222,58 +234,61 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         })
         .collect();
     // 3 (part). The system accounts: read, not locked (changed only by atomic deltas, last).
+    let system_ids: Vec<Vec<u8>> = [TREASURY, OPERATOR_REVENUE].iter().map(|id| id.to_bytes().to_vec()).collect();
     let read_system = async {
-        let system: Vec<Vec<u8>> = [TREASURY, OPERATOR_REVENUE].iter().map(|id| id.to_bytes().to_vec()).collect();
         let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1)");
-        query(tx, &sql, &[&system]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
+        query(tx, &sql, &[&system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
     };
-    // Independent reads, pipelined on the one connection (sent, and run, in this order).
-    let (no_scans, holds, by_key, system) = tokio::join!(no_scans, lock_holds, read_keys(tx, hold_keys), read_system);
+    // 3. Customer accounts, locked in ascending id order: those the new holds name, and
+    //    those of the holds being settled (read from their rows, locked just before).
+    let mut new_hold_accounts: Vec<Vec<u8>> = Vec::new();
+    for op in ops {
+        if let Op::Hold { req, .. } = op {
+            new_hold_accounts.extend([req.debit_account, req.credit_account].iter().filter(|id| !is_system(**id)).map(|id| id.to_bytes().to_vec()));
+        }
+    }
+    let hold_id_bytes: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
+    let lock_customers = async {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id IN (SELECT unnest($1::bytea[]) \
+             UNION SELECT debit_account FROM transfers WHERE id = ANY($2) \
+             UNION SELECT credit_account FROM transfers WHERE id = ANY($2)) \
+             AND id <> ALL($3) ORDER BY id FOR UPDATE"
+        );
+        query(tx, &sql, &[&new_hold_accounts, &hold_id_bytes, &system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
+    };
+    // 5 (part). `log_head`, when some settlement may append a leaf (after the customer
+    //    accounts: the lock order).
+    let any_leaf = ops.iter().any(|op| matches!(op, Op::Settle { leaf: Some(_), .. }));
+    let lock_head = async {
+        if !any_leaf {
+            return Ok(None);
+        }
+        let rows = query(tx, "SELECT next_index FROM log_head WHERE id = 1 FOR UPDATE", &[]).await?;
+        Ok::<_, LedgerError>(Some(col::<i64>(rows.first().ok_or_else(|| LedgerError::Storage("log_head missing".into()))?, 0)?))
+    };
+    // Independent reads and the locks, pipelined on the one connection (sent, and run, in
+    // this order): one round trip.
+    let (no_scans, holds, by_key, system, customers, head) =
+        tokio::join!(no_scans, lock_holds, read_keys(tx, hold_keys), read_system, lock_customers, lock_head);
     no_scans?;
     let holds = holds?;
     let mut by_key = by_key?;
     let replay_keys: Vec<String> = holds.values().filter(|h| h.state == TransferState::Posted).map(|h| settle_key(h.id)).collect();
     by_key.extend(read_keys(tx, replay_keys).await?);
-    // 3. Customer accounts locked in ascending id order.
-    let mut ids: Vec<AccountId> = Vec::new();
-    for op in ops {
-        if let Op::Hold { req, .. } = op {
-            ids.extend([req.debit_account, req.credit_account]);
-        }
-    }
-    for h in holds.values() {
-        ids.extend([h.debit_account, h.credit_account]);
-    }
-    ids.sort();
-    ids.dedup();
-    let customers: Vec<Vec<u8>> = ids.iter().filter(|id| !is_system(**id)).map(|id| id.to_bytes().to_vec()).collect();
     let mut accounts: HashMap<AccountId, Account> = system?.into_iter().map(|a| (a.id, a)).collect();
-    if !customers.is_empty() {
-        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-        for row in query(tx, &sql, &[&customers]).await? {
-            let a = row_account(&row)?;
-            accounts.insert(a.id, a);
-        }
-    }
+    accounts.extend(customers?.into_iter().map(|a| (a.id, a)));
+    let head = head?;
     let loaded = Loaded { holds, by_key, accounts };
 
     // 4–5. Plan in memory; number the leaves under the log_head lock.
     let mut excluded: HashMap<usize, LedgerError> = HashMap::new();
-    let mut head: Option<i64> = None;
     let (plan, leaves) = loop {
         let plan = plan(ops, &loaded, &excluded);
         if plan.log.is_empty() {
             break (plan, Vec::new());
         }
-        let base = match head {
-            Some(h) => h,
-            None => {
-                let rows = query(tx, "SELECT next_index FROM log_head WHERE id = 1 FOR UPDATE", &[]).await?;
-                let h: i64 = col(rows.first().ok_or_else(|| LedgerError::Storage("log_head missing".into()))?, 0)?;
-                head = Some(h);
-                h
-            }
-        };
+        let base = head.ok_or_else(|| LedgerError::Storage("a leaf without the log_head lock".into()))?;
         let mut leaves = Vec::with_capacity(plan.log.len());
         let mut failed = None;
         for (k, (pos, t, leaf)) in plan.log.iter().enumerate() {
@@ -309,6 +324,16 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         }
         insert_transfers(tx, &plan.new_transfers).await
     };
+    let list_pending = async {
+        let holds: Vec<&Transfer> = plan.new_transfers.iter().filter(|t| t.hold && t.state == TransferState::Pending).collect();
+        if holds.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Vec<u8>> = holds.iter().map(|t| t.id.to_bytes().to_vec()).collect();
+        let expires: Vec<i64> = holds.iter().map(|t| t.expires_at_ms).collect();
+        let sql = "INSERT INTO pending_holds (id, expires_at_ms) SELECT * FROM unnest($1::bytea[], $2::int8[])";
+        execute(tx, sql, &[&ids, &expires]).await.map(|_| ())
+    };
     let update_states = async {
         if plan.states.is_empty() {
             return Ok(());
@@ -317,9 +342,14 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         let states: Vec<i16> = plan.states.iter().map(|(_, s)| s.as_i16()).collect();
         let sql = "UPDATE transfers t SET state = u.state FROM unnest($1::bytea[], $2::int2[]) AS u(id, state) \
                    WHERE t.id = u.id";
-        let n = execute(tx, sql, &[&ids, &states]).await?;
-        if n != ids.len() as u64 {
-            return Err(LedgerError::Storage(format!("updated {n} of {} holds", ids.len())));
+        let update_args: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &states];
+        let unlist_args: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+        let update = execute(tx, sql, &update_args);
+        let unlist = execute(tx, "DELETE FROM pending_holds WHERE id = ANY($1)", &unlist_args);
+        let (n, m) = tokio::join!(update, unlist);
+        let (n, m) = (n?, m?);
+        if n != ids.len() as u64 || m != ids.len() as u64 {
+            return Err(LedgerError::Storage(format!("updated {n} and unlisted {m} of {} holds", ids.len())));
         }
         Ok(())
     };
@@ -355,16 +385,22 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
             .await?;
         rows.iter().map(|r| Ok((id_col(r, 0, TransferId::from_slice)?, col::<i64>(r, 1)? as u64))).collect::<Result<HashMap<_, _>>>()
     };
-    let (a, b, c, d, replay_index) = tokio::join!(insert_transfers, update_states, update_customers, append_log, lookup_replays);
+    // System accounts last, one statement each in id order (the lock order).
+    let update_system = async {
+        if system_deltas.is_empty() {
+            return Ok(());
+        }
+        store_deltas(tx, &system_deltas, &plan.accounts).await
+    };
+    let (a, f, b, c, d, replay_index, e) =
+        tokio::join!(insert_transfers, list_pending, update_states, update_customers, append_log, lookup_replays, update_system);
     a?;
+    f?;
     b?;
     c?;
     d?;
+    e?;
     let replay_index = replay_index?;
-    // System accounts last, one statement each in id order (the lock order).
-    if !system_deltas.is_empty() {
-        store_deltas(tx, &system_deltas, &plan.accounts).await?;
-    }
     for o in &mut outcomes {
         if let Outcome::Settle { result: Ok(s), log, replay_of } = o {
             if let Some(k) = log {

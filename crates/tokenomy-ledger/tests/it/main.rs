@@ -122,7 +122,8 @@ async fn sqlite_file_of_schema_v1_is_migrated() {
     assert_eq!(again.find_key_by_hash([3; 32]).await.unwrap().unwrap().spend.day_micros, 5);
 }
 
-/// A PostgreSQL schema created by version 1 is brought to version 2 on open.
+/// A PostgreSQL schema created by version 1 is brought to version 3 on open: key columns
+/// added, and a hold left pending by the old version is listed for the expiry sweep.
 #[tokio::test]
 async fn postgres_schema_v1_is_migrated() {
     use tokenomy_ledger::*;
@@ -134,7 +135,28 @@ async fn postgres_schema_v1_is_migrated() {
         .batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path = {schema}; {}", include_str!("../data/pg_schema_v1.sql")))
         .await
         .unwrap();
+    // Version-1 rows: a funded user with an expired pending hold of 10.
+    let id = |n: u128| format!("decode('{n:032x}', 'hex')");
+    let (treasury, revenue, user) = (id(1), id(2), id(42 << 64));
+    client
+        .batch_execute(&format!(
+            "INSERT INTO accounts VALUES ({treasury}, 'treasury', 3, -100, 0, 1), ({revenue}, 'operator-revenue', 2, 0, 0, 1), \
+             ({user}, 'old', 0, 100, 10, 1); \
+             INSERT INTO transfers (id, idempotency_key, debit_account, credit_account, amount_micros, code, state, hold, \
+             timeout_ms, expires_at_ms, created_at_ms) VALUES \
+             ({}, 'mint-old', {treasury}, {user}, 100, 0, 1, false, 0, 0, 1), \
+             ({}, 'hold-old', {user}, {revenue}, 10, 1, 0, true, 60000, 2, 1)",
+            id(7),
+            id(8)
+        ))
+        .await
+        .unwrap();
     let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
+    assert!(s.check().await.unwrap().ok);
+    assert_eq!(s.expire_holds(now_ms()).await.unwrap(), 1);
+    assert_eq!(s.get_account(AccountId(42 << 64)).await.unwrap().pending_micros, 0);
+    let version: i32 = client.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.unwrap().get(0);
+    assert_eq!(version, 3);
     let a = s.create_account("a", AccountKind::User).await.unwrap();
     s.mint(a.id, 100, "m", None).await.unwrap();
     let caps = SpendCaps { day_micros: Some(10), month_micros: Some(20) };

@@ -60,6 +60,26 @@ async fn postgres_log_entry_for_a_voided_hold_fails_check() {
     assert_names_orphan(&s.check().await.unwrap());
 }
 
+/// PostgreSQL lists pending holds in `pending_holds` (the expiry sweep reads only that): a
+/// pending hold missing from it would never expire, so `check` compares the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pending_hold_unlisted_fails_check() {
+    let Ok(url) = std::env::var(crate::PG_ENV) else { return };
+    let schema = format!("t_unlisted_{:016x}", crate::rand_u64());
+    let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
+    let a = s.create_account("a", AccountKind::User).await.unwrap();
+    s.mint(a.id, 10 * C, "m", None).await.unwrap();
+    let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
+    assert!(s.check().await.unwrap().ok);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let n = client.execute(&format!("DELETE FROM {schema}.pending_holds WHERE id = $1"), &[&h.id.to_bytes().to_vec()]).await.unwrap();
+    assert_eq!(n, 1);
+    let report = s.check().await.unwrap();
+    assert!(!report.ok);
+    assert!(report.problems.iter().any(|p| p == "1 pending holds differ between transfers and pending_holds"), "{:?}", report.problems);
+}
+
 /// A store closed and opened again (the WAL is gone after a clean close) keeps its data, and
 /// its log reads up to its last entry, with either durability.
 #[tokio::test]
