@@ -97,6 +97,10 @@ async fn main() {
             let schema = format!("bench_{}", now_ms());
             let pg = Arc::new(PgStore::open_in_schema(&url, &schema, writers.min(64) as usize).await.unwrap());
             bench("postgres", pg, writers, secs, leaf).await;
+            // The benchmark's rows are not worth keeping in the test database.
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
         }
         Err(_) => println!("postgres: skipped (TOKENOMY_TEST_POSTGRES_URL not set)"),
     }
