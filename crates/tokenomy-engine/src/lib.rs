@@ -65,7 +65,9 @@ pub struct ModelConfig {
     pub slots: usize,
     /// Tokens one sequence may hold (prompt + completion); `None` = the model's training context, at most 8192.
     pub ctx_tokens_max: Option<u32>,
-    /// KV cells shared by all sequences and the prefix cache; `None` = 4 × ctx_tokens_max.
+    /// KV cells in all, split evenly between the slots (each slot has its own KV stream, which
+    /// also holds its prefix cache); `None` = slots × ctx_tokens_max. A sequence holds at most
+    /// `kv_cells_max / slots` tokens.
     pub kv_cells_max: Option<u32>,
     pub step_tokens_max: u32,
     pub queue_max: usize,
@@ -130,8 +132,7 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
     let model = Arc::new(model);
     let template = chat_template(&model, cfg)?;
     let train_ctx = model.n_ctx_train().max(1);
-    let ctx_tokens_max = cfg.ctx_tokens_max.unwrap_or(train_ctx.min(8192)).min(train_ctx);
-    let kv_cells_max = cfg.kv_cells_max.unwrap_or(ctx_tokens_max * 4).max(ctx_tokens_max);
+    let (ctx_tokens_max, kv_cells_max) = kv_layout(cfg, train_ctx)?;
     let limits = Limits { slots: cfg.slots, kv_cells_max, step_tokens_max: cfg.step_tokens_max, queue_max: cfg.queue_max, ctx_tokens_max };
     let metrics = Arc::new(Metrics::default());
     let info = ModelInfo {
@@ -153,6 +154,24 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
         })
         .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
     Ok(LoadedModel { info, sha256, model, template, grammars: Default::default(), tx, limits, metrics })
+}
+
+/// Cells of one KV stream come in multiples of this (llama.cpp pads each stream to it).
+const KV_STREAM_CELLS_ALIGN: u32 = 256;
+
+/// Per-sequence context and total KV cells: each of the `slots` KV streams gets an equal
+/// share of the cells (llama.cpp splits `n_ctx` so, padding each share to 256), and a
+/// sequence fits in its stream. The total never exceeds what was asked for.
+fn kv_layout(cfg: &ModelConfig, train_ctx: u32) -> Result<(u32, u32), String> {
+    let slots = u32::try_from(cfg.slots).ok().filter(|&n| (1..=256).contains(&n)).ok_or("slots must be in 1..=256")?;
+    let ctx = cfg.ctx_tokens_max.unwrap_or(train_ctx.min(8192)).min(train_ctx).max(1);
+    let per_slot_wanted = ctx.div_ceil(KV_STREAM_CELLS_ALIGN) * KV_STREAM_CELLS_ALIGN;
+    let total = cfg.kv_cells_max.unwrap_or(per_slot_wanted.saturating_mul(slots));
+    let per_slot = total / slots / KV_STREAM_CELLS_ALIGN * KV_STREAM_CELLS_ALIGN;
+    if per_slot == 0 {
+        return Err(format!("{total} KV cells for {slots} slots: each slot needs at least {KV_STREAM_CELLS_ALIGN}"));
+    }
+    Ok((ctx.min(per_slot), per_slot * slots))
 }
 
 fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<SyncSender<Submission>, String> {

@@ -5,10 +5,11 @@
 //! Continuous batching: every step feeds one token for each decoding sequence plus chunks of
 //! waiting prompts, up to `step_tokens_max`. New requests join between steps.
 //!
-//! Prefix cache: every slot remembers the exact tokens whose KV it holds. A new request takes
-//! the free slot whose cache shares the longest prefix with its prompt, or copies a longer
-//! prefix from any other slot (`llama_memory_seq_cp`, which shares the cells in a unified KV
-//! cache), and only the rest of its prompt is computed. A request whose prompt shares a prefix
+//! Prefix cache: every slot (one sequence, one KV stream of its own) remembers the exact tokens
+//! whose KV it holds. A new request takes the free slot whose cache shares the longest prefix
+//! with its prompt, or copies a longer prefix from any other slot (`KvOp::CopyPrefix`: the
+//! worker copies that slot's stream and drops what follows the prefix), and only the rest of
+//! its prompt is computed. A request whose prompt shares a prefix
 //! with a running request that is still computing it waits in the queue until that prefix is
 //! in the cache (when at least [`SHARED_WAIT_TOKENS_MIN`] tokens would otherwise be computed
 //! twice): eight agents sending the same system prompt at once compute it once, not eight times.
@@ -24,6 +25,12 @@ pub type JobId = u64;
 /// A queued request waits for a running one to finish computing a shared prefix only when it
 /// would otherwise compute at least this many of that prefix's tokens itself.
 pub const SHARED_WAIT_TOKENS_MIN: usize = 16;
+/// Flash attention on the CPU runs a sequence's prompt chunk of at least this many tokens
+/// through its tiled kernel (f32 sums), shorter ones through the per-token kernel (f16 sums).
+/// A chunk that leaves its prompt unfinished is at least this long, and leaves at least this
+/// much, so every prompt of at least this length is computed by the tiled kernel however it
+/// is cut into chunks, alone or batched. Applies when a step leaves prefills room for two.
+pub const PREFILL_CHUNK_MIN: usize = 64;
 pub type SeqId = i32;
 
 /// A request waiting for, or holding, a slot.
@@ -173,6 +180,10 @@ impl Scheduler {
         let mut budget = self.limits.step_tokens_max;
         self.plan_decodes(&mut plan, &mut budget);
         self.plan_prefills(&mut plan, &mut budget);
+        // With one KV stream per sequence, llama.cpp cuts a batch into micro-batches of equal
+        // runs of consecutive sequence ids, taken in batch order: in (seq, pos) order every
+        // sequence's next token rides in the first one, and each prompt's rest follows in one.
+        plan.batch.sort_by_key(|e| (e.seq, e.pos));
         debug_assert!(self.reserved_cells() <= self.limits.kv_cells_max);
         plan
     }
@@ -300,6 +311,8 @@ impl Scheduler {
             .filter(|&i| self.slots[i].job.as_ref().is_some_and(|j| j.prompt_done < j.spec.prompt.len()))
             .collect();
         order.sort_by_key(|&i| self.slots[i].job.as_ref().map(|j| j.spec.id));
+        let room_min = self.limits.step_tokens_max as usize - self.limits.slots.min(self.limits.step_tokens_max as usize);
+        let chunk_min = if room_min >= 2 * PREFILL_CHUNK_MIN { PREFILL_CHUNK_MIN } else { 1 };
         for i in order {
             if *budget == 0 {
                 break;
@@ -307,7 +320,7 @@ impl Scheduler {
             let slot = &mut self.slots[i];
             let job = slot.job.as_mut().expect("filtered");
             let remaining = job.spec.prompt.len() - job.prompt_done;
-            let take = remaining.min(*budget as usize);
+            let Some(take) = chunk_len(remaining, *budget as usize, chunk_min) else { continue };
             for k in 0..take {
                 let p = job.prompt_done + k;
                 let last = p + 1 == job.spec.prompt.len();
@@ -361,6 +374,39 @@ impl Scheduler {
     }
 }
 
+/// How many of a prompt's `remaining` tokens to compute with `budget` left in the step: all
+/// that fit, except that a chunk leaving the prompt unfinished, and what it leaves, are at
+/// least `min` tokens (`None`: wait for the next step).
+fn chunk_len(remaining: usize, budget: usize, min: usize) -> Option<usize> {
+    if remaining <= budget {
+        return Some(remaining);
+    }
+    let take = budget.min(remaining.saturating_sub(min));
+    (take >= min).then_some(take)
+}
+
+/// The `llama_decode` calls a planned batch (in (seq, pos) order) is run in, as lists of
+/// batch indices: every sequence with fewer than [`PREFILL_CHUNK_MIN`] tokens together, first
+/// (decoding sequences: their next tokens come sooner), then each longer one alone (beside
+/// others, llama.cpp would cut it into runs as long as the shortest sequence with it, some too
+/// short for the tiled kernel).
+pub fn decode_groups(batch: &[BatchEntry]) -> Vec<Vec<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, e) in batch.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r) if batch[r.start].seq == e.seq => r.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    let (long, short): (Vec<_>, Vec<_>) = runs.into_iter().partition(|r| r.len() >= PREFILL_CHUNK_MIN);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    if !short.is_empty() {
+        groups.push(short.into_iter().flatten().collect());
+    }
+    groups.extend(long.into_iter().map(|r| r.collect()));
+    groups
+}
+
 /// Cells a job may use: its prompt plus its completion budget.
 fn job_cells(spec: &JobSpec) -> u32 {
     (spec.prompt.len() as u32).saturating_add(spec.max_tokens)
@@ -403,6 +449,64 @@ mod tests {
             assert!(plans.len() < 100, "no progress");
         }
         plans
+    }
+
+    #[test]
+    fn prompt_chunks_and_what_they_leave_are_at_least_a_tile() {
+        let m = PREFILL_CHUNK_MIN;
+        assert_eq!(chunk_len(200, 512, m), Some(200));
+        assert_eq!(chunk_len(30, 512, m), Some(30), "a short prompt goes whole");
+        assert_eq!(chunk_len(200, 150, m), Some(136), "leaves a tile, not 50");
+        assert_eq!(chunk_len(200, 40, m), None, "too little room: next step");
+        assert_eq!(chunk_len(100, 90, m), None, "cannot cut 100 into two tiles");
+        assert_eq!(chunk_len(600, 512, m), Some(512));
+        assert_eq!(chunk_len(530, 512, m), Some(466));
+        assert_eq!(chunk_len(20, 8, 1), Some(8), "small steps cut anywhere");
+        // In plans: eight prompts of 200 arriving together, 512 tokens a step.
+        let mut s = Scheduler::new(Limits { slots: 8, kv_cells_max: 8 * 256, step_tokens_max: 512, queue_max: 8, ctx_tokens_max: 256 }, true);
+        for id in 1..=8 {
+            s.submit(job(id, &vec![id as TokenId; 200], 1)).unwrap();
+        }
+        let mut chunks = Vec::new();
+        for plan in run_to_end(&mut s) {
+            let mut per_seq = std::collections::BTreeMap::<SeqId, usize>::new();
+            for e in plan.batch.iter().filter(|e| e.pos < 200) {
+                *per_seq.entry(e.seq).or_default() += 1;
+            }
+            chunks.extend(per_seq.into_values());
+        }
+        assert_eq!(chunks.iter().sum::<usize>(), 8 * 200);
+        assert!(chunks.iter().all(|&n| n >= m), "{chunks:?}");
+        assert!(chunks.len() > 8, "some prompts were cut: {chunks:?}");
+    }
+
+    #[test]
+    fn decode_groups_run_long_chunks_alone_and_the_rest_together() {
+        let e = |seq: SeqId, pos: u32| BatchEntry { job: seq as JobId, seq, token: 1, pos, logits: false, samples: false };
+        let mut batch = vec![e(0, 50)];
+        batch.extend((0..100).map(|p| e(1, p)));
+        batch.push(e(2, 7));
+        batch.extend((0..10).map(|p| e(3, p)));
+        batch.extend((0..64).map(|p| e(4, p)));
+        let groups = decode_groups(&batch);
+        let short: Vec<usize> = [0].into_iter().chain(101..112).collect();
+        assert_eq!(groups, vec![short, (1..101).collect(), (112..176).collect()]);
+        assert!(decode_groups(&[]).is_empty());
+    }
+
+    #[test]
+    fn batches_are_in_sequence_order() {
+        let mut s = Scheduler::new(limits(), true);
+        s.submit(job(1, &[1; 3], 4)).unwrap();
+        s.plan();
+        s.on_sampled(1, 9);
+        s.submit(job(2, &[2; 3], 4)).unwrap();
+        // Slot 0 decodes, slot 1 prefills: in (seq, pos) order whatever the planning order.
+        let plan = s.plan();
+        let order: Vec<(SeqId, u32)> = plan.batch.iter().map(|e| (e.seq, e.pos)).collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::sampler::{self, Sampler};
-use crate::scheduler::{BatchEntry, JobId, JobSpec, KvOp, Limits, Scheduler};
+use crate::scheduler::{decode_groups, BatchEntry, JobId, JobSpec, KvOp, Limits, Scheduler};
 use crate::text::TextStream;
 
 /// A job as handed to the worker.
@@ -87,7 +87,11 @@ pub fn run(
         .with_n_batch(limits.step_tokens_max)
         .with_n_ubatch(limits.step_tokens_max.min(512))
         .with_n_seq_max(limits.slots as u32)
-        .with_kv_unified(true)
+        // One KV stream per slot: a sequence's attention spans only its own cells (in a
+        // unified cache every token attends over, or at least scans the mask of, every cell in
+        // use), and its cells sit where they would if it ran alone, so batched results round
+        // as solo ones do. Prefixes move between slots by stream copies (`KvOp::CopyPrefix`).
+        .with_kv_unified(false)
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads);
     let ctx = match model.new_context(backend, params) {
@@ -137,12 +141,18 @@ impl Worker<'_> {
             if plan.batch.is_empty() {
                 continue;
             }
-            match self.decode(&plan.batch) {
-                Ok(()) => {
-                    self.count_prompt_tokens(&plan.batch);
-                    self.consume_outputs(&plan.batch);
+            for group in decode_groups(&plan.batch) {
+                let entries: Vec<BatchEntry> = group.iter().map(|&i| plan.batch[i].clone()).collect();
+                match self.decode(&entries) {
+                    Ok(()) => {
+                        self.count_prompt_tokens(&entries);
+                        self.consume_outputs(&entries);
+                    }
+                    Err(e) => {
+                        self.fail_all(&e);
+                        break;
+                    }
                 }
-                Err(e) => self.fail_all(&e),
             }
         }
     }
@@ -205,8 +215,10 @@ impl Worker<'_> {
                     }
                 }
                 KvOp::CopyPrefix { src, dst, len } => {
-                    let _ = self.ctx.clear_kv_cache_seq(Some(dst as u32), None, None);
-                    let _ = self.ctx.copy_kv_cache_seq(src, dst, None, Some(len));
+                    // Across streams llama.cpp copies a whole stream (done at the next decode,
+                    // before its tokens are written): copy, then drop what follows the prefix.
+                    let _ = self.ctx.copy_kv_cache_seq(src, dst, None, None);
+                    let _ = self.ctx.clear_kv_cache_seq(Some(dst as u32), Some(len), None);
                 }
             }
         }

@@ -111,7 +111,8 @@ struct ServeArgs {
     /// Sequences decoded together (continuous batching slots).
     #[arg(long, default_value_t = 8)]
     parallel: usize,
-    /// KV cache cells shared by all sequences and the prefix cache (default: 4 × ctx-size).
+    /// KV cache cells in all, an equal share (a multiple of 256) per slot; a slot keeps its last
+    /// request's tokens as prefix cache (default: parallel × ctx-size).
     #[arg(long)]
     kv_cells: Option<u32>,
     /// Requests that may wait for a slot; more get 429.

@@ -1,6 +1,6 @@
 //! Correctness and limits under continuous batching: the same text scored alone and batched
-//! with seven others agrees on the top-1 token at most positions (teacher forcing; measured
-//! figure printed), greedy answers and usage agree with their solo runs; a burst of 200 requests against a small KV
+//! with seven others agrees on the top-1 token at ≥ 99 % of positions (teacher forcing;
+//! measured figure printed), greedy answers and usage equal their solo runs; a burst of 200 requests against a small KV
 //! budget ends every request with an answer or a 429, never exceeds the budget, and the node
 //! keeps serving.
 
@@ -12,8 +12,9 @@ use tokenomy_api::{ApiConfig, AppState};
 
 use crate::{assert_error, engine_with, post, send, MODEL};
 
-/// The top-1 token at every prompt position (teacher forcing through echo + logprobs).
-async fn top1(s: &AppState, text: &str) -> Vec<String> {
+/// The top-1 token and its log-probability at every prompt position (teacher forcing through
+/// echo + logprobs).
+async fn top1(s: &AppState, text: &str) -> Vec<(String, f64)> {
     let v = post(s, "/v1/completions", json!({"model": MODEL, "prompt": text, "echo": true, "logprobs": 1, "max_tokens": 0})).await.json();
     v["choices"][0]["logprobs"]["top_logprobs"]
         .as_array()
@@ -22,7 +23,8 @@ async fn top1(s: &AppState, text: &str) -> Vec<String> {
         .skip(1) // the first token has no prediction
         .map(|m| {
             let m = m.as_object().unwrap();
-            m.iter().max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap())).unwrap().0.clone()
+            let (t, lp) = m.iter().max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap())).unwrap();
+            (t.clone(), lp.as_f64().unwrap())
         })
         .collect()
 }
@@ -43,23 +45,22 @@ async fn batched_scoring_agrees_with_solo_scoring_under_teacher_forcing() {
     }
     let batched_state = AppState::new(Arc::new(engine_with(|c| c.slots = 8)), ApiConfig::default());
     let batched = futures::future::join_all(texts.iter().map(|t| top1(&batched_state, t))).await;
-    let (mut same, mut total) = (0usize, 0usize);
+    let (mut same, mut exact, mut total) = (0usize, 0usize, 0usize);
     for (a, b) in alone.iter().zip(&batched) {
         assert_eq!(a.len(), b.len(), "the same text tokenizes the same");
-        same += a.iter().zip(b).filter(|(x, y)| x == y).count();
+        same += a.iter().zip(b).filter(|(x, y)| x.0 == y.0).count();
+        exact += a.iter().zip(b).filter(|(x, y)| x == y).count();
         total += a.len();
     }
     let agreement = same as f64 / total as f64;
-    eprintln!("teacher forcing: top-1 agreement {same}/{total} = {:.4}", agreement);
-    // Issue 5 asks for ≥ 99 %; measured 97.4 % (SmolLM2 Q4_1) and 98.5 % (Qwen2.5 Q4_K_M). The
-    // gap is placement, not leakage: a text scored after another text of the same length gives
-    // bit-identical logits whatever that text's content, but different from a fresh cache (the
-    // KV range grows, so attention runs with other shapes, and the Q8 quantization of
-    // activations before every quantized matmul turns the small differences into steps). See
-    // docs/benchmarks.md. This bound guards against real mixing-up of sequences.
-    assert!(total > 1_000 && agreement >= 0.95, "{same}/{total}");
+    eprintln!("teacher forcing: top-1 agreement {same}/{total} = {:.4}; log-probabilities equal at {exact}", agreement);
+    // Issue 5: ≥ 99 %. Measured: 1601/1601, bit-identical log-probabilities (SmolLM2 Q4_1).
+    // Each slot has its own KV stream, so a sequence's cells sit where they would alone, and
+    // every prompt chunk is long enough for flash attention's tiled kernel (scheduler.rs,
+    // PREFILL_CHUNK_MIN), as the solo run's is. With a unified cache it was 97.4 %.
+    assert!(total > 1_000 && agreement >= 0.99, "{same}/{total}");
 
-    // Greedy answers: usage identical; texts equal unless batched rounding flipped a token.
+    // Greedy answers: the same text and usage alone and batched.
     let q = |i: usize| json!({"model": MODEL, "temperature": 0, "max_tokens": 24, "messages": [
         {"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": format!("Give one fact about the number {i}.")}]});
     let mut solo_answers = Vec::new();
@@ -67,17 +68,13 @@ async fn batched_scoring_agrees_with_solo_scoring_under_teacher_forcing() {
         solo_answers.push(post(&solo, "/v1/chat/completions", q(i)).await.json());
     }
     let together = futures::future::join_all((0..6).map(|i| post(&batched_state, "/v1/chat/completions", q(i)))).await;
-    let mut equal = 0;
     for (a, b) in solo_answers.iter().zip(together.iter().map(|r| r.json())) {
-        assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"]);
-        if a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"] {
-            // (cached_tokens may differ: the batched engine shares the system prompt's KV)
-            assert_eq!(a["usage"]["completion_tokens"], b["usage"]["completion_tokens"]);
-            assert_eq!(a["usage"]["total_tokens"], b["usage"]["total_tokens"]);
-            equal += 1;
+        assert_eq!(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"]);
+        // (cached_tokens may differ: the batched engine copies the system prompt's KV)
+        for n in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            assert_eq!(a["usage"][n], b["usage"][n], "{n}");
         }
     }
-    eprintln!("greedy answers equal alone and batched: {equal}/6");
 }
 
 fn gauge(metrics: &str, name: &str) -> u64 {
