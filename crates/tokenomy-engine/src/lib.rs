@@ -171,6 +171,12 @@ fn kv_layout(cfg: &ModelConfig, train_ctx: u32) -> Result<(u32, u32), String> {
     if per_slot == 0 {
         return Err(format!("{total} KV cells for {slots} slots: each slot needs at least {KV_STREAM_CELLS_ALIGN}"));
     }
+    if cfg.ctx_tokens_max.is_some() && ctx > per_slot {
+        return Err(format!(
+            "a context of {ctx} tokens does not fit the {per_slot} KV cells of each of {slots} slots \
+             ({total} cells in all, a multiple of {KV_STREAM_CELLS_ALIGN} each): raise the KV cells or lower the context or the slots"
+        ));
+    }
     Ok((ctx.min(per_slot), per_slot * slots))
 }
 
@@ -319,4 +325,27 @@ fn validate_prompt(m: &LoadedModel, request: &GenerateRequest) -> Result<(), Bac
         return Err(BackendError::ContextLength { context_length: ctx, requested, prompt_tokens, max_tokens: request.params.max_tokens });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(slots: usize, ctx: Option<u32>, kv: Option<u32>) -> Result<(u32, u32), String> {
+        let cfg = ModelConfig { slots, ctx_tokens_max: ctx, kv_cells_max: kv, ..ModelConfig::new("m", "m.gguf") };
+        kv_layout(&cfg, 8192)
+    }
+
+    #[test]
+    fn each_slot_gets_a_whole_context_by_default_and_never_more_cells_than_asked() {
+        assert_eq!(layout(8, Some(1024), None), Ok((1024, 8 * 1024)));
+        assert_eq!(layout(8, None, None), Ok((8192, 8 * 8192)));
+        assert_eq!(layout(2, Some(1000), None), Ok((1000, 2 * 1024)), "streams come in multiples of 256");
+        assert_eq!(layout(4, None, Some(1024)), Ok((256, 1024)), "no context asked: it shrinks to the share");
+        assert_eq!(layout(3, None, Some(1000)), Ok((256, 768)), "rounded down, never above the cap");
+        let err = layout(4, Some(512), Some(1024)).unwrap_err();
+        assert!(err.contains("does not fit the 256 KV cells of each of 4 slots"), "{err}");
+        assert!(layout(8, Some(256), Some(1024)).unwrap_err().contains("at least 256"));
+        assert!(layout(0, None, None).is_err());
+    }
 }

@@ -31,6 +31,10 @@ pub const SHARED_WAIT_TOKENS_MIN: usize = 16;
 /// much, so every prompt of at least this length is computed by the tiled kernel however it
 /// is cut into chunks, alone or batched. Applies when a step leaves prefills room for two.
 pub const PREFILL_CHUNK_MIN: usize = 64;
+/// A prefix is copied from another slot only when it saves computing at least this many
+/// tokens: a copy moves that slot's whole KV stream, which for a few tokens (a chat
+/// template's opening) costs more than computing them.
+pub const PREFIX_COPY_TOKENS_MIN: usize = 16;
 pub type SeqId = i32;
 
 /// A request waiting for, or holding, a slot.
@@ -284,7 +288,7 @@ impl Scheduler {
             .max_by_key(|&(i, len)| (len, i == dst))
             .expect("at least one slot");
         let dst_seq = dst as SeqId;
-        if best > own && src != dst {
+        if best >= own + PREFIX_COPY_TOKENS_MIN && src != dst {
             ops.push(KvOp::CopyPrefix { src: src as SeqId, dst: dst_seq, len: best as u32 });
             self.slots[dst].cached = prompt[..best].to_vec();
             return best as u32;
@@ -598,12 +602,29 @@ mod tests {
     #[test]
     fn copy_prefix_from_a_running_slot() {
         let mut s = Scheduler::new(limits(), true);
+        let p1: Vec<TokenId> = (1..=20).collect();
+        s.submit(job(1, &p1, 10)).unwrap();
+        for _ in 0..3 {
+            s.plan(); // 8 + 8 + 4 prompt tokens: job 1's prompt is cached, it is decoding
+        }
+        let mut p2 = p1[..18].to_vec();
+        p2.extend([90, 91]);
+        s.submit(job(2, &p2, 1)).unwrap();
+        let plan = s.plan();
+        assert_eq!(plan.admitted, vec![(2, 18)]);
+        assert_eq!(plan.kv_ops, vec![KvOp::CopyPrefix { src: 0, dst: 1, len: 18 }]);
+    }
+
+    #[test]
+    fn a_short_shared_prefix_is_computed_not_copied() {
+        let mut s = Scheduler::new(limits(), true);
         s.submit(job(1, &[1, 2, 3, 4], 10)).unwrap();
         s.plan();
         s.submit(job(2, &[1, 2, 3, 8], 1)).unwrap();
         let plan = s.plan();
-        assert_eq!(plan.admitted, vec![(2, 3)]);
-        assert_eq!(plan.kv_ops, vec![KvOp::CopyPrefix { src: 0, dst: 1, len: 3 }]);
+        assert!(3 < PREFIX_COPY_TOKENS_MIN);
+        assert_eq!(plan.admitted, vec![(2, 0)]);
+        assert_eq!(plan.kv_ops, vec![KvOp::Truncate { seq: 1, from: 0 }]);
     }
 
     #[test]

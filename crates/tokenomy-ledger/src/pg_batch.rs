@@ -43,7 +43,7 @@
 //! returns the original result.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -189,7 +189,72 @@ struct Plan {
     log: Vec<(usize, Transfer, Leaf)>,
 }
 
+/// The statements a batch pipelines, prepared (and cached on the connection) before any of
+/// them is sent: `query`/`execute` prepare on first use, which is a round trip of its own
+/// during which the statements after it would go out first, out of the lock order.
+static LOCK_HOLDS_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE"));
+static READ_KEYS_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ANY($1)"));
+/// (Worded apart from `load_accounts`' query: a separate prepared statement, planned under
+/// the batch's settings.)
+static READ_SYSTEM_SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {ACCOUNT_COLS} FROM accounts a WHERE a.id = ANY($1)"));
+static LOCK_CUSTOMERS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {ACCOUNT_COLS} FROM accounts WHERE id IN (SELECT unnest($1::bytea[]) \
+         UNION SELECT debit_account FROM transfers WHERE id = ANY($2) \
+         UNION SELECT credit_account FROM transfers WHERE id = ANY($2)) \
+         AND id <> ALL($3) ORDER BY id FOR UPDATE"
+    )
+});
+const LOCK_HEAD_SQL: &str = "SELECT next_index FROM log_head WHERE id = 1 FOR UPDATE";
+static INSERT_TRANSFERS_SQL: LazyLock<String> = LazyLock::new(|| {
+    // WITH ORDINALITY + ORDER BY: `seq` (the statement cursor) follows queue order.
+    format!(
+        "INSERT INTO transfers ({TRANSFER_COLS}) \
+         SELECT id, k, d, c, a, code, st, h, tm, ex, cr, p, kid FROM unnest($1::bytea[], $2::text[], $3::bytea[], \
+         $4::bytea[], $5::int8[], $6::int2[], $7::int2[], $8::bool[], $9::int8[], $10::int8[], $11::int8[], \
+         $12::bytea[], $13::bytea[]) WITH ORDINALITY AS u(id, k, d, c, a, code, st, h, tm, ex, cr, p, kid, ord) ORDER BY ord"
+    )
+});
+const LIST_PENDING_SQL: &str = "INSERT INTO pending_holds (id, expires_at_ms) SELECT * FROM unnest($1::bytea[], $2::int8[])";
+const UPDATE_STATES_SQL: &str = "UPDATE transfers t SET state = u.state FROM unnest($1::bytea[], $2::int2[]) AS u(id, state) \
+                                 WHERE t.id = u.id";
+const UNLIST_PENDING_SQL: &str = "DELETE FROM pending_holds WHERE id = ANY($1)";
+const STORE_DELTAS_SQL: &str = "UPDATE accounts a SET balance_micros = a.balance_micros + d.db, pending_micros = a.pending_micros + d.dp \
+     FROM unnest($1::bytea[], $2::int8[], $3::int8[]) AS d(id, db, dp) WHERE a.id = d.id \
+     RETURNING a.id, a.name, a.kind, a.balance_micros, a.pending_micros, a.created_at_ms";
+const APPEND_LOG_SQL: &str = "INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) \
+                              SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])";
+const SET_HEAD_SQL: &str = "UPDATE log_head SET next_index = $1 WHERE id = 1";
+const LOOKUP_REPLAYS_SQL: &str = "SELECT transfer_id, log_index FROM log_entries WHERE transfer_id = ANY($1)";
+
+/// Prepares every statement a batch pipelines (after the first batch on a connection, cache
+/// hits: no round trip).
+async fn prepare_all(tx: &Transaction<'_>) -> Result<()> {
+    let sqls: [&str; 13] = [
+        &LOCK_HOLDS_SQL,
+        &READ_KEYS_SQL,
+        &READ_SYSTEM_SQL,
+        &LOCK_CUSTOMERS_SQL,
+        LOCK_HEAD_SQL,
+        &INSERT_TRANSFERS_SQL,
+        LIST_PENDING_SQL,
+        UPDATE_STATES_SQL,
+        UNLIST_PENDING_SQL,
+        STORE_DELTAS_SQL,
+        APPEND_LOG_SQL,
+        SET_HEAD_SQL,
+        LOOKUP_REPLAYS_SQL,
+    ];
+    for sql in sqls {
+        tx.prepare_cached(sql).await.map_err(pg_err)?;
+    }
+    Ok(())
+}
+
 async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>> {
+    prepare_all(tx).await?;
     // Every statement below looks rows up by key (`= ANY($1)`, joins on `unnest`). The
     // statements are prepared once per connection and PostgreSQL soon switches to a generic
     // plan, made with the statistics of the moment: for a table created or grown since the
@@ -216,8 +281,7 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         let mut holds = HashMap::new();
         if !hold_ids.is_empty() {
             let ids: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
-            let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
-            for row in query(tx, &sql, &[&ids]).await? {
+            for row in query(tx, &LOCK_HOLDS_SQL, &[&ids]).await? {
                 let t = row_transfer(&row, 0)?;
                 holds.insert(t.id, t);
             }
@@ -236,8 +300,7 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     // 3 (part). The system accounts: read, not locked (changed only by atomic deltas, last).
     let system_ids: Vec<Vec<u8>> = [TREASURY, OPERATOR_REVENUE].iter().map(|id| id.to_bytes().to_vec()).collect();
     let read_system = async {
-        let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id = ANY($1)");
-        query(tx, &sql, &[&system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
+        query(tx, &READ_SYSTEM_SQL, &[&system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
     };
     // 3. Customer accounts, locked in ascending id order: those the new holds name, and
     //    those of the holds being settled (read from their rows, locked just before).
@@ -249,13 +312,7 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     }
     let hold_id_bytes: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
     let lock_customers = async {
-        let sql = format!(
-            "SELECT {ACCOUNT_COLS} FROM accounts WHERE id IN (SELECT unnest($1::bytea[]) \
-             UNION SELECT debit_account FROM transfers WHERE id = ANY($2) \
-             UNION SELECT credit_account FROM transfers WHERE id = ANY($2)) \
-             AND id <> ALL($3) ORDER BY id FOR UPDATE"
-        );
-        query(tx, &sql, &[&new_hold_accounts, &hold_id_bytes, &system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
+        query(tx, &LOCK_CUSTOMERS_SQL, &[&new_hold_accounts, &hold_id_bytes, &system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
     };
     // 5 (part). `log_head`, when some settlement may append a leaf (after the customer
     //    accounts: the lock order).
@@ -264,13 +321,14 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         if !any_leaf {
             return Ok(None);
         }
-        let rows = query(tx, "SELECT next_index FROM log_head WHERE id = 1 FOR UPDATE", &[]).await?;
+        let rows = query(tx, LOCK_HEAD_SQL, &[]).await?;
         Ok::<_, LedgerError>(Some(col::<i64>(rows.first().ok_or_else(|| LedgerError::Storage("log_head missing".into()))?, 0)?))
     };
     // Independent reads and the locks, pipelined on the one connection (sent, and run, in
-    // this order): one round trip.
+    // this order: the statements are prepared, so each future sends on its first poll, and
+    // `biased` polls them in order): one round trip.
     let (no_scans, holds, by_key, system, customers, head) =
-        tokio::join!(no_scans, lock_holds, read_keys(tx, hold_keys), read_system, lock_customers, lock_head);
+        tokio::join!(biased; no_scans, lock_holds, read_keys(tx, hold_keys), read_system, lock_customers, lock_head);
     no_scans?;
     let holds = holds?;
     let mut by_key = by_key?;
@@ -331,8 +389,7 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         }
         let ids: Vec<Vec<u8>> = holds.iter().map(|t| t.id.to_bytes().to_vec()).collect();
         let expires: Vec<i64> = holds.iter().map(|t| t.expires_at_ms).collect();
-        let sql = "INSERT INTO pending_holds (id, expires_at_ms) SELECT * FROM unnest($1::bytea[], $2::int8[])";
-        execute(tx, sql, &[&ids, &expires]).await.map(|_| ())
+        execute(tx, LIST_PENDING_SQL, &[&ids, &expires]).await.map(|_| ())
     };
     let update_states = async {
         if plan.states.is_empty() {
@@ -340,16 +397,16 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         }
         let ids: Vec<Vec<u8>> = plan.states.iter().map(|(id, _)| id.to_bytes().to_vec()).collect();
         let states: Vec<i16> = plan.states.iter().map(|(_, s)| s.as_i16()).collect();
-        let sql = "UPDATE transfers t SET state = u.state FROM unnest($1::bytea[], $2::int2[]) AS u(id, state) \
-                   WHERE t.id = u.id";
         let update_args: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &states];
         let unlist_args: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
-        let update = execute(tx, sql, &update_args);
-        let unlist = execute(tx, "DELETE FROM pending_holds WHERE id = ANY($1)", &unlist_args);
-        let (n, m) = tokio::join!(update, unlist);
-        let (n, m) = (n?, m?);
-        if n != ids.len() as u64 || m != ids.len() as u64 {
-            return Err(LedgerError::Storage(format!("updated {n} and unlisted {m} of {} holds", ids.len())));
+        let update = execute(tx, UPDATE_STATES_SQL, &update_args);
+        let unlist = execute(tx, UNLIST_PENDING_SQL, &unlist_args);
+        let (n, unlisted) = tokio::join!(biased; update, unlist);
+        let n = n?;
+        // (A hold missing from `pending_holds` is settled all the same; `check` reports it.)
+        unlisted?;
+        if n != ids.len() as u64 {
+            return Err(LedgerError::Storage(format!("updated {n} of {} holds", ids.len())));
         }
         Ok(())
     };
@@ -367,21 +424,19 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         let indices: Vec<i64> = (0..plan.log.len() as i64).map(|k| base + k).collect();
         let tids: Vec<Vec<u8>> = plan.log.iter().map(|(_, t, _)| t.id.to_bytes().to_vec()).collect();
         let accs: Vec<Vec<u8>> = plan.log.iter().map(|(_, t, _)| log_account(t).to_bytes().to_vec()).collect();
-        let sql = "INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) \
-                   SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[])";
         let next = base + plan.log.len() as i64;
         let ins_args: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&indices, &tids, &accs, &leaves];
         let head_args: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
-        let ins = execute(tx, sql, &ins_args);
-        let head = execute(tx, "UPDATE log_head SET next_index = $1 WHERE id = 1", &head_args);
-        let (a, b) = tokio::join!(ins, head);
+        let ins = execute(tx, APPEND_LOG_SQL, &ins_args);
+        let head = execute(tx, SET_HEAD_SQL, &head_args);
+        let (a, b) = tokio::join!(biased; ins, head);
         a.and(b).map(|_| ())
     };
     let lookup_replays = async {
         if replayed.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows = query(tx, "SELECT transfer_id, log_index FROM log_entries WHERE transfer_id = ANY($1)", &[&replayed])
+        let rows = query(tx, LOOKUP_REPLAYS_SQL, &[&replayed])
             .await?;
         rows.iter().map(|r| Ok((id_col(r, 0, TransferId::from_slice)?, col::<i64>(r, 1)? as u64))).collect::<Result<HashMap<_, _>>>()
     };
@@ -393,7 +448,7 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         store_deltas(tx, &system_deltas, &plan.accounts).await
     };
     let (a, f, b, c, d, replay_index, e) =
-        tokio::join!(insert_transfers, list_pending, update_states, update_customers, append_log, lookup_replays, update_system);
+        tokio::join!(biased; insert_transfers, list_pending, update_states, update_customers, append_log, lookup_replays, update_system);
     a?;
     f?;
     b?;
@@ -419,8 +474,7 @@ async fn read_keys(tx: &Transaction<'_>, mut keys: Vec<String>) -> Result<HashMa
     keys.dedup();
     let mut by_key = HashMap::new();
     if !keys.is_empty() {
-        let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ANY($1)");
-        for row in query(tx, &sql, &[&keys]).await? {
+        for row in query(tx, &READ_KEYS_SQL, &[&keys]).await? {
             let t = row_transfer(&row, 0)?;
             by_key.insert(t.idempotency_key.clone(), t);
         }
@@ -587,10 +641,7 @@ async fn store_deltas(tx: &Transaction<'_>, deltas: &[(AccountId, i64, i64)], pl
         let ids: Vec<Vec<u8>> = chunk.iter().map(|d| d.0.to_bytes().to_vec()).collect();
         let dbs: Vec<i64> = chunk.iter().map(|d| d.1).collect();
         let dps: Vec<i64> = chunk.iter().map(|d| d.2).collect();
-        let sql = "UPDATE accounts a SET balance_micros = a.balance_micros + d.db, pending_micros = a.pending_micros + d.dp \
-             FROM unnest($1::bytea[], $2::int8[], $3::int8[]) AS d(id, db, dp) WHERE a.id = d.id \
-             RETURNING a.id, a.name, a.kind, a.balance_micros, a.pending_micros, a.created_at_ms";
-        let rows = query(tx, sql, &[&ids, &dbs, &dps]).await?;
+        let rows = query(tx, STORE_DELTAS_SQL, &[&ids, &dbs, &dps]).await?;
         if rows.len() != chunk.len() {
             return Err(LedgerError::Storage(format!("updated {} of {} accounts", rows.len(), chunk.len())));
         }
@@ -619,16 +670,9 @@ async fn insert_transfers(tx: &Transaction<'_>, ts: &[Transfer]) -> Result<()> {
     let created: Vec<i64> = ts.iter().map(|t| t.created_at_ms).collect();
     let pending: Vec<Option<Vec<u8>>> = ts.iter().map(|t| t.pending_id.map(|p| p.to_bytes().to_vec())).collect();
     let key_ids: Vec<Option<Vec<u8>>> = ts.iter().map(|t| t.key_id.map(|k| k.to_bytes().to_vec())).collect();
-    // WITH ORDINALITY + ORDER BY: `seq` (the statement cursor) follows queue order.
-    let sql = format!(
-        "INSERT INTO transfers ({TRANSFER_COLS}) \
-         SELECT id, k, d, c, a, code, st, h, tm, ex, cr, p, kid FROM unnest($1::bytea[], $2::text[], $3::bytea[], \
-         $4::bytea[], $5::int8[], $6::int2[], $7::int2[], $8::bool[], $9::int8[], $10::int8[], $11::int8[], \
-         $12::bytea[], $13::bytea[]) WITH ORDINALITY AS u(id, k, d, c, a, code, st, h, tm, ex, cr, p, kid, ord) ORDER BY ord"
-    );
     let n = execute(
         tx,
-        &sql,
+        &INSERT_TRANSFERS_SQL,
         &[&ids, &keys, &debits, &credits, &amounts, &codes, &states, &hold, &timeouts, &expires, &created, &pending, &key_ids],
     )
     .await?;

@@ -222,6 +222,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         "completion_tokens": tokens, "completion_tok_per_s": tokens as f64 / wall_s,
         "ttft_ms_p50": pct(&mut ttft, 0.5), "ttft_ms_p99": pct(&mut ttft, 0.99),
         "tpot_ms_p50": pct(&mut tpot, 0.5), "tpot_ms_p99": pct(&mut tpot, 0.99),
+        "ttft_ms_each": results.iter().map(|r| r.ttft_ms).collect::<Vec<_>>(),
         "errors": errors.len(), "first_error": errors.first(),
         "cpu_s": cpu_s, "cpu_s_per_mtok": cpu_s.map(|c| c / (tokens.max(1) as f64) * 1e6),
     });

@@ -87,7 +87,7 @@ async fn a_burst_of_200_against_a_small_kv_budget_gets_answers_or_429s() {
     let s = AppState::new(
         Arc::new(engine_with(|c| {
             c.slots = 4;
-            c.ctx_tokens_max = Some(512);
+            c.ctx_tokens_max = Some(256);
             c.kv_cells_max = Some(KV_CELLS);
             c.queue_max = 16;
         })),

@@ -122,6 +122,20 @@ async fn sqlite_file_of_schema_v1_is_migrated() {
     assert_eq!(again.find_key_by_hash([3; 32]).await.unwrap().unwrap().spend.day_micros, 5);
 }
 
+/// A database of a later schema version than this build's is refused, with a message.
+#[tokio::test]
+async fn postgres_schema_from_a_newer_version_is_refused() {
+    use tokenomy_ledger::*;
+    let Ok(url) = std::env::var(PG_ENV) else { return };
+    let schema = format!("v9_{:016x}", rand_u64());
+    drop(PgStore::open_in_schema(&url, &schema, 1).await.unwrap());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 4")).await.unwrap();
+    let err = PgStore::open_in_schema(&url, &schema, 1).await.err().expect("refused");
+    assert!(err.to_string().contains("newer than this tokenomy's 3"), "{err}");
+}
+
 /// A PostgreSQL schema created by version 1 is brought to version 3 on open: key columns
 /// added, and a hold left pending by the old version is listed for the expiry sweep.
 #[tokio::test]
