@@ -181,6 +181,7 @@ impl Scheduler {
         self.step += 1;
         let mut plan = Plan::default();
         self.admit(&mut plan);
+        self.compact(&mut plan.kv_ops);
         let mut budget = self.limits.step_tokens_max;
         self.plan_decodes(&mut plan, &mut budget);
         self.plan_prefills(&mut plan, &mut budget);
@@ -238,15 +239,51 @@ impl Scheduler {
         in_flight >= cached + SHARED_WAIT_TOKENS_MIN
     }
 
-    /// The free slot whose cache shares the longest prefix with `prompt`, then the least
-    /// recently used, then the lowest index.
+    /// The free slot that keeps the running slots one run of consecutive indices (see
+    /// [`Self::compact`]), then whose cache shares the longest prefix with `prompt`, then the
+    /// least recently used, then the lowest index.
     fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
+        let next_to_running = |i: usize| match self.running_range() {
+            Some((lo, hi)) => lo.saturating_sub(1) <= i && i <= hi + 1,
+            None => true,
+        };
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.job.is_none())
-            .max_by_key(|(i, s)| (common_prefix(&s.cached, prompt), Reverse(s.last_used_step), Reverse(*i)))
+            .max_by_key(|(i, s)| (next_to_running(*i), common_prefix(&s.cached, prompt), Reverse(s.last_used_step), Reverse(*i)))
             .map(|(i, _)| i)
+    }
+
+    /// The lowest and highest index of a slot with a job.
+    fn running_range(&self) -> Option<(usize, usize)> {
+        let mut running = self.slots.iter().enumerate().filter(|(_, s)| s.job.is_some()).map(|(i, _)| i);
+        let lo = running.next()?;
+        Some((lo, running.last().unwrap_or(lo)))
+    }
+
+    /// Keeps the running slots one run of consecutive indices: with a KV stream per sequence,
+    /// llama.cpp decodes only consecutive sequence ids together, so running slots 0, 2 and 5
+    /// would cost three passes over the weights per step instead of one. The job in the
+    /// highest running slot moves down into a free slot inside the run (a stream copy); the
+    /// slot it leaves keeps its tokens as a prefix cache.
+    fn compact(&mut self, ops: &mut Vec<KvOp>) {
+        while let Some((lo, hi)) = self.running_range() {
+            let Some(hole) = (lo..hi).find(|&k| self.slots[k].job.is_none()) else { return };
+            let cached = self.slots[hi].cached.clone();
+            ops.push(match cached.len() {
+                0 => KvOp::Truncate { seq: hole as SeqId, from: 0 },
+                len => KvOp::CopyPrefix { src: hi as SeqId, dst: hole as SeqId, len: len as u32 },
+            });
+            let job = self.slots[hi].job.take();
+            let dst = &mut self.slots[hole];
+            (dst.cached, dst.job, dst.last_used_step) = (cached, job, self.step);
+            if self.reserved_cells() > self.limits.kv_cells_max {
+                // (Only where the cells are fewer than slots × context: drop the left copy.)
+                self.slots[hi].cached.clear();
+                ops.push(KvOp::Truncate { seq: hi as SeqId, from: 0 });
+            }
+        }
     }
 
     /// Evicts idle caches (least recently used first, never `keep`) until `needed` more cells
@@ -613,6 +650,61 @@ mod tests {
         let plan = s.plan();
         assert_eq!(plan.admitted, vec![(2, 18)]);
         assert_eq!(plan.kv_ops, vec![KvOp::CopyPrefix { src: 0, dst: 1, len: 18 }]);
+    }
+
+    #[test]
+    fn a_job_moves_down_into_a_hole_left_by_one_that_ended() {
+        let mut s = Scheduler::new(Limits { slots: 4, kv_cells_max: 4 * 32, step_tokens_max: 16, queue_max: 8, ctx_tokens_max: 32 }, true);
+        for id in 1..=3 {
+            s.submit(job(id, &[id as TokenId; 4], 8)).unwrap();
+        }
+        let seqs: Vec<SeqId> = s.plan().batch.iter().filter(|e| e.samples).map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 2]);
+        s.on_sampled(3, 7);
+        s.finish(2);
+        let plan = s.plan();
+        assert_eq!(plan.kv_ops, vec![KvOp::CopyPrefix { src: 2, dst: 1, len: 4 }]);
+        // Job 3 decodes from its new slot, at the next position; slot 2 keeps its tokens.
+        assert_eq!(plan.batch.iter().map(|e| (e.job, e.seq, e.pos)).collect::<Vec<_>>(), vec![(3, 1, 4)]);
+        assert_eq!(s.slots[2].cached, vec![3; 4]);
+    }
+
+    #[test]
+    fn running_slots_stay_one_run_under_random_traffic() {
+        let mut s = Scheduler::new(Limits { slots: 6, kv_cells_max: 6 * 48, step_tokens_max: 24, queue_max: 64, ctx_tokens_max: 48 }, true);
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut id = 0;
+        for _ in 0..400 {
+            if next() % 3 == 0 && s.waiting_len() < 8 {
+                id += 1;
+                let shared = (next() % 24) as usize;
+                let mut prompt: Vec<TokenId> = (0..shared as TokenId).collect();
+                prompt.extend((0..1 + next() % 8).map(|k| (1000 + id * 10 + k) as TokenId));
+                s.submit(job(id, &prompt, 1 + (next() % 12) as u32)).unwrap();
+            }
+            let plan = s.plan();
+            let running: Vec<usize> = (0..6).filter(|&k| s.slots[k].job.is_some()).collect();
+            assert!(running.windows(2).all(|w| w[1] == w[0] + 1), "running slots {running:?}");
+            assert!(plan.batch.iter().all(|e| running.contains(&(e.seq as usize))));
+            assert!(s.reserved_cells() <= s.limits.kv_cells_max);
+            for e in plan.batch.iter().filter(|e| e.samples) {
+                if !s.on_sampled(e.job, 5) {
+                    s.finish(e.job);
+                }
+            }
+            if next() % 5 == 0 {
+                if let Some(j) = s.slots.iter().filter_map(|sl| sl.job.as_ref()).map(|j| j.spec.id).nth((next() % 3) as usize) {
+                    s.finish(j); // a cancelled request
+                }
+            }
+        }
+        assert!(id > 100);
     }
 
     #[test]
