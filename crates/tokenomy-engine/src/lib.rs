@@ -173,8 +173,9 @@ fn kv_layout(cfg: &ModelConfig, train_ctx: u32) -> Result<(u32, u32), String> {
     }
     if cfg.ctx_tokens_max.is_some() && ctx > per_slot {
         return Err(format!(
-            "a context of {ctx} tokens does not fit the {per_slot} KV cells of each of {slots} slots \
-             ({total} cells in all, a multiple of {KV_STREAM_CELLS_ALIGN} each): raise the KV cells or lower the context or the slots"
+            "a context of {ctx} tokens (--ctx-size) does not fit the {per_slot} KV cells of each of {slots} slots \
+             (--parallel; {total} cells in all, --kv-cells, a multiple of {KV_STREAM_CELLS_ALIGN} each): \
+             raise --kv-cells or lower --ctx-size or --parallel"
         ));
     }
     Ok((ctx.min(per_slot), per_slot * slots))

@@ -243,15 +243,18 @@ impl Scheduler {
     /// [`Self::compact`]), then whose cache shares the longest prefix with `prompt`, then the
     /// least recently used, then the lowest index.
     fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
-        let next_to_running = |i: usize| match self.running_range() {
-            Some((lo, hi)) => lo.saturating_sub(1) <= i && i <= hi + 1,
-            None => true,
+        // 2: a hole in the run, 1: next to it (or nothing runs), 0: elsewhere (moved later).
+        let place = |i: usize| match self.running_range() {
+            Some((lo, hi)) if lo < i && i < hi => 2,
+            Some((lo, hi)) if i + 1 == lo || i == hi + 1 => 1,
+            Some(_) => 0,
+            None => 1,
         };
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.job.is_none())
-            .max_by_key(|(i, s)| (next_to_running(*i), common_prefix(&s.cached, prompt), Reverse(s.last_used_step), Reverse(*i)))
+            .max_by_key(|(i, s)| (place(*i), common_prefix(&s.cached, prompt), Reverse(s.last_used_step), Reverse(*i)))
             .map(|(i, _)| i)
     }
 
@@ -267,9 +270,12 @@ impl Scheduler {
     /// would cost three passes over the weights per step instead of one. The job in the
     /// highest running slot moves down into a free slot inside the run (a stream copy); the
     /// slot it leaves keeps its tokens as a prefix cache.
+    /// The hole's own cache (often the conversation that just ended there, whose next turn
+    /// may come) first moves to the free slot above the run holding the least useful cache.
     fn compact(&mut self, ops: &mut Vec<KvOp>) {
         while let Some((lo, hi)) = self.running_range() {
             let Some(hole) = (lo..hi).find(|&k| self.slots[k].job.is_none()) else { return };
+            self.keep_cache_of(hole, hi, ops);
             let cached = self.slots[hi].cached.clone();
             ops.push(match cached.len() {
                 0 => KvOp::Truncate { seq: hole as SeqId, from: 0 },
@@ -284,6 +290,25 @@ impl Scheduler {
                 ops.push(KvOp::Truncate { seq: hi as SeqId, from: 0 });
             }
         }
+    }
+
+    /// Copies free slot `hole`'s cache into the free slot above `hi` with the least useful
+    /// cache (none, then the least recently used), when the cells allow.
+    fn keep_cache_of(&mut self, hole: usize, hi: usize, ops: &mut Vec<KvOp>) {
+        let len = self.slots[hole].cached.len();
+        if len == 0 {
+            return;
+        }
+        let spare = (hi + 1..self.slots.len())
+            .filter(|&k| self.slots[k].job.is_none())
+            .min_by_key(|&k| (!self.slots[k].cached.is_empty(), self.slots[k].last_used_step));
+        let Some(spare) = spare else { return };
+        if self.reserved_cells() - self.slots[spare].cached.len() as u32 + len as u32 > self.limits.kv_cells_max {
+            return;
+        }
+        ops.push(KvOp::CopyPrefix { src: hole as SeqId, dst: spare as SeqId, len: len as u32 });
+        let (cached, used) = (self.slots[hole].cached.clone(), self.slots[hole].last_used_step);
+        (self.slots[spare].cached, self.slots[spare].last_used_step) = (cached, used);
     }
 
     /// Evicts idle caches (least recently used first, never `keep`) until `needed` more cells
@@ -663,10 +688,13 @@ mod tests {
         s.on_sampled(3, 7);
         s.finish(2);
         let plan = s.plan();
-        assert_eq!(plan.kv_ops, vec![KvOp::CopyPrefix { src: 2, dst: 1, len: 4 }]);
+        // Job 2's cache moves up to the free slot 3 first, then job 3 moves down into slot 1.
+        let moves = vec![KvOp::CopyPrefix { src: 1, dst: 3, len: 4 }, KvOp::CopyPrefix { src: 2, dst: 1, len: 4 }];
+        assert_eq!(plan.kv_ops, moves);
         // Job 3 decodes from its new slot, at the next position; slot 2 keeps its tokens.
         assert_eq!(plan.batch.iter().map(|e| (e.job, e.seq, e.pos)).collect::<Vec<_>>(), vec![(3, 1, 4)]);
         assert_eq!(s.slots[2].cached, vec![3; 4]);
+        assert_eq!(s.slots[3].cached, vec![2; 4]);
     }
 
     #[test]

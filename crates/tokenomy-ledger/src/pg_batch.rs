@@ -636,22 +636,38 @@ fn deltas(
 /// so they must equal the plan exactly).
 async fn store_deltas(tx: &Transaction<'_>, deltas: &[(AccountId, i64, i64)], planned: &HashMap<AccountId, Account>) -> Result<()> {
     let system = deltas.iter().all(|d| is_system(d.0));
+    // System rows one statement each, so they are locked in id order; pipelined, in that order.
     let chunks: Vec<&[(AccountId, i64, i64)]> = if system { deltas.chunks(1).collect() } else { vec![deltas] };
-    for chunk in chunks {
-        let ids: Vec<Vec<u8>> = chunk.iter().map(|d| d.0.to_bytes().to_vec()).collect();
-        let dbs: Vec<i64> = chunk.iter().map(|d| d.1).collect();
-        let dps: Vec<i64> = chunk.iter().map(|d| d.2).collect();
-        let rows = query(tx, STORE_DELTAS_SQL, &[&ids, &dbs, &dps]).await?;
-        if rows.len() != chunk.len() {
-            return Err(LedgerError::Storage(format!("updated {} of {} accounts", rows.len(), chunk.len())));
+    match chunks.as_slice() {
+        [] => Ok(()),
+        [a] => store_chunk(tx, a, planned).await,
+        [a, b] => {
+            let (x, y) = tokio::join!(biased; store_chunk(tx, a, planned), store_chunk(tx, b, planned));
+            x.and(y)
         }
-        for row in &rows {
-            let stored = row_account(row)?;
-            if !is_system(stored.id) && planned.get(&stored.id) != Some(&stored) {
-                return Err(LedgerError::InvariantViolation(format!("locked account {} changed under the batch", stored.id)));
+        more => {
+            for chunk in more {
+                store_chunk(tx, chunk, planned).await?;
             }
-            check_account(&stored)?;
+            Ok(())
         }
+    }
+}
+
+async fn store_chunk(tx: &Transaction<'_>, chunk: &[(AccountId, i64, i64)], planned: &HashMap<AccountId, Account>) -> Result<()> {
+    let ids: Vec<Vec<u8>> = chunk.iter().map(|d| d.0.to_bytes().to_vec()).collect();
+    let dbs: Vec<i64> = chunk.iter().map(|d| d.1).collect();
+    let dps: Vec<i64> = chunk.iter().map(|d| d.2).collect();
+    let rows = query(tx, STORE_DELTAS_SQL, &[&ids, &dbs, &dps]).await?;
+    if rows.len() != chunk.len() {
+        return Err(LedgerError::Storage(format!("updated {} of {} accounts", rows.len(), chunk.len())));
+    }
+    for row in &rows {
+        let stored = row_account(row)?;
+        if !is_system(stored.id) && planned.get(&stored.id) != Some(&stored) {
+            return Err(LedgerError::InvariantViolation(format!("locked account {} changed under the batch", stored.id)));
+        }
+        check_account(&stored)?;
     }
     Ok(())
 }
