@@ -6,8 +6,9 @@
 //! waiting prompts, up to `step_tokens_max`. New requests join between steps.
 //!
 //! Prefix cache: every slot (one sequence, one KV stream of its own) remembers the exact tokens
-//! whose KV it holds. A new request takes the free slot whose cache shares the longest prefix
-//! with its prompt, or copies a longer prefix from any other slot (`KvOp::CopyPrefix`: the
+//! whose KV it holds. A new request takes a free slot that keeps the running slots consecutive
+//! (see `compact`), among those the one whose cache shares the longest prefix with its prompt,
+//! or copies a longer prefix from any other slot (`KvOp::CopyPrefix`: the
 //! worker copies that slot's stream and drops what follows the prefix), and only the rest of
 //! its prompt is computed. A request whose prompt shares a prefix
 //! with a running request that is still computing it waits in the queue until that prefix is
@@ -244,7 +245,8 @@ impl Scheduler {
     /// least recently used, then the lowest index.
     fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
         // 2: a hole in the run, 1: next to it (or nothing runs), 0: elsewhere (moved later).
-        let place = |i: usize| match self.running_range() {
+        let run = self.running_range();
+        let place = |i: usize| match run {
             Some((lo, hi)) if lo < i && i < hi => 2,
             Some((lo, hi)) if i + 1 == lo || i == hi + 1 => 1,
             Some(_) => 0,

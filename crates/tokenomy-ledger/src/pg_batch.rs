@@ -262,7 +262,7 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
     // (measured: half of the server's time, and growing with the table). Make scans the
     // planner's last resort for this transaction, and always use the generic plan: with
     // scans off it never looks cheaper than a custom one, so PostgreSQL went on planning
-    // every statement of every batch anew (`perf`: 6 % of the server; forcing it, 1.15×
+    // every statement of every batch anew (`perf`: 6 % of the server; forcing it, 1.14–1.19×
     // settled charges/s, docs/benchmarks.md).
     let no_scans = async {
         tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan").await.map_err(pg_err)
@@ -277,11 +277,11 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
         .collect();
     hold_ids.sort();
     hold_ids.dedup();
+    let hold_id_bytes: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
     let lock_holds = async {
         let mut holds = HashMap::new();
-        if !hold_ids.is_empty() {
-            let ids: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
-            for row in query(tx, &LOCK_HOLDS_SQL, &[&ids]).await? {
+        if !hold_id_bytes.is_empty() {
+            for row in query(tx, &LOCK_HOLDS_SQL, &[&hold_id_bytes]).await? {
                 let t = row_transfer(&row, 0)?;
                 holds.insert(t.id, t);
             }
@@ -310,7 +310,6 @@ async fn execute_batch(tx: &Transaction<'_>, ops: &[&Op]) -> Result<Vec<Outcome>
             new_hold_accounts.extend([req.debit_account, req.credit_account].iter().filter(|id| !is_system(**id)).map(|id| id.to_bytes().to_vec()));
         }
     }
-    let hold_id_bytes: Vec<Vec<u8>> = hold_ids.iter().map(|id| id.to_bytes().to_vec()).collect();
     let lock_customers = async {
         query(tx, &LOCK_CUSTOMERS_SQL, &[&new_hold_accounts, &hold_id_bytes, &system_ids]).await?.iter().map(row_account).collect::<Result<Vec<_>>>()
     };
