@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::sampler::{self, Sampler};
-use crate::scheduler::{decode_groups, BatchEntry, JobId, JobSpec, KvOp, Limits, Scheduler};
+use crate::scheduler::{decode_groups, BatchEntry, JobId, JobSpec, KvOp, Limits, Scheduler, SeqId};
 use crate::text::TextStream;
 
 /// A job as handed to the worker.
@@ -143,10 +143,15 @@ impl Worker<'_> {
             }
             for group in decode_groups(&plan.batch) {
                 let entries: Vec<BatchEntry> = group.iter().map(|&i| plan.batch[i].clone()).collect();
-                match self.decode(&entries) {
+                let started = std::time::Instant::now();
+                let decoded = self.decode(&entries);
+                let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+                match decoded {
                     Ok(()) => {
                         self.count_prompt_tokens(&entries);
                         self.consume_outputs(&entries);
+                        let sample_ms = started.elapsed().as_secs_f64() * 1e3 - decode_ms;
+                        tracing::debug!(tokens = entries.len(), seqs = ?seq_lens(&entries), decode_ms, sample_ms, "llama_decode");
                     }
                     Err(e) => {
                         self.fail_all(&e);
@@ -358,6 +363,18 @@ impl Worker<'_> {
             self.sched.cached_cells() as u64,
         );
     }
+}
+
+/// (sequence, tokens) of a decode call, for the step trace.
+fn seq_lens(entries: &[BatchEntry]) -> Vec<(SeqId, usize)> {
+    let mut out: Vec<(SeqId, usize)> = Vec::new();
+    for e in entries {
+        match out.last_mut() {
+            Some((s, n)) if *s == e.seq => *n += 1,
+            _ => out.push((e.seq, 1)),
+        }
+    }
+    out
 }
 
 fn eog_tokens(model: &LlamaModel) -> Vec<TokenId> {
