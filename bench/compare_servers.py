@@ -72,15 +72,17 @@ def main():
     print(f"{a.streams} streams × {a.requests_per_stream} requests × {a.max_tokens} tokens (ignore_eos), {a.threads} threads, seed 7; "
           f"{a.rounds} rounds per model (llama-server, then tokenomy); figures are medians over rounds, ratios the median "
           f"of the per-round ratios\n")
-    print("| model | workload | llama-server tok/s | tokenomy tok/s | ratio | llama-server TTFT p50 ms | tokenomy TTFT p50 ms | ratio | TPOT p50 ms (ls / tk) | CPU-s per Mtok (ls / tk) | errors (ls / tk) | per-round tok/s ratios |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| model | workload | llama-server tok/s | tokenomy tok/s | ratio | llama-server TTFT p50 ms | tokenomy TTFT p50 ms | ratio | first requests' TTFT p50 ms (ls / tk, ratio) | TPOT p50 ms (ls / tk) | CPU-s per Mtok (ls / tk) | errors (ls / tk) | per-round tok/s ratios |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, w, pairs in rows:
         m = lambda side, key: med([p[side][key] for p in pairs])
         tps = [p[1]["completion_tok_per_s"] / p[0]["completion_tok_per_s"] for p in pairs]
         ttft = [p[1]["ttft_ms_p50"] / p[0]["ttft_ms_p50"] for p in pairs]
+        first = [p[1]["ttft_ms_p50_first"] / p[0]["ttft_ms_p50_first"] for p in pairs]
         errors = (sum(p[0]["errors"] for p in pairs), sum(p[1]["errors"] for p in pairs))
         print(f"| {name} | {w} | {m(0, 'completion_tok_per_s'):.1f} | {m(1, 'completion_tok_per_s'):.1f} | {med(tps):.2f} | "
               f"{m(0, 'ttft_ms_p50'):.0f} | {m(1, 'ttft_ms_p50'):.0f} | {med(ttft):.2f} | "
+              f"{m(0, 'ttft_ms_p50_first'):.0f} / {m(1, 'ttft_ms_p50_first'):.0f}, {med(first):.2f} | "
               f"{m(0, 'tpot_ms_p50'):.1f} / {m(1, 'tpot_ms_p50'):.1f} | {m(0, 'cpu_s_per_mtok'):.0f} / {m(1, 'cpu_s_per_mtok'):.0f} | "
               f"{errors[0]} / {errors[1]} | {' '.join(f'{r:.2f}' for r in tps)} |")
 

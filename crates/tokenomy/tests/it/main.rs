@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod admin_cli;
+mod bench;
 mod crash;
 mod layering;
 
