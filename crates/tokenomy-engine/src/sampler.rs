@@ -151,9 +151,9 @@ fn truncate_top_k(candidates: &mut Vec<(TokenId, f32)>, k: usize) {
 /// weights come from [`exp_f32`] (a loop the compiler vectorises), are summed per block of
 /// [`DRAW_BLOCK`], and the draw scans block sums before it scans tokens.
 fn draw_unsorted(logits: &mut [f32], max: f32, temperature: f32, draw: f32) -> TokenId {
-    let inv_t = 1.0 / temperature;
+    // Divide (not multiply by 1/t): a denormal temperature would make 1/t infinite, and 0 × ∞ NaN.
     for l in logits.iter_mut() {
-        *l = exp_f32((*l - max) * inv_t);
+        *l = exp_f32((*l - max) / temperature);
     }
     let block_sums: Vec<f32> = logits.chunks(DRAW_BLOCK).map(sum_f32).collect();
     let target = draw * block_sums.iter().sum::<f32>();
@@ -413,6 +413,8 @@ mod tests {
             let d = f64::from(draw);
             assert!(before - 1e-4 <= d && d < after + 1e-4, "draw {d}: token {got} covers {before}..{after}");
         }
+        // a vanishing temperature is greedy, not NaN
+        assert_eq!(draw_unsorted(&mut vec![0.5, 2.0, 1.0], 2.0, 1e-40, 0.7), 1);
         // the first and the last token with any weight are reachable
         let mut one_hot = vec![f32::NEG_INFINITY; 1000];
         one_hot[999] = 0.0;
