@@ -6,8 +6,9 @@
 //! requests, then a distinct task) and `no-sharing` (every request's prompt is distinct from its
 //! first word). `ignore_eos` makes every request produce exactly `--max-tokens` tokens on
 //! servers that honour it (tokenomy and llama-server do), so servers are compared on equal work.
-//! Reported: aggregate completion tok/s, TTFT p50/p99, time per output token p50/p99, errors,
-//! and with `--server-pid` the server's CPU-seconds per million tokens (from /proc).
+//! Reported: aggregate completion tok/s, TTFT p50/p99 (and the p50 of each stream's first
+//! request: every stream starts at once, with nothing cached), time per output token p50/p99,
+//! errors, and with `--server-pid` the server's CPU-seconds per million tokens (from /proc).
 
 use std::time::{Duration, Instant};
 
