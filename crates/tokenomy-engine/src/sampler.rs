@@ -200,7 +200,7 @@ fn sum_f32(v: &[f32]) -> f32 {
 /// reduction by ln 2, degree-6 polynomial; relative error below 2e-7). Exactly 0 below −87
 /// (so −∞, a banned token, weighs nothing); inputs are clamped at 88 (`e^88` ≈ 1.7e38).
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
+fn exp_f32(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 × 2^23: adding it rounds to an integer
     let xc = x.clamp(-87.0, 88.0);
     let shifted = xc * std::f32::consts::LOG2_E + ROUND;
@@ -415,7 +415,7 @@ mod tests {
         }
         // a vanishing temperature is greedy, not NaN
         assert_eq!(draw_unsorted(&mut vec![0.5, 2.0, 1.0], 2.0, 1e-40, 0.7), 1);
-        // the first and the last token with any weight are reachable
+        // a lone weighted token at the very end is drawn from either end of the draw range
         let mut one_hot = vec![f32::NEG_INFINITY; 1000];
         one_hot[999] = 0.0;
         assert_eq!(draw_unsorted(&mut one_hot.clone(), 0.0, 1.0, 0.999_999), 999);
