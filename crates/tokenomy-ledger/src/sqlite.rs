@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::*;
+pub use crate::sqlite_writer::INDEX_FLUSH_ROWS;
 use crate::sqlite_writer::{checkpoint_loop, open_wal, sync_loop, writer_loop, Acks, Finish, Job, Shared, WriteConn, Writer};
 use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
 
@@ -47,8 +48,13 @@ pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_m
 pub const MAX_EXPIRE_PER_CALL: u64 = 10_000;
 
 const SCHEMA: &str = include_str!("sql/sqlite_schema.sql");
-const TRANSFER_COLS: &str = "id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
-     hold, timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id";
+macro_rules! transfer_cols {
+    () => {
+        "id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
+         hold, timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id"
+    };
+}
+const TRANSFER_COLS: &str = transfer_cols!();
 pub(crate) const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, \
      revoked_at_ms, spend_cap_month_micros, pending_micros, spend_day, spend_day_micros, spend_month, spend_month_micros";
 /// Columns added by schema version 2 to tables a version-1 file already has.
@@ -70,7 +76,7 @@ pub struct SqliteStore {
     shared: Arc<Shared>,
 }
 
-fn db_err(e: rusqlite::Error) -> LedgerError {
+pub(crate) fn db_err(e: rusqlite::Error) -> LedgerError {
     LedgerError::Storage(e.to_string())
 }
 
@@ -207,10 +213,22 @@ fn open_conn(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Brings a version-1 file to version 2 (adds the columns it lacks), atomically.
+/// This build's schema version; a file of a later one is refused.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// Brings an older file to version 3, atomically: a version-1 file gets the version-2
+/// columns; a version-2 file's `transfers` is rebuilt without its two scattered indexes
+/// (the unique idempotency key and account + seq), whose entries move to the bulk
+/// tables `transfer_keys` and `account_transfers`.
 fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
     let result = (|| {
+        let version: i64 = conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0)).map_err(db_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(LedgerError::Storage(format!(
+                "ledger file has schema version {version}, newer than this tokenomy's {SCHEMA_VERSION}"
+            )));
+        }
         for (table, column, decl) in V2_COLUMNS {
             let has: bool = conn
                 .query_row(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"), [column], |r| {
@@ -222,10 +240,43 @@ fn migrate(conn: &Connection) -> Result<()> {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")).map_err(db_err)?;
             }
         }
-        conn.execute_batch("UPDATE schema_version SET version = 2 WHERE version < 2").map_err(db_err)
+        if has_unique_key_index(conn)? {
+            migrate_v3(conn)?;
+        }
+        conn.execute_batch(&format!("UPDATE schema_version SET version = {SCHEMA_VERSION}")).map_err(db_err)
     })();
     conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" }).map_err(db_err)?;
     result
+}
+
+/// Whether `transfers` still has version 2's inline `UNIQUE` on the idempotency key.
+fn has_unique_key_index(conn: &Connection) -> Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM pragma_index_list('transfers') l, pragma_index_info(l.name) i \
+         WHERE l.origin = 'u' AND i.name = 'idempotency_key'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .map_err(db_err)
+}
+
+fn migrate_v3(conn: &Connection) -> Result<()> {
+    let cols = format!("seq, {TRANSFER_COLS}");
+    conn.execute_batch(&format!(
+        "DROP INDEX IF EXISTS transfers_debit; DROP INDEX IF EXISTS transfers_credit; \
+         DROP INDEX IF EXISTS transfers_pending; DROP INDEX IF EXISTS transfers_settlement; \
+         ALTER TABLE transfers RENAME TO transfers_v2; \
+         {SCHEMA} \
+         INSERT INTO transfers ({cols}) SELECT {cols} FROM transfers_v2; \
+         DROP TABLE transfers_v2; \
+         DELETE FROM transfer_keys; DELETE FROM account_transfers; \
+         INSERT INTO transfer_keys (idempotency_key, seq) SELECT idempotency_key, seq FROM transfers; \
+         INSERT INTO account_transfers (account, seq) SELECT debit_account, seq FROM transfers \
+             UNION ALL SELECT credit_account, seq FROM transfers; \
+         UPDATE index_head SET indexed_upto = (SELECT COALESCE(MAX(seq), 0) FROM transfers);"
+    ))
+    .map_err(db_err)
 }
 
 fn create_system_accounts(conn: &Connection) -> Result<()> {
@@ -338,26 +389,34 @@ pub(crate) fn store_account(c: &Connection, a: &Account) -> Result<()> {
     Ok(())
 }
 
-fn transfer_by_key(c: &Connection, key: &str) -> Result<Option<Transfer>> {
-    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE idempotency_key = ?1");
-    c.prepare_cached(&sql).and_then(|mut s| s.query_row([key], row_transfer).optional()).map_err(db_err)
+/// The transfer holding `key` (writer only: the newest keys are in its memory).
+fn transfer_by_key(c: &WriteConn, key: &str) -> Result<Option<Transfer>> {
+    let Some(seq) = c.seq_of_key(key)? else { return Ok(None) };
+    c.prepare_cached(concat!("SELECT ", transfer_cols!(), " FROM transfers WHERE seq = ?1"))
+        .and_then(|mut s| s.query_row([seq], row_transfer))
+        .map(Some)
+        .map_err(db_err)
 }
 
 fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
-    let sql = format!("SELECT {TRANSFER_COLS} FROM transfers WHERE id = ?1");
-    c.prepare_cached(&sql)
+    c.prepare_cached(concat!("SELECT ", transfer_cols!(), " FROM transfers WHERE id = ?1"))
         .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_transfer).optional())
         .map_err(db_err)?
         .ok_or(LedgerError::UnknownTransfer(id))
 }
 
-/// Inserts a transfer; `Ok(false)` when its idempotency key is taken (nothing written).
-fn insert_transfer(c: &Connection, t: &Transfer) -> Result<bool> {
+/// Inserts a transfer; `Ok(None)` when its idempotency key is taken (nothing written),
+/// else its seq. A settlement's key is not looked up: it is derived from its hold, which
+/// was pending, and `transfers_settlement` refuses a second settlement of one hold.
+fn insert_transfer(c: &WriteConn, t: &Transfer) -> Result<Option<i64>> {
     check_transfer(t).map_err(LedgerError::InvariantViolation)?;
-    let sql = format!("INSERT INTO transfers ({TRANSFER_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)");
+    if t.pending_id.is_none() && c.seq_of_key(&t.idempotency_key)?.is_some() {
+        return Ok(None);
+    }
+    let sql = concat!("INSERT INTO transfers (", transfer_cols!(), ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)");
     let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
     let key = t.key_id.map(|k| k.to_bytes().to_vec());
-    c.prepare_cached(&sql)
+    c.prepare_cached(sql)
         .and_then(|mut s| {
             s.execute(params![
                 &t.id.to_bytes()[..],
@@ -375,15 +434,10 @@ fn insert_transfer(c: &Connection, t: &Transfer) -> Result<bool> {
                 key,
             ])
         })
-        .map(|_| true)
-        .or_else(|e| match &e {
-            rusqlite::Error::SqliteFailure(f, Some(msg))
-                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE && msg.ends_with("transfers.idempotency_key") =>
-            {
-                Ok(false)
-            }
-            _ => Err(db_err(e)),
-        })
+        .map_err(db_err)?;
+    let seq = c.last_insert_rowid();
+    c.inserted(seq, t)?;
+    Ok(Some(seq))
 }
 
 /// Ends a pending hold; `seq` is its rowid when the writer knows it.
@@ -414,7 +468,7 @@ fn hold_by_id(c: &WriteConn, id: TransferId) -> Result<(Option<i64>, Transfer)> 
 }
 
 /// A failed validation, unless the request is a retry of one already done.
-fn replay_or(c: &Connection, req: &TransferRequest, e: LedgerError) -> Result<Transfer> {
+fn replay_or(c: &WriteConn, req: &TransferRequest, e: LedgerError) -> Result<Transfer> {
     match transfer_by_key(c, &req.idempotency_key)? {
         Some(existing) => replay(req, existing),
         None => Err(e),
@@ -422,7 +476,7 @@ fn replay_or(c: &Connection, req: &TransferRequest, e: LedgerError) -> Result<Tr
 }
 
 /// The transfer holding `req`'s idempotency key (after an insert found it taken).
-fn replay_existing(c: &Connection, req: &TransferRequest) -> Result<Transfer> {
+fn replay_existing(c: &WriteConn, req: &TransferRequest) -> Result<Transfer> {
     let existing = transfer_by_key(c, &req.idempotency_key)?
         .ok_or_else(|| LedgerError::Storage("idempotency key taken but not found".into()))?;
     replay(req, existing)
@@ -513,8 +567,8 @@ fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
 }
 
 // Every operation validates (from the writer's cache) before its first write. The
-// idempotency key is checked by the transfer's INSERT itself (its unique index), which is
-// the first write: a retry finds the key taken, writes nothing and replays. A retry that
+// idempotency key is checked by `insert_transfer` just before the transfer's INSERT, the
+// first write: a retry finds the key taken, writes nothing and replays. A retry that
 // fails validation (the first attempt spent the funds) is looked up the same way.
 
 fn op_posted(c: &WriteConn, req: TransferRequest, leaf: Option<Leaf>, now: i64) -> Result<Transfer> {
@@ -539,7 +593,7 @@ fn op_posted(c: &WriteConn, req: TransferRequest, leaf: Option<Leaf>, now: i64) 
     let t = req.clone().into_transfer(now, None);
     check_transfer(&t).map_err(LedgerError::InvariantViolation)?;
     let log = prepare_leaf(c, &leaf, &t)?;
-    if !insert_transfer(c, &t)? {
+    if insert_transfer(c, &t)?.is_none() {
         return replay_existing(c, &req);
     }
     c.stage_account(&debit)?;
@@ -571,10 +625,10 @@ fn op_hold(c: &WriteConn, req: TransferRequest, now: i64) -> Result<Transfer> {
         Err(e) => return replay_or(c, &req, e),
     };
     let t = req.clone().into_transfer(now, None);
-    if !insert_transfer(c, &t)? {
+    let Some(seq) = insert_transfer(c, &t)? else {
         return replay_existing(c, &req);
-    }
-    c.remember_hold(c.last_insert_rowid(), &t);
+    };
+    c.remember_hold(seq, &t);
     c.stage_account(&debit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
@@ -629,7 +683,7 @@ fn op_settle(c: &WriteConn, hold_id: TransferId, amount: i64, now: i64, leaf: Op
     let log_index = match &posted {
         Some(p) => {
             // The hold was pending, so its settlement's key is free.
-            if !insert_transfer(c, p)? {
+            if insert_transfer(c, p)?.is_none() {
                 return Err(LedgerError::InvariantViolation(format!("settlement of {} already exists", hold.id)));
             }
             match &log {
@@ -742,25 +796,35 @@ fn op_set_key_limits(c: &Connection, id: KeyId, rpm: Option<u32>, tpm: Option<u3
 
 // ------------------------------------------------------------------ reads
 
+fn indexed_upto(c: &Connection) -> Result<i64> {
+    c.prepare_cached("SELECT indexed_upto FROM index_head").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err)
+}
+
+/// A page of `account`'s transfers: from `account_transfers` up to `indexed_upto`, then
+/// from the (bounded) tail of `transfers` past it, in one read transaction.
 fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
-    let sql = format!(
-        "SELECT seq, {TRANSFER_COLS} FROM transfers WHERE seq IN ( \
-           SELECT seq FROM transfers WHERE debit_account = ?1 AND seq > ?2 \
-           UNION SELECT seq FROM transfers WHERE credit_account = ?1 AND seq > ?2) \
+    let upto = indexed_upto(c)?;
+    let after = after.unwrap_or(0) as i64;
+    let id = &account.to_bytes()[..];
+    let query = |sql: &str, n: usize, after: i64| -> Result<Vec<(i64, Transfer)>> {
+        c.prepare_cached(sql)
+            .and_then(|mut s| {
+                s.query_map(params![id, after, n as i64], |r| Ok((r.get(0)?, row_transfer_at(r, 1)?)))?.collect()
+            })
+            .map_err(db_err)
+    };
+    let indexed = concat!(
+        "SELECT t.seq, ", transfer_cols!(), " FROM account_transfers a JOIN transfers t ON t.seq = a.seq \
+         WHERE a.account = ?1 AND a.seq > ?2 ORDER BY a.seq LIMIT ?3"
+    );
+    let tail = concat!(
+        "SELECT seq, ", transfer_cols!(), " FROM transfers WHERE seq > ?2 AND (debit_account = ?1 OR credit_account = ?1) \
          ORDER BY seq LIMIT ?3"
     );
-    let after = after.unwrap_or(0) as i64;
-    let rows: Vec<(i64, Transfer)> = c
-        .prepare_cached(&sql)
-        .and_then(|mut s| {
-            s.query_map(params![&account.to_bytes()[..], after, limit as i64], |r| {
-                let seq: i64 = r.get(0)?;
-                let t = row_transfer_at(r, 1)?;
-                Ok((seq, t))
-            })?
-            .collect()
-        })
-        .map_err(db_err)?;
+    let mut rows = if after < upto { query(indexed, limit as usize, after)? } else { Vec::new() };
+    if rows.len() < limit as usize {
+        rows.extend(query(tail, limit as usize - rows.len(), after.max(upto))?);
+    }
     let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.0 as u64)).flatten();
     Ok(Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor })
 }
@@ -799,8 +863,48 @@ fn read_totals(c: &Connection) -> Result<HashMap<AccountId, AccountTotals>> {
 const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount_micros <= 0 \
     OR t.debit_account = t.credit_account OR (t.hold = 1) <> (t.timeout_ms > 0) \
     OR (t.hold = 1 AND t.state = 1 AND NOT EXISTS (SELECT 1 FROM transfers p \
-        WHERE p.idempotency_key = '~post:' || lower(hex(t.id)) AND p.pending_id = t.id \
+        WHERE p.pending_id = t.id AND p.idempotency_key = '~post:' || lower(hex(t.id)) \
         AND p.amount_micros <= t.amount_micros))";
+
+/// Counts that prove the bulk index tables exact (see `check_bulk_indexes`).
+const INDEX_COUNTS_SQL: &str = "SELECT \
+    (SELECT COUNT(*) FROM transfers WHERE seq <= ?1), \
+    (SELECT COUNT(*) FROM transfer_keys), \
+    (SELECT COUNT(*) FROM transfer_keys k JOIN transfers t ON t.seq = k.seq \
+        WHERE t.idempotency_key = k.idempotency_key AND t.seq <= ?1), \
+    (SELECT COUNT(*) FROM account_transfers), \
+    (SELECT COUNT(*) FROM account_transfers a JOIN transfers t ON t.seq = a.seq \
+        WHERE (a.account = t.debit_account OR a.account = t.credit_account) AND t.seq <= ?1), \
+    (SELECT COUNT(*) - COUNT(DISTINCT idempotency_key) FROM transfers WHERE seq > ?1), \
+    (SELECT COUNT(*) FROM transfers t WHERE t.seq > ?1 \
+        AND EXISTS (SELECT 1 FROM transfer_keys k WHERE k.idempotency_key = t.idempotency_key))";
+
+/// The bulk index tables hold exactly the transfers up to `indexed_upto`: one key row and
+/// two account rows each, pointing at it (the tables' primary keys make a match unique, so
+/// equal counts mean nothing is missing or extra), and no idempotency key is used twice.
+fn check_bulk_indexes(c: &Connection, report: &mut CheckReport) -> Result<()> {
+    let upto = indexed_upto(c)?;
+    let n: [i64; 7] = c
+        .prepare_cached(INDEX_COUNTS_SQL)
+        .and_then(|mut s| s.query_row([upto], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?])))
+        .map_err(db_err)?;
+    let [indexed, keys, keys_ok, sides, sides_ok, tail_dups, tail_taken] = n;
+    if keys != indexed || keys_ok != indexed {
+        report.problems.push(format!(
+            "transfer_keys has {keys} rows, {keys_ok} matching, for {indexed} transfers up to seq {upto}"
+        ));
+    }
+    if sides != 2 * indexed || sides_ok != 2 * indexed {
+        report.problems.push(format!(
+            "account_transfers has {sides} rows, {sides_ok} matching, for {indexed} transfers up to seq {upto}"
+        ));
+    }
+    if tail_dups + tail_taken > 0 {
+        report.problems.push(format!("{} idempotency keys are used twice", tail_dups + tail_taken));
+    }
+    report.ok = report.problems.is_empty();
+    Ok(())
+}
 
 const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXISTS \
     (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND t.hold = 0 AND t.state = 1)";
@@ -836,6 +940,7 @@ fn read_check(c: &Connection) -> Result<CheckReport> {
         .map_err(db_err)?;
     check_key_pending(&keys, &holds, &mut report);
     check_log_postings(query_i128(c, LOG_ORPHANS_SQL)? as u64, &mut report);
+    check_bulk_indexes(c, &mut report)?;
     Ok(report)
 }
 

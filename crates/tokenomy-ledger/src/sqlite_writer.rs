@@ -17,6 +17,15 @@
 //!   before its write is on disk, and the writer meanwhile runs the next batch.
 //! * **Checkpoints run on their own thread and connection** (`wal_autocheckpoint=0` on
 //!   the writer).
+//! * **Scattered indexes are written in bulk.** An index whose entries land all over its
+//!   key space (the idempotency key; account + seq for statements) dirties one page per
+//!   entry, and every dirty page is written to the WAL and copied back by the checkpoint:
+//!   with them in `transfers`, 64 writers settled 15 000 charges/s, without them 32 000
+//!   (`Durability::Full`) and 52 000 (`Normal`). So they are plain tables (`transfer_keys`,
+//!   `account_transfers`) that the writer fills [`INDEX_FLUSH_ROWS`] transfers at a time,
+//!   in key order, inside an ordinary batch; the transfers not yet there (the tail,
+//!   `seq > index_head.indexed_upto`) are kept in memory ([`IndexTail`]) and are always
+//!   re-derivable from `transfers`, so a rollback or a restart just reloads them.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -25,16 +34,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SendError, SyncSender};
 use std::sync::Arc;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use crate::domain::*;
-use crate::sqlite::{exec, load_account, store_account, MAX_BATCH};
+use crate::sqlite::{db_err, exec, load_account, store_account, MAX_BATCH};
 
 /// Most accounts kept in the writer's cache; past it the cache starts over.
 pub const CACHED_ACCOUNTS_MAX: usize = 65_536;
 /// Most pending holds kept in the writer's cache; past it the cache starts over.
 pub const CACHED_HOLDS_MAX: usize = 65_536;
+/// Transfers that wait in the index tail before the writer moves them, in one batch, into
+/// the bulk index tables. A statement scans at most this many plus one batch's transfers
+/// beyond the indexed ones.
+pub const INDEX_FLUSH_ROWS: usize = 4096;
 
 pub(crate) type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
 /// A job runs on the connection (`Some`) or is refused without running (`None`: the batch
@@ -60,8 +73,84 @@ struct Cache {
     /// Pending holds this writer inserted, with their rowid (`seq`).
     holds: HashMap<TransferId, (i64, Transfer)>,
     next_log_index: Option<u64>,
+    /// Transfers not yet in the bulk index tables; `None` until first needed.
+    tail: Option<IndexTail>,
     /// Count of staged changes, so that a job that failed after staging one poisons its batch.
     staged: u64,
+}
+
+/// The transfers above `index_head.indexed_upto`, in seq order, with their keys.
+#[derive(Default)]
+struct IndexTail {
+    indexed_upto: i64,
+    rows: Vec<TailRow>,
+    keys: HashMap<String, i64>,
+}
+
+struct TailRow {
+    seq: i64,
+    key: String,
+    debit: AccountId,
+    credit: AccountId,
+}
+
+impl IndexTail {
+    fn load(c: &Connection) -> Result<Self> {
+        let upto: i64 = c
+            .prepare_cached("SELECT indexed_upto FROM index_head")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(db_err)?;
+        let mut tail = IndexTail { indexed_upto: upto, ..Default::default() };
+        let mut stmt = c
+            .prepare_cached("SELECT seq, idempotency_key, debit_account, credit_account FROM transfers WHERE seq > ?1 ORDER BY seq")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([upto], |r| {
+                let id = |i| r.get::<_, Vec<u8>>(i).map(|b| AccountId::from_slice(&b));
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, id(2)?, id(3)?))
+            })
+            .map_err(db_err)?;
+        for row in rows {
+            let (seq, key, debit, credit) = row.map_err(db_err)?;
+            let (Some(debit), Some(credit)) = (debit, credit) else {
+                return Err(LedgerError::Storage(format!("transfer {seq} has a malformed account id")));
+            };
+            tail.push(seq, key, debit, credit)?;
+        }
+        Ok(tail)
+    }
+
+    fn push(&mut self, seq: i64, key: String, debit: AccountId, credit: AccountId) -> Result<()> {
+        assert!(seq > self.indexed_upto && self.rows.last().is_none_or(|r| r.seq < seq), "index tail out of order");
+        if self.keys.insert(key.clone(), seq).is_some() {
+            return Err(LedgerError::InvariantViolation(format!("idempotency key {key} is used twice")));
+        }
+        self.rows.push(TailRow { seq, key, debit, credit });
+        Ok(())
+    }
+
+    /// Moves every tail transfer into the bulk index tables (sorted, so each page is
+    /// visited once) and advances `index_head`.
+    fn flush(&mut self, c: &Connection) -> Result<()> {
+        let Some(last) = self.rows.last().map(|r| r.seq) else { return Ok(()) };
+        let mut keys: Vec<(&str, i64)> = self.rows.iter().map(|r| (r.key.as_str(), r.seq)).collect();
+        keys.sort_unstable();
+        let mut insert = c.prepare_cached("INSERT INTO transfer_keys (idempotency_key, seq) VALUES (?1, ?2)").map_err(db_err)?;
+        for (key, seq) in keys {
+            insert.execute(rusqlite::params![key, seq]).map_err(db_err)?;
+        }
+        let mut sides: Vec<([u8; 16], i64)> =
+            self.rows.iter().flat_map(|r| [(r.debit.to_bytes(), r.seq), (r.credit.to_bytes(), r.seq)]).collect();
+        sides.sort_unstable();
+        let mut insert = c.prepare_cached("INSERT INTO account_transfers (account, seq) VALUES (?1, ?2)").map_err(db_err)?;
+        for (account, seq) in sides {
+            insert.execute(rusqlite::params![&account[..], seq]).map_err(db_err)?;
+        }
+        let n = c.prepare_cached("UPDATE index_head SET indexed_upto = ?1").and_then(|mut s| s.execute([last])).map_err(db_err)?;
+        assert_eq!(n, 1, "index_head row missing");
+        *self = IndexTail { indexed_upto: last, ..Default::default() };
+        Ok(())
+    }
 }
 
 impl Deref for WriteConn {
@@ -137,6 +226,30 @@ impl WriteConn {
         self.cache.borrow_mut().next_log_index = Some(index + 1);
     }
 
+    fn with_tail<T>(&self, f: impl FnOnce(&mut IndexTail) -> Result<T>) -> Result<T> {
+        let mut cache = self.cache.borrow_mut();
+        if cache.tail.is_none() {
+            cache.tail = Some(IndexTail::load(&self.conn)?);
+        }
+        f(cache.tail.as_mut().expect("loaded"))
+    }
+
+    /// The seq of the transfer holding `key`, if any: the tail first, then `transfer_keys`.
+    pub(crate) fn seq_of_key(&self, key: &str) -> Result<Option<i64>> {
+        if let Some(seq) = self.with_tail(|t| Ok(t.keys.get(key).copied()))? {
+            return Ok(Some(seq));
+        }
+        self.conn
+            .prepare_cached("SELECT seq FROM transfer_keys WHERE idempotency_key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(db_err)
+    }
+
+    /// Records a transfer just inserted at `seq` in the index tail.
+    pub(crate) fn inserted(&self, seq: i64, t: &Transfer) -> Result<()> {
+        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone(), t.debit_account, t.credit_account))
+    }
+
     /// Writes the staged accounts (each once).
     fn flush(&self) -> Result<()> {
         let mut cache = self.cache.borrow_mut();
@@ -147,7 +260,10 @@ impl WriteConn {
         if cache.accounts.len() > CACHED_ACCOUNTS_MAX {
             cache.accounts.clear();
         }
-        Ok(())
+        match &mut cache.tail {
+            Some(tail) if tail.rows.len() >= INDEX_FLUSH_ROWS => tail.flush(&self.conn),
+            _ => Ok(()),
+        }
     }
 
     /// After a rollback: nothing cached can be trusted.

@@ -1,5 +1,6 @@
 //! Single integration-test binary: the conformance suite, run against every store.
 
+mod bulk_index;
 mod conformance;
 mod tamper;
 

@@ -1,0 +1,168 @@
+//! The SQLite store's bulk index tables (`transfer_keys`, `account_transfers`): statements
+//! and idempotency keys work the same on both sides of `index_head.indexed_upto`, across a
+//! restart, and after a version-2 file is migrated; `check` notices a tampered table.
+
+use std::sync::Arc;
+
+use rusqlite::Connection;
+use tokenomy_ledger::sqlite::INDEX_FLUSH_ROWS;
+use tokenomy_ledger::*;
+
+const C: i64 = MICROS_PER_CREDIT;
+
+/// Ids of `account`'s transfers, read straight from `transfers` in seq order.
+fn ids_in_file(path: &std::path::Path, account: AccountId) -> Vec<TransferId> {
+    let c = Connection::open(path).unwrap();
+    let mut s = c.prepare("SELECT id FROM transfers WHERE debit_account = ?1 OR credit_account = ?1 ORDER BY seq").unwrap();
+    let rows = s.query_map([&account.to_bytes()[..]], |r| r.get::<_, Vec<u8>>(0)).unwrap();
+    rows.map(|r| TransferId::from_slice(&r.unwrap()).unwrap()).collect()
+}
+
+/// Ids of `account`'s statement, paged `page` at a time.
+async fn statement_ids<S: LedgerStore>(s: &S, account: AccountId, page: u32) -> Vec<TransferId> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = s.statement(account, cursor, page).await.unwrap();
+        ids.extend(p.items.iter().map(|t| t.id));
+        match p.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return ids,
+        }
+    }
+}
+
+fn indexed_upto(path: &std::path::Path) -> i64 {
+    Connection::open(path).unwrap().query_row("SELECT indexed_upto FROM index_head", [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_and_retries_span_the_bulk_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let s = Arc::new(SqliteStore::open_with(&path, Durability::Normal).unwrap());
+    let mut accounts = Vec::new();
+    for i in 0..3 {
+        let a = s.create_account(&format!("a{i}"), AccountKind::User).await.unwrap();
+        s.mint(a.id, 1_000_000 * C, &format!("m{i}"), None).await.unwrap();
+        accounts.push(a.id);
+    }
+    // Enough hold + settle pairs (two transfers each) for one flush and a tail.
+    let pairs = INDEX_FLUSH_ROWS * 3 / 4;
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let (s, accounts) = (s.clone(), accounts.clone());
+            tokio::spawn(async move {
+                for i in (w..pairs).step_by(16) {
+                    let h = s.hold(accounts[i % 3], 100, &format!("h{i}"), 60_000, now_ms()).await.unwrap();
+                    s.settle(h.id, 1 + i as i64 % 100, now_ms(), None).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let upto = indexed_upto(&path);
+    assert!(upto > 0 && upto < (2 * pairs + 3) as i64, "indexed up to {upto}: one flush, then a tail");
+    let first = s.hold(accounts[0], 100, "h0", 60_000, now_ms()).await.unwrap();
+    let last_key = format!("h{}", pairs - 1);
+    let last = s.hold(accounts[(pairs - 1) % 3], 100, &last_key, 60_000, now_ms()).await.unwrap();
+    for (round, s) in [s.clone(), Arc::new(SqliteStore::open_with(&path, Durability::Normal).unwrap())].into_iter().enumerate() {
+        let report = s.check().await.unwrap();
+        assert!(report.ok, "round {round}: {:?}", report.problems);
+        for a in &accounts {
+            let expected = ids_in_file(&path, *a);
+            assert_eq!(statement_ids(&*s, *a, 97).await, expected, "round {round}");
+            assert_eq!(statement_ids(&*s, *a, 1000).await, expected, "round {round}");
+        }
+        // A key from the indexed part and one from the tail replay their holds...
+        assert_eq!(s.hold(accounts[0], 100, "h0", 60_000, now_ms()).await.unwrap(), first);
+        assert_eq!(s.hold(accounts[(pairs - 1) % 3], 100, &last_key, 60_000, now_ms()).await.unwrap(), last);
+        // ...and conflict when the parameters differ.
+        let err = s.hold(accounts[0], 101, "h0", 60_000, now_ms()).await.unwrap_err();
+        assert!(matches!(err, LedgerError::IdempotencyConflict { .. }), "{err:?}");
+    }
+    // Behind the store's back: one key row deleted.
+    let c = Connection::open(&path).unwrap();
+    c.execute("DELETE FROM transfer_keys WHERE idempotency_key = 'h0'", []).unwrap();
+    let report = s.check().await.unwrap();
+    assert!(!report.ok);
+    assert!(report.problems.iter().any(|p| p.starts_with("transfer_keys has")), "{:?}", report.problems);
+}
+
+#[tokio::test]
+async fn a_key_reused_behind_the_stores_back_fails_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let s = SqliteStore::open(&path).unwrap();
+    let a = s.create_account("a", AccountKind::User).await.unwrap();
+    s.mint(a.id, 10 * C, "m", None).await.unwrap();
+    let c = Connection::open(&path).unwrap();
+    c.execute(
+        "INSERT INTO transfers (id, idempotency_key, debit_account, credit_account, amount_micros, code, state, hold, \
+         timeout_ms, expires_at_ms, created_at_ms) SELECT ?1, idempotency_key, debit_account, credit_account, \
+         amount_micros, code, state, hold, timeout_ms, expires_at_ms, created_at_ms FROM transfers",
+        [&TransferId(7).to_bytes()[..]],
+    )
+    .unwrap();
+    let report = s.check().await.unwrap();
+    assert!(report.problems.iter().any(|p| p == "1 idempotency keys are used twice"), "{:?}", report.problems);
+}
+
+/// A version-2 file (scattered indexes inside `transfers`) opens as version 3: its
+/// transfers are in the bulk index tables, statements and retries see them.
+#[tokio::test]
+async fn sqlite_file_of_schema_v2_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let (a, h, posted) = {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(include_str!("../data/sqlite_schema_v2.sql")).unwrap();
+        c.execute_batch("UPDATE schema_version SET version = 2").unwrap();
+        drop(c);
+        // Version-2 rows, written the way a version-2 build wrote them.
+        let s = SqliteStore::open(&path).unwrap();
+        let a = s.create_account("old", AccountKind::User).await.unwrap();
+        s.mint(a.id, 10 * C, "m", None).await.unwrap();
+        let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
+        let posted = s.settle(h.id, C / 2, now_ms(), None).await.unwrap().posted.unwrap();
+        drop(s);
+        // Put the version-2 table back, as if this build had never opened the file.
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "DROP TABLE transfer_keys; DROP TABLE account_transfers; DROP TABLE index_head; \
+             ALTER TABLE transfers RENAME TO t3; DROP INDEX transfers_pending; DROP INDEX transfers_settlement; {} \
+             INSERT INTO transfers SELECT * FROM t3; DROP TABLE t3; UPDATE schema_version SET version = 2;",
+            include_str!("../data/sqlite_schema_v2.sql")
+        ))
+        .unwrap();
+        (a, h, posted)
+    };
+    let s = SqliteStore::open(&path).unwrap();
+    let version: i64 = Connection::open(&path).unwrap().query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 3);
+    let report = s.check().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert!(indexed_upto(&path) >= 3);
+    let ids = statement_ids(&s, a.id, 2).await;
+    assert_eq!(ids, ids_in_file(&path, a.id));
+    assert_eq!(ids.len(), 3);
+    assert_eq!(s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap().id, h.id);
+    assert_eq!(s.settle(h.id, C / 2, now_ms(), None).await.unwrap().posted.unwrap(), posted);
+    let h2 = s.hold(a.id, C, "h2", 60_000, now_ms()).await.unwrap();
+    s.settle(h2.id, C, now_ms(), None).await.unwrap();
+    assert_eq!(statement_ids(&s, a.id, 2).await.len(), 5);
+    assert!(s.check().await.unwrap().ok);
+}
+
+/// A file of a later schema version than this build's is refused, with a message.
+#[tokio::test]
+async fn sqlite_file_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    drop(SqliteStore::open(&path).unwrap());
+    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 4").unwrap();
+    let err = SqliteStore::open(&path).err().expect("refused");
+    assert!(err.to_string().contains("newer than this tokenomy's 3"), "{err}");
+}
