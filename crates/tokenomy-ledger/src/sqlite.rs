@@ -11,6 +11,10 @@
 //! that is not; if the COMMIT fails, every job in the batch gets the error.
 //! Concurrent settlements therefore share one fsync.
 //!
+//! Schema version 3 keeps `transfers` free of indexes whose entries scatter over their key
+//! space: idempotency keys and per-account statement entries live in tables the writer fills
+//! in bulk (see `sqlite_writer.rs`), and `check` proves them exact.
+//!
 //! Durability ([`Durability`]): the default, `Full`, answers a batch only after
 //! an fsync of the WAL that began after its COMMIT (run by a syncer thread, so
 //! the writer goes on with the next batch meanwhile): a crash or power loss

@@ -47,7 +47,7 @@ pub const CACHED_HOLDS_MAX: usize = 65_536;
 /// Transfers that wait in the index tail before the writer moves them, in one batch, into
 /// the bulk index tables. A statement scans at most this many plus one batch's transfers
 /// beyond the indexed ones.
-pub const INDEX_FLUSH_ROWS: usize = 4096;
+pub const INDEX_FLUSH_ROWS: usize = 2048;
 
 pub(crate) type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
 /// A job runs on the connection (`Some`) or is refused without running (`None`: the batch
