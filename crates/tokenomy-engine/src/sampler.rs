@@ -19,6 +19,9 @@ pub struct Sampler {
     rng: StdRng,
     generated_counts: HashMap<TokenId, u32>,
     recent: Vec<TokenId>,
+    /// The working copy of a logits row, kept between tokens: a fresh vocabulary-sized
+    /// `Vec` per token is an mmap, page faults and an munmap (above glibc's mmap threshold).
+    scratch: Vec<f32>,
 }
 
 impl Sampler {
@@ -29,7 +32,7 @@ impl Sampler {
             None => StdRng::from_entropy(),
         };
         let start = prompt.len().saturating_sub(REPETITION_WINDOW_TOKENS);
-        Sampler { params, rng, generated_counts: HashMap::new(), recent: prompt[start..].to_vec() }
+        Sampler { params, rng, generated_counts: HashMap::new(), recent: prompt[start..].to_vec(), scratch: Vec::new() }
     }
 
     /// Records a sampled token (for penalties).
@@ -55,8 +58,41 @@ impl Sampler {
         banned: &[TokenId],
         restrict: Option<impl FnOnce(&mut [f32]) -> Result<(), E>>,
     ) -> Result<TokenId, E> {
-        let mut adjusted = logits.to_vec();
-        self.apply_bias_and_penalties(&mut adjusted);
+        if restrict.is_none() && self.is_plain_greedy() {
+            // The common greedy case needs no working copy: the best token, unless banned.
+            let best = argmax(logits);
+            if !banned.contains(&best) {
+                return Ok(best);
+            }
+        }
+        let mut adjusted = std::mem::take(&mut self.scratch);
+        adjusted.clear();
+        adjusted.extend_from_slice(logits);
+        let token = self.sample_adjusted(logits, &mut adjusted, banned, restrict);
+        self.scratch = adjusted;
+        token
+    }
+
+    /// Greedy with nothing that changes the logits (bias, penalties).
+    fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0
+            && p.logit_bias.is_empty()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
+    /// [`Sampler::sample_restricted`] on `adjusted`, a copy of `logits` it may change.
+    fn sample_adjusted<E>(
+        &mut self,
+        logits: &[f32],
+        adjusted: &mut [f32],
+        banned: &[TokenId],
+        restrict: Option<impl FnOnce(&mut [f32]) -> Result<(), E>>,
+    ) -> Result<TokenId, E> {
+        let adjusted = &mut *adjusted;
+        self.apply_bias_and_penalties(adjusted);
         for &t in banned {
             if let Some(l) = adjusted.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;
@@ -64,20 +100,20 @@ impl Sampler {
         }
         let restricted = restrict.is_some();
         if let Some(r) = restrict {
-            r(&mut adjusted)?;
+            r(adjusted)?;
         }
         if self.params.temperature <= 0.0 {
-            return Ok(argmax(&adjusted));
+            return Ok(argmax(adjusted));
         }
-        let max = adjusted.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_f32(adjusted);
         if !max.is_finite() {
-            return Ok(if restricted { argmax(&adjusted) } else { argmax(logits) });
+            return Ok(if restricted { argmax(adjusted) } else { argmax(logits) });
         }
         let p = &self.params;
         let draw: f32 = self.rng.gen();
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // No truncation: draw straight from the softmax, O(vocab), no sort.
-            return Ok(draw_unsorted(&mut adjusted, max, p.temperature, draw));
+            return Ok(draw_unsorted(adjusted, max, p.temperature, draw));
         }
         let mut candidates: Vec<(TokenId, f32)> =
             adjusted.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as TokenId, l)).collect();
@@ -128,14 +164,25 @@ impl Sampler {
 }
 
 /// Index of the largest logit; the lowest index wins a tie (as llama.cpp's greedy sampler).
+/// NaNs are skipped; 0 when there is no number at all. Two passes that vectorise (the max
+/// over 16 lanes, then the first index holding it) instead of one compare-and-branch chain.
 pub fn argmax(logits: &[f32]) -> TokenId {
-    let mut best = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let max = max_f32(logits);
+    logits.iter().position(|&l| l == max).unwrap_or(0) as TokenId
+}
+
+/// The largest non-NaN value (−∞ for none).
+fn max_f32(xs: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
         }
     }
-    best as TokenId
+    rest.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
 fn truncate_top_k(candidates: &mut Vec<(TokenId, f32)>, k: usize) {
@@ -286,6 +333,42 @@ mod tests {
     fn greedy_is_argmax_and_first_index_wins_ties() {
         let mut s = Sampler::new(params(0.0), &[]);
         assert_eq!(s.sample(&[0.1, 2.0, 2.0, -1.0], &[]), 1);
+    }
+
+    /// The two-pass argmax agrees with a plain scan on rows that end inside and at the edge
+    /// of its 16 lanes, with the maximum first, in the middle and last, and a later tie.
+    #[test]
+    fn argmax_agrees_with_a_scan() {
+        let scan = |v: &[f32]| {
+            let mut best = 0;
+            for (i, &l) in v.iter().enumerate() {
+                if l > v[best] {
+                    best = i;
+                }
+            }
+            best as TokenId
+        };
+        for len in [1, 15, 16, 17, 33, 49_152] {
+            for at in [0, len / 2, len - 1] {
+                let mut v: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
+                v[at] = 10.0;
+                v[len - 1] = 10.0;
+                assert_eq!(argmax(&v), scan(&v), "len {len}, max at {at}");
+                assert_eq!(argmax(&v), at as TokenId);
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0, f32::NAN]), 2, "NaNs are skipped");
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+    }
+
+    /// Greedy without a working copy still honours a ban (`ignore_eos`) and bias.
+    #[test]
+    fn greedy_skips_a_banned_best_token_and_applies_bias() {
+        let mut s = Sampler::new(params(0.0), &[]);
+        assert_eq!(s.sample(&[0.0, 5.0, 3.0], &[1]), 2);
+        assert_eq!(s.sample(&[0.0, 5.0, 3.0], &[]), 1);
+        let mut biased = Sampler::new(SamplingParams { logit_bias: vec![(0, 9.0)], ..params(0.0) }, &[]);
+        assert_eq!(biased.sample(&[0.0, 5.0, 3.0], &[]), 0);
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub fn run(
         jobs: HashMap::new(),
         batch: LlamaBatch::new(limits.step_tokens_max as usize, 1),
         eog: eog_tokens(&model),
+        logits: Vec::new(),
         metrics,
     };
     w.run(rx);
@@ -119,6 +120,9 @@ struct Worker<'m> {
     batch: LlamaBatch<'static>,
     /// End-of-generation tokens, banned under `ignore_eos` (computed once: it scans the vocabulary).
     eog: Vec<TokenId>,
+    /// A copy of the logits row being sampled, reused from token to token (a fresh
+    /// vocabulary-sized `Vec` is an mmap and page faults every time).
+    logits: Vec<f32>,
     metrics: Arc<Metrics>,
 }
 
@@ -256,12 +260,15 @@ impl Worker<'_> {
             if !e.logits || !self.jobs.contains_key(&e.job) {
                 continue;
             }
-            let logits = self.ctx.get_logits_ith(i as i32).to_vec();
+            let mut logits = std::mem::take(&mut self.logits);
+            logits.clear();
+            logits.extend_from_slice(self.ctx.get_logits_ith(i as i32));
             if e.samples {
                 self.sample(e.job, &logits);
             } else {
                 self.prompt_logprob(e, &logits);
             }
+            self.logits = logits;
         }
     }
 
