@@ -128,7 +128,7 @@ async fn one(client: &reqwest::Client, a: &BenchArgs, model: &str, messages: &Va
     let resp = match req.send().await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => return One { error: Some(format!("HTTP {}", r.status())), ..One::default() },
-        Err(e) => return One { error: Some(e.to_string()), ..One::default() },
+        Err(e) => return One { error: Some(error_chain(&e)), ..One::default() },
     };
     let (mut first, mut last, mut chunks, mut usage) = (None, None, 0u64, None);
     let mut buf = String::new();
@@ -160,6 +160,17 @@ async fn one(client: &reqwest::Client, a: &BenchArgs, model: &str, messages: &Va
     One { ttft_ms: first.map(ms), tpot_ms: tpot, completion_tokens: tokens, error: None }
 }
 
+/// An error with its causes ("error sending request" alone does not say why).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    out
+}
+
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').context("malformed stat")?.1;
@@ -181,7 +192,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     if a.streams == 0 || a.requests_per_stream == 0 || a.max_tokens == 0 {
         bail!("--streams, --requests-per-stream and --max-tokens must be positive");
     }
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?;
+    // No connection reuse: a server may close an idle keep-alive connection just as the next
+    // request of a stream goes out on it ("connection closed before message completed", seen
+    // with llama-server), which would count as that server's error. A fresh loopback
+    // connection per request costs microseconds, the same for every server.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(3600)).pool_max_idle_per_host(0).build()?;
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
