@@ -414,6 +414,7 @@ fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
 /// was pending, and `transfers_settlement` refuses a second settlement of one hold.
 fn insert_transfer(c: &WriteConn, t: &Transfer) -> Result<Option<i64>> {
     check_transfer(t).map_err(LedgerError::InvariantViolation)?;
+    c.load_tail()?;
     if t.pending_id.is_none() && c.seq_of_key(&t.idempotency_key)?.is_some() {
         return Ok(None);
     }

@@ -121,7 +121,9 @@ impl IndexTail {
     }
 
     fn push(&mut self, seq: i64, key: String, debit: AccountId, credit: AccountId) -> Result<()> {
-        assert!(seq > self.indexed_upto && self.rows.last().is_none_or(|r| r.seq < seq), "index tail out of order");
+        if seq <= self.indexed_upto || self.rows.last().is_some_and(|r| r.seq >= seq) {
+            return Err(LedgerError::InvariantViolation(format!("transfer {seq} is out of order in the index tail")));
+        }
         if self.keys.insert(key.clone(), seq).is_some() {
             return Err(LedgerError::InvariantViolation(format!("idempotency key {key} is used twice")));
         }
@@ -147,7 +149,9 @@ impl IndexTail {
             insert.execute(rusqlite::params![&account[..], seq]).map_err(db_err)?;
         }
         let n = c.prepare_cached("UPDATE index_head SET indexed_upto = ?1").and_then(|mut s| s.execute([last])).map_err(db_err)?;
-        assert_eq!(n, 1, "index_head row missing");
+        if n != 1 {
+            return Err(LedgerError::Storage(format!("index_head has {n} rows, not 1")));
+        }
         *self = IndexTail { indexed_upto: last, ..Default::default() };
         Ok(())
     }
@@ -245,7 +249,13 @@ impl WriteConn {
             .map_err(db_err)
     }
 
-    /// Records a transfer just inserted at `seq` in the index tail.
+    /// Loads the index tail if this batch has not yet. Called before a transfer's INSERT:
+    /// loaded after it, the tail read from `transfers` would already hold the new row.
+    pub(crate) fn load_tail(&self) -> Result<()> {
+        self.with_tail(|_| Ok(()))
+    }
+
+    /// Records a transfer just inserted at `seq` in the index tail (loaded before the INSERT).
     pub(crate) fn inserted(&self, seq: i64, t: &Transfer) -> Result<()> {
         self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone(), t.debit_account, t.credit_account))
     }
