@@ -91,7 +91,6 @@ impl Sampler {
         banned: &[TokenId],
         restrict: Option<impl FnOnce(&mut [f32]) -> Result<(), E>>,
     ) -> Result<TokenId, E> {
-        let adjusted = &mut *adjusted;
         self.apply_bias_and_penalties(adjusted);
         for &t in banned {
             if let Some(l) = adjusted.get_mut(t as usize) {
