@@ -91,6 +91,14 @@ async fn statements_and_retries_span_the_bulk_index() {
     assert!(report.problems.iter().any(|p| p.starts_with("transfer_keys has")), "{:?}", report.problems);
 }
 
+/// A store on `path` (FULL durability) with one user account funded with 10 credits.
+async fn funded(path: &std::path::Path) -> (SqliteStore, Account) {
+    let s = SqliteStore::open(path).unwrap();
+    let a = s.create_account("a", AccountKind::User).await.unwrap();
+    s.mint(a.id, 10 * C, "m", None).await.unwrap();
+    (s, a)
+}
+
 /// A settlement can be the first transfer a writer inserts: after a restart, and after
 /// another connection's commit made it drop what it knew (found in review: the tail was then
 /// loaded after the settlement's INSERT, with the new row already in it).
@@ -99,9 +107,7 @@ async fn a_settlement_is_the_first_write_after_a_restart_or_a_foreign_commit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     let (a, h1, h2) = {
-        let s = SqliteStore::open(&path).unwrap();
-        let a = s.create_account("a", AccountKind::User).await.unwrap();
-        s.mint(a.id, 10 * C, "m", None).await.unwrap();
+        let (s, a) = funded(&path).await;
         let h1 = s.hold(a.id, C, "h1", 60_000, now_ms()).await.unwrap();
         let h2 = s.hold(a.id, C, "h2", 60_000, now_ms()).await.unwrap();
         (a, h1, h2)
@@ -120,9 +126,7 @@ async fn a_settlement_is_the_first_write_after_a_restart_or_a_foreign_commit() {
 async fn a_key_reused_behind_the_stores_back_fails_check() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
-    let s = SqliteStore::open(&path).unwrap();
-    let a = s.create_account("a", AccountKind::User).await.unwrap();
-    s.mint(a.id, 10 * C, "m", None).await.unwrap();
+    let (s, _) = funded(&path).await;
     let c = Connection::open(&path).unwrap();
     c.execute(
         "INSERT INTO transfers (id, idempotency_key, debit_account, credit_account, amount_micros, code, state, hold, \
@@ -147,9 +151,7 @@ async fn sqlite_file_of_schema_v2_is_migrated() {
         c.execute_batch("UPDATE schema_version SET version = 2").unwrap();
         drop(c);
         // Version-2 rows, written the way a version-2 build wrote them.
-        let s = SqliteStore::open(&path).unwrap();
-        let a = s.create_account("old", AccountKind::User).await.unwrap();
-        s.mint(a.id, 10 * C, "m", None).await.unwrap();
+        let (s, a) = funded(&path).await;
         let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
         let posted = s.settle(h.id, C / 2, now_ms(), None).await.unwrap().posted.unwrap();
         drop(s);
