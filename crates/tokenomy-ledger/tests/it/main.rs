@@ -31,8 +31,33 @@ async fn pg_store() -> Option<Arc<PgStore>> {
         });
         return None;
     };
-    let schema = format!("t_{:016x}", rand_u64());
+    let schema = test_schema(&url).await;
     Some(Arc::new(PgStore::open_in_schema(&url, &schema, 8).await.expect("open postgres")))
+}
+
+/// A fresh schema name for one test: `tt_<unix seconds>_<random>`. Tests leave their schema
+/// behind (a failing one must, to be looked at), so the first call of each run drops those
+/// left by runs more than an hour old: the test database stays small however often it runs.
+pub async fn test_schema(url: &str) -> String {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    SWEPT
+        .get_or_init(|| async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
+            let conn = tokio::spawn(conn);
+            let rows = client.query(r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tt\_%'", &[]).await.unwrap();
+            for row in rows {
+                let name: String = row.get(0);
+                let secs = name.split('_').nth(1).and_then(|s| s.parse::<u64>().ok());
+                if secs.is_some_and(|secs| secs + 3600 < now_s) {
+                    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await.unwrap();
+                }
+            }
+            drop(client);
+            let _ = conn.await;
+        })
+        .await;
+    format!("tt_{now_s}_{:016x}", rand_u64())
 }
 
 fn rand_u64() -> u64 {
@@ -128,7 +153,7 @@ async fn sqlite_file_of_schema_v1_is_migrated() {
 async fn postgres_schema_from_a_newer_version_is_refused() {
     use tokenomy_ledger::*;
     let Ok(url) = std::env::var(PG_ENV) else { return };
-    let schema = format!("v9_{:016x}", rand_u64());
+    let schema = test_schema(&url).await;
     drop(PgStore::open_in_schema(&url, &schema, 1).await.unwrap());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -143,7 +168,7 @@ async fn postgres_schema_from_a_newer_version_is_refused() {
 async fn postgres_schema_v1_is_migrated() {
     use tokenomy_ledger::*;
     let Ok(url) = std::env::var(PG_ENV) else { return };
-    let schema = format!("v1_{:016x}", rand_u64());
+    let schema = test_schema(&url).await;
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client

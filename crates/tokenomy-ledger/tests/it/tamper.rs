@@ -48,7 +48,7 @@ async fn sqlite_log_entry_for_a_voided_hold_fails_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_log_entry_for_a_voided_hold_fails_check() {
     let Ok(url) = std::env::var(crate::PG_ENV) else { return };
-    let schema = format!("t_tamper_{:016x}", crate::rand_u64());
+    let schema = crate::test_schema(&url).await;
     let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
     let (a, h) = voided_hold(&s).await;
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
@@ -65,7 +65,7 @@ async fn postgres_log_entry_for_a_voided_hold_fails_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_pending_hold_unlisted_fails_check() {
     let Ok(url) = std::env::var(crate::PG_ENV) else { return };
-    let schema = format!("t_unlisted_{:016x}", crate::rand_u64());
+    let schema = crate::test_schema(&url).await;
     let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
     let a = s.create_account("a", AccountKind::User).await.unwrap();
     s.mint(a.id, 10 * C, "m", None).await.unwrap();
