@@ -4,8 +4,9 @@
 //! every settlement updates the operator-revenue row and `log_head`, so they
 //! all queue on those two row locks for a commit (an fsync) each. Instead,
 //! calls are queued to [`BATCHERS`] tasks; each takes every queued job (up to
-//! [`MAX_PG_BATCH`]) and runs them in ONE transaction with a fixed number of
-//! round trips, whatever the batch size:
+//! [`MAX_PG_BATCH`]; while another batch is in flight, it first waits briefly
+//! for as many jobs as that one has: [`take_batch`]) and runs them in ONE
+//! transaction with a fixed number of round trips, whatever the batch size:
 //!
 //! 1. lock the settled holds (`FOR UPDATE`, ascending id);
 //! 2. read the idempotency keys the batch may replay, and the system accounts
@@ -48,6 +49,8 @@
 //! returns the original result.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use std::sync::{Arc, LazyLock};
 
 use deadpool_postgres::Pool;
@@ -63,6 +66,9 @@ use super::*;
 pub const BATCHERS: usize = 2;
 /// Most jobs in one batch transaction.
 pub const MAX_PG_BATCH: usize = 512;
+/// Longest a batch waits to grow as large as the batch in flight (see [`take_batch`]).
+/// Measured with 64 writers: 1 ms and 2 ms alike in throughput, 2 ms steadier.
+pub const BATCH_WAIT_MAX: Duration = Duration::from_millis(2);
 /// Depth of the batch queue; senders wait (backpressure) when it is full.
 pub const PG_CHANNEL_CAPACITY: usize = 8192;
 
@@ -96,27 +102,79 @@ enum Outcome {
 pub(super) fn spawn(pool: Pool) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>(PG_CHANNEL_CAPACITY);
     let rx = Arc::new(Mutex::new(rx));
+    let in_flight = Arc::new(InFlight::default());
     for _ in 0..BATCHERS {
-        let (rx, pool) = (rx.clone(), pool.clone());
+        let (rx, pool, in_flight) = (rx.clone(), pool.clone(), in_flight.clone());
         tokio::spawn(async move {
             loop {
                 let batch = {
                     let mut rx = rx.lock().await;
-                    let Some(first) = rx.recv().await else { return };
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_PG_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
-                        }
+                    match take_batch(&mut rx, &in_flight).await {
+                        Some(batch) => batch,
+                        None => return,
                     }
-                    batch
                 };
                 run(&pool, batch).await;
+                in_flight.finish();
             }
         });
     }
     tx
+}
+
+/// The batches running now: how many, and the size of the last one started.
+#[derive(Default)]
+struct InFlight {
+    batches: AtomicUsize,
+    last_size: AtomicUsize,
+}
+
+impl InFlight {
+    fn start(&self, size: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.last_size.store(size, Ordering::Relaxed);
+    }
+    fn finish(&self) {
+        self.batches.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// How many jobs a new batch should wait for: as many as the batch in flight, if any.
+    fn target(&self) -> usize {
+        match self.batches.load(Ordering::Relaxed) {
+            0 => 0,
+            _ => self.last_size.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Takes every queued job (up to [`MAX_PG_BATCH`]); while another batch is in flight, waits
+/// up to [`BATCH_WAIT_MAX`] until it has as many jobs as that one. `None`: every sender is gone.
+///
+/// Why wait: when a batch ends, its callers get their answers and send their next jobs a
+/// few at a time. Taken as they come, they would make several small batches, each paying a
+/// transaction's fixed cost and queueing for `log_head`; the batches then stay small. Waiting
+/// for the in-flight batch's size keeps each batch whole: measured 1.2–1.5× settled charges/s
+/// at 4 to 64 writers, and lower latency. Alone (nothing in flight) a job never waits.
+async fn take_batch(rx: &mut mpsc::Receiver<Job>, in_flight: &InFlight) -> Option<Vec<Job>> {
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + BATCH_WAIT_MAX;
+    loop {
+        while batch.len() < MAX_PG_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= in_flight.target().min(MAX_PG_BATCH) {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(job)) => batch.push(job),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    in_flight.start(batch.len());
+    Some(batch)
 }
 
 async fn run(pool: &Pool, batch: Vec<Job>) {
@@ -675,4 +733,54 @@ async fn insert_transfers(tx: &Transaction<'_>, ts: &[Transfer]) -> Result<()> {
         return Err(LedgerError::Storage(format!("inserted {n} of {} transfers", ts.len())));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: u128) -> Job {
+        let op = Op::Settle { hold_id: TransferId(n), amount: 1, now: 0, leaf: None };
+        Job { op, reply: Reply::Settle(oneshot::channel().0) }
+    }
+
+    /// A job alone never waits; while a batch of 3 is in flight, the next batch waits for 3
+    /// jobs (sent after it began waiting), or until `BATCH_WAIT_MAX` when they do not come.
+    /// (Paused clock: no real sleeping; time moves only when every task is waiting.)
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_only_to_match_the_one_in_flight() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let in_flight = InFlight::default();
+        tx.send(job(1)).await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(take_batch(&mut rx, &in_flight).await.unwrap().len(), 1);
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+
+        // That batch (1 job) is in flight; finish it, start one of 3.
+        in_flight.finish();
+        in_flight.start(3);
+        tx.send(job(2)).await.unwrap();
+        let late = tx.clone();
+        tokio::spawn(async move {
+            for n in 3..5 {
+                tokio::task::yield_now().await;
+                late.send(job(n)).await.unwrap();
+            }
+        });
+        let t0 = tokio::time::Instant::now();
+        let batch = take_batch(&mut rx, &in_flight).await.unwrap();
+        assert_eq!((batch.len(), t0.elapsed()), (3, Duration::ZERO));
+
+        // Two batches in flight now (3 and 3); one job comes, nothing more: it goes at the deadline.
+        tx.send(job(5)).await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(take_batch(&mut rx, &in_flight).await.unwrap().len(), 1);
+        assert_eq!(t0.elapsed(), BATCH_WAIT_MAX);
+
+        drop(tx);
+        in_flight.finish();
+        in_flight.finish();
+        in_flight.finish();
+        assert!(take_batch(&mut rx, &in_flight).await.is_none());
+    }
 }
