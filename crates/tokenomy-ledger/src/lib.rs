@@ -25,7 +25,9 @@
 //! * **A limit on everything** (amounts, names, keys, pages, leaves, batches,
 //!   channel depth) so that no input can make the ledger do unbounded work.
 //! * **Two stores, one conformance suite**: [`SqliteStore`] for a single node
-//!   (one writer thread, group commit: many operations share one fsync) and
+//!   (one writer thread, group commit: many operations share one fsync; the
+//!   idempotency keys and statement entries indexed in bulk, in a second file,
+//!   by a thread of their own) and
 //!   [`PgStore`] for shared deployments (row locks in a fixed order).
 //! * An optional **leaf closure** lets the receipts log (a transparency log
 //!   of charges) be appended in the *same* transaction as the charge, so a
@@ -35,6 +37,7 @@ pub mod any;
 pub mod domain;
 pub mod pg;
 pub mod sqlite;
+mod sqlite_index;
 mod sqlite_writer;
 pub mod testing;
 

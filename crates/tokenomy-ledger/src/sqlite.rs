@@ -12,8 +12,10 @@
 //! Concurrent settlements therefore share one fsync.
 //!
 //! Schema version 3 keeps `transfers` free of indexes whose entries scatter over their key
-//! space: idempotency keys and per-account statement entries live in tables the writer fills
-//! in bulk (see `sqlite_writer.rs`), and `check` proves them exact.
+//! space: idempotency keys and per-account statement entries live in tables filled in bulk,
+//! and `check` proves them exact. Since version 4 those tables are in a second file next to
+//! the ledger (`<ledger>-index.<ext>`), derived data filled by a thread of its own
+//! (`sqlite_index.rs`), so that the writer thread, the store's bottleneck, does not fill them.
 //!
 //! Durability ([`Durability`]): the default, `Full`, answers a batch only after
 //! an fsync of the WAL that began after its COMMIT (run by a syncer thread, so
@@ -33,7 +35,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::*;
-pub use crate::sqlite_writer::INDEX_FLUSH_ROWS;
+pub use crate::sqlite_index::{index_path, INDEX_FLUSH_ROWS};
 use crate::sqlite_writer::{checkpoint_loop, open_wal, sync_loop, writer_loop, Acks, Finish, Job, Shared, WriteConn, Writer};
 use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
 
@@ -121,16 +123,24 @@ impl SqliteStore {
         // Whatever an earlier run left in the WAL is on disk before anything is built on it.
         let wal = open_wal(&writer)?;
         wal.0.sync_data().map_err(|e| LedgerError::Storage(format!("fsync of {}: {e}", wal.1.display())))?;
-        let shared = Shared::new(next_log_index(&writer)?);
+        // The bulk index file: checked against the ledger, brought up to date (see sqlite_index.rs).
+        let indexer = crate::sqlite_index::open(path.as_ref())?;
+        let shared = Shared::new(next_log_index(&writer)?, crate::sqlite_index::indexed_upto(&indexer)?);
         let reader = open_conn(path.as_ref())?;
+        reader.execute("ATTACH DATABASE ?1 AS ix", [index_path(path.as_ref()).display().to_string()]).map_err(db_err)?;
+        let index_reader = Connection::open(index_path(path.as_ref())).map_err(db_err)?;
+        index_reader.execute_batch("PRAGMA busy_timeout=10000;").map_err(db_err)?;
         let checkpointer = open_conn(path.as_ref())?;
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
+        let (to_index, index_nudges) = std::sync::mpsc::sync_channel(1);
         let (jobs, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new().name(name.into()).spawn(f).map(|_| ()).map_err(|e| LedgerError::Storage(e.to_string()))
         };
         let sh = shared.clone();
         spawn("ledger-sqlite-checkpoint", Box::new(move || checkpoint_loop(checkpointer, commits, CHECKPOINT_INTERVAL, &sh)))?;
+        let sh = shared.clone();
+        spawn("ledger-sqlite-index", Box::new(move || crate::sqlite_index::index_loop(indexer, index_nudges, &sh)))?;
         let acks = match durability {
             Durability::Normal => Acks::Now,
             Durability::Full => {
@@ -140,7 +150,7 @@ impl SqliteStore {
                 Acks::AfterSync(to_syncer)
             }
         };
-        let w = Writer { conn: WriteConn::new(writer), committed, acks, shared: shared.clone() };
+        let w = Writer { conn: WriteConn::new(writer, index_reader, shared.clone()), committed, to_index, acks, shared: shared.clone() };
         spawn("ledger-sqlite-writer", Box::new(move || writer_loop(w, rx)))?;
         Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)), shared })
     }
@@ -197,6 +207,9 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut conn = reader.lock().map_err(|_| LedgerError::Storage("reader poisoned".into()))?;
             let tx = conn.transaction().map_err(db_err)?;
+            // The index file first: its snapshot is then no newer than the ledger's, so it
+            // never holds a transfer the ledger's snapshot lacks (`check` counts both).
+            indexed_upto(&tx)?;
             let out = f(&tx)?;
             tx.finish().map_err(db_err)?;
             Ok(out)
@@ -218,12 +231,13 @@ fn open_conn(path: &Path) -> Result<Connection> {
 }
 
 /// This build's schema version; a file of a later one is refused.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
-/// Brings an older file to version 3, atomically: a version-1 file gets the version-2
+/// Brings an older file to version 4, atomically: a version-1 file gets the version-2
 /// columns; a version-2 file's `transfers` is rebuilt without its two scattered indexes
-/// (the unique idempotency key and account + seq), whose entries move to the bulk
-/// tables `transfer_keys` and `account_transfers`.
+/// (the unique idempotency key and account + seq); a version-3 file's bulk index tables
+/// (`transfer_keys`, `account_transfers`, `index_head`) are dropped. Their entries are
+/// rebuilt in the index file (`sqlite_index.rs`) when the store opens.
 fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
     let result = (|| {
@@ -247,6 +261,8 @@ fn migrate(conn: &Connection) -> Result<()> {
         if has_unique_key_index(conn)? {
             migrate_v3(conn)?;
         }
+        conn.execute_batch("DROP TABLE IF EXISTS transfer_keys; DROP TABLE IF EXISTS account_transfers; DROP TABLE IF EXISTS index_head;")
+            .map_err(db_err)?;
         conn.execute_batch(&format!("UPDATE schema_version SET version = {SCHEMA_VERSION}")).map_err(db_err)
     })();
     conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" }).map_err(db_err)?;
@@ -273,12 +289,7 @@ fn migrate_v3(conn: &Connection) -> Result<()> {
          ALTER TABLE transfers RENAME TO transfers_v2; \
          {SCHEMA} \
          INSERT INTO transfers ({cols}) SELECT {cols} FROM transfers_v2; \
-         DROP TABLE transfers_v2; \
-         DELETE FROM transfer_keys; DELETE FROM account_transfers; \
-         INSERT INTO transfer_keys (idempotency_key, seq) SELECT idempotency_key, seq FROM transfers; \
-         INSERT INTO account_transfers (account, seq) SELECT debit_account, seq FROM transfers \
-             UNION ALL SELECT credit_account, seq FROM transfers; \
-         UPDATE index_head SET indexed_upto = (SELECT COALESCE(MAX(seq), 0) FROM transfers);"
+         DROP TABLE transfers_v2;"
     ))
     .map_err(db_err)
 }
@@ -801,11 +812,12 @@ fn op_set_key_limits(c: &Connection, id: KeyId, rpm: Option<u32>, tpm: Option<u3
 
 // ------------------------------------------------------------------ reads
 
+/// The index file's head (attached to the reader as `ix`).
 fn indexed_upto(c: &Connection) -> Result<i64> {
-    c.prepare_cached("SELECT indexed_upto FROM index_head").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err)
+    c.prepare_cached("SELECT indexed_upto FROM ix.index_head").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err)
 }
 
-/// A page of `account`'s transfers: from `account_transfers` up to `indexed_upto`, then
+/// A page of `account`'s transfers: from the index file's `account_transfers` up to its head, then
 /// from the (bounded) tail of `transfers` past it, in one read transaction.
 fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
     let upto = indexed_upto(c)?;
@@ -819,7 +831,7 @@ fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit:
             .map_err(db_err)
     };
     let indexed = concat!(
-        "SELECT t.seq, ", transfer_cols!(), " FROM account_transfers a JOIN transfers t ON t.seq = a.seq \
+        "SELECT t.seq, ", transfer_cols!(), " FROM ix.account_transfers a JOIN transfers t ON t.seq = a.seq \
          WHERE a.account = ?1 AND a.seq > ?2 ORDER BY a.seq LIMIT ?3"
     );
     let tail = concat!(
@@ -874,15 +886,15 @@ const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount
 /// Counts that prove the bulk index tables exact (see `check_bulk_indexes`).
 const INDEX_COUNTS_SQL: &str = "SELECT \
     (SELECT COUNT(*) FROM transfers WHERE seq <= ?1), \
-    (SELECT COUNT(*) FROM transfer_keys), \
-    (SELECT COUNT(*) FROM transfer_keys k JOIN transfers t ON t.seq = k.seq \
+    (SELECT COUNT(*) FROM ix.transfer_keys), \
+    (SELECT COUNT(*) FROM ix.transfer_keys k JOIN transfers t ON t.seq = k.seq \
         WHERE t.idempotency_key = k.idempotency_key AND t.seq <= ?1), \
-    (SELECT COUNT(*) FROM account_transfers), \
-    (SELECT COUNT(*) FROM account_transfers a JOIN transfers t ON t.seq = a.seq \
+    (SELECT COUNT(*) FROM ix.account_transfers), \
+    (SELECT COUNT(*) FROM ix.account_transfers a JOIN transfers t ON t.seq = a.seq \
         WHERE (a.account = t.debit_account OR a.account = t.credit_account) AND t.seq <= ?1), \
     (SELECT COUNT(*) - COUNT(DISTINCT idempotency_key) FROM transfers WHERE seq > ?1), \
     (SELECT COUNT(*) FROM transfers t WHERE t.seq > ?1 \
-        AND EXISTS (SELECT 1 FROM transfer_keys k WHERE k.idempotency_key = t.idempotency_key))";
+        AND EXISTS (SELECT 1 FROM ix.transfer_keys k WHERE k.idempotency_key = t.idempotency_key))";
 
 /// The bulk index tables hold exactly the transfers up to `indexed_upto`: one key row and
 /// two account rows each, pointing at it (the tables' primary keys make a match unique, so

@@ -22,15 +22,16 @@
 //!   entry, and every dirty page is written to the WAL and copied back by the checkpoint:
 //!   with them in `transfers`, 64 writers settled 15 000 charges/s, without them 32 000
 //!   (`Durability::Full`) and 52 000 (`Normal`). So they are plain tables (`transfer_keys`,
-//!   `account_transfers`) that the writer fills [`INDEX_FLUSH_ROWS`] transfers at a time,
-//!   in key order, inside an ordinary batch; the transfers not yet there (the tail,
-//!   `seq > index_head.indexed_upto`) are kept in memory ([`IndexTail`]) and are always
-//!   re-derivable from `transfers`, so a rollback or a restart just reloads them.
+//!   `account_transfers`), filled in bulk, in key order. Since schema version 4 they are in
+//!   a file of their own, filled by the indexer thread (`sqlite_index.rs`): filling them
+//!   took 13–19 % of this thread. The transfers not yet there (the tail, past
+//!   `Shared::indexed_upto`) are kept in memory ([`IndexTail`]) and are always re-derivable
+//!   from `transfers`, so a rollback or a restart just reloads them.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SendError, SyncSender};
 use std::sync::Arc;
 
@@ -39,15 +40,12 @@ use tokio::sync::mpsc;
 
 use crate::domain::*;
 use crate::sqlite::{db_err, exec, load_account, store_account, MAX_BATCH};
+use crate::sqlite_index::INDEX_TAIL_ROWS_MAX;
 
 /// Most accounts kept in the writer's cache; past it the cache starts over.
 pub const CACHED_ACCOUNTS_MAX: usize = 65_536;
 /// Most pending holds kept in the writer's cache; past it the cache starts over.
 pub const CACHED_HOLDS_MAX: usize = 65_536;
-/// Transfers that wait in the index tail before the writer moves them, in one batch, into
-/// the bulk index tables. A statement scans at most this many plus one batch's transfers
-/// beyond the indexed ones.
-pub const INDEX_FLUSH_ROWS: usize = 2048;
 
 pub(crate) type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
 /// A job runs on the connection (`Some`) or is refused without running (`None`: the batch
@@ -59,6 +57,10 @@ pub(crate) type Job = Box<dyn FnOnce(Option<&WriteConn>) -> (Finish, bool) + Sen
 /// connection, so read helpers take it as they are.
 pub(crate) struct WriteConn {
     conn: Connection,
+    /// The index file (`sqlite_index.rs`), read only: the idempotency keys of transfers
+    /// older than the tail. (Not attached to `conn`: `BEGIN IMMEDIATE` would then lock it too.)
+    index: Connection,
+    shared: Arc<Shared>,
     cache: RefCell<Cache>,
 }
 
@@ -79,7 +81,7 @@ struct Cache {
     staged: u64,
 }
 
-/// The transfers above `index_head.indexed_upto`, in seq order, with their keys.
+/// The transfers past the index file's head (`Shared::indexed_upto`), in seq order, with their keys.
 #[derive(Default)]
 struct IndexTail {
     indexed_upto: i64,
@@ -90,70 +92,50 @@ struct IndexTail {
 struct TailRow {
     seq: i64,
     key: String,
-    debit: AccountId,
-    credit: AccountId,
 }
 
 impl IndexTail {
-    fn load(c: &Connection) -> Result<Self> {
-        let upto: i64 = c
-            .prepare_cached("SELECT indexed_upto FROM index_head")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .map_err(db_err)?;
+    /// The transfers past the index file's head, read from `transfers`. (The indexer may
+    /// move its head meanwhile: the tail then holds a few indexed transfers too, harmless.)
+    fn load(c: &Connection, index: &Connection) -> Result<Self> {
+        let upto = crate::sqlite_index::indexed_upto(index)?;
         let mut tail = IndexTail { indexed_upto: upto, ..Default::default() };
         let mut stmt = c
-            .prepare_cached("SELECT seq, idempotency_key, debit_account, credit_account FROM transfers WHERE seq > ?1 ORDER BY seq")
+            .prepare_cached("SELECT seq, idempotency_key FROM transfers WHERE seq > ?1 ORDER BY seq")
             .map_err(db_err)?;
-        let rows = stmt
-            .query_map([upto], |r| {
-                let id = |i| r.get::<_, Vec<u8>>(i).map(|b| AccountId::from_slice(&b));
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, id(2)?, id(3)?))
-            })
-            .map_err(db_err)?;
+        let rows = stmt.query_map([upto], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).map_err(db_err)?;
         for row in rows {
-            let (seq, key, debit, credit) = row.map_err(db_err)?;
-            let (Some(debit), Some(credit)) = (debit, credit) else {
-                return Err(LedgerError::Storage(format!("transfer {seq} has a malformed account id")));
-            };
-            tail.push(seq, key, debit, credit)?;
+            let (seq, key) = row.map_err(db_err)?;
+            tail.push(seq, key)?;
         }
         Ok(tail)
     }
 
-    fn push(&mut self, seq: i64, key: String, debit: AccountId, credit: AccountId) -> Result<()> {
+    fn push(&mut self, seq: i64, key: String) -> Result<()> {
         if seq <= self.indexed_upto || self.rows.last().is_some_and(|r| r.seq >= seq) {
             return Err(LedgerError::InvariantViolation(format!("transfer {seq} is out of order in the index tail")));
         }
         if self.keys.insert(key.clone(), seq).is_some() {
             return Err(LedgerError::InvariantViolation(format!("idempotency key {key} is used twice")));
         }
-        self.rows.push(TailRow { seq, key, debit, credit });
+        self.rows.push(TailRow { seq, key });
         Ok(())
     }
 
-    /// Moves every tail transfer into the bulk index tables (sorted, so each page is
-    /// visited once) and advances `index_head`.
-    fn flush(&mut self, c: &Connection) -> Result<()> {
-        let Some(last) = self.rows.last().map(|r| r.seq) else { return Ok(()) };
-        let mut keys: Vec<(&str, i64)> = self.rows.iter().map(|r| (r.key.as_str(), r.seq)).collect();
-        keys.sort_unstable();
-        let mut insert = c.prepare_cached("INSERT INTO transfer_keys (idempotency_key, seq) VALUES (?1, ?2)").map_err(db_err)?;
-        for (key, seq) in keys {
-            insert.execute(rusqlite::params![key, seq]).map_err(db_err)?;
+    /// Forgets the transfers the indexer has indexed (up to `upto`).
+    fn prune(&mut self, upto: i64) {
+        if upto <= self.indexed_upto {
+            return;
         }
-        let mut sides: Vec<([u8; 16], i64)> =
-            self.rows.iter().flat_map(|r| [(r.debit.to_bytes(), r.seq), (r.credit.to_bytes(), r.seq)]).collect();
-        sides.sort_unstable();
-        let mut insert = c.prepare_cached("INSERT INTO account_transfers (account, seq) VALUES (?1, ?2)").map_err(db_err)?;
-        for (account, seq) in sides {
-            insert.execute(rusqlite::params![&account[..], seq]).map_err(db_err)?;
+        let n = self.rows.partition_point(|r| r.seq <= upto);
+        for row in self.rows.drain(..n) {
+            self.keys.remove(&row.key);
         }
-        let n = c.prepare_cached("UPDATE index_head SET indexed_upto = ?1").and_then(|mut s| s.execute([last])).map_err(db_err)?;
-        if n != 1 {
-            return Err(LedgerError::Storage(format!("index_head has {n} rows, not 1")));
-        }
-        *self = IndexTail { indexed_upto: last, ..Default::default() };
-        Ok(())
+        self.indexed_upto = upto;
+    }
+
+    fn last_seq(&self) -> Option<i64> {
+        self.rows.last().map(|r| r.seq)
     }
 }
 
@@ -165,8 +147,8 @@ impl Deref for WriteConn {
 }
 
 impl WriteConn {
-    pub(crate) fn new(conn: Connection) -> Self {
-        WriteConn { conn, cache: RefCell::new(Cache::default()) }
+    pub(crate) fn new(conn: Connection, index: Connection, shared: Arc<Shared>) -> Self {
+        WriteConn { conn, index, shared, cache: RefCell::new(Cache::default()) }
     }
 
     /// Changes made so far (rows written plus changes staged in the cache).
@@ -233,17 +215,21 @@ impl WriteConn {
     fn with_tail<T>(&self, f: impl FnOnce(&mut IndexTail) -> Result<T>) -> Result<T> {
         let mut cache = self.cache.borrow_mut();
         if cache.tail.is_none() {
-            cache.tail = Some(IndexTail::load(&self.conn)?);
+            cache.tail = Some(IndexTail::load(&self.conn, &self.index)?);
         }
-        f(cache.tail.as_mut().expect("loaded"))
+        let tail = cache.tail.as_mut().expect("loaded");
+        tail.prune(self.shared.indexed_upto.load(Ordering::SeqCst));
+        f(tail)
     }
 
-    /// The seq of the transfer holding `key`, if any: the tail first, then `transfer_keys`.
+    /// The seq of the transfer holding `key`, if any: the tail first, then the index file's
+    /// `transfer_keys` (every committed transfer is in one of the two: the indexer publishes
+    /// its head only after its commit, and the tail forgets nothing before that).
     pub(crate) fn seq_of_key(&self, key: &str) -> Result<Option<i64>> {
         if let Some(seq) = self.with_tail(|t| Ok(t.keys.get(key).copied()))? {
             return Ok(Some(seq));
         }
-        self.conn
+        self.index
             .prepare_cached("SELECT seq FROM transfer_keys WHERE idempotency_key = ?1")
             .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
             .map_err(db_err)
@@ -257,7 +243,7 @@ impl WriteConn {
 
     /// Records a transfer just inserted at `seq` in the index tail (loaded before the INSERT).
     pub(crate) fn inserted(&self, seq: i64, t: &Transfer) -> Result<()> {
-        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone(), t.debit_account, t.credit_account))
+        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone()))
     }
 
     /// Writes the staged accounts (each once).
@@ -270,10 +256,26 @@ impl WriteConn {
         if cache.accounts.len() > CACHED_ACCOUNTS_MAX {
             cache.accounts.clear();
         }
-        match &mut cache.tail {
-            Some(tail) if tail.rows.len() >= INDEX_FLUSH_ROWS => tail.flush(&self.conn),
-            _ => Ok(()),
+        Ok(())
+    }
+
+    /// After a COMMIT: the transfers up to the tail's last one are committed (the indexer
+    /// may index them).
+    fn publish_committed(&self) {
+        if let Some(seq) = self.cache.borrow().tail.as_ref().and_then(IndexTail::last_seq) {
+            self.shared.committed_upto.fetch_max(seq, Ordering::SeqCst);
         }
+    }
+
+    /// Whether the tail holds more than [`INDEX_TAIL_ROWS_MAX`] transfers (the indexer is
+    /// behind: the next batch waits for it).
+    fn tail_full(&self) -> bool {
+        let indexed = self.shared.indexed_upto.load(Ordering::SeqCst);
+        let mut cache = self.cache.borrow_mut();
+        cache.tail.as_mut().is_some_and(|t| {
+            t.prune(indexed);
+            t.rows.len() > INDEX_TAIL_ROWS_MAX
+        })
     }
 
     /// After a rollback: nothing cached can be trusted.
@@ -303,8 +305,13 @@ impl WriteConn {
 /// What the writer, the syncer, the checkpointer and the readers share.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    /// Set when the WAL could not be synced or checkpointed: nothing more is acknowledged.
+    /// Set when the WAL could not be synced or checkpointed (or the index file written):
+    /// nothing more is acknowledged.
     pub failed: AtomicBool,
+    /// Every transfer up to this seq is committed (set by the writer after each COMMIT).
+    pub committed_upto: AtomicI64,
+    /// Every transfer up to this seq is in the index file (set by the indexer after its commit).
+    pub indexed_upto: AtomicI64,
     /// Log entries below this index are on disk. Readers of the log (which sign
     /// checkpoints over it) see no further: an entry a power loss could still take back
     /// must never be signed.
@@ -312,8 +319,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(durable_log_next: u64) -> Arc<Self> {
-        Arc::new(Shared { failed: AtomicBool::new(false), durable_log_next: AtomicU64::new(durable_log_next) })
+    pub(crate) fn new(durable_log_next: u64, indexed_upto: i64) -> Arc<Self> {
+        Arc::new(Shared {
+            failed: AtomicBool::new(false),
+            committed_upto: AtomicI64::new(indexed_upto),
+            indexed_upto: AtomicI64::new(indexed_upto),
+            durable_log_next: AtomicU64::new(durable_log_next),
+        })
     }
 
     fn durable(&self, log_next: Option<u64>) {
@@ -322,7 +334,7 @@ impl Shared {
         }
     }
 
-    fn fail(&self, what: &str) -> LedgerError {
+    pub(crate) fn fail(&self, what: &str) -> LedgerError {
         self.failed.store(true, Ordering::SeqCst);
         eprintln!("tokenomy-ledger: {what}; refusing further writes until restart");
         LedgerError::Storage(format!("{what}; restart the node"))
@@ -334,6 +346,8 @@ pub(crate) struct Writer {
     pub conn: WriteConn,
     /// Tells the checkpointer that the WAL grew.
     pub committed: SyncSender<()>,
+    /// Tells the indexer that transfers were committed.
+    pub to_index: SyncSender<()>,
     pub acks: Acks,
     pub shared: Arc<Shared>,
 }
@@ -420,6 +434,11 @@ pub(crate) fn checkpoint_loop(conn: Connection, commits: Receiver<()>, interval:
 /// The group-commit loop: one transaction per batch of queued jobs.
 pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.blocking_recv() {
+        // The indexer is far behind (the tail is bounded): wait for it.
+        while w.conn.tail_full() && !w.shared.failed.load(Ordering::SeqCst) {
+            let _ = w.to_index.try_send(());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -434,8 +453,9 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
         } else {
             commit_batch(&w.conn, batch)
         };
-        // A full channel means a checkpoint is already due: nothing to add.
+        // A full channel means a checkpoint (an indexing round) is already due: nothing to add.
         let _ = w.committed.try_send(());
+        let _ = w.to_index.try_send(());
         match &w.acks {
             Acks::AfterSync(syncer) if done.err.is_none() => {
                 if let Err(SendError(done)) = syncer.send(done) {
@@ -475,6 +495,9 @@ fn commit_batch(c: &WriteConn, batch: Vec<Job>) -> Committed {
     if outcome.is_err() {
         let _ = exec(c, "ROLLBACK");
         c.reset();
+    }
+    if outcome.is_ok() {
+        c.publish_committed();
     }
     let log_next = if outcome.is_ok() { c.log_next() } else { None };
     Committed { finishes, err: outcome.err(), log_next }

@@ -1,5 +1,5 @@
--- tokenomy-ledger SQLite schema, version 3. Idempotent: runs on every open
--- (older files are brought to version 3 by `migrate` in sqlite.rs).
+-- tokenomy-ledger SQLite schema, version 4. Idempotent: runs on every open
+-- (older files are brought to version 4 by `migrate` in sqlite.rs).
 -- Ids are 16-byte big-endian u128 blobs. Money is INTEGER micro-credits.
 -- kind: 0 User, 1 Agent, 2 OperatorRevenue, 3 Treasury.
 -- code: 0 Mint, 1 UsageCharge, 2 Transfer, 3 Refund. state: 0 Pending, 1 Posted, 2 Voided.
@@ -39,22 +39,9 @@ CREATE INDEX IF NOT EXISTS transfers_pending ON transfers (expires_at_ms) WHERE 
 -- At most one settlement per hold.
 CREATE UNIQUE INDEX IF NOT EXISTS transfers_settlement ON transfers (pending_id) WHERE pending_id IS NOT NULL;
 
--- Version 3: the two indexes whose insertion points are spread over the whole key space
--- (idempotency key; account + seq, for statements) are tables the writer fills in bulk,
--- many batches at a time (`IndexTail` in sqlite_writer.rs). Every transfer with
--- seq <= index_head.indexed_upto is in both; the writer keeps the newer ones in memory,
--- and statements read them from `transfers` by seq. `check` proves both tables exact.
-CREATE TABLE IF NOT EXISTS transfer_keys (
-    idempotency_key TEXT    PRIMARY KEY,
-    seq             INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS account_transfers (  -- one row per side (debit and credit)
-    account BLOB    NOT NULL,
-    seq     INTEGER NOT NULL,
-    PRIMARY KEY (account, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS index_head (indexed_upto INTEGER NOT NULL CHECK (indexed_upto >= 0));
-INSERT INTO index_head (indexed_upto) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM index_head);
+-- The idempotency keys and the per-account statement entries (indexes whose insertion points
+-- are spread over the whole key space) are not in this file: since version 4 they live in the
+-- index file next to it (`sqlite_index_schema.sql`), filled in bulk on a thread of their own.
 
 CREATE TABLE IF NOT EXISTS log_entries (
     log_index   INTEGER PRIMARY KEY CHECK (log_index >= 0),

@@ -1,11 +1,13 @@
-//! The SQLite store's bulk index tables (`transfer_keys`, `account_transfers`): statements
-//! and idempotency keys work the same on both sides of `index_head.indexed_upto`, across a
-//! restart, and after a version-2 file is migrated; `check` notices a tampered table.
+//! The SQLite store's bulk index tables (`transfer_keys`, `account_transfers`, in the index
+//! file next to the ledger): statements and idempotency keys work the same on both sides of
+//! `index_head.indexed_upto`, across a restart, after the index file is lost or no longer
+//! matches the ledger, and after a version-2 or version-3 file is migrated; `check` notices a
+//! tampered table.
 
 use std::sync::Arc;
 
 use rusqlite::Connection;
-use tokenomy_ledger::sqlite::INDEX_FLUSH_ROWS;
+use tokenomy_ledger::sqlite::{index_path, INDEX_FLUSH_ROWS};
 use tokenomy_ledger::*;
 
 const C: i64 = MICROS_PER_CREDIT;
@@ -32,8 +34,21 @@ async fn statement_ids<S: LedgerStore>(s: &S, account: AccountId, page: u32) -> 
     }
 }
 
+/// The index file's head, read beside the store.
 fn indexed_upto(path: &std::path::Path) -> i64 {
-    Connection::open(path).unwrap().query_row("SELECT indexed_upto FROM index_head", [], |r| r.get(0)).unwrap()
+    Connection::open(index_path(path)).unwrap().query_row("SELECT indexed_upto FROM index_head", [], |r| r.get(0)).unwrap()
+}
+
+/// Waits (up to 30 s) for the indexer thread to index past `seq`.
+async fn indexed_past(path: &std::path::Path, seq: i64) -> i64 {
+    for _ in 0..3000 {
+        let upto = indexed_upto(path);
+        if upto > seq {
+            return upto;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the index never passed transfer {seq}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,11 +78,15 @@ async fn statements_and_retries_span_the_bulk_index() {
     for t in tasks {
         t.await.unwrap();
     }
-    let upto = indexed_upto(&path);
-    assert!(upto > 0 && upto < (2 * pairs + 3) as i64, "indexed up to {upto}: one flush, then a tail");
+    // The indexer thread indexes what the writer committed, once 2 048 transfers wait.
+    let upto = indexed_past(&path, 0).await;
+    // Transfers after that stay in the writer's tail: fewer than 2 048 wait.
     let first = s.hold(accounts[0], 100, "h0", 60_000, now_ms()).await.unwrap();
     let last_key = format!("h{}", pairs - 1);
     let last = s.hold(accounts[(pairs - 1) % 3], 100, &last_key, 60_000, now_ms()).await.unwrap();
+    let (tail_key, tail_hold) = ("tail".to_string(), s.hold(accounts[1], 100, "tail", 60_000, now_ms()).await.unwrap());
+    assert_eq!(indexed_upto(&path), upto, "the index holds still while fewer than {INDEX_FLUSH_ROWS} wait");
+    assert!(upto < (2 * pairs + 4) as i64, "indexed up to {upto}: some transfers are in the tail");
     for (round, s) in [s.clone(), Arc::new(SqliteStore::open_with(&path, Durability::Normal).unwrap())].into_iter().enumerate() {
         let report = s.check().await.unwrap();
         assert!(report.ok, "round {round}: {:?}", report.problems);
@@ -79,16 +98,25 @@ async fn statements_and_retries_span_the_bulk_index() {
         // A key from the indexed part and one from the tail replay their holds...
         assert_eq!(s.hold(accounts[0], 100, "h0", 60_000, now_ms()).await.unwrap(), first);
         assert_eq!(s.hold(accounts[(pairs - 1) % 3], 100, &last_key, 60_000, now_ms()).await.unwrap(), last);
+        assert_eq!(s.hold(accounts[1], 100, &tail_key, 60_000, now_ms()).await.unwrap(), tail_hold);
         // ...and conflict when the parameters differ.
         let err = s.hold(accounts[0], 101, "h0", 60_000, now_ms()).await.unwrap_err();
         assert!(matches!(err, LedgerError::IdempotencyConflict { .. }), "{err:?}");
     }
     // Behind the store's back: one key row deleted.
-    let c = Connection::open(&path).unwrap();
+    let c = Connection::open(index_path(&path)).unwrap();
     c.execute("DELETE FROM transfer_keys WHERE idempotency_key = 'h0'", []).unwrap();
     let report = s.check().await.unwrap();
     assert!(!report.ok);
     assert!(report.problems.iter().any(|p| p.starts_with("transfer_keys has")), "{:?}", report.problems);
+}
+
+/// Deletes the index file (and its WAL), once the dropped store's threads have closed it.
+async fn remove_index_file(path: &std::path::Path) {
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", index_path(path).display()));
+    }
 }
 
 /// A store on `path` (FULL durability) with one user account funded with 10 credits.
@@ -139,7 +167,7 @@ async fn a_key_reused_behind_the_stores_back_fails_check() {
     assert!(report.problems.iter().any(|p| p == "1 idempotency keys are used twice"), "{:?}", report.problems);
 }
 
-/// A version-2 file (scattered indexes inside `transfers`) opens as version 3: its
+/// A version-2 file (scattered indexes inside `transfers`) opens as version 4: its
 /// transfers are in the bulk index tables, statements and retries see them.
 #[tokio::test]
 async fn sqlite_file_of_schema_v2_is_migrated() {
@@ -156,10 +184,10 @@ async fn sqlite_file_of_schema_v2_is_migrated() {
         let posted = s.settle(h.id, C / 2, now_ms(), None).await.unwrap().posted.unwrap();
         drop(s);
         // Put the version-2 table back, as if this build had never opened the file.
+        remove_index_file(&path).await;
         let c = Connection::open(&path).unwrap();
         c.execute_batch(&format!(
-            "DROP TABLE transfer_keys; DROP TABLE account_transfers; DROP TABLE index_head; \
-             ALTER TABLE transfers RENAME TO t3; DROP INDEX transfers_pending; DROP INDEX transfers_settlement; {} \
+            "ALTER TABLE transfers RENAME TO t3; DROP INDEX transfers_pending; DROP INDEX transfers_settlement; {} \
              INSERT INTO transfers SELECT * FROM t3; DROP TABLE t3; UPDATE schema_version SET version = 2;",
             include_str!("../data/sqlite_schema_v2.sql")
         ))
@@ -168,7 +196,7 @@ async fn sqlite_file_of_schema_v2_is_migrated() {
     };
     let s = SqliteStore::open(&path).unwrap();
     let version: i64 = Connection::open(&path).unwrap().query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let report = s.check().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
     assert!(indexed_upto(&path) >= 3);
@@ -189,7 +217,89 @@ async fn sqlite_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     drop(SqliteStore::open(&path).unwrap());
-    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 4").unwrap();
+    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 5").unwrap();
     let err = SqliteStore::open(&path).err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 3"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 4"), "{err}");
+}
+
+/// A store with one account, a settled hold and a pending one; returns what a reopened store
+/// must still know: the account, the pending hold, and the settled hold's settlement.
+async fn some_transfers(path: &std::path::Path) -> (Account, Transfer, Transfer) {
+    let (s, a) = funded(path).await;
+    let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
+    let posted = s.settle(h.id, C / 2, now_ms(), None).await.unwrap().posted.unwrap();
+    let pending = s.hold(a.id, C, "p", 60_000, now_ms()).await.unwrap();
+    (a, pending, posted)
+}
+
+/// What every reopened store below must show: `check` ok, the index file up to date, the
+/// statement complete, and both keys replayed (not used twice).
+async fn reopened_store_knows(path: &std::path::Path, a: &Account, pending: &Transfer, posted: &Transfer) {
+    let s = SqliteStore::open(path).unwrap();
+    let report = s.check().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(indexed_upto(path), 4, "mint, hold, settlement, hold: all indexed at open");
+    assert_eq!(statement_ids(&s, a.id, 3).await, ids_in_file(path, a.id));
+    assert_eq!(&s.hold(a.id, C, "p", 60_000, now_ms()).await.unwrap(), pending);
+    assert_eq!(s.settle(posted.pending_id.unwrap(), C / 2, now_ms(), None).await.unwrap().posted.as_ref(), Some(posted));
+    let err = s.mint(a.id, C, "h", None).await.unwrap_err();
+    assert!(matches!(err, LedgerError::IdempotencyConflict { .. }), "{err:?}");
+}
+
+/// The index file is derived data: lost, it is rebuilt from the ledger when the store opens.
+#[tokio::test]
+async fn a_lost_index_file_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let (a, pending, posted) = some_transfers(&path).await;
+    assert_eq!(index_path(&path), dir.path().join("ledger-index.sqlite"));
+    remove_index_file(&path).await;
+    reopened_store_knows(&path, &a, &pending, &posted).await;
+}
+
+/// An index file that no longer matches the ledger (after a power loss took back the ledger's
+/// last commits, the index may hold transfers the ledger lost) is emptied and rebuilt.
+#[tokio::test]
+async fn an_index_file_ahead_of_the_ledger_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let (a, pending, posted) = some_transfers(&path).await;
+    // As if it had indexed a fifth transfer, under a key the ledger no longer has.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let c = Connection::open(index_path(&path)).unwrap();
+    c.execute_batch(
+        "INSERT INTO transfer_keys VALUES ('lost', 5); UPDATE index_head SET indexed_upto = 5, key_at_head = 'lost';",
+    )
+    .unwrap();
+    drop(c);
+    reopened_store_knows(&path, &a, &pending, &posted).await;
+    let lost: i64 = Connection::open(index_path(&path)).unwrap().query_row("SELECT COUNT(*) FROM transfer_keys WHERE idempotency_key = 'lost'", [], |r| r.get(0)).unwrap();
+    assert_eq!(lost, 0);
+}
+
+/// A version-3 file (bulk index tables inside the ledger file) opens as version 4: the tables
+/// leave the ledger file and are rebuilt in the index file.
+#[tokio::test]
+async fn sqlite_file_of_schema_v3_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let (a, pending, posted) = some_transfers(&path).await;
+    // Make it the file a version-3 build wrote: its tables, filled, and no index file.
+    remove_index_file(&path).await;
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(include_str!("../data/sqlite_schema_v3.sql")).unwrap();
+    c.execute_batch(
+        "INSERT INTO transfer_keys SELECT idempotency_key, seq FROM transfers; \
+         INSERT INTO account_transfers SELECT debit_account, seq FROM transfers UNION ALL SELECT credit_account, seq FROM transfers; \
+         UPDATE index_head SET indexed_upto = 4; UPDATE schema_version SET version = 3;",
+    )
+    .unwrap();
+    drop(c);
+    reopened_store_knows(&path, &a, &pending, &posted).await;
+    let c = Connection::open(&path).unwrap();
+    let version: i64 = c.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+    let old_tables: i64 = c
+        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('transfer_keys', 'account_transfers', 'index_head')", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((version, old_tables), (4, 0));
 }

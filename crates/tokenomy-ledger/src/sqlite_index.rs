@@ -1,0 +1,209 @@
+//! The SQLite store's bulk index: `transfer_keys` (idempotency key → seq) and
+//! `account_transfers` (account, seq), in a file of their own next to the ledger file, filled
+//! by a thread of their own.
+//!
+//! Why a second file: every write of the store goes through one writer thread and one
+//! connection, and at 64 concurrent writers that thread is the bottleneck (97 % of one core,
+//! the other core mostly idle; docs/benchmarks.md, session 10). Filling these two tables took
+//! 13–19 % of it. They are derived data (rebuilt from `transfers` at any time), and SQLite lets
+//! only one connection write a file at a time, so only another file lets another thread fill
+//! them while the writer goes on.
+//!
+//! The contract with the writer (`sqlite_writer.rs`): the indexer indexes committed transfers
+//! only (up to `Shared::committed_upto`, which the writer publishes after each COMMIT), in seq
+//! order, and publishes `Shared::indexed_upto` after its own commit; the writer keeps every
+//! transfer past that in memory (its index tail) and looks keys up there first, then in this
+//! file. A key is therefore always in one of the two.
+//!
+//! The file can fall behind the ledger (a crash before the indexer caught up: [`catch_up`] at
+//! open) or, after a power loss that took back the ledger's last commits, run ahead of it: then
+//! the transfer at its head is gone or another one, and [`open`] empties it and indexes again.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::domain::{LedgerError, Result};
+use crate::sqlite::db_err;
+use crate::sqlite_writer::Shared;
+
+const INDEX_SCHEMA: &str = include_str!("sql/sqlite_index_schema.sql");
+
+/// Transfers the indexer lets pile up before it indexes them (sorted, so each index page is
+/// visited once per round rather than once per transfer).
+pub const INDEX_FLUSH_ROWS: usize = 2048;
+/// Most transfers one round of the indexer (one transaction) takes.
+pub const INDEX_ROUND_ROWS_MAX: usize = 8 * INDEX_FLUSH_ROWS;
+/// Most transfers the writer keeps in memory, unindexed; past it the writer waits for the
+/// indexer before its next batch.
+pub const INDEX_TAIL_ROWS_MAX: usize = 32 * INDEX_FLUSH_ROWS;
+
+/// WAL pages of the index file past which its indexer checkpoints (SQLite's default is
+/// 1 000). Each checkpoint fsyncs twice, on the disk the ledger's syncer waits on; the file
+/// is derived data, so a larger WAL costs only its size.
+pub const INDEX_WAL_CHECKPOINT_PAGES: u64 = 16_384;
+/// The indexer thread's nice value: background work, behind the writer, the syncer and the
+/// callers' tasks on a busy machine (the writer's tail is bounded, so it cannot be starved
+/// for long: past [`INDEX_TAIL_ROWS_MAX`] the writer waits, and its core is the indexer's).
+pub const INDEXER_NICE: i32 = 10;
+
+/// `ledger.sqlite` → `ledger-index.sqlite`.
+pub fn index_path(ledger: &Path) -> PathBuf {
+    let mut name = ledger.file_stem().unwrap_or_default().to_os_string();
+    name.push("-index");
+    if let Some(ext) = ledger.extension() {
+        name.push(".");
+        name.push(ext);
+    }
+    ledger.with_file_name(name)
+}
+
+/// The indexer's connection: the index file, with the ledger attached read-only as `ledger`
+/// (so `BEGIN IMMEDIATE` takes the write lock of the index file only, never the ledger's).
+/// Creates the tables, empties the file if it does not match the ledger, and indexes every
+/// committed transfer: the writer then starts with an empty tail.
+pub(crate) fn open(ledger: &Path) -> Result<Connection> {
+    let c = Connection::open(index_path(ledger)).map_err(db_err)?;
+    c.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; \
+         PRAGMA wal_autocheckpoint={INDEX_WAL_CHECKPOINT_PAGES}; PRAGMA journal_size_limit={}",
+        INDEX_WAL_CHECKPOINT_PAGES * 4096
+    ))
+    .map_err(db_err)?;
+    c.execute_batch(INDEX_SCHEMA).map_err(db_err)?;
+    let uri = format!("file:{}?mode=ro", uri_path(ledger));
+    c.execute("ATTACH DATABASE ?1 AS ledger", [uri]).map_err(db_err)?;
+    if !matches_ledger(&c)? {
+        c.execute_batch("BEGIN IMMEDIATE; DELETE FROM transfer_keys; DELETE FROM account_transfers; \
+                         UPDATE index_head SET indexed_upto = 0, key_at_head = NULL; COMMIT;")
+            .map_err(db_err)?;
+    }
+    let last: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger.transfers", [], |r| r.get(0)).map_err(db_err)?;
+    let mut head = indexed_upto(&c)?;
+    while head < last {
+        let next = index_round(&c, last)?;
+        if next == head {
+            break; // (no transfer in the next round's range: the writer's tail holds the rest)
+        }
+        head = next;
+    }
+    Ok(c)
+}
+
+/// A path as an SQLite URI path: `%`, `?` and `#` escaped.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for ch in path.display().to_string().chars() {
+        match ch {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3f"),
+            '#' => out.push_str("%23"),
+            _ => out.push(ch),
+        }
+    }
+    out
+}
+
+/// Whether the transfer at the file's head is still the one it indexed.
+fn matches_ledger(c: &Connection) -> Result<bool> {
+    let (head, key): (i64, Option<String>) =
+        c.query_row("SELECT indexed_upto, key_at_head FROM index_head", [], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_err)?;
+    if head == 0 {
+        return Ok(true);
+    }
+    let found: Option<String> = c
+        .query_row("SELECT idempotency_key FROM ledger.transfers WHERE seq = ?1", [head], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?;
+    Ok(found.is_some() && found == key)
+}
+
+/// The file's head: every transfer up to it is indexed.
+pub(crate) fn indexed_upto(c: &Connection) -> Result<i64> {
+    c.prepare_cached("SELECT indexed_upto FROM index_head").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err)
+}
+
+/// Indexes the committed transfers past the head, up to `committed_upto` and at most
+/// [`INDEX_ROUND_ROWS_MAX`] of them, in one transaction; returns the new head.
+fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
+    c.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = (|| {
+        let head = indexed_upto(c)?;
+        let limit = committed_upto.min(head + INDEX_ROUND_ROWS_MAX as i64);
+        if limit <= head {
+            return Ok(head);
+        }
+        let (upto, key): (i64, String) = c
+            .prepare_cached("SELECT seq, idempotency_key FROM ledger.transfers WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1")
+            .and_then(|mut s| s.query_row([limit], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(|e| LedgerError::Storage(format!("indexing up to transfer {limit}: {e}")))?;
+        if upto <= head {
+            return Ok(head);
+        }
+        let range = params![head, upto];
+        for sql in [
+            "INSERT INTO transfer_keys (idempotency_key, seq) SELECT idempotency_key, seq FROM ledger.transfers \
+             WHERE seq > ?1 AND seq <= ?2 ORDER BY idempotency_key",
+            "INSERT INTO account_transfers (account, seq) SELECT account, seq FROM ( \
+                 SELECT debit_account AS account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2 \
+                 UNION ALL SELECT credit_account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2) \
+             ORDER BY account, seq",
+        ] {
+            c.prepare_cached(sql).and_then(|mut s| s.execute(range)).map_err(db_err)?;
+        }
+        c.prepare_cached("UPDATE index_head SET indexed_upto = ?1, key_at_head = ?2")
+            .and_then(|mut s| s.execute(params![upto, key]))
+            .map_err(db_err)?;
+        Ok(upto)
+    })();
+    match result {
+        Ok(head) => c.execute_batch("COMMIT").map_err(db_err).map(|()| head),
+        Err(e) => {
+            let _ = c.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// The indexer thread: after each nudge (the writer committed), indexes while at least
+/// [`INDEX_FLUSH_ROWS`] committed transfers wait. Ends when the writer does. An error stops
+/// the store's writes, as a failed checkpoint does: the writer's tail would otherwise grow
+/// until it waits forever.
+pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
+    lower_this_threads_priority();
+    while nudges.recv().is_ok() {
+        loop {
+            let committed = shared.committed_upto.load(Ordering::SeqCst);
+            if committed - shared.indexed_upto.load(Ordering::SeqCst) < INDEX_FLUSH_ROWS as i64 {
+                break;
+            }
+            match index_round(&c, committed) {
+                Ok(head) => {
+                    shared.indexed_upto.fetch_max(head, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    drop(shared.fail(&format!("indexing transfers failed: {e}")));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Gives the calling thread [`INDEXER_NICE`] (Linux: nice values are per thread). Measured
+/// at 64 writers against the indexer at the default priority and checkpoint size: 1.1–1.15×
+/// settled charges/s and a lower p99 (docs/benchmarks.md, session 10).
+#[cfg(target_os = "linux")]
+fn lower_this_threads_priority() {
+    // SAFETY: setpriority only reads its integer arguments; `who = 0` is the calling thread.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, INDEXER_NICE) };
+    if rc != 0 {
+        eprintln!("tokenomy-ledger: could not lower the indexer thread's priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_this_threads_priority() {}
