@@ -15,9 +15,10 @@
 //! transfer past that in memory (its index tail) and looks keys up there first, then in this
 //! file. A key is therefore always in one of the two.
 //!
-//! The file can fall behind the ledger (a crash before the indexer caught up: [`catch_up`] at
-//! open) or, after a power loss that took back the ledger's last commits, run ahead of it: then
-//! the transfer at its head is gone or another one, and [`open`] empties it and indexes again.
+//! The file can fall behind the ledger (a crash before the indexer caught up: [`open`] indexes
+//! the rest) or, after a power loss that took back the ledger's last commits, run ahead of it:
+//! then the transfer at its head is gone or another one, and [`open`] empties it and indexes
+//! again.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -181,7 +182,9 @@ pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
             }
             match index_round(&c, committed) {
                 Ok(head) => {
-                    shared.indexed_upto.fetch_max(head, Ordering::SeqCst);
+                    if shared.indexed_upto.fetch_max(head, Ordering::SeqCst) >= head {
+                        break; // no progress (nothing in range): wait for the next commit
+                    }
                 }
                 Err(e) => {
                     drop(shared.fail(&format!("indexing transfers failed: {e}")));
