@@ -207,9 +207,6 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut conn = reader.lock().map_err(|_| LedgerError::Storage("reader poisoned".into()))?;
             let tx = conn.transaction().map_err(db_err)?;
-            // The index file first: its snapshot is then no newer than the ledger's, so it
-            // never holds a transfer the ledger's snapshot lacks (`check` counts both).
-            indexed_upto(&tx)?;
             let out = f(&tx)?;
             tx.finish().map_err(db_err)?;
             Ok(out)
@@ -927,6 +924,9 @@ const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXIS
     (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND t.hold = 0 AND t.state = 1)";
 
 fn read_check(c: &Connection) -> Result<CheckReport> {
+    // The index file first: its snapshot is then no newer than the ledger's, so it never holds
+    // a transfer the ledger's snapshot lacks (`check_bulk_indexes` counts both).
+    indexed_upto(c)?;
     let accounts: Vec<Account> = c
         .prepare_cached("SELECT id, name, kind, balance_micros, pending_micros, created_at_ms FROM accounts")
         .and_then(|mut s| s.query_map([], row_account)?.collect())

@@ -303,3 +303,38 @@ async fn sqlite_file_of_schema_v3_is_migrated() {
         .unwrap();
     assert_eq!((version, old_tables), (4, 0));
 }
+
+/// `check` runs while writers commit and the indexer indexes behind them: it must never see
+/// the index file ahead of its own view of the ledger (it reads the index file first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_is_consistent_while_the_indexer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let s = Arc::new(SqliteStore::open_with(&path, Durability::Normal).unwrap());
+    let a = s.create_account("a", AccountKind::User).await.unwrap();
+    s.mint(a.id, 1_000_000 * C, "m", None).await.unwrap();
+    let pairs = 2 * INDEX_FLUSH_ROWS;
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in (w..pairs).step_by(8) {
+                    let h = s.hold(a.id, 100, &format!("h{i}"), 60_000, now_ms()).await.unwrap();
+                    s.settle(h.id, 1, now_ms(), None).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut checks = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        let report = s.check().await.unwrap();
+        assert!(report.ok, "check {checks}: {:?}", report.problems);
+        checks += 1;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(indexed_past(&path, 0).await > 0, "the indexer ran during the test");
+    assert!(s.check().await.unwrap().ok);
+    assert!(checks > 1, "{checks} checks");
+}
