@@ -6,10 +6,13 @@ Usage:
   python bench/compare_servers.py --tokenomy target/debug/tokenomy \
       --llama-server target/llama-cpp-ref/build/bin/llama-server \
       --model ~/.tokenomy/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf [--model …] \
-      [--threads 2] [--streams 8] [--requests-per-stream 2] [--max-tokens 48] [--rounds 3]
+      [--threads 2] [--streams 8] [--requests-per-stream 2] [--max-tokens 48] [--rounds 3] \
+      [--json-out rounds.json]
 
 Machines here drift by tens of per cent within minutes, so each model is measured in rounds
 (llama-server, then tokenomy, repeated) and the ratios are medians of per-round ratios.
+After the table it prints issue 5's targets with the exact ratios (the table rounds them) and
+whether each is met; `--json-out` keeps every round's raw `tokenomy bench` report.
 """
 import argparse
 import json
@@ -50,6 +53,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--ctx-per-stream", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3, help="llama-server then tokenomy, this many times per model")
+    p.add_argument("--json-out", help="write every round's raw reports here")
     a = p.parse_args()
     med = statistics.median
     rows = []
@@ -85,6 +89,26 @@ def main():
               f"{m(0, 'ttft_ms_p50_first'):.0f} / {m(1, 'ttft_ms_p50_first'):.0f}, {med(first):.2f} | "
               f"{m(0, 'tpot_ms_p50'):.1f} / {m(1, 'tpot_ms_p50'):.1f} | {m(0, 'cpu_s_per_mtok'):.0f} / {m(1, 'cpu_s_per_mtok'):.0f} | "
               f"{errors[0]} / {errors[1]} | {' '.join(f'{r:.2f}' for r in tps)} |")
+    print("\nTargets (issue 5), exact ratios:")
+    for name, w, pairs in rows:
+        for line, ok in targets(w, pairs):
+            print(f"- {name} {w}: {line}: {'met' if ok else 'NOT met'}")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump([{"model": name, "workload": w, "rounds": [{"llama_server": ls, "tokenomy": tk} for ls, tk in pairs]}
+                       for name, w, pairs in rows], f, indent=1)
+
+
+def targets(workload, pairs):
+    """Issue 5's lines for one workload: (text with the exact median ratio, met)."""
+    med = statistics.median
+    tps = med(p[1]["completion_tok_per_s"] / p[0]["completion_tok_per_s"] for p in pairs)
+    errors = sum(p[1]["errors"] for p in pairs)
+    if workload == "shared-prefix":
+        ttft = med(p[1]["ttft_ms_p50"] / p[0]["ttft_ms_p50"] for p in pairs)
+        return [(f"tok/s {tps:.4f}x (>= 1.3)", tps >= 1.3), (f"TTFT p50 {ttft:.4f}x (<= 0.5)", ttft <= 0.5),
+                (f"tokenomy errors {errors} (0)", errors == 0)]
+    return [(f"tok/s {tps:.4f}x (>= 1.0)", tps >= 1.0), (f"tokenomy errors {errors} (0)", errors == 0)]
 
 
 if __name__ == "__main__":
