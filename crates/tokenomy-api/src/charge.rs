@@ -6,13 +6,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Principal, ReceiptRef};
+use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Billing, Principal, ReceiptRef};
 use tokenomy_ledger::{Account, AccountId, KeyRecord, KeySpend, SpendCaps, Transfer};
 
 use crate::routes::ApiJson;
@@ -26,22 +27,53 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
+tokio::task_local! {
+    /// The key [`authenticate_first`] found for the request being handled.
+    static AUTHENTICATED: Principal;
+}
+
+/// Middleware of every route that takes a key: checks the key before the handler reads the
+/// body, so a request without a valid key gets 401 whatever its body holds (a malformed body
+/// must not tell an unauthenticated caller what the route expects). The handler gets the key
+/// back from [`authenticate`] without a second lookup. Keyless requests pass through where
+/// keys are not required (no ledger, or `--no-auth` without a key); the handler decides.
+pub(crate) async fn authenticate_first(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(b) = &state.billing else { return next.run(req).await };
+    if state.no_auth && bearer(req.headers()).is_none() {
+        return next.run(req).await;
+    }
+    match b.authenticate(bearer(req.headers())).await {
+        Ok(p) => AUTHENTICATED.scope(p, next.run(req)).await,
+        Err(e) if req.uri().path().starts_with("/v1/messages") => crate::anthropic::AnthropicError::from(AppError::from(e)).into_response(),
+        Err(e) => AppError::from(e).into_response(),
+    }
+}
+
+/// The key of `headers`: the one [`authenticate_first`] checked for this request, else a
+/// lookup (a handler called without the middleware).
+async fn authenticate(b: &Billing, headers: &HeaderMap) -> Result<Principal, AppError> {
+    if let Ok(p) = AUTHENTICATED.try_with(Principal::clone) {
+        return Ok(p);
+    }
+    Ok(b.authenticate(bearer(headers)).await?)
+}
+
 /// The caller of an inference route: `None` when the node does not bill (no ledger).
 pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<Principal>, AppError> {
     let Some(b) = &state.billing else { return Ok(None) };
     if state.no_auth && bearer(headers).is_none() {
         return Ok(Some(b.local_principal().await?));
     }
-    Ok(Some(b.authenticate(bearer(headers)).await?))
+    Ok(Some(authenticate(b, headers).await?))
 }
 
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let b = billing(state)?;
-    let p = b.authenticate(bearer(headers)).await?;
+/// The caller of an admin route, who must hold the admin scope.
+async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
+    let p = authenticate(billing(state)?, headers).await?;
     if !p.is_admin() {
         return Err(tokenomy_billing::BillingError::Forbidden("This route needs a key with the \"admin\" scope.".into()).into());
     }
-    Ok(())
+    Ok(p)
 }
 
 fn billing(state: &AppState) -> Result<&tokenomy_billing::Billing, AppError> {
@@ -325,9 +357,8 @@ pub struct Mint {
 }
 
 pub async fn mint(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, ApiJson(req): ApiJson<Mint>) -> Result<Json<Value>, AppError> {
-    admin(&state, &headers).await?;
+    let actor = admin(&state, &headers).await?;
     let b = billing(&state)?;
-    let actor = b.authenticate(bearer(&headers)).await?;
     let (t, r) = b.mint(parse_account_id(&id)?, req.amount_micros, &req.idempotency_key, &actor).await?;
     Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
 }
@@ -342,9 +373,8 @@ pub struct NewTransfer {
 }
 
 pub async fn transfer(State(state): State<AppState>, headers: HeaderMap, ApiJson(req): ApiJson<NewTransfer>) -> Result<Json<Value>, AppError> {
-    admin(&state, &headers).await?;
+    let actor = admin(&state, &headers).await?;
     let b = billing(&state)?;
-    let actor = b.authenticate(bearer(&headers)).await?;
     let (from, to) = (parse_account_id(&req.from)?, parse_account_id(&req.to)?);
     let (t, r) = b.transfer(from, to, req.amount_micros, &req.idempotency_key, &actor).await?;
     Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
@@ -364,7 +394,7 @@ pub async fn ledger_check(State(state): State<AppState>, headers: HeaderMap) -> 
 
 pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, AppError> {
     let b = billing(&state)?;
-    let p = b.authenticate(bearer(&headers)).await?;
+    let p = authenticate(b, &headers).await?;
     let a = b.account(p.account).await?;
     Ok(Json(json!({
         "object": "me", "key_id": p.key_id.to_string(), "scopes": p.scopes,
@@ -380,7 +410,7 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
 
 pub async fn get_receipt(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, AppError> {
     let b = billing(&state)?;
-    let p = b.authenticate(bearer(&headers)).await?;
+    let p = authenticate(b, &headers).await?;
     let body = b.receipt_bundle(&id, &p).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }

@@ -10,7 +10,7 @@ use tokenomy_api::AppState;
 use tokenomy_billing::{Billing, FirstRun, OpenOptions};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, ReceiptKind, VerifierKey};
 
-use crate::{assert_error, request, shared_engine, Reply, MODEL};
+use crate::{assert_error, request, send, shared_engine, Reply, MODEL};
 
 pub struct Node {
     pub state: AppState,
@@ -292,6 +292,40 @@ async fn isolation(n: Node) {
     // No key at all.
     let r = request(&n.state, "POST", "/v1/chat/completions", Some(&chat(2).to_string()), &[]).await;
     assert_error(&r, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_valid_key_gets_401_whatever_its_body() {
+    let n = node(None, "", &[]).await;
+    let (_, user_key) = n.funded("u", 1_000).await;
+    let before = n.check().await;
+    let bodies = ["{not json", "{}", r#"{"model": 5}"#];
+    let routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/admin/v1/accounts"), ("POST", "/admin/v1/transfers")];
+    for (method, uri) in routes {
+        for body in bodies {
+            for auth in [vec![], vec![("authorization", "Bearer sk-wrong")]] {
+                let r = request(&n.state, method, uri, Some(body), &auth).await;
+                let e = assert_error(&r, StatusCode::UNAUTHORIZED);
+                assert!(e["code"] == "invalid_api_key" || e["message"].as_str().unwrap().contains("Missing API key"), "{uri} {body}: {e}");
+            }
+        }
+    }
+    // Anthropic's routes answer in Anthropic's shape.
+    for uri in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let r = request(&n.state, "POST", uri, Some("{}"), &[("x-api-key", "sk-wrong")]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+        assert_eq!(r.json()["error"]["type"], "authentication_error", "{}", r.text);
+    }
+    // With a valid key the body is judged as before; public routes and unknown paths need none.
+    let r = n.call("POST", "/v1/chat/completions", None, &user_key).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    let r = request(&n.state, "POST", "/v1/chat/completions", Some("{not json"), &[("authorization", &format!("Bearer {user_key}"))]).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    assert_eq!(send(&n.state, "GET", "/health", None).await.status, StatusCode::OK);
+    assert_eq!(send(&n.state, "GET", "/v1/log/checkpoint", None).await.status, StatusCode::OK);
+    assert_error(&send(&n.state, "GET", "/v1/no-such-route", None).await, StatusCode::NOT_FOUND);
+    let after = n.check().await;
+    assert_eq!((before["accounts"].clone(), before["transfers"].clone()), (after["accounts"].clone(), after["transfers"].clone()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
