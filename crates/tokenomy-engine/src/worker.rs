@@ -170,6 +170,8 @@ impl Worker<'_> {
     /// Returns false when the engine is shutting down and all work is done.
     fn intake(&mut self, rx: &Receiver<Submission>) -> bool {
         if self.sched.is_idle() {
+            // The last step's gauges still count the jobs it finished.
+            self.publish_gauges();
             match rx.recv() {
                 Ok(sub) => self.accept(sub),
                 Err(_) => return false,

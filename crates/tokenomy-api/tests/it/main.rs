@@ -144,3 +144,26 @@ async fn models_health_ready_metrics() {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
 }
+
+/// A gauge's value for the test model in a Prometheus text page.
+fn gauge(page: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name}{{model=\"{MODEL}\"}} ");
+    page.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn gauges_return_to_zero_when_the_engine_goes_idle() {
+    let s = solo_state();
+    let r = post(&s, "/v1/completions", serde_json::json!({"model": MODEL, "prompt": "Hello", "max_tokens": 3})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // The answer is sent when the job ends; the worker publishes as it goes idle, just after.
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = send(&s, "GET", "/metrics", None).await.text;
+        if gauge(&page, "tokenomy_running_sequences") == Some(0.0) && gauge(&page, "tokenomy_queue_depth") == Some(0.0) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("an idle engine still reports work:\n{page}");
+}
