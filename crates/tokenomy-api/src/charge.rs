@@ -60,11 +60,20 @@ async fn authenticate(b: &Billing, headers: &HeaderMap) -> Result<Principal, App
 
 /// The caller of an inference route: `None` when the node does not bill (no ledger).
 pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Option<Principal>, AppError> {
-    let Some(b) = &state.billing else { return Ok(None) };
-    if state.no_auth && bearer(headers).is_none() {
-        return Ok(Some(b.local_principal().await?));
+    match state.billing {
+        Some(_) => principal(state, headers).await.map(Some),
+        None => Ok(None),
     }
-    Ok(Some(authenticate(b, headers).await?))
+}
+
+/// Whose request this is: the key's owner, or under `--no-auth` a keyless request's local
+/// user (who is charged for it, so `/v1/me` and its receipts are theirs too).
+async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
+    let b = billing(state)?;
+    if state.no_auth && bearer(headers).is_none() {
+        return Ok(b.local_principal().await?);
+    }
+    authenticate(b, headers).await
 }
 
 /// The caller of an admin route, who must hold the admin scope.
@@ -394,7 +403,7 @@ pub async fn ledger_check(State(state): State<AppState>, headers: HeaderMap) -> 
 
 pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, AppError> {
     let b = billing(&state)?;
-    let p = authenticate(b, &headers).await?;
+    let p = principal(&state, &headers).await?;
     let a = b.account(p.account).await?;
     Ok(Json(json!({
         "object": "me", "key_id": p.key_id.to_string(), "scopes": p.scopes,
@@ -410,7 +419,7 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
 
 pub async fn get_receipt(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, AppError> {
     let b = billing(&state)?;
-    let p = authenticate(b, &headers).await?;
+    let p = principal(&state, &headers).await?;
     let body = b.receipt_bundle(&id, &p).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }

@@ -329,6 +329,30 @@ async fn a_request_without_a_valid_key_gets_401_whatever_its_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_auth_bills_keyless_requests_to_the_local_user_who_can_see_them() {
+    let n = node(None, "", &[]).await;
+    let state = n.state.clone().with_billing(n.state.billing.clone().unwrap(), true);
+    let r = request(&state, "POST", "/v1/chat/completions", Some(&chat(2).to_string()), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let receipt = r.json()["receipt"]["id"].as_str().unwrap().to_string();
+    // Keyless: the local user's own view and receipts.
+    let me = request(&state, "GET", "/v1/me", None, &[]).await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.text);
+    assert_eq!(me.json()["account"]["name"], "local");
+    assert_eq!(me.json()["usage"]["requests"], 1);
+    assert_eq!(request(&state, "GET", &format!("/v1/receipts/{receipt}"), None, &[]).await.status, StatusCode::OK);
+    // Never the admin API, and a wrong key is still refused.
+    assert_error(&request(&state, "GET", "/admin/v1/ledger/check", None, &[]).await, StatusCode::UNAUTHORIZED);
+    assert_error(&request(&state, "GET", "/v1/me", None, &[("authorization", "Bearer sk-wrong")]).await, StatusCode::UNAUTHORIZED);
+    // Another account's key sees its own account, not the local user's receipts.
+    let (_, other) = n.funded("other", 1_000).await;
+    let auth = format!("Bearer {other}");
+    assert_eq!(request(&state, "GET", "/v1/me", None, &[("authorization", &auth)]).await.json()["account"]["name"], "other");
+    assert_error(&request(&state, "GET", &format!("/v1/receipts/{receipt}"), None, &[("authorization", &auth)]).await, StatusCode::NOT_FOUND);
+    n.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_admin_input_is_refused_and_changes_nothing() {
     for pg in stores() {
         let n = node(pg.as_deref(), "tokenomy_api_bad_input", &[]).await;
