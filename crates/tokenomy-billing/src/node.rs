@@ -4,6 +4,10 @@
 //! `tokenomy.toml` (prices and settings), `ledger.sqlite` (the embedded store),
 //! `node.key` (the Ed25519 signing key, a signed-note private key), `node.pub` (its verifier
 //! key), `checkpoint` (the last checkpoint signed), `admin.key` and `user.key` (first run).
+//!
+//! The first run is once per ledger, not per data dir: a data dir without `admin.key` on a
+//! ledger that already has an admin key (a node added to a shared PostgreSQL ledger, or a lost
+//! `admin.key`) gets an admin key of its own and nothing else.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -126,23 +130,56 @@ impl Billing {
         if voided > 0 {
             tracing::warn!(voided, "voided holds left by an earlier run");
         }
-        let first = if dir.join("admin.key").exists() { None } else { Some(billing.first_run().await?) };
+        let first = if dir.join("admin.key").exists() {
+            None
+        } else if billing.ledger_has_admin_key().await? {
+            billing.join_ledger().await?;
+            None
+        } else {
+            Some(billing.first_run().await?)
+        };
         Ok((billing, first))
     }
 
+    /// Whether the ledger was set up already (by another node sharing the database, or by
+    /// this one before its `admin.key` was lost): it holds an admin key that is not revoked.
+    async fn ledger_has_admin_key(&self) -> Result<bool> {
+        let keys = self.store.list_keys(OPERATOR_REVENUE).await?;
+        Ok(keys.iter().any(|k| k.revoked_at_ms.is_none() && k.scopes.iter().any(|s| s == SCOPE_ADMIN)))
+    }
+
+    /// A data dir without `admin.key` on a ledger set up before: only an admin key for it.
+    /// The local user and its grant are made once per ledger, so nodes added to a shared
+    /// PostgreSQL ledger do not each mint credits.
+    async fn join_ledger(&self) -> Result<()> {
+        let (_, key) = self.issue_admin_key().await?;
+        let path = self.data_dir.join("admin.key");
+        write_file(&path, &format!("{key}\n"), true).map_err(io_err(&path))?;
+        tracing::warn!(
+            admin_key = %path.display(),
+            "this data dir joins a ledger that was set up before: it got an admin key of its own, and no local user or grant \
+             (copy user.key from the data dir that set the ledger up to serve that user with --no-auth here)"
+        );
+        Ok(())
+    }
+
+    /// Creates an admin key (the caller writes it to `DATA_DIR/admin.key`).
+    async fn issue_admin_key(&self) -> Result<(Principal, String)> {
+        let (key, hash) = keys::generate();
+        let id = self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, Default::default()).await?;
+        let admin = Principal { key_id: id, account: OPERATOR_REVENUE, scopes: vec![SCOPE_ADMIN.into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
+        Ok((admin, key))
+    }
+
     async fn first_run(&self) -> Result<FirstRun> {
-        let (admin_id, admin_key) = {
-            let (key, hash) = keys::generate();
-            let id = self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, Default::default()).await?;
-            (id, key)
-        };
-        let admin = Principal { key_id: admin_id, account: OPERATOR_REVENUE, scopes: vec![SCOPE_ADMIN.into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
+        let (admin, admin_key) = self.issue_admin_key().await?;
         let user = self.store.create_account("local", AccountKind::User).await?;
         let grant = self.config.billing.first_run_grant_micros;
         if grant > 0 {
             self.mint(user.id, grant, &format!("first-run-grant:{}", user.id), &admin).await?;
         }
         let (_, user_key) = self.create_key(user.id, &[SCOPE_INFERENCE.to_string()], None, None, Default::default()).await?;
+        // admin.key last: its presence is what marks the first run done.
         let (user_path, admin_path) = (self.data_dir.join("user.key"), self.data_dir.join("admin.key"));
         write_file(&user_path, &format!("{user_key}\n"), true).map_err(io_err(&user_path))?;
         write_file(&admin_path, &format!("{admin_key}\n"), true).map_err(io_err(&admin_path))?;

@@ -195,6 +195,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let billing = open_billing(&args, &data_dir).await?;
+    let user_key = data_dir.join("user.key");
+    if args.no_auth && !user_key.exists() {
+        anyhow::bail!(
+            "--no-auth charges keyless requests to the local user whose key is {}, and this data dir has none \
+             (it joined a ledger that another data dir set up): copy that data dir's user.key here, or serve without --no-auth",
+            user_key.display()
+        );
+    }
     let configs = model_configs(&args)?;
     tracing::info!(models = ?configs.iter().map(|c| &c.name).collect::<Vec<_>>(), "loading");
     let engine = tokio::task::spawn_blocking(move || Engine::load(&configs)).await?.map_err(anyhow::Error::msg)?;
@@ -205,6 +213,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving the OpenAI API at http://{addr}/v1");
     if args.no_auth {
         tracing::warn!("--no-auth: ANYONE who can reach http://{addr} spends the local user's credits without a key");
+    } else if !user_key.exists() {
+        eprintln!("\n  This data dir has no local user (it joined an existing ledger): create accounts and keys with `tokenomy accounts create` and `tokenomy keys create`.\n");
     } else {
         eprintln!(
             "\n  API key for the local user: {}\n  try: curl http://{addr}/v1/chat/completions -H \"Authorization: Bearer $(cat {})\" \\\n         -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n",

@@ -144,3 +144,44 @@ async fn a_request_served_longer_than_the_hold_timeout_is_still_charged() {
     }
 }
 
+
+/// The first run (admin key, local user, starting grant) happens once per ledger: a data dir
+/// that comes to a ledger set up before gets an admin key of its own and mints nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_joining_a_set_up_ledger_gets_an_admin_key_and_mints_nothing() {
+    for pg in stores() {
+        let first_dir = tempfile::tempdir().unwrap();
+        let pg = match pg {
+            Some(u) => Some(fresh_pg(&u, "tokenomy_billing_join").await),
+            None => None,
+        };
+        let (b, first) = Billing::open(opts(first_dir.path(), pg.as_deref())).await.unwrap();
+        assert!(first.is_some());
+        let accounts = b.check().await.unwrap().accounts;
+        let treasury = b.account(tokenomy_ledger::TREASURY).await.unwrap().balance_micros;
+        drop(b);
+        // A second node on the same PostgreSQL ledger has a data dir of its own; on SQLite the
+        // ledger lives in the data dir, so the case is a lost admin.key.
+        let second_dir = tempfile::tempdir().unwrap();
+        let dir = match pg {
+            Some(_) => second_dir.path(),
+            None => {
+                std::fs::remove_file(first_dir.path().join("admin.key")).unwrap();
+                first_dir.path()
+            }
+        };
+        let (b, again) = Billing::open(opts(dir, pg.as_deref())).await.unwrap();
+        assert!(again.is_none(), "no second first run");
+        let key = std::fs::read_to_string(dir.join("admin.key")).unwrap();
+        assert!(b.authenticate(Some(key.trim())).await.unwrap().is_admin());
+        assert_eq!(dir.join("user.key").exists(), pg.is_none(), "a joining data dir gets no user.key");
+        let c = b.check().await.unwrap();
+        assert!(c.ok);
+        assert_eq!(c.accounts, accounts, "no second local user");
+        assert_eq!(b.account(tokenomy_ledger::TREASURY).await.unwrap().balance_micros, treasury, "nothing minted");
+        drop(b);
+        // And it starts as any node does from then on.
+        let (_, third) = Billing::open(opts(dir, pg.as_deref())).await.unwrap();
+        assert!(third.is_none());
+    }
+}

@@ -199,3 +199,25 @@ fn gemma3_needs_a_template_and_answers_with_one() {
     assert_eq!(status, 200, "{v}");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
 }
+
+/// `--no-auth` serves the local user of `user.key`; a data dir that has none (it came to a
+/// ledger set up before) refuses to start with `--no-auth` and says why, before loading a model.
+#[test]
+fn no_auth_without_a_local_user_refuses_to_start() {
+    let dir = tempdir("noauth");
+    let node = serve_in(&dir, &["--model", model(SMOLLM2).to_str().unwrap()], &[]);
+    node.kill();
+    // The admin key and the user key are gone: the ledger (here in the data dir) stays set up.
+    std::fs::remove_file(dir.join("admin.key")).unwrap();
+    std::fs::remove_file(dir.join("user.key")).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--model", model(SMOLLM2).to_str().unwrap(), "--no-auth", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--no-auth") && err.contains("user.key"), "{err}");
+    assert!(dir.join("admin.key").exists(), "the data dir got an admin key of its own");
+    assert!(!dir.join("user.key").exists(), "and no second local user");
+}
