@@ -92,6 +92,8 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
         tx.batch_execute("SELECT pg_advisory_xact_lock(7357001)").await.map_err(pg_err)?;
+        // The idempotent schema's "already exists, skipping" notices would fill every start's log.
+        tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(pg_err)?;
         tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).await.map_err(pg_err)?;
         let exists: bool = tx.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).await.map_err(pg_err)?.get(0);
         if exists {
