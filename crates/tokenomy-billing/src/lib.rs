@@ -210,6 +210,10 @@ pub struct Billing {
     log: tokio::sync::Mutex<log::LogState>,
     limiter: Mutex<ratelimit::RateLimiter>,
     live: Arc<LiveHolds>,
+    /// `DATA_DIR/lock`, locked while this `Billing` lives: one process per data dir. Two
+    /// would each keep their own view of the receipts log and sign checkpoints of it with
+    /// the same key, and on SQLite run two writers and two indexers over one ledger.
+    _data_dir_lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Billing {

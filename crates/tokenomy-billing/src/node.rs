@@ -3,7 +3,8 @@
 //! Files in the data dir (secrets mode 0600, written atomically: temp file, fsync, rename):
 //! `tokenomy.toml` (prices and settings), `ledger.sqlite` (the embedded store),
 //! `node.key` (the Ed25519 signing key, a signed-note private key), `node.pub` (its verifier
-//! key), `checkpoint` (the last checkpoint signed), `admin.key` and `user.key` (first run).
+//! key), `checkpoint` (the last checkpoint signed), `admin.key` and `user.key` (first run),
+//! `lock` (held by the one process serving the data dir).
 //!
 //! The first run is once per ledger, not per data dir: a data dir without `admin.key` on a
 //! ledger that already has an admin key (a node added to a shared PostgreSQL ledger, or a lost
@@ -40,6 +41,21 @@ pub struct FirstRun {
     pub user_key: String,
     pub user_account: AccountId,
     pub grant_micros: i64,
+}
+
+/// Locks `DATA_DIR/lock` (released when the file is closed, or the process dies).
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BillingError::Internal(format!(
+            "another tokenomy process is using the data dir {} (it holds {}): stop it, or give this one a --data-dir of its own",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BillingError + '_ {
@@ -103,6 +119,7 @@ impl Billing {
     pub async fn open(opts: OpenOptions) -> Result<(Arc<Billing>, Option<FirstRun>)> {
         let dir = opts.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let data_dir_lock = lock_data_dir(&dir)?;
         let config = read_or_create_config(&dir, &opts.env)?;
         let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
         let store = open_store(&dir, opts.database_url.as_deref()).await?;
@@ -125,6 +142,7 @@ impl Billing {
             log: tokio::sync::Mutex::new(log),
             limiter: Mutex::new(Default::default()),
             live: Default::default(),
+            _data_dir_lock: data_dir_lock,
         });
         let voided = billing.expire_holds().await?;
         if voided > 0 {

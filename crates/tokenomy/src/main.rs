@@ -192,6 +192,8 @@ fn inspect(file: &std::path::Path) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    // Models are resolved first: a typo must not leave a new data dir (keys, a grant) behind.
+    let configs = model_configs(&args)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let billing = open_billing(&args, &data_dir).await?;
@@ -203,7 +205,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
             user_key.display()
         );
     }
-    let configs = model_configs(&args)?;
     tracing::info!(models = ?configs.iter().map(|c| &c.name).collect::<Vec<_>>(), "loading");
     let engine = tokio::task::spawn_blocking(move || Engine::load(&configs)).await?.map_err(anyhow::Error::msg)?;
     let upkeep = billing.spawn_upkeep();

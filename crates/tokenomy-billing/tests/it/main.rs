@@ -185,3 +185,15 @@ async fn a_data_dir_joining_a_set_up_ledger_gets_an_admin_key_and_mints_nothing(
         assert!(third.is_none());
     }
 }
+
+/// One process per data dir: a second open of a data dir in use is refused, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    let e = Billing::open(opts(dir.path(), None)).await.unwrap_err();
+    assert!(e.to_string().contains("another tokenomy process is using the data dir"), "{e}");
+    drop(b);
+    let (_, first) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    assert!(first.is_none(), "the same ledger, opened again");
+}
