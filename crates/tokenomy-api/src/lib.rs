@@ -163,6 +163,14 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Streams are many small writes (an SSE event a token): without TCP_NODELAY, Nagle's
+    // algorithm would hold each one back until the client acknowledges the previous one,
+    // which a delayed ACK can stretch to tens of milliseconds on a real network.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }
 
