@@ -43,7 +43,8 @@ pub struct FirstRun {
     pub grant_micros: i64,
 }
 
-/// Locks `DATA_DIR/lock` (released when the file is closed, or the process dies).
+/// Locks `DATA_DIR/lock` (released when the file is closed, or the process dies); refuses a
+/// data dir another process holds.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
@@ -54,7 +55,12 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
             dir.display(),
             path.display()
         ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+        // A filesystem without locks (some network mounts) must not keep the node from
+        // starting: it runs unguarded, and says so.
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot lock the data dir; make sure no other tokenomy process uses it");
+            Ok(file)
+        }
     }
 }
 
