@@ -210,13 +210,27 @@ fn no_auth_without_a_local_user_refuses_to_start() {
     // The admin key and the user key are gone: the ledger (here in the data dir) stays set up.
     std::fs::remove_file(dir.join("admin.key")).unwrap();
     std::fs::remove_file(dir.join("user.key")).unwrap();
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["serve", "--model", model(SMOLLM2).to_str().unwrap(), "--no-auth", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve --no-auth started without a local user instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(err.contains("--no-auth") && err.contains("user.key"), "{err}");
     assert!(dir.join("admin.key").exists(), "the data dir got an admin key of its own");
     assert!(!dir.join("user.key").exists(), "and no second local user");
