@@ -13,6 +13,14 @@ fn opts(dir: &std::path::Path, pg: Option<&str>) -> OpenOptions {
 
 use tokenomy_ledger::testing::{fresh_database as fresh_pg, stores};
 
+/// The ledger of one `stores()` entry: a fresh PostgreSQL database named `db`, or SQLite (`None`).
+async fn ledger_url(pg: Option<String>, db: &str) -> Option<String> {
+    match pg {
+        Some(u) => Some(fresh_pg(&u, db).await),
+        None => None,
+    }
+}
+
 fn req(id: &str, prompt: u64, max: u64) -> ChargeRequest {
     ChargeRequest { request_id: id.into(), model: "smollm2".into(), prompt_tokens: prompt, completion_tokens_max: max, idempotency_key: None }
 }
@@ -25,10 +33,7 @@ fn served(prompt: u32, completion: u32) -> Served {
 async fn first_run_charge_receipt_and_restart() {
     for (i, pg) in stores().into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
-        let pg = match pg {
-            Some(u) => Some(fresh_pg(&u, "tokenomy_billing_it").await),
-            None => None,
-        };
+        let pg = ledger_url(pg, "tokenomy_billing_it").await;
         let (b, first) = Billing::open(opts(dir.path(), pg.as_deref())).await.unwrap();
         let first = first.expect("an empty data dir is a first run");
         for f in ["admin.key", "user.key", "node.key"] {
@@ -114,10 +119,7 @@ async fn a_tampered_log_refuses_to_start() {
 async fn a_request_served_longer_than_the_hold_timeout_is_still_charged() {
     for pg in stores() {
         let dir = tempfile::tempdir().unwrap();
-        let pg = match pg {
-            Some(u) => Some(fresh_pg(&u, "tokenomy_billing_live").await),
-            None => None,
-        };
+        let pg = ledger_url(pg, "tokenomy_billing_live").await;
         let mut o = opts(dir.path(), pg.as_deref());
         o.env = vec![
             ("TOKENOMY_BILLING__HOLD_TIMEOUT_MS".into(), "1000".into()),
@@ -144,17 +146,13 @@ async fn a_request_served_longer_than_the_hold_timeout_is_still_charged() {
     }
 }
 
-
 /// The first run (admin key, local user, starting grant) happens once per ledger: a data dir
 /// that comes to a ledger set up before gets an admin key of its own and mints nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_joining_a_set_up_ledger_gets_an_admin_key_and_mints_nothing() {
     for pg in stores() {
         let first_dir = tempfile::tempdir().unwrap();
-        let pg = match pg {
-            Some(u) => Some(fresh_pg(&u, "tokenomy_billing_join").await),
-            None => None,
-        };
+        let pg = ledger_url(pg, "tokenomy_billing_join").await;
         let (b, first) = Billing::open(opts(first_dir.path(), pg.as_deref())).await.unwrap();
         assert!(first.is_some());
         let accounts = b.check().await.unwrap().accounts;
