@@ -3,7 +3,7 @@ threads, llama-server with -np equal to the stream count. Drives both with `toke
 (shared-prefix and no-sharing workloads, fixed seed) and prints a Markdown table with ratios.
 
 Usage:
-  python bench/compare_servers.py --tokenomy target/debug/tokenomy \
+  python bench/compare_servers.py --tokenomy target/release/tokenomy \
       --llama-server target/llama-cpp-ref/build/bin/llama-server \
       --model ~/.tokenomy/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf [--model …] \
       [--threads 2] [--streams 8] [--requests-per-stream 2] [--max-tokens 48] [--rounds 3] \

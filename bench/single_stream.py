@@ -1,7 +1,7 @@
 """Single-stream prefill and decode speed through tokenomy's HTTP API, next to llama-bench on
 the same GGUF and thread count, measured in one run. Prints a Markdown table with ratios.
 
-Usage: python bench/single_stream.py --tokenomy target/debug/tokenomy \
+Usage: python bench/single_stream.py --tokenomy target/release/tokenomy \
            --llama-bench target/llama-cpp-ref/build/bin/llama-bench --model PATH.gguf [--threads 2] [--rounds 7]
 """
 import argparse
@@ -83,6 +83,7 @@ def main():
     print(f"Interleaved rounds (llama-bench -r 1, then tokenomy), medians of {a.rounds}; ratio = median of per-round ratios.\n")
     print(f"| model | llama-bench pp{a.pp} tok/s | tokenomy prefill tok/s | ratio | llama-bench tg{a.tg} tok/s | tokenomy decode tok/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    verdicts = []
     for m in a.model:
         m = os.path.expanduser(m)
         rows = compare(a.tokenomy, a.llama_bench, m, a.threads, a.pp, a.tg, a.rounds)
@@ -92,6 +93,11 @@ def main():
         print(f"| {os.path.basename(m)} | {med(cols[0]):.1f} | {med(cols[1]):.1f} | {pp_ratio:.2f} | "
               f"{med(cols[2]):.1f} | {med(cols[3]):.1f} | {tg_ratio:.2f} |")
         sys.stdout.flush()
+        ok = tg_ratio >= 0.95
+        verdicts.append(f"- {os.path.basename(m)}: decode {tg_ratio:.4f}x llama-bench tg{a.tg} (target >= 0.95): "
+                        f"{'met' if ok else 'NOT met'}")
+    print("\nIssue 5's single-stream line (exact median ratios):")
+    print("\n".join(verdicts))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@
 //! * **Commits do not wait for the disk on the writer thread.** With `Durability::Full`
 //!   the writer commits with `synchronous=NORMAL` and passes the batch's answers to the
 //!   syncer thread, which fsyncs the WAL and only then answers: no caller is told "done"
-//!   before its write is on disk, and the writer meanwhile runs the next batch.
+//!   before its write is on disk, and the writer meanwhile runs the next batch. (Holds,
+//!   voids and extensions are answered at COMMIT: see [`Ack::OnCommit`].)
 //! * **Checkpoints run on their own thread and connection** (`wal_autocheckpoint=0` on
 //!   the writer).
 //! * **Scattered indexes are written in bulk.** An index whose entries land all over its
@@ -51,7 +52,24 @@ pub(crate) type Finish = Box<dyn FnOnce(Option<&LedgerError>) + Send>;
 /// A job runs on the connection (`Some`) or is refused without running (`None`: the batch
 /// could not start); it returns its reply and whether it failed after writing (which
 /// poisons the batch).
-pub(crate) type Job = Box<dyn FnOnce(Option<&WriteConn>) -> (Finish, bool) + Send>;
+pub(crate) struct Job {
+    pub run: Box<dyn FnOnce(Option<&WriteConn>) -> (Finish, bool) + Send>,
+    pub ack: Ack,
+}
+
+/// When a job's caller may be answered, with `Durability::Full`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// Once an fsync of the WAL that began after its batch's COMMIT has returned.
+    Durable,
+    /// Right after its batch's COMMIT: for operations whose loss in a power cut is the same
+    /// as what recovery does anyway. A hold, a void or an extension of holds taken back by
+    /// a power loss leaves the hold absent or pending, and every pending hold of a node that
+    /// stopped expires and is voided: either way nothing is charged and the funds are
+    /// free. Whatever makes a hold matter (its settlement) is written after it in the WAL,
+    /// so it is durable only once the hold is too (WAL frames are kept as a prefix).
+    OnCommit,
+}
 
 /// The writer's connection and what it knows of the rows it wrote. Derefs to the
 /// connection, so read helpers take it as they are.
@@ -364,6 +382,8 @@ pub(crate) enum Acks {
 /// A committed (or failed) batch waiting for its answers.
 pub(crate) struct Committed {
     finishes: Vec<Finish>,
+    /// The answers of [`Ack::OnCommit`] jobs (with `Durability::Full`, sent before the fsync).
+    on_commit: Vec<Finish>,
     err: Option<LedgerError>,
     /// The log's next index once this batch is durable.
     log_next: Option<u64>,
@@ -372,7 +392,12 @@ pub(crate) struct Committed {
 impl Committed {
     fn answer(self, err: Option<&LedgerError>) {
         let err = self.err.as_ref().or(err);
-        self.finishes.into_iter().for_each(|f| f(err));
+        self.on_commit.into_iter().chain(self.finishes).for_each(|f| f(err));
+    }
+
+    fn refused(batch: Vec<Job>, err: LedgerError) -> Self {
+        let finishes = batch.into_iter().map(|j| (j.run)(None).0).collect();
+        Committed { finishes, on_commit: Vec::new(), err: Some(err), log_next: None }
     }
 }
 
@@ -385,6 +410,9 @@ pub(crate) fn open_wal(conn: &Connection) -> Result<(std::fs::File, std::path::P
     Ok((file, wal))
 }
 
+/// How the syncer makes the WAL durable: `File::sync_data` (tests wrap it to hold it back).
+pub(crate) type SyncWal = Box<dyn FnMut(&std::fs::File) -> std::io::Result<()> + Send>;
+
 /// Answers committed batches once their WAL frames are on disk. Every batch queued when an
 /// fsync starts shares it. WAL frames only ever count from the start of the file (each
 /// frame's checksum chains to the previous one), so a batch the disk kept implies every
@@ -394,7 +422,7 @@ pub(crate) fn open_wal(conn: &Connection) -> Result<(std::fs::File, std::path::P
 /// After a failed fsync the kernel may have dropped the dirty pages, and a later fsync can
 /// succeed without them ("fsyncgate"): from then on every batch, queued or not, is answered
 /// with an error and the node must restart (recovery then keeps what the disk has).
-pub(crate) fn sync_loop(wal: (std::fs::File, std::path::PathBuf), batches: Receiver<Committed>, shared: &Shared) {
+pub(crate) fn sync_loop(wal: (std::fs::File, std::path::PathBuf), mut sync: SyncWal, batches: Receiver<Committed>, shared: &Shared) {
     let (file, path) = wal;
     while let Ok(first) = batches.recv() {
         let mut ready = vec![first];
@@ -402,7 +430,7 @@ pub(crate) fn sync_loop(wal: (std::fs::File, std::path::PathBuf), batches: Recei
         let err = if shared.failed.load(Ordering::SeqCst) {
             Some(LedgerError::Storage("the ledger's WAL could not be made durable earlier; restart the node".into()))
         } else {
-            file.sync_data().err().map(|e| shared.fail(&format!("fsync of {} failed: {e}", path.display())))
+            sync(&file).err().map(|e| shared.fail(&format!("fsync of {} failed: {e}", path.display())))
         };
         for b in ready {
             if err.is_none() {
@@ -447,9 +475,9 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let done = if w.shared.failed.load(Ordering::SeqCst) {
+        let mut done = if w.shared.failed.load(Ordering::SeqCst) {
             let err = LedgerError::Storage("the ledger's WAL could not be made durable earlier; restart the node".into());
-            Committed { finishes: batch.into_iter().map(|j| j(None).0).collect(), err: Some(err), log_next: None }
+            Committed::refused(batch, err)
         } else {
             commit_batch(&w.conn, batch)
         };
@@ -458,6 +486,7 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
         let _ = w.to_index.try_send(());
         match &w.acks {
             Acks::AfterSync(syncer) if done.err.is_none() => {
+                std::mem::take(&mut done.on_commit).into_iter().for_each(|f| f(None));
                 if let Err(SendError(done)) = syncer.send(done) {
                     let err = w.shared.fail("the ledger's syncer thread is gone");
                     done.answer(Some(&err));
@@ -478,14 +507,18 @@ fn commit_batch(c: &WriteConn, batch: Vec<Job>) -> Committed {
     if let Err(e) = exec(c, "BEGIN IMMEDIATE").and_then(|()| c.revalidate()) {
         let _ = exec(c, "ROLLBACK");
         c.reset();
-        return Committed { finishes: batch.into_iter().map(|j| j(None).0).collect(), err: Some(e), log_next: None };
+        return Committed::refused(batch, e);
     }
     let mut poisoned = false;
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
+    let mut on_commit: Vec<Finish> = Vec::new();
     for job in batch {
-        let (finish, dirty) = job(Some(c));
+        let (finish, dirty) = (job.run)(Some(c));
         poisoned |= dirty;
-        finishes.push(finish);
+        match job.ack {
+            Ack::Durable => finishes.push(finish),
+            Ack::OnCommit => on_commit.push(finish),
+        }
     }
     let outcome = if poisoned {
         Err(LedgerError::Storage("batch rolled back: an operation failed after writing".into()))
@@ -500,5 +533,5 @@ fn commit_batch(c: &WriteConn, batch: Vec<Job>) -> Committed {
         c.publish_committed();
     }
     let log_next = if outcome.is_ok() { c.log_next() } else { None };
-    Committed { finishes, err: outcome.err(), log_next }
+    Committed { finishes, on_commit, err: outcome.err(), log_next }
 }
