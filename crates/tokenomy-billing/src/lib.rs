@@ -33,7 +33,7 @@ use tokenomy_ledger::{
 use tokenomy_receipts::{Receipt, ReceiptBundle, ReceiptKind, SignerKey, TlogProof, VerifierKey};
 
 pub use config::NodeConfig;
-pub use node::{FirstRun, OpenOptions};
+pub use node::{FirstRun, OpenOptions, FIRST_RUN_FILE, FIRST_RUN_GRANT_KEY};
 pub use ratelimit::{Allowance, Limited, Limits};
 
 pub const SCOPE_INFERENCE: &str = "inference";

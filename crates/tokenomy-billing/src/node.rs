@@ -4,11 +4,19 @@
 //! `tokenomy.toml` (prices and settings), `ledger.sqlite` (the embedded store),
 //! `node.key` (the Ed25519 signing key, a signed-note private key), `node.pub` (its verifier
 //! key), `checkpoint` (the last checkpoint signed), `admin.key` and `user.key` (first run),
-//! `lock` (held by the one process serving the data dir).
+//! `lock` (held by the one process serving the data dir), `first-run` (the keys of a first run
+//! in progress).
 //!
 //! The first run is once per ledger, not per data dir: a data dir without `admin.key` on a
 //! ledger that already has an admin key (a node added to a shared PostgreSQL ledger, or a lost
-//! `admin.key`) gets an admin key of its own and nothing else.
+//! `admin.key`) gets an admin key of its own and nothing else. Two guards keep it so when a
+//! first run is cut short or raced:
+//! - its keys are made locally first and kept in `DATA_DIR/first-run` until `admin.key` and
+//!   `user.key` are written, so a first run interrupted by a crash resumes with the same keys
+//!   and finds what it had done (keys by hash, the grant by its idempotency key);
+//! - the grant's idempotency key is one per ledger ([`FIRST_RUN_GRANT_KEY`]): of nodes that
+//!   start on an empty PostgreSQL ledger at the same moment, one mints it and the others, finding
+//!   the key taken by another account, revoke the key of the local user they made and join.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +27,11 @@ use tokenomy_receipts::SignerKey;
 
 use crate::config::{NodeConfig, DEFAULT_CONFIG_TOML};
 use crate::{keys, log, Billing, BillingError, Principal, Result, SCOPE_ADMIN, SCOPE_INFERENCE};
+
+/// The first-run grant's idempotency key, one per ledger (see the module docs).
+pub const FIRST_RUN_GRANT_KEY: &str = "first-run-grant";
+/// The keys of a first run in progress: `admin <key>` and `user <key>` lines, mode 0600.
+pub const FIRST_RUN_FILE: &str = "first-run";
 
 /// PostgreSQL connections per node.
 const PG_POOL_SIZE: usize = 16;
@@ -41,6 +54,31 @@ pub struct FirstRun {
     pub user_key: String,
     pub user_account: AccountId,
     pub grant_micros: i64,
+}
+
+/// The admin and user keys of the first run in progress at `path`, or new ones, written there
+/// (mode 0600) before anything of the first run reaches the ledger.
+fn read_or_start_first_run(path: &Path) -> Result<(String, String)> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let key = |name: &str| {
+                text.lines().find_map(|l| l.strip_prefix(name).map(|k| k.trim().to_string())).filter(|k| k.starts_with(keys::KEY_PREFIX))
+            };
+            match (key("admin "), key("user ")) {
+                (Some(admin), Some(user)) => Ok((admin, user)),
+                _ => Err(BillingError::Internal(format!(
+                    "{} is not a first run's keys (`admin tk-…` and `user tk-…` lines); remove it to start the first run anew",
+                    path.display()
+                ))),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ((admin, _), (user, _)) = (keys::generate(), keys::generate());
+            write_file(path, &format!("admin {admin}\nuser {user}\n"), true).map_err(io_err(path))?;
+            Ok((admin, user))
+        }
+        Err(e) => Err(io_err(path)(e)),
+    }
 }
 
 /// Locks `DATA_DIR/lock` (released when the file is closed, or the process dies); refuses a
@@ -156,11 +194,12 @@ impl Billing {
         }
         let first = if dir.join("admin.key").exists() {
             None
-        } else if billing.ledger_has_admin_key().await? {
-            billing.join_ledger().await?;
-            None
+        } else if dir.join(FIRST_RUN_FILE).exists() || !billing.ledger_has_admin_key().await? {
+            billing.first_run().await?
         } else {
-            Some(billing.first_run().await?)
+            let key = billing.issue_admin_key().await?;
+            billing.join_ledger(&key)?;
+            None
         };
         Ok((billing, first))
     }
@@ -172,11 +211,10 @@ impl Billing {
         Ok(keys.iter().any(|k| k.revoked_at_ms.is_none() && k.scopes.iter().any(|s| s == SCOPE_ADMIN)))
     }
 
-    /// A data dir without `admin.key` on a ledger set up before: only an admin key for it.
-    /// The local user and its grant are made once per ledger, so nodes added to a shared
-    /// PostgreSQL ledger do not each mint credits.
-    async fn join_ledger(&self) -> Result<()> {
-        let (_, key) = self.issue_admin_key().await?;
+    /// A data dir without `admin.key` on a ledger set up before: only an admin key for it
+    /// (`key`, already in the ledger). The local user and its grant are made once per ledger,
+    /// so nodes added to a shared PostgreSQL ledger do not each mint credits.
+    fn join_ledger(&self, key: &str) -> Result<()> {
         let path = self.data_dir.join("admin.key");
         write_file(&path, &format!("{key}\n"), true).map_err(io_err(&path))?;
         tracing::warn!(
@@ -188,26 +226,63 @@ impl Billing {
     }
 
     /// Creates an admin key (the caller writes it to `DATA_DIR/admin.key`).
-    async fn issue_admin_key(&self) -> Result<(Principal, String)> {
-        let (key, hash) = keys::generate();
-        let id = self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, Default::default()).await?;
-        let admin = Principal { key_id: id, account: OPERATOR_REVENUE, scopes: vec![SCOPE_ADMIN.into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
-        Ok((admin, key))
+    async fn issue_admin_key(&self) -> Result<String> {
+        let (key, _) = keys::generate();
+        self.key_by_hash_or(&key, OPERATOR_REVENUE, SCOPE_ADMIN).await?;
+        Ok(key)
     }
 
-    async fn first_run(&self) -> Result<FirstRun> {
-        let (admin, admin_key) = self.issue_admin_key().await?;
-        let user = self.store.create_account("local", AccountKind::User).await?;
+    /// The first run, or its resumption from `DATA_DIR/first-run`; `None` if another node set
+    /// the ledger up meanwhile (this data dir then joins it).
+    async fn first_run(&self) -> Result<Option<FirstRun>> {
+        let pending_path = self.data_dir.join(FIRST_RUN_FILE);
+        let (admin_key, user_key) = read_or_start_first_run(&pending_path)?;
+        let admin_id = self.key_by_hash_or(&admin_key, OPERATOR_REVENUE, SCOPE_ADMIN).await?;
+        let admin = Principal {
+            key_id: admin_id,
+            account: OPERATOR_REVENUE,
+            scopes: vec![SCOPE_ADMIN.into()],
+            limits: Default::default(),
+            caps: Default::default(),
+            spend: Default::default(),
+        };
+        let (user_account, user_key_id) = match self.store.find_key_by_hash(keys::hash(&user_key)).await? {
+            Some(k) => (k.account, k.id),
+            None => {
+                let user = self.store.create_account("local", AccountKind::User).await?;
+                (user.id, self.key_by_hash_or(&user_key, user.id, SCOPE_INFERENCE).await?)
+            }
+        };
         let grant = self.config.billing.first_run_grant_micros;
         if grant > 0 {
-            self.mint(user.id, grant, &format!("first-run-grant:{}", user.id), &admin).await?;
+            match self.mint(user_account, grant, FIRST_RUN_GRANT_KEY, &admin).await {
+                Ok(_) => {}
+                Err(BillingError::Conflict(_)) => {
+                    // Another node's first run minted the grant first: join its ledger instead.
+                    self.store.revoke_key(user_key_id).await?;
+                    self.join_ledger(&admin_key)?;
+                    std::fs::remove_file(&pending_path).map_err(io_err(&pending_path))?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let (_, user_key) = self.create_key(user.id, &[SCOPE_INFERENCE.to_string()], None, None, Default::default()).await?;
         // admin.key last: its presence is what marks the first run done.
         let (user_path, admin_path) = (self.data_dir.join("user.key"), self.data_dir.join("admin.key"));
         write_file(&user_path, &format!("{user_key}\n"), true).map_err(io_err(&user_path))?;
         write_file(&admin_path, &format!("{admin_key}\n"), true).map_err(io_err(&admin_path))?;
-        Ok(FirstRun { admin_key, user_key, user_account: user.id, grant_micros: grant })
+        std::fs::remove_file(&pending_path).map_err(io_err(&pending_path))?;
+        Ok(Some(FirstRun { admin_key, user_key, user_account, grant_micros: grant }))
+    }
+
+    /// The id of the key `key` (an earlier attempt of this first run made it), else of a new
+    /// key of `account` with that hash and one scope.
+    async fn key_by_hash_or(&self, key: &str, account: AccountId, scope: &str) -> Result<tokenomy_ledger::KeyId> {
+        let hash = keys::hash(key);
+        match self.store.find_key_by_hash(hash).await? {
+            Some(k) => Ok(k.id),
+            None => Ok(self.store.create_key(account, hash, &[scope.to_string()], None, None, Default::default()).await?),
+        }
     }
 
     /// The local user's key (`DATA_DIR/user.key`), for `--no-auth` mode.

@@ -2,9 +2,9 @@
 //! `TOKENOMY_TEST_POSTGRES_URL` is set): first run, keys, holds, settlement, receipts that
 //! verify offline, and the log surviving a restart.
 
-use tokenomy_billing::{Billing, BillingError, ChargeRequest, OpenOptions, Served};
+use tokenomy_billing::{keys, Billing, BillingError, ChargeRequest, FirstRun, OpenOptions, Served, FIRST_RUN_FILE};
 use tokenomy_core::Usage;
-use tokenomy_ledger::LedgerStore;
+use tokenomy_ledger::{LedgerStore, TREASURY};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, VerifierKey};
 
 fn opts(dir: &std::path::Path, pg: Option<&str>) -> OpenOptions {
@@ -146,41 +146,137 @@ async fn a_request_served_longer_than_the_hold_timeout_is_still_charged() {
     }
 }
 
+/// A ledger after its first run (a fresh PostgreSQL database `db`, or SQLite), closed again.
+struct SetUp {
+    dir: tempfile::TempDir,
+    pg: Option<String>,
+    first: FirstRun,
+    accounts: u64,
+    treasury_micros: i64,
+}
+
+async fn set_up_ledger(pg: Option<String>, db: &str) -> SetUp {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = ledger_url(pg, db).await;
+    let (b, first) = Billing::open(opts(dir.path(), pg.as_deref())).await.unwrap();
+    let first = first.expect("an empty data dir is a first run");
+    assert!(!dir.path().join(FIRST_RUN_FILE).exists(), "removed once the key files are written");
+    let accounts = b.check().await.unwrap().accounts;
+    let treasury_micros = b.account(TREASURY).await.unwrap().balance_micros;
+    SetUp { dir, pg, first, accounts, treasury_micros }
+}
+
+impl SetUp {
+    /// The data dir of another node on this ledger: `new_dir` on PostgreSQL; on SQLite, whose
+    /// ledger lives in the data dir, the same one with the `lost` key files removed.
+    fn other_node<'a>(&'a self, new_dir: &'a std::path::Path, lost: &[&str]) -> &'a std::path::Path {
+        if self.pg.is_some() {
+            return new_dir;
+        }
+        for f in lost {
+            std::fs::remove_file(self.dir.path().join(f)).unwrap();
+        }
+        self.dir.path()
+    }
+
+    async fn open(&self, dir: &std::path::Path) -> (std::sync::Arc<Billing>, Option<FirstRun>) {
+        Billing::open(opts(dir, self.pg.as_deref())).await.unwrap()
+    }
+
+    /// The ledger checks out, with `new_accounts` more accounts, nothing more minted and the
+    /// local user still holding exactly the grant.
+    async fn assert_one_grant(&self, b: &Billing, new_accounts: u64) {
+        let c = b.check().await.unwrap();
+        assert!(c.ok, "{:?}", c.problems);
+        assert_eq!(c.accounts, self.accounts + new_accounts);
+        assert_eq!(b.account(TREASURY).await.unwrap().balance_micros, self.treasury_micros, "nothing more minted");
+        assert_eq!(b.account(self.first.user_account).await.unwrap().balance_micros, self.first.grant_micros);
+    }
+}
+
 /// The first run (admin key, local user, starting grant) happens once per ledger: a data dir
 /// that comes to a ledger set up before gets an admin key of its own and mints nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_joining_a_set_up_ledger_gets_an_admin_key_and_mints_nothing() {
     for pg in stores() {
-        let first_dir = tempfile::tempdir().unwrap();
-        let pg = ledger_url(pg, "tokenomy_billing_join").await;
-        let (b, first) = Billing::open(opts(first_dir.path(), pg.as_deref())).await.unwrap();
-        assert!(first.is_some());
-        let accounts = b.check().await.unwrap().accounts;
-        let treasury = b.account(tokenomy_ledger::TREASURY).await.unwrap().balance_micros;
-        drop(b);
-        // A second node on the same PostgreSQL ledger has a data dir of its own; on SQLite the
-        // ledger lives in the data dir, so the case is a lost admin.key.
-        let second_dir = tempfile::tempdir().unwrap();
-        let dir = match pg {
-            Some(_) => second_dir.path(),
-            None => {
-                std::fs::remove_file(first_dir.path().join("admin.key")).unwrap();
-                first_dir.path()
-            }
-        };
-        let (b, again) = Billing::open(opts(dir, pg.as_deref())).await.unwrap();
+        let set_up = set_up_ledger(pg, "tokenomy_billing_join").await;
+        let new_dir = tempfile::tempdir().unwrap();
+        let dir = set_up.other_node(new_dir.path(), &["admin.key"]);
+        let (b, again) = set_up.open(dir).await;
         assert!(again.is_none(), "no second first run");
         let key = std::fs::read_to_string(dir.join("admin.key")).unwrap();
         assert!(b.authenticate(Some(key.trim())).await.unwrap().is_admin());
-        assert_eq!(dir.join("user.key").exists(), pg.is_none(), "a joining data dir gets no user.key");
-        let c = b.check().await.unwrap();
-        assert!(c.ok);
-        assert_eq!(c.accounts, accounts, "no second local user");
-        assert_eq!(b.account(tokenomy_ledger::TREASURY).await.unwrap().balance_micros, treasury, "nothing minted");
+        assert_eq!(dir.join("user.key").exists(), set_up.pg.is_none(), "a joining data dir gets no user.key");
+        set_up.assert_one_grant(&b, 0).await;
         drop(b);
         // And it starts as any node does from then on.
-        let (_, third) = Billing::open(opts(dir, pg.as_deref())).await.unwrap();
+        let (_, third) = set_up.open(dir).await;
         assert!(third.is_none());
+    }
+}
+
+/// A first run cut short after it changed the ledger (its key files not written, its keys still
+/// in `DATA_DIR/first-run`) resumes with the same keys: one local user, one grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_first_run_resumes_with_the_same_keys_and_one_grant() {
+    for pg in stores() {
+        let set_up = set_up_ledger(pg, "tokenomy_billing_resume").await;
+        let (dir, first) = (set_up.dir.path(), &set_up.first);
+        // As if the node had died after its ledger writes, before writing the key files.
+        std::fs::remove_file(dir.join("admin.key")).unwrap();
+        std::fs::remove_file(dir.join("user.key")).unwrap();
+        std::fs::write(dir.join(FIRST_RUN_FILE), format!("admin {}\nuser {}\n", first.admin_key, first.user_key)).unwrap();
+
+        let (b, again) = set_up.open(dir).await;
+        let again = again.expect("the first run resumes");
+        assert_eq!((&again.admin_key, &again.user_key, again.user_account), (&first.admin_key, &first.user_key, first.user_account));
+        assert_eq!(std::fs::read_to_string(dir.join("user.key")).unwrap().trim(), first.user_key);
+        assert_eq!(std::fs::read_to_string(dir.join("admin.key")).unwrap().trim(), first.admin_key);
+        assert!(!dir.join(FIRST_RUN_FILE).exists());
+        set_up.assert_one_grant(&b, 0).await;
+    }
+}
+
+/// Two first runs on one ledger (nodes started on an empty PostgreSQL ledger at the same
+/// moment): the one whose grant lands first sets the ledger up; the other finds the grant's
+/// idempotency key taken, revokes the key of the local user it made and joins with an admin key
+/// only. Raced here deterministically: the second first run starts from a `first-run` file of
+/// fresh keys on a ledger set up meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_that_loses_the_race_joins_and_mints_nothing() {
+    for pg in stores() {
+        let set_up = set_up_ledger(pg, "tokenomy_billing_race").await;
+        let new_dir = tempfile::tempdir().unwrap();
+        let dir = set_up.other_node(new_dir.path(), &["admin.key", "user.key"]);
+        let ((admin_key, _), (user_key, _)) = (keys::generate(), keys::generate());
+        std::fs::write(dir.join(FIRST_RUN_FILE), format!("admin {admin_key}\nuser {user_key}\n")).unwrap();
+
+        let (b, again) = set_up.open(dir).await;
+        assert!(again.is_none(), "the race was lost: no first run");
+        assert_eq!(std::fs::read_to_string(dir.join("admin.key")).unwrap().trim(), admin_key);
+        assert!(b.authenticate(Some(&admin_key)).await.unwrap().is_admin());
+        assert!(!dir.join("user.key").exists() && !dir.join(FIRST_RUN_FILE).exists());
+        assert!(matches!(b.authenticate(Some(&user_key)).await, Err(BillingError::Unauthorized(_))), "its user key is revoked");
+        set_up.assert_one_grant(&b, 1).await; // (the loser's local account, left empty)
+    }
+}
+
+/// Nodes started at the same moment on one empty PostgreSQL ledger: one first run, one grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_on_an_empty_ledger_mint_one_grant() {
+    let Some(pg) = stores().into_iter().flatten().next() else { return };
+    let pg = fresh_pg(&pg, "tokenomy_billing_together").await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let open = |i: usize| Billing::open(opts(dirs[i].path(), Some(&pg)));
+    let (a, b, c) = tokio::join!(open(0), open(1), open(2));
+    let opened = [a.unwrap(), b.unwrap(), c.unwrap()];
+    let firsts: Vec<_> = opened.iter().filter_map(|(_, f)| f.clone()).collect();
+    assert_eq!(firsts.len(), 1, "exactly one first run");
+    let b = &opened[0].0;
+    assert!(b.check().await.unwrap().ok);
+    assert_eq!(b.account(TREASURY).await.unwrap().balance_micros, -firsts[0].grant_micros, "one grant");
+    for d in &dirs {
+        assert!(d.path().join("admin.key").exists() && !d.path().join(FIRST_RUN_FILE).exists());
     }
 }
 
