@@ -227,8 +227,8 @@ impl Billing {
 
     /// Creates an admin key (the caller writes it to `DATA_DIR/admin.key`).
     async fn issue_admin_key(&self) -> Result<String> {
-        let (key, _) = keys::generate();
-        self.key_by_hash_or(&key, OPERATOR_REVENUE, SCOPE_ADMIN).await?;
+        let (key, hash) = keys::generate();
+        self.store.create_key(OPERATOR_REVENUE, hash, &[SCOPE_ADMIN.to_string()], None, None, Default::default()).await?;
         Ok(key)
     }
 
