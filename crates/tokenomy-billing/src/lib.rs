@@ -214,6 +214,8 @@ pub struct Billing {
     /// would each keep their own view of the receipts log and sign checkpoints of it with
     /// the same key, and on SQLite run two writers and two indexers over one ledger.
     _data_dir_lock: std::fs::File,
+    /// `DATA_DIR/user.key`, read at the first keyless request under `--no-auth` (not at every one).
+    local_user_key: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Billing {

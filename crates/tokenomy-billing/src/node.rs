@@ -187,6 +187,7 @@ impl Billing {
             limiter: Mutex::new(Default::default()),
             live: Default::default(),
             _data_dir_lock: data_dir_lock,
+            local_user_key: Default::default(),
         });
         let voided = billing.expire_holds().await?;
         if voided > 0 {
@@ -285,11 +286,18 @@ impl Billing {
         }
     }
 
-    /// The local user's key (`DATA_DIR/user.key`), for `--no-auth` mode.
+    /// The local user's key (`DATA_DIR/user.key`), for `--no-auth` mode. The file is read
+    /// once; the key is checked (revocation included) at every call.
     pub async fn local_principal(&self) -> Result<Principal> {
-        let path = self.data_dir.join("user.key");
-        let key = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        self.authenticate(Some(key.trim())).await
+        let key = match self.local_user_key.get() {
+            Some(key) => key,
+            None => {
+                let path = self.data_dir.join("user.key");
+                let key = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+                self.local_user_key.get_or_init(|| key.trim().to_string())
+            }
+        };
+        self.authenticate(Some(key)).await
     }
 
     pub fn data_dir(&self) -> &Path {
