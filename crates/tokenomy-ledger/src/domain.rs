@@ -649,8 +649,9 @@ fn check_account_against_totals(a: &Account, t: AccountTotals, problems: &mut Ve
 
 /// Every log entry names a posted transfer (a receipt exists only for money that moved: never
 /// for a pending or voided hold). `orphans`: entries whose transfer is not a posted non-hold
-/// transfer. `log_entries.transfer_id` is unique, so together with the posting in the same
-/// transaction this makes entries and receipted postings one to one.
+/// transfer. Each store also makes entries and receipted postings one to one (PostgreSQL:
+/// `log_entries.transfer_id` is unique; SQLite: the transfer names its entry and `check`
+/// compares both ways), written in the same transaction as the posting.
 pub fn check_log_postings(orphans: u64, report: &mut CheckReport) {
     if orphans > 0 {
         report.problems.push(format!("{orphans} log entries name no posted transfer"));

@@ -20,6 +20,9 @@
 //! and `check` proves them exact. Since version 4 those tables are in a second file next to
 //! the ledger (`<ledger>-index.<ext>`), derived data filled by a thread of its own
 //! (`sqlite_index.rs`), so that the writer thread, the store's bottleneck, does not fill them.
+//! Since version 5 the commit path fills no index that only `check` needed: one settlement
+//! per hold and one log entry per posting follow from derived keys and `transfers.log_index`,
+//! and `check` proves both by joins through `transfers.id` (see [`migrate_v5`]).
 //!
 //! Durability ([`Durability`]): the default, `Full`, answers a batch only after
 //! an fsync of the WAL that began after its COMMIT (run by a syncer thread, so
@@ -256,13 +259,14 @@ fn open_conn(path: &Path) -> Result<Connection> {
 }
 
 /// This build's schema version; a file of a later one is refused.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
-/// Brings an older file to version 4, atomically: a version-1 file gets the version-2
+/// Brings an older file to version 5, atomically: a version-1 file gets the version-2
 /// columns; a version-2 file's `transfers` is rebuilt without its two scattered indexes
 /// (the unique idempotency key and account + seq); a version-3 file's bulk index tables
-/// (`transfer_keys`, `account_transfers`, `index_head`) are dropped. Their entries are
-/// rebuilt in the index file (`sqlite_index.rs`) when the store opens.
+/// (`transfer_keys`, `account_transfers`, `index_head`) are dropped (their entries are
+/// rebuilt in the index file, `sqlite_index.rs`, when the store opens); a version-4 file
+/// loses the two indexes the commit path filled for `check` alone (see [`migrate_v5`]).
 fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
     let result = (|| {
@@ -288,6 +292,7 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         conn.execute_batch("DROP TABLE IF EXISTS transfer_keys; DROP TABLE IF EXISTS account_transfers; DROP TABLE IF EXISTS index_head;")
             .map_err(db_err)?;
+        migrate_v5(conn)?;
         conn.execute_batch(&format!("UPDATE schema_version SET version = {SCHEMA_VERSION}")).map_err(db_err)
     })();
     conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" }).map_err(db_err)?;
@@ -317,6 +322,44 @@ fn migrate_v3(conn: &Connection) -> Result<()> {
          DROP TABLE transfers_v2;"
     ))
     .map_err(db_err)
+}
+
+/// Version 5: `transfers.log_index` names each receipted posting's log entry (filled here
+/// from the log), and the commit path fills two indexes fewer: `log_entries.transfer_id`
+/// is no longer UNIQUE (the table is rebuilt, its triggers with it) and
+/// `transfers_settlement` is dropped. Both rules they stated are proven by `check` instead
+/// (`SETTLEMENTS_SQL`, `LOG_MISMATCHES_SQL`). Measured at 64 writers: docs/benchmarks.md,
+/// session 13.
+fn migrate_v5(conn: &Connection) -> Result<()> {
+    let has_column: bool = conn
+        .query_row("SELECT COUNT(*) FROM pragma_table_info('transfers') WHERE name = 'log_index'", [], |r| r.get::<_, i64>(0))
+        .map(|n| n > 0)
+        .map_err(db_err)?;
+    if !has_column {
+        conn.execute_batch("ALTER TABLE transfers ADD COLUMN log_index INTEGER").map_err(db_err)?;
+    }
+    let unique_log: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_index_list('log_entries') l, pragma_index_info(l.name) i \
+             WHERE l.origin = 'u' AND i.name = 'transfer_id'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(db_err)?;
+    if unique_log {
+        conn.execute_batch(&format!(
+            "UPDATE transfers SET log_index = l.log_index FROM log_entries l WHERE l.transfer_id = transfers.id; \
+             DROP TRIGGER IF EXISTS log_entries_no_update; DROP TRIGGER IF EXISTS log_entries_no_delete; \
+             ALTER TABLE log_entries RENAME TO log_entries_v4; \
+             {SCHEMA} \
+             INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) \
+                 SELECT log_index, transfer_id, account_id, leaf_bytes FROM log_entries_v4; \
+             DROP TABLE log_entries_v4;"
+        ))
+        .map_err(db_err)?;
+    }
+    conn.execute_batch("DROP INDEX IF EXISTS transfers_settlement").map_err(db_err)
 }
 
 fn create_system_accounts(conn: &Connection) -> Result<()> {
@@ -445,16 +488,17 @@ fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
         .ok_or(LedgerError::UnknownTransfer(id))
 }
 
-/// Inserts a transfer; `Ok(None)` when its idempotency key is taken (nothing written),
-/// else its seq. A settlement's key is not looked up: it is derived from its hold, which
-/// was pending, and `transfers_settlement` refuses a second settlement of one hold.
-fn insert_transfer(c: &WriteConn, t: &Transfer) -> Result<Option<i64>> {
+/// Inserts a transfer, with the index of its log entry if it has one; `Ok(None)` when its
+/// idempotency key is taken (nothing written), else its seq. A settlement's key is not
+/// looked up: it is derived from its hold (`settle_key`), which was pending until this
+/// batch ended it (`set_state` refuses a hold that is not), so it is free.
+fn insert_transfer(c: &WriteConn, t: &Transfer, log_index: Option<u64>) -> Result<Option<i64>> {
     check_transfer(t).map_err(LedgerError::InvariantViolation)?;
     c.load_tail()?;
     if t.pending_id.is_none() && c.seq_of_key(&t.idempotency_key)?.is_some() {
         return Ok(None);
     }
-    let sql = concat!("INSERT INTO transfers (", transfer_cols!(), ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)");
+    let sql = concat!("INSERT INTO transfers (", transfer_cols!(), ", log_index) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)");
     let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
     let key = t.key_id.map(|k| k.to_bytes().to_vec());
     c.prepare_cached(sql)
@@ -473,6 +517,7 @@ fn insert_transfer(c: &WriteConn, t: &Transfer) -> Result<Option<i64>> {
                 t.created_at_ms,
                 pending,
                 key,
+                log_index.map(|i| i as i64),
             ])
         })
         .map_err(db_err)?;
@@ -591,9 +636,9 @@ pub(crate) fn log_account(t: &Transfer) -> AccountId {
 }
 
 fn log_index_of(c: &Connection, id: TransferId) -> Result<Option<u64>> {
-    c.prepare_cached("SELECT log_index FROM log_entries WHERE transfer_id = ?1")
-        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], |r| r.get::<_, i64>(0)).optional())
-        .map(|o| o.map(|i| i as u64))
+    c.prepare_cached("SELECT log_index FROM transfers WHERE id = ?1")
+        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], |r| r.get::<_, Option<i64>>(0)).optional())
+        .map(|o| o.flatten().map(|i| i as u64))
         .map_err(db_err)
 }
 
@@ -634,7 +679,7 @@ fn op_posted(c: &WriteConn, req: TransferRequest, leaf: Option<Leaf>, now: i64) 
     let t = req.clone().into_transfer(now, None);
     check_transfer(&t).map_err(LedgerError::InvariantViolation)?;
     let log = prepare_leaf(c, &leaf, &t)?;
-    if insert_transfer(c, &t)?.is_none() {
+    if insert_transfer(c, &t, log.as_ref().map(|(index, _)| *index))?.is_none() {
         return replay_existing(c, &req);
     }
     c.stage_account(&debit)?;
@@ -666,7 +711,7 @@ fn op_hold(c: &WriteConn, req: TransferRequest, now: i64) -> Result<Transfer> {
         Err(e) => return replay_or(c, &req, e),
     };
     let t = req.clone().into_transfer(now, None);
-    let Some(seq) = insert_transfer(c, &t)? else {
+    let Some(seq) = insert_transfer(c, &t, None)? else {
         return replay_existing(c, &req);
     };
     c.remember_hold(seq, &t);
@@ -724,7 +769,7 @@ fn op_settle(c: &WriteConn, hold_id: TransferId, amount: i64, now: i64, leaf: Op
     let log_index = match &posted {
         Some(p) => {
             // The hold was pending, so its settlement's key is free.
-            if insert_transfer(c, p)?.is_none() {
+            if insert_transfer(c, p, log.as_ref().map(|(index, _)| *index))?.is_none() {
                 return Err(LedgerError::InvariantViolation(format!("settlement of {} already exists", hold.id)));
             }
             match &log {
@@ -902,11 +947,32 @@ fn read_totals(c: &Connection) -> Result<HashMap<AccountId, AccountTotals>> {
     Ok(totals)
 }
 
+/// Degenerate transfers, and settlements whose idempotency key is not the one derived from
+/// their hold (`settle_key`): with keys unique (`check_bulk_indexes`), that makes at most one
+/// settlement per hold.
 const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount_micros <= 0 \
     OR t.debit_account = t.credit_account OR (t.hold = 1) <> (t.timeout_ms > 0) \
-    OR (t.hold = 1 AND t.state = 1 AND NOT EXISTS (SELECT 1 FROM transfers p \
-        WHERE p.pending_id = t.id AND p.idempotency_key = '~post:' || lower(hex(t.id)) \
-        AND p.amount_micros <= t.amount_micros))";
+    OR (t.pending_id IS NOT NULL AND t.idempotency_key <> '~post:' || lower(hex(t.pending_id)))";
+
+/// Posted holds, settlements, and the settlements that settle a posted hold (a posted
+/// non-hold transfer of at most the hold's amount). With at most one settlement per hold
+/// (`BAD_TRANSFERS_SQL`), three equal counts mean every posted hold has exactly one, and
+/// every settlement settles one. (Joined through `transfers.id`, the only index it needs.)
+const SETTLEMENTS_SQL: &str = "SELECT \
+    (SELECT COUNT(*) FROM transfers WHERE hold = 1 AND state = 1), \
+    (SELECT COUNT(*) FROM transfers WHERE pending_id IS NOT NULL), \
+    (SELECT COUNT(*) FROM transfers p JOIN transfers t ON t.id = p.pending_id \
+        WHERE t.hold = 1 AND t.state = 1 AND p.hold = 0 AND p.state = 1 AND p.amount_micros <= t.amount_micros)";
+
+/// Transfers that break a settlement rule (see [`SETTLEMENTS_SQL`]): the posted holds and the
+/// settlements that are not matched one to one.
+fn unmatched_settlements(c: &Connection) -> Result<u64> {
+    let [holds, settlements, matched]: [i64; 3] = c
+        .prepare_cached(SETTLEMENTS_SQL)
+        .and_then(|mut s| s.query_row([], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?])))
+        .map_err(db_err)?;
+    Ok(holds.abs_diff(matched) + settlements.abs_diff(matched))
+}
 
 /// Counts that prove the bulk index tables exact (see `check_bulk_indexes`).
 const INDEX_COUNTS_SQL: &str = "SELECT \
@@ -948,8 +1014,14 @@ fn check_bulk_indexes(c: &Connection, report: &mut CheckReport) -> Result<()> {
     Ok(())
 }
 
+/// Log entries whose transfer is not a posted non-hold transfer naming this entry. A transfer
+/// names one entry (`transfers.log_index`), so entries and receipted postings are one to one
+/// once [`LOG_UNNAMED_SQL`] finds nothing too.
 const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXISTS \
-    (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND t.hold = 0 AND t.state = 1)";
+    (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND t.hold = 0 AND t.state = 1 AND t.log_index = l.log_index)";
+/// Transfers naming a log entry that does not name them.
+const LOG_UNNAMED_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.log_index IS NOT NULL AND NOT EXISTS \
+    (SELECT 1 FROM log_entries l WHERE l.log_index = t.log_index AND l.transfer_id = t.id)";
 
 fn read_check(c: &Connection) -> Result<CheckReport> {
     // The index file first: its snapshot is then no newer than the ledger's, so it never holds
@@ -961,7 +1033,7 @@ fn read_check(c: &Connection) -> Result<CheckReport> {
         .map_err(db_err)?;
     let totals = read_totals(c)?;
     let transfers = query_i128(c, "SELECT COUNT(*) FROM transfers")? as u64;
-    let bad = query_i128(c, BAD_TRANSFERS_SQL)? as u64;
+    let bad = query_i128(c, BAD_TRANSFERS_SQL)? as u64 + unmatched_settlements(c)?;
     let pending =
         query_i128(c, "SELECT COALESCE(SUM(amount_micros), 0) FROM transfers WHERE hold = 1 AND state = 0")?;
     let log = c
@@ -985,6 +1057,11 @@ fn read_check(c: &Connection) -> Result<CheckReport> {
         .map_err(db_err)?;
     check_key_pending(&keys, &holds, &mut report);
     check_log_postings(query_i128(c, LOG_ORPHANS_SQL)? as u64, &mut report);
+    let unnamed = query_i128(c, LOG_UNNAMED_SQL)?;
+    if unnamed > 0 {
+        report.problems.push(format!("{unnamed} transfers name a log entry that does not name them"));
+        report.ok = false;
+    }
     check_bulk_indexes(c, &mut report)?;
     Ok(report)
 }

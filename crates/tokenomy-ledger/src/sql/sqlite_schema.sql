@@ -1,5 +1,5 @@
--- tokenomy-ledger SQLite schema, version 4. Idempotent: runs on every open
--- (older files are brought to version 4 by `migrate` in sqlite.rs).
+-- tokenomy-ledger SQLite schema, version 5. Idempotent: runs on every open
+-- (older files are brought to version 5 by `migrate` in sqlite.rs).
 -- Ids are 16-byte big-endian u128 blobs. Money is INTEGER micro-credits.
 -- kind: 0 User, 1 Agent, 2 OperatorRevenue, 3 Treasury.
 -- code: 0 Mint, 1 UsageCharge, 2 Transfer, 3 Refund. state: 0 Pending, 1 Posted, 2 Voided.
@@ -33,19 +33,24 @@ CREATE TABLE IF NOT EXISTS transfers (
     created_at_ms   INTEGER NOT NULL,
     pending_id      BLOB,
     key_id          BLOB,                         -- hold_for_key: whose spend caps it counts against
+    log_index       INTEGER,                      -- version 5: its log entry, if it has one
     CHECK (debit_account <> credit_account)
 );
 CREATE INDEX IF NOT EXISTS transfers_pending ON transfers (expires_at_ms) WHERE hold = 1 AND state = 0;
--- At most one settlement per hold.
-CREATE UNIQUE INDEX IF NOT EXISTS transfers_settlement ON transfers (pending_id) WHERE pending_id IS NOT NULL;
+-- At most one settlement per hold: a settlement's idempotency key is derived from its hold's id
+-- (`settle_key`), and keys are unique. (Up to version 4 an index on `pending_id` said so too;
+-- the writer's commit path no longer fills it, and `check` proves both rules without it.)
 
 -- The idempotency keys and the per-account statement entries (indexes whose insertion points
 -- are spread over the whole key space) are not in this file: since version 4 they live in the
 -- index file next to it (`sqlite_index_schema.sql`), filled in bulk on a thread of their own.
 
+-- One entry per receipted posting: the transfer names its entry (`transfers.log_index`) and
+-- the entry its transfer, and `check` proves the two agree (up to version 4 `transfer_id` was
+-- UNIQUE, an index filled on the commit path).
 CREATE TABLE IF NOT EXISTS log_entries (
     log_index   INTEGER PRIMARY KEY CHECK (log_index >= 0),
-    transfer_id BLOB    NOT NULL UNIQUE,
+    transfer_id BLOB    NOT NULL,
     account_id  BLOB    NOT NULL,
     leaf_bytes  BLOB    NOT NULL
 );

@@ -1,7 +1,7 @@
 //! The SQLite store's bulk index tables (`transfer_keys`, `account_transfers`, in the index
 //! file next to the ledger): statements and idempotency keys work the same on both sides of
 //! `index_head.indexed_upto`, across a restart, after the index file is lost or no longer
-//! matches the ledger, and after a version-2 or version-3 file is migrated; `check` notices a
+//! matches the ledger, and after a version-2, -3 or -4 file is migrated; `check` notices a
 //! tampered table.
 
 use std::sync::Arc;
@@ -167,7 +167,7 @@ async fn a_key_reused_behind_the_stores_back_fails_check() {
     assert!(report.problems.iter().any(|p| p == "1 idempotency keys are used twice"), "{:?}", report.problems);
 }
 
-/// A version-2 file (scattered indexes inside `transfers`) opens as version 4: its
+/// A version-2 file (scattered indexes inside `transfers`) opens as version 5: its
 /// transfers are in the bulk index tables, statements and retries see them.
 #[tokio::test]
 async fn sqlite_file_of_schema_v2_is_migrated() {
@@ -187,8 +187,8 @@ async fn sqlite_file_of_schema_v2_is_migrated() {
         remove_index_file(&path).await;
         let c = Connection::open(&path).unwrap();
         c.execute_batch(&format!(
-            "ALTER TABLE transfers RENAME TO t3; DROP INDEX transfers_pending; DROP INDEX transfers_settlement; {} \
-             INSERT INTO transfers SELECT * FROM t3; DROP TABLE t3; UPDATE schema_version SET version = 2;",
+            "ALTER TABLE transfers RENAME TO t3; DROP INDEX transfers_pending; {} \
+             INSERT INTO transfers SELECT {V4_TRANSFER_COLS} FROM t3; DROP TABLE t3; UPDATE schema_version SET version = 2;",
             include_str!("../data/sqlite_schema_v2.sql")
         ))
         .unwrap();
@@ -196,7 +196,7 @@ async fn sqlite_file_of_schema_v2_is_migrated() {
     };
     let s = SqliteStore::open(&path).unwrap();
     let version: i64 = Connection::open(&path).unwrap().query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let report = s.check().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
     assert!(indexed_upto(&path) >= 3);
@@ -217,9 +217,9 @@ async fn sqlite_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     drop(SqliteStore::open(&path).unwrap());
-    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 5").unwrap();
+    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 6").unwrap();
     let err = SqliteStore::open(&path).err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 4"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 5"), "{err}");
 }
 
 /// A store with one account, a settled hold and a pending one; returns what a reopened store
@@ -277,7 +277,70 @@ async fn an_index_file_ahead_of_the_ledger_is_rebuilt() {
     assert_eq!(lost, 0);
 }
 
-/// A version-3 file (bulk index tables inside the ledger file) opens as version 4: the tables
+/// `transfers`' columns up to version 4 (version 5 added `log_index`).
+const V4_TRANSFER_COLS: &str = "seq, id, idempotency_key, debit_account, credit_account, amount_micros, code, state, hold, \
+     timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id";
+
+/// A version-4 file (`log_entries.transfer_id` UNIQUE, an index on settlements' `pending_id`,
+/// no `transfers.log_index`) opens as version 5: both indexes gone, every receipted posting
+/// naming its log entry, the log and its append-only triggers kept, retries still answered
+/// with their entry, and `check` ok.
+#[tokio::test]
+async fn sqlite_file_of_schema_v4_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let leaf: Leaf = Arc::new(|i: u64, t: &Transfer| [i.to_be_bytes().as_slice(), &t.id.to_bytes()].concat());
+    let (a, h, settled) = {
+        let s = SqliteStore::open(&path).unwrap();
+        let a = s.create_account("a", AccountKind::User).await.unwrap();
+        s.mint(a.id, 10 * C, "m", Some(leaf.clone())).await.unwrap();
+        let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
+        let settled = s.settle(h.id, C / 2, now_ms(), Some(leaf.clone())).await.unwrap();
+        assert_eq!(settled.log_index, Some(1));
+        (a, h, settled)
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Make it the file a version-4 build wrote.
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(&format!(
+        "DROP TRIGGER log_entries_no_update; DROP TRIGGER log_entries_no_delete; \
+         ALTER TABLE log_entries RENAME TO l5; ALTER TABLE transfers RENAME TO t5; DROP INDEX transfers_pending; {} \
+         INSERT INTO log_entries SELECT * FROM l5; INSERT INTO transfers SELECT {V4_TRANSFER_COLS} FROM t5; \
+         DROP TABLE l5; DROP TABLE t5; UPDATE schema_version SET version = 4;",
+        include_str!("../data/sqlite_schema_v4.sql")
+    ))
+    .unwrap();
+    let settlement_index: i64 =
+        c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'transfers_settlement'", [], |r| r.get(0)).unwrap();
+    assert_eq!(settlement_index, 1, "the version-4 file has the index");
+    drop(c);
+    let s = SqliteStore::open(&path).unwrap();
+    let report = s.check().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    let c = Connection::open(&path).unwrap();
+    let (version, settlement_index, unique_log): (i64, i64, i64) = c
+        .query_row(
+            "SELECT (SELECT version FROM schema_version), \
+                    (SELECT COUNT(*) FROM sqlite_master WHERE name = 'transfers_settlement'), \
+                    (SELECT COUNT(*) FROM pragma_index_list('log_entries') WHERE origin = 'u')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((version, settlement_index, unique_log), (5, 0, 0));
+    let named: Vec<Option<i64>> =
+        c.prepare("SELECT log_index FROM transfers ORDER BY seq").unwrap().query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+    assert_eq!(named, vec![Some(0), None, Some(1)], "mint, hold, settlement");
+    assert!(c.execute("DELETE FROM log_entries", []).is_err(), "the log is still append-only");
+    drop(c);
+    assert_eq!(s.log_entries(0, 10).await.unwrap().len(), 2);
+    assert_eq!(s.settle(h.id, C / 2, now_ms(), Some(leaf.clone())).await.unwrap(), settled, "a retry finds its entry");
+    let h2 = s.hold(a.id, C, "h2", 60_000, now_ms()).await.unwrap();
+    assert_eq!(s.settle(h2.id, C, now_ms(), Some(leaf)).await.unwrap().log_index, Some(2));
+    assert!(s.check().await.unwrap().ok);
+}
+
+/// A version-3 file (bulk index tables inside the ledger file) opens as version 5: the tables
 /// leave the ledger file and are rebuilt in the index file.
 #[tokio::test]
 async fn sqlite_file_of_schema_v3_is_migrated() {
@@ -301,7 +364,7 @@ async fn sqlite_file_of_schema_v3_is_migrated() {
     let old_tables: i64 = c
         .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('transfer_keys', 'account_transfers', 'index_head')", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, old_tables), (4, 0));
+    assert_eq!((version, old_tables), (5, 0));
 }
 
 /// `check` runs while writers commit and the indexer indexes behind them: it must never see

@@ -45,6 +45,48 @@ async fn sqlite_log_entry_for_a_voided_hold_fails_check() {
     assert_names_orphan(&s.check().await.unwrap());
 }
 
+/// Since schema version 5 no index on the SQLite file refuses a second settlement of one
+/// hold or a second log entry of one posting: `check` must find both, written behind the
+/// store's back. (PostgreSQL keeps its unique indexes: such rows cannot be written there.)
+#[tokio::test]
+async fn sqlite_a_second_settlement_or_log_entry_fails_check() {
+    let copy = "INSERT INTO transfers (id, idempotency_key, debit_account, credit_account, amount_micros, code, state, hold, \
+         timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id, log_index) SELECT randomblob(16), {key}, debit_account, \
+         credit_account, amount_micros, code, state, hold, timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id, NULL \
+         FROM transfers WHERE pending_id IS NOT NULL;";
+    // The same hold settled twice, under its derived key (then used twice) or another one
+    // (a key not derived from its hold, and two settlements for one posted hold).
+    let twice = settled_then_tampered(&copy.replace("{key}", "idempotency_key")).await;
+    assert!(twice.iter().any(|p| p.contains("idempotency keys are used twice")), "{twice:?}");
+    let other_key = settled_then_tampered(&copy.replace("{key}", "'other'")).await;
+    assert!(other_key.iter().any(|p| p == "2 unbalanced or degenerate transfers"), "{other_key:?}");
+    // A posting's entry appended twice; a posting naming an entry that names another.
+    let entry_twice = settled_then_tampered(
+        "INSERT INTO log_entries SELECT log_index + 1, transfer_id, account_id, leaf_bytes FROM log_entries WHERE log_index = 0;",
+    )
+    .await;
+    assert!(entry_twice.iter().any(|p| p == "1 log entries name no posted transfer"), "{entry_twice:?}");
+    let misnamed = settled_then_tampered("UPDATE transfers SET log_index = 7 WHERE log_index = 0;").await;
+    assert!(misnamed.iter().any(|p| p == "1 transfers name a log entry that does not name them"), "{misnamed:?}");
+}
+
+/// A receipted settlement, then `sql` run on the file behind the store's back: `check`'s problems.
+async fn settled_then_tampered(sql: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let s = SqliteStore::open(&path).unwrap();
+    let a = s.create_account("a", AccountKind::User).await.unwrap();
+    let leaf: Leaf = Arc::new(|i: u64, t: &Transfer| [i.to_be_bytes().as_slice(), &t.id.to_bytes()].concat());
+    s.mint(a.id, 10 * C, "m", None).await.unwrap();
+    let h = s.hold(a.id, C, "h", 60_000, now_ms()).await.unwrap();
+    assert_eq!(s.settle(h.id, C / 2, now_ms(), Some(leaf)).await.unwrap().log_index, Some(0));
+    assert!(s.check().await.unwrap().ok);
+    rusqlite::Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+    let report = s.check().await.unwrap();
+    assert!(!report.ok, "{sql}");
+    report.problems
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_log_entry_for_a_voided_hold_fails_check() {
     let Ok(url) = std::env::var(crate::PG_ENV) else { return };
