@@ -22,7 +22,9 @@
 //! (`sqlite_index.rs`), so that the writer thread, the store's bottleneck, does not fill them.
 //! Since version 5 the commit path fills no index that only `check` needed: one settlement
 //! per hold and one log entry per posting follow from derived keys and `transfers.log_index`,
-//! and `check` proves both by joins through `transfers.id` (see [`migrate_v5`]).
+//! and `check` proves both by joins (see [`migrate_v5`]). Since version 6 `transfers.id` has
+//! no index either: ids are looked up like keys, in the writer's tail or the index file's
+//! `transfer_ids` ([`migrate_v6`]).
 //!
 //! Durability ([`Durability`]): the default, `Full`, answers a batch only after
 //! an fsync of the WAL that began after its COMMIT (run by a syncer thread, so
@@ -259,14 +261,15 @@ fn open_conn(path: &Path) -> Result<Connection> {
 }
 
 /// This build's schema version; a file of a later one is refused.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
-/// Brings an older file to version 5, atomically: a version-1 file gets the version-2
+/// Brings an older file to version 6, atomically: a version-1 file gets the version-2
 /// columns; a version-2 file's `transfers` is rebuilt without its two scattered indexes
 /// (the unique idempotency key and account + seq); a version-3 file's bulk index tables
 /// (`transfer_keys`, `account_transfers`, `index_head`) are dropped (their entries are
 /// rebuilt in the index file, `sqlite_index.rs`, when the store opens); a version-4 file
-/// loses the two indexes the commit path filled for `check` alone (see [`migrate_v5`]).
+/// loses the two indexes the commit path filled for `check` alone (see [`migrate_v5`]); a
+/// version-5 file's `transfers` is rebuilt without its index on `id` (see [`migrate_v6`]).
 fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
     let result = (|| {
@@ -287,24 +290,25 @@ fn migrate(conn: &Connection) -> Result<()> {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")).map_err(db_err)?;
             }
         }
-        if has_unique_key_index(conn)? {
+        if has_unique_index(conn, "transfers", "idempotency_key")? {
             migrate_v3(conn)?;
         }
         conn.execute_batch("DROP TABLE IF EXISTS transfer_keys; DROP TABLE IF EXISTS account_transfers; DROP TABLE IF EXISTS index_head;")
             .map_err(db_err)?;
         migrate_v5(conn)?;
+        migrate_v6(conn)?;
         conn.execute_batch(&format!("UPDATE schema_version SET version = {SCHEMA_VERSION}")).map_err(db_err)
     })();
     conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" }).map_err(db_err)?;
     result
 }
 
-/// Whether `transfers` still has version 2's inline `UNIQUE` on the idempotency key.
-fn has_unique_key_index(conn: &Connection) -> Result<bool> {
+/// Whether `table` has an inline `UNIQUE` on `column` (as older versions' `transfers` had on
+/// the idempotency key and the id, and `log_entries` on the transfer id).
+fn has_unique_index(conn: &Connection, table: &str, column: &str) -> Result<bool> {
     conn.query_row(
-        "SELECT COUNT(*) FROM pragma_index_list('transfers') l, pragma_index_info(l.name) i \
-         WHERE l.origin = 'u' AND i.name = 'idempotency_key'",
-        [],
+        "SELECT COUNT(*) FROM pragma_index_list(?1) l, pragma_index_info(l.name) i WHERE l.origin = 'u' AND i.name = ?2",
+        [table, column],
         |r| r.get::<_, i64>(0),
     )
     .map(|n| n > 0)
@@ -338,16 +342,7 @@ fn migrate_v5(conn: &Connection) -> Result<()> {
     if !has_column {
         conn.execute_batch("ALTER TABLE transfers ADD COLUMN log_index INTEGER").map_err(db_err)?;
     }
-    let unique_log: bool = conn
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_index_list('log_entries') l, pragma_index_info(l.name) i \
-             WHERE l.origin = 'u' AND i.name = 'transfer_id'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-        .map_err(db_err)?;
-    if unique_log {
+    if has_unique_index(conn, "log_entries", "transfer_id")? {
         conn.execute_batch(&format!(
             "UPDATE transfers SET log_index = l.log_index FROM log_entries l WHERE l.transfer_id = transfers.id; \
              DROP TRIGGER IF EXISTS log_entries_no_update; DROP TRIGGER IF EXISTS log_entries_no_delete; \
@@ -360,6 +355,21 @@ fn migrate_v5(conn: &Connection) -> Result<()> {
         .map_err(db_err)?;
     }
     conn.execute_batch("DROP INDEX IF EXISTS transfers_settlement").map_err(db_err)
+}
+
+/// Version 6: `transfers.id` loses its UNIQUE index (an entry per transfer on the commit
+/// path); the ids are indexed in bulk in the index file (`transfer_ids`, rebuilt there when
+/// the store opens), which also proves them unique. The table is rebuilt, its rows copied.
+fn migrate_v6(conn: &Connection) -> Result<()> {
+    if !has_unique_index(conn, "transfers", "id")? {
+        return Ok(());
+    }
+    let cols = format!("seq, {TRANSFER_COLS}, log_index");
+    conn.execute_batch(&format!(
+        "DROP INDEX IF EXISTS transfers_pending; ALTER TABLE transfers RENAME TO transfers_v5; {SCHEMA} \
+         INSERT INTO transfers ({cols}) SELECT {cols} FROM transfers_v5; DROP TABLE transfers_v5;"
+    ))
+    .map_err(db_err)
 }
 
 fn create_system_accounts(conn: &Connection) -> Result<()> {
@@ -481,11 +491,18 @@ fn transfer_by_key(c: &WriteConn, key: &str) -> Result<Option<Transfer>> {
         .map_err(db_err)
 }
 
-fn transfer_by_id(c: &Connection, id: TransferId) -> Result<Transfer> {
-    c.prepare_cached(concat!("SELECT ", transfer_cols!(), " FROM transfers WHERE id = ?1"))
-        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_transfer).optional())
-        .map_err(db_err)?
-        .ok_or(LedgerError::UnknownTransfer(id))
+/// The transfer with id `id` and its seq, found through the writer's tail or the index file
+/// (`transfers.id` has no index since schema version 6).
+fn transfer_by_id(c: &WriteConn, id: TransferId) -> Result<(i64, Transfer)> {
+    let seq = c.seq_of_id(id)?.ok_or(LedgerError::UnknownTransfer(id))?;
+    let t = c
+        .prepare_cached(concat!("SELECT ", transfer_cols!(), " FROM transfers WHERE seq = ?1"))
+        .and_then(|mut s| s.query_row([seq], row_transfer))
+        .map_err(db_err)?;
+    if t.id != id {
+        return Err(LedgerError::InvariantViolation(format!("the index names transfer {seq} for id {id}, which has id {}", t.id)));
+    }
+    Ok((seq, t))
 }
 
 /// Inserts a transfer, with the index of its log entry if it has one; `Ok(None)` when its
@@ -526,18 +543,13 @@ fn insert_transfer(c: &WriteConn, t: &Transfer, log_index: Option<u64>) -> Resul
     Ok(Some(seq))
 }
 
-/// Ends a pending hold; `seq` is its rowid when the writer knows it.
-fn set_state(c: &Connection, t: &mut Transfer, seq: Option<i64>, state: TransferState) -> Result<()> {
+/// Ends a pending hold, the transfer at rowid `seq`.
+fn set_state(c: &Connection, t: &mut Transfer, seq: i64, state: TransferState) -> Result<()> {
     debug_assert_eq!(t.state, TransferState::Pending);
-    let n = match seq {
-        Some(seq) => c
-            .prepare_cached("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0")
-            .and_then(|mut s| s.execute(params![seq, state.as_i16(), &t.id.to_bytes()[..]])),
-        None => c
-            .prepare_cached("UPDATE transfers SET state = ?2 WHERE id = ?1 AND state = 0")
-            .and_then(|mut s| s.execute(params![&t.id.to_bytes()[..], state.as_i16()])),
-    }
-    .map_err(db_err)?;
+    let n = c
+        .prepare_cached("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0")
+        .and_then(|mut s| s.execute(params![seq, state.as_i16(), &t.id.to_bytes()[..]]))
+        .map_err(db_err)?;
     if n != 1 {
         return Err(LedgerError::InvariantViolation(format!("hold {} was not pending", t.id)));
     }
@@ -546,10 +558,10 @@ fn set_state(c: &Connection, t: &mut Transfer, seq: Option<i64>, state: Transfer
 }
 
 /// A hold and its rowid (when cached), from the writer's cache or the database.
-fn hold_by_id(c: &WriteConn, id: TransferId) -> Result<(Option<i64>, Transfer)> {
+fn hold_by_id(c: &WriteConn, id: TransferId) -> Result<(i64, Transfer)> {
     match c.take_hold(id) {
-        Some((seq, t)) => Ok((Some(seq), t)),
-        None => Ok((None, transfer_by_id(c, id)?)),
+        Some(cached) => Ok(cached),
+        None => transfer_by_id(c, id),
     }
 }
 
@@ -635,9 +647,10 @@ pub(crate) fn log_account(t: &Transfer) -> AccountId {
     }
 }
 
-fn log_index_of(c: &Connection, id: TransferId) -> Result<Option<u64>> {
-    c.prepare_cached("SELECT log_index FROM transfers WHERE id = ?1")
-        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], |r| r.get::<_, Option<i64>>(0)).optional())
+fn log_index_of(c: &WriteConn, id: TransferId) -> Result<Option<u64>> {
+    let Some(seq) = c.seq_of_id(id)? else { return Ok(None) };
+    c.prepare_cached("SELECT log_index FROM transfers WHERE seq = ?1 AND id = ?2")
+        .and_then(|mut s| s.query_row(params![seq, &id.to_bytes()[..]], |r| r.get::<_, Option<i64>>(0)).optional())
         .map(|o| o.flatten().map(|i| i as u64))
         .map_err(db_err)
 }
@@ -957,7 +970,8 @@ const BAD_TRANSFERS_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.amount
 /// Posted holds, settlements, and the settlements that settle a posted hold (a posted
 /// non-hold transfer of at most the hold's amount). With at most one settlement per hold
 /// (`BAD_TRANSFERS_SQL`), three equal counts mean every posted hold has exactly one, and
-/// every settlement settles one. (Joined through `transfers.id`, the only index it needs.)
+/// every settlement settles one. (`transfers.id` has no index: SQLite builds a transient
+/// one for this join.)
 const SETTLEMENTS_SQL: &str = "SELECT \
     (SELECT COUNT(*) FROM transfers WHERE hold = 1 AND state = 1), \
     (SELECT COUNT(*) FROM transfers WHERE pending_id IS NOT NULL), \
@@ -985,18 +999,37 @@ const INDEX_COUNTS_SQL: &str = "SELECT \
         WHERE (a.account = t.debit_account OR a.account = t.credit_account) AND t.seq <= ?1), \
     (SELECT COUNT(*) - COUNT(DISTINCT idempotency_key) FROM transfers WHERE seq > ?1), \
     (SELECT COUNT(*) FROM transfers t WHERE t.seq > ?1 \
-        AND EXISTS (SELECT 1 FROM ix.transfer_keys k WHERE k.idempotency_key = t.idempotency_key))";
+        AND EXISTS (SELECT 1 FROM ix.transfer_keys k WHERE k.idempotency_key = t.idempotency_key)), \
+    (SELECT COUNT(*) FROM ix.transfer_ids), \
+    (SELECT COUNT(*) FROM ix.transfer_ids i JOIN transfers t ON t.seq = i.seq WHERE t.id = i.id AND t.seq <= ?1), \
+    (SELECT COUNT(*) - COUNT(DISTINCT id) FROM transfers WHERE seq > ?1), \
+    (SELECT COUNT(*) FROM transfers t WHERE t.seq > ?1 AND EXISTS (SELECT 1 FROM ix.transfer_ids i WHERE i.id = t.id))";
 
-/// The bulk index tables hold exactly the transfers up to `indexed_upto`: one key row and
-/// two account rows each, pointing at it (the tables' primary keys make a match unique, so
-/// equal counts mean nothing is missing or extra), and no idempotency key is used twice.
+/// The bulk index tables hold exactly the transfers up to `indexed_upto`: one key row, one id
+/// row and two account rows each, pointing at it (the tables' primary keys make a match unique, so
+/// equal counts mean nothing is missing or extra), and no idempotency key or transfer id is
+/// used twice.
 fn check_bulk_indexes(c: &Connection, report: &mut CheckReport) -> Result<()> {
     let upto = indexed_upto(c)?;
-    let n: [i64; 7] = c
+    let n: [i64; 11] = c
         .prepare_cached(INDEX_COUNTS_SQL)
-        .and_then(|mut s| s.query_row([upto], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?])))
+        .and_then(|mut s| {
+            s.query_row([upto], |r| {
+                let mut n = [0; 11];
+                for (i, v) in n.iter_mut().enumerate() {
+                    *v = r.get(i)?;
+                }
+                Ok(n)
+            })
+        })
         .map_err(db_err)?;
-    let [indexed, keys, keys_ok, sides, sides_ok, tail_dups, tail_taken] = n;
+    let [indexed, keys, keys_ok, sides, sides_ok, tail_dups, tail_taken, ids, ids_ok, tail_id_dups, tail_ids_taken] = n;
+    if ids != indexed || ids_ok != indexed {
+        report.problems.push(format!("transfer_ids has {ids} rows, {ids_ok} matching, for {indexed} transfers up to seq {upto}"));
+    }
+    if tail_id_dups + tail_ids_taken > 0 {
+        report.problems.push(format!("{} transfer ids are used twice", tail_id_dups + tail_ids_taken));
+    }
     if keys != indexed || keys_ok != indexed {
         report.problems.push(format!(
             "transfer_keys has {keys} rows, {keys_ok} matching, for {indexed} transfers up to seq {upto}"
@@ -1014,14 +1047,14 @@ fn check_bulk_indexes(c: &Connection, report: &mut CheckReport) -> Result<()> {
     Ok(())
 }
 
-/// Log entries whose transfer is not a posted non-hold transfer naming this entry. A transfer
-/// names one entry (`transfers.log_index`), so entries and receipted postings are one to one
-/// once [`LOG_UNNAMED_SQL`] finds nothing too.
-const LOG_ORPHANS_SQL: &str = "SELECT COUNT(*) FROM log_entries l WHERE NOT EXISTS \
-    (SELECT 1 FROM transfers t WHERE t.id = l.transfer_id AND t.hold = 0 AND t.state = 1 AND t.log_index = l.log_index)";
-/// Transfers naming a log entry that does not name them.
-const LOG_UNNAMED_SQL: &str = "SELECT COUNT(*) FROM transfers t WHERE t.log_index IS NOT NULL AND NOT EXISTS \
-    (SELECT 1 FROM log_entries l WHERE l.log_index = t.log_index AND l.transfer_id = t.id)";
+/// Log entries, transfers naming a log entry (`transfers.log_index`), and the pairs that
+/// agree: a posted non-hold transfer and the entry at its `log_index`, which names it. A
+/// transfer names one entry and an entry one transfer (ids are unique: `check_bulk_indexes`),
+/// so three equal counts make entries and receipted postings one to one.
+const LOG_PAIRS_SQL: &str = "SELECT (SELECT COUNT(*) FROM log_entries), \
+    (SELECT COUNT(*) FROM transfers WHERE log_index IS NOT NULL), \
+    (SELECT COUNT(*) FROM transfers t JOIN log_entries l ON l.log_index = t.log_index \
+        WHERE t.log_index IS NOT NULL AND l.transfer_id = t.id AND t.hold = 0 AND t.state = 1)";
 
 fn read_check(c: &Connection) -> Result<CheckReport> {
     // The index file first: its snapshot is then no newer than the ledger's, so it never holds
@@ -1056,8 +1089,12 @@ fn read_check(c: &Connection) -> Result<CheckReport> {
         .and_then(|mut s| s.query_map([], |r| Ok((id_col(r, 0, KeyId::from_slice)?, r.get::<_, i64>(1)? as i128)))?.collect())
         .map_err(db_err)?;
     check_key_pending(&keys, &holds, &mut report);
-    check_log_postings(query_i128(c, LOG_ORPHANS_SQL)? as u64, &mut report);
-    let unnamed = query_i128(c, LOG_UNNAMED_SQL)?;
+    let [entries, naming, pairs]: [i64; 3] = c
+        .prepare_cached(LOG_PAIRS_SQL)
+        .and_then(|mut s| s.query_row([], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?])))
+        .map_err(db_err)?;
+    check_log_postings(entries.abs_diff(pairs), &mut report);
+    let unnamed = naming.abs_diff(pairs);
     if unnamed > 0 {
         report.problems.push(format!("{unnamed} transfers name a log entry that does not name them"));
         report.ok = false;
@@ -1152,15 +1189,17 @@ impl LedgerStore for SqliteStore {
     async fn extend_holds(&self, hold_ids: &[TransferId], expires_at_ms: i64) -> Result<u64> {
         let ids = crate::extend_request(hold_ids)?;
         self.write_on_commit(move |c| {
-            let mut st = c
-                .prepare_cached("UPDATE transfers SET expires_at_ms = ?1 WHERE id = ?2 AND hold = 1 AND state = 0 AND expires_at_ms < ?1")
-                .map_err(db_err)?;
             let mut n = 0;
-            for id in &ids {
-                n += st.execute(params![expires_at_ms, id]).map_err(db_err)? as u64;
-                if let Some(id) = TransferId::from_slice(id) {
-                    c.extend_cached_hold(id, expires_at_ms);
-                }
+            for id in ids.iter().filter_map(|id| TransferId::from_slice(id)) {
+                let Some(seq) = c.seq_of_id(id)? else { continue };
+                n += c
+                    .prepare_cached(
+                        "UPDATE transfers SET expires_at_ms = ?1 WHERE seq = ?2 AND id = ?3 AND hold = 1 AND state = 0 \
+                         AND expires_at_ms < ?1",
+                    )
+                    .and_then(|mut st| st.execute(params![expires_at_ms, seq, &id.to_bytes()[..]]))
+                    .map_err(db_err)? as u64;
+                c.extend_cached_hold(id, expires_at_ms);
             }
             Ok(n)
         })

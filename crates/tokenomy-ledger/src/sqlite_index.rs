@@ -1,6 +1,6 @@
-//! The SQLite store's bulk index: `transfer_keys` (idempotency key → seq) and
-//! `account_transfers` (account, seq), in a file of their own next to the ledger file, filled
-//! by a thread of their own.
+//! The SQLite store's bulk index: `transfer_keys` (idempotency key → seq), `transfer_ids`
+//! (transfer id → seq, since schema version 6) and `account_transfers` (account, seq), in a
+//! file of their own next to the ledger file, filled by a thread of their own.
 //!
 //! Why a second file: every write of the store goes through one writer thread and one
 //! connection, and at 64 concurrent writers that thread is the bottleneck (97 % of one core,
@@ -76,8 +76,8 @@ pub(crate) fn open(ledger: &Path) -> Result<Connection> {
     c.execute_batch(INDEX_SCHEMA).map_err(db_err)?;
     let uri = format!("file:{}?mode=ro", uri_path(ledger));
     c.execute("ATTACH DATABASE ?1 AS ledger", [uri]).map_err(db_err)?;
-    if !matches_ledger(&c)? {
-        c.execute_batch("BEGIN IMMEDIATE; DELETE FROM transfer_keys; DELETE FROM account_transfers; \
+    if !matches_ledger(&c)? || lacks_ids(&c)? {
+        c.execute_batch("BEGIN IMMEDIATE; DELETE FROM transfer_keys; DELETE FROM transfer_ids; DELETE FROM account_transfers; \
                          UPDATE index_head SET indexed_upto = 0, key_at_head = NULL; COMMIT;")
             .map_err(db_err)?;
     }
@@ -121,6 +121,17 @@ fn matches_ledger(c: &Connection) -> Result<bool> {
     Ok(found.is_some() && found == key)
 }
 
+/// Whether the file was written before `transfer_ids` existed (it indexes transfers, none of
+/// their ids): it is then indexed again from the start.
+fn lacks_ids(c: &Connection) -> Result<bool> {
+    c.query_row(
+        "SELECT (SELECT indexed_upto FROM index_head) > 0 AND NOT EXISTS (SELECT 1 FROM transfer_ids)",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db_err)
+}
+
 /// The file's head: every transfer up to it is indexed.
 pub(crate) fn indexed_upto(c: &Connection) -> Result<i64> {
     c.prepare_cached("SELECT indexed_upto FROM index_head").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err)
@@ -147,6 +158,7 @@ fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
         for sql in [
             "INSERT INTO transfer_keys (idempotency_key, seq) SELECT idempotency_key, seq FROM ledger.transfers \
              WHERE seq > ?1 AND seq <= ?2 ORDER BY idempotency_key",
+            "INSERT INTO transfer_ids (id, seq) SELECT id, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2 ORDER BY id",
             "INSERT INTO account_transfers (account, seq) SELECT account, seq FROM ( \
                  SELECT debit_account AS account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2 \
                  UNION ALL SELECT credit_account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2) \

@@ -99,17 +99,20 @@ struct Cache {
     staged: u64,
 }
 
-/// The transfers past the index file's head (`Shared::indexed_upto`), in seq order, with their keys.
+/// The transfers past the index file's head (`Shared::indexed_upto`), in seq order, with
+/// their keys and ids.
 #[derive(Default)]
 struct IndexTail {
     indexed_upto: i64,
     rows: Vec<TailRow>,
     keys: HashMap<String, i64>,
+    ids: HashMap<TransferId, i64>,
 }
 
 struct TailRow {
     seq: i64,
     key: String,
+    id: TransferId,
 }
 
 impl IndexTail {
@@ -119,24 +122,30 @@ impl IndexTail {
         let upto = crate::sqlite_index::indexed_upto(index)?;
         let mut tail = IndexTail { indexed_upto: upto, ..Default::default() };
         let mut stmt = c
-            .prepare_cached("SELECT seq, idempotency_key FROM transfers WHERE seq > ?1 ORDER BY seq")
+            .prepare_cached("SELECT seq, idempotency_key, id FROM transfers WHERE seq > ?1 ORDER BY seq")
             .map_err(db_err)?;
-        let rows = stmt.query_map([upto], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).map_err(db_err)?;
+        let rows = stmt
+            .query_map([upto], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)))
+            .map_err(db_err)?;
         for row in rows {
-            let (seq, key) = row.map_err(db_err)?;
-            tail.push(seq, key)?;
+            let (seq, key, id) = row.map_err(db_err)?;
+            let id = TransferId::from_slice(&id).ok_or_else(|| LedgerError::Storage(format!("transfer {seq} has a malformed id")))?;
+            tail.push(seq, key, id)?;
         }
         Ok(tail)
     }
 
-    fn push(&mut self, seq: i64, key: String) -> Result<()> {
+    fn push(&mut self, seq: i64, key: String, id: TransferId) -> Result<()> {
         if seq <= self.indexed_upto || self.rows.last().is_some_and(|r| r.seq >= seq) {
             return Err(LedgerError::InvariantViolation(format!("transfer {seq} is out of order in the index tail")));
         }
         if self.keys.insert(key.clone(), seq).is_some() {
             return Err(LedgerError::InvariantViolation(format!("idempotency key {key} is used twice")));
         }
-        self.rows.push(TailRow { seq, key });
+        if self.ids.insert(id, seq).is_some() {
+            return Err(LedgerError::InvariantViolation(format!("transfer id {id} is used twice")));
+        }
+        self.rows.push(TailRow { seq, key, id });
         Ok(())
     }
 
@@ -148,6 +157,7 @@ impl IndexTail {
         let n = self.rows.partition_point(|r| r.seq <= upto);
         for row in self.rows.drain(..n) {
             self.keys.remove(&row.key);
+            self.ids.remove(&row.id);
         }
         self.indexed_upto = upto;
     }
@@ -253,6 +263,18 @@ impl WriteConn {
             .map_err(db_err)
     }
 
+    /// The seq of the transfer with id `id`, if any: the tail first, then the index file's
+    /// `transfer_ids` (the same reasoning as [`seq_of_key`](Self::seq_of_key)).
+    pub(crate) fn seq_of_id(&self, id: TransferId) -> Result<Option<i64>> {
+        if let Some(seq) = self.with_tail(|t| Ok(t.ids.get(&id).copied()))? {
+            return Ok(Some(seq));
+        }
+        self.index
+            .prepare_cached("SELECT seq FROM transfer_ids WHERE id = ?1")
+            .and_then(|mut s| s.query_row([&id.to_bytes()[..]], |r| r.get(0)).optional())
+            .map_err(db_err)
+    }
+
     /// Loads the index tail if this batch has not yet. Called before a transfer's INSERT:
     /// loaded after it, the tail read from `transfers` would already hold the new row.
     pub(crate) fn load_tail(&self) -> Result<()> {
@@ -261,7 +283,7 @@ impl WriteConn {
 
     /// Records a transfer just inserted at `seq` in the index tail (loaded before the INSERT).
     pub(crate) fn inserted(&self, seq: i64, t: &Transfer) -> Result<()> {
-        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone()))
+        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone(), t.id))
     }
 
     /// Writes the staged accounts (each once).

@@ -1,5 +1,5 @@
--- tokenomy-ledger SQLite schema, version 5. Idempotent: runs on every open
--- (older files are brought to version 5 by `migrate` in sqlite.rs).
+-- tokenomy-ledger SQLite schema, version 6. Idempotent: runs on every open
+-- (older files are brought to version 6 by `migrate` in sqlite.rs).
 -- Ids are 16-byte big-endian u128 blobs. Money is INTEGER micro-credits.
 -- kind: 0 User, 1 Agent, 2 OperatorRevenue, 3 Treasury.
 -- code: 0 Mint, 1 UsageCharge, 2 Transfer, 3 Refund. state: 0 Pending, 1 Posted, 2 Voided.
@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS accounts (
 
 CREATE TABLE IF NOT EXISTS transfers (
     seq             INTEGER PRIMARY KEY,          -- statement cursor
-    id              BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
+    id              BLOB    NOT NULL CHECK (length(id) = 16),  -- unique: see transfer_ids (version 6)
     idempotency_key TEXT    NOT NULL,             -- unique: see transfer_keys
     debit_account   BLOB    NOT NULL,
     credit_account  BLOB    NOT NULL,
@@ -43,7 +43,8 @@ CREATE INDEX IF NOT EXISTS transfers_pending ON transfers (expires_at_ms) WHERE 
 
 -- The idempotency keys and the per-account statement entries (indexes whose insertion points
 -- are spread over the whole key space) are not in this file: since version 4 they live in the
--- index file next to it (`sqlite_index_schema.sql`), filled in bulk on a thread of their own.
+-- index file next to it (`sqlite_index_schema.sql`), filled in bulk on a thread of their own;
+-- since version 6 so do the transfers' ids.
 
 -- One entry per receipted posting: the transfer names its entry (`transfers.log_index`) and
 -- the entry its transfer, and `check` proves the two agree (up to version 4 `transfer_id` was

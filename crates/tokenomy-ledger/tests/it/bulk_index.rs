@@ -167,7 +167,7 @@ async fn a_key_reused_behind_the_stores_back_fails_check() {
     assert!(report.problems.iter().any(|p| p == "1 idempotency keys are used twice"), "{:?}", report.problems);
 }
 
-/// A version-2 file (scattered indexes inside `transfers`) opens as version 5: its
+/// A version-2 file (scattered indexes inside `transfers`) opens as version 6: its
 /// transfers are in the bulk index tables, statements and retries see them.
 #[tokio::test]
 async fn sqlite_file_of_schema_v2_is_migrated() {
@@ -196,7 +196,7 @@ async fn sqlite_file_of_schema_v2_is_migrated() {
     };
     let s = SqliteStore::open(&path).unwrap();
     let version: i64 = Connection::open(&path).unwrap().query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let report = s.check().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
     assert!(indexed_upto(&path) >= 3);
@@ -217,9 +217,9 @@ async fn sqlite_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     drop(SqliteStore::open(&path).unwrap());
-    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 6").unwrap();
+    Connection::open(&path).unwrap().execute_batch("UPDATE schema_version SET version = 7").unwrap();
     let err = SqliteStore::open(&path).err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 5"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 6"), "{err}");
 }
 
 /// A store with one account, a settled hold and a pending one; returns what a reopened store
@@ -282,7 +282,7 @@ const V4_TRANSFER_COLS: &str = "seq, id, idempotency_key, debit_account, credit_
      timeout_ms, expires_at_ms, created_at_ms, pending_id, key_id";
 
 /// A version-4 file (`log_entries.transfer_id` UNIQUE, an index on settlements' `pending_id`,
-/// no `transfers.log_index`) opens as version 5: both indexes gone, every receipted posting
+/// no `transfers.log_index`) opens as version 6: both indexes gone, every receipted posting
 /// naming its log entry, the log and its append-only triggers kept, retries still answered
 /// with their entry, and `check` ok.
 #[tokio::test]
@@ -327,7 +327,7 @@ async fn sqlite_file_of_schema_v4_is_migrated() {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-    assert_eq!((version, settlement_index, unique_log), (5, 0, 0));
+    assert_eq!((version, settlement_index, unique_log), (6, 0, 0));
     let named: Vec<Option<i64>> =
         c.prepare("SELECT log_index FROM transfers ORDER BY seq").unwrap().query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
     assert_eq!(named, vec![Some(0), None, Some(1)], "mint, hold, settlement");
@@ -340,7 +340,47 @@ async fn sqlite_file_of_schema_v4_is_migrated() {
     assert!(s.check().await.unwrap().ok);
 }
 
-/// A version-3 file (bulk index tables inside the ledger file) opens as version 5: the tables
+/// A version-5 file (`transfers.id` UNIQUE, an index file without `transfer_ids`) opens as
+/// version 6: no index on `transfers.id`, the index file indexed again with the ids, and
+/// holds found by id (a settlement's retry, a void, an extension) through it.
+#[tokio::test]
+async fn sqlite_file_of_schema_v5_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let (a, pending, posted) = some_transfers(&path).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch(&format!(
+        "ALTER TABLE transfers RENAME TO t6; DROP INDEX transfers_pending; {} \
+         INSERT INTO transfers SELECT * FROM t6; DROP TABLE t6; UPDATE schema_version SET version = 5;",
+        include_str!("../data/sqlite_schema_v5.sql")
+    ))
+    .unwrap();
+    drop(c);
+    // The index file of a version-5 build: indexed, without ids.
+    let ix = Connection::open(index_path(&path)).unwrap();
+    ix.execute_batch("DELETE FROM transfer_ids").unwrap();
+    drop(ix);
+    reopened_store_knows(&path, &a, &pending, &posted).await;
+    let c = Connection::open(&path).unwrap();
+    let (version, unique): (i64, i64) = c
+        .query_row(
+            "SELECT (SELECT version FROM schema_version), (SELECT COUNT(*) FROM pragma_index_list('transfers') WHERE origin = 'u')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, unique), (6, 0));
+    let ids: i64 = Connection::open(index_path(&path)).unwrap().query_row("SELECT COUNT(*) FROM transfer_ids", [], |r| r.get(0)).unwrap();
+    assert_eq!(ids, 4, "mint, hold, settlement, hold");
+    // Found by id after a restart (nothing cached): extended, then voided.
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.extend_holds(&[pending.id], pending.expires_at_ms + 1).await.unwrap(), 1);
+    assert_eq!(s.void(pending.id).await.unwrap().state, TransferState::Voided);
+    assert!(s.check().await.unwrap().ok);
+}
+
+/// A version-3 file (bulk index tables inside the ledger file) opens as version 6: the tables
 /// leave the ledger file and are rebuilt in the index file.
 #[tokio::test]
 async fn sqlite_file_of_schema_v3_is_migrated() {
@@ -364,7 +404,7 @@ async fn sqlite_file_of_schema_v3_is_migrated() {
     let old_tables: i64 = c
         .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name IN ('transfer_keys', 'account_transfers', 'index_head')", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((version, old_tables), (5, 0));
+    assert_eq!((version, old_tables), (6, 0));
 }
 
 /// `check` runs while writers commit and the indexer indexes behind them: it must never see
