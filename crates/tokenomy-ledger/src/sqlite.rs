@@ -22,9 +22,9 @@
 //! (`sqlite_index.rs`), so that the writer thread, the store's bottleneck, does not fill them.
 //! Since version 5 the commit path fills no index that only `check` needed: one settlement
 //! per hold and one log entry per posting follow from derived keys and `transfers.log_index`,
-//! and `check` proves both by joins (see [`migrate_v5`]). Since version 6 `transfers.id` has
+//! and `check` proves both by joins (see `migrate_v5`). Since version 6 `transfers.id` has
 //! no index either: ids are looked up like keys, in the writer's tail or the index file's
-//! `transfer_ids` ([`migrate_v6`]).
+//! `transfer_ids` (`migrate_v6`).
 //!
 //! Durability ([`Durability`]): the default, `Full`, answers a batch only after
 //! an fsync of the WAL that began after its COMMIT (run by a syncer thread, so
