@@ -332,7 +332,7 @@ fn migrate_v3(conn: &Connection) -> Result<()> {
 /// from the log), and the commit path fills two indexes fewer: `log_entries.transfer_id`
 /// is no longer UNIQUE (the table is rebuilt, its triggers with it) and
 /// `transfers_settlement` is dropped. Both rules they stated are proven by `check` instead
-/// (`SETTLEMENTS_SQL`, `LOG_MISMATCHES_SQL`). Measured at 64 writers: docs/benchmarks.md,
+/// (`SETTLEMENTS_SQL`, `LOG_PAIRS_SQL`). Measured at 64 writers: docs/benchmarks.md,
 /// session 13.
 fn migrate_v5(conn: &Connection) -> Result<()> {
     let has_column: bool = conn
@@ -495,14 +495,19 @@ fn transfer_by_key(c: &WriteConn, key: &str) -> Result<Option<Transfer>> {
 /// (`transfers.id` has no index since schema version 6).
 fn transfer_by_id(c: &WriteConn, id: TransferId) -> Result<(i64, Transfer)> {
     let seq = c.seq_of_id(id)?.ok_or(LedgerError::UnknownTransfer(id))?;
+    Ok((seq, transfer_at(c, seq, id)?))
+}
+
+/// The transfer at rowid `seq`, which must have id `id`.
+fn transfer_at(c: &Connection, seq: i64, id: TransferId) -> Result<Transfer> {
     let t = c
         .prepare_cached(concat!("SELECT ", transfer_cols!(), " FROM transfers WHERE seq = ?1"))
         .and_then(|mut s| s.query_row([seq], row_transfer))
         .map_err(db_err)?;
     if t.id != id {
-        return Err(LedgerError::InvariantViolation(format!("the index names transfer {seq} for id {id}, which has id {}", t.id)));
+        return Err(LedgerError::InvariantViolation(format!("transfer {seq} has id {}, not {id}", t.id)));
     }
-    Ok((seq, t))
+    Ok(t)
 }
 
 /// Inserts a transfer, with the index of its log entry if it has one; `Ok(None)` when its
@@ -796,7 +801,11 @@ fn op_settle(c: &WriteConn, hold_id: TransferId, amount: i64, now: i64, leaf: Op
 }
 
 fn op_void(c: &WriteConn, hold_id: TransferId) -> Result<Transfer> {
-    let (seq, mut hold) = hold_by_id(c, hold_id)?;
+    void_hold(c, hold_by_id(c, hold_id)?)
+}
+
+/// Voids `hold`, the transfer at rowid `seq` (or answers a retry of an earlier void).
+fn void_hold(c: &WriteConn, (seq, mut hold): (i64, Transfer)) -> Result<Transfer> {
     match (hold.hold, hold.state) {
         (true, TransferState::Voided) => return Ok(hold),
         (true, TransferState::Pending) => {}
@@ -821,18 +830,22 @@ fn op_void(c: &WriteConn, hold_id: TransferId) -> Result<Transfer> {
 }
 
 fn op_expire(c: &WriteConn, now: i64) -> Result<u64> {
-    let ids: Vec<Vec<u8>> = c
+    let holds: Vec<(i64, Vec<u8>)> = c
         .prepare_cached(
-            "SELECT id FROM transfers WHERE hold = 1 AND state = 0 AND expires_at_ms <= ?1 \
+            "SELECT seq, id FROM transfers WHERE hold = 1 AND state = 0 AND expires_at_ms <= ?1 \
              ORDER BY expires_at_ms LIMIT ?2",
         )
-        .and_then(|mut s| s.query_map(params![now, MAX_EXPIRE_PER_CALL as i64], |r| r.get(0))?.collect())
+        .and_then(|mut s| s.query_map(params![now, MAX_EXPIRE_PER_CALL as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
         .map_err(db_err)?;
-    for id in &ids {
+    for (seq, id) in &holds {
         let id = TransferId::from_slice(id).ok_or_else(|| LedgerError::Storage("bad transfer id".into()))?;
-        op_void(c, id)?;
+        let hold = match c.take_hold(id) {
+            Some(cached) => cached,
+            None => (*seq, transfer_at(c, *seq, id)?),
+        };
+        void_hold(c, hold)?;
     }
-    Ok(ids.len() as u64)
+    Ok(holds.len() as u64)
 }
 
 fn op_create_account(c: &Connection, name: String, kind: AccountKind, now: i64) -> Result<Account> {

@@ -4,16 +4,17 @@
 //!
 //! Why a second file: every write of the store goes through one writer thread and one
 //! connection, and at 64 concurrent writers that thread is the bottleneck (97 % of one core,
-//! the other core mostly idle; docs/benchmarks.md, session 10). Filling these two tables took
-//! 13–19 % of it. They are derived data (rebuilt from `transfers` at any time), and SQLite lets
+//! the other core mostly idle; docs/benchmarks.md, session 10). Filling the key and statement
+//! tables took 13–19 % of it (and `transfer_ids`' entries, on the commit path until version 6,
+//! cost about an eighth of the store's throughput). They are derived data (rebuilt from `transfers` at any time), and SQLite lets
 //! only one connection write a file at a time, so only another file lets another thread fill
 //! them while the writer goes on.
 //!
 //! The contract with the writer (`sqlite_writer.rs`): the indexer indexes committed transfers
 //! only (up to `Shared::committed_upto`, which the writer publishes after each COMMIT), in seq
 //! order, and publishes `Shared::indexed_upto` after its own commit; the writer keeps every
-//! transfer past that in memory (its index tail) and looks keys up there first, then in this
-//! file. A key is therefore always in one of the two.
+//! transfer past that in memory (its index tail) and looks keys and ids up there first, then in
+//! this file. A key or id is therefore always in one of the two.
 //!
 //! The file can fall behind the ledger (a crash before the indexer caught up: [`open`] indexes
 //! the rest) or, after a power loss that took back the ledger's last commits, run ahead of it:
@@ -164,7 +165,7 @@ fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
                  UNION ALL SELECT credit_account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2) \
              ORDER BY account, seq",
         ] {
-            c.prepare_cached(sql).and_then(|mut s| s.execute(range)).map_err(db_err)?;
+            c.prepare_cached(sql).and_then(|mut s| s.execute(range)).map_err(|e| indexing_error(e, head, upto))?;
         }
         c.prepare_cached("UPDATE index_head SET indexed_upto = ?1, key_at_head = ?2")
             .and_then(|mut s| s.execute(params![upto, key]))
@@ -177,6 +178,19 @@ fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
             let _ = c.execute_batch("ROLLBACK");
             Err(e)
         }
+    }
+}
+
+/// A failed bulk insert, named: a primary-key conflict means two transfers share an
+/// idempotency key or an id (a key is checked before every insert; an id is 79 random bits
+/// after a millisecond timestamp, so only a file written behind the store's back has one),
+/// and the ledger needs repair before the index can be built.
+fn indexing_error(e: rusqlite::Error, head: i64, upto: i64) -> LedgerError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => LedgerError::InvariantViolation(
+            format!("two transfers in seq {}..={upto} share an idempotency key or an id ({e}); the ledger needs repair", head + 1),
+        ),
+        e => db_err(e),
     }
 }
 

@@ -75,8 +75,8 @@ pub(crate) enum Ack {
 /// connection, so read helpers take it as they are.
 pub(crate) struct WriteConn {
     conn: Connection,
-    /// The index file (`sqlite_index.rs`), read only: the idempotency keys of transfers
-    /// older than the tail. (Not attached to `conn`: `BEGIN IMMEDIATE` would then lock it too.)
+    /// The index file (`sqlite_index.rs`), read only: the idempotency keys and ids of
+    /// transfers older than the tail. (Not attached to `conn`: `BEGIN IMMEDIATE` would then lock it too.)
     index: Connection,
     shared: Arc<Shared>,
     cache: RefCell<Cache>,

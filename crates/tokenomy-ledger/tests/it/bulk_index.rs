@@ -380,6 +380,27 @@ async fn sqlite_file_of_schema_v5_is_migrated() {
     assert!(s.check().await.unwrap().ok);
 }
 
+/// Nothing on the commit path refuses a second transfer with an id already used (ids are 79
+/// random bits after a millisecond timestamp): one written behind the store's back stops the
+/// index from being built, and the store says why instead of opening on it.
+#[tokio::test]
+async fn a_transfer_id_used_twice_is_named_when_indexing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let (a, pending, _) = some_transfers(&path).await;
+    remove_index_file(&path).await;
+    let c = Connection::open(&path).unwrap();
+    c.execute(
+        "INSERT INTO transfers (id, idempotency_key, debit_account, credit_account, amount_micros, code, state, hold, \
+         timeout_ms, expires_at_ms, created_at_ms) VALUES (?1, 'copy', ?2, ?3, 1, 1, 2, 1, 60000, 0, 0)",
+        rusqlite::params![&pending.id.to_bytes()[..], &a.id.to_bytes()[..], &OPERATOR_REVENUE.to_bytes()[..]],
+    )
+    .unwrap();
+    drop(c);
+    let err = SqliteStore::open(&path).err().expect("refused");
+    assert!(err.to_string().contains("share an idempotency key or an id"), "{err}");
+}
+
 /// A version-3 file (bulk index tables inside the ledger file) opens as version 6: the tables
 /// leave the ledger file and are rebuilt in the index file.
 #[tokio::test]
