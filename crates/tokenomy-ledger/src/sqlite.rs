@@ -72,8 +72,9 @@ macro_rules! transfer_cols {
 const TRANSFER_COLS: &str = transfer_cols!();
 pub(crate) const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, \
      revoked_at_ms, spend_cap_month_micros, pending_micros, spend_day, spend_day_micros, spend_month, spend_month_micros";
-/// Columns added by schema version 2 to tables a version-1 file already has.
-const V2_COLUMNS: [(&str, &str, &str); 7] = [
+/// Columns added to tables an older file already has: by schema version 2 (all but the
+/// last) and version 5 (`transfers.log_index`).
+const ADDED_COLUMNS: [(&str, &str, &str); 8] = [
     ("transfers", "key_id", "BLOB"),
     ("api_keys", "spend_cap_month_micros", "INTEGER"),
     ("api_keys", "pending_micros", "INTEGER NOT NULL DEFAULT 0 CHECK (pending_micros >= 0)"),
@@ -81,6 +82,7 @@ const V2_COLUMNS: [(&str, &str, &str); 7] = [
     ("api_keys", "spend_day_micros", "INTEGER NOT NULL DEFAULT 0"),
     ("api_keys", "spend_month", "INTEGER NOT NULL DEFAULT 0"),
     ("api_keys", "spend_month_micros", "INTEGER NOT NULL DEFAULT 0"),
+    ("transfers", "log_index", "INTEGER"),
 ];
 
 /// Cheap to clone; all clones share the writer thread and read connection.
@@ -279,7 +281,7 @@ fn migrate(conn: &Connection) -> Result<()> {
                 "ledger file has schema version {version}, newer than this tokenomy's {SCHEMA_VERSION}"
             )));
         }
-        for (table, column, decl) in V2_COLUMNS {
+        for (table, column, decl) in ADDED_COLUMNS {
             let has: bool = conn
                 .query_row(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"), [column], |r| {
                     r.get::<_, i64>(0)
@@ -328,20 +330,13 @@ fn migrate_v3(conn: &Connection) -> Result<()> {
     .map_err(db_err)
 }
 
-/// Version 5: `transfers.log_index` names each receipted posting's log entry (filled here
-/// from the log), and the commit path fills two indexes fewer: `log_entries.transfer_id`
+/// Version 5: `transfers.log_index` (added with [`ADDED_COLUMNS`]) names each receipted
+/// posting's log entry (filled here from the log), and the commit path fills two indexes fewer: `log_entries.transfer_id`
 /// is no longer UNIQUE (the table is rebuilt, its triggers with it) and
 /// `transfers_settlement` is dropped. Both rules they stated are proven by `check` instead
 /// (`SETTLEMENTS_SQL`, `LOG_PAIRS_SQL`). Measured at 64 writers: docs/benchmarks.md,
 /// session 13.
 fn migrate_v5(conn: &Connection) -> Result<()> {
-    let has_column: bool = conn
-        .query_row("SELECT COUNT(*) FROM pragma_table_info('transfers') WHERE name = 'log_index'", [], |r| r.get::<_, i64>(0))
-        .map(|n| n > 0)
-        .map_err(db_err)?;
-    if !has_column {
-        conn.execute_batch("ALTER TABLE transfers ADD COLUMN log_index INTEGER").map_err(db_err)?;
-    }
     if has_unique_index(conn, "log_entries", "transfer_id")? {
         conn.execute_batch(&format!(
             "UPDATE transfers SET log_index = l.log_index FROM log_entries l WHERE l.transfer_id = transfers.id; \
@@ -1204,7 +1199,7 @@ impl LedgerStore for SqliteStore {
         self.write_on_commit(move |c| {
             let mut n = 0;
             for id in ids.iter().filter_map(|id| TransferId::from_slice(id)) {
-                let Some(seq) = c.seq_of_id(id)? else { continue };
+                let Some(seq) = c.seq_of_hold(id)? else { continue };
                 n += c
                     .prepare_cached(
                         "UPDATE transfers SET expires_at_ms = ?1 WHERE seq = ?2 AND id = ?3 AND hold = 1 AND state = 0 \

@@ -275,6 +275,15 @@ impl WriteConn {
             .map_err(db_err)
     }
 
+    /// The seq of hold `id`: from the holds this writer cached (no lookup), else as
+    /// [`seq_of_id`](Self::seq_of_id).
+    pub(crate) fn seq_of_hold(&self, id: TransferId) -> Result<Option<i64>> {
+        if let Some((seq, _)) = self.cache.borrow().holds.get(&id) {
+            return Ok(Some(*seq));
+        }
+        self.seq_of_id(id)
+    }
+
     /// Loads the index tail if this batch has not yet. Called before a transfer's INSERT:
     /// loaded after it, the tail read from `transfers` would already hold the new row.
     pub(crate) fn load_tail(&self) -> Result<()> {
