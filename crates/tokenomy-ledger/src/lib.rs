@@ -38,6 +38,7 @@ pub mod domain;
 pub mod pg;
 pub mod sqlite;
 mod sqlite_index;
+mod sqlite_keys;
 mod sqlite_writer;
 pub mod testing;
 

@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::*;
 pub use crate::sqlite_index::{index_path, INDEX_FLUSH_ROWS};
+use crate::sqlite_keys::KeyFilters;
 use crate::sqlite_writer::{checkpoint_loop, open_wal, sync_loop, writer_loop, Ack, Acks, Finish, Job, Shared, SyncWal, WriteConn, Writer};
 use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
 
@@ -121,6 +122,11 @@ impl SqliteStore {
 
     /// [`open_with`](Self::open_with), with the syncer's fsync of the WAL given.
     pub(crate) fn open_syncing(path: impl AsRef<Path>, durability: Durability, sync: SyncWal) -> Result<Self> {
+        Self::open_tuned(path, durability, sync, crate::sqlite_keys::KEY_FILTER_KEYS_MIN)
+    }
+
+    /// [`open_syncing`](Self::open_syncing), with the fewest keys a key filter is sized for.
+    pub(crate) fn open_tuned(path: impl AsRef<Path>, durability: Durability, sync: SyncWal, key_filter_keys_min: u64) -> Result<Self> {
         let writer = open_conn(path.as_ref())?;
         writer.execute_batch(SCHEMA).map_err(db_err)?;
         migrate(&writer)?;
@@ -166,9 +172,17 @@ impl SqliteStore {
                 Acks::AfterSync(to_syncer)
             }
         };
-        let w = Writer { conn: WriteConn::new(writer, index_reader, shared.clone()), committed, to_index, acks, shared: shared.clone() };
+        let w = Writer { conn: WriteConn::new(writer, index_reader, shared.clone(), KeyFilters::new(path.as_ref().to_path_buf(), key_filter_keys_min)), committed, to_index, acks, shared: shared.clone() };
         spawn("ledger-sqlite-writer", Box::new(move || writer_loop(w, rx)))?;
         Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)), shared })
+    }
+
+    /// Whether the writer's idempotency-key filter is built, so that a new key costs no
+    /// lookup in the index file from the next batch on (`sqlite_keys.rs`). It is built in
+    /// the background after the store opens and again as the ledger grows; until then
+    /// every key is looked up.
+    pub fn key_filter_ready(&self) -> bool {
+        self.shared.key_filter_ready.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn durable_log_next(&self) -> u64 {
@@ -1371,5 +1385,81 @@ mod tests {
         let acct = store.get_account(a.id).await.unwrap();
         assert_eq!((acct.balance_micros, acct.pending_micros), (1_000_000 - 600 + 5, 0));
         assert!(store.check().await.unwrap().ok);
+    }
+
+    /// Opens the file with key filters sized for at least 64 keys, and waits until the first
+    /// one serves.
+    async fn open_with_small_key_filters(path: &Path) -> SqliteStore {
+        let store = SqliteStore::open_tuned(path, Durability::Full, Box::new(|wal| wal.sync_data()), 64).unwrap();
+        filter_ready(&store).await;
+        store
+    }
+
+    async fn filter_ready(store: &SqliteStore) {
+        for _ in 0..1_000 {
+            if store.key_filter_ready() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the key filter was not built within 10 s");
+    }
+
+    /// Places and settles `n` charges; returns each hold's key with its settlement.
+    async fn charges(store: &SqliteStore, a: AccountId, from: usize, n: usize) -> Vec<(String, Settled)> {
+        let mut out = Vec::new();
+        for i in from..from + n {
+            let key = format!("charge-{i}");
+            let h = store.hold(a, 100, &key, 60_000, crate::now_ms()).await.unwrap();
+            out.push((key, store.settle(h.id, 1 + i as i64 % 100, crate::now_ms(), None).await.unwrap()));
+        }
+        out
+    }
+
+    /// Every retried hold and settlement returns its first result, and nothing more is charged.
+    async fn retries_replay(store: &SqliteStore, a: AccountId, done: &[(String, Settled)]) {
+        let before = store.get_account(a).await.unwrap();
+        for (key, settled) in done {
+            let again = store.hold(a, 100, key, 60_000, crate::now_ms()).await.unwrap();
+            assert_eq!(again.id, settled.hold.id, "hold {key} was placed twice");
+            let resettled = store.settle(again.id, settled.posted.as_ref().unwrap().amount_micros, crate::now_ms(), None).await.unwrap();
+            assert_eq!(resettled.posted.unwrap().id, settled.posted.as_ref().unwrap().id, "hold {key} was settled twice");
+        }
+        assert_eq!(store.get_account(a).await.unwrap(), before);
+    }
+
+    /// The key filter (`sqlite_keys.rs`) across restarts and growth. Its keys come from the
+    /// builder's scan (keys written before the store opened) and from the writer's tail, and
+    /// a filter is rebuilt twice as large whenever it outgrows its size. In debug builds
+    /// every key the filter calls absent is still looked up, and the writer panics if the
+    /// index file has it: so every new key below checks the filter's invariant, and every
+    /// retry checks that the filter lets it through to its first result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_key_filter_keeps_every_key_across_restarts_and_growth() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let store = open_with_small_key_filters(&path).await;
+        let a = store.create_account("a", AccountKind::User).await.unwrap().id;
+        store.mint(a, 1_000_000_000, "fund", None).await.unwrap();
+        let mut done = charges(&store, a, 0, 150).await;
+        drop(store);
+
+        // Reopened: the 300 keys are in the index file only, and the filter comes from its scan.
+        let store = open_with_small_key_filters(&path).await;
+        retries_replay(&store, a, &done).await;
+        // Past the filter's size (twice the 300 transfers at open): larger ones are built
+        // while the last one serves, and then serve in its place. And past
+        // `INDEX_FLUSH_ROWS` transfers: the indexer moves keys from the tail to the index file.
+        done.extend(charges(&store, a, 150, 1_100).await);
+        filter_ready(&store).await;
+        retries_replay(&store, a, &done).await;
+        drop(store);
+
+        let store = open_with_small_key_filters(&path).await;
+        retries_replay(&store, a, &done).await;
+        done.extend(charges(&store, a, 1_250, 10).await);
+        let report = store.check().await.unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.transfers, 1 + 2 * 1_260);
     }
 }

@@ -225,7 +225,7 @@ pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
 /// at 64 writers against the indexer at the default priority and checkpoint size: 1.1–1.15×
 /// settled charges/s and a lower p99 (docs/benchmarks.md, session 10).
 #[cfg(target_os = "linux")]
-fn lower_this_threads_priority() {
+pub(crate) fn lower_this_threads_priority() {
     // SAFETY: setpriority only reads its integer arguments; `who = 0` is the calling thread.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, INDEXER_NICE) };
@@ -235,4 +235,4 @@ fn lower_this_threads_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
+pub(crate) fn lower_this_threads_priority() {}

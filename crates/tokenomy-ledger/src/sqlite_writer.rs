@@ -30,7 +30,11 @@
 //!   from `transfers`, so a rollback or a restart just reloads them.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+// Maps keyed by ids this node generates (random, so no caller can aim at one bucket) use
+// foldhash; the idempotency keys, which callers choose, keep std's SipHash.
+use foldhash::{HashMap as IdMap, HashSet as IdSet};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SendError, SyncSender};
@@ -42,6 +46,7 @@ use tokio::sync::mpsc;
 use crate::domain::*;
 use crate::sqlite::{db_err, exec, load_account, store_account, MAX_BATCH};
 use crate::sqlite_index::INDEX_TAIL_ROWS_MAX;
+use crate::sqlite_keys::KeyFilters;
 
 /// Most accounts kept in the writer's cache; past it the cache starts over.
 pub const CACHED_ACCOUNTS_MAX: usize = 65_536;
@@ -80,6 +85,9 @@ pub(crate) struct WriteConn {
     index: Connection,
     shared: Arc<Shared>,
     cache: RefCell<Cache>,
+    /// Every idempotency key the ledger holds, once built (`sqlite_keys.rs`); outlives
+    /// rollbacks (a key it holds that was rolled back only costs a lookup).
+    keys: RefCell<KeyFilters>,
 }
 
 #[derive(Default)]
@@ -87,11 +95,11 @@ struct Cache {
     /// `PRAGMA data_version` when the cache was last known valid: another connection's
     /// commit changes it, and then nothing cached can be trusted.
     data_version: Option<i64>,
-    accounts: HashMap<AccountId, Account>,
+    accounts: IdMap<AccountId, Account>,
     /// Accounts changed in this batch and not yet written.
-    dirty: HashSet<AccountId>,
+    dirty: IdSet<AccountId>,
     /// Pending holds this writer inserted, with their rowid (`seq`).
-    holds: HashMap<TransferId, (i64, Transfer)>,
+    holds: IdMap<TransferId, (i64, Transfer)>,
     next_log_index: Option<u64>,
     /// Transfers not yet in the bulk index tables; `None` until first needed.
     tail: Option<IndexTail>,
@@ -106,7 +114,7 @@ struct IndexTail {
     indexed_upto: i64,
     rows: Vec<TailRow>,
     keys: HashMap<String, i64>,
-    ids: HashMap<TransferId, i64>,
+    ids: IdMap<TransferId, i64>,
 }
 
 struct TailRow {
@@ -175,8 +183,8 @@ impl Deref for WriteConn {
 }
 
 impl WriteConn {
-    pub(crate) fn new(conn: Connection, index: Connection, shared: Arc<Shared>) -> Self {
-        WriteConn { conn, index, shared, cache: RefCell::new(Cache::default()) }
+    pub(crate) fn new(conn: Connection, index: Connection, shared: Arc<Shared>, keys: KeyFilters) -> Self {
+        WriteConn { conn, index, shared, cache: RefCell::new(Cache::default()), keys: RefCell::new(keys) }
     }
 
     /// Changes made so far (rows written plus changes staged in the cache).
@@ -243,7 +251,10 @@ impl WriteConn {
     fn with_tail<T>(&self, f: impl FnOnce(&mut IndexTail) -> Result<T>) -> Result<T> {
         let mut cache = self.cache.borrow_mut();
         if cache.tail.is_none() {
-            cache.tail = Some(IndexTail::load(&self.conn, &self.index)?);
+            let tail = IndexTail::load(&self.conn, &self.index)?;
+            let keys = self.keys.borrow();
+            tail.rows.iter().for_each(|r| keys.add(&r.key));
+            cache.tail = Some(tail);
         }
         let tail = cache.tail.as_mut().expect("loaded");
         tail.prune(self.shared.indexed_upto.load(Ordering::SeqCst));
@@ -252,15 +263,24 @@ impl WriteConn {
 
     /// The seq of the transfer holding `key`, if any: the tail first, then the index file's
     /// `transfer_keys` (every committed transfer is in one of the two: the indexer publishes
-    /// its head only after its commit, and the tail forgets nothing before that).
+    /// its head only after its commit, and the tail forgets nothing before that), unless the
+    /// key filter proves it absent there.
     pub(crate) fn seq_of_key(&self, key: &str) -> Result<Option<i64>> {
         if let Some(seq) = self.with_tail(|t| Ok(t.keys.get(key).copied()))? {
             return Ok(Some(seq));
         }
-        self.index
+        let absent = self.keys.borrow().surely_absent(key);
+        if absent && !cfg!(debug_assertions) {
+            return Ok(None);
+        }
+        let seq = self
+            .index
             .prepare_cached("SELECT seq FROM transfer_keys WHERE idempotency_key = ?1")
             .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
-            .map_err(db_err)
+            .map_err(db_err)?;
+        // Debug builds (the tests) look every key up and hold the filter to its invariant.
+        assert!(!(absent && seq.is_some()), "the key filter lacks idempotency key {key:?} of transfer {seq:?}");
+        Ok(seq)
     }
 
     /// The seq of the transfer with id `id`, if any: the tail first, then the index file's
@@ -292,7 +312,14 @@ impl WriteConn {
 
     /// Records a transfer just inserted at `seq` in the index tail (loaded before the INSERT).
     pub(crate) fn inserted(&self, seq: i64, t: &Transfer) -> Result<()> {
-        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone(), t.id))
+        self.with_tail(|tail| tail.push(seq, t.idempotency_key.clone(), t.id))?;
+        self.keys.borrow().add(&t.idempotency_key);
+        Ok(())
+    }
+
+    /// Between batches: the key filter's upkeep (`KeyFilters::maintain`).
+    fn maintain_key_filter(&self) {
+        self.keys.borrow_mut().maintain(&self.shared);
     }
 
     /// Writes the staged accounts (each once).
@@ -365,6 +392,8 @@ pub(crate) struct Shared {
     /// checkpoints over it) see no further: an entry a power loss could still take back
     /// must never be signed.
     pub durable_log_next: AtomicU64,
+    /// The newest key filter is built: the writer uses it from its next batch.
+    pub key_filter_ready: AtomicBool,
 }
 
 impl Shared {
@@ -374,6 +403,7 @@ impl Shared {
             committed_upto: AtomicI64::new(indexed_upto),
             indexed_upto: AtomicI64::new(indexed_upto),
             durable_log_next: AtomicU64::new(durable_log_next),
+            key_filter_ready: AtomicBool::new(false),
         })
     }
 
@@ -492,12 +522,14 @@ pub(crate) fn checkpoint_loop(conn: Connection, commits: Receiver<()>, interval:
 
 /// The group-commit loop: one transaction per batch of queued jobs.
 pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
+    w.conn.maintain_key_filter();
     while let Some(first) = rx.blocking_recv() {
         // The indexer is far behind (the tail is bounded): wait for it.
         while w.conn.tail_full() && !w.shared.failed.load(Ordering::SeqCst) {
             let _ = w.to_index.try_send(());
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        w.conn.maintain_key_filter();
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
