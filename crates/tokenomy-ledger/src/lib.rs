@@ -27,7 +27,8 @@
 //! * **Two stores, one conformance suite**: [`SqliteStore`] for a single node
 //!   (one writer thread, group commit: many operations share one fsync; the
 //!   idempotency keys and statement entries indexed in bulk, in a second file,
-//!   by a thread of their own) and
+//!   by a thread of their own; a Bloom filter of every key tells a new key new
+//!   without a lookup there) and
 //!   [`PgStore`] for shared deployments (row locks in a fixed order).
 //! * An optional **leaf closure** lets the receipts log (a transparency log
 //!   of charges) be appended in the *same* transaction as the charge, so a

@@ -28,6 +28,11 @@
 //!   took 13–19 % of this thread. The transfers not yet there (the tail, past
 //!   `Shared::indexed_upto`) are kept in memory ([`IndexTail`]) and are always re-derivable
 //!   from `transfers`, so a rollback or a restart just reloads them.
+//! * **A new idempotency key costs no lookup.** Proving a key absent from the index file
+//!   (a B-tree on another connection, whose cache every indexer commit invalidates) was the
+//!   writer's most costly lookup, and nearly every key is new. So the writer keeps a Bloom
+//!   filter of every key the ledger holds (`sqlite_keys.rs`) and looks up only the keys
+//!   it may contain.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
