@@ -182,7 +182,8 @@ impl SqliteStore {
     /// the background after the store opens and again as the ledger grows; until then
     /// every key is looked up.
     pub fn key_filter_ready(&self) -> bool {
-        self.shared.key_filter_ready.load(std::sync::atomic::Ordering::SeqCst)
+        let created = self.shared.key_filters_created.load(std::sync::atomic::Ordering::SeqCst);
+        created > 0 && self.shared.key_filters_built.load(std::sync::atomic::Ordering::SeqCst) == created
     }
 
     fn durable_log_next(&self) -> u64 {

@@ -15,9 +15,14 @@
 //!   by a builder thread whose read snapshots begin after that: every key committed before
 //!   is in them, from `transfer_keys` up to the index file's head and from `transfers` past it.
 //! * Every key that enters the writer's tail (inserted by this writer, or read back from
-//!   `transfers` after a rollback or another process's commit) is added to it as well,
-//!   before the indexer can take it out of the tail. Keys only reach `transfer_keys` through
-//!   the tail or the builder's snapshot.
+//!   `transfers` after a rollback) is added to it as well, before the indexer can take it
+//!   out of the tail. This writer's keys only reach `transfer_keys` through the tail or the
+//!   builder's snapshot.
+//! * Another connection's commit (a second process on the file, whose own indexer may
+//!   index its keys before this writer sees them) drops every filter: every time the writer
+//!   reads `PRAGMA data_version` (at each batch's start, before any lookup, and in the
+//!   upkeep between batches) it compares it with the last value it read, and builds a new
+//!   filter once no such commit was seen for a second.
 //! * Until the builder is done, the writer looks every key up, as before.
 //!
 //! A limit on everything: a filter is sized for twice the keys it starts with (at least
@@ -33,6 +38,7 @@ use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -47,6 +53,12 @@ pub const KEY_FILTER_BITS_PER_KEY: u64 = 12;
 pub const KEY_FILTER_KEYS_MIN: u64 = 1 << 20;
 /// Largest filter (about 179 million keys at the sized rate).
 pub const KEY_FILTER_BYTES_MAX: u64 = 256 << 20;
+/// After another connection's commit, how long no new filter is built (each such commit
+/// drops the filters: a second process writing steadily would otherwise restart the build
+/// at every batch).
+pub const KEY_FILTER_QUIET_AFTER_FOREIGN_COMMIT: Duration = Duration::from_secs(1);
+/// After a failed build, how long until the next try.
+pub const KEY_FILTER_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
 
 const SALTS: [u32; 8] = [0x47b6_137b, 0x4497_4d91, 0x8824_ad5b, 0xa2b7_289d, 0x7054_95c7, 0x2df1_424b, 0x9efc_4947, 0x5c6b_fb31];
 
@@ -67,12 +79,16 @@ pub(crate) struct KeyFilter {
     keys: AtomicU64,
     /// Set by the builder once every committed key of its snapshots is in.
     ready: AtomicBool,
+    /// Set by the builder when it could not finish.
+    failed: AtomicBool,
+    /// Set by the writer when it dropped the filter: the builder stops.
+    cancelled: AtomicBool,
 }
 
 impl KeyFilter {
     pub(crate) fn new(keys_max: u64) -> Self {
         let blocks = (0..bytes_for(keys_max) / 32).map(|_| Default::default()).collect();
-        KeyFilter { blocks, hasher: Default::default(), keys_max, keys: AtomicU64::new(0), ready: AtomicBool::new(false) }
+        KeyFilter { blocks, hasher: Default::default(), keys_max, keys: AtomicU64::new(0), ready: AtomicBool::new(false), failed: AtomicBool::new(false), cancelled: AtomicBool::new(false) }
     }
 
     /// The key's block and the eight bits it sets there.
@@ -113,16 +129,27 @@ pub(crate) struct KeyFilters {
     building: Option<Arc<KeyFilter>>,
     keys_min: u64,
     ledger: PathBuf,
+    /// The writer connection's `PRAGMA data_version` when last read: it changes when another
+    /// connection commits. Every read of it goes through [`seen_data_version`](Self::seen_data_version).
+    data_version: Option<i64>,
+    /// Builder threads still running (one at most, cancelled ones included).
+    builders: Arc<AtomicU64>,
+    /// No new filter before this (after another connection's commit, or a failed build).
+    not_before: Option<Instant>,
 }
 
 impl KeyFilters {
     pub(crate) fn new(ledger: PathBuf, keys_min: u64) -> Self {
-        KeyFilters { serving: None, building: None, keys_min, ledger }
+        KeyFilters { serving: None, building: None, keys_min, ledger, data_version: None, builders: Arc::default(), not_before: None }
     }
 
     /// Between two batches only (see the module docs): starts serving a built filter, and
-    /// starts building one when there is none or the one serving is outgrown.
-    pub(crate) fn maintain(&mut self, shared: &Arc<Shared>) {
+    /// starts building one when there is none or the one serving is outgrown (one builder at
+    /// a time), after reading `data_version` (other connections' commits drop every filter).
+    pub(crate) fn maintain(&mut self, shared: &Arc<Shared>, data_version: impl FnOnce() -> Result<i64>) {
+        if self.building.as_ref().is_some_and(|b| b.failed.load(Ordering::Acquire)) {
+            return self.drop_all(shared, KEY_FILTER_RETRY_AFTER_FAILURE, "its builder failed");
+        }
         if self.building.as_ref().is_some_and(|b| b.is_ready()) {
             self.serving = self.building.take();
         }
@@ -132,26 +159,75 @@ impl KeyFilters {
             (Some(s), None) if s.outgrown() => s.keys.load(Ordering::Relaxed),
             (Some(_), None) => return,
         };
+        if !self.quiet() {
+            return;
+        }
+        // Found in review: a commit by another process between a batch and this upkeep must
+        // not be taken for seen by a filter that goes on serving.
+        match data_version() {
+            Ok(v) => self.seen_data_version(v, shared),
+            Err(e) => return self.drop_all(shared, KEY_FILTER_RETRY_AFTER_FAILURE, &format!("reading data_version: {e}")),
+        }
+        if !self.quiet() {
+            return;
+        }
         let filter = Arc::new(KeyFilter::new(keys.saturating_mul(2).max(self.keys_min)));
         self.building = Some(filter.clone());
-        shared.key_filter_ready.store(false, Ordering::SeqCst);
-        let (ledger, shared) = (self.ledger.clone(), shared.clone());
+        let generation = shared.key_filters_created.fetch_add(1, Ordering::SeqCst) + 1;
+        let (ledger, sh, builders) = (self.ledger.clone(), shared.clone(), self.builders.clone());
+        builders.fetch_add(1, Ordering::SeqCst);
+        let f = filter;
         let spawned = std::thread::Builder::new().name("ledger-sqlite-keys".into()).spawn(move || {
             crate::sqlite_index::lower_this_threads_priority();
-            match build(&ledger, &filter) {
+            match build(&ledger, &f) {
                 Ok(()) => {
-                    filter.ready.store(true, Ordering::Release);
-                    shared.key_filter_ready.store(true, Ordering::SeqCst);
+                    f.ready.store(true, Ordering::Release);
+                    sh.key_filters_built.fetch_max(generation, Ordering::SeqCst);
                 }
-                // The writer goes on looking every key up: slower, never wrong.
-                Err(e) => eprintln!("tokenomy-ledger: building the idempotency-key filter failed ({e}); keys are looked up in the index file"),
+                Err(_) if f.cancelled.load(Ordering::SeqCst) => {}
+                Err(e) => {
+                    // The writer goes on looking every key up (slower, never wrong), and tries again later.
+                    eprintln!("tokenomy-ledger: building the idempotency-key filter failed ({e}); keys are looked up in the index file");
+                    f.failed.store(true, Ordering::Release);
+                }
             }
+            builders.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(e) = spawned {
-            eprintln!("tokenomy-ledger: cannot start the key filter's builder ({e}); keys are looked up in the index file");
+            self.builders.fetch_sub(1, Ordering::SeqCst);
+            self.drop_all(shared, KEY_FILTER_RETRY_AFTER_FAILURE, &format!("cannot start its builder: {e}"));
         }
     }
 
+    /// No builder runs, and none is held back.
+    fn quiet(&self) -> bool {
+        self.builders.load(Ordering::SeqCst) == 0 && self.not_before.is_none_or(|t| t <= Instant::now())
+    }
+
+    /// Every read of the writer connection's `PRAGMA data_version` (each batch's, and each
+    /// `maintain`'s): a change means another connection committed, whose keys its own indexer
+    /// may move into `transfer_keys` without this writer's tail ever holding them, so every
+    /// filter is dropped and a new one built from snapshots taken after this.
+    pub(crate) fn seen_data_version(&mut self, version: i64, shared: &Shared) {
+        if self.data_version.is_some_and(|v| v != version) {
+            self.drop_all(shared, KEY_FILTER_QUIET_AFTER_FOREIGN_COMMIT, "");
+        }
+        self.data_version = Some(version);
+    }
+
+    /// Drops every filter (their builders stop at their next check) and builds none before
+    /// `wait` has passed; says why on stderr unless `why` is empty.
+    fn drop_all(&mut self, shared: &Shared, wait: Duration, why: &str) {
+        for f in self.serving.take().into_iter().chain(self.building.take()) {
+            f.cancelled.store(true, Ordering::SeqCst);
+        }
+        self.not_before = Some(Instant::now() + wait);
+        // What `SqliteStore::key_filter_ready` reads no longer describes a filter in use.
+        shared.key_filters_created.fetch_add(1, Ordering::SeqCst);
+        if !why.is_empty() {
+            eprintln!("tokenomy-ledger: no idempotency-key filter for now ({why}); keys are looked up in the index file");
+        }
+    }
     /// Adds a key entering the writer's tail to every filter.
     pub(crate) fn add(&self, key: &str) {
         for f in self.serving.iter().chain(&self.building) {
@@ -186,7 +262,12 @@ fn build(ledger: &Path, filter: &KeyFilter) -> Result<()> {
 fn add_all(c: &Connection, sql: &str, params: impl rusqlite::Params, filter: &KeyFilter) -> Result<()> {
     let mut stmt = c.prepare(sql).map_err(db_err)?;
     let mut rows = stmt.query(params).map_err(db_err)?;
+    let mut n = 0u64;
     while let Some(row) = rows.next().map_err(db_err)? {
+        n += 1;
+        if n.is_multiple_of(4096) && filter.cancelled.load(Ordering::Relaxed) {
+            return Err(LedgerError::Storage("cancelled".into()));
+        }
         let key = row.get_ref(0).map_err(db_err)?.as_str().map_err(|e| LedgerError::Storage(format!("an idempotency key is not text: {e}")))?;
         filter.add(key);
     }
@@ -210,6 +291,50 @@ mod tests {
         assert!(!f.outgrown());
         f.add("one more");
         assert!(f.outgrown());
+    }
+
+    fn ready(keys_max: u64) -> Arc<KeyFilter> {
+        let f = Arc::new(KeyFilter::new(keys_max));
+        f.ready.store(true, Ordering::Release);
+        f
+    }
+
+    /// Whenever the writer reads `data_version` (at a batch's start, or in `maintain` before
+    /// it builds a filter: found in review, a commit by another process between a batch and
+    /// the upkeep was otherwise taken as seen by the filter that went on serving) and it
+    /// changed, every filter goes.
+    #[test]
+    fn a_commit_by_another_connection_drops_every_filter_whenever_it_is_seen() {
+        let shared = Shared::new(0, 0);
+        let mut filters = KeyFilters::new(PathBuf::from("/nonexistent/ledger.sqlite"), 64);
+        filters.seen_data_version(1, &shared);
+        let serving = ready(64);
+        filters.serving = Some(serving.clone());
+        filters.maintain(&shared, || panic!("nothing to build: no need to read it"));
+        assert!(filters.serving.is_some());
+        (0..65).for_each(|i| serving.add(&format!("key-{i}")));
+        filters.maintain(&shared, || Ok(2)); // outgrown: about to build a larger one
+        assert!(filters.serving.is_none() && filters.building.is_none());
+        assert!(serving.cancelled.load(Ordering::SeqCst), "its builder would stop");
+        filters.maintain(&shared, || Ok(2));
+        assert!(filters.building.is_none(), "no new filter before the quiet time has passed");
+
+        filters.serving = Some(ready(64));
+        filters.seen_data_version(3, &shared);
+        assert!(filters.serving.is_none(), "the same at a batch's start");
+    }
+
+    /// A build that failed is dropped, and tried again later (not left building for ever).
+    #[test]
+    fn a_failed_build_is_dropped_and_retried_later() {
+        let shared = Shared::new(0, 0);
+        let mut filters = KeyFilters::new(PathBuf::from("/nonexistent/ledger.sqlite"), 64);
+        let failed = Arc::new(KeyFilter::new(64));
+        failed.failed.store(true, Ordering::SeqCst);
+        filters.building = Some(failed);
+        filters.maintain(&shared, || Ok(1));
+        assert!(filters.building.is_none());
+        assert!(filters.not_before.is_some_and(|t| t > Instant::now() + KEY_FILTER_RETRY_AFTER_FAILURE / 2));
     }
 
     #[test]

@@ -324,7 +324,8 @@ impl WriteConn {
 
     /// Between batches: the key filter's upkeep (`KeyFilters::maintain`).
     fn maintain_key_filter(&self) {
-        self.keys.borrow_mut().maintain(&self.shared);
+        let version = || self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err);
+        self.keys.borrow_mut().maintain(&self.shared, version);
     }
 
     /// Writes the staged accounts (each once).
@@ -368,12 +369,13 @@ impl WriteConn {
     /// process on the same file, an operator's `sqlite3` shell). Inside the batch's
     /// transaction, so nobody else can commit until it ends.
     fn revalidate(&self) -> Result<()> {
-        let version: i64 = self.conn.query_row("PRAGMA data_version", [], |r| r.get(0)).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let version: i64 = self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0))).map_err(db_err)?;
         let known = self.cache.borrow().data_version;
         if known != Some(version) {
             self.reset();
             self.cache.borrow_mut().data_version = Some(version);
         }
+        self.keys.borrow_mut().seen_data_version(version, &self.shared);
         Ok(())
     }
 
@@ -397,8 +399,10 @@ pub(crate) struct Shared {
     /// checkpoints over it) see no further: an entry a power loss could still take back
     /// must never be signed.
     pub durable_log_next: AtomicU64,
-    /// The newest key filter is built: the writer uses it from its next batch.
-    pub key_filter_ready: AtomicBool,
+    /// Key filters created and built (numbered from 1): once equal, the newest one is built
+    /// and the writer uses it from its next batch.
+    pub key_filters_created: AtomicU64,
+    pub key_filters_built: AtomicU64,
 }
 
 impl Shared {
@@ -408,7 +412,8 @@ impl Shared {
             committed_upto: AtomicI64::new(indexed_upto),
             indexed_upto: AtomicI64::new(indexed_upto),
             durable_log_next: AtomicU64::new(durable_log_next),
-            key_filter_ready: AtomicBool::new(false),
+            key_filters_created: AtomicU64::new(0),
+            key_filters_built: AtomicU64::new(0),
         })
     }
 
@@ -566,6 +571,8 @@ pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
                 done.answer(None);
             }
         }
+        // (Also here: a batch that dropped the filters gets a new one building at once.)
+        w.conn.maintain_key_filter();
     }
 }
 
