@@ -148,7 +148,11 @@ impl KeyFilters {
     /// a time), after reading `data_version` (other connections' commits drop every filter).
     pub(crate) fn maintain(&mut self, shared: &Arc<Shared>, data_version: impl FnOnce() -> Result<i64>) {
         if self.building.as_ref().is_some_and(|b| b.failed.load(Ordering::Acquire)) {
-            return self.drop_all(shared, KEY_FILTER_RETRY_AFTER_FAILURE, "its builder failed");
+            // The one serving, if any, still holds every key: only the new one is given up.
+            self.building = None;
+            self.not_before = Some(Instant::now() + KEY_FILTER_RETRY_AFTER_FAILURE);
+            shared.key_filters_created.fetch_add(1, Ordering::SeqCst);
+            return;
         }
         if self.building.as_ref().is_some_and(|b| b.is_ready()) {
             self.serving = self.building.take();
@@ -324,16 +328,18 @@ mod tests {
         assert!(filters.serving.is_none(), "the same at a batch's start");
     }
 
-    /// A build that failed is dropped, and tried again later (not left building for ever).
+    /// A build that failed is dropped, and tried again later (not left building for ever),
+    /// while the filter serving goes on.
     #[test]
     fn a_failed_build_is_dropped_and_retried_later() {
         let shared = Shared::new(0, 0);
         let mut filters = KeyFilters::new(PathBuf::from("/nonexistent/ledger.sqlite"), 64);
         let failed = Arc::new(KeyFilter::new(64));
         failed.failed.store(true, Ordering::SeqCst);
+        filters.serving = Some(ready(64));
         filters.building = Some(failed);
         filters.maintain(&shared, || Ok(1));
-        assert!(filters.building.is_none());
+        assert!(filters.building.is_none() && filters.serving.is_some());
         assert!(filters.not_before.is_some_and(|t| t > Instant::now() + KEY_FILTER_RETRY_AFTER_FAILURE / 2));
     }
 
