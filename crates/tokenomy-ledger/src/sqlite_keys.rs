@@ -150,9 +150,7 @@ impl KeyFilters {
         if self.building.as_ref().is_some_and(|b| b.failed.load(Ordering::Acquire)) {
             // The one serving, if any, still holds every key: only the new one is given up.
             self.building = None;
-            self.not_before = Some(Instant::now() + KEY_FILTER_RETRY_AFTER_FAILURE);
-            shared.key_filters_created.fetch_add(1, Ordering::SeqCst);
-            return;
+            return self.hold_back(shared, KEY_FILTER_RETRY_AFTER_FAILURE);
         }
         if self.building.as_ref().is_some_and(|b| b.is_ready()) {
             self.serving = self.building.take();
@@ -175,12 +173,11 @@ impl KeyFilters {
         if !self.quiet() {
             return;
         }
-        let filter = Arc::new(KeyFilter::new(keys.saturating_mul(2).max(self.keys_min)));
-        self.building = Some(filter.clone());
+        let f = Arc::new(KeyFilter::new(keys.saturating_mul(2).max(self.keys_min)));
+        self.building = Some(f.clone());
         let generation = shared.key_filters_created.fetch_add(1, Ordering::SeqCst) + 1;
         let (ledger, sh, builders) = (self.ledger.clone(), shared.clone(), self.builders.clone());
         builders.fetch_add(1, Ordering::SeqCst);
-        let f = filter;
         let spawned = std::thread::Builder::new().name("ledger-sqlite-keys".into()).spawn(move || {
             crate::sqlite_index::lower_this_threads_priority();
             match build(&ledger, &f) {
@@ -225,13 +222,19 @@ impl KeyFilters {
         for f in self.serving.take().into_iter().chain(self.building.take()) {
             f.cancelled.store(true, Ordering::SeqCst);
         }
-        self.not_before = Some(Instant::now() + wait);
-        // What `SqliteStore::key_filter_ready` reads no longer describes a filter in use.
-        shared.key_filters_created.fetch_add(1, Ordering::SeqCst);
+        self.hold_back(shared, wait);
         if !why.is_empty() {
             eprintln!("tokenomy-ledger: no idempotency-key filter for now ({why}); keys are looked up in the index file");
         }
     }
+
+    /// Builds no filter before `wait` has passed. (What `SqliteStore::key_filter_ready`
+    /// reads then no longer describes a filter in use.)
+    fn hold_back(&mut self, shared: &Shared, wait: Duration) {
+        self.not_before = Some(Instant::now() + wait);
+        shared.key_filters_created.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Adds a key entering the writer's tail to every filter.
     pub(crate) fn add(&self, key: &str) {
         for f in self.serving.iter().chain(&self.building) {
