@@ -71,8 +71,13 @@ macro_rules! transfer_cols {
     };
 }
 const TRANSFER_COLS: &str = transfer_cols!();
-pub(crate) const KEY_COLS: &str = "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, \
-     revoked_at_ms, spend_cap_month_micros, pending_micros, spend_day, spend_day_micros, spend_month, spend_month_micros";
+macro_rules! key_cols {
+    () => {
+        "id, account_id, key_hash, scopes, rpm, tpm, spend_cap_day_micros, created_at_ms, \
+         revoked_at_ms, spend_cap_month_micros, pending_micros, spend_day, spend_day_micros, spend_month, spend_month_micros"
+    };
+}
+pub(crate) const KEY_COLS: &str = key_cols!();
 /// Columns added to tables an older file already has: by schema version 2 (all but the
 /// last) and version 5 (`transfers.log_index`).
 const ADDED_COLUMNS: [(&str, &str, &str); 8] = [
@@ -172,8 +177,16 @@ impl SqliteStore {
                 Acks::AfterSync(to_syncer)
             }
         };
-        let w = Writer { conn: WriteConn::new(writer, index_reader, shared.clone(), KeyFilters::new(path.as_ref().to_path_buf(), key_filter_keys_min)), committed, to_index, acks, shared: shared.clone() };
-        spawn("ledger-sqlite-writer", Box::new(move || writer_loop(w, rx)))?;
+        let keys = KeyFilters::new(path.as_ref().to_path_buf(), key_filter_keys_min);
+        let sh = shared.clone();
+        // The writer's connection is wrapped on its own thread: its prepared statements stay there.
+        spawn(
+            "ledger-sqlite-writer",
+            Box::new(move || {
+                let conn = WriteConn::new(writer, index_reader, sh.clone(), keys);
+                writer_loop(Writer { conn, committed, to_index, acks, shared: sh }, rx)
+            }),
+        )?;
         Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)), shared })
     }
 
@@ -398,10 +411,6 @@ fn create_system_accounts(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn exec(conn: &Connection, sql: &str) -> Result<()> {
-    conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(db_err)
-}
-
 // ------------------------------------------------------------------ row codecs
 
 fn id_col<T>(row: &Row, i: usize, make: fn(&[u8]) -> Option<T>) -> rusqlite::Result<T> {
@@ -482,12 +491,11 @@ pub(crate) fn load_account(c: &Connection, id: AccountId) -> Result<Account> {
         .ok_or(LedgerError::UnknownAccount(id))
 }
 
-pub(crate) fn store_account(c: &Connection, a: &Account) -> Result<()> {
+pub(crate) fn store_account(c: &WriteConn, a: &Account) -> Result<()> {
     check_account(a)?;
-    let n = c
-        .prepare_cached("UPDATE accounts SET balance_micros = ?2, pending_micros = ?3 WHERE id = ?1")
-        .and_then(|mut s| s.execute(params![&a.id.to_bytes()[..], a.balance_micros, a.pending_micros]))
-        .map_err(db_err)?;
+    let n = c.hot("UPDATE accounts SET balance_micros = ?2, pending_micros = ?3 WHERE id = ?1", |s| {
+        s.execute(params![&a.id.to_bytes()[..], a.balance_micros, a.pending_micros])
+    })?;
     assert_eq!(n, 1, "account row vanished");
     Ok(())
 }
@@ -531,40 +539,37 @@ fn insert_transfer(c: &WriteConn, t: &Transfer, log_index: Option<u64>) -> Resul
         return Ok(None);
     }
     let sql = concat!("INSERT INTO transfers (", transfer_cols!(), ", log_index) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)");
-    let pending = t.pending_id.map(|p| p.to_bytes().to_vec());
-    let key = t.key_id.map(|k| k.to_bytes().to_vec());
-    c.prepare_cached(sql)
-        .and_then(|mut s| {
-            s.execute(params![
-                &t.id.to_bytes()[..],
-                t.idempotency_key,
-                &t.debit_account.to_bytes()[..],
-                &t.credit_account.to_bytes()[..],
-                t.amount_micros,
-                t.code.as_i16(),
-                t.state.as_i16(),
-                t.hold,
-                t.timeout_ms,
-                t.expires_at_ms,
-                t.created_at_ms,
-                pending,
-                key,
-                log_index.map(|i| i as i64),
-            ])
-        })
-        .map_err(db_err)?;
+    let pending = t.pending_id.map(|p| p.to_bytes());
+    let key = t.key_id.map(|k| k.to_bytes());
+    c.hot(sql, |s| {
+        s.execute(params![
+            &t.id.to_bytes()[..],
+            t.idempotency_key,
+            &t.debit_account.to_bytes()[..],
+            &t.credit_account.to_bytes()[..],
+            t.amount_micros,
+            t.code.as_i16(),
+            t.state.as_i16(),
+            t.hold,
+            t.timeout_ms,
+            t.expires_at_ms,
+            t.created_at_ms,
+            pending.as_ref().map(|p| &p[..]),
+            key.as_ref().map(|k| &k[..]),
+            log_index.map(|i| i as i64),
+        ])
+    })?;
     let seq = c.last_insert_rowid();
     c.inserted(seq, t)?;
     Ok(Some(seq))
 }
 
 /// Ends a pending hold, the transfer at rowid `seq`.
-fn set_state(c: &Connection, t: &mut Transfer, seq: i64, state: TransferState) -> Result<()> {
+fn set_state(c: &WriteConn, t: &mut Transfer, seq: i64, state: TransferState) -> Result<()> {
     debug_assert_eq!(t.state, TransferState::Pending);
-    let n = c
-        .prepare_cached("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0")
-        .and_then(|mut s| s.execute(params![seq, state.as_i16(), &t.id.to_bytes()[..]]))
-        .map_err(db_err)?;
+    let n = c.hot("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0", |s| {
+        s.execute(params![seq, state.as_i16(), &t.id.to_bytes()[..]])
+    })?;
     if n != 1 {
         return Err(LedgerError::InvariantViolation(format!("hold {} was not pending", t.id)));
     }
@@ -597,11 +602,9 @@ fn replay_existing(c: &WriteConn, req: &TransferRequest) -> Result<Transfer> {
 
 /// A key's caps and spend counters (the key must be live and belong to `account`
 /// when given).
-fn load_key_spend(c: &Connection, id: KeyId, account: Option<AccountId>) -> Result<(SpendCaps, KeySpend)> {
+fn load_key_spend(c: &WriteConn, id: KeyId, account: Option<AccountId>) -> Result<(SpendCaps, KeySpend)> {
     let rec = c
-        .prepare_cached(&format!("SELECT {KEY_COLS} FROM api_keys WHERE id = ?1"))
-        .and_then(|mut s| s.query_row([&id.to_bytes()[..]], row_key).optional())
-        .map_err(db_err)?
+        .hot(concat!("SELECT ", key_cols!(), " FROM api_keys WHERE id = ?1"), |s| s.query_row([&id.to_bytes()[..]], row_key).optional())?
         .ok_or(LedgerError::UnknownKey(id))?;
     if account.is_some_and(|a| a != rec.account || rec.revoked_at_ms.is_some()) {
         return Err(LedgerError::UnknownKey(id));
@@ -609,17 +612,13 @@ fn load_key_spend(c: &Connection, id: KeyId, account: Option<AccountId>) -> Resu
     Ok((rec.caps, rec.spend))
 }
 
-fn store_key_spend(c: &Connection, id: KeyId, s: &KeySpend) -> Result<()> {
+fn store_key_spend(c: &WriteConn, id: KeyId, s: &KeySpend) -> Result<()> {
     assert!(s.pending_micros >= 0, "key pending below zero");
-    let n = c
-        .prepare_cached(
-            "UPDATE api_keys SET pending_micros = ?2, spend_day = ?3, spend_day_micros = ?4, spend_month = ?5, \
-             spend_month_micros = ?6 WHERE id = ?1",
-        )
-        .and_then(|mut st| {
-            st.execute(params![&id.to_bytes()[..], s.pending_micros, s.day, s.day_micros, s.month, s.month_micros])
-        })
-        .map_err(db_err)?;
+    let n = c.hot(
+        "UPDATE api_keys SET pending_micros = ?2, spend_day = ?3, spend_day_micros = ?4, spend_month = ?5, \
+         spend_month_micros = ?6 WHERE id = ?1",
+        |st| st.execute(params![&id.to_bytes()[..], s.pending_micros, s.day, s.day_micros, s.month, s.month_micros]),
+    )?;
     assert_eq!(n, 1, "key row vanished");
     Ok(())
 }
@@ -646,9 +645,9 @@ fn prepare_leaf(c: &WriteConn, leaf: &Option<Leaf>, t: &Transfer) -> Result<Opti
 }
 
 fn insert_log(c: &WriteConn, index: u64, bytes: &[u8], t: &Transfer) -> Result<u64> {
-    c.prepare_cached("INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES (?1,?2,?3,?4)")
-        .and_then(|mut s| s.execute(params![index as i64, &t.id.to_bytes()[..], &log_account(t).to_bytes()[..], bytes]))
-        .map_err(db_err)?;
+    c.hot("INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES (?1,?2,?3,?4)", |s| {
+        s.execute(params![index as i64, &t.id.to_bytes()[..], &log_account(t).to_bytes()[..], bytes])
+    })?;
     c.appended_log(index);
     Ok(index)
 }
@@ -710,8 +709,8 @@ fn op_posted(c: &WriteConn, req: TransferRequest, leaf: Option<Leaf>, now: i64) 
     if insert_transfer(c, &t, log.as_ref().map(|(index, _)| *index))?.is_none() {
         return replay_existing(c, &req);
     }
-    c.stage_account(&debit)?;
-    c.stage_account(&credit)?;
+    c.stage_account(debit)?;
+    c.stage_account(credit)?;
     if let Some((index, bytes)) = &log {
         insert_log(c, *index, bytes, &t)?;
     }
@@ -743,7 +742,7 @@ fn op_hold(c: &WriteConn, req: TransferRequest, now: i64) -> Result<Transfer> {
         return replay_existing(c, &req);
     };
     c.remember_hold(seq, &t);
-    c.stage_account(&debit)?;
+    c.stage_account(debit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
     }
@@ -789,8 +788,8 @@ fn op_settle(c: &WriteConn, hold_id: TransferId, amount: i64, now: i64, leaf: Op
         None => None,
     };
     set_state(c, &mut hold, seq, state)?;
-    c.stage_account(&debit)?;
-    c.stage_account(&credit)?;
+    c.stage_account(debit)?;
+    c.stage_account(credit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
     }
@@ -832,7 +831,7 @@ fn void_hold(c: &WriteConn, (seq, mut hold): (i64, Transfer)) -> Result<Transfer
         None => None,
     };
     set_state(c, &mut hold, seq, TransferState::Voided)?;
-    c.stage_account(&debit)?;
+    c.stage_account(debit)?;
     if let Some((id, spend)) = &key {
         store_key_spend(c, *id, spend)?;
     }
@@ -1325,6 +1324,28 @@ mod tests {
     use super::*;
     use std::sync::Condvar;
     use std::time::Duration;
+
+    #[test]
+    fn the_writer_prepares_each_statement_once_and_reuses_it_after_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let conn = open_conn(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let index = Connection::open_in_memory().unwrap();
+        let c = WriteConn::new(conn, index, Shared::new(0, 0), KeyFilters::new(path.clone(), 1024));
+        let err = c.exec("COMMIT").unwrap_err();
+        assert!(err.to_string().contains("no transaction is active"), "{err}");
+        create_system_accounts(&c).unwrap();
+        for _ in 0..3 {
+            c.exec("BEGIN IMMEDIATE").unwrap();
+            let mut treasury = load_account(&c, TREASURY).unwrap();
+            treasury.balance_micros -= 1;
+            store_account(&c, &treasury).unwrap();
+            c.exec("COMMIT").unwrap();
+        }
+        assert_eq!(load_account(&c, TREASURY).unwrap().balance_micros, -3);
+        assert_eq!(c.hot_statements(), 3);
+    }
 
     /// Holds the syncer's fsync back while it is closed.
     #[derive(Default)]
