@@ -228,14 +228,16 @@ fn to_message(v: &Value) -> Value {
     out
 }
 
-pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Response, AnthropicError> {
+pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: Result<HashedJson<Value>, AppError>) -> Result<Response, AnthropicError> {
+    // A body that cannot be read or parsed is answered in Anthropic's error shape too.
+    let body = body?;
     let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, false)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
     let g = match routes::gate(&state, &headers, body.sha256).await? {
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
     let result = run(&state, &g, HashedJson { value: chat, sha256: body.sha256 }).await;
-    Ok(routes::remember(&state, &g, result).await?)
+    Ok(routes::remember(&state, g, result).await?)
 }
 
 async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
@@ -335,7 +337,8 @@ fn events(chunks: impl Stream<Item = Value> + Send + 'static) -> impl Stream<Ite
 }
 
 /// `POST /v1/messages/count_tokens`: the prompt's tokens as the model's template renders them.
-pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Json<Value>, AnthropicError> {
+pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, body: Result<HashedJson<Value>, AppError>) -> Result<Json<Value>, AnthropicError> {
+    let body = body?;
     crate::charge::caller(&state, &headers).await?;
     let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, true)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
     let messages = crate::openai::chat_messages(&chat.messages)?;

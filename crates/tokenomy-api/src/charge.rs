@@ -124,18 +124,20 @@ pub const IDEMPOTENCY_KEY_LEN_MAX_BYTES: usize = 64;
 
 #[derive(Clone)]
 enum Slot {
-    InFlight { request_sha256: [u8; 32] },
+    /// `owner` tells this run's slot from a later run's with the same key (see [`Begin::Run`]).
+    InFlight { request_sha256: [u8; 32], owner: u64 },
     Done { request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes },
 }
 
 #[derive(Default)]
 pub struct IdempotencyCache {
     inner: Mutex<(HashMap<(AccountId, String), Slot>, VecDeque<(AccountId, String)>)>,
+    owners: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) enum Begin {
-    /// First time: run it, then call `finish` or `abandon`.
-    Run,
+    /// First time: run it, then call `finish` or `abandon` with this owner.
+    Run(u64),
     Replay(Response),
 }
 
@@ -143,7 +145,7 @@ impl IdempotencyCache {
     pub(crate) fn begin(&self, account: AccountId, key: &str, request_sha256: [u8; 32]) -> Result<Begin, AppError> {
         let mut g = self.inner.lock().expect("idempotency lock");
         let first_sha = match g.0.get(&(account, key.to_string())) {
-            Some(Slot::InFlight { request_sha256 } | Slot::Done { request_sha256, .. }) => Some(*request_sha256),
+            Some(Slot::InFlight { request_sha256, .. } | Slot::Done { request_sha256, .. }) => Some(*request_sha256),
             None => None,
         };
         if first_sha.is_some_and(|s| s != request_sha256) {
@@ -166,8 +168,9 @@ impl IdempotencyCache {
                 Ok(Begin::Replay(r))
             }
             None => {
-                g.0.insert((account, key.to_string()), Slot::InFlight { request_sha256 });
-                Ok(Begin::Run)
+                let owner = self.owners.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                g.0.insert((account, key.to_string()), Slot::InFlight { request_sha256, owner });
+                Ok(Begin::Run(owner))
             }
         }
     }
@@ -184,9 +187,11 @@ impl IdempotencyCache {
         }
     }
 
-    pub(crate) fn abandon(&self, account: AccountId, key: &str) {
+    /// Forgets the key's run `owner` if it is still in flight (a run that finished, or a later
+    /// run of the same key, is left alone).
+    pub(crate) fn abandon(&self, account: AccountId, key: &str, owner: u64) {
         let mut g = self.inner.lock().expect("idempotency lock");
-        if matches!(g.0.get(&(account, key.to_string())), Some(Slot::InFlight { .. })) {
+        if matches!(g.0.get(&(account, key.to_string())), Some(Slot::InFlight { owner: o, .. }) if *o == owner) {
             g.0.remove(&(account, key.to_string()));
         }
     }

@@ -23,7 +23,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tokenomy_billing::{Billing, ReceiptRef};
-use tokenomy_core::{Backend, Outcome};
+use tokenomy_core::{Backend, Outcome, Usage};
 use tokenomy_ledger::AccountId;
 use tokio_util::task::TaskTracker;
 
@@ -66,9 +66,11 @@ struct AccountUsage {
 }
 
 impl Meter {
-    fn record(&self, request_id: &str, model: &str, outcomes: &[Outcome], account: Option<AccountId>, receipt: Option<&ReceiptRef>) {
-        let Some(first) = outcomes.first() else { return };
-        let completion: u32 = outcomes.iter().map(|o| o.usage.completion_tokens).sum();
+    fn record(&self, request_id: &str, model: &str, outcomes: &[Outcome], usage: &Usage, account: Option<AccountId>, receipt: Option<&ReceiptRef>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let completion = usage.completion_tokens;
         let charged = receipt.map_or(0, |r| r.amount_micros.max(0) as u64);
         self.charged_micros.fetch_add(charged, Relaxed);
         if let Some(a) = account {
@@ -76,20 +78,20 @@ impl Meter {
             if m.len() < METERED_ACCOUNTS_MAX || m.contains_key(&a) {
                 let u = m.entry(a).or_default();
                 u.requests += 1;
-                u.prompt_tokens += u64::from(first.usage.prompt_tokens);
+                u.prompt_tokens += u64::from(usage.prompt_tokens);
                 u.completion_tokens += u64::from(completion);
                 u.charged_micros += charged;
             }
         }
         self.requests.fetch_add(1, Relaxed);
-        self.prompt_tokens.fetch_add(first.usage.prompt_tokens.into(), Relaxed);
-        self.cached_tokens.fetch_add(first.usage.cached_tokens.into(), Relaxed);
+        self.prompt_tokens.fetch_add(usage.prompt_tokens.into(), Relaxed);
+        self.cached_tokens.fetch_add(usage.cached_tokens.into(), Relaxed);
         self.completion_tokens.fetch_add(completion.into(), Relaxed);
         let cancelled = outcomes.iter().any(|o| o.finish_reason == tokenomy_core::FinishReason::Cancelled);
         if cancelled {
             self.cancelled.fetch_add(1, Relaxed);
         }
-        tracing::info!(request_id, model, prompt_tokens = first.usage.prompt_tokens, cached_tokens = first.usage.cached_tokens, completion_tokens = completion, cancelled, "metered");
+        tracing::info!(request_id, model, prompt_tokens = usage.prompt_tokens, cached_tokens = usage.cached_tokens, completion_tokens = completion, cancelled, "metered");
     }
 
     fn account_json(&self, account: AccountId) -> serde_json::Value {
@@ -205,6 +207,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/node/key", get(charge::node_key))
         .merge(keyed)
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(state)
 }

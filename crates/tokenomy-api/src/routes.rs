@@ -101,6 +101,8 @@ struct Choice {
 /// request was charged, its receipt.
 struct Done {
     outcomes: Vec<Outcome>,
+    /// What was processed and billed: each prompt counted once (see [`total_usage`]).
+    usage: Usage,
     receipt: Option<ReceiptRef>,
 }
 
@@ -156,17 +158,23 @@ fn start(
     state.tasks.spawn(async move {
         let mut all = Vec::with_capacity(outcomes.len());
         for o in outcomes {
-            if let Ok(o) = o.await {
-                all.push(o);
-            }
+            // A generation whose outcome never came (the engine dropped it) served an unknown
+            // amount: it counts as an engine failure, which voids the charge.
+            all.push(o.await.unwrap_or_else(|_| Outcome {
+                finish_reason: FinishReason::Error,
+                usage: Usage::default(),
+                text: String::new(),
+                error: Some("the engine dropped a generation".into()),
+            }));
         }
+        let usage = total_usage(&all, n);
         let account = charge.as_ref().map(|c| c.principal.account);
         let receipt = match charge {
-            Some(c) => finish_charge(&st, c, &m, &all, failed).await,
+            Some(c) => finish_charge(&st, c, &m, &all, &usage, failed).await,
             None => None,
         };
-        st.meter.record(&rid, &m, &all, account, receipt.as_ref());
-        let _ = done_tx.send(Done { outcomes: all, receipt });
+        st.meter.record(&rid, &m, &all, &usage, account, receipt.as_ref());
+        let _ = done_tx.send(Done { outcomes: all, usage, receipt });
     });
     match failure {
         Some(e) => Err(e),
@@ -175,7 +183,7 @@ fn start(
 }
 
 /// Settles the hold for what was served, or voids it when the engine failed.
-async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], failed: bool) -> Option<ReceiptRef> {
+async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], usage: &Usage, failed: bool) -> Option<ReceiptRef> {
     let billing = state.billing.as_ref()?;
     let request_id = c.hold.request_id.clone();
     if failed || outcomes.is_empty() || engine_error(outcomes).is_some() {
@@ -186,7 +194,7 @@ async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Out
     }
     let texts: Vec<&str> = outcomes.iter().map(|o| o.text.as_str()).collect();
     let served = Served {
-        usage: total_usage(outcomes),
+        usage: *usage,
         model_sha256: model_sha256(state, model).await,
         request_sha256: c.request_sha256,
         output_sha256: Sha256::digest(serde_json::to_vec(&texts).unwrap_or_default()).into(),
@@ -231,7 +239,19 @@ async fn begin_charge(
         completion_tokens_max,
         idempotency_key,
     };
-    let hold = billing.hold(p, &req).await?;
+    // The hold is placed on a task of its own: a client that leaves while it is being placed
+    // cancels this handler, not the ledger's write, and the task then voids the hold at once
+    // instead of leaving it pending until it times out.
+    let (placed_tx, placed) = oneshot::channel();
+    let (b, principal) = (billing.clone(), p.clone());
+    state.tasks.spawn(async move {
+        if let Err(Ok(orphan)) = placed_tx.send(b.hold(&principal, &req).await) {
+            if let Err(e) = b.void(orphan).await {
+                tracing::error!(error = %e, "voiding the hold of a request whose client left");
+            }
+        }
+    });
+    let hold = placed.await.map_err(|_| AppError::internal("placing the hold failed"))??;
     Ok(Some(Charge { principal: p.clone(), hold, request_sha256 }))
 }
 
@@ -251,50 +271,67 @@ pub(crate) struct Gate {
     pub(crate) caller: Option<Principal>,
     pub(crate) allowance: Allowance,
     idempotency_key: Option<String>,
+    slot: Option<SlotGuard>,
+}
+
+/// This run's in-flight `Idempotency-Key` slot. Dropped with the handler (answered, failed, or
+/// cancelled because the client went away before [`remember`] ran), it frees the slot, so
+/// that a retry runs or is replayed rather than refused as still in progress.
+struct SlotGuard {
+    cache: std::sync::Arc<charge::IdempotencyCache>,
+    account: tokenomy_ledger::AccountId,
+    key: String,
+    owner: u64,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.cache.abandon(self.account, &self.key, self.owner);
+    }
 }
 
 pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: [u8; 32]) -> Result<Result<Gate, Response>, AppError> {
     let caller = charge::caller(state, headers).await?;
     let idempotency_key = charge::idempotency_key(headers)?;
+    let mut slot = None;
     if let (Some(p), Some(k)) = (&caller, &idempotency_key) {
-        if let Begin::Replay(r) = state.idempotency.begin(p.account, k, request_sha256)? {
-            return Ok(Err(r));
+        match state.idempotency.begin(p.account, k, request_sha256)? {
+            Begin::Replay(r) => return Ok(Err(r)),
+            Begin::Run(owner) => slot = Some(SlotGuard { cache: state.idempotency.clone(), account: p.account, key: k.clone(), owner }),
         }
     }
+    // (A refusal here drops `slot`, which frees the key.)
     let allowance = match (&state.billing, &caller) {
-        (Some(b), Some(p)) => match b.admit(p) {
-            Ok(a) => a,
-            Err(e) => {
-                release(state, &caller, &idempotency_key);
-                return Err(e.into());
-            }
-        },
+        (Some(b), Some(p)) => b.admit(p)?,
         _ => Allowance::default(),
     };
-    Ok(Ok(Gate { request_sha256, caller, allowance, idempotency_key }))
+    Ok(Ok(Gate { request_sha256, caller, allowance, idempotency_key, slot }))
 }
 
-fn release(state: &AppState, caller: &Option<Principal>, key: &Option<String>) {
-    if let (Some(p), Some(k)) = (caller, key) {
-        state.idempotency.abandon(p.account, k);
-    }
-}
-
-/// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`.
-pub(crate) async fn remember(state: &AppState, g: &Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
+/// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`. A stream
+/// is not replayed: its key stays in flight on this node until the stream ends (a retry
+/// meanwhile is refused as in progress), and after that the ledger refuses a second charge.
+pub(crate) async fn remember(state: &AppState, mut g: Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
     let (Some(p), Some(k)) = (&g.caller, &g.idempotency_key) else { return result };
     match result {
         Ok(resp) if resp.status().is_success() && !is_sse(&resp) => {
             let (parts, body) = resp.into_parts();
             let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| AppError::internal(e.to_string()))?;
             state.idempotency.finish(p.account, k, g.request_sha256, parts.status, bytes.clone());
+            // (`g.slot`, dropped on return, then finds the slot done and leaves it.)
             Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
         }
-        other => {
-            // Streams are not replayed: the ledger refuses a second charge for the key instead.
-            state.idempotency.abandon(p.account, k);
-            other
+        Ok(resp) if resp.status().is_success() => {
+            let slot = g.slot.take();
+            let (parts, body) = resp.into_parts();
+            let body = body.into_data_stream().map(move |chunk| {
+                let _held_until_the_stream_is_dropped = &slot;
+                chunk
+            });
+            Ok(Response::from_parts(parts, axum::body::Body::from_stream(body)))
         }
+        // A failure frees the key (`g.slot` dropped on return): a retry runs.
+        other => other,
     }
 }
 
@@ -302,10 +339,16 @@ fn is_sse(resp: &Response) -> bool {
     resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-fn total_usage(outcomes: &[Outcome]) -> Usage {
-    let mut usage = outcomes.first().map(|o| Usage { completion_tokens: 0, reasoning_tokens: 0, ..o.usage }).unwrap_or_default();
-    for o in outcomes {
-        usage.add_choice(&o.usage);
+/// The usage of a request's generations, `per_prompt` (its `n`) for each prompt in turn: the
+/// choices of one prompt share it, so it counts once; every prompt of a list counts.
+fn total_usage(outcomes: &[Outcome], per_prompt: u32) -> Usage {
+    let mut usage = Usage::default();
+    for choices in outcomes.chunks(per_prompt.max(1) as usize) {
+        usage.prompt_tokens += choices[0].usage.prompt_tokens;
+        usage.cached_tokens += choices[0].usage.cached_tokens;
+        for o in choices {
+            usage.add_choice(&o.usage);
+        }
     }
     usage
 }
@@ -355,7 +398,7 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         Err(replay) => return Ok(replay),
     };
     let result = chat_inner(&state, &g, body).await;
-    remember(&state, &g, result).await
+    remember(&state, g, result).await
 }
 
 async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
@@ -598,7 +641,7 @@ fn answer_finish_reason(outcomes: &[Outcome], index: u32, a: &Answer) -> &'stati
 pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(|c| collect_until_settled(c, Some(post)))).await;
-    let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
+    let Done { outcomes, usage, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
     }
@@ -619,7 +662,7 @@ pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> 
         "id": id, "object": "chat.completion", "created": now_s(), "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
-        "usage": openai::usage_json(&total_usage(&outcomes)),
+        "usage": openai::usage_json(&usage),
     });
     if let Some(r) = &receipt {
         body["receipt"] = charge::receipt_json(r);
@@ -763,7 +806,7 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         })
     };
     let tail = stream::once(done).flat_map(move |done| {
-        let (outcomes, receipt) = done.map(|d| (d.outcomes, d.receipt)).unwrap_or_default();
+        let (outcomes, usage, receipt) = done.map(|d| (d.outcomes, d.usage, d.receipt)).unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
         if let Some(e) = engine_error(&outcomes) {
             out.push(e.body());
@@ -778,7 +821,7 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         }
         if include_usage {
             let mut u = chunk(json!([]));
-            u["usage"] = openai::usage_json(&total_usage(&outcomes));
+            u["usage"] = openai::usage_json(&usage);
             out.push(u);
         }
         if let (Some(r), Some(last)) = (&receipt, out.last_mut()) {
@@ -798,7 +841,7 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
         Err(replay) => return Ok(replay),
     };
     let result = completions_inner(&state, &g, body).await;
-    remember(&state, &g, result).await
+    remember(&state, g, result).await
 }
 
 async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<CompletionRequest>) -> Result<Response, AppError> {
@@ -884,7 +927,7 @@ fn completion_logprobs(echo: Option<&(String, Vec<PromptLogprob>)>, generated: &
 async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
-    let Done { outcomes, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
+    let Done { outcomes, usage, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
     }
@@ -908,7 +951,7 @@ async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<V
         "id": ctx.id, "object": "text_completion", "created": now_s(), "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
-        "usage": openai::usage_json(&total_usage(&outcomes)),
+        "usage": openai::usage_json(&usage),
     });
     if let Some(r) = &receipt {
         body["receipt"] = charge::receipt_json(r);
@@ -947,7 +990,7 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
         })
     };
     let tail = stream::once(done).flat_map(move |done| {
-        let (outcomes, receipt) = done.map(|d| (d.outcomes, d.receipt)).unwrap_or_default();
+        let (outcomes, usage, receipt) = done.map(|d| (d.outcomes, d.usage, d.receipt)).unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
         if let Some(e) = engine_error(&outcomes) {
             out.push(e.body());
@@ -957,7 +1000,7 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
         }
         if include_usage {
             let mut u = chunk(json!([]));
-            u["usage"] = openai::usage_json(&total_usage(&outcomes));
+            u["usage"] = openai::usage_json(&usage);
             out.push(u);
         }
         if let (Some(r), Some(last)) = (&receipt, out.last_mut()) {
@@ -1009,4 +1052,13 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 pub async fn not_found(req: Request) -> AppError {
     AppError::not_found(format!("Unknown route: {} {}", req.method(), req.uri().path()))
+}
+
+/// A known route asked with a method it does not serve: 405 in the error shape of the API.
+pub async fn method_not_allowed(req: Request) -> AppError {
+    AppError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: Some("method_not_allowed"),
+        ..AppError::invalid(format!("{} is not served at {}", req.method(), req.uri().path()), None)
+    }
 }

@@ -100,6 +100,7 @@ impl NodeConfig {
             if [p.input_micros_per_mtok, p.cached_input_micros_per_mtok, p.output_micros_per_mtok].iter().any(|x| *x < 0) {
                 return Err(format!("price of {name}: prices must be >= 0"));
             }
+
         }
         let b = &self.billing;
         if !(1_000..=tokenomy_ledger::MAX_TIMEOUT_MS).contains(&b.hold_timeout_ms) {
@@ -115,8 +116,14 @@ impl NodeConfig {
     }
 
     /// The price of `model`: its own entry, else the default list price.
+    /// The prices a request for `model` pays (and its receipt states). A cached input token
+    /// costs at most an input token: a request's hold prices every prompt token as input, so a
+    /// dearer cached price (say, a model given only an input price, below the default's cached
+    /// one) would make its cost exceed its hold.
     pub fn price(&self, model: &str) -> Price {
-        self.prices.models.get(model).copied().unwrap_or(self.prices.default).into()
+        let mut p: Price = self.prices.models.get(model).copied().unwrap_or(self.prices.default).into();
+        p.cached_input_micros_per_mtok = p.cached_input_micros_per_mtok.min(p.input_micros_per_mtok);
+        p
     }
 }
 
@@ -144,6 +151,9 @@ mod tests {
         assert_eq!(c.price("smollm2").output_micros_per_mtok, 0);
         assert_eq!(c.price("newmodel").input_micros_per_mtok, 7);
         assert_eq!(c.price("newmodel").output_micros_per_mtok, c.prices.default.output_micros_per_mtok);
+        // Given only an input price below the default's cached one, its cached tokens cost as much.
+        assert!(c.prices.default.cached_input_micros_per_mtok > 7);
+        assert_eq!(c.price("newmodel").cached_input_micros_per_mtok, 7);
         assert_eq!(c.billing.hold_timeout_ms, 5_000);
     }
 
@@ -154,5 +164,6 @@ mod tests {
         let typo = [("TOKENOMY_PRICES__DEFAULT__INPUT".to_string(), "1".to_string())];
         assert!(NodeConfig::parse(DEFAULT_CONFIG_TOML, typo).unwrap_err().contains("unknown price field"));
         assert!(NodeConfig::parse("[billing]\nbogus = 1", []).is_err());
+
     }
 }

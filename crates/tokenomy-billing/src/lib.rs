@@ -38,6 +38,9 @@ pub use ratelimit::{Allowance, Limited, Limits};
 
 pub const SCOPE_INFERENCE: &str = "inference";
 pub const SCOPE_ADMIN: &str = "admin";
+/// Most attempts of one `Idempotency-Key` whose holds were voided (each failed, nothing
+/// charged) before the key is refused: see `Billing::place_idempotent`.
+pub const IDEMPOTENT_ATTEMPTS_MAX: u32 = 8;
 
 /// Why a billing step refused; the HTTP layer maps each kind to a status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -164,14 +167,21 @@ impl LiveHolds {
         LiveGuard { live: self.clone(), id: t.id }
     }
 
-    /// Holds whose expiry is less than half a timeout away, marked as extended to `until_ms`.
-    fn due(&self, now_ms: i64, timeout_ms: i64, until_ms: i64) -> Vec<tokenomy_ledger::TransferId> {
+    /// Holds whose expiry is less than half a timeout away.
+    fn due(&self, now_ms: i64, timeout_ms: i64) -> Vec<tokenomy_ledger::TransferId> {
+        let live = self.0.lock().expect("live holds");
+        live.iter().filter(|(_, &exp)| exp - now_ms < timeout_ms / 2).map(|(id, _)| *id).collect()
+    }
+
+    /// Records holds the ledger extended to `until_ms` (only once it did: a failed extension
+    /// is tried again on the next tick). Holds settled meanwhile are gone and stay gone.
+    fn extended(&self, ids: &[tokenomy_ledger::TransferId], until_ms: i64) {
         let mut live = self.0.lock().expect("live holds");
-        let due: Vec<tokenomy_ledger::TransferId> = live.iter().filter(|(_, &exp)| exp - now_ms < timeout_ms / 2).map(|(id, _)| *id).collect();
-        for id in &due {
-            live.insert(*id, until_ms);
+        for id in ids {
+            if let Some(exp) = live.get_mut(id) {
+                *exp = (*exp).max(until_ms);
+            }
         }
-        due
     }
 }
 
@@ -458,32 +468,61 @@ impl Billing {
         if worst == 0 {
             return Ok(h); // a free model: nothing to hold, nothing to post, no receipt
         }
-        let key = match &req.idempotency_key {
-            Some(k) => format!("idem:{}:{k}", p.account),
-            None => format!("req:{}", req.request_id),
+        let t = match &req.idempotency_key {
+            None => self.place(p, worst, &format!("req:{}", req.request_id), now).await?,
+            Some(k) => self.place_idempotent(p, worst, k, now).await?,
         };
-        let timeout = self.config.billing.hold_timeout_ms;
-        let placed = match p.caps.is_capped() {
-            true => self.store.hold_for_key(p.account, p.key_id, worst, &key, timeout, now).await,
-            false => self.store.hold(p.account, worst, &key, timeout, now).await,
-        };
-        let t = match placed {
-            Err(LedgerError::InsufficientFunds { shortfall_micros }) => {
-                return Err(BillingError::InsufficientQuota { needed_micros: worst, shortfall_micros })
-            }
-            Err(LedgerError::IdempotencyConflict { .. }) => {
-                return Err(BillingError::Conflict("This Idempotency-Key was already used for a different request.".into()))
-            }
-            r => r?,
-        };
-        if t.created_at_ms != now || t.state != TransferState::Pending {
-            return Err(BillingError::Conflict(
-                "A request with this Idempotency-Key was already processed (or is in progress); it was charged once and is not run again.".into(),
-            ));
-        }
         h._live = Some(self.live.guard(&t));
         h.hold = Some(t);
         Ok(h)
+    }
+
+    /// The hold of a request with an `Idempotency-Key`. Each attempt's hold has a ledger key
+    /// of its own (the first `idem:ACCOUNT:KEY`, then `…~2`, `…~3`): an attempt that failed
+    /// (its hold voided: nothing charged, nothing kept) lets the next one run; one that is
+    /// running or was charged refuses it, so a key is charged at most once. (A hold the ledger
+    /// returns is this request's own when it was created now: two requests with one key that
+    /// reach the ledger within the same millisecond are told apart only by the node's
+    /// in-flight slot of the key, `IdempotencyCache`, i.e. on the same node.)
+    async fn place_idempotent(&self, p: &Principal, worst: i64, k: &str, now: i64) -> Result<Transfer> {
+        for attempt in 1..=IDEMPOTENT_ATTEMPTS_MAX {
+            let key = match attempt {
+                1 => format!("idem:{}:{k}", p.account),
+                n => format!("idem:{}:{k}~{n}", p.account),
+            };
+            let t = self.place(p, worst, &key, now).await?;
+            match t.state {
+                TransferState::Pending if t.created_at_ms == now => return Ok(t),
+                TransferState::Voided => continue,
+                TransferState::Pending => {
+                    return Err(BillingError::Conflict("A request with this Idempotency-Key is still in progress; retry when it has finished.".into()))
+                }
+                TransferState::Posted => {
+                    return Err(BillingError::Conflict(
+                        "A request with this Idempotency-Key was already processed; it was charged once and is not run again.".into(),
+                    ))
+                }
+            }
+        }
+        Err(BillingError::Conflict(format!("This Idempotency-Key failed {IDEMPOTENT_ATTEMPTS_MAX} times; use a new one.")))
+    }
+
+    /// Places a hold of `worst` under ledger key `key` (or returns the transfer that holds it).
+    async fn place(&self, p: &Principal, worst: i64, key: &str, now: i64) -> Result<Transfer> {
+        let timeout = self.config.billing.hold_timeout_ms;
+        let placed = match p.caps.is_capped() {
+            true => self.store.hold_for_key(p.account, p.key_id, worst, key, timeout, now).await,
+            false => self.store.hold(p.account, worst, key, timeout, now).await,
+        };
+        match placed {
+            Err(LedgerError::InsufficientFunds { shortfall_micros }) => {
+                Err(BillingError::InsufficientQuota { needed_micros: worst, shortfall_micros })
+            }
+            Err(LedgerError::IdempotencyConflict { .. }) => {
+                Err(BillingError::Conflict("This Idempotency-Key was already used for a different request.".into()))
+            }
+            r => Ok(r?),
+        }
     }
 
     /// Posts the exact cost of what was served, releases the rest, and appends the receipt.
@@ -598,10 +637,11 @@ impl Billing {
     pub async fn extend_live_holds(&self) -> Result<u64> {
         let now = tokenomy_ledger::now_ms();
         let timeout = self.config.billing.hold_timeout_ms;
-        let due = self.live.due(now, timeout, now + timeout);
+        let due = self.live.due(now, timeout);
         let mut n = 0;
         for ids in due.chunks(tokenomy_ledger::sqlite::MAX_EXPIRE_PER_CALL as usize) {
             n += self.store.extend_holds(ids, now + timeout).await?;
+            self.live.extended(ids, now + timeout);
         }
         Ok(n)
     }

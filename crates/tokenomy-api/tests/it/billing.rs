@@ -11,6 +11,7 @@ use tokenomy_billing::{Billing, FirstRun, OpenOptions};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, ReceiptKind, VerifierKey};
 
 use crate::{assert_error, request, send, shared_engine, Reply, MODEL};
+use tokenomy_core::Backend;
 
 pub struct Node {
     pub state: AppState,
@@ -227,6 +228,94 @@ async fn concurrent_requests_never_overdraw_an_account() {
         assert_eq!(posted_usage(&st).len(), ok, "one posted charge per answer");
         n.check().await;
     }
+}
+
+/// A client that leaves before its answer frees its `Idempotency-Key`'s slot on the node: the
+/// request is still charged (once), and a retry is told so instead of "still in progress"
+/// until the node restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_request_whose_client_left_is_charged_once_and_its_retry_is_told_so() {
+    let n = node(None, "unused", &[]).await;
+    let (acc, key) = n.funded("leaver", 1_000_000).await;
+    let auth = format!("Bearer {key}");
+    let h = [("authorization", auth.as_str()), ("idempotency-key", "left-1")];
+    let mut body = chat(400);
+    body["ignore_eos"] = json!(true);
+    let body = body.to_string();
+    // The client gives up after 500 ms, mid-generation: its handler is dropped.
+    let first = tokio::time::timeout(std::time::Duration::from_millis(500), request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h)).await;
+    assert!(first.is_err(), "400 tokens took under 500 ms");
+    // The generation, cancelled with its handler, is charged for what it produced.
+    let mut charged = Vec::new();
+    for _ in 0..600 {
+        charged = posted_usage(&n.statement(&acc).await).into_iter().cloned().collect();
+        if !charged.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(charged.len(), 1, "the left request is charged once");
+    let retry = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
+    let e = assert_error(&retry, StatusCode::CONFLICT);
+    assert!(e["message"].as_str().unwrap().contains("charged once"), "{e}");
+    assert_eq!(posted_usage(&n.statement(&acc).await).len(), 1);
+    n.check().await;
+}
+
+/// A streamed answer is not replayed, so its `Idempotency-Key` stays in flight on the node
+/// until the stream ends: a duplicate meanwhile is refused as in progress (it is not run, and
+/// cannot be mistaken for the first by the ledger), one after it is told the key was charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_stream_holds_its_key_until_it_ends() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let n = node(None, "unused", &[]).await;
+    let (acc, key) = n.funded("streamer", 1_000_000).await;
+    let auth = format!("Bearer {key}");
+    let h = [("authorization", auth.as_str()), ("idempotency-key", "stream-1")];
+    let mut body = chat(64);
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    let req = axum::http::Request::post("/v1/chat/completions")
+        .header("authorization", &auth)
+        .header("idempotency-key", "stream-1")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.clone()))
+        .unwrap();
+    let first = tokenomy_api::app(n.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let dup = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
+    assert_eq!(assert_error(&dup, StatusCode::CONFLICT)["code"], "idempotency_key_in_use");
+    let text = String::from_utf8(first.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let after = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
+    let e = assert_error(&after, StatusCode::CONFLICT);
+    assert!(e["message"].as_str().unwrap().contains("charged once"), "{e}");
+    assert_eq!(posted_usage(&n.statement(&acc).await).len(), 1);
+    n.check().await;
+}
+
+/// A completion of a list of prompts, `n` choices each, reports and bills every prompt once
+/// and every choice's completion tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_prompt_of_a_list_is_billed_once() {
+    let n = node(None, "unused", &[]).await;
+    let user = n.first.user_key.clone();
+    let (a, b) = ("The sky is", "Two plus two is a sum that");
+    let tokens = |t: &str| shared_engine().tokenize(MODEL, t, true).unwrap().len() as u64;
+    let body = json!({"model": MODEL, "prompt": [a, b], "n": 2, "max_tokens": 3, "temperature": 0});
+    let r = n.call("POST", "/v1/completions", Some(body), &user).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), tokens(a) + tokens(b));
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 4, "every choice's tokens count: {v}");
+    let rid = v["receipt"]["id"].as_str().unwrap();
+    let bundle = n.call("GET", &format!("/v1/receipts/{rid}"), None, &user).await;
+    let receipt = verify_bundle(&bundle.text, &n.key()).unwrap().receipt;
+    assert_eq!(receipt.prompt_tokens, tokens(a) + tokens(b), "the receipt bills both prompts");
+    assert_eq!(receipt.completion_tokens, v["usage"]["completion_tokens"].as_u64().unwrap());
+    n.check().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,27 @@ async fn unknown_routes_are_404_json() {
 }
 
 #[tokio::test]
+async fn a_known_route_asked_with_another_method_is_a_405_json() {
+    let s = state();
+    for (method, uri) in [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("POST", "/admin/v1/ledger/check")] {
+        let e = assert_error(&send(&s, method, uri, None).await, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(e["code"], "method_not_allowed", "{method} {uri}");
+    }
+}
+
+#[tokio::test]
+async fn a_body_the_messages_api_cannot_parse_is_answered_in_anthropic_shape() {
+    let s = state();
+    for uri in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let r = send(&s, "POST", uri, Some("{not json")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {}", r.text);
+        let v = r.json();
+        assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some("invalid_request_error")), "{uri}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+}
+
+#[tokio::test]
 async fn overload_is_a_429_with_retry_after_and_everyone_else_is_answered() {
     let engine = engine_with(|c| {
         c.slots = 1;

@@ -291,3 +291,46 @@ async fn a_data_dir_in_use_is_refused() {
     let (_, first) = Billing::open(opts(dir.path(), None)).await.unwrap();
     assert!(first.is_none(), "the same ledger, opened again");
 }
+
+/// An `Idempotency-Key` is charged at most once, yet an attempt that failed (its hold voided,
+/// nothing charged) does not stop a retry: the retry runs under the key's next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_of_an_idempotency_key_lets_a_retry_run_and_a_charged_one_does_not() {
+    for pg in stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let pg = ledger_url(pg, "tokenomy_billing_attempts").await;
+        let (b, first) = Billing::open(opts(dir.path(), pg.as_deref())).await.unwrap();
+        let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+        let keyed = |id: &str| ChargeRequest { idempotency_key: Some("order-7".into()), ..req(id, 100, 100) };
+        let conflict = |e: BillingError, what: &str| match e {
+            BillingError::Conflict(m) => assert!(m.contains(what), "{m}"),
+            e => panic!("{e:?}"),
+        };
+        // Two attempts fail (the engine refused, the queue was full): each is voided.
+        for i in 0..2 {
+            let h = b.hold(&user, &keyed(&format!("fail-{i}"))).await.unwrap();
+            b.void(h).await.unwrap();
+        }
+        // The third runs; while it does, a duplicate is refused as in progress.
+        let h = b.hold(&user, &keyed("ok")).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        conflict(b.hold(&user, &keyed("dup")).await.unwrap_err(), "still in progress");
+        b.settle(h, served(100, 10)).await.unwrap().expect("charged");
+        // Charged: every later retry is refused, and nothing more is held.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        conflict(b.hold(&user, &keyed("again")).await.unwrap_err(), "charged once");
+        let a = b.account(user.account).await.unwrap();
+        assert_eq!(a.pending_micros, 0);
+        let posted = b.store().statement(user.account, None, 100).await.unwrap().items;
+        let charges = posted.iter().filter(|t| t.code == tokenomy_ledger::TransferCode::UsageCharge && !t.hold).count();
+        assert_eq!(charges, 1, "{posted:?}");
+        // A key that failed IDEMPOTENT_ATTEMPTS_MAX times is refused.
+        let other = |id: &str| ChargeRequest { idempotency_key: Some("flaky".into()), ..req(id, 100, 100) };
+        for i in 0..tokenomy_billing::IDEMPOTENT_ATTEMPTS_MAX {
+            let h = b.hold(&user, &other(&format!("flaky-{i}"))).await.unwrap();
+            b.void(h).await.unwrap();
+        }
+        conflict(b.hold(&user, &other("last")).await.unwrap_err(), "use a new one");
+        assert!(b.store().check().await.unwrap().ok);
+    }
+}
