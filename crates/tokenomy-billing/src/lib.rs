@@ -478,7 +478,7 @@ impl Billing {
     }
 
     /// The hold of a request with an `Idempotency-Key`. Each attempt's hold has a ledger key
-    /// of its own (the first `idem:ACCOUNT:KEY`, then `…~2`, `…~3`): an attempt that failed
+    /// of its own (the first `idem:ACCOUNT:KEY`, then `… #2`, `… #3`): an attempt that failed
     /// (its hold voided: nothing charged, nothing kept) lets the next one run; one that is
     /// running or was charged refuses it, so a key is charged at most once. (A hold the ledger
     /// returns is this request's own when it was created now: two requests with one key that
@@ -488,7 +488,8 @@ impl Billing {
         for attempt in 1..=IDEMPOTENT_ATTEMPTS_MAX {
             let key = match attempt {
                 1 => format!("idem:{}:{k}", p.account),
-                n => format!("idem:{}:{k}~{n}", p.account),
+                // (A space: no `Idempotency-Key` has one, so no key's attempt can be another key.)
+                n => format!("idem:{}:{k} #{n}", p.account),
             };
             let t = self.place(p, worst, &key, now).await?;
             match t.state {

@@ -306,6 +306,10 @@ async fn a_failed_attempt_of_an_idempotency_key_lets_a_retry_run_and_a_charged_o
             BillingError::Conflict(m) => assert!(m.contains(what), "{m}"),
             e => panic!("{e:?}"),
         };
+        // Another key that looks like a later attempt of this one is a key of its own.
+        let lookalike = ChargeRequest { idempotency_key: Some("order-7~2".into()), ..req("lookalike", 100, 100) };
+        let h = b.hold(&user, &lookalike).await.unwrap();
+        b.settle(h, served(100, 10)).await.unwrap().expect("charged");
         // Two attempts fail (the engine refused, the queue was full): each is voided.
         for i in 0..2 {
             let h = b.hold(&user, &keyed(&format!("fail-{i}"))).await.unwrap();
@@ -323,7 +327,7 @@ async fn a_failed_attempt_of_an_idempotency_key_lets_a_retry_run_and_a_charged_o
         assert_eq!(a.pending_micros, 0);
         let posted = b.store().statement(user.account, None, 100).await.unwrap().items;
         let charges = posted.iter().filter(|t| t.code == tokenomy_ledger::TransferCode::UsageCharge && !t.hold).count();
-        assert_eq!(charges, 1, "{posted:?}");
+        assert_eq!(charges, 2, "order-7 and its lookalike, once each: {posted:?}");
         // A key that failed IDEMPOTENT_ATTEMPTS_MAX times is refused.
         let other = |id: &str| ChargeRequest { idempotency_key: Some("flaky".into()), ..req(id, 100, 100) };
         for i in 0..tokenomy_billing::IDEMPOTENT_ATTEMPTS_MAX {
