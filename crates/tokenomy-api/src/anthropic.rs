@@ -259,6 +259,9 @@ struct StreamState {
     index: i64,
     open: Option<&'static str>,
     stop: Option<&'static str>,
+    /// An `error` event was sent: Anthropic's stream ends there (no `message_delta` or
+    /// `message_stop` after it).
+    failed: bool,
 }
 
 fn ev(name: &str, data: Value) -> SseEvent {
@@ -275,7 +278,11 @@ impl StreamState {
 
     fn chunk(&mut self, c: &Value) -> Vec<SseEvent> {
         let mut out = Vec::new();
+        if self.failed {
+            return out;
+        }
         if c.get("error").is_some() {
+            self.failed = true;
             out.push(ev("error", json!({"type": "error", "error": {"type": "api_error", "message": c["error"]["message"]}})));
             return out;
         }
@@ -347,4 +354,19 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let text = state.backend.render_chat(&chat.common.model, &messages, defs)?;
     let n = state.backend.tokenize(&chat.common.model, &text, true)?.len();
     Ok(Json(json!({"input_tokens": n})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_ends_at_its_error_event() {
+        let mut st = StreamState::default();
+        let text = json!({"id": "chatcmpl-1", "model": "m", "choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]});
+        assert_eq!(st.chunk(&text).len(), 3, "message_start, content_block_start, content_block_delta");
+        assert_eq!(st.chunk(&json!({"error": {"message": "the engine failed"}})).len(), 1);
+        let last = json!({"choices": [{"delta": {}, "finish_reason": "length"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}});
+        assert!(st.chunk(&last).is_empty(), "nothing after the error event");
+    }
 }
