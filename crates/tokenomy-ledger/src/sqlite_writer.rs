@@ -359,10 +359,14 @@ impl WriteConn {
         Ok(())
     }
 
+    /// `PRAGMA data_version`: it changes whenever another connection commits to the file.
+    fn data_version(&self) -> Result<i64> {
+        self.hot("PRAGMA data_version", |s| s.query_row([], |r| r.get(0)))
+    }
+
     /// Between batches: the key filter's upkeep (`KeyFilters::maintain`).
     fn maintain_key_filter(&self) {
-        let version = || self.hot("PRAGMA data_version", |s| s.query_row([], |r| r.get(0)));
-        self.keys.borrow_mut().maintain(&self.shared, version);
+        self.keys.borrow_mut().maintain(&self.shared, || self.data_version());
     }
 
     /// Writes the staged accounts (each once).
@@ -406,7 +410,7 @@ impl WriteConn {
     /// process on the same file, an operator's `sqlite3` shell). Inside the batch's
     /// transaction, so nobody else can commit until it ends.
     fn revalidate(&self) -> Result<()> {
-        let version: i64 = self.hot("PRAGMA data_version", |s| s.query_row([], |r| r.get(0)))?;
+        let version = self.data_version()?;
         let known = self.cache.borrow().data_version;
         if known != Some(version) {
             self.reset();

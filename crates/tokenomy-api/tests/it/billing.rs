@@ -255,10 +255,16 @@ async fn a_keyed_request_whose_client_left_is_charged_once_and_its_retry_is_told
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(charged.len(), 1, "the left request is charged once");
-    let retry = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
+    retry_is_refused_as_charged(&n, &acc, &body, &h).await;
+}
+
+/// A retry of `body` with headers `h` gets 409 saying it was charged, and `acc` still has
+/// exactly one charge.
+async fn retry_is_refused_as_charged(n: &Node, acc: &str, body: &str, h: &[(&str, &str)]) {
+    let retry = request(&n.state, "POST", "/v1/chat/completions", Some(body), h).await;
     let e = assert_error(&retry, StatusCode::CONFLICT);
     assert!(e["message"].as_str().unwrap().contains("charged once"), "{e}");
-    assert_eq!(posted_usage(&n.statement(&acc).await).len(), 1);
+    assert_eq!(posted_usage(&n.statement(acc).await).len(), 1);
     n.check().await;
 }
 
@@ -288,11 +294,7 @@ async fn a_keyed_stream_holds_its_key_until_it_ends() {
     assert_eq!(assert_error(&dup, StatusCode::CONFLICT)["code"], "idempotency_key_in_use");
     let text = String::from_utf8(first.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    let after = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
-    let e = assert_error(&after, StatusCode::CONFLICT);
-    assert!(e["message"].as_str().unwrap().contains("charged once"), "{e}");
-    assert_eq!(posted_usage(&n.statement(&acc).await).len(), 1);
-    n.check().await;
+    retry_is_refused_as_charged(&n, &acc, &body, &h).await;
 }
 
 /// A completion of a list of prompts, `n` choices each, reports and bills every prompt once
