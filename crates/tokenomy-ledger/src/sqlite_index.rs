@@ -46,10 +46,12 @@ pub const INDEX_TAIL_ROWS_MAX: usize = 32 * INDEX_FLUSH_ROWS;
 /// 1 000). Each checkpoint fsyncs twice, on the disk the ledger's syncer waits on; the file
 /// is derived data, so a larger WAL costs only its size.
 pub const INDEX_WAL_CHECKPOINT_PAGES: u64 = 16_384;
-/// The indexer thread's nice value: background work, behind the writer, the syncer and the
-/// callers' tasks on a busy machine (the writer's tail is bounded, so it cannot be starved
-/// for long: past [`INDEX_TAIL_ROWS_MAX`] the writer waits, and its core is the indexer's).
+/// The indexer thread's nice value while it is behind (see [`Background`]).
 pub const INDEXER_NICE: i32 = 10;
+/// Unindexed transfers past which the indexer leaves `SCHED_IDLE` for [`INDEXER_NICE`]: a
+/// quarter of the writer's bound, so that a machine whose cores are all busy (an engine
+/// generating on every core) still lets it catch up long before the writer waits.
+pub const INDEX_BEHIND_ROWS: i64 = (INDEX_TAIL_ROWS_MAX / 4) as i64;
 
 /// `ledger.sqlite` → `ledger-index.sqlite`.
 pub fn index_path(ledger: &Path) -> PathBuf {
@@ -199,11 +201,18 @@ fn indexing_error(e: rusqlite::Error, head: i64, upto: i64) -> LedgerError {
 /// the store's writes, as a failed checkpoint does: the writer's tail would otherwise grow
 /// until it waits forever.
 pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
-    lower_this_threads_priority();
+    let mut priority = Background::Idle;
+    set_this_threads_priority(priority);
     while nudges.recv().is_ok() {
         loop {
             let committed = shared.committed_upto.load(Ordering::SeqCst);
-            if committed - shared.indexed_upto.load(Ordering::SeqCst) < INDEX_FLUSH_ROWS as i64 {
+            let behind = committed - shared.indexed_upto.load(Ordering::SeqCst);
+            let wanted = if behind > INDEX_BEHIND_ROWS { Background::Behind } else { Background::Idle };
+            if wanted != priority {
+                priority = wanted;
+                set_this_threads_priority(priority);
+            }
+            if behind < INDEX_FLUSH_ROWS as i64 {
                 break;
             }
             match index_round(&c, committed) {
@@ -221,18 +230,88 @@ pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
     }
 }
 
-/// Gives the calling thread [`INDEXER_NICE`] (Linux: nice values are per thread). Measured
-/// at 64 writers against the indexer at the default priority and checkpoint size: 1.1–1.15×
-/// settled charges/s and a lower p99 (docs/benchmarks.md, session 10).
+/// How a background thread of the store (the indexer, a key filter's builder) is scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Background {
+    /// `SCHED_IDLE`: it runs on whatever CPU time no other thread wants, and any thread that
+    /// wakes takes its core at once. At 64 writers on two cores the syncer and the callers'
+    /// tasks waited 14–33 µs on the run queue per wake-up with the indexer at nice 10, on
+    /// the path of every charge (9–19 µs with it idle); as `SCHED_IDLE` it gave 1.07–1.09×
+    /// settled charges/s (`Durability::Full`) and 1.08–1.14× (`Normal`) in two alternated
+    /// sets (docs/benchmarks.md, session 16).
+    Idle,
+    /// Nice [`INDEXER_NICE`]: the indexer once it is [`INDEX_BEHIND_ROWS`] behind, so that
+    /// busy cores cannot starve it until the writer waits.
+    Behind,
+}
+
+/// Schedules the calling thread as `p` (Linux: policies and nice values are per thread).
+/// `Idle` is nice [`INDEXER_NICE`] instead where this process could not take a thread out of
+/// `SCHED_IDLE` again (that needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of at least 10; see
+/// [`idle_is_reversible`]): a thread stuck there could be starved by busy cores.
 #[cfg(target_os = "linux")]
-pub(crate) fn lower_this_threads_priority() {
-    // SAFETY: setpriority only reads its integer arguments; `who = 0` is the calling thread.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, INDEXER_NICE) };
-    if rc != 0 {
-        eprintln!("tokenomy-ledger: could not lower the indexer thread's priority: {}", std::io::Error::last_os_error());
+pub(crate) fn set_this_threads_priority(p: Background) {
+    let idle = p == Background::Idle && idle_is_reversible();
+    if let Err(e) = set_policy(idle) {
+        eprintln!("tokenomy-ledger: could not set a background thread's priority ({p:?}): {e}");
     }
 }
 
+/// Nice [`INDEXER_NICE`], then `SCHED_IDLE` or `SCHED_OTHER` (the nice value is kept under
+/// `SCHED_IDLE` and applies again after it).
+#[cfg(target_os = "linux")]
+fn set_policy(idle: bool) -> std::io::Result<()> {
+    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: both calls only read their arguments (`param` lives across the call);
+    // `pid`/`who` 0 is the calling thread.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        match libc::setpriority(libc::PRIO_PROCESS, 0, INDEXER_NICE) {
+            0 => libc::sched_setscheduler(0, policy, &param),
+            rc => rc,
+        }
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Whether a thread of this process may leave `SCHED_IDLE` for `SCHED_OTHER` at nice
+/// [`INDEXER_NICE`]: tried once, on a thread of its own.
+#[cfg(target_os = "linux")]
+pub(crate) fn idle_is_reversible() -> bool {
+    static REVERSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REVERSIBLE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("ledger-sched-probe".into())
+            .spawn(|| set_policy(true).is_ok() && set_policy(false).is_ok())
+            .ok()
+            .and_then(|t| t.join().ok())
+            .unwrap_or(false)
+    })
+}
+
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn lower_this_threads_priority() {}
+pub(crate) fn set_this_threads_priority(_: Background) {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// Both settings take, and a thread that was idle gets its nice-10 share back. (Where
+    /// this process could not leave `SCHED_IDLE` again, `Idle` is nice 10 alone.)
+    #[test]
+    fn a_background_thread_is_idle_until_it_is_behind() {
+        std::thread::spawn(|| {
+            // SAFETY: reading the calling thread's policy and nice value.
+            #[allow(unsafe_code)]
+            let now = || unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) };
+            set_this_threads_priority(Background::Idle);
+            let idle = if idle_is_reversible() { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+            assert_eq!(now(), (idle, INDEXER_NICE));
+            set_this_threads_priority(Background::Behind);
+            assert_eq!(now(), (libc::SCHED_OTHER, INDEXER_NICE));
+        })
+        .join()
+        .unwrap();
+    }
+}

@@ -179,7 +179,7 @@ impl KeyFilters {
         let (ledger, sh, builders) = (self.ledger.clone(), shared.clone(), self.builders.clone());
         builders.fetch_add(1, Ordering::SeqCst);
         let spawned = std::thread::Builder::new().name("ledger-sqlite-keys".into()).spawn(move || {
-            crate::sqlite_index::lower_this_threads_priority();
+            crate::sqlite_index::set_this_threads_priority(crate::sqlite_index::Background::Idle);
             match build(&ledger, &f) {
                 Ok(()) => {
                     f.ready.store(true, Ordering::Release);
