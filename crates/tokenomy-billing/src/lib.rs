@@ -127,6 +127,17 @@ pub struct ChargeRequest {
     pub idempotency_key: Option<String>,
 }
 
+/// Pauses before each new attempt of a settlement that failed in the store (a lost
+/// connection, a database restarting, a file locked by another process) while its request
+/// waits; after the last, it is retried in the background (`Billing::settle`). Only storage
+/// errors are retried: the others (the hold expired or was voided) are final.
+pub const SETTLE_RETRY_PAUSES_MS: [u64; 3] = [100, 400, 1_500];
+/// Pause between background attempts of a settlement.
+pub const SETTLE_RETRY_BACKGROUND_MS: u64 = 2_000;
+/// Settlements retried in the background at once, at most: past it a failed one is logged
+/// and its hold left to expire (voided: the request goes unpaid, nobody is overcharged).
+pub const SETTLE_RETRIES_MAX: usize = 256;
+
 /// A placed hold; consumed by [`Billing::settle`] or [`Billing::void`].
 #[derive(Debug)]
 pub struct Hold {
@@ -220,6 +231,8 @@ pub struct Billing {
     log: tokio::sync::Mutex<log::LogState>,
     limiter: Mutex<ratelimit::RateLimiter>,
     live: Arc<LiveHolds>,
+    /// Settlements being retried in the background (at most [`SETTLE_RETRIES_MAX`]).
+    settle_retries: Arc<std::sync::atomic::AtomicUsize>,
     /// `DATA_DIR/lock`, locked while this `Billing` lives: one process per data dir. Two
     /// would each keep their own view of the receipts log and sign checkpoints of it with
     /// the same key, and on SQLite run two writers and two indexers over one ledger.
@@ -563,10 +576,48 @@ impl Billing {
             output_sha256: s.output_sha256,
             ..self.blank_receipt(h.receipt_id.clone(), h.principal.account, h.principal.key_id)
         };
-        let settled = self.store.settle(hold.id, cost, now, Some(leaf_for(receipt, -cost))).await?;
-        let posted = settled.posted.ok_or_else(|| BillingError::Internal("settle posted nothing".into()))?;
-        let log_index = settled.log_index.ok_or_else(|| BillingError::Internal("settle logged nothing".into()))?;
-        Ok(Some(ReceiptRef { receipt_id: h.receipt_id, log_index, amount_micros: posted.amount_micros, transfer_id: posted.id.to_string() }))
+        let leaf = leaf_for(receipt, -cost);
+        let mut attempt = 0;
+        let settled = loop {
+            match self.store.settle(hold.id, cost, now, Some(leaf.clone())).await {
+                Err(LedgerError::Storage(e)) if attempt < SETTLE_RETRY_PAUSES_MS.len() => {
+                    tracing::warn!(request_id = %h.request_id, error = %e, "settling a charge failed; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_PAUSES_MS[attempt])).await;
+                    attempt += 1;
+                }
+                Err(LedgerError::Storage(e)) => return Err(self.settle_later(h, cost, now, leaf, e)),
+                r => break r?,
+            }
+        };
+        receipt_ref(h.receipt_id, settled)
+    }
+
+    /// Hands a settlement that kept failing in the store to a task that tries it again
+    /// every [`SETTLE_RETRY_BACKGROUND_MS`] for one hold timeout, keeping its hold alive
+    /// meanwhile (the upkeep extends it while its `Hold` lives). The request is answered
+    /// without its receipt; the receipt, named in its headers, exists once this succeeds.
+    fn settle_later(&self, h: Hold, cost: i64, now: i64, leaf: tokenomy_ledger::Leaf, e: String) -> BillingError {
+        let Some(slot) = RetrySlot::take(&self.settle_retries) else {
+            tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed, and {SETTLE_RETRIES_MAX} settlements are already being retried; its hold will expire unpaid");
+            return BillingError::Internal(format!("settling the charge failed: {e}"));
+        };
+        tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed; retrying in the background");
+        let (store, deadline_ms) = (self.store.clone(), tokenomy_ledger::now_ms() + self.config.billing.hold_timeout_ms);
+        let hold_id = h.hold.as_ref().map(|t| t.id).expect("a charged request's hold");
+        tokio::spawn(async move {
+            let _slot = slot;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_BACKGROUND_MS)).await;
+                match store.settle(hold_id, cost, now, Some(leaf.clone())).await {
+                    Err(LedgerError::Storage(e)) if tokenomy_ledger::now_ms() < deadline_ms => {
+                        tracing::warn!(request_id = %h.request_id, error = %e, "settling a charge failed again");
+                    }
+                    Ok(_) => return tracing::info!(request_id = %h.request_id, receipt_id = %h.receipt_id, "charge settled after retrying"),
+                    Err(e) => return tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed for good; its hold will expire unpaid"),
+                }
+            }
+        });
+        BillingError::Internal(format!("settling the charge failed ({e}); it is being retried"))
     }
 
     /// Releases a hold without charging (the engine failed before serving anything).
@@ -700,6 +751,28 @@ fn new_receipt_id() -> String {
 }
 
 /// The log leaf of a posting: the receipt with the ledger's transfer id and log index filled in.
+fn receipt_ref(receipt_id: String, settled: tokenomy_ledger::Settled) -> Result<Option<ReceiptRef>> {
+    let posted = settled.posted.ok_or_else(|| BillingError::Internal("settle posted nothing".into()))?;
+    let log_index = settled.log_index.ok_or_else(|| BillingError::Internal("settle logged nothing".into()))?;
+    Ok(Some(ReceiptRef { receipt_id, log_index, amount_micros: posted.amount_micros, transfer_id: posted.id.to_string() }))
+}
+
+/// A place among the [`SETTLE_RETRIES_MAX`] settlements retried in the background; freed on drop.
+struct RetrySlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl RetrySlot {
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<Self> {
+        use std::sync::atomic::Ordering::SeqCst;
+        count.fetch_update(SeqCst, SeqCst, |n| (n < SETTLE_RETRIES_MAX).then_some(n + 1)).ok().map(|_| RetrySlot(count.clone()))
+    }
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn leaf_for(receipt: Receipt, amount_micros: i64) -> tokenomy_ledger::Leaf {
     Arc::new(move |log_index: u64, t: &Transfer| {
         let r = Receipt { log_index, transfer_id: t.id.to_string(), amount_micros, ..receipt.clone() };

@@ -186,6 +186,7 @@ impl Billing {
             log: tokio::sync::Mutex::new(log),
             limiter: Mutex::new(Default::default()),
             live: Default::default(),
+            settle_retries: Default::default(),
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
         });

@@ -20,3 +20,21 @@ pub async fn fresh_database(url: &str, name: &str) -> String {
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create the test database");
     format!("{}/{name}", url.rsplit_once('/').expect("a URL with a database").0)
 }
+
+/// Takes database `name` on the server at `url` away for `away`: it refuses new connections
+/// and every open one is cut, as when it restarts. Returns once it is away, with the task
+/// that brings it back (await it to know it is).
+pub async fn database_away(url: &str, name: &str, away: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
+    tokio::spawn(conn);
+    client.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).await.expect("refuse connections");
+    client
+        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&name])
+        .await
+        .expect("cut the database's connections");
+    let allow = format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true");
+    tokio::spawn(async move {
+        tokio::time::sleep(away).await;
+        client.batch_execute(&allow).await.expect("accept connections again");
+    })
+}

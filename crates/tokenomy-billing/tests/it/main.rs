@@ -11,7 +11,7 @@ fn opts(dir: &std::path::Path, pg: Option<&str>) -> OpenOptions {
     OpenOptions { data_dir: dir.to_path_buf(), database_url: pg.map(str::to_string), origin: Some("test.node/log".into()), env: vec![] }
 }
 
-use tokenomy_ledger::testing::{fresh_database as fresh_pg, stores};
+use tokenomy_ledger::testing::{database_away, fresh_database as fresh_pg, stores};
 
 /// The ledger of one `stores()` entry: a fresh PostgreSQL database named `db`, or SQLite (`None`).
 async fn ledger_url(pg: Option<String>, db: &str) -> Option<String> {
@@ -337,4 +337,51 @@ async fn a_failed_attempt_of_an_idempotency_key_lets_a_retry_run_and_a_charged_o
         conflict(b.hold(&user, &other("last")).await.unwrap_err(), "use a new one");
         assert!(b.store().check().await.unwrap().ok);
     }
+}
+
+/// A settlement whose database is away is tried again, not dropped (its hold would expire,
+/// and the tokens served would go unpaid). Away for a second: the request's own attempts
+/// post the charge. Away for longer: the request is answered without its receipt, and the
+/// charge is posted in the background once the database is back. PostgreSQL only: a
+/// database there can be taken away and brought back without touching the other tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_that_fails_while_the_database_is_away_is_retried_not_dropped() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let db = "tokenomy_billing_away";
+    let url = fresh_pg(&server, db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
+    let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+    let before = b.account(user.account).await.unwrap().balance_micros;
+    let second = std::time::Duration::from_millis(1_000);
+
+    let h = b.hold(&user, &req("brief", 100, 100)).await.unwrap();
+    let back = database_away(&server, db, second).await;
+    let brief = b.settle(h, served(100, 10)).await.unwrap().expect("charged with a receipt");
+    back.await.unwrap();
+
+    let h = b.hold(&user, &req("long", 100, 100)).await.unwrap();
+    let held = h.held_micros;
+    let back = database_away(&server, db, 4 * second).await;
+    let e = b.settle(h, served(100, 20)).await.unwrap_err();
+    assert!(e.to_string().contains("being retried"), "{e}");
+    back.await.unwrap();
+    let mut acc = b.account(user.account).await.unwrap();
+    for _ in 0..150 {
+        if acc.pending_micros == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        acc = b.account(user.account).await.unwrap();
+    }
+    assert_eq!(acc.pending_micros, 0, "the second hold ({held} micros) was settled in the background");
+    let posted = b.store().statement(user.account, None, 100).await.unwrap().items;
+    let charges: Vec<i64> =
+        posted.iter().filter(|t| t.code == tokenomy_ledger::TransferCode::UsageCharge && !t.hold).map(|t| t.amount_micros).collect();
+    assert_eq!(charges.len(), 2, "each request charged once: {posted:?}");
+    assert!(charges.contains(&brief.amount_micros));
+    assert_eq!(acc.balance_micros, before - charges.iter().sum::<i64>());
+    assert!(b.store().check().await.unwrap().ok);
 }
