@@ -595,7 +595,8 @@ impl Billing {
     /// Hands a settlement that kept failing in the store to a task that tries it again
     /// every [`SETTLE_RETRY_BACKGROUND_MS`] for one hold timeout, keeping its hold alive
     /// meanwhile (the upkeep extends it while its `Hold` lives). The request is answered
-    /// without its receipt; the receipt, named in its headers, exists once this succeeds.
+    /// without its receipt (a streamed one already named it in its headers: it exists once
+    /// this succeeds).
     fn settle_later(&self, h: Hold, cost: i64, now: i64, leaf: tokenomy_ledger::Leaf, e: String) -> BillingError {
         let Some(slot) = RetrySlot::take(&self.settle_retries) else {
             tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed, and {SETTLE_RETRIES_MAX} settlements are already being retried; its hold will expire unpaid");
@@ -605,7 +606,8 @@ impl Billing {
         let (store, deadline_ms) = (self.store.clone(), tokenomy_ledger::now_ms() + self.config.billing.hold_timeout_ms);
         let hold_id = h.hold.as_ref().map(|t| t.id).expect("a charged request's hold");
         tokio::spawn(async move {
-            let _slot = slot;
+            // The whole `Hold` (not just the fields logged below): its guard keeps the hold alive.
+            let (h, _slot) = (h, slot);
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_BACKGROUND_MS)).await;
                 match store.settle(hold_id, cost, now, Some(leaf.clone())).await {
@@ -750,7 +752,7 @@ fn new_receipt_id() -> String {
     format!("rcpt_{:032x}", rand::random::<u128>())
 }
 
-/// The log leaf of a posting: the receipt with the ledger's transfer id and log index filled in.
+/// What a settlement posted, for the response.
 fn receipt_ref(receipt_id: String, settled: tokenomy_ledger::Settled) -> Result<Option<ReceiptRef>> {
     let posted = settled.posted.ok_or_else(|| BillingError::Internal("settle posted nothing".into()))?;
     let log_index = settled.log_index.ok_or_else(|| BillingError::Internal("settle logged nothing".into()))?;
@@ -773,6 +775,7 @@ impl Drop for RetrySlot {
     }
 }
 
+/// The log leaf of a posting: the receipt with the ledger's transfer id and log index filled in.
 fn leaf_for(receipt: Receipt, amount_micros: i64) -> tokenomy_ledger::Leaf {
     Arc::new(move |log_index: u64, t: &Transfer| {
         let r = Receipt { log_index, transfer_id: t.id.to_string(), amount_micros, ..receipt.clone() };
