@@ -288,7 +288,12 @@ pub async fn account_transfers(
     Query(q): Query<PageQuery>,
 ) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
-    let page = billing(&state)?.statement(parse_account_id(&id)?, q.after, q.limit.unwrap_or(100)).await?;
+    statement(&state, parse_account_id(&id)?, q).await
+}
+
+/// A page of `account`'s transfers, oldest first, as both statement routes answer it.
+async fn statement(state: &AppState, account: AccountId, q: PageQuery) -> Result<Json<Value>, AppError> {
+    let page = billing(state)?.statement(account, q.after, q.limit.unwrap_or(100)).await?;
     Ok(Json(json!({
         "object": "list", "data": page.items.iter().map(transfer_json).collect::<Vec<_>>(),
         "next_after": page.next_cursor, "has_more": page.next_cursor.is_some(),
@@ -420,6 +425,13 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
         "account": account_json(&a),
         "usage": state.meter.account_json(p.account),
     })))
+}
+
+/// The key's own account statement (the admin route's shape, paged by `after` and `limit`):
+/// its grants, holds and charges. A key sees no other account's.
+pub async fn my_transfers(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<PageQuery>) -> Result<Json<Value>, AppError> {
+    let p = principal(&state, &headers).await?;
+    statement(&state, p.account, q).await
 }
 
 pub async fn get_receipt(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, AppError> {

@@ -373,6 +373,14 @@ async fn isolation(n: Node) {
     let me = n.call("GET", "/v1/me", None, &a_key).await.json();
     assert_eq!(me["account"]["id"], a_id.as_str());
     assert_eq!(me["account"]["balance_micros"], 1_000_000);
+    // Each key's statement is its own account's: Bob's shows his charge, Alice's her grant only.
+    let bob = n.call("GET", "/v1/me/transfers", None, &b_key).await.json();
+    let charged = r.json()["receipt"]["amount_micros"].clone();
+    assert_eq!(posted_usage(bob["data"].as_array().unwrap()).iter().map(|t| t["amount_micros"].clone()).collect::<Vec<_>>(), [charged]);
+    let alice = n.call("GET", "/v1/me/transfers", None, &a_key).await.json();
+    let alice = alice["data"].as_array().unwrap();
+    assert_eq!(alice.len(), 1, "{alice:?}");
+    assert_eq!((alice[0]["to"].as_str(), alice[0]["code"].as_str()), (Some(a_id.as_str()), Some("mint")));
     // Revoked: 401 on the very next request.
     let keys = n.admin("GET", &format!("/admin/v1/accounts/{a_id}/keys"), None).await;
     let key_id = keys["data"][0]["key_id"].as_str().unwrap().to_string();
