@@ -42,31 +42,6 @@ pub struct BillingSettings {
     pub hold_timeout_ms: i64,
     pub expire_interval_ms: u64,
     pub checkpoint_interval_ms: u64,
-    /// The embedded SQLite ledger's durability (absent from files written before it: `full`).
-    #[serde(default)]
-    pub ledger_durability: LedgerDurability,
-}
-
-/// When the embedded SQLite ledger answers a write (a PostgreSQL ledger's is the server's
-/// `synchronous_commit`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LedgerDurability {
-    /// Once the write is on disk (fsync of the WAL): a power cut loses no charge.
-    #[default]
-    Full,
-    /// Once committed: a crash of the process loses nothing, a power cut may lose the last
-    /// writes (charges and their receipts) that clients were already told about.
-    Normal,
-}
-
-impl From<LedgerDurability> for tokenomy_ledger::Durability {
-    fn from(d: LedgerDurability) -> Self {
-        match d {
-            LedgerDurability::Full => tokenomy_ledger::Durability::Full,
-            LedgerDurability::Normal => tokenomy_ledger::Durability::Normal,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,14 +81,6 @@ impl NodeConfig {
                 f => return Err(format!("{key}: unknown price field {f}")),
             }
         } else if let Some(field) = key.strip_prefix("TOKENOMY_BILLING__") {
-            if field.eq_ignore_ascii_case("ledger_durability") {
-                self.billing.ledger_durability = match value.to_ascii_lowercase().as_str() {
-                    "full" => LedgerDurability::Full,
-                    "normal" => LedgerDurability::Normal,
-                    _ => return Err(format!("{key}={value}: expected full or normal")),
-                };
-                return Ok(());
-            }
             let n = parse(value)?;
             let b = &mut self.billing;
             match field.to_ascii_lowercase().as_str() {
@@ -188,12 +155,6 @@ mod tests {
         assert!(c.prices.default.cached_input_micros_per_mtok > 7);
         assert_eq!(c.price("newmodel").cached_input_micros_per_mtok, 7);
         assert_eq!(c.billing.hold_timeout_ms, 5_000);
-        assert_eq!(c.billing.ledger_durability, LedgerDurability::Full, "the shipped default");
-        let normal = [("TOKENOMY_BILLING__LEDGER_DURABILITY".to_string(), "NORMAL".to_string())];
-        assert_eq!(NodeConfig::parse(DEFAULT_CONFIG_TOML, normal).unwrap().billing.ledger_durability, LedgerDurability::Normal);
-        // A file written before the setting existed keeps the default.
-        let old = DEFAULT_CONFIG_TOML.lines().filter(|l| !l.starts_with("ledger_durability")).collect::<Vec<_>>().join("\n");
-        assert_eq!(NodeConfig::parse(&old, []).unwrap().billing.ledger_durability, LedgerDurability::Full);
     }
 
     #[test]
@@ -203,8 +164,6 @@ mod tests {
         let typo = [("TOKENOMY_PRICES__DEFAULT__INPUT".to_string(), "1".to_string())];
         assert!(NodeConfig::parse(DEFAULT_CONFIG_TOML, typo).unwrap_err().contains("unknown price field"));
         assert!(NodeConfig::parse("[billing]\nbogus = 1", []).is_err());
-        let durability = [("TOKENOMY_BILLING__LEDGER_DURABILITY".to_string(), "sometimes".to_string())];
-        assert!(NodeConfig::parse(DEFAULT_CONFIG_TOML, durability).unwrap_err().contains("expected full or normal"));
 
     }
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use tokenomy_ledger::{AccountId, AccountKind, AnyStore, LedgerStore, PgStore, SqliteStore, OPERATOR_REVENUE};
 use tokenomy_receipts::SignerKey;
 
-use crate::config::{LedgerDurability, NodeConfig, DEFAULT_CONFIG_TOML};
+use crate::config::{NodeConfig, DEFAULT_CONFIG_TOML};
 use crate::{keys, log, Billing, BillingError, Principal, Result, SCOPE_ADMIN, SCOPE_INFERENCE};
 
 /// The first-run grant's idempotency key, one per ledger (see the module docs).
@@ -150,10 +150,10 @@ fn read_or_create_signer(dir: &Path, origin: Option<&str>) -> Result<SignerKey> 
     Ok(key)
 }
 
-async fn open_store(dir: &Path, url: Option<&str>, durability: LedgerDurability) -> Result<AnyStore> {
+async fn open_store(dir: &Path, url: Option<&str>) -> Result<AnyStore> {
     Ok(match url {
         Some(u) => AnyStore::Pg(PgStore::open(u, PG_POOL_SIZE).await?),
-        None => AnyStore::Sqlite(SqliteStore::open_with(dir.join("ledger.sqlite"), durability.into())?),
+        None => AnyStore::Sqlite(SqliteStore::open(dir.join("ledger.sqlite"))?),
     })
 }
 
@@ -166,7 +166,7 @@ impl Billing {
         let data_dir_lock = lock_data_dir(&dir)?;
         let config = read_or_create_config(&dir, &opts.env)?;
         let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
-        let store = open_store(&dir, opts.database_url.as_deref(), config.billing.ledger_durability).await?;
+        let store = open_store(&dir, opts.database_url.as_deref()).await?;
         let cp_path = dir.join("checkpoint");
         let last = match std::fs::read_to_string(&cp_path) {
             Ok(note) => Some(log::LogState::open_signed(&note, &signer.verifier()).map_err(BillingError::Internal)?),

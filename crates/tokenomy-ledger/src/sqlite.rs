@@ -97,7 +97,6 @@ pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
     reader: Arc<Mutex<Connection>>,
     shared: Arc<Shared>,
-    durability: Durability,
 }
 
 pub(crate) fn db_err(e: rusqlite::Error) -> LedgerError {
@@ -188,12 +187,7 @@ impl SqliteStore {
                 writer_loop(Writer { conn, committed, to_index, acks, shared: sh }, rx)
             }),
         )?;
-        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)), shared, durability })
-    }
-
-    /// When this store answers a write (as opened).
-    pub fn durability(&self) -> Durability {
-        self.durability
+        Ok(SqliteStore { jobs, reader: Arc::new(Mutex::new(reader)), shared })
     }
 
     /// Whether the writer's idempotency-key filter is built, so that a new key costs no

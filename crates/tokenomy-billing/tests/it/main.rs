@@ -385,18 +385,3 @@ async fn a_settlement_that_fails_while_the_database_is_away_is_retried_not_dropp
     assert_eq!(acc.balance_micros, before - charges.iter().sum::<i64>());
     assert!(b.store().check().await.unwrap().ok);
 }
-
-/// The embedded ledger's durability is the configuration's: `full` unless set otherwise.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sqlite_ledger_opens_with_the_configured_durability() {
-    for (env, want) in [(None, tokenomy_ledger::Durability::Full), (Some("normal"), tokenomy_ledger::Durability::Normal)] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut o = opts(dir.path(), None);
-        o.env = env.map(|v| ("TOKENOMY_BILLING__LEDGER_DURABILITY".to_string(), v.to_string())).into_iter().collect();
-        let (b, _) = Billing::open(o).await.unwrap();
-        match b.store() {
-            tokenomy_ledger::AnyStore::Sqlite(s) => assert_eq!(s.durability(), want),
-            other => panic!("{other:?}"),
-        }
-    }
-}
