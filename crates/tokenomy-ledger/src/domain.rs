@@ -302,9 +302,12 @@ pub fn utc_month(now_ms: i64) -> i64 {
 }
 
 impl KeySpend {
-    /// The counters as seen at `now_ms`: a period that has passed starts again at 0.
+    /// The counters as seen at `now_ms`: a period that has passed starts again at 0. A time
+    /// in a period before the stored one (a settlement retried after midnight with its
+    /// request's time, two nodes' clocks) counts in the stored one: periods never go back,
+    /// so the current period's spend is never wiped.
     pub fn at(self, now_ms: i64) -> KeySpend {
-        let (day, month) = (utc_day(now_ms), utc_month(now_ms));
+        let (day, month) = (utc_day(now_ms).max(self.day), utc_month(now_ms).max(self.month));
         KeySpend {
             pending_micros: self.pending_micros,
             day,

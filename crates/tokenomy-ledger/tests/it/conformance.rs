@@ -671,6 +671,19 @@ fn lib_now() -> i64 {
     tokenomy_ledger::now_ms()
 }
 
+/// A settlement stamped with a time of the day before (its request's, retried after
+/// midnight) counts in the key's current day: it does not wipe that day's spend.
+#[test]
+fn a_late_settlement_counts_in_the_current_period() {
+    let day2 = T0 + 86_400_000;
+    let mut s = KeySpend::default();
+    s.apply_hold(SpendCaps::default(), 5, T0).unwrap();
+    s.apply_hold(SpendCaps::default(), 7, day2).unwrap();
+    s.apply_settle(7, 7, day2).unwrap();
+    s.apply_settle(5, 5, T0).unwrap();
+    assert_eq!((s.day, s.day_micros, s.month_micros, s.pending_micros), (utc_day(day2), 12, 12, 0));
+}
+
 #[test]
 fn utc_periods() {
     assert_eq!((utc_day(0), utc_month(0)), (0, 0));
