@@ -48,10 +48,10 @@ pub const INDEX_TAIL_ROWS_MAX: usize = 32 * INDEX_FLUSH_ROWS;
 pub const INDEX_WAL_CHECKPOINT_PAGES: u64 = 16_384;
 /// The indexer thread's nice value while it is behind (see [`Background`]).
 pub const INDEXER_NICE: i32 = 10;
-/// Unindexed transfers past which the indexer leaves `SCHED_IDLE` for [`INDEXER_NICE`]: a
-/// quarter of the writer's bound, so that a machine whose cores are all busy (an engine
-/// generating on every core) still lets it catch up long before the writer waits.
-pub const INDEX_BEHIND_ROWS: i64 = (INDEX_TAIL_ROWS_MAX / 4) as i64;
+/// Unindexed transfers past which the indexer leaves `SCHED_IDLE` for [`INDEXER_NICE`]: half
+/// the writer's bound, so that a machine whose cores are all busy (an engine generating on
+/// every core) still lets it catch up before the writer waits.
+pub const INDEX_BEHIND_ROWS: i64 = (INDEX_TAIL_ROWS_MAX / 2) as i64;
 
 /// `ledger.sqlite` → `ledger-index.sqlite`.
 pub fn index_path(ledger: &Path) -> PathBuf {
@@ -201,17 +201,12 @@ fn indexing_error(e: rusqlite::Error, head: i64, upto: i64) -> LedgerError {
 /// the store's writes, as a failed checkpoint does: the writer's tail would otherwise grow
 /// until it waits forever.
 pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
-    let mut priority = Background::Idle;
-    set_this_threads_priority(priority);
+    shared.indexer.register();
     while nudges.recv().is_ok() {
         loop {
             let committed = shared.committed_upto.load(Ordering::SeqCst);
             let behind = committed - shared.indexed_upto.load(Ordering::SeqCst);
-            let wanted = if behind > INDEX_BEHIND_ROWS { Background::Behind } else { Background::Idle };
-            if wanted != priority {
-                priority = wanted;
-                set_this_threads_priority(priority);
-            }
+            shared.indexer.set_own(if behind > INDEX_BEHIND_ROWS { Background::Behind } else { Background::Idle });
             if behind < INDEX_FLUSH_ROWS as i64 {
                 break;
             }
@@ -230,7 +225,55 @@ pub(crate) fn index_loop(c: Connection, nudges: Receiver<()>, shared: &Shared) {
     }
 }
 
-/// How a background thread of the store (the indexer, a key filter's builder) is scheduled.
+/// The indexer thread's scheduling, shared with the writer: the indexer goes idle between
+/// rounds when it has caught up, and back to nice 10 when it is behind; the writer moves it
+/// to nice 10 itself when the indexer fell behind in the middle of a round (a round of up to
+/// [`INDEX_ROUND_ROWS_MAX`] transfers run at `SCHED_IDLE` on cores an engine keeps busy
+/// could otherwise take minutes while the writer's tail fills).
+#[derive(Debug, Default)]
+pub(crate) struct IndexerPriority {
+    /// The indexer's thread id (0 until it registers).
+    tid: std::sync::atomic::AtomicI32,
+    /// Whether it is `SCHED_IDLE` now.
+    idle: std::sync::atomic::AtomicBool,
+}
+
+impl IndexerPriority {
+    /// Called by the indexer thread as it starts: it goes idle.
+    pub(crate) fn register(&self) {
+        self.tid.store(this_thread_id(), Ordering::SeqCst);
+        self.apply_own(Background::Idle);
+    }
+
+    /// Called by the indexer thread: schedules it as `p` unless it already is.
+    pub(crate) fn set_own(&self, p: Background) {
+        if self.idle.load(Ordering::SeqCst) != effective_idle(p) {
+            self.apply_own(p);
+        }
+    }
+
+    fn apply_own(&self, p: Background) {
+        let idle = effective_idle(p);
+        set_priority(0, idle);
+        self.idle.store(idle, Ordering::SeqCst);
+    }
+
+    /// Called by the writer when the indexer is [`INDEX_BEHIND_ROWS`] behind: moves it to
+    /// nice 10 if it is idle.
+    pub(crate) fn boost(&self) {
+        let tid = self.tid.load(Ordering::SeqCst);
+        if tid != 0 && self.idle.swap(false, Ordering::SeqCst) {
+            set_priority(tid, false);
+        }
+    }
+}
+
+/// Whether `p` is `SCHED_IDLE` here: `Idle` is nice 10 where it could not be left again.
+fn effective_idle(p: Background) -> bool {
+    p == Background::Idle && idle_is_reversible()
+}
+
+/// How the store's background threads (the indexer, a key filter's builder) are scheduled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Background {
     /// `SCHED_IDLE`: it runs on whatever CPU time no other thread wants, and any thread that
@@ -240,8 +283,11 @@ pub(crate) enum Background {
     /// settled charges/s (`Durability::Full`) and 1.08–1.14× (`Normal`) in two alternated
     /// sets (docs/benchmarks.md, session 16).
     Idle,
-    /// Nice [`INDEXER_NICE`]: the indexer once it is [`INDEX_BEHIND_ROWS`] behind, so that
-    /// busy cores cannot starve it until the writer waits.
+    /// Nice [`INDEXER_NICE`]: the indexer once it is [`INDEX_BEHIND_ROWS`] behind (moved
+    /// there by the writer if it fell behind during a round), so that busy cores cannot
+    /// starve it until the writer waits; and a key filter's builder after
+    /// `KEY_FILTER_IDLE_SECS_MAX` (starved, it would hold its read snapshots, and no
+    /// checkpoint could reset either WAL).
     Behind,
 }
 
@@ -249,30 +295,52 @@ pub(crate) enum Background {
 /// `Idle` is nice [`INDEXER_NICE`] instead where this process could not take a thread out of
 /// `SCHED_IDLE` again (that needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of at least 10; see
 /// [`idle_is_reversible`]): a thread stuck there could be starved by busy cores.
-#[cfg(target_os = "linux")]
 pub(crate) fn set_this_threads_priority(p: Background) {
-    let idle = p == Background::Idle && idle_is_reversible();
-    if let Err(e) = set_policy(idle) {
-        eprintln!("tokenomy-ledger: could not set a background thread's priority ({p:?}): {e}");
+    set_priority(0, effective_idle(p));
+}
+
+/// Schedules thread `tid` (0: the calling one) as `SCHED_IDLE` or as nice [`INDEXER_NICE`];
+/// a failure is reported once per process.
+fn set_priority(tid: i32, idle: bool) {
+    if let Err(e) = set_policy(tid, idle) {
+        static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !REPORTED.swap(true, Ordering::SeqCst) {
+            eprintln!("tokenomy-ledger: could not set a background thread's priority (idle: {idle}): {e}");
+        }
     }
 }
 
 /// Nice [`INDEXER_NICE`], then `SCHED_IDLE` or `SCHED_OTHER` (the nice value is kept under
 /// `SCHED_IDLE` and applies again after it).
 #[cfg(target_os = "linux")]
-fn set_policy(idle: bool) -> std::io::Result<()> {
+fn set_policy(tid: i32, idle: bool) -> std::io::Result<()> {
     let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: both calls only read their arguments (`param` lives across the call);
-    // `pid`/`who` 0 is the calling thread.
+    // SAFETY: both calls only read their arguments (`param` lives across the call); a `tid`
+    // is a thread of this process (0: the calling one).
     #[allow(unsafe_code)]
     let rc = unsafe {
-        match libc::setpriority(libc::PRIO_PROCESS, 0, INDEXER_NICE) {
-            0 => libc::sched_setscheduler(0, policy, &param),
+        match libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, INDEXER_NICE) {
+            0 => libc::sched_setscheduler(tid, policy, &param),
             rc => rc,
         }
     };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_policy(_: i32, _: bool) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// The calling thread's id (Linux; 0 elsewhere, where nothing is rescheduled).
+fn this_thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid takes no arguments and cannot fail.
+    #[allow(unsafe_code)]
+    return unsafe { libc::gettid() };
+    #[cfg(not(target_os = "linux"))]
+    0
 }
 
 /// Whether a thread of this process may leave `SCHED_IDLE` for `SCHED_OTHER` at nice
@@ -283,7 +351,7 @@ pub(crate) fn idle_is_reversible() -> bool {
     *REVERSIBLE.get_or_init(|| {
         std::thread::Builder::new()
             .name("ledger-sched-probe".into())
-            .spawn(|| set_policy(true).is_ok() && set_policy(false).is_ok())
+            .spawn(|| set_policy(0, true).is_ok() && set_policy(0, false).is_ok())
             .ok()
             .and_then(|t| t.join().ok())
             .unwrap_or(false)
@@ -291,27 +359,41 @@ pub(crate) fn idle_is_reversible() -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn set_this_threads_priority(_: Background) {}
+pub(crate) fn idle_is_reversible() -> bool {
+    false
+}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
-    /// Both settings take, and a thread that was idle gets its nice-10 share back. (Where
-    /// this process could not leave `SCHED_IDLE` again, `Idle` is nice 10 alone.)
+    /// The indexer goes idle as it starts and back to nice 10 by itself; the writer moves it
+    /// to nice 10 from its own thread too (the indexer behind in the middle of a round). Where
+    /// this process could not leave `SCHED_IDLE` again, `Idle` is nice 10 alone.
     #[test]
-    fn a_background_thread_is_idle_until_it_is_behind() {
-        std::thread::spawn(|| {
-            // SAFETY: reading the calling thread's policy and nice value.
-            #[allow(unsafe_code)]
-            let now = || unsafe { (libc::sched_getscheduler(0), libc::getpriority(libc::PRIO_PROCESS, 0)) };
-            set_this_threads_priority(Background::Idle);
-            let idle = if idle_is_reversible() { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
-            assert_eq!(now(), (idle, INDEXER_NICE));
-            set_this_threads_priority(Background::Behind);
-            assert_eq!(now(), (libc::SCHED_OTHER, INDEXER_NICE));
-        })
-        .join()
-        .unwrap();
+    fn the_indexer_is_idle_until_it_is_behind_and_the_writer_can_move_it() {
+        let prio = std::sync::Arc::new(IndexerPriority::default());
+        // SAFETY: reading a thread's policy and nice value (0: the calling thread).
+        #[allow(unsafe_code)]
+        let of = |tid: i32| unsafe { (libc::sched_getscheduler(tid), libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t)) };
+        let idle = if idle_is_reversible() { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+        let (registered_tx, registered) = std::sync::mpsc::channel();
+        let (boosted_tx, boosted) = std::sync::mpsc::channel::<()>();
+        let p = prio.clone();
+        let indexer = std::thread::spawn(move || {
+            p.register();
+            assert_eq!(of(0), (idle, INDEXER_NICE));
+            p.set_own(Background::Behind);
+            assert_eq!(of(0), (libc::SCHED_OTHER, INDEXER_NICE));
+            p.set_own(Background::Idle);
+            registered_tx.send(this_thread_id()).unwrap();
+            boosted.recv().unwrap();
+            assert_eq!(of(0), (libc::SCHED_OTHER, INDEXER_NICE), "moved by the writer");
+        });
+        let tid = registered.recv().unwrap();
+        assert_eq!(of(tid), (idle, INDEXER_NICE));
+        prio.boost();
+        boosted_tx.send(()).unwrap();
+        indexer.join().unwrap();
     }
 }

@@ -258,22 +258,46 @@ fn build(ledger: &Path, filter: &KeyFilter) -> Result<()> {
         Ok(c)
     };
     let index = open(&index_path(ledger))?;
+    let mut pace = Pace { started: std::time::Instant::now(), idle: true };
     index.execute_batch("BEGIN").map_err(db_err)?;
     let head = crate::sqlite_index::indexed_upto(&index)?;
-    add_all(&index, "SELECT idempotency_key FROM transfer_keys", [], filter)?;
+    add_all(&index, "SELECT idempotency_key FROM transfer_keys", [], filter, &mut pace)?;
     index.execute_batch("COMMIT").map_err(db_err)?;
     let ledger = open(ledger)?;
-    add_all(&ledger, "SELECT idempotency_key FROM transfers WHERE seq > ?1", [head], filter)
+    add_all(&ledger, "SELECT idempotency_key FROM transfers WHERE seq > ?1", [head], filter, &mut pace)
 }
 
-fn add_all(c: &Connection, sql: &str, params: impl rusqlite::Params, filter: &KeyFilter) -> Result<()> {
+/// Seconds a key filter's build runs as `SCHED_IDLE` before it takes nice 10: a build
+/// starved by busy cores would hold its read snapshots, and no checkpoint could reset either
+/// WAL meanwhile.
+pub const KEY_FILTER_IDLE_SECS_MAX: u64 = 10;
+
+/// How long a build has run, and whether it is still idle.
+struct Pace {
+    started: std::time::Instant,
+    idle: bool,
+}
+
+impl Pace {
+    fn check(&mut self) {
+        if self.idle && self.started.elapsed().as_secs() >= KEY_FILTER_IDLE_SECS_MAX {
+            self.idle = false;
+            crate::sqlite_index::set_this_threads_priority(crate::sqlite_index::Background::Behind);
+        }
+    }
+}
+
+fn add_all(c: &Connection, sql: &str, params: impl rusqlite::Params, filter: &KeyFilter, pace: &mut Pace) -> Result<()> {
     let mut stmt = c.prepare(sql).map_err(db_err)?;
     let mut rows = stmt.query(params).map_err(db_err)?;
     let mut n = 0u64;
     while let Some(row) = rows.next().map_err(db_err)? {
         n += 1;
-        if n.is_multiple_of(4096) && filter.cancelled.load(Ordering::Relaxed) {
-            return Err(LedgerError::Storage("cancelled".into()));
+        if n.is_multiple_of(4096) {
+            if filter.cancelled.load(Ordering::Relaxed) {
+                return Err(LedgerError::Storage("cancelled".into()));
+            }
+            pace.check();
         }
         let key = row.get_ref(0).map_err(db_err)?.as_str().map_err(|e| LedgerError::Storage(format!("an idempotency key is not text: {e}")))?;
         filter.add(key);

@@ -53,7 +53,7 @@ use tokio::sync::mpsc;
 
 use crate::domain::*;
 use crate::sqlite::{db_err, load_account, store_account, MAX_BATCH};
-use crate::sqlite_index::INDEX_TAIL_ROWS_MAX;
+use crate::sqlite_index::{INDEX_BEHIND_ROWS, INDEX_TAIL_ROWS_MAX};
 use crate::sqlite_keys::KeyFilters;
 
 /// Most accounts kept in the writer's cache; past it the cache starts over.
@@ -444,6 +444,8 @@ pub(crate) struct Shared {
     /// and the writer uses it from its next batch.
     pub key_filters_created: AtomicU64,
     pub key_filters_built: AtomicU64,
+    /// The indexer thread's scheduling (`sqlite_index.rs`).
+    pub indexer: crate::sqlite_index::IndexerPriority,
 }
 
 impl Shared {
@@ -455,6 +457,7 @@ impl Shared {
             durable_log_next: AtomicU64::new(durable_log_next),
             key_filters_created: AtomicU64::new(0),
             key_filters_built: AtomicU64::new(0),
+            indexer: Default::default(),
         })
     }
 
@@ -575,6 +578,11 @@ pub(crate) fn checkpoint_loop(conn: Connection, commits: Receiver<()>, interval:
 pub(crate) fn writer_loop(w: Writer, mut rx: mpsc::Receiver<Job>) {
     w.conn.maintain_key_filter();
     while let Some(first) = rx.blocking_recv() {
+        // The indexer fell behind (perhaps idle in the middle of a round on busy cores):
+        // give it its nice-10 share now rather than after that round.
+        if w.shared.committed_upto.load(Ordering::SeqCst) - w.shared.indexed_upto.load(Ordering::SeqCst) > INDEX_BEHIND_ROWS {
+            w.shared.indexer.boost();
+        }
         // The indexer is far behind (the tail is bounded): wait for it.
         while w.conn.tail_full() && !w.shared.failed.load(Ordering::SeqCst) {
             let _ = w.to_index.try_send(());
