@@ -253,9 +253,8 @@ impl IndexerPriority {
     }
 
     fn apply_own(&self, p: Background) {
-        let idle = effective_idle(p);
-        set_priority(0, idle);
-        self.idle.store(idle, Ordering::SeqCst);
+        set_this_threads_priority(p);
+        self.idle.store(effective_idle(p), Ordering::SeqCst);
     }
 
     /// Called by the writer when the indexer is [`INDEX_BEHIND_ROWS`] behind: moves it to
