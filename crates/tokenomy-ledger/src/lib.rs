@@ -40,6 +40,7 @@ pub mod pg;
 pub mod sqlite;
 mod sqlite_index;
 mod sqlite_keys;
+mod sqlite_raw;
 mod sqlite_writer;
 pub mod testing;
 

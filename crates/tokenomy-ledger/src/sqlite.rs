@@ -46,6 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::*;
 pub use crate::sqlite_index::{index_path, INDEX_FLUSH_ROWS};
 use crate::sqlite_keys::KeyFilters;
+use crate::sqlite_raw::Val;
 use crate::sqlite_writer::{checkpoint_loop, open_wal, sync_loop, writer_loop, Ack, Acks, Finish, Job, Shared, SyncWal, WriteConn, Writer};
 use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_request, Leaf, LedgerStore};
 
@@ -493,9 +494,12 @@ pub(crate) fn load_account(c: &Connection, id: AccountId) -> Result<Account> {
 
 pub(crate) fn store_account(c: &WriteConn, a: &Account) -> Result<()> {
     check_account(a)?;
-    let n = c.hot("UPDATE accounts SET balance_micros = ?2, pending_micros = ?3 WHERE id = ?1", |s| {
-        s.execute(params![&a.id.to_bytes()[..], a.balance_micros, a.pending_micros])
-    })?;
+    let id = a.id.to_bytes();
+    let n = c.run("UPDATE accounts SET balance_micros = ?2, pending_micros = ?3 WHERE id = ?1", &[
+        Val::Blob(&id),
+        a.balance_micros.into(),
+        a.pending_micros.into(),
+    ])?;
     assert_eq!(n, 1, "account row vanished");
     Ok(())
 }
@@ -539,26 +543,25 @@ fn insert_transfer(c: &WriteConn, t: &Transfer, log_index: Option<u64>) -> Resul
         return Ok(None);
     }
     let sql = concat!("INSERT INTO transfers (", transfer_cols!(), ", log_index) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)");
+    let (id, debit, credit) = (t.id.to_bytes(), t.debit_account.to_bytes(), t.credit_account.to_bytes());
     let pending = t.pending_id.map(|p| p.to_bytes());
     let key = t.key_id.map(|k| k.to_bytes());
-    c.hot(sql, |s| {
-        s.execute(params![
-            &t.id.to_bytes()[..],
-            t.idempotency_key,
-            &t.debit_account.to_bytes()[..],
-            &t.credit_account.to_bytes()[..],
-            t.amount_micros,
-            t.code.as_i16(),
-            t.state.as_i16(),
-            t.hold,
-            t.timeout_ms,
-            t.expires_at_ms,
-            t.created_at_ms,
-            pending.as_ref().map(|p| &p[..]),
-            key.as_ref().map(|k| &k[..]),
-            log_index.map(|i| i as i64),
-        ])
-    })?;
+    c.run(sql, &[
+        Val::Blob(&id),
+        Val::Text(&t.idempotency_key),
+        Val::Blob(&debit),
+        Val::Blob(&credit),
+        t.amount_micros.into(),
+        i64::from(t.code.as_i16()).into(),
+        i64::from(t.state.as_i16()).into(),
+        i64::from(t.hold).into(),
+        t.timeout_ms.into(),
+        t.expires_at_ms.into(),
+        t.created_at_ms.into(),
+        pending.as_ref().map(|p| &p[..]).into(),
+        key.as_ref().map(|k| &k[..]).into(),
+        log_index.map(|i| i as i64).into(),
+    ])?;
     let seq = c.last_insert_rowid();
     c.inserted(seq, t)?;
     Ok(Some(seq))
@@ -567,9 +570,12 @@ fn insert_transfer(c: &WriteConn, t: &Transfer, log_index: Option<u64>) -> Resul
 /// Ends a pending hold, the transfer at rowid `seq`.
 fn set_state(c: &WriteConn, t: &mut Transfer, seq: i64, state: TransferState) -> Result<()> {
     debug_assert_eq!(t.state, TransferState::Pending);
-    let n = c.hot("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0", |s| {
-        s.execute(params![seq, state.as_i16(), &t.id.to_bytes()[..]])
-    })?;
+    let id = t.id.to_bytes();
+    let n = c.run("UPDATE transfers SET state = ?2 WHERE seq = ?1 AND id = ?3 AND state = 0", &[
+        seq.into(),
+        i64::from(state.as_i16()).into(),
+        Val::Blob(&id),
+    ])?;
     if n != 1 {
         return Err(LedgerError::InvariantViolation(format!("hold {} was not pending", t.id)));
     }
@@ -614,10 +620,11 @@ fn load_key_spend(c: &WriteConn, id: KeyId, account: Option<AccountId>) -> Resul
 
 fn store_key_spend(c: &WriteConn, id: KeyId, s: &KeySpend) -> Result<()> {
     assert!(s.pending_micros >= 0, "key pending below zero");
-    let n = c.hot(
+    let key = id.to_bytes();
+    let n = c.run(
         "UPDATE api_keys SET pending_micros = ?2, spend_day = ?3, spend_day_micros = ?4, spend_month = ?5, \
          spend_month_micros = ?6 WHERE id = ?1",
-        |st| st.execute(params![&id.to_bytes()[..], s.pending_micros, s.day, s.day_micros, s.month, s.month_micros]),
+        &[Val::Blob(&key), s.pending_micros.into(), s.day.into(), s.day_micros.into(), s.month.into(), s.month_micros.into()],
     )?;
     assert_eq!(n, 1, "key row vanished");
     Ok(())
@@ -645,9 +652,13 @@ fn prepare_leaf(c: &WriteConn, leaf: &Option<Leaf>, t: &Transfer) -> Result<Opti
 }
 
 fn insert_log(c: &WriteConn, index: u64, bytes: &[u8], t: &Transfer) -> Result<u64> {
-    c.hot("INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES (?1,?2,?3,?4)", |s| {
-        s.execute(params![index as i64, &t.id.to_bytes()[..], &log_account(t).to_bytes()[..], bytes])
-    })?;
+    let (id, account) = (t.id.to_bytes(), log_account(t).to_bytes());
+    c.run("INSERT INTO log_entries (log_index, transfer_id, account_id, leaf_bytes) VALUES (?1,?2,?3,?4)", &[
+        (index as i64).into(),
+        Val::Blob(&id),
+        Val::Blob(&account),
+        Val::Blob(bytes),
+    ])?;
     c.appended_log(index);
     Ok(index)
 }

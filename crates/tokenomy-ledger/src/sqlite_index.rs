@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::domain::{LedgerError, Result};
 use crate::sqlite::db_err;
+use crate::sqlite_raw::{RawStmt, Val};
 use crate::sqlite_writer::Shared;
 
 const INDEX_SCHEMA: &str = include_str!("sql/sqlite_index_schema.sql");
@@ -142,37 +143,32 @@ pub(crate) fn indexed_upto(c: &Connection) -> Result<i64> {
 
 /// Indexes the committed transfers past the head, up to `committed_upto` and at most
 /// [`INDEX_ROUND_ROWS_MAX`] of them, in one transaction; returns the new head.
+///
+/// The round's transfers are read from the ledger first, in one short read, and written to
+/// this file after it: the ledger's snapshot is then held for that read only, not for the
+/// whole round. (A round run at `SCHED_IDLE` on busy cores can take long; a ledger snapshot
+/// held meanwhile keeps the ledger's checkpoints from finishing, so its WAL never starts
+/// over and keeps growing, and each fsync of it then writes metadata too.)
 fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
+    let head = indexed_upto(c)?;
+    let limit = committed_upto.min(head + INDEX_ROUND_ROWS_MAX as i64);
+    if limit <= head {
+        return Ok(head);
+    }
+    let rows = read_round(c, head, limit)?;
+    let Some(last) = rows.last() else { return Ok(head) };
     c.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
     let result = (|| {
-        let head = indexed_upto(c)?;
-        let limit = committed_upto.min(head + INDEX_ROUND_ROWS_MAX as i64);
-        if limit <= head {
-            return Ok(head);
+        // Only this thread writes the file, so its head is where the round began.
+        let now = indexed_upto(c)?;
+        if now != head {
+            return Err(LedgerError::InvariantViolation(format!("the index file's head moved from {head} to {now} during a round")));
         }
-        let (upto, key): (i64, String) = c
-            .prepare_cached("SELECT seq, idempotency_key FROM ledger.transfers WHERE seq <= ?1 ORDER BY seq DESC LIMIT 1")
-            .and_then(|mut s| s.query_row([limit], |r| Ok((r.get(0)?, r.get(1)?))))
-            .map_err(|e| LedgerError::Storage(format!("indexing up to transfer {limit}: {e}")))?;
-        if upto <= head {
-            return Ok(head);
-        }
-        let range = params![head, upto];
-        for sql in [
-            "INSERT INTO transfer_keys (idempotency_key, seq) SELECT idempotency_key, seq FROM ledger.transfers \
-             WHERE seq > ?1 AND seq <= ?2 ORDER BY idempotency_key",
-            "INSERT INTO transfer_ids (id, seq) SELECT id, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2 ORDER BY id",
-            "INSERT INTO account_transfers (account, seq) SELECT account, seq FROM ( \
-                 SELECT debit_account AS account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2 \
-                 UNION ALL SELECT credit_account, seq FROM ledger.transfers WHERE seq > ?1 AND seq <= ?2) \
-             ORDER BY account, seq",
-        ] {
-            c.prepare_cached(sql).and_then(|mut s| s.execute(range)).map_err(|e| indexing_error(e, head, upto))?;
-        }
+        write_round(c, &rows).map_err(|e| indexing_error(e, head, last.seq))?;
         c.prepare_cached("UPDATE index_head SET indexed_upto = ?1, key_at_head = ?2")
-            .and_then(|mut s| s.execute(params![upto, key]))
+            .and_then(|mut s| s.execute(params![last.seq, last.key]))
             .map_err(db_err)?;
-        Ok(upto)
+        Ok(last.seq)
     })();
     match result {
         Ok(head) => c.execute_batch("COMMIT").map_err(db_err).map(|()| head),
@@ -181,6 +177,76 @@ fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
             Err(e)
         }
     }
+}
+
+/// One transfer's indexed columns.
+struct RoundRow {
+    seq: i64,
+    key: String,
+    id: [u8; 16],
+    debit: [u8; 16],
+    credit: [u8; 16],
+}
+
+/// The committed transfers with seq in `(head, limit]`, in seq order, read outside any
+/// transaction of this file (see [`index_round`]).
+fn read_round(c: &Connection, head: i64, limit: i64) -> Result<Vec<RoundRow>> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT seq, idempotency_key, id, debit_account, credit_account FROM ledger.transfers \
+             WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([head, limit], |r| {
+            Ok(RoundRow { seq: r.get(0)?, key: r.get(1)?, id: id_bytes(r, 2)?, debit: id_bytes(r, 3)?, credit: id_bytes(r, 4)? })
+        })
+        .map_err(|e| LedgerError::Storage(format!("indexing up to transfer {limit}: {e}")))?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| LedgerError::Storage(format!("indexing up to transfer {limit}: {e}")))
+}
+
+/// Column `i` of `r`, a 16-byte id.
+fn id_bytes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<[u8; 16]> {
+    let blob = r.get_ref(i)?.as_blob()?;
+    blob.try_into().map_err(|_| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, format!("an id of {} bytes", blob.len()).into()))
+}
+
+/// Inserts a round's entries, each table's in its key order (so each index page is visited
+/// once per round, in order).
+fn write_round(c: &Connection, rows: &[RoundRow]) -> rusqlite::Result<()> {
+    let mut keys: Vec<(&str, i64)> = rows.iter().map(|r| (r.key.as_str(), r.seq)).collect();
+    keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    insert_pairs(c, "transfer_keys (idempotency_key, seq)", keys.into_iter().map(|(key, seq)| (Val::Text(key), seq)))?;
+    // (16-byte ids sort as big-endian integers, as SQLite compares their blobs.)
+    let mut ids: Vec<(u128, &[u8], i64)> = rows.iter().map(|r| (u128::from_be_bytes(r.id), &r.id[..], r.seq)).collect();
+    ids.sort_unstable_by_key(|&(n, _, _)| n);
+    insert_pairs(c, "transfer_ids (id, seq)", ids.into_iter().map(|(_, id, seq)| (Val::Blob(id), seq)))?;
+    let side = |account: &[u8; 16], seq: i64| (u128::from_be_bytes(*account), seq);
+    let mut sides: Vec<(u128, i64)> = rows.iter().flat_map(|r| [side(&r.debit, r.seq), side(&r.credit, r.seq)]).collect();
+    sides.sort_unstable();
+    let sides: Vec<([u8; 16], i64)> = sides.into_iter().map(|(n, seq)| (n.to_be_bytes(), seq)).collect();
+    insert_pairs(c, "account_transfers (account, seq)", sides.iter().map(|(account, seq)| (Val::Blob(account), *seq)))
+}
+
+/// Rows one INSERT of the indexer writes (one statement per row cost a quarter more).
+const INSERT_ROWS_MAX: usize = 128;
+
+/// `INSERT INTO {table} VALUES (?, ?), …` for `rows`, [`INSERT_ROWS_MAX`] at a time.
+fn insert_pairs<'a>(c: &Connection, table: &str, rows: impl Iterator<Item = (Val<'a>, i64)>) -> rusqlite::Result<()> {
+    let sql = |n: usize| format!("INSERT INTO {table} VALUES {}", vec!["(?, ?)"; n].join(", "));
+    let full = RawStmt::prepare(c, &sql(INSERT_ROWS_MAX))?;
+    let mut vals: Vec<Val<'a>> = Vec::with_capacity(2 * INSERT_ROWS_MAX);
+    for (value, seq) in rows {
+        vals.extend([value, Val::Int(seq)]);
+        if vals.len() == 2 * INSERT_ROWS_MAX {
+            full.run(&vals)?;
+            vals.clear();
+        }
+    }
+    if !vals.is_empty() {
+        RawStmt::prepare(c, &sql(vals.len() / 2))?.run(&vals)?;
+    }
+    Ok(())
 }
 
 /// A failed bulk insert, named: a primary-key conflict means two transfers share an
@@ -394,5 +460,54 @@ mod tests {
         prio.boost();
         boosted_tx.send(()).unwrap();
         indexer.join().unwrap();
+    }
+
+    /// A ledger file with `n` more transfers (two accounts, posted mints' shape).
+    fn add_transfers(ledger: &Connection, from: i64, n: i64) {
+        let mut insert = ledger
+            .prepare(
+                "INSERT INTO transfers (seq, id, idempotency_key, debit_account, credit_account, amount_micros, code, state, \
+                 hold, timeout_ms, expires_at_ms, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 1, 0, 1, 0, 0, 0, 0)",
+            )
+            .unwrap();
+        for seq in from..from + n {
+            let id = (seq as u128 * 0x9E37_79B9_7F4A_7C15).to_be_bytes();
+            let (a, b) = ((seq as u128 % 7).to_be_bytes(), (100 + seq as u128 % 5).to_be_bytes());
+            insert.execute(params![seq, &id[..], format!("key-{}", seq * 7919 % 100_003), &a[..], &b[..]]).unwrap();
+        }
+    }
+
+    /// A round reads its transfers and lets go of the ledger before it writes: meanwhile the
+    /// ledger's WAL can be checkpointed to its end and truncated. Its entries are then all
+    /// there, in the tables' order.
+    #[test]
+    fn a_round_holds_no_ledger_snapshot_while_it_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite");
+        let ledger = Connection::open(&path).unwrap();
+        ledger.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
+        ledger.execute_batch(include_str!("sql/sqlite_schema.sql")).unwrap();
+        add_transfers(&ledger, 1, 300);
+        let c = open(&path).unwrap();
+        assert_eq!(indexed_upto(&c).unwrap(), 300);
+        add_transfers(&ledger, 301, 2 * INSERT_ROWS_MAX as i64 + 3);
+        let last = 300 + 2 * INSERT_ROWS_MAX as i64 + 3;
+        let rows = read_round(&c, 300, last).unwrap();
+        assert_eq!((rows.len(), rows[0].seq, rows.last().unwrap().seq), (last as usize - 300, 301, last));
+        let (busy, wal_frames, copied): (i64, i64, i64) =
+            ledger.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!((busy, wal_frames, copied), (0, 0, 0), "the ledger's WAL was checkpointed and truncated");
+        assert_eq!(index_round(&c, last).unwrap(), last);
+        let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT COUNT(*) FROM transfer_keys"), last);
+        assert_eq!(count("SELECT COUNT(*) FROM transfer_ids"), last);
+        assert_eq!(count("SELECT COUNT(*) FROM account_transfers"), 2 * last);
+        let missing = "SELECT COUNT(*) FROM ledger.transfers t WHERE NOT EXISTS (SELECT 1 FROM transfer_keys k \
+                       WHERE k.idempotency_key = t.idempotency_key AND k.seq = t.seq) OR NOT EXISTS (SELECT 1 FROM \
+                       transfer_ids i WHERE i.id = t.id AND i.seq = t.seq) OR NOT EXISTS (SELECT 1 FROM account_transfers a \
+                       WHERE a.account = t.credit_account AND a.seq = t.seq)";
+        assert_eq!(count(missing), 0);
+        let key_at_head: String = c.query_row("SELECT key_at_head FROM index_head", [], |r| r.get(0)).unwrap();
+        assert_eq!(key_at_head, format!("key-{}", last * 7919 % 100_003));
     }
 }

@@ -55,6 +55,7 @@ use crate::domain::*;
 use crate::sqlite::{db_err, load_account, store_account, MAX_BATCH};
 use crate::sqlite_index::{INDEX_BEHIND_ROWS, INDEX_TAIL_ROWS_MAX};
 use crate::sqlite_keys::KeyFilters;
+use crate::sqlite_raw::{RawStmt, Val};
 
 /// Most accounts kept in the writer's cache; past it the cache starts over.
 pub const CACHED_ACCOUNTS_MAX: usize = 65_536;
@@ -90,6 +91,8 @@ pub(crate) struct WriteConn {
     /// The commit path's statements, each prepared once ([`hot`](Self::hot)). Declared
     /// before `conn`, so dropped before it.
     hot: RefCell<IdMap<(usize, usize), Statement<'static>>>,
+    /// The commit path's writes, bound in place ([`run`](Self::run)); dropped before `conn`.
+    raw: RefCell<IdMap<(usize, usize), RawStmt<'static>>>,
     /// Boxed: the statements of `hot` point at it, so it must not move.
     conn: Box<Connection>,
     /// The index file (`sqlite_index.rs`), read only: the idempotency keys and ids of
@@ -196,7 +199,7 @@ impl Deref for WriteConn {
 
 impl WriteConn {
     pub(crate) fn new(conn: Connection, index: Connection, shared: Arc<Shared>, keys: KeyFilters) -> Self {
-        WriteConn { hot: RefCell::default(), conn: Box::new(conn), index, shared, cache: RefCell::new(Cache::default()), keys: RefCell::new(keys) }
+        WriteConn { hot: RefCell::default(), raw: RefCell::default(), conn: Box::new(conn), index, shared, cache: RefCell::new(Cache::default()), keys: RefCell::new(keys) }
     }
 
     /// Runs `f` on the statement `sql`, prepared the first time and kept for the
@@ -208,16 +211,34 @@ impl WriteConn {
         let stmt = match hot.entry((sql.as_ptr() as usize, sql.len())) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                // SAFETY: the connection is boxed, so it stays where it is for as long as
-                // `self` lives, and every statement of `hot` is dropped before it (field
-                // order); `f` only ever sees a statement under a lifetime of its own, so no
-                // reference to the connection outlives `self`.
-                #[allow(unsafe_code)]
-                let conn: &'static Connection = unsafe { &*(&*self.conn as *const Connection) };
-                e.insert(conn.prepare(sql).map_err(db_err)?)
+                e.insert(self.conn_for_statements().prepare(sql).map_err(db_err)?)
             }
         };
         f(stmt).map_err(db_err)
+    }
+
+    /// The connection, for statements kept in `hot` and `raw`.
+    fn conn_for_statements(&self) -> &'static Connection {
+        // SAFETY: the connection is boxed, so it stays where it is for as long as `self`
+        // lives, and every statement of `hot` and `raw` is dropped before it (field order);
+        // callers of `hot` only ever see a statement under a lifetime of its own, and `raw`'s
+        // never leave `self`, so no reference to the connection outlives `self`.
+        #[allow(unsafe_code)]
+        unsafe {
+            &*(&*self.conn as *const Connection)
+        }
+    }
+
+    /// Runs the write `sql` with `vals`, prepared the first time and kept for the
+    /// connection's life, its values bound in place (`sqlite_raw.rs`); returns the rows
+    /// it changed.
+    pub(crate) fn run(&self, sql: &'static str, vals: &[Val<'_>]) -> Result<usize> {
+        let mut raw = self.raw.borrow_mut();
+        let stmt = match raw.entry((sql.as_ptr() as usize, sql.len())) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(RawStmt::prepare(self.conn_for_statements(), sql).map_err(db_err)?),
+        };
+        stmt.run(vals).map_err(db_err)
     }
 
     pub(crate) fn exec(&self, sql: &'static str) -> Result<()> {
@@ -226,7 +247,7 @@ impl WriteConn {
 
     #[cfg(test)]
     pub(crate) fn hot_statements(&self) -> usize {
-        self.hot.borrow().len()
+        self.hot.borrow().len() + self.raw.borrow().len()
     }
 
     /// Changes made so far (rows written plus changes staged in the cache).
