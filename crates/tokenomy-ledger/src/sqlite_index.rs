@@ -66,7 +66,7 @@ pub fn index_path(ledger: &Path) -> PathBuf {
 }
 
 /// The indexer's connection: the index file, with the ledger attached read-only as `ledger`
-/// (so `BEGIN IMMEDIATE` takes the write lock of the index file only, never the ledger's).
+/// (its transactions read the ledger, never write it; see [`in_index_transaction`]).
 /// Creates the tables, empties the file if it does not match the ledger, and indexes every
 /// committed transfer: the writer then starts with an empty tail.
 pub(crate) fn open(ledger: &Path) -> Result<Connection> {
@@ -145,10 +145,10 @@ pub(crate) fn indexed_upto(c: &Connection) -> Result<i64> {
 /// [`INDEX_ROUND_ROWS_MAX`] of them, in one transaction; returns the new head.
 ///
 /// The round's transfers are read from the ledger first, in one short read, and written to
-/// this file after it: the ledger's snapshot is then held for that read only, not for the
-/// whole round. (A round run at `SCHED_IDLE` on busy cores can take long; a ledger snapshot
-/// held meanwhile keeps the ledger's checkpoints from finishing, so its WAL never starts
-/// over and keeps growing, and each fsync of it then writes metadata too.)
+/// this file after it, in a transaction that holds no ledger snapshot: the ledger's is held
+/// for that read only, not for the whole round. (A round run at `SCHED_IDLE` on busy cores
+/// can take long; a ledger snapshot held meanwhile keeps the ledger's checkpoints from
+/// finishing, so its WAL never starts over and keeps growing.)
 fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
     let head = indexed_upto(c)?;
     let limit = committed_upto.min(head + INDEX_ROUND_ROWS_MAX as i64);
@@ -157,8 +157,7 @@ fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
     }
     let rows = read_round(c, head, limit)?;
     let Some(last) = rows.last() else { return Ok(head) };
-    c.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
-    let result = (|| {
+    in_index_transaction(c, || {
         // Only this thread writes the file, so its head is where the round began.
         let now = indexed_upto(c)?;
         if now != head {
@@ -169,9 +168,18 @@ fn index_round(c: &Connection, committed_upto: i64) -> Result<i64> {
             .and_then(|mut s| s.execute(params![last.seq, last.key]))
             .map_err(db_err)?;
         Ok(last.seq)
-    })();
-    match result {
-        Ok(head) => c.execute_batch("COMMIT").map_err(db_err).map(|()| head),
+    })
+}
+
+/// Runs `f` in a transaction that writes the index file and holds no snapshot of the
+/// attached ledger. So a deferred `BEGIN`: `BEGIN IMMEDIATE` begins a transaction on every
+/// attached database, a read transaction on the read-only ledger, held to COMMIT. The first
+/// write takes the index file's write lock (only this thread writes the file, so no other
+/// commit can have come between its first read and that write).
+fn in_index_transaction<T>(c: &Connection, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    c.execute_batch("BEGIN").map_err(db_err)?;
+    match f() {
+        Ok(v) => c.execute_batch("COMMIT").map_err(db_err).map(|()| v),
         Err(e) => {
             let _ = c.execute_batch("ROLLBACK");
             Err(e)
@@ -477,9 +485,10 @@ mod tests {
         }
     }
 
-    /// A round reads its transfers and lets go of the ledger before it writes: meanwhile the
-    /// ledger's WAL can be checkpointed to its end and truncated. Its entries are then all
-    /// there, in the tables' order.
+    /// A round reads its transfers and lets go of the ledger before it writes: while its
+    /// write transaction is open, the ledger's WAL can be checkpointed to its end and
+    /// truncated. (It could not under `BEGIN IMMEDIATE`: that begins a read transaction on
+    /// the attached ledger too.) Its entries are then all there.
     #[test]
     fn a_round_holds_no_ledger_snapshot_while_it_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -494,19 +503,36 @@ mod tests {
         let last = 300 + 2 * INSERT_ROWS_MAX as i64 + 3;
         let rows = read_round(&c, 300, last).unwrap();
         assert_eq!((rows.len(), rows[0].seq, rows.last().unwrap().seq), (last as usize - 300, 301, last));
-        let (busy, wal_frames, copied): (i64, i64, i64) =
-            ledger.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-        assert_eq!((busy, wal_frames, copied), (0, 0, 0), "the ledger's WAL was checkpointed and truncated");
+        let checkpoint = || -> (i64, i64, i64) {
+            ledger.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap()
+        };
+        // The round's write transaction, open: the ledger is free.
+        in_index_transaction(&c, || {
+            assert_eq!(indexed_upto(&c)?, 300);
+            write_round(&c, &rows[..10]).map_err(db_err)?;
+            add_transfers(&ledger, last + 1, 1);
+            assert_eq!(checkpoint(), (0, 0, 0), "the ledger's WAL was checkpointed and truncated");
+            Err::<(), _>(LedgerError::Storage("rolled back".into()))
+        })
+        .unwrap_err();
+        // The same under BEGIN IMMEDIATE: the checkpoint cannot pass the indexer's snapshot.
+        ledger.busy_timeout(std::time::Duration::ZERO).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        add_transfers(&ledger, last + 2, 1);
+        assert_eq!(checkpoint().0, 1, "busy");
+        c.execute_batch("ROLLBACK").unwrap();
         assert_eq!(index_round(&c, last).unwrap(), last);
         let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
         assert_eq!(count("SELECT COUNT(*) FROM transfer_keys"), last);
         assert_eq!(count("SELECT COUNT(*) FROM transfer_ids"), last);
         assert_eq!(count("SELECT COUNT(*) FROM account_transfers"), 2 * last);
-        let missing = "SELECT COUNT(*) FROM ledger.transfers t WHERE NOT EXISTS (SELECT 1 FROM transfer_keys k \
-                       WHERE k.idempotency_key = t.idempotency_key AND k.seq = t.seq) OR NOT EXISTS (SELECT 1 FROM \
-                       transfer_ids i WHERE i.id = t.id AND i.seq = t.seq) OR NOT EXISTS (SELECT 1 FROM account_transfers a \
-                       WHERE a.account = t.credit_account AND a.seq = t.seq)";
-        assert_eq!(count(missing), 0);
+        let missing = format!(
+            "SELECT COUNT(*) FROM ledger.transfers t WHERE t.seq <= {last} AND (NOT EXISTS (SELECT 1 FROM transfer_keys k \
+             WHERE k.idempotency_key = t.idempotency_key AND k.seq = t.seq) OR NOT EXISTS (SELECT 1 FROM transfer_ids i \
+             WHERE i.id = t.id AND i.seq = t.seq) OR NOT EXISTS (SELECT 1 FROM account_transfers a \
+             WHERE a.account = t.credit_account AND a.seq = t.seq))"
+        );
+        assert_eq!(count(&missing), 0);
         let key_at_head: String = c.query_row("SELECT key_at_head FROM index_head", [], |r| r.get(0)).unwrap();
         assert_eq!(key_at_head, format!("key-{}", last * 7919 % 100_003));
     }

@@ -64,7 +64,7 @@ pub(crate) struct RawStmt<'c> {
 impl<'c> RawStmt<'c> {
     /// Prepares `sql` (one statement) on `conn`.
     pub(crate) fn prepare(conn: &'c Connection, sql: &str) -> rusqlite::Result<RawStmt<'c>> {
-        let len = c_int::try_from(sql.len()).map_err(|_| rusqlite::Error::InvalidQuery)?;
+        let len = c_len(sql.len())?;
         // SAFETY: `handle` is the connection's open database; SQLite reads `len` bytes of
         // `sql`, which lives through the call, and writes the two out-pointers.
         let db = unsafe { conn.handle() };
@@ -75,7 +75,7 @@ impl<'c> RawStmt<'c> {
         if rc != ffi::SQLITE_OK {
             return Err(error(db, rc));
         }
-        let stmt = NonNull::new(stmt).ok_or(rusqlite::Error::InvalidQuery)?;
+        let stmt = NonNull::new(stmt).ok_or_else(|| misuse("an empty statement"))?;
         let mut raw = RawStmt { stmt, db, params: 0, _conn: PhantomData };
         let rest = sql.len() - (tail as usize - sql.as_ptr() as usize);
         if !sql[sql.len() - rest..].trim().is_empty() {
@@ -83,7 +83,7 @@ impl<'c> RawStmt<'c> {
         }
         // SAFETY: `stmt` is a live statement.
         if unsafe { ffi::sqlite3_stmt_readonly(stmt.as_ptr()) } != 0 {
-            return Err(rusqlite::Error::InvalidQuery);
+            return Err(misuse("a statement that writes nothing (RawStmt runs INSERT and UPDATE only)"));
         }
         raw.params = unsafe { ffi::sqlite3_bind_parameter_count(stmt.as_ptr()) } as usize;
         Ok(raw)
@@ -131,7 +131,11 @@ impl Drop for RawStmt<'_> {
 }
 
 fn c_len(n: usize) -> rusqlite::Result<c_int> {
-    c_int::try_from(n).map_err(|_| rusqlite::Error::ToSqlConversionFailure("value too long for SQLite".into()))
+    c_int::try_from(n).map_err(|_| rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_TOOBIG), Some(format!("{n} bytes"))))
+}
+
+fn misuse(what: &str) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_MISUSE), Some(what.into()))
 }
 
 /// The connection's last error, as rusqlite reports it.
@@ -190,7 +194,9 @@ mod tests {
     fn only_one_writing_statement_is_accepted() {
         let c = conn();
         assert!(RawStmt::prepare(&c, "INSERT INTO t (a) VALUES (1); INSERT INTO t (a) VALUES (2)").is_err());
-        assert!(RawStmt::prepare(&c, "SELECT a FROM t").is_err());
+        let e = RawStmt::prepare(&c, "SELECT a FROM t").err().unwrap();
+        assert!(e.to_string().contains("writes nothing"), "{e}");
+        assert!(RawStmt::prepare(&c, "  ").err().unwrap().to_string().contains("empty"));
         assert!(RawStmt::prepare(&c, "INSERT INTO nowhere VALUES (1)").is_err());
     }
 

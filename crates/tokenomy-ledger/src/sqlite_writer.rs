@@ -211,22 +211,26 @@ impl WriteConn {
         let stmt = match hot.entry((sql.as_ptr() as usize, sql.len())) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(self.conn_for_statements().prepare(sql).map_err(db_err)?)
+                // SAFETY: the statement is kept in `hot`, which `conn_for_statements` allows.
+                #[allow(unsafe_code)]
+                let conn = unsafe { self.conn_for_statements() };
+                e.insert(conn.prepare(sql).map_err(db_err)?)
             }
         };
         f(stmt).map_err(db_err)
     }
 
-    /// The connection, for statements kept in `hot` and `raw`.
-    fn conn_for_statements(&self) -> &'static Connection {
-        // SAFETY: the connection is boxed, so it stays where it is for as long as `self`
-        // lives, and every statement of `hot` and `raw` is dropped before it (field order);
-        // callers of `hot` only ever see a statement under a lifetime of its own, and `raw`'s
-        // never leave `self`, so no reference to the connection outlives `self`.
-        #[allow(unsafe_code)]
-        unsafe {
-            &*(&*self.conn as *const Connection)
-        }
+    /// The connection under a `'static` lifetime, for the statements kept in `hot` and `raw`.
+    ///
+    /// # Safety
+    /// The reference must not outlive `self`. (The connection is boxed, so it stays where
+    /// it is for as long as `self` lives, and `hot` and `raw` are dropped before it: field
+    /// order. `hot`'s callers only ever see a statement under a lifetime of their own, and
+    /// `raw`'s statements never leave `self`.)
+    #[allow(unsafe_code)]
+    unsafe fn conn_for_statements(&self) -> &'static Connection {
+        // SAFETY: see the function's contract.
+        unsafe { &*(&*self.conn as *const Connection) }
     }
 
     /// Runs the write `sql` with `vals`, prepared the first time and kept for the
@@ -236,7 +240,12 @@ impl WriteConn {
         let mut raw = self.raw.borrow_mut();
         let stmt = match raw.entry((sql.as_ptr() as usize, sql.len())) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(RawStmt::prepare(self.conn_for_statements(), sql).map_err(db_err)?),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // SAFETY: the statement is kept in `raw`, which `conn_for_statements` allows.
+                #[allow(unsafe_code)]
+                let conn = unsafe { self.conn_for_statements() };
+                e.insert(RawStmt::prepare(conn, sql).map_err(db_err)?)
+            }
         };
         stmt.run(vals).map_err(db_err)
     }
