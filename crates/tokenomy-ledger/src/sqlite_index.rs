@@ -221,7 +221,7 @@ fn id_bytes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<[u8; 16]> {
 
 /// Inserts a round's entries, each table's in its key order (so each index page is visited
 /// once per round, in order).
-fn write_round(c: &Connection, rows: &[RoundRow]) -> rusqlite::Result<()> {
+fn write_round<'r>(c: &Connection, rows: &'r [RoundRow]) -> rusqlite::Result<()> {
     let mut keys: Vec<(&str, i64)> = rows.iter().map(|r| (r.key.as_str(), r.seq)).collect();
     keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
     insert_pairs(c, "transfer_keys (idempotency_key, seq)", keys.into_iter().map(|(key, seq)| (Val::Text(key), seq)))?;
@@ -229,11 +229,10 @@ fn write_round(c: &Connection, rows: &[RoundRow]) -> rusqlite::Result<()> {
     let mut ids: Vec<(u128, &[u8], i64)> = rows.iter().map(|r| (u128::from_be_bytes(r.id), &r.id[..], r.seq)).collect();
     ids.sort_unstable_by_key(|&(n, _, _)| n);
     insert_pairs(c, "transfer_ids (id, seq)", ids.into_iter().map(|(_, id, seq)| (Val::Blob(id), seq)))?;
-    let side = |account: &[u8; 16], seq: i64| (u128::from_be_bytes(*account), seq);
-    let mut sides: Vec<(u128, i64)> = rows.iter().flat_map(|r| [side(&r.debit, r.seq), side(&r.credit, r.seq)]).collect();
-    sides.sort_unstable();
-    let sides: Vec<([u8; 16], i64)> = sides.into_iter().map(|(n, seq)| (n.to_be_bytes(), seq)).collect();
-    insert_pairs(c, "account_transfers (account, seq)", sides.iter().map(|(account, seq)| (Val::Blob(account), *seq)))
+    let side = |account: &'r [u8; 16], seq: i64| (u128::from_be_bytes(*account), seq, &account[..]);
+    let mut sides: Vec<(u128, i64, &[u8])> = rows.iter().flat_map(|r| [side(&r.debit, r.seq), side(&r.credit, r.seq)]).collect();
+    sides.sort_unstable_by_key(|&(n, seq, _)| (n, seq));
+    insert_pairs(c, "account_transfers (account, seq)", sides.into_iter().map(|(_, seq, account)| (Val::Blob(account), seq)))
 }
 
 /// Rows one INSERT of the indexer writes (one statement per row cost a quarter more).

@@ -208,29 +208,7 @@ impl WriteConn {
     /// (`f` must not call `hot` again.)
     pub(crate) fn hot<T>(&self, sql: &'static str, f: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<T>) -> Result<T> {
         let mut hot = self.hot.borrow_mut();
-        let stmt = match hot.entry((sql.as_ptr() as usize, sql.len())) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                // SAFETY: the statement is kept in `hot`, which `conn_for_statements` allows.
-                #[allow(unsafe_code)]
-                let conn = unsafe { self.conn_for_statements() };
-                e.insert(conn.prepare(sql).map_err(db_err)?)
-            }
-        };
-        f(stmt).map_err(db_err)
-    }
-
-    /// The connection under a `'static` lifetime, for the statements kept in `hot` and `raw`.
-    ///
-    /// # Safety
-    /// The reference must not outlive `self`. (The connection is boxed, so it stays where
-    /// it is for as long as `self` lives, and `hot` and `raw` are dropped before it: field
-    /// order. `hot`'s callers only ever see a statement under a lifetime of their own, and
-    /// `raw`'s statements never leave `self`.)
-    #[allow(unsafe_code)]
-    unsafe fn conn_for_statements(&self) -> &'static Connection {
-        // SAFETY: see the function's contract.
-        unsafe { &*(&*self.conn as *const Connection) }
+        f(self.kept(&mut hot, sql, |conn, sql| conn.prepare(sql))?).map_err(db_err)
     }
 
     /// Runs the write `sql` with `vals`, prepared the first time and kept for the
@@ -238,16 +216,29 @@ impl WriteConn {
     /// it changed.
     pub(crate) fn run(&self, sql: &'static str, vals: &[Val<'_>]) -> Result<usize> {
         let mut raw = self.raw.borrow_mut();
-        let stmt = match raw.entry((sql.as_ptr() as usize, sql.len())) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        self.kept(&mut raw, sql, RawStmt::prepare)?.run(vals).map_err(db_err)
+    }
+
+    /// The statement of `hot` or `raw` (`kept`) for `sql`, prepared by `prepare` the first
+    /// time on the connection under a `'static` lifetime. Only for those two maps: it is
+    /// boxed, so it stays where it is for as long as `self` lives, and both maps are dropped
+    /// before it (field order); `hot`'s callers only ever see a statement under a lifetime of
+    /// their own, and `raw`'s statements never leave `self`.
+    fn kept<'m, S>(
+        &self,
+        kept: &'m mut IdMap<(usize, usize), S>,
+        sql: &'static str,
+        prepare: impl FnOnce(&'static Connection, &str) -> rusqlite::Result<S>,
+    ) -> Result<&'m mut S> {
+        match kept.entry((sql.as_ptr() as usize, sql.len())) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
-                // SAFETY: the statement is kept in `raw`, which `conn_for_statements` allows.
+                // SAFETY: see above (`kept` is `self.hot` or `self.raw`).
                 #[allow(unsafe_code)]
-                let conn = unsafe { self.conn_for_statements() };
-                e.insert(RawStmt::prepare(conn, sql).map_err(db_err)?)
+                let conn: &'static Connection = unsafe { &*(&*self.conn as *const Connection) };
+                Ok(e.insert(prepare(conn, sql).map_err(db_err)?))
             }
-        };
-        stmt.run(vals).map_err(db_err)
+        }
     }
 
     pub(crate) fn exec(&self, sql: &'static str) -> Result<()> {
