@@ -1,4 +1,5 @@
-//! The writer's commit-path writes, stepped through SQLite's C API.
+//! The writer's commit-path writes and the indexer's bulk inserts, stepped through SQLite's
+//! C API.
 //!
 //! Why this exists: rusqlite binds every blob and text `SQLITE_TRANSIENT`, so SQLite
 //! allocates a copy of each 16-byte id, idempotency key and log leaf, and frees it at the
@@ -77,8 +78,8 @@ impl<'c> RawStmt<'c> {
         }
         let stmt = NonNull::new(stmt).ok_or_else(|| misuse("an empty statement"))?;
         let mut raw = RawStmt { stmt, db, params: 0, _conn: PhantomData };
-        let rest = sql.len() - (tail as usize - sql.as_ptr() as usize);
-        if !sql[sql.len() - rest..].trim().is_empty() {
+        let used = tail as usize - sql.as_ptr() as usize;
+        if !sql[used..].trim().is_empty() {
             return Err(rusqlite::Error::MultipleStatement);
         }
         // SAFETY: `stmt` is a live statement.

@@ -93,7 +93,7 @@ pub(crate) struct WriteConn {
     hot: RefCell<IdMap<(usize, usize), Statement<'static>>>,
     /// The commit path's writes, bound in place ([`run`](Self::run)); dropped before `conn`.
     raw: RefCell<IdMap<(usize, usize), RawStmt<'static>>>,
-    /// Boxed: the statements of `hot` point at it, so it must not move.
+    /// Boxed: the statements of `hot` and `raw` point at it, so it must not move.
     conn: Box<Connection>,
     /// The index file (`sqlite_index.rs`), read only: the idempotency keys and ids of
     /// transfers older than the tail. (Not attached to `conn`: `BEGIN IMMEDIATE` would then lock it too.)
