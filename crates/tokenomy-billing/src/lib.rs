@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokenomy_ledger::{
-    cost_micros, Account, AccountId, AccountKind, AnyStore, CheckReport, KeyId, KeyRecord, LedgerError, LedgerStore, Page, Price,
+    cost_micros, Account, AccountId, AccountKind, AnyStore, CheckReport, FreshTransferId, KeyId, KeyRecord, LedgerError, LedgerStore, Page, Price,
     Transfer, TransferState, KeySpend, SpendCaps,
 };
 use tokenomy_receipts::{Receipt, ReceiptBundle, ReceiptKind, SignerKey, TlogProof, VerifierKey};
@@ -493,10 +493,10 @@ impl Billing {
     /// The hold of a request with an `Idempotency-Key`. Each attempt's hold has a ledger key
     /// of its own (the first `idem:ACCOUNT:KEY`, then `… #2`, `… #3`): an attempt that failed
     /// (its hold voided: nothing charged, nothing kept) lets the next one run; one that is
-    /// running or was charged refuses it, so a key is charged at most once. (A hold the ledger
-    /// returns is this request's own when it was created now: two requests with one key that
-    /// reach the ledger within the same millisecond are told apart only by the node's
-    /// in-flight slot of the key, `IdempotencyCache`, i.e. on the same node.)
+    /// running or was charged refuses it, so a key is charged at most once and run at most
+    /// once at a time. A hold the ledger returns is this request's own when it carries the id
+    /// this request drew for it; any other was placed by another request with the key, on
+    /// this node or on another node of the same ledger, even within the same millisecond.
     async fn place_idempotent(&self, p: &Principal, worst: i64, k: &str, now: i64) -> Result<Transfer> {
         for attempt in 1..=IDEMPOTENT_ATTEMPTS_MAX {
             let key = match attempt {
@@ -504,9 +504,10 @@ impl Billing {
                 // (A space: no `Idempotency-Key` has one, so no key's attempt can be another key.)
                 n => format!("idem:{}:{k} #{n}", p.account),
             };
-            let t = self.place(p, worst, &key, now).await?;
+            let id = FreshTransferId::generate(now);
+            let t = self.place_as(id, p, worst, &key, now).await?;
             match t.state {
-                TransferState::Pending if t.created_at_ms == now => return Ok(t),
+                TransferState::Pending if t.id == id.id() => return Ok(t),
                 TransferState::Voided => continue,
                 TransferState::Pending => {
                     return Err(BillingError::Conflict("A request with this Idempotency-Key is still in progress; retry when it has finished.".into()))
@@ -523,11 +524,14 @@ impl Billing {
 
     /// Places a hold of `worst` under ledger key `key` (or returns the transfer that holds it).
     async fn place(&self, p: &Principal, worst: i64, key: &str, now: i64) -> Result<Transfer> {
+        self.place_as(FreshTransferId::generate(now), p, worst, key, now).await
+    }
+
+    /// [`place`](Self::place), the hold getting `id` if this call creates it.
+    async fn place_as(&self, id: FreshTransferId, p: &Principal, worst: i64, key: &str, now: i64) -> Result<Transfer> {
         let timeout = self.config.billing.hold_timeout_ms;
-        let placed = match p.caps.is_capped() {
-            true => self.store.hold_for_key(p.account, p.key_id, worst, key, timeout, now).await,
-            false => self.store.hold(p.account, worst, key, timeout, now).await,
-        };
+        let capped = p.caps.is_capped().then_some(p.key_id);
+        let placed = self.store.hold_as(id, p.account, capped, worst, key, timeout, now).await;
         match placed {
             Err(LedgerError::InsufficientFunds { shortfall_micros }) => {
                 Err(BillingError::InsufficientQuota { needed_micros: worst, shortfall_micros })

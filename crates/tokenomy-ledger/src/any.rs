@@ -51,19 +51,17 @@ impl LedgerStore for AnyStore {
     ) -> impl Future<Output = Result<Transfer>> + Send {
         dispatch!(self, s => s.transfer(from, to, amount_micros, idempotency_key, leaf))
     }
-    fn hold(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, timeout_ms: i64, now_ms: i64) -> impl Future<Output = Result<Transfer>> + Send {
-        dispatch!(self, s => s.hold(account, amount_micros, idempotency_key, timeout_ms, now_ms))
-    }
-    fn hold_for_key(
+    fn hold_as(
         &self,
+        id: FreshTransferId,
         account: AccountId,
-        key: KeyId,
+        key: Option<KeyId>,
         amount_micros: i64,
         idempotency_key: &str,
         timeout_ms: i64,
         now_ms: i64,
     ) -> impl Future<Output = Result<Transfer>> + Send {
-        dispatch!(self, s => s.hold_for_key(account, key, amount_micros, idempotency_key, timeout_ms, now_ms))
+        dispatch!(self, s => s.hold_as(id, account, key, amount_micros, idempotency_key, timeout_ms, now_ms))
     }
     fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> impl Future<Output = Result<Settled>> + Send {
         dispatch!(self, s => s.settle(hold_id, amount_micros, now_ms, leaf))

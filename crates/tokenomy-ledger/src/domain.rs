@@ -78,6 +78,25 @@ id_bytes!(AccountId);
 id_bytes!(TransferId);
 id_bytes!(KeyId);
 
+/// A transfer id the caller draws before placing a hold ([`LedgerStore::hold_as`]): the hold
+/// gets it when that call creates it, so the caller can tell its own hold from one that
+/// another request (on any node) placed under the same idempotency key. Only
+/// [`generate`](Self::generate) makes one, so a caller cannot name an existing transfer's id:
+/// these ids are as unique as those the stores draw themselves (80 random bits per ms).
+///
+/// [`LedgerStore::hold_as`]: crate::LedgerStore::hold_as
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreshTransferId(TransferId);
+
+impl FreshTransferId {
+    pub fn generate(now_ms: i64) -> Self {
+        Self(TransferId::generate(now_ms))
+    }
+    pub fn id(self) -> TransferId {
+        self.0
+    }
+}
+
 macro_rules! code_enum {
     ($name:ident { $($v:ident = $n:expr),+ $(,)? }) => {
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -167,6 +186,9 @@ pub struct TransferRequest {
     pub timeout_ms: i64,
     /// See [`Transfer::key_id`].
     pub key_id: Option<KeyId>,
+    /// The id the transfer gets if this request creates it (a hold placed with
+    /// [`FreshTransferId`]); `None`: drawn when it is created. Not compared on a retry.
+    pub(crate) id: Option<TransferId>,
 }
 
 impl TransferRequest {
@@ -187,7 +209,7 @@ impl TransferRequest {
         let state = if self.hold { TransferState::Pending } else { TransferState::Posted };
         let expires_at_ms = if self.hold { now_ms + self.timeout_ms } else { 0 };
         Transfer {
-            id: TransferId::generate(now_ms),
+            id: self.id.unwrap_or_else(|| TransferId::generate(now_ms)),
             idempotency_key: self.idempotency_key,
             debit_account: self.debit_account,
             credit_account: self.credit_account,

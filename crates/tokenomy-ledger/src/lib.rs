@@ -91,7 +91,9 @@ pub trait LedgerStore: Send + Sync + 'static {
         idempotency_key: &str,
         timeout_ms: i64,
         now_ms: i64,
-    ) -> impl Future<Output = Result<Transfer>> + Send;
+    ) -> impl Future<Output = Result<Transfer>> + Send {
+        self.hold_as(FreshTransferId::generate(now_ms), account, None, amount_micros, idempotency_key, timeout_ms, now_ms)
+    }
     /// [`hold`](Self::hold) on behalf of an API key with spend caps: in the same
     /// transaction the key's [`KeySpend`] reserves the amount, and the hold fails
     /// with [`LedgerError::SpendCapExceeded`] if posted spend this UTC day/month
@@ -102,6 +104,24 @@ pub trait LedgerStore: Send + Sync + 'static {
         &self,
         account: AccountId,
         key: KeyId,
+        amount_micros: i64,
+        idempotency_key: &str,
+        timeout_ms: i64,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Transfer>> + Send {
+        self.hold_as(FreshTransferId::generate(now_ms), account, Some(key), amount_micros, idempotency_key, timeout_ms, now_ms)
+    }
+    /// [`hold`](Self::hold), or [`hold_for_key`](Self::hold_for_key) when `key` is given,
+    /// whose transfer gets `id` when this call creates it. The returned transfer's id is
+    /// `id.id()` exactly when this call placed the hold; any other id means a hold under the
+    /// same idempotency key was already there (placed by an earlier call, or by a concurrent
+    /// one on another node of the same ledger).
+    #[allow(clippy::too_many_arguments)]
+    fn hold_as(
+        &self,
+        id: FreshTransferId,
+        account: AccountId,
+        key: Option<KeyId>,
         amount_micros: i64,
         idempotency_key: &str,
         timeout_ms: i64,
@@ -188,6 +208,7 @@ pub(crate) fn extend_request(hold_ids: &[TransferId]) -> Result<Vec<Vec<u8>>> {
 
 /// Validates the caller's side of a hold before any I/O.
 pub(crate) fn hold_request(
+    id: FreshTransferId,
     account: AccountId,
     amount_micros: i64,
     key: &str,
@@ -206,6 +227,7 @@ pub(crate) fn hold_request(
         hold: true,
         timeout_ms,
         key_id,
+        id: Some(id.id()),
     })
 }
 
@@ -231,6 +253,7 @@ pub(crate) fn posted_request(
         hold: false,
         timeout_ms: 0,
         key_id: None,
+        id: None,
     })
 }
 
@@ -245,6 +268,7 @@ pub(crate) fn settle_request(hold: &Transfer, amount_micros: i64) -> TransferReq
         hold: false,
         timeout_ms: 0,
         key_id: hold.key_id,
+        id: None,
     }
 }
 

@@ -639,28 +639,24 @@ impl LedgerStore for PgStore {
         self.in_tx(|tx| Box::pin(op_posted(tx, req.clone(), leaf.clone(), now))).await
     }
 
-    async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
-        let req = hold_request(account, amount_micros, key, timeout_ms, None)?;
-        if let Some(jobs) = &self.jobs {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let job = batch::Job { op: batch::Op::Hold { req, now: now_ms }, reply: batch::Reply::Hold(tx) };
-            jobs.send(job).await.map_err(|_| LedgerError::Closed)?;
-            return rx.await.map_err(|_| LedgerError::Closed)?;
-        }
-        self.in_tx(|tx| Box::pin(op_hold(tx, req.clone(), now_ms))).await
-    }
-
-    async fn hold_for_key(
+    async fn hold_as(
         &self,
+        id: FreshTransferId,
         account: AccountId,
-        key_id: KeyId,
+        key_id: Option<KeyId>,
         amount_micros: i64,
         key: &str,
         timeout_ms: i64,
         now_ms: i64,
     ) -> Result<Transfer> {
-        // Not batched: capped keys are the exception, and their row lock orders them anyway.
-        let req = hold_request(account, amount_micros, key, timeout_ms, Some(key_id))?;
+        let req = hold_request(id, account, amount_micros, key, timeout_ms, key_id)?;
+        // Not batched for capped keys: they are the exception, and their row lock orders them anyway.
+        if let (Some(jobs), None) = (&self.jobs, key_id) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let job = batch::Job { op: batch::Op::Hold { req, now: now_ms }, reply: batch::Reply::Hold(tx) };
+            jobs.send(job).await.map_err(|_| LedgerError::Closed)?;
+            return rx.await.map_err(|_| LedgerError::Closed)?;
+        }
         self.in_tx(|tx| Box::pin(op_hold(tx, req.clone(), now_ms))).await
     }
 

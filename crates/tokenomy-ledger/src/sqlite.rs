@@ -1193,21 +1193,17 @@ impl LedgerStore for SqliteStore {
         self.write(move |c| op_posted(c, req, leaf, now)).await
     }
 
-    async fn hold(&self, account: AccountId, amount_micros: i64, key: &str, timeout_ms: i64, now_ms: i64) -> Result<Transfer> {
-        let req = hold_request(account, amount_micros, key, timeout_ms, None)?;
-        self.write_on_commit(move |c| op_hold(c, req, now_ms)).await
-    }
-
-    async fn hold_for_key(
+    async fn hold_as(
         &self,
+        id: FreshTransferId,
         account: AccountId,
-        key_id: KeyId,
+        key_id: Option<KeyId>,
         amount_micros: i64,
         key: &str,
         timeout_ms: i64,
         now_ms: i64,
     ) -> Result<Transfer> {
-        let req = hold_request(account, amount_micros, key, timeout_ms, Some(key_id))?;
+        let req = hold_request(id, account, amount_micros, key, timeout_ms, key_id)?;
         self.write_on_commit(move |c| op_hold(c, req, now_ms)).await
     }
 

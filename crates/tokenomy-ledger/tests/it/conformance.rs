@@ -696,3 +696,36 @@ fn utc_periods() {
     assert_eq!(utc_month(1_798_718_400_000), (2026 - 1970) * 12 + 11);
     assert_eq!(utc_month(1_798_761_600_000), (2027 - 1970) * 12);
 }
+
+/// A hold placed with a caller's fresh id says whose it is: of many calls with one
+/// idempotency key in the same millisecond (plain and capped-key holds), exactly one gets its
+/// own id back, all get the same hold, and it is held once. How a node tells the request that
+/// runs from its duplicates, which `created_at_ms` could not within one millisecond.
+pub async fn a_hold_placed_as_an_id_says_whose_it_is<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 100 * C).await;
+    let k = s.create_key(a.id, [13; 32], &[], None, None, SpendCaps { day_micros: Some(50 * C), month_micros: None }).await.unwrap();
+    for (key, capped) in [("same-ms", None), ("same-ms-capped", Some(k))] {
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let (s, id) = (s.clone(), FreshTransferId::generate(T0));
+                tokio::spawn(async move { (id, s.hold_as(id, a.id, capped, 2 * C, key, 60_000, T0).await.unwrap()) })
+            })
+            .collect();
+        let mut placed = Vec::new();
+        for call in calls {
+            placed.push(call.await.unwrap());
+        }
+        let own: Vec<_> = placed.iter().filter(|(id, t)| t.id == id.id()).collect();
+        assert_eq!(own.len(), 1, "exactly one call placed the hold {key}: {placed:?}");
+        assert!(placed.iter().all(|(_, t)| *t == own[0].1), "every call got the one hold");
+        assert_eq!(own[0].1.key_id, capped);
+        assert!(placed.iter().all(|(_, t)| t.created_at_ms == T0), "(which the creation time cannot tell)");
+        // A later retry finds it too, under an id of its own.
+        let retry = FreshTransferId::generate(T0 + 1);
+        let again = s.hold_as(retry, a.id, capped, 2 * C, key, 60_000, T0 + 1).await.unwrap();
+        assert_eq!((again.id, again.id == retry.id()), (own[0].1.id, false));
+    }
+    assert_eq!(s.get_account(a.id).await.unwrap().pending_micros, 4 * C, "held once per key");
+    assert_eq!(s.find_key_by_hash([13; 32]).await.unwrap().unwrap().spend.pending_micros, 2 * C);
+    assert_check_ok(&*s).await;
+}

@@ -111,6 +111,7 @@ conformance_suite!(
     spend_caps,
     spend_cap_holds_under_concurrency,
     key_limits_can_be_changed,
+    a_hold_placed_as_an_id_says_whose_it_is,
 );
 
 /// A ledger file written by schema version 1 opens as version 2: its rows are
@@ -146,6 +147,35 @@ async fn sqlite_file_of_schema_v1_is_migrated() {
     drop(s);
     let again = SqliteStore::open(&path).unwrap();
     assert_eq!(again.find_key_by_hash([3; 32]).await.unwrap().unwrap().spend.day_micros, 5);
+}
+
+/// Two nodes on one PostgreSQL ledger, each placing the hold of one request with the same
+/// idempotency key in the same millisecond, over and over: exactly one of each pair gets its
+/// own id back (the other is told the key is taken), and each key is held once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_nodes_placing_one_key_at_once_tell_whose_hold_it_is() {
+    use tokenomy_ledger::*;
+    let Ok(url) = std::env::var(PG_ENV) else { return };
+    let schema = test_schema(&url).await;
+    let a = Arc::new(PgStore::open_in_schema(&url, &schema, 4).await.unwrap());
+    let b = Arc::new(PgStore::open_in_schema(&url, &schema, 4).await.unwrap());
+    let acc = a.create_account("agent", AccountKind::User).await.unwrap();
+    a.mint(acc.id, 1_000 * MICROS_PER_CREDIT, "fund", None).await.unwrap();
+    let now = now_ms();
+    for round in 0..40 {
+        let key = format!("retry-{round}");
+        let place = |s: Arc<PgStore>, key: String| async move {
+            let id = FreshTransferId::generate(now);
+            let t = s.hold_as(id, acc.id, None, MICROS_PER_CREDIT, &key, 60_000, now).await.unwrap();
+            (t.id == id.id(), t)
+        };
+        let (x, y) = tokio::join!(tokio::spawn(place(a.clone(), key.clone())), tokio::spawn(place(b.clone(), key)));
+        let ((x_own, x), (y_own, y)) = (x.unwrap(), y.unwrap());
+        assert_eq!(x, y, "one hold for the key");
+        assert!(x_own ^ y_own, "round {round}: exactly one node placed it ({x_own}, {y_own})");
+    }
+    assert_eq!(a.get_account(acc.id).await.unwrap().pending_micros, 40 * MICROS_PER_CREDIT);
+    assert!(b.check().await.unwrap().ok);
 }
 
 /// A database of a later schema version than this build's is refused, with a message.
