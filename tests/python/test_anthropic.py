@@ -42,6 +42,24 @@ def test_streaming(smol):
     assert final.usage.output_tokens > 0 and final.stop_reason in ("end_turn", "max_tokens")
 
 
+def test_stop_sequences_are_named(smol):
+    q = [{"role": "user", "content": "Write one sentence about cats."}]
+    free = smol.messages.create(model="smollm2", max_tokens=30, extra_body={"temperature": 0}, messages=q)
+    assert len(free.content[0].text) >= 12, free.content[0].text
+    stop = free.content[0].text[8:12]  # text the answer is known to reach
+    m = smol.messages.create(model="smollm2", max_tokens=30, extra_body={"temperature": 0}, messages=q, stop_sequences=[stop, "never-said"])
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop, m
+    assert stop not in m.content[0].text
+    with smol.messages.stream(model="smollm2", max_tokens=30, extra_body={"temperature": 0}, messages=q, stop_sequences=[stop]) as s:
+        events = list(s)
+        final = s.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop, final
+    # message_start already counts the prompt's tokens (as Anthropic's does)
+    start = next(e for e in events if e.type == "message_start")
+    assert start.message.usage.input_tokens == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+    assert free.stop_reason in ("end_turn", "max_tokens") and free.stop_sequence is None
+
+
 def test_tool_use_loop(qwen):
     q = [{"role": "user", "content": "What is the weather in Paris right now?"}]
     m = qwen.messages.create(model=QWEN, max_tokens=64, extra_body={"temperature": 0}, tools=[WEATHER], tool_choice={"type": "any"}, messages=q)

@@ -49,12 +49,9 @@ fn error_type(status: StatusCode) -> &'static str {
 impl IntoResponse for AnthropicError {
     fn into_response(self) -> Response {
         let e = self.0;
-        let retry = e.retry_after_s;
-        let body = json!({"type": "error", "error": {"type": error_type(e.status), "message": e.message}});
+        let body = json!({"type": "error", "error": {"type": error_type(e.status), "message": &e.message}});
         let mut r = (e.status, Json(body)).into_response();
-        if let Some(s) = retry {
-            r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
-        }
+        e.add_headers(&mut r);
         r
     }
 }
@@ -122,10 +119,11 @@ fn messages_of(m: &Value, i: usize) -> Result<Vec<Value>, AppError> {
 fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     let o = body.as_object().ok_or_else(|| invalid("the body must be a JSON object"))?;
     let model = o.get("model").and_then(Value::as_str).ok_or_else(|| invalid("model: field required"))?;
-    let max_tokens = o.get("max_tokens").and_then(Value::as_i64);
-    if max_tokens.is_none() && !count_only {
-        return Err(invalid("max_tokens: field required"));
-    }
+    let max_tokens = match o.get("max_tokens") {
+        None if !count_only => return Err(invalid("max_tokens: field required")),
+        None => None,
+        Some(v) => Some(v.as_i64().ok_or_else(|| invalid(format!("max_tokens: a whole number of tokens is required, got {v}")))?),
+    };
     let mut messages = Vec::new();
     if let Some(system) = o.get("system") {
         messages.push(json!({"role": "system", "content": text_of(system, "system")?}));
@@ -180,12 +178,17 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     Ok(Value::Object(chat))
 }
 
-fn stop_reason(finish: &str) -> &'static str {
-    match finish {
-        "length" => "max_tokens",
-        "tool_calls" => "tool_use",
+/// Anthropic's `stop_reason` and `stop_sequence` for an OpenAI choice: its `finish_reason`,
+/// and its `stop_reason` (the stop string that ended it, if one did).
+fn stop_of(choice: &Value) -> (&'static str, Value) {
+    let sequence = choice["stop_reason"].as_str().map(|s| json!(s)).unwrap_or(Value::Null);
+    let reason = match choice["finish_reason"].as_str() {
+        Some("length") => "max_tokens",
+        Some("tool_calls") => "tool_use",
+        _ if !sequence.is_null() => "stop_sequence",
         _ => "end_turn",
-    }
+    };
+    (reason, sequence)
 }
 
 fn tool_use_id(openai_id: &str) -> String {
@@ -216,10 +219,11 @@ fn to_message(v: &Value) -> Value {
         let input: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or("{}")).unwrap_or(json!({}));
         content.push(json!({"type": "tool_use", "id": tool_use_id(call["id"].as_str().unwrap_or_default()), "name": call["function"]["name"], "input": input}));
     }
+    let (stop_reason, stop_sequence) = stop_of(c);
     let mut out = json!({
         "id": format!("msg_{}", v["id"].as_str().unwrap_or_default().trim_start_matches("chatcmpl-")),
         "type": "message", "role": "assistant", "model": v["model"], "content": content,
-        "stop_reason": stop_reason(c["finish_reason"].as_str().unwrap_or("stop")), "stop_sequence": null,
+        "stop_reason": stop_reason, "stop_sequence": stop_sequence,
         "usage": usage_of(&v["usage"]),
     });
     if !v["receipt"].is_null() {
@@ -236,15 +240,15 @@ pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: R
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
-    let result = run(&state, &g, HashedJson { value: chat, sha256: body.sha256 }).await;
-    Ok(routes::remember(&state, g, result).await?)
+    let chat = HashedJson { value: chat, sha256: body.sha256 };
+    Ok(routes::run_remembered(&state, g, chat, |s, g, b| Box::pin(run(s, g, b))).await?)
 }
 
 async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
     let r = routes::chat_run(state, g, chat).await?;
     let rid = r.started.request_id.clone();
     if r.stream {
-        let events = events(routes::chat_stream(r.started, r.id, true, r.post));
+        let events = events(routes::chat_stream(r.started, r.id, true, r.post), u64::from(r.prompt_tokens));
         return Ok(routes::billed_headers(Sse::new(events).into_response(), &rid, r.receipt_id.as_deref(), &g.allowance));
     }
     let (Json(v), receipt) = routes::chat_body(r.started, r.id, &r.post).await?;
@@ -258,7 +262,9 @@ struct StreamState {
     started: bool,
     index: i64,
     open: Option<&'static str>,
-    stop: Option<&'static str>,
+    stop: Option<(&'static str, Value)>,
+    /// The prompt's tokens, for `message_start` (the cached share is known at the end).
+    input_tokens: u64,
     /// An `error` event was sent: Anthropic's stream ends there (no `message_delta` or
     /// `message_stop` after it).
     failed: bool,
@@ -291,7 +297,7 @@ impl StreamState {
             let id = format!("msg_{}", c["id"].as_str().unwrap_or_default().trim_start_matches("chatcmpl-"));
             out.push(ev("message_start", json!({"type": "message_start", "message": {
                 "id": id, "type": "message", "role": "assistant", "model": c["model"], "content": [],
-                "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}}})));
+                "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})));
         }
         let choice = &c["choices"][0];
         let delta = &choice["delta"];
@@ -322,12 +328,13 @@ impl StreamState {
                 out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "input_json_delta", "partial_json": a}})));
             }
         }
-        if let Some(f) = choice["finish_reason"].as_str() {
-            self.stop = Some(stop_reason(f));
+        if choice["finish_reason"].is_string() {
+            self.stop = Some(stop_of(choice));
         }
         if c["usage"].is_object() {
             self.close(&mut out);
-            let mut d = json!({"type": "message_delta", "delta": {"stop_reason": self.stop.unwrap_or("end_turn"), "stop_sequence": null}, "usage": usage_of(&c["usage"])});
+            let (reason, sequence) = self.stop.take().unwrap_or(("end_turn", Value::Null));
+            let mut d = json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage_of(&c["usage"])});
             if !c["receipt"].is_null() {
                 d["receipt"] = c["receipt"].clone();
             }
@@ -338,8 +345,8 @@ impl StreamState {
     }
 }
 
-fn events(chunks: impl Stream<Item = Value> + Send + 'static) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let mut st = StreamState::default();
+fn events(chunks: impl Stream<Item = Value> + Send + 'static, input_tokens: u64) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut st = StreamState { input_tokens, ..StreamState::default() };
     chunks.flat_map(move |c| stream::iter(st.chunk(&c))).map(Ok)
 }
 

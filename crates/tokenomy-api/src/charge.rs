@@ -122,11 +122,15 @@ pub(crate) fn receipt_json(r: &ReceiptRef) -> Value {
 pub const IDEMPOTENT_RESPONSES_MAX: usize = 10_000;
 pub const IDEMPOTENCY_KEY_LEN_MAX_BYTES: usize = 64;
 
+/// The headers of a kept answer that its replays carry too.
+const REPLAYED_HEADERS: [&str; 2] = ["x-request-id", "tokenomy-receipt"];
+
 #[derive(Clone)]
 enum Slot {
     /// `owner` tells this run's slot from a later run's with the same key (see [`Begin::Run`]).
     InFlight { request_sha256: [u8; 32], owner: u64 },
-    Done { request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes },
+    /// `headers`: the answer's request id and receipt, replayed with it.
+    Done { request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes, headers: Vec<(&'static str, HeaderValue)> },
 }
 
 #[derive(Default)]
@@ -161,8 +165,11 @@ impl IdempotencyCache {
                 code: Some("idempotency_key_in_use"),
                 ..AppError::invalid("A request with this Idempotency-Key is still in progress; retry when it has finished.", None)
             }),
-            Some(Slot::Done { status, body, .. }) => {
+            Some(Slot::Done { status, body, headers, .. }) => {
                 let mut r = (*status, body.clone()).into_response();
+                for (name, value) in headers {
+                    r.headers_mut().insert(*name, value.clone());
+                }
                 r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
                 Ok(Begin::Replay(r))
@@ -175,10 +182,11 @@ impl IdempotencyCache {
         }
     }
 
-    pub(crate) fn finish(&self, account: AccountId, key: &str, request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes) {
+    pub(crate) fn finish(&self, account: AccountId, key: &str, request_sha256: [u8; 32], status: StatusCode, body: bytes::Bytes, from: &HeaderMap) {
+        let headers = REPLAYED_HEADERS.iter().filter_map(|&name| Some((name, from.get(name)?.clone()))).collect();
         let mut g = self.inner.lock().expect("idempotency lock");
         let k = (account, key.to_string());
-        g.0.insert(k.clone(), Slot::Done { request_sha256, status, body });
+        g.0.insert(k.clone(), Slot::Done { request_sha256, status, body, headers });
         g.1.push_back(k);
         while g.1.len() > IDEMPOTENT_RESPONSES_MAX {
             if let Some(old) = g.1.pop_front() {

@@ -14,6 +14,8 @@ pub struct AppError {
     pub param: Option<String>,
     pub code: Option<&'static str>,
     pub retry_after_s: Option<u32>,
+    /// A key's rate-limit state, sent as `x-ratelimit-*` headers (on a 429 for a limit).
+    pub allowance: Option<Box<tokenomy_billing::Allowance>>,
 }
 
 impl AppError {
@@ -25,6 +27,7 @@ impl AppError {
             param: param.map(str::to_string),
             code: None,
             retry_after_s: None,
+            allowance: None,
         }
     }
 
@@ -48,6 +51,16 @@ impl AppError {
 
     pub fn internal(message: impl Into<String>) -> AppError {
         AppError { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "server_error", ..AppError::invalid(message, None) }
+    }
+
+    /// `Retry-After` and `x-ratelimit-*`, on the response of either API's error shape.
+    pub(crate) fn add_headers(&self, resp: &mut Response) {
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let Some(a) = &self.allowance {
+            crate::charge::ratelimit_headers(resp, a);
+        }
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -77,9 +90,7 @@ impl From<BackendError> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
-        if let Some(s) = self.retry_after_s {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
+        self.add_headers(&mut resp);
         resp
     }
 }
@@ -101,6 +112,12 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 code: Some("insufficient_quota"),
                 ..base
             },
+            B::InsufficientFunds { .. } => AppError {
+                status: StatusCode::PAYMENT_REQUIRED,
+                kind: "insufficient_quota",
+                code: Some("insufficient_funds"),
+                ..base
+            },
             B::SpendCapExceeded { .. } => AppError {
                 status: StatusCode::PAYMENT_REQUIRED,
                 kind: "insufficient_quota",
@@ -112,6 +129,7 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 kind: "rate_limit_error",
                 code: Some("rate_limit_exceeded"),
                 retry_after_s: Some(u32::try_from(((l.retry_after_ms + 999) / 1000).max(1)).unwrap_or(u32::MAX)),
+                allowance: Some(Box::new(l.allowance)),
                 ..base
             },
             B::Internal(_) => AppError::internal(base.message),

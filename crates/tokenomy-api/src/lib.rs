@@ -210,5 +210,18 @@ pub fn app(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(axum::middleware::map_response(with_a_request_id))
         .with_state(state)
+}
+
+/// Every response names a request id (`x-request-id`), errors and replays included, as
+/// OpenAI's do: a generation's own id where it has one, a fresh one otherwise.
+async fn with_a_request_id(mut resp: axum::response::Response) -> axum::response::Response {
+    if !resp.headers().contains_key("x-request-id") {
+        let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+        if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+    }
+    resp
 }

@@ -84,7 +84,26 @@ fn json_rejection(r: JsonRejection) -> AppError {
         _ if status == StatusCode::PAYLOAD_TOO_LARGE => format!("The request body is too large: {detail}"),
         _ => format!("The request body is not valid JSON for this endpoint: {detail}"),
     };
-    AppError { status: if status.is_client_error() { status } else { StatusCode::BAD_REQUEST }, ..AppError::invalid(message, None) }
+    // A body of the wrong shape is a 400 in OpenAI's API (axum says 422), naming the field.
+    let status = match status {
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE => status,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    AppError { status, ..AppError::invalid(message, rejected_param(&detail).as_deref()) }
+}
+
+/// The field a JSON body was refused for, from serde's message: `… target type: messages[0].role:
+/// unknown variant …` or `… missing field `model` …`.
+fn rejected_param(detail: &str) -> Option<String> {
+    if let Some((_, rest)) = detail.split_once("target type: ") {
+        if let Some((path, _)) = rest.split_once(": ") {
+            if !path.is_empty() && !path.contains(' ') {
+                return Some(path.to_string());
+            }
+        }
+    }
+    let (_, rest) = detail.split_once("missing field `")?;
+    rest.split_once('`').map(|(field, _)| field.to_string())
 }
 
 fn now_s() -> u64 {
@@ -165,6 +184,7 @@ fn start(
                 usage: Usage::default(),
                 text: String::new(),
                 error: Some("the engine dropped a generation".into()),
+                stop_sequence: None,
             }));
         }
         let usage = total_usage(&all, n);
@@ -311,13 +331,35 @@ pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: 
 /// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`. A stream
 /// is not replayed: its key stays in flight on this node until the stream ends (a retry
 /// meanwhile is refused as in progress), and after that the ledger refuses a second charge.
+/// What a handler runs between its gate and [`remember`].
+pub(crate) type Inner<B> =
+    for<'a> fn(&'a AppState, &'a Gate, B) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, AppError>> + Send + 'a>>;
+
+/// Runs `inner` and [`remember`]s its answer. With an `Idempotency-Key`, on a task of its own:
+/// a client that leaves (a timeout) does not cancel it, so its retry is replayed the answer it
+/// was charged for rather than refused as already processed. (A streamed answer is served as
+/// it is generated and cannot be replayed: its task ends when the stream starts, and leaving
+/// the stream cancels it as without a key.)
+pub(crate) async fn run_remembered<B: Send + 'static>(state: &AppState, g: Gate, body: B, inner: Inner<B>) -> Result<Response, AppError> {
+    if g.idempotency_key.is_none() || g.caller.is_none() {
+        let result = inner(state, &g, body).await;
+        return remember(state, g, result).await;
+    }
+    let st = state.clone();
+    let task = state.tasks.spawn(async move {
+        let result = inner(&st, &g, body).await;
+        remember(&st, g, result).await
+    });
+    task.await.unwrap_or_else(|e| Err(AppError::internal(format!("the request's task failed: {e}"))))
+}
+
 pub(crate) async fn remember(state: &AppState, mut g: Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
     let (Some(p), Some(k)) = (&g.caller, &g.idempotency_key) else { return result };
     match result {
         Ok(resp) if resp.status().is_success() && !is_sse(&resp) => {
             let (parts, body) = resp.into_parts();
             let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| AppError::internal(e.to_string()))?;
-            state.idempotency.finish(p.account, k, g.request_sha256, parts.status, bytes.clone());
+            state.idempotency.finish(p.account, k, g.request_sha256, parts.status, bytes.clone(), &parts.headers);
             // (`g.slot`, dropped on return, then finds the slot done and leaves it.)
             Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
         }
@@ -360,6 +402,11 @@ fn engine_error(outcomes: &[Outcome]) -> Option<AppError> {
         .map(|o| AppError::internal(o.error.clone().unwrap_or_else(|| "the engine failed".into())))
 }
 
+/// The stop string that ended choice `index` (vLLM's `stop_reason`; `null` otherwise).
+fn stop_reason(outcomes: &[Outcome], index: u32) -> Option<&str> {
+    outcomes.get(index as usize)?.stop_sequence.as_deref()
+}
+
 fn finish_reason(outcomes: &[Outcome], index: u32) -> &'static str {
     outcomes.get(index as usize).map_or("stop", |o| o.finish_reason.as_openai())
 }
@@ -372,6 +419,18 @@ fn context_length(state: &AppState, model: &str) -> Result<u32, AppError> {
         .find(|m| m.name == model)
         .map(|m| m.context_length)
         .ok_or_else(|| tokenomy_core::BackendError::UnknownModel(model.to_string()).into())
+}
+
+/// Refuses a request that cannot fit the model's context before anything is held for it: its
+/// error must not depend on the balance (a 402 for a request no credit could buy).
+fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32) -> Result<(), AppError> {
+    for p in prompts {
+        let (prompt_tokens, requested) = (p.len() as u32, p.len() as u64 + u64::from(max_tokens));
+        if requested > u64::from(ctx) {
+            return Err(tokenomy_core::BackendError::ContextLength { context_length: ctx, requested, prompt_tokens, max_tokens }.into());
+        }
+    }
+    Ok(())
 }
 
 fn with_request_id(mut resp: Response, id: &str) -> Response {
@@ -397,13 +456,12 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
-    let result = chat_inner(&state, &g, body).await;
-    remember(&state, g, result).await
+    run_remembered(&state, g, body, |s, g, b| Box::pin(chat_inner(s, g, b))).await
 }
 
 async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
     let run = chat_run(state, g, body).await?;
-    let ChatRun { started, post, id, receipt_id, stream, include_usage } = run;
+    let ChatRun { started, post, id, receipt_id, stream, include_usage, .. } = run;
     let rid = started.request_id.clone();
     if stream {
         let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
@@ -422,6 +480,8 @@ pub(crate) struct ChatRun {
     pub(crate) receipt_id: Option<String>,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    /// The rendered prompt's tokens.
+    pub(crate) prompt_tokens: u32,
 }
 
 pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<ChatRun, AppError> {
@@ -488,19 +548,25 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     };
     let prompt = state.backend.tokenize(&model, &text, true)?;
     let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
+    if asked == Some(0) {
+        let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+        return Err(AppError::invalid_value(param, format!("{param} must be at least 1")));
+    }
     params.max_tokens = asked.unwrap_or_else(|| ctx.saturating_sub(prompt.len() as u32));
     if params.max_tokens == 0 && asked.is_none() {
         params.max_tokens = 1; // let the engine report the context overflow with both numbers
     }
     let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let prompt_tokens = prompt.len() as u32;
     let prompts = [prompt];
+    fits_context(ctx, &prompts, params.max_tokens)?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
     let started = start(state, request_id, &model, &prompts, n, &params, false, charge)?;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let id = format!("chatcmpl-{}", started.request_id);
-    Ok(ChatRun { started, post, id, receipt_id, stream: req.common.stream, include_usage })
+    Ok(ChatRun { started, post, id, receipt_id, stream: req.common.stream, include_usage, prompt_tokens })
 }
 
 async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
@@ -655,6 +721,7 @@ pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> 
                 "message": message_json(post, &a),
                 "logprobs": logprobs,
                 "finish_reason": answer_finish_reason(&outcomes, *index, &a),
+                "stop_reason": stop_reason(&outcomes, *index),
             })
         })
         .collect();
@@ -817,7 +884,7 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
                 out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
             }
             let reason = if reader.called() { "tool_calls" } else { finish_reason(&outcomes, i) };
-            out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}])));
+            out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason(&outcomes, i)}])));
         }
         if include_usage {
             let mut u = chunk(json!([]));
@@ -840,8 +907,7 @@ pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
-    let result = completions_inner(&state, &g, body).await;
-    remember(&state, g, result).await
+    run_remembered(&state, g, body, |s, g, b| Box::pin(completions_inner(s, g, b))).await
 }
 
 async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<CompletionRequest>) -> Result<Response, AppError> {
@@ -854,12 +920,13 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         return Err(AppError::invalid_value("suffix", "suffix is not supported"));
     }
     let model = req.common.model.clone();
-    context_length(state, &model)?;
+    let ctx = context_length(state, &model)?;
     let prompts = prompt_tokens(state, &model, &req.prompt)?;
     params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(16);
     if params.max_tokens == 0 && !req.echo {
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }
+    fits_context(ctx, &prompts, params.max_tokens)?;
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
@@ -944,7 +1011,7 @@ async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<V
                 _ => None,
             };
             let logprobs = ctx.logprobs.then(|| completion_logprobs(echo_lp.as_ref(), &lps));
-            json!({"index": index, "text": full, "logprobs": logprobs, "finish_reason": finish_reason(&outcomes, index)})
+            json!({"index": index, "text": full, "logprobs": logprobs, "finish_reason": finish_reason(&outcomes, index), "stop_reason": stop_reason(&outcomes, index)})
         })
         .collect();
     let mut body = json!({
@@ -968,22 +1035,31 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
         c
     };
     let total = choices.len() as u32;
+    // The echoed prompt goes first; with logprobs it waits for the prompt's logprobs, which
+    // come with the first token.
+    let echo_lp = ctx.logprobs && !ctx.echo_texts.is_empty();
     let head = {
         let chunk = chunk.clone();
         let n = ctx.n;
         let texts = ctx.echo_texts.clone();
         stream::iter((0..total).filter_map(move |i| {
-            texts.get((i / n) as usize).map(|t| chunk(json!([{"index": i, "text": t, "logprobs": null, "finish_reason": null}])))
+            let text = texts.get((i / n) as usize).filter(|_| !echo_lp)?;
+            Some(chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": null}])))
         }))
     };
     let body = {
         let chunk = chunk.clone();
+        let (n, texts) = (ctx.n, ctx.echo_texts.clone());
         merged(choices).filter_map(move |(i, ev)| {
             let out = match ev {
                 Event::Token { text, logprob } if !text.is_empty() || logprob.is_some() => {
                     let lp = logprob.map(|e| completion_logprobs(None, &[e]));
                     Some(chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}])))
                 }
+                Event::PromptLogprobs(lp) => texts.get((i / n) as usize).map(|text| {
+                    let lp = completion_logprobs(Some(&(text.clone(), lp)), &[]);
+                    chunk(json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]))
+                }),
                 _ => None,
             };
             futures::future::ready(out)
@@ -996,7 +1072,7 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
             out.push(e.body());
         }
         for i in 0..total {
-            out.push(chunk(json!([{"index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(&outcomes, i)}])));
+            out.push(chunk(json!([{"index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(&outcomes, i), "stop_reason": stop_reason(&outcomes, i)}])));
         }
         if include_usage {
             let mut u = chunk(json!([]));

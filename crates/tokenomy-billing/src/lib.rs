@@ -57,6 +57,9 @@ pub enum BillingError {
     Conflict(String),
     #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits or lower max_tokens.")]
     InsufficientQuota { needed_micros: i64, shortfall_micros: i64 },
+    /// A transfer the debited account cannot cover.
+    #[error("Insufficient funds: the debited account is short by {shortfall_micros} micro-credits.")]
+    InsufficientFunds { shortfall_micros: i64 },
     #[error(
         "This API key's {period} spend cap of {cap_micros} micro-credits would be exceeded: {remaining_micros} remain \
          this {unit} (in-flight requests included) and this request may cost up to {needed_micros}. The cap resets at \
@@ -79,7 +82,7 @@ impl From<LedgerError> for BillingError {
                 BillingError::Invalid(e.to_string())
             }
             L::UnknownAccount(_) | L::UnknownTransfer(_) | L::UnknownKey(_) => BillingError::NotFound(e.to_string()),
-            L::InsufficientFunds { shortfall_micros } => BillingError::InsufficientQuota { needed_micros: 0, shortfall_micros },
+            L::InsufficientFunds { shortfall_micros } => BillingError::InsufficientFunds { shortfall_micros },
             L::SpendCapExceeded { period, cap_micros, remaining_micros, requested_micros } => {
                 BillingError::SpendCapExceeded { period, cap_micros, remaining_micros, needed_micros: requested_micros }
             }

@@ -188,6 +188,8 @@ pub struct Outcome {
     /// The full output text, as the client saw it (stop string excluded).
     pub text: String,
     pub error: Option<String>,
+    /// The stop string that ended the text (`finish_reason` Stop), if one did.
+    pub stop_sequence: Option<String>,
 }
 
 /// A running generation: a stream of events and the final outcome.

@@ -13,6 +13,8 @@ pub struct TextStream {
     /// Decoded text not yet released (it could be the start of a stop string).
     held: String,
     stopped: bool,
+    /// The stop string that matched, once one has.
+    matched: Option<usize>,
 }
 
 /// What one push released.
@@ -49,7 +51,8 @@ impl TextStream {
     }
 
     fn release(&mut self) -> Released {
-        if let Some(at) = self.earliest_stop() {
+        if let Some((at, which)) = self.earliest_stop() {
+            self.matched = Some(which);
             self.held.truncate(at);
             self.stopped = true;
             return Released { text: std::mem::take(&mut self.held), stopped: true };
@@ -61,8 +64,14 @@ impl TextStream {
         Released { text, stopped: false }
     }
 
-    fn earliest_stop(&self) -> Option<usize> {
-        self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min()
+    /// Where the earliest stop string starts in `held`, and which one it is.
+    fn earliest_stop(&self) -> Option<(usize, usize)> {
+        self.stops.iter().enumerate().filter_map(|(i, s)| Some((self.held.find(s.as_str())?, i))).min()
+    }
+
+    /// The stop string that ended the text, if one did.
+    pub fn matched_stop(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
     }
 
     /// Length of the longest suffix of `held` that is a proper prefix of some stop string.
@@ -108,6 +117,14 @@ mod tests {
         let euro = "€".as_bytes();
         assert_eq!(t.push(&euro[..1]).text, "");
         assert_eq!(t.push(&euro[1..]).text, "€");
+    }
+
+    #[test]
+    fn the_earliest_stop_string_is_the_one_named() {
+        let mut t = TextStream::new(vec!["zz".into(), "b".into(), "a".into()]);
+        assert_eq!(t.matched_stop(), None);
+        assert_eq!(t.push(b"xxbyya").text, "xx");
+        assert_eq!(t.matched_stop(), Some("b"));
     }
 
     #[test]

@@ -47,7 +47,8 @@ struct Running {
     output: String,
     usage: Usage,
     /// Log-probabilities of prompt tokens 1.. (token 0 has none).
-    prompt_logprobs: Vec<LogprobEntry>,
+    /// The prompt's logprobs while it is prefilled (echo); taken when the first token is sampled.
+    prompt_logprobs: Option<Vec<LogprobEntry>>,
     /// Tracks the think block so reasoning tokens are counted exactly.
     reasoning: Option<ReasoningSplitter>,
     /// Tokens to emit next instead of sampling (the think block closed at its budget).
@@ -192,7 +193,7 @@ impl Worker<'_> {
         let id = spec.id;
         if let Err(e) = self.sched.submit(spec) {
             let msg = format!("rejected by the scheduler: {e:?}");
-            let _ = sub.outcome.send(Outcome { finish_reason: FinishReason::Error, usage: Usage::default(), text: String::new(), error: Some(msg) });
+            let _ = sub.outcome.send(Outcome { finish_reason: FinishReason::Error, usage: Usage::default(), text: String::new(), error: Some(msg), stop_sequence: None });
             return;
         }
         let text = TextStream::new(sub.stops.clone());
@@ -205,7 +206,7 @@ impl Worker<'_> {
             ReasoningMode::Detect => Some(ReasoningSplitter::new(Start::Detect)),
         };
         let forced = std::collections::VecDeque::new();
-        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Vec::new(), reasoning, forced, budget_spent: false });
+        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Some(Vec::new()), reasoning, forced, budget_spent: false });
     }
 
     fn drop_cancelled(&mut self) {
@@ -280,17 +281,18 @@ impl Worker<'_> {
         if !job.sub.spec.echo_logits {
             return;
         }
-        let Some(&next) = job.sub.spec.prompt.get(e.pos as usize + 1) else { return };
-        job.prompt_logprobs.push(logprob_entry(model, logits, next, job.sub.logprobs_top.unwrap_or(0) as usize));
+        let (Some(&next), Some(lps)) = (job.sub.spec.prompt.get(e.pos as usize + 1), job.prompt_logprobs.as_mut()) else { return };
+        lps.push(logprob_entry(model, logits, next, job.sub.logprobs_top.unwrap_or(0) as usize));
     }
 
     fn sample(&mut self, id: JobId, logits: &[f32]) {
         let model = self.model;
         let job = self.jobs.get_mut(&id).expect("checked");
-        if job.sub.spec.echo_logits {
+        // Once, with the first token: later samples have no prompt left to score.
+        if let (true, Some(lps)) = (job.sub.spec.echo_logits, job.prompt_logprobs.take()) {
             let first = token_text(model, job.sub.spec.prompt[0]);
             let mut all = vec![PromptLogprob { text: first, entry: None }];
-            all.extend(job.prompt_logprobs.drain(..).map(|e| PromptLogprob { text: e.chosen.text.clone(), entry: Some(e) }));
+            all.extend(lps.into_iter().map(|e| PromptLogprob { text: e.chosen.text.clone(), entry: Some(e) }));
             let _ = job.sub.events.send(Event::PromptLogprobs(all));
         }
         if job.sub.spec.max_tokens == 0 {
@@ -351,7 +353,8 @@ impl Worker<'_> {
             let _ = job.sub.events.send(Event::Token { text: tail, logprob: None });
         }
         self.metrics.add_finished(&job.usage);
-        let outcome = Outcome { finish_reason: reason, usage: job.usage, text: job.output, error };
+        let stop_sequence = job.text.matched_stop().map(str::to_string);
+        let outcome = Outcome { finish_reason: reason, usage: job.usage, text: job.output, error, stop_sequence };
         let _ = job.sub.outcome.send(outcome);
     }
 

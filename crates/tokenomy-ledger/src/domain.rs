@@ -517,7 +517,9 @@ pub fn check_roles(debit: &Account, credit: &Account, code: TransferCode) -> Res
     require_kind(debit, debit_ok, "debited")?;
     let credit_ok = match code {
         TransferCode::UsageCharge => credit.kind == AccountKind::OperatorRevenue,
-        _ => credit.kind != AccountKind::Treasury,
+        // New money goes to customers only: minted into revenue it would be income no one paid.
+        TransferCode::Mint | TransferCode::Refund => credit.kind.must_stay_funded(),
+        TransferCode::Transfer => credit.kind != AccountKind::Treasury,
     };
     require_kind(credit, credit_ok, "credited")?;
     if debit.id == credit.id {

@@ -106,7 +106,7 @@ struct ServeArgs {
     #[arg(long)]
     chat_template: Option<String>,
     /// Tokens one request may hold, prompt + completion (default: the model's, at most 8192).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
     ctx_size: Option<u32>,
     /// Sequences decoded together (continuous batching slots).
     #[arg(long, default_value_t = 8)]

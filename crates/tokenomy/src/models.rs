@@ -129,6 +129,10 @@ pub async fn pull(source: &str, expect_sha256: Option<&str>) -> Result<PathBuf> 
         Source::Url(url) => download(&url, &dir).await?,
         Source::HuggingFace { repo, file } => download(&hf_url(&repo, &file), &dir).await?,
     };
+    if !is_gguf(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{source} is not a GGUF model file (it does not start with the GGUF magic); the file was not kept");
+    }
     let got = file_sha256(&tmp)?;
     let want = expect_sha256.map(str::to_string).or_else(|| KNOWN.iter().find(|k| k.file == file_name).map(|k| k.sha256.to_string()));
     if let Some(want) = want {
@@ -141,6 +145,13 @@ pub async fn pull(source: &str, expect_sha256: Option<&str>) -> Result<PathBuf> 
     std::fs::rename(&tmp, &dest)?;
     eprintln!("stored {} (sha256 {got})", dest.display());
     Ok(dest)
+}
+
+/// Whether the file starts with GGUF's magic bytes.
+fn is_gguf(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
 fn file_name_of(s: &str) -> Result<String> {

@@ -57,3 +57,34 @@ async fn streamed_completion_matches_plain() {
     assert_eq!(text, plain["choices"][0]["text"].as_str().unwrap());
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], plain["usage"]["completion_tokens"]);
 }
+
+/// Echo + logprobs with generated tokens: one entry per prompt token, then one per generated
+/// token, whose texts join into the answer's text at their offsets (lm-eval / HELM scoring);
+/// streamed, the echoed prompt's chunk carries the prompt's logprobs.
+#[tokio::test]
+async fn echo_with_logprobs_and_generated_tokens_covers_prompt_and_answer() {
+    let s = solo_state();
+    let text = "Seven apples fell from the trees";
+    let n_prompt = shared_engine().tokenize(MODEL, text, true).unwrap().len();
+    let body = json!({"model": MODEL, "prompt": text, "max_tokens": 3, "echo": true, "logprobs": 1, "temperature": 0, "ignore_eos": true});
+    let v = post(&s, "/v1/completions", body.clone()).await.json();
+    let (full, lp) = (v["choices"][0]["text"].as_str().unwrap(), &v["choices"][0]["logprobs"]);
+    let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.len(), n_prompt + 3, "{tokens:?}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n_prompt + 3);
+    assert!(lp["token_logprobs"][0].is_null() && lp["token_logprobs"][1].is_f64());
+    let offsets: Vec<usize> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap() as usize).collect();
+    let chars: Vec<char> = full.chars().collect();
+    for (t, o) in tokens.iter().zip(&offsets).skip(1) {
+        assert_eq!(chars[*o..*o + t.chars().count()].iter().collect::<String>(), *t, "token {t:?} at offset {o} of {full:?}");
+    }
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let data = post(&s, "/v1/completions", streamed).await.sse_data();
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let echo = &chunks[0]["choices"][0];
+    assert!(echo["text"].as_str().unwrap().ends_with(text), "{echo}");
+    assert_eq!(echo["logprobs"]["tokens"].as_array().unwrap().len(), n_prompt);
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(joined, full);
+}

@@ -7,8 +7,28 @@ async fn malformed_json_is_a_400_in_openai_shape() {
     let r = send(&s, "POST", "/v1/chat/completions", Some("{not json")).await;
     assert_error(&r, StatusCode::BAD_REQUEST);
     let r = send(&s, "POST", "/v1/chat/completions", Some(r#"{"model": "smollm2"}"#)).await;
-    let e = assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY);
+    let e = assert_error(&r, StatusCode::BAD_REQUEST);
     assert!(e["message"].as_str().unwrap().contains("messages"), "{e}");
+    assert_eq!(e["param"], "messages");
+    // A field of the wrong type: 400 naming it (OpenAI's SDK raises BadRequestError), not 422.
+    let r = send(&s, "POST", "/v1/chat/completions", Some(r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}"#)).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "max_tokens");
+    assert!(r.headers.contains_key("x-request-id"));
+    let r = send(&s, "POST", "/v1/chat/completions", Some(r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#)).await;
+    assert!(assert_error(&r, StatusCode::BAD_REQUEST)["message"].as_str().unwrap().contains("hot"));
+}
+
+/// A request that no balance could buy (over the context) is told so before anything is held:
+/// an unfunded caller gets the same 400 as a funded one, not a 402.
+#[tokio::test]
+async fn max_tokens_beyond_the_context_is_a_400_before_anything_is_held() {
+    let s = state();
+    for max_tokens in [100_000, 1_000_000_000] {
+        let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})).await;
+        assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["code"], "context_length_exceeded");
+    }
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "max_tokens");
 }
 
 #[tokio::test]

@@ -165,6 +165,12 @@ fn pull_from_a_file_a_url_and_a_hugging_face_path_checks_sha256() {
     let (ok, out) = run(&["pull", &url, "--sha256", &"0".repeat(64)], env_home);
     assert!(!ok && out.contains("sha256 mismatch"), "{out}");
     assert!(!home.join("models").join(SMOLLM2).exists());
+    // 2b. a file that is not a GGUF model: refused and not kept
+    let not_a_model = serve_dir.join("notes.gguf");
+    std::fs::write(&not_a_model, "just some text").unwrap();
+    let (ok, out) = run(&["pull", &format!("{endpoint}/notes.gguf")], env_home);
+    assert!(!ok && out.contains("not a GGUF model file"), "{out}");
+    assert!(!home.join("models").join("notes.gguf").exists());
     // 3. a Hugging Face path, through HF_ENDPOINT
     let mut cmd = Command::new(BIN);
     cmd.args(["pull", &format!("org/repo/{SMOLLM2}")]).env("TOKENOMY_HOME", &home).env("HF_ENDPOINT", &endpoint);
