@@ -57,6 +57,9 @@ pub enum BillingError {
     Conflict(String),
     #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits or lower max_tokens.")]
     InsufficientQuota { needed_micros: i64, shortfall_micros: i64 },
+    /// Asked of a node that cannot answer it (a receipt another node of the ledger issued).
+    #[error("{0}")]
+    Misdirected(String),
     /// A transfer the debited account cannot cover.
     #[error("Insufficient funds: the debited account is short by {shortfall_micros} micro-credits.")]
     InsufficientFunds { shortfall_micros: i64 },
@@ -151,6 +154,8 @@ pub struct Hold {
     pub price: Price,
     pub held_micros: i64,
     pub started_at_ms: i64,
+    /// Tokens reserved against the key's TPM until the request is settled or voided.
+    tpm_reserved: u64,
     hold: Option<Transfer>,
     /// Keeps the hold alive while the request is served; dropped with the `Hold`.
     _live: Option<LiveGuard>,
@@ -470,6 +475,10 @@ impl Billing {
             return Err(BillingError::Invalid(format!("this request could cost {worst} micro-credits, more than one charge may be; lower max_tokens")));
         }
         let now = tokenomy_ledger::now_ms();
+        let tpm_reserved = {
+            let mut l = self.limiter.lock().expect("limiter lock");
+            l.reserve_tokens(p.key_id, p.limits, req.prompt_tokens.saturating_add(req.completion_tokens_max), now).map_err(BillingError::RateLimited)?
+        };
         let mut h = Hold {
             principal: p.clone(),
             request_id: req.request_id.clone(),
@@ -478,15 +487,23 @@ impl Billing {
             price: self.price(&req.model),
             held_micros: worst,
             started_at_ms: now,
+            tpm_reserved,
             hold: None,
             _live: None,
         };
         if worst == 0 {
             return Ok(h); // a free model: nothing to hold, nothing to post, no receipt
         }
-        let t = match &req.idempotency_key {
-            None => self.place(p, worst, &format!("req:{}", req.request_id), now).await?,
-            Some(k) => self.place_idempotent(p, worst, k, now).await?,
+        let placed = match &req.idempotency_key {
+            None => self.place(p, worst, &format!("req:{}", req.request_id), now).await,
+            Some(k) => self.place_idempotent(p, worst, k, now).await,
+        };
+        let t = match placed {
+            Ok(t) => t,
+            Err(e) => {
+                self.settle_tpm(&h, 0); // refused: nothing will run
+                return Err(e);
+            }
         };
         h._live = Some(self.live.guard(&t));
         h.hold = Some(t);
@@ -552,7 +569,7 @@ impl Billing {
         let u = &s.usage;
         let (prompt, cached, completion, reasoning) =
             (u64::from(u.prompt_tokens), u64::from(u.cached_tokens), u64::from(u.completion_tokens), u64::from(u.reasoning_tokens));
-        self.charge_tpm(&h.principal, prompt + completion);
+        self.settle_tpm(&h, prompt + completion);
         let usage = tokenomy_ledger::Usage::from_openai(prompt, cached, completion, reasoning);
         let cost = cost_micros(usage, h.price)?;
         let Some(hold) = h.hold.as_ref() else { return Ok(None) };
@@ -631,15 +648,17 @@ impl Billing {
 
     /// Releases a hold without charging (the engine failed before serving anything).
     pub async fn void(&self, h: Hold) -> Result<()> {
+        self.settle_tpm(&h, 0);
         if let Some(t) = h.hold {
             self.store.void(t.id).await?;
         }
         Ok(())
     }
 
-    fn charge_tpm(&self, p: &Principal, tokens: u64) {
+    /// Replaces the hold's TPM reservation by the tokens it used.
+    fn settle_tpm(&self, h: &Hold, used: u64) {
         let mut l = self.limiter.lock().expect("limiter lock");
-        l.charge_tokens(p.key_id, p.limits, tokens, tokenomy_ledger::now_ms());
+        l.settle_tokens(h.principal.key_id, h.principal.limits, h.tpm_reserved, used);
     }
 
     // ----------------------------------------------------------------- the log
@@ -687,6 +706,13 @@ impl Billing {
         drop(log);
         let entry = self.store.log_entries(index, 1).await?.pop().ok_or_else(not_found)?;
         let receipt = Receipt::from_canonical_bytes(&entry.leaf_bytes).map_err(|e| BillingError::Internal(e.to_string()))?;
+        if receipt.origin != self.signer.name() {
+            // Another node of this ledger issued it: only its key can sign it and its checkpoint.
+            return Err(BillingError::Misdirected(format!(
+                "Receipt {receipt_id:?} was issued by node {:?}, whose key signs it; fetch it from that node.",
+                receipt.origin
+            )));
+        }
         let (canonical, signature) = receipt.sign(&self.signer).map_err(|e| BillingError::Internal(e.to_string()))?;
         assert_eq!(canonical, entry.leaf_bytes, "a logged receipt re-encodes to its own bytes");
         let proof = TlogProof { extra: None, index, hashes, checkpoint_note: signed.note };

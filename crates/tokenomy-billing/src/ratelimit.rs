@@ -4,8 +4,10 @@
 //! per limit. A request of cost `c` moves TAT to `max(TAT, now) + c × T` where `T` is one
 //! minute divided by the limit; it is allowed when the new TAT is at most one minute ahead of
 //! now, so a full minute's allowance may be used in a burst. Tokens are known only after the
-//! generation, so TPM admits a request while the key is not in debt and charges the exact
-//! tokens afterwards. A plain struct, the time passed in: tested without threads or clocks.
+//! generation, so TPM reserves a request's prompt and `max_tokens` when it is placed (refused
+//! while the key is in debt, so requests running at once overshoot by at most one), and
+//! settles the reservation to the exact tokens afterwards. A plain struct, the time passed
+//! in: tested without threads or clocks.
 
 use std::collections::HashMap;
 
@@ -56,6 +58,11 @@ fn interval_ms(limit: u32) -> f64 {
     WINDOW_MS as f64 / f64::from(limit.max(1))
 }
 
+/// How far `tokens` move a key's TPM clock.
+fn tokens_ms(tpm: u32, tokens: u64) -> i64 {
+    (tokens as f64 * interval_ms(tpm)).ceil() as i64
+}
+
 fn remaining(limit: u32, tat_ms: i64, now_ms: i64) -> u32 {
     let used_ms = (tat_ms - now_ms).max(0) as f64;
     ((WINDOW_MS as f64 - used_ms) / interval_ms(limit)).floor().clamp(0.0, f64::from(limit)) as u32
@@ -96,12 +103,28 @@ impl RateLimiter {
         Ok(a)
     }
 
-    /// Charges the tokens a finished request used against the key's TPM.
-    pub fn charge_tokens(&mut self, key: KeyId, limits: Limits, tokens: u64, now_ms: i64) {
+    /// Reserves a request's tokens (its prompt and `max_tokens`; at most one window's worth,
+    /// so any request can run) when it is placed, so that requests running at once count
+    /// against the TPM before they finish; refused while the key's reservations and debt fill
+    /// the window. Returns the tokens reserved, for [`settle_tokens`](Self::settle_tokens).
+    pub fn reserve_tokens(&mut self, key: KeyId, limits: Limits, tokens: u64, now_ms: i64) -> Result<u64, Limited> {
+        let Some(tpm) = limits.tpm else { return Ok(0) };
+        let s = self.keys.entry(key).or_default();
+        let ahead = s.tokens_tat_ms - now_ms;
+        if ahead >= WINDOW_MS {
+            let allowance = Allowance { limit_tokens: Some(tpm), reset_tokens_ms: ahead, ..Allowance::default() };
+            return Err(Limited { limit: "tokens", retry_after_ms: ahead - WINDOW_MS + 1, allowance });
+        }
+        let reserved = tokens.min(u64::from(tpm));
+        s.tokens_tat_ms = s.tokens_tat_ms.max(now_ms).saturating_add(tokens_ms(tpm, reserved));
+        Ok(reserved)
+    }
+
+    /// Replaces a reservation by the tokens the request used (0 when it served nothing).
+    pub fn settle_tokens(&mut self, key: KeyId, limits: Limits, reserved: u64, used: u64) {
         let Some(tpm) = limits.tpm else { return };
         let s = self.keys.entry(key).or_default();
-        let cost_ms = (tokens as f64 * interval_ms(tpm)).ceil() as i64;
-        s.tokens_tat_ms = s.tokens_tat_ms.max(now_ms).saturating_add(cost_ms);
+        s.tokens_tat_ms = s.tokens_tat_ms.saturating_sub(tokens_ms(tpm, reserved)).saturating_add(tokens_ms(tpm, used));
     }
 
     /// Makes room for `key` by dropping idle keys (their state is the default anyway);
@@ -140,13 +163,34 @@ mod tests {
         let mut r = RateLimiter::default();
         let l = Limits { rpm: None, tpm: Some(600) }; // 100 ms per token
         assert!(r.admit(K, l, 0).is_ok());
-        r.charge_tokens(K, l, 599, 0);
+        r.settle_tokens(K, l, 0, 599);
         assert_eq!(r.admit(K, l, 0).unwrap().remaining_tokens, 1);
-        r.charge_tokens(K, l, 1_000, 0); // a big answer: 1 599 tokens in debt
+        r.settle_tokens(K, l, 0, 1_000); // a big answer: 1 599 tokens in debt
         let e = r.admit(K, l, 0).unwrap_err();
         assert_eq!(e.limit, "tokens");
         assert_eq!(e.retry_after_ms, 159_900 - 60_000 + 1);
         assert!(r.admit(K, l, 99_901).is_ok());
+    }
+
+    #[test]
+    fn requests_placed_at_once_reserve_their_tokens_and_settle_to_what_they_used() {
+        let mut r = RateLimiter::default();
+        let l = Limits { rpm: None, tpm: Some(100) }; // 600 ms per token
+        // Eight requests of 56 tokens (prompt + max_tokens) at once: the first two fit the
+        // window, the rest are told when to come back.
+        let placed: Vec<_> = (0..8).map(|_| r.reserve_tokens(K, l, 56, 0)).collect();
+        assert_eq!(placed.iter().filter(|p| p.is_ok()).count(), 2, "{placed:?}");
+        assert!(placed[2..].iter().all(|p| matches!(p, Err(Limited { limit: "tokens", retry_after_ms: 7_201, .. }))));
+        // Both used 20: the window has 60 tokens left, and the admission check agrees.
+        r.settle_tokens(K, l, 56, 20);
+        r.settle_tokens(K, l, 56, 20);
+        assert_eq!(r.admit(K, l, 0).unwrap().remaining_tokens, 60);
+        // A request larger than the whole budget reserves the budget, so it can still run.
+        let mut r = RateLimiter::default();
+        assert_eq!(r.reserve_tokens(K, l, 5_000, 0), Ok(100));
+        assert!(r.reserve_tokens(K, l, 1, 0).is_err());
+        r.settle_tokens(K, l, 100, 0); // it failed: nothing used
+        assert_eq!(r.reserve_tokens(K, l, 1, 0), Ok(1));
     }
 
     #[test]

@@ -511,6 +511,19 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
     assert_eq!((&r.headers["x-ratelimit-limit-requests"], &r.headers["x-ratelimit-remaining-requests"]), (&"2".parse().unwrap(), &"0".parse().unwrap()));
     assert!(r.headers.contains_key("x-request-id"), "an error names a request id too");
 
+    // TPM: requests sent at once reserve their prompt + max_tokens when placed, so a burst
+    // overshoots the minute's tokens by at most one request (they used to all run).
+    let k = n.admin("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"scopes": ["inference"], "tpm": 100}))).await;
+    let replies = concurrent_chats(&n, k["key"].as_str().unwrap(), 8).await;
+    let ok: Vec<&Reply> = replies.iter().filter(|r| r.status == StatusCode::OK).collect();
+    let used: u64 = ok.iter().map(|r| r.json()["usage"]["total_tokens"].as_u64().unwrap()).sum();
+    let each = used / ok.len() as u64; // the requests are alike
+    assert!(ok.len() < 8 && used - each < 100, "{} of 8 ran, {used} tokens: all but the last fit the minute", ok.len());
+    for r in replies.iter().filter(|r| r.status != StatusCode::OK) {
+        assert_eq!(assert_error(r, StatusCode::TOO_MANY_REQUESTS)["code"], "rate_limit_exceeded");
+        assert_eq!(r.headers["x-ratelimit-limit-tokens"], "100");
+    }
+
     // An unfunded account: 402 before any generation, nothing held.
     let (poor, poor_key) = n.funded("poor", 0).await;
     let r = n.call("POST", "/v1/chat/completions", Some(chat(8)), &poor_key).await;

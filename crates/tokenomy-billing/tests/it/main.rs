@@ -372,6 +372,31 @@ async fn two_nodes_given_one_idempotency_key_at_once_run_it_once() {
     assert!(two.check().await.unwrap().ok);
 }
 
+/// Two nodes on one PostgreSQL ledger share its log, but each signs with its own key: a
+/// receipt is served, verifiable, by the node that issued it, and another node says which
+/// node that is instead of a bundle that cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_is_served_by_the_node_that_signed_it() {
+    let Some(pg) = stores().into_iter().flatten().next() else { return };
+    let pg = fresh_pg(&pg, "tokenomy_billing_receipt_node").await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Each node the name it takes by default (its own), as nodes started without --origin do.
+    let own_name = |d: &std::path::Path| OpenOptions { origin: None, ..opts(d, Some(&pg)) };
+    let (one, first) = Billing::open(own_name(dirs[0].path())).await.unwrap();
+    let (two, _) = Billing::open(own_name(dirs[1].path())).await.unwrap();
+    let key = first.unwrap().user_key;
+    let (u1, u2) = (one.authenticate(Some(&key)).await.unwrap(), two.authenticate(Some(&key)).await.unwrap());
+    let h = one.hold(&u1, &req("on-one", 100, 100)).await.unwrap();
+    let r = one.settle(h, served(100, 10)).await.unwrap().expect("charged");
+    let key_one = VerifierKey::parse(std::fs::read_to_string(dirs[0].path().join("node.pub")).unwrap().trim()).unwrap();
+    let bundle = one.receipt_bundle(&r.receipt_id, &u1).await.unwrap();
+    assert_eq!(verify_bundle(&bundle, &key_one).unwrap().receipt.receipt_id, r.receipt_id);
+    match two.receipt_bundle(&r.receipt_id, &u2).await {
+        Err(BillingError::Misdirected(m)) => assert!(m.contains(key_one.name()), "{m}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
 /// A settlement whose database is away is tried again, not dropped (its hold would expire,
 /// and the tokens served would go unpaid). Away for a second: the request's own attempts
 /// post the charge. Away for longer: the request is answered without its receipt, and the
