@@ -43,14 +43,31 @@ impl ChatTemplate {
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
-    /// Renders `messages` and opens the assistant's turn.
+    /// Renders `messages` and opens the assistant's turn. A final assistant message with text
+    /// (and no tool calls) is continued instead, left open: an assistant prefill, as
+    /// Anthropic's API and llama-server do, so the answer is its continuation.
     pub fn render(&self, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, String> {
+        match messages.last() {
+            Some(last) if last.role == "assistant" && !last.content.is_empty() && last.tool_calls.is_empty() => {
+                // Rendered as a closed turn with a marker after its text; the text is cut there,
+                // whatever the template writes to close a turn.
+                let mut marked = messages.to_vec();
+                marked.last_mut().expect("not empty").content.push_str(PREFILL_MARKER);
+                let text = self.render_with(&marked, tools, false)?;
+                let at = text.rfind(PREFILL_MARKER).ok_or("the chat template drops the final assistant message, so it cannot be continued")?;
+                Ok(text[..at].to_string())
+            }
+            _ => self.render_with(messages, tools, true),
+        }
+    }
+
+    fn render_with(&self, messages: &[ChatMessage], tools: &[serde_json::Value], add_generation_prompt: bool) -> Result<String, String> {
         let template = self.env.get_template("chat").expect("added in new");
         let tools = if tools.is_empty() { Value::from(()) } else { Value::from_serialize(tools) };
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
             tools => tools,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
@@ -61,6 +78,9 @@ impl ChatTemplate {
         &self.bos_token
     }
 }
+
+/// Marks where a prefilled assistant message's text ends in its rendering.
+const PREFILL_MARKER: &str = "\u{1}tokenomy:prefill-ends-here\u{1}";
 
 fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
@@ -118,6 +138,24 @@ mod tests {
             <|im_start|>assistant
         "#]]
         .assert_eq(&t.render(&msgs(), &[]).unwrap());
+    }
+
+    #[test]
+    fn a_final_assistant_message_is_continued_not_closed() {
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        let mut m = msgs();
+        m.push(ChatMessage::new("assistant", "{\"capital\": \""));
+        expect_test::expect![[r#"
+            <|im_start|>system
+            Be brief.<|im_end|>
+            <|im_start|>user
+            Hi<|im_end|>
+            <|im_start|>assistant
+            {"capital": ""#]]
+        .assert_eq(&t.render(&m, &[]).unwrap());
+        // An empty one, or one with tool calls, is a closed turn: a new one opens after it.
+        m.last_mut().unwrap().content.clear();
+        assert!(t.render(&m, &[]).unwrap().ends_with("<|im_start|>assistant\n<|im_end|>\n<|im_start|>assistant\n"));
     }
 
     #[test]

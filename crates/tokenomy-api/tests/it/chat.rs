@@ -153,3 +153,24 @@ async fn a_client_that_disconnects_mid_stream_is_still_metered() {
     let completion = s.meter.completion_tokens.load(std::sync::atomic::Ordering::Relaxed);
     assert!(completion > 0);
 }
+
+/// A final assistant message is a prefill: the answer continues it (the same tokens the
+/// completions route gives for the rendered prompt, which ends in the prefill) and holds only
+/// the continuation; Anthropic's route does the same.
+#[tokio::test]
+async fn a_final_assistant_message_is_continued() {
+    let s = solo_state();
+    let (q, prefill) = ("What is the capital of France? Answer in JSON.", "{\"capital\": \"");
+    let messages = json!([{"role": "user", "content": q}, {"role": "assistant", "content": prefill}]);
+    let chat = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 6})).await.json();
+    let rendered = shared_engine()
+        .render_chat(MODEL, &[tokenomy_core::ChatMessage::new("user", q), tokenomy_core::ChatMessage::new("assistant", prefill)], &[])
+        .unwrap();
+    assert!(rendered.ends_with(prefill), "{rendered:?}");
+    let plain = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": rendered, "temperature": 0, "max_tokens": 6})).await.json();
+    let continued = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(continued, plain["choices"][0]["text"].as_str().unwrap(), "{chat}");
+    assert!(!continued.starts_with('{'), "a continuation, not a new answer: {continued:?}");
+    let msg = post(&s, "/v1/messages", json!({"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": messages})).await.json();
+    assert_eq!(msg["content"][0]["text"].as_str().unwrap(), continued, "{msg}");
+}
