@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Billing, Principal, ReceiptRef};
 use tokenomy_ledger::{Account, AccountId, KeyRecord, KeySpend, SpendCaps, Transfer};
 
-use crate::routes::ApiJson;
+use crate::routes::{ApiJson, ApiQuery};
 use crate::{AppError, AppState};
 
 /// The API key: `Authorization: Bearer …` (OpenAI) or `x-api-key: …` (Anthropic).
@@ -293,7 +293,7 @@ pub async fn account_transfers(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
     statement(&state, parse_account_id(&id)?, q).await
@@ -437,7 +437,7 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
 
 /// The key's own account statement (the admin route's shape, paged by `after` and `limit`):
 /// its grants, holds and charges. A key sees no other account's.
-pub async fn my_transfers(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<PageQuery>) -> Result<Json<Value>, AppError> {
+pub async fn my_transfers(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<PageQuery>) -> Result<Json<Value>, AppError> {
     let p = principal(&state, &headers).await?;
     statement(&state, p.account, q).await
 }
@@ -460,7 +460,7 @@ pub struct ConsistencyQuery {
     new: u64,
 }
 
-pub async fn consistency(State(state): State<AppState>, Query(q): Query<ConsistencyQuery>) -> Result<Json<Value>, AppError> {
+pub async fn consistency(State(state): State<AppState>, ApiQuery(q): ApiQuery<ConsistencyQuery>) -> Result<Json<Value>, AppError> {
     use base64::Engine;
     let hashes = billing(&state)?.consistency(q.old, q.new).await?;
     let proof: Vec<String> = hashes.iter().map(|h| base64::engine::general_purpose::STANDARD.encode(h)).collect();

@@ -44,6 +44,20 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     }
 }
 
+/// `Query` whose rejections are OpenAI-shaped errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, AppError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => Err(AppError::invalid(format!("The query string is not valid for this endpoint: {}", r.body_text()), None)),
+        }
+    }
+}
+
 /// A JSON body and the SHA-256 of its bytes (the receipt's `request_sha256`).
 pub struct HashedJson<T> {
     pub value: T,

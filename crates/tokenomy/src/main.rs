@@ -206,6 +206,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(models = ?configs.iter().map(|c| &c.name).collect::<Vec<_>>(), "loading");
+    log_prices(&billing, &configs.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), &data_dir);
     let engine = tokio::task::spawn_blocking(move || Engine::load(&configs)).await?.map_err(anyhow::Error::msg)?;
     let upkeep = billing.spawn_upkeep();
     let state = AppState::new(Arc::new(engine), ApiConfig { body_bytes_max: args.body_bytes_max }).with_billing(billing.clone(), args.no_auth);
@@ -234,6 +235,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::warn!(error = %e, "final checkpoint");
     }
     Ok(())
+}
+
+/// The price each served model pays, and a warning for a price set for a model that is neither
+/// served nor a known model (a typo there would leave a model at the default price unnoticed).
+fn log_prices(billing: &tokenomy_billing::Billing, served: &[&str], data_dir: &std::path::Path) {
+    let known = |n: &str| served.contains(&n) || models::KNOWN.iter().any(|k| k.name == n);
+    for name in billing.config().prices.models.keys().filter(|n| !known(n)) {
+        tracing::warn!(
+            model = %name,
+            "{} sets a price for model `{name}`, which this node does not serve (served: {served:?}); check the name",
+            data_dir.join("tokenomy.toml").display()
+        );
+    }
+    for name in served {
+        let p = billing.price(name);
+        tracing::info!(
+            model = %name,
+            input = p.input_micros_per_mtok,
+            cached_input = p.cached_input_micros_per_mtok,
+            output = p.output_micros_per_mtok,
+            "price (micro-credits per million tokens)"
+        );
+    }
 }
 
 async fn open_billing(args: &ServeArgs, data_dir: &std::path::Path) -> Result<Arc<tokenomy_billing::Billing>> {

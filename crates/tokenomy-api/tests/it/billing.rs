@@ -189,6 +189,9 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
             })
             .collect();
         verify_consistency_notes(&old_note, &new_note, &hashes, &n.key()).unwrap();
+        // A malformed query is an error in the API's shape too.
+        let bad = n.call("GET", "/v1/log/consistency?old=abc&new=2", None, "").await;
+        assert!(assert_error(&bad, StatusCode::BAD_REQUEST)["message"].as_str().unwrap().contains("query string"));
         let key_text = n.call("GET", "/v1/node/key", None, "").await.text;
         assert_eq!(key_text.trim(), n.key().to_string());
         n.check().await;
