@@ -284,6 +284,25 @@ pub async fn get_account(State(state): State<AppState>, headers: HeaderMap, Path
 }
 
 #[derive(Deserialize)]
+pub struct AccountsQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /admin/v1/accounts`: every account in id order (creation order), a page at a time.
+pub async fn list_accounts(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<AccountsQuery>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let after = q.after.as_deref().map(parse_account_id).transpose()?;
+    let limit = q.limit.unwrap_or(100);
+    let page = billing(&state)?.accounts(after, limit).await?;
+    let next = (page.len() == limit as usize).then(|| page.last().map(|a| a.id.to_string())).flatten();
+    Ok(Json(json!({
+        "object": "list", "data": page.iter().map(account_json).collect::<Vec<_>>(),
+        "next_after": next, "has_more": next.is_some(),
+    })))
+}
+
+#[derive(Deserialize)]
 pub struct PageQuery {
     after: Option<u64>,
     limit: Option<u32>,

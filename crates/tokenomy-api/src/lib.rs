@@ -187,7 +187,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/me", get(charge::me))
         .route("/v1/me/transfers", get(charge::my_transfers))
         .route("/v1/receipts/{id}", get(charge::get_receipt))
-        .route("/admin/v1/accounts", post(charge::create_account))
+        .route("/admin/v1/accounts", post(charge::create_account).get(charge::list_accounts))
         .route("/admin/v1/accounts/{id}", get(charge::get_account))
         .route("/admin/v1/accounts/{id}/keys", post(charge::create_key).get(charge::list_keys))
         .route("/admin/v1/accounts/{id}/mint", post(charge::mint))

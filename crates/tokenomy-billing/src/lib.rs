@@ -385,6 +385,11 @@ impl Billing {
         Ok(self.store.get_account(id).await?)
     }
 
+    /// A page of accounts in id order, after `after`.
+    pub async fn accounts(&self, after: Option<AccountId>, limit: u32) -> Result<Vec<Account>> {
+        Ok(self.store.list_accounts(after, limit).await?)
+    }
+
     pub async fn statement(&self, id: AccountId, after: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
         self.store.get_account(id).await?;
         Ok(self.store.statement(id, after, limit).await?)

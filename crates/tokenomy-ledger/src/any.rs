@@ -38,6 +38,9 @@ impl LedgerStore for AnyStore {
     fn get_account(&self, id: AccountId) -> impl Future<Output = Result<Account>> + Send {
         dispatch!(self, s => s.get_account(id))
     }
+    fn list_accounts(&self, after: Option<AccountId>, limit: u32) -> impl Future<Output = Result<Vec<Account>>> + Send {
+        dispatch!(self, s => s.list_accounts(after, limit))
+    }
     fn mint(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, leaf: Option<Leaf>) -> impl Future<Output = Result<Transfer>> + Send {
         dispatch!(self, s => s.mint(account, amount_micros, idempotency_key, leaf))
     }

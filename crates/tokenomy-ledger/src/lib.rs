@@ -66,6 +66,10 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// Creates a User or Agent account with zero balance.
     fn create_account(&self, name: &str, kind: AccountKind) -> impl Future<Output = Result<Account>> + Send;
     fn get_account(&self, id: AccountId) -> impl Future<Output = Result<Account>> + Send;
+    /// Up to `limit` accounts (at most [`MAX_PAGE_LEN`]) in id order (creation order, to the
+    /// millisecond), after
+    /// `after` when given; the system accounts come first.
+    fn list_accounts(&self, after: Option<AccountId>, limit: u32) -> impl Future<Output = Result<Vec<Account>>> + Send;
     /// Posted transfer treasury → `account`.
     fn mint(
         &self,

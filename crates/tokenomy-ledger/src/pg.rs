@@ -627,6 +627,19 @@ impl LedgerStore for PgStore {
         .await
     }
 
+    async fn list_accounts(&self, after: Option<AccountId>, limit: u32) -> Result<Vec<Account>> {
+        validate_page_limit(limit)?;
+        let after = after.map_or(0, |a| a.0).to_be_bytes();
+        self.in_tx(move |tx| {
+            Box::pin(async move {
+                let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts WHERE id > $1 ORDER BY id LIMIT $2");
+                let rows = query(tx, &sql, &[&&after[..], &i64::from(limit)]).await?;
+                rows.iter().map(row_account).collect()
+            })
+        })
+        .await
+    }
+
     async fn mint(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
         let req = posted_request(TREASURY, account, amount_micros, key, TransferCode::Mint)?;
         let now = crate::now_ms();

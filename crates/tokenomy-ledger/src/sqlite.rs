@@ -1174,6 +1174,17 @@ impl LedgerStore for SqliteStore {
         self.read(move |c| load_account(c, id)).await
     }
 
+    async fn list_accounts(&self, after: Option<AccountId>, limit: u32) -> Result<Vec<Account>> {
+        validate_page_limit(limit)?;
+        let after = after.map_or(0, |a| a.0).to_be_bytes();
+        self.read(move |c| {
+            c.prepare_cached("SELECT id, name, kind, balance_micros, pending_micros, created_at_ms FROM accounts WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .and_then(|mut s| s.query_map(rusqlite::params![&after[..], limit], row_account)?.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(db_err)
+        })
+        .await
+    }
+
     async fn mint(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
         let req = posted_request(TREASURY, account, amount_micros, key, TransferCode::Mint)?;
         let now = crate::now_ms();

@@ -86,6 +86,11 @@ pub enum Accounts {
     },
     /// Balance and pending holds of an account.
     Show { id: String },
+    /// Every account, oldest first (or those with a name: names need not be unique).
+    List {
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// The account's transfers, oldest first.
     Transfers {
         id: String,
@@ -238,6 +243,20 @@ pub async fn accounts(c: Conn, cmd: Accounts) -> Result<()> {
     let v = match cmd {
         Accounts::Create { name, kind } => c.call(Method::POST, "/admin/v1/accounts", Some(json!({"name": name, "kind": kind}))).await?,
         Accounts::Show { id } => c.call(Method::GET, &format!("/admin/v1/accounts/{id}"), None).await?,
+        Accounts::List { name } => {
+            let mut found = Vec::new();
+            let mut after = String::new();
+            loop {
+                let page = c.call(Method::GET, &format!("/admin/v1/accounts?limit=1000{after}"), None).await?;
+                let items = page["data"].as_array().cloned().unwrap_or_default();
+                found.extend(items.into_iter().filter(|a| name.as_deref().is_none_or(|n| a["name"] == n)));
+                match page["next_after"].as_str() {
+                    Some(next) => after = format!("&after={next}"),
+                    None => break,
+                }
+            }
+            json!({"object": "list", "data": found})
+        }
         Accounts::Transfers { id, after, limit } => {
             let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
             c.call(Method::GET, &format!("/admin/v1/accounts/{id}/transfers?limit={limit}{after}"), None).await?

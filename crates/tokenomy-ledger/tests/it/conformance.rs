@@ -55,6 +55,27 @@ pub async fn create_and_get_account<S: LedgerStore>(s: Arc<S>) {
     assert_eq!(s.get_account(missing).await, Err(LedgerError::UnknownAccount(missing)));
 }
 
+/// Accounts are listed in id order (creation order, to the millisecond), paged by the last id
+/// seen, system accounts first.
+pub async fn accounts_are_listed_in_pages<S: LedgerStore>(s: Arc<S>) {
+    let made: Vec<AccountId> = {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            v.push(s.create_account(&format!("acct-{i}"), AccountKind::Agent).await.unwrap().id);
+        }
+        v.sort(); // ids order by creation time to the millisecond, then at random
+        v
+    };
+    let first = s.list_accounts(None, 3).await.unwrap();
+    assert_eq!(first.iter().map(|a| a.id).collect::<Vec<_>>(), vec![TREASURY, OPERATOR_REVENUE, made[0]]);
+    let rest = s.list_accounts(Some(made[0]), 10).await.unwrap();
+    assert_eq!(rest.iter().map(|a| a.id).collect::<Vec<_>>(), made[1..].to_vec());
+    assert!(rest[0].name.starts_with("acct-") && rest[0].kind == AccountKind::Agent);
+    assert!(s.list_accounts(Some(made[4]), 10).await.unwrap().is_empty());
+    assert!(matches!(s.list_accounts(None, 0).await, Err(LedgerError::InvalidArgument(_))));
+    assert!(matches!(s.list_accounts(None, MAX_PAGE_LEN + 1).await, Err(LedgerError::InvalidArgument(_))));
+}
+
 pub async fn mint_and_transfer<S: LedgerStore>(s: Arc<S>) {
     let a = funded(&*s, "a", 10 * C).await;
     let b = funded(&*s, "b", 0).await;

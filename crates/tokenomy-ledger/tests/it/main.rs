@@ -112,6 +112,7 @@ conformance_suite!(
     spend_cap_holds_under_concurrency,
     key_limits_can_be_changed,
     a_hold_placed_as_an_id_says_whose_it_is,
+    accounts_are_listed_in_pages,
 );
 
 /// A ledger file written by schema version 1 opens as version 2: its rows are

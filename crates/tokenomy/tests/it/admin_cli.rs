@@ -33,6 +33,12 @@ fn the_admin_cli_wraps_the_admin_api() {
     let e: Value = r.json().unwrap();
     assert_eq!(e["error"]["code"], "spend_cap_exceeded", "{e}");
 
+    // A lost account id is found again by name.
+    let listed = cli(&["accounts", "list", "--name", "agent-7"]);
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["data"][0]["id"], id.as_str());
+    let all = cli(&["accounts", "list"]);
+    assert!(all["data"].as_array().unwrap().len() >= 4, "system accounts, the local user, agent-7: {all}");
     let shown = cli(&["accounts", "show", &id]);
     assert_eq!((shown["balance_micros"].as_i64(), shown["pending_micros"].as_i64()), (Some(5_000_000), Some(0)));
     let keys = cli(&["keys", "list", &id]);
