@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use tokenomy_core::{Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
+use tokenomy_core::{ChatMessage, Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -308,9 +308,9 @@ pub(crate) struct Gate {
     slot: Option<SlotGuard>,
 }
 
-/// This run's in-flight `Idempotency-Key` slot. Dropped with the handler (answered, failed, or
-/// cancelled because the client went away before [`remember`] ran), it frees the slot, so
-/// that a retry runs or is replayed rather than refused as still in progress.
+/// This run's in-flight `Idempotency-Key` slot. Dropped with the request's task (see
+/// [`run_remembered`]: answered, failed, or panicked; or with a stream when it ends), it frees
+/// the slot, so that a retry runs or is replayed rather than refused as still in progress.
 struct SlotGuard {
     cache: std::sync::Arc<charge::IdempotencyCache>,
     account: tokenomy_ledger::AccountId,
@@ -342,9 +342,6 @@ pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: 
     Ok(Ok(Gate { request_sha256, caller, allowance, idempotency_key, slot }))
 }
 
-/// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`. A stream
-/// is not replayed: its key stays in flight on this node until the stream ends (a retry
-/// meanwhile is refused as in progress), and after that the ledger refuses a second charge.
 /// What a handler runs between its gate and [`remember`].
 pub(crate) type Inner<B> =
     for<'a> fn(&'a AppState, &'a Gate, B) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, AppError>> + Send + 'a>>;
@@ -367,6 +364,9 @@ pub(crate) async fn run_remembered<B: Send + 'static>(state: &AppState, g: Gate,
     task.await.unwrap_or_else(|e| Err(AppError::internal(format!("the request's task failed: {e}"))))
 }
 
+/// Keeps a finished non-streaming answer for retries with the same `Idempotency-Key`. A stream
+/// is not replayed: its key stays in flight on this node until the stream ends (a retry
+/// meanwhile is refused as in progress), and after that the ledger refuses a second charge.
 pub(crate) async fn remember(state: &AppState, mut g: Gate, result: Result<Response, AppError>) -> Result<Response, AppError> {
     let (Some(p), Some(k)) = (&g.caller, &g.idempotency_key) else { return result };
     match result {
@@ -515,7 +515,13 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
     let text = state.backend.render_chat(&model, &messages, defs)?;
     let format = reasoning_format(req.reasoning_format.as_deref())?;
-    let opened = text.trim_end().ends_with(tokenomy_chat::reasoning::OPEN);
+    let prefill = messages.last().is_some_and(ChatMessage::is_prefill);
+    // The answer starts inside a think block when the prompt left one open: the template's
+    // (it ends with `<think>`) or an assistant prefill's (its last `<think>` is not closed).
+    let opened = match prefill {
+        false => text.trim_end().ends_with(tokenomy_chat::reasoning::OPEN),
+        true => text.rfind(tokenomy_chat::reasoning::OPEN) > text.rfind(tokenomy_chat::reasoning::CLOSE),
+    };
     params.reasoning = match (format, opened) {
         (ReasoningFormat::None, _) => ReasoningMode::Off,
         (_, true) => ReasoningMode::OpenedByPrompt,
@@ -548,6 +554,14 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         params.grammar = Some(tokenomy_core::Grammar::Lark(Hermes.call_grammar(&tools)));
     }
     if params.grammar.is_some() {
+        if prefill {
+            // The grammar constrains the answer from its first character, which a prefill
+            // has already begun (Anthropic refuses the pair too).
+            return Err(AppError::invalid(
+                "A final assistant message (a prefill) cannot be combined with response_format or a required tool call: the constrained answer would restart after it",
+                Some("messages"),
+            ));
+        }
         params.reasoning = ReasoningMode::Off;
     }
     let post = ChatPost {

@@ -530,9 +530,10 @@ impl Billing {
                 n => format!("idem:{}:{k} #{n}", p.account),
             };
             let id = FreshTransferId::generate(now);
+            let mine = id.id();
             let t = self.place_as(id, p, worst, &key, now).await?;
             match t.state {
-                TransferState::Pending if t.id == id.id() => return Ok(t),
+                TransferState::Pending if t.id == mine => return Ok(t),
                 TransferState::Voided => continue,
                 TransferState::Pending => {
                     return Err(BillingError::Conflict("A request with this Idempotency-Key is still in progress; retry when it has finished.".into()))
@@ -663,7 +664,7 @@ impl Billing {
     /// Replaces the hold's TPM reservation by the tokens it used.
     fn settle_tpm(&self, h: &Hold, used: u64) {
         let mut l = self.limiter.lock().expect("limiter lock");
-        l.settle_tokens(h.principal.key_id, h.principal.limits, h.tpm_reserved, used);
+        l.settle_tokens(h.principal.key_id, h.principal.limits, h.tpm_reserved, used, tokenomy_ledger::now_ms());
     }
 
     // ----------------------------------------------------------------- the log
@@ -706,9 +707,6 @@ impl Billing {
         if account != viewer.account && !viewer.is_admin() {
             return Err(not_found());
         }
-        let signed = self.checkpoint_locked(&mut log)?;
-        let hashes = log.inclusion_proof(index, signed.checkpoint.size).map_err(BillingError::Internal)?;
-        drop(log);
         let entry = self.store.log_entries(index, 1).await?.pop().ok_or_else(not_found)?;
         let receipt = Receipt::from_canonical_bytes(&entry.leaf_bytes).map_err(|e| BillingError::Internal(e.to_string()))?;
         if receipt.origin != self.signer.name() {
@@ -718,6 +716,9 @@ impl Billing {
                 receipt.origin
             )));
         }
+        let signed = self.checkpoint_locked(&mut log)?;
+        let hashes = log.inclusion_proof(index, signed.checkpoint.size).map_err(BillingError::Internal)?;
+        drop(log);
         let (canonical, signature) = receipt.sign(&self.signer).map_err(|e| BillingError::Internal(e.to_string()))?;
         assert_eq!(canonical, entry.leaf_bytes, "a logged receipt re-encodes to its own bytes");
         let proof = TlogProof { extra: None, index, hashes, checkpoint_note: signed.note };

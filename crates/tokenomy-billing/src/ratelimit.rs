@@ -46,7 +46,18 @@ pub struct Limited {
 #[derive(Debug, Default, Clone, Copy)]
 struct KeyState {
     requests_tat_ms: i64,
+    /// The TAT of the tokens requests have used.
     tokens_tat_ms: i64,
+    /// The tokens of requests still running, reserved: kept off the TAT, which moves with
+    /// the clock, so that settling one request never takes back another's reservation.
+    tokens_reserved_ms: i64,
+}
+
+impl KeyState {
+    /// How far ahead of now the key's used and reserved tokens reach.
+    fn tokens_ahead_ms(&self, now_ms: i64) -> i64 {
+        (self.tokens_tat_ms - now_ms).max(0) + self.tokens_reserved_ms
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,9 +93,9 @@ impl RateLimiter {
         let mut a = Allowance { limit_requests: limits.rpm, limit_tokens: limits.tpm, ..Allowance::default() };
         if let Some(tpm) = limits.tpm {
             // In debt beyond the window: wait until the debt is back inside it.
-            let ahead = s.tokens_tat_ms - now_ms;
-            a.remaining_tokens = remaining(tpm, s.tokens_tat_ms, now_ms);
-            a.reset_tokens_ms = ahead.max(0);
+            let ahead = s.tokens_ahead_ms(now_ms);
+            a.remaining_tokens = remaining(tpm, now_ms + ahead, now_ms);
+            a.reset_tokens_ms = ahead;
             if ahead >= WINDOW_MS {
                 return Err(Limited { limit: "tokens", retry_after_ms: ahead - WINDOW_MS + 1, allowance: a });
             }
@@ -110,28 +121,29 @@ impl RateLimiter {
     pub fn reserve_tokens(&mut self, key: KeyId, limits: Limits, tokens: u64, now_ms: i64) -> Result<u64, Limited> {
         let Some(tpm) = limits.tpm else { return Ok(0) };
         let s = self.keys.entry(key).or_default();
-        let ahead = s.tokens_tat_ms - now_ms;
+        let ahead = s.tokens_ahead_ms(now_ms);
         if ahead >= WINDOW_MS {
             let allowance = Allowance { limit_tokens: Some(tpm), reset_tokens_ms: ahead, ..Allowance::default() };
             return Err(Limited { limit: "tokens", retry_after_ms: ahead - WINDOW_MS + 1, allowance });
         }
         let reserved = tokens.min(u64::from(tpm));
-        s.tokens_tat_ms = s.tokens_tat_ms.max(now_ms).saturating_add(tokens_ms(tpm, reserved));
+        s.tokens_reserved_ms = s.tokens_reserved_ms.saturating_add(tokens_ms(tpm, reserved));
         Ok(reserved)
     }
 
     /// Replaces a reservation by the tokens the request used (0 when it served nothing).
-    pub fn settle_tokens(&mut self, key: KeyId, limits: Limits, reserved: u64, used: u64) {
+    pub fn settle_tokens(&mut self, key: KeyId, limits: Limits, reserved: u64, used: u64, now_ms: i64) {
         let Some(tpm) = limits.tpm else { return };
         let s = self.keys.entry(key).or_default();
-        s.tokens_tat_ms = s.tokens_tat_ms.saturating_sub(tokens_ms(tpm, reserved)).saturating_add(tokens_ms(tpm, used));
+        s.tokens_reserved_ms = (s.tokens_reserved_ms - tokens_ms(tpm, reserved)).max(0);
+        s.tokens_tat_ms = s.tokens_tat_ms.max(now_ms).saturating_add(tokens_ms(tpm, used));
     }
 
     /// Makes room for `key` by dropping idle keys (their state is the default anyway);
     /// false if every tracked key is still busy.
     fn bound(&mut self, key: KeyId, now_ms: i64) -> bool {
         if self.keys.len() >= TRACKED_KEYS_MAX && !self.keys.contains_key(&key) {
-            self.keys.retain(|_, s| s.requests_tat_ms > now_ms || s.tokens_tat_ms > now_ms);
+            self.keys.retain(|_, s| s.requests_tat_ms > now_ms || s.tokens_ahead_ms(now_ms) > 0);
         }
         self.keys.len() < TRACKED_KEYS_MAX || self.keys.contains_key(&key)
     }
@@ -163,9 +175,9 @@ mod tests {
         let mut r = RateLimiter::default();
         let l = Limits { rpm: None, tpm: Some(600) }; // 100 ms per token
         assert!(r.admit(K, l, 0).is_ok());
-        r.settle_tokens(K, l, 0, 599);
+        r.settle_tokens(K, l, 0, 599, 0);
         assert_eq!(r.admit(K, l, 0).unwrap().remaining_tokens, 1);
-        r.settle_tokens(K, l, 0, 1_000); // a big answer: 1 599 tokens in debt
+        r.settle_tokens(K, l, 0, 1_000, 0); // a big answer: 1 599 tokens in debt
         let e = r.admit(K, l, 0).unwrap_err();
         assert_eq!(e.limit, "tokens");
         assert_eq!(e.retry_after_ms, 159_900 - 60_000 + 1);
@@ -182,15 +194,35 @@ mod tests {
         assert_eq!(placed.iter().filter(|p| p.is_ok()).count(), 2, "{placed:?}");
         assert!(placed[2..].iter().all(|p| matches!(p, Err(Limited { limit: "tokens", retry_after_ms: 7_201, .. }))));
         // Both used 20: the window has 60 tokens left, and the admission check agrees.
-        r.settle_tokens(K, l, 56, 20);
-        r.settle_tokens(K, l, 56, 20);
+        r.settle_tokens(K, l, 56, 20, 0);
+        r.settle_tokens(K, l, 56, 20, 0);
         assert_eq!(r.admit(K, l, 0).unwrap().remaining_tokens, 60);
         // A request larger than the whole budget reserves the budget, so it can still run.
         let mut r = RateLimiter::default();
         assert_eq!(r.reserve_tokens(K, l, 5_000, 0), Ok(100));
         assert!(r.reserve_tokens(K, l, 1, 0).is_err());
-        r.settle_tokens(K, l, 100, 0); // it failed: nothing used
+        r.settle_tokens(K, l, 100, 0, 0); // it failed: nothing used
         assert_eq!(r.reserve_tokens(K, l, 1, 0), Ok(1));
+    }
+
+    #[test]
+    fn a_slow_request_settling_late_leaves_the_others_reservations_alone() {
+        let mut r = RateLimiter::default();
+        let l = Limits { rpm: None, tpm: Some(100) }; // 600 ms per token
+        assert!(r.reserve_tokens(K, l, 56, 0).is_ok()); // A, slow
+        assert!(r.reserve_tokens(K, l, 56, 40_000).is_ok()); // B
+        assert!(r.reserve_tokens(K, l, 56, 40_000).is_err(), "A is still running: its tokens still count");
+        r.settle_tokens(K, l, 56, 20, 41_000); // A ends having used 20
+        assert!(r.reserve_tokens(K, l, 56, 41_000).is_ok()); // C
+        // B and C still running (112 tokens reserved) and A's 20: the window is full.
+        assert!(r.reserve_tokens(K, l, 56, 41_000).is_err());
+        r.settle_tokens(K, l, 56, 56, 42_000);
+        r.settle_tokens(K, l, 56, 56, 42_000);
+        assert_eq!(r.keys[&K].tokens_reserved_ms, 0, "every reservation released");
+        // 132 tokens used this minute: in debt until the excess is paid back in time.
+        let e = r.admit(K, l, 42_000).unwrap_err();
+        assert_eq!((e.limit, e.retry_after_ms), ("tokens", 120_200 - 42_000 - 60_000 + 1));
+        assert!(r.admit(K, l, 42_000 + e.retry_after_ms).is_ok());
     }
 
     #[test]

@@ -234,6 +234,11 @@ impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
         ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
     }
+
+    /// As the last message, an assistant prefill: the answer continues its text.
+    pub fn is_prefill(&self) -> bool {
+        self.role == "assistant" && !self.content.is_empty() && self.tool_calls.is_empty()
+    }
 }
 
 /// Errors a backend returns before generation starts. Each maps to one HTTP status.

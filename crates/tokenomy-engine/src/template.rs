@@ -48,7 +48,7 @@ impl ChatTemplate {
     /// Anthropic's API and llama-server do, so the answer is its continuation.
     pub fn render(&self, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, String> {
         match messages.last() {
-            Some(last) if last.role == "assistant" && !last.content.is_empty() && last.tool_calls.is_empty() => {
+            Some(last) if last.is_prefill() => {
                 // Rendered as a closed turn with a marker after its text; the text is cut there,
                 // whatever the template writes to close a turn.
                 let mut marked = messages.to_vec();

@@ -85,14 +85,15 @@ id_bytes!(KeyId);
 /// these ids are as unique as those the stores draw themselves (80 random bits per ms).
 ///
 /// [`LedgerStore::hold_as`]: crate::LedgerStore::hold_as
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (Neither `Clone` nor `Copy`: one id, one hold.)
+#[derive(Debug, PartialEq, Eq)]
 pub struct FreshTransferId(TransferId);
 
 impl FreshTransferId {
     pub fn generate(now_ms: i64) -> Self {
         Self(TransferId::generate(now_ms))
     }
-    pub fn id(self) -> TransferId {
+    pub fn id(&self) -> TransferId {
         self.0
     }
 }

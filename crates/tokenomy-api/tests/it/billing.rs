@@ -242,12 +242,12 @@ async fn a_keyed_request_whose_client_left_runs_to_its_end_and_its_retry_gets_th
     let (acc, key) = n.funded("leaver", 1_000_000).await;
     let auth = format!("Bearer {key}");
     let h = [("authorization", auth.as_str()), ("idempotency-key", "left-1")];
-    let mut body = chat(200);
+    let mut body = chat(400);
     body["ignore_eos"] = json!(true);
     let body = body.to_string();
     // The client gives up after 300 ms, mid-generation: its handler is dropped.
     let first = tokio::time::timeout(std::time::Duration::from_millis(300), request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h)).await;
-    assert!(first.is_err(), "200 tokens took under 300 ms");
+    assert!(first.is_err(), "400 tokens took under 300 ms");
     // Retries meanwhile are told it is in progress; then one gets the answer.
     let mut retry = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
     for _ in 0..600 {
@@ -261,7 +261,7 @@ async fn a_keyed_request_whose_client_left_runs_to_its_end_and_its_retry_gets_th
     assert_eq!(retry.status, StatusCode::OK, "{}", retry.text);
     assert_eq!(retry.headers["idempotent-replayed"], "true");
     let v = retry.json();
-    assert_eq!(v["usage"]["completion_tokens"], 200, "the whole answer, not a cancelled one: {v}");
+    assert_eq!(v["usage"]["completion_tokens"], 400, "the whole answer, not a cancelled one: {v}");
     assert_eq!(retry.headers["tokenomy-receipt"].to_str().unwrap(), v["receipt"]["id"].as_str().unwrap());
     assert!(retry.headers["x-request-id"].to_str().unwrap().len() >= 32);
     assert_eq!(posted_usage(&n.statement(&acc).await).len(), 1, "charged once");

@@ -173,4 +173,7 @@ async fn a_final_assistant_message_is_continued() {
     assert!(!continued.starts_with('{'), "a continuation, not a new answer: {continued:?}");
     let msg = post(&s, "/v1/messages", json!({"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": messages})).await.json();
     assert_eq!(msg["content"][0]["text"].as_str().unwrap(), continued, "{msg}");
+    // A constrained answer would restart after the prefill: the pair is refused.
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": messages, "max_tokens": 6, "response_format": {"type": "json_object"}})).await;
+    assert!(assert_error(&r, StatusCode::BAD_REQUEST)["message"].as_str().unwrap().contains("prefill"));
 }

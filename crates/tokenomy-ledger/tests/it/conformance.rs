@@ -731,22 +731,23 @@ pub async fn a_hold_placed_as_an_id_says_whose_it_is<S: LedgerStore>(s: Arc<S>) 
         let calls: Vec<_> = (0..16)
             .map(|_| {
                 let (s, id) = (s.clone(), FreshTransferId::generate(T0));
-                tokio::spawn(async move { (id, s.hold_as(id, a.id, capped, 2 * C, key, 60_000, T0).await.unwrap()) })
+                tokio::spawn(async move { (id.id(), s.hold_as(id, a.id, capped, 2 * C, key, 60_000, T0).await.unwrap()) })
             })
             .collect();
         let mut placed = Vec::new();
         for call in calls {
             placed.push(call.await.unwrap());
         }
-        let own: Vec<_> = placed.iter().filter(|(id, t)| t.id == id.id()).collect();
+        let own: Vec<_> = placed.iter().filter(|(id, t)| t.id == *id).collect();
         assert_eq!(own.len(), 1, "exactly one call placed the hold {key}: {placed:?}");
         assert!(placed.iter().all(|(_, t)| *t == own[0].1), "every call got the one hold");
         assert_eq!(own[0].1.key_id, capped);
         assert!(placed.iter().all(|(_, t)| t.created_at_ms == T0), "(which the creation time cannot tell)");
         // A later retry finds it too, under an id of its own.
         let retry = FreshTransferId::generate(T0 + 1);
+        let retry_id = retry.id();
         let again = s.hold_as(retry, a.id, capped, 2 * C, key, 60_000, T0 + 1).await.unwrap();
-        assert_eq!((again.id, again.id == retry.id()), (own[0].1.id, false));
+        assert_eq!((again.id, again.id == retry_id), (own[0].1.id, false));
     }
     assert_eq!(s.get_account(a.id).await.unwrap().pending_micros, 4 * C, "held once per key");
     assert_eq!(s.find_key_by_hash([13; 32]).await.unwrap().unwrap().spend.pending_micros, 2 * C);

@@ -167,8 +167,9 @@ async fn postgres_two_nodes_placing_one_key_at_once_tell_whose_hold_it_is() {
         let key = format!("retry-{round}");
         let place = |s: Arc<PgStore>, key: String| async move {
             let id = FreshTransferId::generate(now);
+            let mine = id.id();
             let t = s.hold_as(id, acc.id, None, MICROS_PER_CREDIT, &key, 60_000, now).await.unwrap();
-            (t.id == id.id(), t)
+            (t.id == mine, t)
         };
         let (x, y) = tokio::join!(tokio::spawn(place(a.clone(), key.clone())), tokio::spawn(place(b.clone(), key)));
         let ((x_own, x), (y_own, y)) = (x.unwrap(), y.unwrap());
