@@ -101,7 +101,9 @@ fn messages_of(m: &Value, i: usize) -> Result<Vec<Value>, AppError> {
                 "role": "tool", "tool_call_id": b["tool_use_id"],
                 "content": text_of(&b["content"], &format!("messages.{i}.content.{j}.content"))?,
             })),
-            other => return Err(invalid(format!("messages.{i}.content.{j}: unsupported block type {other:?} for role {role}"))),
+            // Thinking from earlier turns is not fed back (Anthropic strips it from the context too).
+            Some("thinking" | "redacted_thinking") if role == "assistant" => {}
+            other => return Err(invalid(format!("messages.{i}.content.{j}: unsupported block type {} for role {role}", crate::openai::shown(other)))),
         }
     }
     let mut out = results;
@@ -156,9 +158,12 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
             Some("any") => json!("required"),
             Some("none") => json!("none"),
             Some("tool") => json!({"type": "function", "function": {"name": tc["name"]}}),
-            other => return Err(invalid(format!("tool_choice.type must be auto, any, tool or none, got {other:?}"))),
+            other => return Err(invalid(format!("tool_choice.type must be auto, any, tool or none, got {}", crate::openai::shown(other)))),
         };
         chat.insert("tool_choice".into(), choice);
+        if tc["disable_parallel_tool_use"].as_bool() == Some(true) {
+            chat.insert("parallel_tool_calls".into(), json!(false));
+        }
     }
     if let Some(t) = o.get("thinking") {
         match t["type"].as_str() {
@@ -168,7 +173,7 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
                 chat.insert("thinking_token_budget".into(), json!(budget));
             }
             Some("disabled") => {}
-            other => return Err(invalid(format!("thinking.type must be enabled or disabled, got {other:?}"))),
+            other => return Err(invalid(format!("thinking.type must be enabled or disabled, got {}", crate::openai::shown(other)))),
         }
     }
     if o.get("stream").and_then(Value::as_bool) == Some(true) {
@@ -356,8 +361,10 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     crate::charge::caller(&state, &headers).await?;
     let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, true)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
     let messages = crate::openai::chat_messages(&chat.messages)?;
+    // As `messages` renders it: with `tool_choice: none` the tools are left out of the prompt.
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
-    let defs: &[Value] = tools.as_ref().map_or(&[], |t| &t.defs);
+    let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
+    let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
     let text = state.backend.render_chat(&chat.common.model, &messages, defs)?;
     let n = state.backend.tokenize(&chat.common.model, &text, true)?.len();
     Ok(Json(json!({"input_tokens": n})))

@@ -103,12 +103,17 @@ pub fn response_format(v: Option<&Value>) -> Result<Option<tokenomy_core::Gramma
             closed_objects(&mut schema);
             Ok(Some(tokenomy_core::Grammar::JsonSchema(schema)))
         }
-        other => Err(bad(format!("response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"))),
+        other => Err(bad(format!("response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {}", shown(other)))),
     }
 }
 
 /// OpenAI's strict mode, applied to every constrained schema: an object schema that does not
 /// say otherwise allows no properties beyond those it lists (applied recursively).
+/// An optional value as an error message shows it: `"xml"`, or `nothing`.
+pub(crate) fn shown(v: Option<&str>) -> String {
+    v.map_or_else(|| "nothing".to_string(), |s| format!("{s:?}"))
+}
+
 pub fn closed_objects(schema: &mut Value) {
     match schema {
         Value::Object(o) => {
@@ -116,8 +121,11 @@ pub fn closed_objects(schema: &mut Value) {
             if is_object && !o.contains_key("additionalProperties") {
                 o.insert("additionalProperties".into(), json!(false));
             }
-            for v in o.values_mut() {
-                closed_objects(v);
+            // Literal values (`const`, `enum`, `default`, `examples`) are data, not schemas.
+            for (k, v) in o.iter_mut() {
+                if !matches!(k.as_str(), "const" | "enum" | "default" | "examples") {
+                    closed_objects(v);
+                }
             }
         }
         Value::Array(a) => a.iter_mut().for_each(closed_objects),
@@ -160,6 +168,9 @@ pub fn tools(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<Too
     let list = tools.as_array().ok_or_else(|| AppError::invalid_value("tools", "tools must be an array of function definitions"))?;
     if list.len() > TOOLS_MAX {
         return Err(AppError::invalid_value("tools", format!("at most {TOOLS_MAX} tools")));
+    }
+    if list.is_empty() && choice.is_some_and(|c| !c.is_null() && c != "none" && c != "auto") {
+        return Err(AppError::invalid_value("tools", "tools is empty: a required or named tool_choice needs at least one tool"));
     }
     let mut names: Vec<String> = Vec::new();
     for (i, t) in list.iter().enumerate() {
@@ -426,5 +437,16 @@ mod tests {
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(s["properties"]["a"]["additionalProperties"], false);
         assert_eq!(s["properties"]["c"]["additionalProperties"], true, "an explicit choice is kept");
+    }
+
+    #[test]
+    fn literal_values_in_a_schema_are_left_alone() {
+        let lit = json!({"type": "object", "mode": "fast"});
+        let mut s = json!({"type": "object", "properties": {"cfg": {"const": lit.clone(), "default": lit.clone()},
+            "e": {"enum": [{"properties": 1}]}, "x": {"type": "object", "examples": [lit.clone()]}}});
+        closed_objects(&mut s);
+        assert_eq!((&s["properties"]["cfg"]["const"], &s["properties"]["cfg"]["default"]), (&lit, &lit));
+        assert_eq!(s["properties"]["e"]["enum"][0], json!({"properties": 1}));
+        assert_eq!((&s["properties"]["x"]["examples"][0], &s["properties"]["x"]["additionalProperties"]), (&lit, &json!(false)));
     }
 }

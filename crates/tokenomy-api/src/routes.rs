@@ -828,6 +828,11 @@ impl ChoiceReader {
         self.calls.as_ref().is_some_and(|c| c.calls() > 0)
     }
 
+    /// After `finish`: the last call streamed was cut short.
+    fn cut(&self) -> bool {
+        self.calls.as_ref().is_some_and(CallStream::cut)
+    }
+
     fn deltas(&mut self, post: &ChatPost, split: Split, last: bool) -> Vec<Value> {
         let mut out = Vec::new();
         let mut r = json!({});
@@ -911,7 +916,13 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
             for d in reader.finish(&post) {
                 out.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
             }
-            let reason = if reader.called() { "tool_calls" } else { finish_reason(&outcomes, i) };
+            // A call that `max_tokens` cut short was streamed in part: `length`, as OpenAI
+            // says, so that an agent does not run it.
+            let reason = match (reader.cut(), reader.called()) {
+                (true, _) => "length",
+                (false, true) => "tool_calls",
+                (false, false) => finish_reason(&outcomes, i),
+            };
             out.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason(&outcomes, i)}])));
         }
         if include_usage {

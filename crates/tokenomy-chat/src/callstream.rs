@@ -88,11 +88,13 @@ pub struct CallStream {
     sent_content: bool,
     /// At most one call (`parallel_tool_calls: false`): the answer ends with the first.
     one_call: bool,
+    /// The answer ended inside a call's arguments (cut by `max_tokens`).
+    cut: bool,
 }
 
 impl CallStream {
     pub fn new(known: &[&str]) -> Self {
-        CallStream { known: known.iter().map(|s| s.to_string()).collect(), mode: Mode::Text, held: String::new(), calls: 0, sent_content: false, one_call: false }
+        CallStream { known: known.iter().map(|s| s.to_string()).collect(), mode: Mode::Text, held: String::new(), calls: 0, sent_content: false, one_call: false, cut: false }
     }
 
     /// At most one call: once it is complete the answer is settled and the rest is ignored.
@@ -132,6 +134,12 @@ impl CallStream {
         self.calls
     }
 
+    /// After [`finish`](Self::finish): whether the answer ended inside a call's arguments, so
+    /// the last call streamed is incomplete (an agent must not run it).
+    pub fn cut(&self) -> bool {
+        self.cut
+    }
+
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         if self.one_call_done() {
             return Vec::new();
@@ -156,7 +164,8 @@ impl CallStream {
             }
             Mode::Header | Mode::WholeTag => self.whole(&mut out, &format!("{OPEN}{held}")),
             Mode::Rest => self.whole(&mut out, &held),
-            Mode::Args { .. } | Mode::TagEnd => {}
+            Mode::Args { .. } => self.cut = true,
+            Mode::TagEnd => {}
         }
         out
     }

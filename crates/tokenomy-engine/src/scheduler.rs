@@ -241,8 +241,12 @@ impl Scheduler {
     }
 
     /// The free slot that keeps the running slots one run of consecutive indices (see
-    /// [`Self::compact`]), then whose cache shares the longest prefix with `prompt`, then the
-    /// least recently used, then the lowest index.
+    /// [`Self::compact`]), then whose cache loses the fewest tokens `prompt` does not share
+    /// (counted in [`PREFIX_COPY_TOKENS_MIN`]s: fewer are not worth keeping, as they are not
+    /// worth copying), then shares the longest prefix with `prompt`, then the least recently
+    /// used, then the lowest index. So a conversation's next turn lands on its own cache, and a
+    /// request that shares only a system prompt with another conversation takes an empty or
+    /// stale slot (the shared prefix is copied there) instead of overwriting that one.
     fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
         // 2: a hole in the run, 1: next to it (or nothing runs), 0: elsewhere (moved later).
         let run = self.running_range();
@@ -256,7 +260,11 @@ impl Scheduler {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.job.is_none())
-            .max_by_key(|(i, s)| (place(*i), common_prefix(&s.cached, prompt), Reverse(s.last_used_step), Reverse(*i)))
+            .max_by_key(|(i, s)| {
+                let common = common_prefix(&s.cached, prompt);
+                let lost = (s.cached.len() - common) / PREFIX_COPY_TOKENS_MIN;
+                (place(*i), Reverse(lost), common, Reverse(s.last_used_step), Reverse(*i))
+            })
             .map(|(i, _)| i)
     }
 
@@ -661,6 +669,26 @@ mod tests {
         assert!(plan.kv_ops.contains(&KvOp::Truncate { seq: 0, from: 4 }));
         let fed: Vec<TokenId> = plan.batch.iter().filter(|e| e.job == 3).map(|e| e.token).collect();
         assert_eq!(fed, vec![6]);
+    }
+
+    #[test]
+    fn two_conversations_sharing_a_system_prompt_keep_their_own_caches() {
+        let mut s = Scheduler::new(limits(), true);
+        let system: Vec<TokenId> = (1..=8).collect();
+        let turn0 = |own: TokenId| -> Vec<TokenId> { system.iter().copied().chain((0..17).map(|k| own + k)).collect() };
+        let (a0, b0) = (turn0(40), turn0(70));
+        s.submit(job(1, &a0, 1)).unwrap();
+        run_to_end(&mut s);
+        // B shares only the system prompt with A's cache: it takes the empty slot.
+        s.submit(job(2, &b0, 1)).unwrap();
+        assert_eq!(run_to_end(&mut s)[0].admitted, vec![(2, 0)]);
+        // Each next turn (its prompt, its answer, a new question) finds its own cache whole
+        // (the prompt: an answer of one token is sampled, never fed back).
+        let next = |t0: &[TokenId], answer: TokenId| -> Vec<TokenId> { t0.iter().copied().chain([answer, 99, 98]).collect() };
+        s.submit(job(3, &next(&a0, 101), 1)).unwrap();
+        assert_eq!(run_to_end(&mut s)[0].admitted, vec![(3, 25)]);
+        s.submit(job(4, &next(&b0, 102), 1)).unwrap();
+        assert_eq!(run_to_end(&mut s)[0].admitted, vec![(4, 25)], "A's next turn did not take B's cache");
     }
 
     #[test]

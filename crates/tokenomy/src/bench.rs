@@ -257,5 +257,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             println!("  server CPU {c:.1} s: {:.0} CPU-s per million completion tokens", c / (tokens.max(1) as f64) * 1e6);
         }
     }
+    // The report is printed either way; a run where nothing succeeded is a failure to scripts.
+    if errors.len() == results.len() {
+        let hint = match errors.first().map(|e| e.as_str()) {
+            Some(e) if e.contains("401") => " (the server wants an API key: --api-key or TOKENOMY_API_KEY)",
+            _ => "",
+        };
+        bail!("every request failed{hint}: {}", errors.first().map_or("", |e| e.as_str()));
+    }
     Ok(())
 }

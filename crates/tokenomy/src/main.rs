@@ -296,7 +296,12 @@ fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
         .collect()
 }
 
-async fn shutdown_signal() {
+/// How long a graceful shutdown waits for in-flight answers before the process stops anyway
+/// (under systemd's and Kubernetes' own grace periods, so it is not killed mid-settlement).
+const DRAIN_MAX: Duration = Duration::from_secs(25);
+
+/// SIGINT or SIGTERM.
+async fn a_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -312,5 +317,19 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("signal received; finishing in-flight requests");
+}
+
+/// The first signal starts a graceful shutdown: new connections are refused and in-flight
+/// answers finish. A second signal, or [`DRAIN_MAX`] passing, stops the process at once: the
+/// holds of answers cut off then are voided when they time out, as after a crash.
+async fn shutdown_signal() {
+    a_signal().await;
+    tracing::info!("signal received; finishing in-flight requests (a second signal stops at once)");
+    tokio::spawn(async {
+        tokio::select! {
+            _ = a_signal() => tracing::warn!("second signal: stopping now"),
+            _ = tokio::time::sleep(DRAIN_MAX) => tracing::warn!("in-flight requests still running after {DRAIN_MAX:?}: stopping now"),
+        }
+        std::process::exit(1);
+    });
 }

@@ -293,3 +293,41 @@ async fn a_settled_call_stops_the_model_repeating_it() {
     let usage = chunks.iter().find_map(|c| c["usage"]["completion_tokens"].as_u64()).unwrap();
     assert!(usage < 40, "{chunks:?}");
 }
+
+/// A call that `max_tokens` cuts short is reported as `length`, streamed or not (an agent must
+/// not run a call whose arguments were cut), on both APIs; Anthropic's options and history
+/// blocks agents send are taken: `disable_parallel_tool_use`, earlier `thinking` blocks, and
+/// `count_tokens` counts what `tool_choice: none` renders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_by_max_tokens_is_length_and_anthropic_agent_inputs_are_taken() {
+    let s = qwen();
+    for stream in [false, true] {
+        let mut body = ask(json!("required"), stream);
+        body["max_tokens"] = json!(8);
+        let r = post(&s, "/v1/chat/completions", body).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let reason = match stream {
+            false => r.json()["choices"][0]["finish_reason"].clone(),
+            true => {
+                let data = r.sse_data();
+                let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+                chunks.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str().map(|f| json!(f))).unwrap()
+            }
+        };
+        assert_eq!(reason, "length", "stream={stream}: {}", r.text);
+    }
+    let tools = json!([{"name": "get_weather", "input_schema": weather_tool()["function"]["parameters"]}]);
+    let q = json!([{"role": "user", "content": "What is the weather in Paris right now?"}]);
+    let cut = post(&s, "/v1/messages", json!({"model": QWEN, "max_tokens": 8, "temperature": 0, "tools": tools, "tool_choice": {"type": "any"}, "messages": q, "stream": true})).await;
+    assert!(cut.text.contains(r#""stop_reason":"max_tokens""#), "{}", cut.text);
+    let one = json!({"type": "auto", "disable_parallel_tool_use": true});
+    let history = json!([{"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "2+2=4", "signature": ""}, {"type": "redacted_thinking", "data": "x"}, {"type": "text", "text": "4"}]},
+        {"role": "user", "content": "And 3+3?"}]);
+    let r = post(&s, "/v1/messages", json!({"model": QWEN, "max_tokens": 8, "temperature": 0, "tools": tools, "tool_choice": one, "messages": history})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let none = json!({"model": QWEN, "max_tokens": 4, "temperature": 0, "tools": tools, "tool_choice": {"type": "none"}, "messages": q});
+    let counted = post(&s, "/v1/messages/count_tokens", none.clone()).await.json()["input_tokens"].as_u64().unwrap();
+    let u = post(&s, "/v1/messages", none).await.json()["usage"].clone();
+    assert_eq!(counted, u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap_or(0), "{u}");
+}

@@ -39,4 +39,9 @@ fn bench_drives_a_node_and_reports_its_figures() {
 
     let (ok, out) = run(&["bench", "--url", &url, "--streams", "0"], &[]);
     assert!(!ok && out.contains("--streams"), "{out}");
+    // A node that wants a key, asked without one: every request fails, and so does the run.
+    drop(node);
+    let keyed = serve(&["--model", m.to_str().unwrap()]);
+    let (ok, out) = run(&["bench", "--url", &format!("{}/v1", keyed.base), "--streams", "1", "--requests-per-stream", "1", "--max-tokens", "2"], &[]);
+    assert!(!ok && out.contains("every request failed") && out.contains("TOKENOMY_API_KEY"), "{out}");
 }

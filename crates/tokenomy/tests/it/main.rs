@@ -241,3 +241,42 @@ fn no_auth_without_a_local_user_refuses_to_start() {
     assert!(dir.join("admin.key").exists(), "the data dir got an admin key of its own");
     assert!(!dir.join("user.key").exists(), "and no second local user");
 }
+
+/// SIGTERM lets in-flight answers finish and the process exit 0; a second SIGTERM stops it at
+/// once, however long the answers still running would take.
+#[test]
+fn sigterm_drains_and_a_second_one_stops_at_once() {
+    let term = |node: &Node| {
+        let ok = Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().unwrap().success();
+        assert!(ok);
+    };
+    let stream_for = |node: &Node, max_tokens: u32| {
+        let (base, key) = (node.base.clone(), node.user_key());
+        std::thread::spawn(move || {
+            let body = json!({"model": "smollm2", "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
+                "messages": [{"role": "user", "content": "Tell me a long story."}]});
+            let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+            client.post(format!("{base}/v1/chat/completions")).bearer_auth(key).json(&body).send().and_then(|r| r.text()).unwrap_or_default()
+        })
+    };
+    // One signal: the 40-token answer finishes, whole, and the node exits 0.
+    let mut node = serve(&["--model", model(SMOLLM2).to_str().unwrap()]);
+    let short = stream_for(&node, 40);
+    std::thread::sleep(Duration::from_millis(300));
+    term(&node);
+    assert!(short.join().unwrap().trim_end().ends_with("data: [DONE]"), "the answer in flight finished");
+    let status = node.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // Two signals: a 900-token answer (seconds more) is cut and the node is gone at once.
+    let mut node = serve(&["--model", model(SMOLLM2).to_str().unwrap()]);
+    let long = stream_for(&node, 900);
+    std::thread::sleep(Duration::from_millis(500));
+    term(&node);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    term(&node);
+    let status = node.child.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2) && !status.success(), "{status:?} after {:?}", t.elapsed());
+    // (Exit status 1 comes only from the hard stop: a drained node exits 0.)
+    assert!(!long.join().unwrap().contains("data: [DONE]"), "the answer was cut off");
+}
