@@ -439,10 +439,7 @@ fn context_length(state: &AppState, model: &str) -> Result<u32, AppError> {
 /// error must not depend on the balance (a 402 for a request no credit could buy).
 fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32) -> Result<(), AppError> {
     for p in prompts {
-        let (prompt_tokens, requested) = (p.len() as u32, p.len() as u64 + u64::from(max_tokens));
-        if requested > u64::from(ctx) {
-            return Err(tokenomy_core::BackendError::ContextLength { context_length: ctx, requested, prompt_tokens, max_tokens }.into());
-        }
+        tokenomy_core::BackendError::check_context(ctx, p.len(), max_tokens)?;
     }
     Ok(())
 }

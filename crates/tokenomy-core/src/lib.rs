@@ -256,6 +256,20 @@ pub enum BackendError {
     Internal(String),
 }
 
+impl BackendError {
+    /// Whether a prompt of `prompt_tokens` and a completion of up to `max_tokens` fit a context
+    /// of `context_length` tokens: the one check of it, by the engine when it is given a
+    /// request and by the API before anything is charged for it.
+    pub fn check_context(context_length: u32, prompt_tokens: usize, max_tokens: u32) -> Result<(), BackendError> {
+        let requested = prompt_tokens as u64 + u64::from(max_tokens);
+        if requested > u64::from(context_length) {
+            let prompt_tokens = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+            return Err(BackendError::ContextLength { context_length, requested, prompt_tokens, max_tokens });
+        }
+        Ok(())
+    }
+}
+
 /// Anything that produces tokens: the local engine, or (later) a remote upstream.
 ///
 /// API Boundary: the HTTP crate sees models only through this trait.

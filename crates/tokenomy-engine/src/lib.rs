@@ -312,7 +312,6 @@ impl Backend for Engine {
 }
 
 fn validate_prompt(m: &LoadedModel, request: &GenerateRequest) -> Result<(), BackendError> {
-    let prompt_tokens = request.prompt.len() as u32;
     if request.prompt.is_empty() {
         return Err(BackendError::InvalidRequest("the prompt is empty".into()));
     }
@@ -320,12 +319,7 @@ fn validate_prompt(m: &LoadedModel, request: &GenerateRequest) -> Result<(), Bac
     if let Some(bad) = request.prompt.iter().find(|&&t| t < 0 || t >= n_vocab) {
         return Err(BackendError::InvalidRequest(format!("token id {bad} is outside the vocabulary (0..{n_vocab})")));
     }
-    let ctx = m.limits.ctx_tokens_max;
-    let requested = u64::from(prompt_tokens) + u64::from(request.params.max_tokens);
-    if requested > u64::from(ctx) {
-        return Err(BackendError::ContextLength { context_length: ctx, requested, prompt_tokens, max_tokens: request.params.max_tokens });
-    }
-    Ok(())
+    BackendError::check_context(m.limits.ctx_tokens_max, request.prompt.len(), request.params.max_tokens)
 }
 
 #[cfg(test)]
