@@ -365,8 +365,7 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
-    let text = state.backend.render_chat(&chat.common.model, &messages, defs)?;
-    let n = state.backend.tokenize(&chat.common.model, &text, true)?.len();
+    let n = state.backend.render_chat(&chat.common.model, &messages, defs)?.tokens.len();
     Ok(Json(json!({"input_tokens": n})))
 }
 

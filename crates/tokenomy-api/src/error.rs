@@ -81,6 +81,7 @@ impl From<BackendError> for AppError {
                 AppError { code: Some("context_length_exceeded"), ..AppError::invalid(message, Some("messages")) }
             }
             BackendError::InvalidRequest(_) => AppError::invalid(message, None),
+            BackendError::InvalidParam(param, _) => AppError::invalid(message, Some(param)),
             BackendError::Overloaded(_) => AppError::overloaded(message),
             BackendError::Internal(_) => AppError::internal(message),
         }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use tokenomy_core::{ChatMessage, Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
+use tokenomy_core::{ChatMessage, ChatPrompt, Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -166,25 +166,23 @@ fn start(
     echo: bool,
     charge: Option<Charge>,
 ) -> Result<Started, AppError> {
-    let mut choices = Vec::new();
-    let mut outcomes = Vec::new();
-    let mut failure = None;
-    'outer: for prompt in prompts {
+    let mut requests = Vec::with_capacity(prompts.len() * n as usize);
+    for prompt in prompts {
         for j in 0..n {
             let mut p = params.clone();
             p.seed = p.seed.map(|s| s.wrapping_add(u64::from(j)));
-            let req = GenerateRequest { request_id: request_id.clone(), model: model.to_string(), prompt: prompt.clone(), params: p, echo_logprobs: echo };
-            match state.backend.generate(req) {
-                Ok(g) => {
-                    choices.push(Choice { index: choices.len() as u32, events: g.events });
-                    outcomes.push(g.outcome);
-                }
-                Err(e) => {
-                    failure = Some(AppError::from(e));
-                    break 'outer;
-                }
+            requests.push(GenerateRequest { request_id: request_id.clone(), model: model.to_string(), prompt: prompt.clone(), params: p, echo_logprobs: echo });
+        }
+    }
+    let (mut choices, mut outcomes, mut failure) = (Vec::new(), Vec::new(), None);
+    match state.backend.generate(requests) {
+        Ok(generations) => {
+            for (index, g) in (0u32..).zip(generations) {
+                choices.push(Choice { index, events: g.events });
+                outcomes.push(g.outcome);
             }
         }
+        Err(e) => failure = Some(AppError::from(e)),
     }
     let (done_tx, done) = oneshot::channel();
     let (st, rid, m, failed) = (state.clone(), request_id.clone(), model.to_string(), failure.is_some());
@@ -510,7 +508,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let tools = openai::tools(req.tools.as_ref(), req.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
-    let text = state.backend.render_chat(&model, &messages, defs)?;
+    let ChatPrompt { text, tokens: prompt } = state.backend.render_chat(&model, &messages, defs)?;
     let format = reasoning_format(req.reasoning_format.as_deref())?;
     let prefill = messages.last().is_some_and(ChatMessage::is_prefill);
     // The answer starts inside a think block when the prompt left one open: the template's
@@ -571,7 +569,6 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         },
         format,
     };
-    let prompt = state.backend.tokenize(&model, &text, true)?;
     let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
     if asked == Some(0) {
         let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };

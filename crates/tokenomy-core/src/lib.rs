@@ -241,6 +241,15 @@ impl ChatMessage {
     }
 }
 
+/// A chat as the model's template renders it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatPrompt {
+    pub text: String,
+    /// The tokens of `text`, where only what the template itself wrote can be a control token:
+    /// `<|im_start|>` inside a message is text, not a turn boundary.
+    pub tokens: Vec<TokenId>,
+}
+
 /// Errors a backend returns before generation starts. Each maps to one HTTP status.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BackendError {
@@ -250,6 +259,9 @@ pub enum BackendError {
     ContextLength { context_length: u32, requested: u64, prompt_tokens: u32, max_tokens: u32 },
     #[error("{0}")]
     InvalidRequest(String),
+    /// A request parameter (named as the API names it) the model cannot take.
+    #[error("{1}")]
+    InvalidParam(&'static str, String),
     #[error("The server is overloaded: {0}. Retry later.")]
     Overloaded(String),
     #[error("The engine failed: {0}")]
@@ -279,13 +291,14 @@ pub trait Backend: Send + Sync + 'static {
     fn ready(&self) -> bool;
     fn tokenize(&self, model: &str, text: &str, add_special: bool) -> Result<Vec<TokenId>, BackendError>;
     fn detokenize(&self, model: &str, tokens: &[TokenId]) -> Result<String, BackendError>;
-    /// Renders chat messages with the model's chat template, ending with the assistant's turn.
-    /// Renders a chat with the model's template, offering `tools` (OpenAI function
-    /// definitions, `[{"type": "function", "function": {…}}]`) when not empty.
-    fn render_chat(&self, model: &str, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, BackendError>;
-    /// Starts a generation. Fails fast (before any token) on unknown model, context overflow
-    /// or a full queue.
-    fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError>;
+    /// Renders a chat with the model's template, ending with the assistant's turn (or inside
+    /// a prefilled one), offering `tools` (OpenAI function definitions, `[{"type": "function",
+    /// "function": {…}}]`) when not empty, and tokenizes it.
+    fn render_chat(&self, model: &str, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<ChatPrompt, BackendError>;
+    /// Starts the generations of one API request (its prompts × `n`), all or none: fails fast,
+    /// before any token and with none started, on an unknown model, context overflow, more
+    /// generations than the model can ever queue (`InvalidRequest`) or a full queue (`Overloaded`).
+    fn generate(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>, BackendError>;
     /// Backend metrics in Prometheus text exposition format.
     fn metrics_text(&self) -> String {
         String::new()

@@ -13,6 +13,7 @@
 mod constraint;
 pub mod gguf;
 pub mod metrics;
+mod prompt;
 pub mod sampler;
 pub mod scheduler;
 pub mod template;
@@ -20,7 +21,7 @@ pub mod text;
 mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 
@@ -30,7 +31,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use sha2::{Digest, Sha256};
 use tokenomy_core::{
-    Backend, BackendError, ChatMessage, Generation, GenerateRequest, ModelInfo, TokenId,
+    Backend, BackendError, ChatMessage, ChatPrompt, Generation, GenerateRequest, ModelInfo, TokenId,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -95,10 +96,35 @@ struct LoadedModel {
     sha256: Arc<OnceLock<String>>,
     model: Arc<LlamaModel>,
     template: Option<ChatTemplate>,
+    specials: prompt::Specials,
     grammars: constraint::Compiler,
     tx: SyncSender<Submission>,
+    queued: Arc<Queued>,
     limits: Limits,
     metrics: Arc<Metrics>,
+}
+
+/// Generations handed to a model's worker and not yet given a slot: the one count that
+/// `--queue-max` bounds. A request reserves places for all its generations (prompts × `n`) at
+/// once in [`Backend::generate`], and the worker releases each when its generation is
+/// admitted to a slot or ends while still waiting (cancelled, rejected).
+#[derive(Debug, Default)]
+pub(crate) struct Queued(AtomicUsize);
+
+impl Queued {
+    /// Takes `n` places if all fit under `max`.
+    fn reserve(&self, n: usize, max: usize) -> bool {
+        self.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + n <= max).then_some(w + n)).is_ok()
+    }
+
+    pub(crate) fn release(&self, n: usize) {
+        let before = self.0.fetch_sub(n, Ordering::SeqCst);
+        assert!(before >= n, "released {n} queue places of {before}");
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// The local engine: one worker per loaded model.
@@ -116,6 +142,49 @@ impl Engine {
 
     fn get(&self, name: &str) -> Result<&LoadedModel, BackendError> {
         self.models.iter().find(|m| m.info.name == name).ok_or_else(|| BackendError::UnknownModel(name.to_string()))
+    }
+
+    /// What the worker needs to run one generation, and the caller's ends of its channels.
+    fn submission(&self, m: &LoadedModel, request: GenerateRequest) -> Result<(Submission, Generation), BackendError> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (outcome_tx, outcome) = oneshot::channel();
+        let p = request.params;
+        let constraint = match &p.grammar {
+            Some(g) => Some(m.grammars.matcher(&m.model, g).map_err(BackendError::InvalidRequest)?),
+            None => None,
+        };
+        let spec = JobSpec {
+            id: self.next_job.fetch_add(1, Ordering::Relaxed),
+            prompt: request.prompt,
+            max_tokens: p.max_tokens,
+            echo_logits: request.echo_logprobs,
+        };
+        let sub = Submission {
+            sampler: Sampler::new(p.clone(), &spec.prompt),
+            spec,
+            stops: p.stop,
+            logprobs_top: p.logprobs,
+            ignore_eos: p.ignore_eos,
+            reasoning: p.reasoning,
+            reasoning_budget: p.reasoning_budget,
+            close_reasoning: match p.reasoning_budget {
+                Some(_) => m.model.vocab().tokenize(b"\n</think>\n\n", false, true).into_iter().map(|t| t.0).collect(),
+                None => Vec::new(),
+            },
+            constraint,
+            events: events_tx,
+            outcome: outcome_tx,
+        };
+        Ok((sub, Generation { events, outcome }))
+    }
+
+    /// `text` cut at its special tokens by the engine, its pieces tokenized as plain text: how
+    /// [`Backend::render_chat`] tokenizes a prompt when a message holds a control token's
+    /// text. Public so that tests hold it to llama.cpp's own tokenization of texts without any.
+    #[doc(hidden)]
+    pub fn tokenize_in_fragments(&self, model: &str, text: &str) -> Result<Vec<TokenId>, BackendError> {
+        let m = self.get(model)?;
+        Ok(m.specials.tokenize(&m.model, text, &[], true))
     }
 
     /// Per-sequence context limit of a model.
@@ -143,7 +212,8 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
         has_chat_template: template.is_some(),
     };
     let prefix_reuse = summary.sliding_window.is_none() && !model.is_recurrent() && !model.is_hybrid();
-    let tx = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse }, metrics.clone())?;
+    let queued = Arc::new(Queued::default());
+    let tx = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse, queued: queued.clone() }, metrics.clone())?;
     let sha256 = Arc::new(OnceLock::new());
     let (cell, path) = (sha256.clone(), cfg.path.clone());
     std::thread::Builder::new()
@@ -153,7 +223,8 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
             Err(e) => tracing::warn!(error = %e, "cannot hash the model file"),
         })
         .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
-    Ok(LoadedModel { info, sha256, model, template, grammars: Default::default(), tx, limits, metrics })
+    let specials = prompt::Specials::of(&model);
+    Ok(LoadedModel { info, sha256, model, template, specials, grammars: Default::default(), tx, queued, limits, metrics })
 }
 
 /// Cells of one KV stream come in multiples of this (llama.cpp pads each stream to it).
@@ -247,59 +318,71 @@ impl Backend for Engine {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    fn render_chat(&self, model: &str, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, BackendError> {
+    fn render_chat(&self, model: &str, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<ChatPrompt, BackendError> {
         let m = self.get(model)?;
         let template = m.template.as_ref().ok_or_else(|| {
             BackendError::InvalidRequest(format!(
                 "the model `{model}` has no chat template in its GGUF file; use /v1/completions, or start the server with --chat-template chatml|gemma|FILE"
             ))
         })?;
-        let mut text = template.render(messages, tools).map_err(BackendError::InvalidRequest)?;
+        let (messages, tools): (Vec<ChatMessage>, Vec<serde_json::Value>) =
+            (m.specials.wrap_messages(messages), tools.iter().map(|t| m.specials.wrap_value(t)).collect());
+        let marked = template.render(&messages, &tools).map_err(BackendError::InvalidRequest)?;
+        let (mut text, mut plain) = prompt::unmark(&marked);
         // The tokenizer adds BOS itself (add_special); a template that also writes it would double it.
         let bos = template.bos_token();
         if !bos.is_empty() && m.model.vocab().should_add_bos() && text.starts_with(bos) {
             text.drain(..bos.len());
+            plain.iter_mut().for_each(|r| *r = r.start.saturating_sub(bos.len())..r.end.saturating_sub(bos.len()));
         }
-        Ok(text)
+        let tokens = match plain.is_empty() {
+            true => m.model.vocab().tokenize(text.as_bytes(), true, true).into_iter().map(|t| t.0).collect(),
+            false => m.specials.tokenize(&m.model, &text, &plain, true),
+        };
+        Ok(ChatPrompt { text, tokens })
     }
 
-    fn generate(&self, request: GenerateRequest) -> Result<Generation, BackendError> {
-        let m = self.get(&request.model)?;
-        validate_prompt(m, &request)?;
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let (outcome_tx, outcome) = oneshot::channel();
-        let p = request.params;
-        let constraint = match &p.grammar {
-            Some(g) => Some(m.grammars.matcher(&m.model, g).map_err(BackendError::InvalidRequest)?),
-            None => None,
-        };
-        let spec = JobSpec {
-            id: self.next_job.fetch_add(1, Ordering::Relaxed),
-            prompt: request.prompt,
-            max_tokens: p.max_tokens,
-            echo_logits: request.echo_logprobs,
-        };
-        let sub = Submission {
-            sampler: Sampler::new(p.clone(), &spec.prompt),
-            spec,
-            stops: p.stop,
-            logprobs_top: p.logprobs,
-            ignore_eos: p.ignore_eos,
-            reasoning: p.reasoning,
-            reasoning_budget: p.reasoning_budget,
-            close_reasoning: match p.reasoning_budget {
-                Some(_) => m.model.vocab().tokenize(b"\n</think>\n\n", false, true).into_iter().map(|t| t.0).collect(),
-                None => Vec::new(),
-            },
-            constraint,
-            events: events_tx,
-            outcome: outcome_tx,
-        };
-        match m.tx.try_send(sub) {
-            Ok(()) => Ok(Generation { events, outcome }),
-            Err(TrySendError::Full(_)) => Err(BackendError::Overloaded(format!("{} requests are already queued for `{}`", m.limits.queue_max, m.info.name))),
-            Err(TrySendError::Disconnected(_)) => Err(BackendError::Internal("the model's worker has stopped".into())),
+    fn generate(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>, BackendError> {
+        let Some(first) = requests.first() else { return Ok(Vec::new()) };
+        let m = self.get(&first.model)?;
+        if let Some(other) = requests.iter().find(|r| r.model != first.model) {
+            return Err(BackendError::InvalidRequest(format!("one request cannot mix models (`{}` and `{}`)", first.model, other.model)));
         }
+        let (wanted, queue_max) = (requests.len(), m.limits.queue_max);
+        if wanted > queue_max {
+            return Err(BackendError::InvalidRequest(format!(
+                "this request asks for {wanted} generations (prompts × n) and `{}` queues at most {queue_max} (--queue-max)",
+                m.info.name
+            )));
+        }
+        let mut subs = Vec::with_capacity(wanted);
+        let mut generations = Vec::with_capacity(wanted);
+        for request in requests {
+            validate_prompt(m, &request)?;
+            let (sub, generation) = self.submission(m, request)?;
+            subs.push(sub);
+            generations.push(generation);
+        }
+        if !m.queued.reserve(wanted, queue_max) {
+            return Err(BackendError::Overloaded(format!(
+                "`{}` has {} of its {queue_max} queue places taken (--queue-max); try again shortly",
+                m.info.name,
+                m.queued.len()
+            )));
+        }
+        let mut unsent = wanted;
+        for sub in subs {
+            if let Err(e) = m.tx.try_send(sub) {
+                // Those sent are cancelled by the worker once it sees their receivers dropped.
+                m.queued.release(unsent);
+                return Err(BackendError::Internal(match e {
+                    TrySendError::Disconnected(_) => "the model's worker has stopped".into(),
+                    TrySendError::Full(_) => "the model's queue is full although its places were reserved".into(),
+                }));
+            }
+            unsent -= 1;
+        }
+        Ok(generations)
     }
 
     fn metrics_text(&self) -> String {
@@ -318,6 +401,10 @@ fn validate_prompt(m: &LoadedModel, request: &GenerateRequest) -> Result<(), Bac
     let n_vocab = m.model.n_vocab();
     if let Some(bad) = request.prompt.iter().find(|&&t| t < 0 || t >= n_vocab) {
         return Err(BackendError::InvalidRequest(format!("token id {bad} is outside the vocabulary (0..{n_vocab})")));
+    }
+    if let Some((bad, _)) = request.params.logit_bias.iter().find(|&&(t, _)| t < 0 || t >= n_vocab) {
+        let msg = format!("logit_bias names token id {bad}, outside the vocabulary of `{}` (0..{n_vocab})", m.info.name);
+        return Err(BackendError::InvalidParam("logit_bias", msg));
     }
     BackendError::check_context(m.limits.ctx_tokens_max, request.prompt.len(), request.params.max_tokens)
 }

@@ -54,9 +54,17 @@ struct Running {
     /// Tokens to emit next instead of sampling (the think block closed at its budget).
     forced: std::collections::VecDeque<TokenId>,
     budget_spent: bool,
+    /// Holds a queue place (until admitted to a slot).
+    queued: bool,
 }
 
 impl Running {
+    fn leave_queue(&mut self, queued: &crate::Queued) {
+        if std::mem::take(&mut self.queued) {
+            queued.release(1);
+        }
+    }
+
     /// Once the think block has used its budget, the tokens that close it come next.
     fn close_reasoning_at_budget(&mut self) {
         let (Some(budget), Some(r)) = (self.sub.reasoning_budget, self.reasoning.as_ref()) else { return };
@@ -71,6 +79,8 @@ pub struct WorkerConfig {
     pub limits: Limits,
     pub threads: i32,
     pub prefix_reuse: bool,
+    /// Shared with the engine's `generate`, which takes the places this worker releases.
+    pub queued: Arc<crate::Queued>,
 }
 
 /// Runs until every sender of `rx` is dropped. Calls `ready` once the context exists.
@@ -109,6 +119,7 @@ pub fn run(
         eog: eog_tokens(&model),
         logits: Vec::new(),
         metrics,
+        queued: config.queued,
     };
     w.run(rx);
 }
@@ -125,6 +136,7 @@ struct Worker<'m> {
     /// vocabulary-sized `Vec` is an mmap and page faults every time).
     logits: Vec<f32>,
     metrics: Arc<Metrics>,
+    queued: Arc<crate::Queued>,
 }
 
 impl Worker<'_> {
@@ -139,6 +151,7 @@ impl Worker<'_> {
                 if let Some(job) = self.jobs.get_mut(id) {
                     job.usage.cached_tokens = *cached;
                     job.usage.prompt_tokens = *cached;
+                    job.leave_queue(&self.queued);
                 }
             }
             self.apply_kv_ops(&plan.kv_ops);
@@ -178,7 +191,8 @@ impl Worker<'_> {
                 Err(_) => return false,
             }
         }
-        while self.sched.waiting_len() < self.sched.limits().queue_max {
+        // The channel holds no more than the queue places `generate` reserved.
+        loop {
             match rx.try_recv() {
                 Ok(sub) => self.accept(sub),
                 Err(TryRecvError::Empty) => break,
@@ -194,6 +208,7 @@ impl Worker<'_> {
         if let Err(e) = self.sched.submit(spec) {
             let msg = format!("rejected by the scheduler: {e:?}");
             let _ = sub.outcome.send(Outcome { finish_reason: FinishReason::Error, usage: Usage::default(), text: String::new(), error: Some(msg), stop_sequence: None });
+            self.queued.release(1);
             return;
         }
         let text = TextStream::new(sub.stops.clone());
@@ -206,7 +221,8 @@ impl Worker<'_> {
             ReasoningMode::Detect => Some(ReasoningSplitter::new(Start::Detect)),
         };
         let forced = std::collections::VecDeque::new();
-        self.jobs.insert(id, Running { sub, text, output: String::new(), usage, prompt_logprobs: Some(Vec::new()), reasoning, forced, budget_spent: false });
+        let job = Running { sub, text, output: String::new(), usage, prompt_logprobs: Some(Vec::new()), reasoning, forced, budget_spent: false, queued: true };
+        self.jobs.insert(id, job);
     }
 
     fn drop_cancelled(&mut self) {
@@ -347,6 +363,7 @@ impl Worker<'_> {
     fn finish(&mut self, id: JobId, reason: FinishReason, error: Option<String>) {
         self.sched.finish(id);
         let Some(mut job) = self.jobs.remove(&id) else { return };
+        job.leave_queue(&self.queued);
         let tail = job.text.finish();
         if !tail.is_empty() {
             job.output.push_str(&tail);
@@ -369,7 +386,7 @@ impl Worker<'_> {
 
     fn publish_gauges(&self) {
         self.metrics.set_gauges(
-            self.sched.waiting_len() as u64,
+            self.queued.len() as u64,
             self.sched.running_len() as u64,
             self.sched.reserved_cells() as u64,
             self.sched.cached_cells() as u64,

@@ -67,6 +67,8 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         ("top_logprobs", json!(50)),
         ("logit_bias", json!({"abc": 1})),
         ("logit_bias", json!({"5": 500})),
+        ("logit_bias", json!({"49152": 5})),
+        ("logit_bias", json!({"-3": 5})),
         ("stop", json!(["a", "b", "c", "d", "e"])),
     ] {
         let mut body = base.clone();
@@ -148,4 +150,75 @@ async fn overload_is_a_429_with_retry_after_and_everyone_else_is_answered() {
     assert!(ok >= 1 && busy >= 1, "ok={ok} busy={busy}");
     // and it keeps serving
     assert_eq!(post(&s, "/v1/completions", body).await.status, StatusCode::OK);
+}
+
+/// `--queue-max` bounds one count: generations waiting for a slot, from the API's call until
+/// admission. A busy node with a full queue refuses the next request (it used to take a second
+/// queue's worth into the worker's channel), a request whose choices could never all queue is a
+/// 400, and places come back when a waiting request is admitted or its client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_holds_queue_max_generations_and_gives_places_back() {
+    use http_body_util::BodyExt;
+    let s = AppState::new(
+        std::sync::Arc::new(engine_with(|c| {
+            c.slots = 1;
+            c.queue_max = 2;
+        })),
+        ApiConfig::default(),
+    );
+    let queued = |s: AppState| async move {
+        let m = send(&s, "GET", "/metrics", None).await.text;
+        let line = m.lines().find(|l| l.starts_with("tokenomy_queue_depth")).expect("queue gauge").to_string();
+        line.split_whitespace().last().unwrap().parse::<f64>().unwrap() as u64
+    };
+    let stream = |s: AppState, max_tokens: u32| async move {
+        let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let resp = tower::ServiceExt::oneshot(tokenomy_api::app(s), req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body()
+    };
+    let until = |s: AppState, want: u64| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while queued(s.clone()).await != want {
+            assert!(std::time::Instant::now() < deadline, "the queue never held {want}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let n3 = json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1, "n": 3});
+    let e = assert_error(&post(&s, "/v1/completions", n3).await, StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().contains("--queue-max"), "{e}");
+
+    // One runs (its first token came, so it holds the slot), two wait: the queue is full.
+    let mut running = stream(s.clone(), 2_000).await;
+    running.frame().await.unwrap().unwrap();
+    until(s.clone(), 0).await;
+    let waiting = [stream(s.clone(), 4).await, stream(s.clone(), 4).await];
+    until(s.clone(), 2).await;
+    let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1})).await;
+    assert!(r.headers.contains_key("retry-after"));
+    let e = assert_error(&r, StatusCode::TOO_MANY_REQUESTS);
+    assert!(e["message"].as_str().unwrap().contains("2 of its 2 queue places"), "{e}");
+    let n2 = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1, "n": 2})).await;
+    assert_error(&n2, StatusCode::TOO_MANY_REQUESTS);
+
+    // Clients that leave while waiting give their places back; so does admission.
+    drop(waiting);
+    until(s.clone(), 0).await;
+    let both = [stream(s.clone(), 4).await, stream(s.clone(), 4).await];
+    until(s.clone(), 2).await;
+    drop(running);
+    for mut b in both {
+        while let Some(frame) = b.frame().await {
+            frame.unwrap();
+        }
+    }
+    assert_eq!(queued(s.clone()).await, 0);
+    let v = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1, "n": 2})).await.json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2, "{v}");
 }

@@ -87,8 +87,9 @@ async fn prompts_token_ids_and_greedy_answers_match_llama_server() {
             let engine = r.engine();
             let s = AppState::new(engine.clone(), ApiConfig::default());
             let rendered = engine.render_chat(r.model, &messages(&case["messages"]), &[]).unwrap();
-            let got = engine.tokenize(r.model, &rendered, true).unwrap();
+            let got = rendered.tokens.clone();
             assert_eq!(got, ids(&case["prompt_token_ids"]), "{}: prompt tokens differ\nours: {rendered:?}\ntheirs: {:?}", r.model, case["prompt"]);
+            assert_eq!(got, engine.tokenize(r.model, &rendered.text, true).unwrap());
             let body = json!({"model": r.model, "messages": case["messages"], "temperature": 0, "max_tokens": max_tokens});
             let v = post(&s, "/v1/chat/completions", body).await.json();
             let answer = |content: &Value, usage: &Value, finish: &Value| {
@@ -139,4 +140,47 @@ async fn perplexity_through_echo_logprobs_matches_llama_perplexity() {
     let rel = (ppl - want).abs() / want;
     eprintln!("perplexity {ppl:.4} vs llama-perplexity {want:.4} ({:.3} % apart)", rel * 100.0);
     assert!(rel < 0.01, "perplexity {ppl:.4} vs llama-perplexity {want:.4} ({:.2} % apart)", rel * 100.0);
+}
+
+/// When a message holds a control token's text, the engine cuts the prompt at special tokens
+/// itself (llama.cpp cannot be told to leave some of them as text). On texts without such
+/// messages that cut must give llama.cpp's own tokens: checked on the recorded texts and
+/// prompts, on strings that stress the cut (adjacent and leading special tokens, spaces around
+/// them, user-defined tokens, Unicode), for the three model families (BPE and SentencePiece).
+#[test]
+fn the_engines_own_cut_at_special_tokens_gives_llama_cpps_tokens() {
+    let mut texts: Vec<String> = vec![
+        "<|im_start|><|im_end|>".into(),
+        "<|im_start|>user\n  Hi there  <|im_end|>\n<|im_start|>assistant\n".into(),
+        " leading space then <|endoftext|> and trailing  ".into(),
+        "<tool_call>\n{\"name\": \"f\"}\n</tool_call><|im_end|>".into(),
+        "<bos><start_of_turn>user\nHé, 東京 ❤ <end_of_turn>\n<start_of_turn>model\n".into(),
+        "no special tokens at all, just text\n\n\twith tabs".into(),
+        "<|fim_prefix|>def f():<|fim_suffix|>\n<|fim_middle|>".into(),
+        "<<|im_start|>>|im_end|>".into(),
+        String::new(),
+    ];
+    for r in &REFERENCES {
+        let data = &r.json()[0];
+        texts.extend(data["texts"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()));
+        texts.extend(data["chats"].as_array().unwrap().iter().map(|c| c["prompt"].as_str().unwrap().to_string()));
+    }
+    let models = [
+        (MODEL, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"),
+    ];
+    for (name, file) in models {
+        let path = models_dir().join(file);
+        assert!(path.is_file(), "{} missing: run scripts/fetch-test-models.sh", path.display());
+        let mut c = ModelConfig::new(name, path);
+        c.slots = 1;
+        c.ctx_tokens_max = Some(256);
+        let engine = Engine::load(&[c]).expect("model loads");
+        for text in &texts {
+            let ours = engine.tokenize_in_fragments(name, text).unwrap();
+            let theirs = engine.tokenize(name, text, true).unwrap();
+            assert_eq!(ours, theirs, "{name}: {text:?}");
+        }
+    }
 }
