@@ -154,11 +154,38 @@ pub struct Hold {
     pub price: Price,
     pub held_micros: i64,
     pub started_at_ms: i64,
-    /// Tokens reserved against the key's TPM until the request is settled or voided.
-    tpm_reserved: u64,
+    /// Tokens reserved against the key's TPM until the request is settled, voided or dropped.
+    tpm: TpmReservation,
     hold: Option<Transfer>,
     /// Keeps the hold alive while the request is served; dropped with the `Hold`.
     _live: Option<LiveGuard>,
+}
+
+/// A request's tokens reserved against its key's TPM: replaced by the tokens it used when its
+/// hold is settled, and released as unused when the hold is voided, refused or dropped (a
+/// request task that fails in any way), so no reservation outlives its request.
+#[derive(Debug)]
+struct TpmReservation {
+    limiter: Arc<Mutex<ratelimit::RateLimiter>>,
+    key: KeyId,
+    limits: Limits,
+    /// `None` once settled.
+    reserved: Option<u64>,
+}
+
+impl TpmReservation {
+    fn settle(&mut self, used: u64) {
+        if let Some(reserved) = self.reserved.take() {
+            let mut l = self.limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            l.settle_tokens(self.key, self.limits, reserved, used, tokenomy_ledger::now_ms());
+        }
+    }
+}
+
+impl Drop for TpmReservation {
+    fn drop(&mut self) {
+        self.settle(0);
+    }
 }
 
 /// The holds of requests this node is serving, with their current expiry: the upkeep task
@@ -237,7 +264,7 @@ pub struct Billing {
     signer: SignerKey,
     data_dir: PathBuf,
     log: tokio::sync::Mutex<log::LogState>,
-    limiter: Mutex<ratelimit::RateLimiter>,
+    limiter: Arc<Mutex<ratelimit::RateLimiter>>,
     live: Arc<LiveHolds>,
     /// Settlements being retried in the background (at most [`SETTLE_RETRIES_MAX`]).
     settle_retries: Arc<std::sync::atomic::AtomicUsize>,
@@ -480,10 +507,11 @@ impl Billing {
             return Err(BillingError::Invalid(format!("this request could cost {worst} micro-credits, more than one charge may be; lower max_tokens")));
         }
         let now = tokenomy_ledger::now_ms();
-        let tpm_reserved = {
+        let reserved = {
             let mut l = self.limiter.lock().expect("limiter lock");
             l.reserve_tokens(p.key_id, p.limits, req.prompt_tokens.saturating_add(req.completion_tokens_max), now).map_err(BillingError::RateLimited)?
         };
+        let tpm = TpmReservation { limiter: self.limiter.clone(), key: p.key_id, limits: p.limits, reserved: Some(reserved) };
         let mut h = Hold {
             principal: p.clone(),
             request_id: req.request_id.clone(),
@@ -492,7 +520,7 @@ impl Billing {
             price: self.price(&req.model),
             held_micros: worst,
             started_at_ms: now,
-            tpm_reserved,
+            tpm,
             hold: None,
             _live: None,
         };
@@ -505,10 +533,7 @@ impl Billing {
         };
         let t = match placed {
             Ok(t) => t,
-            Err(e) => {
-                self.settle_tpm(&h, 0); // refused: nothing will run
-                return Err(e);
-            }
+            Err(e) => return Err(e), // refused: dropping `h` releases its reservation
         };
         h._live = Some(self.live.guard(&t));
         h.hold = Some(t);
@@ -571,11 +596,11 @@ impl Billing {
 
     /// Posts the exact cost of what was served, releases the rest, and appends the receipt.
     /// `None` when nothing was charged (a free model or zero cost).
-    pub async fn settle(&self, h: Hold, s: Served) -> Result<Option<ReceiptRef>> {
+    pub async fn settle(&self, mut h: Hold, s: Served) -> Result<Option<ReceiptRef>> {
         let u = &s.usage;
         let (prompt, cached, completion, reasoning) =
             (u64::from(u.prompt_tokens), u64::from(u.cached_tokens), u64::from(u.completion_tokens), u64::from(u.reasoning_tokens));
-        self.settle_tpm(&h, prompt + completion);
+        h.tpm.settle(prompt + completion);
         let usage = tokenomy_ledger::Usage::from_openai(prompt, cached, completion, reasoning);
         let cost = cost_micros(usage, h.price)?;
         let Some(hold) = h.hold.as_ref() else { return Ok(None) };
@@ -653,18 +678,12 @@ impl Billing {
     }
 
     /// Releases a hold without charging (the engine failed before serving anything).
-    pub async fn void(&self, h: Hold) -> Result<()> {
-        self.settle_tpm(&h, 0);
-        if let Some(t) = h.hold {
+    pub async fn void(&self, mut h: Hold) -> Result<()> {
+        h.tpm.settle(0);
+        if let Some(t) = h.hold.take() {
             self.store.void(t.id).await?;
         }
         Ok(())
-    }
-
-    /// Replaces the hold's TPM reservation by the tokens it used.
-    fn settle_tpm(&self, h: &Hold, used: u64) {
-        let mut l = self.limiter.lock().expect("limiter lock");
-        l.settle_tokens(h.principal.key_id, h.principal.limits, h.tpm_reserved, used, tokenomy_ledger::now_ms());
     }
 
     // ----------------------------------------------------------------- the log

@@ -20,7 +20,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokenomy_ledger::{AccountId, AccountKind, AnyStore, LedgerStore, PgStore, SqliteStore, OPERATOR_REVENUE};
 use tokenomy_receipts::SignerKey;
@@ -184,7 +184,7 @@ impl Billing {
             signer,
             data_dir: dir.clone(),
             log: tokio::sync::Mutex::new(log),
-            limiter: Mutex::new(Default::default()),
+            limiter: Default::default(),
             live: Default::default(),
             settle_retries: Default::default(),
             _data_dir_lock: data_dir_lock,

@@ -443,3 +443,33 @@ async fn a_settlement_that_fails_while_the_database_is_away_is_retried_not_dropp
     assert_eq!(acc.balance_micros, before - charges.iter().sum::<i64>());
     assert!(b.store().check().await.unwrap().ok);
 }
+
+/// A request's tokens reserved against its key's TPM come back when its hold goes away in
+/// any way: settled (replaced by what it used), voided, or dropped unsettled (a request task
+/// that failed); before, a dropped hold kept its reservation until the node restarted.
+#[tokio::test]
+async fn a_holds_tpm_reservation_is_released_however_the_hold_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    let admin = b.authenticate(Some(&first.unwrap().admin_key)).await.unwrap();
+    let acc = b.create_account("agent", tokenomy_ledger::AccountKind::User).await.unwrap();
+    b.mint(acc.id, 10_000_000, "tpm-test-grant", &admin).await.unwrap();
+    let (_, key) = b.create_key(acc.id, &["inference".into()], None, Some(1_000), Default::default()).await.unwrap();
+    let p = b.authenticate(Some(&key)).await.unwrap();
+    // Two requests of 910 tokens fill more than the minute's 1 000: a third waits.
+    let limited = |r: Result<tokenomy_billing::Hold, BillingError>| matches!(r, Err(BillingError::RateLimited(_)));
+    for end in ["drop", "void"] {
+        let (a, c) = (b.hold(&p, &req("a", 10, 900)).await.unwrap(), b.hold(&p, &req("c", 10, 900)).await.unwrap());
+        assert!(limited(b.hold(&p, &req("x", 10, 900)).await), "{end}: the window is full");
+        match end {
+            "drop" => drop((a, c)),
+            _ => {
+                b.void(a).await.unwrap();
+                b.void(c).await.unwrap();
+            }
+        }
+        let again = b.hold(&p, &req("y", 10, 900)).await;
+        assert!(again.is_ok(), "{end}: the reservations came back: {again:?}");
+        b.void(again.unwrap()).await.unwrap();
+    }
+}
