@@ -42,7 +42,11 @@ struct Special {
 
 /// A model's special tokens, longest text first (llama.cpp's order).
 #[derive(Debug, Clone, Default)]
-pub struct Specials(Vec<Special>);
+pub struct Specials {
+    all: Vec<Special>,
+    /// The first characters of the control tokens' texts (wrapping looks further only there).
+    control_starts: Vec<char>,
+}
 
 impl Specials {
     pub fn of(model: &LlamaModel) -> Specials {
@@ -63,12 +67,19 @@ impl Specials {
                 rstrip: attr.contains(LlamaTokenAttr::RStrip),
             });
         }
+        Specials::new(all)
+    }
+
+    fn new(mut all: Vec<Special>) -> Specials {
         all.sort_by_key(|s| std::cmp::Reverse(s.text.len()));
-        Specials(all)
+        let mut control_starts: Vec<char> = all.iter().filter(|s| s.control).filter_map(|s| s.text.chars().next()).collect();
+        control_starts.sort_unstable();
+        control_starts.dedup();
+        Specials { all, control_starts }
     }
 
     fn controls(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().filter(|s| s.control).map(|s| s.text.as_str())
+        self.all.iter().filter(|s| s.control).map(|s| s.text.as_str())
     }
 
     /// `text` with the markers removed and each control token's text wrapped in them.
@@ -77,7 +88,8 @@ impl Specials {
         let text: String = text.chars().filter(|&c| c != OPEN && c != CLOSE).collect();
         let mut rest = text.as_str();
         'scan: while let Some(c) = rest.chars().next() {
-            for s in self.controls() {
+            let maybe = self.control_starts.binary_search(&c).is_ok();
+            for s in self.controls().filter(|_| maybe) {
                 if rest.starts_with(s) {
                     out.push(OPEN);
                     out.push_str(s);
@@ -140,7 +152,7 @@ impl Specials {
     /// cuts it: each token in turn, longest first, over the text fragments left so far.
     fn partition(&self, text: &str, plain: &[Range<usize>]) -> Vec<Fragment> {
         let mut frags = vec![Fragment::Text(0..text.len())];
-        for s in &self.0 {
+        for s in &self.all {
             let mut next = Vec::with_capacity(frags.len());
             for f in frags {
                 match f {
@@ -223,9 +235,7 @@ mod tests {
 
     fn specials() -> Specials {
         let s = |text: &str, id, control| Special { text: text.into(), id, control, lstrip: false, rstrip: false };
-        let mut v = vec![s("<|im_start|>", 1, true), s("<|im_end|>", 2, true), s("<tool_call>", 3, false)];
-        v.sort_by_key(|s| std::cmp::Reverse(s.text.len()));
-        Specials(v)
+        Specials::new(vec![s("<|im_start|>", 1, true), s("<|im_end|>", 2, true), s("<tool_call>", 3, false)])
     }
 
     #[test]
