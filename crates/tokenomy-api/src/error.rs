@@ -134,6 +134,13 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 allowance: Some(Box::new(l.allowance)),
                 ..base
             },
+            B::Unavailable(_) => AppError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                code: Some("ledger_unavailable"),
+                retry_after_s: Some(2),
+                ..base
+            },
             B::Internal(_) => AppError::internal(base.message),
         }
     }

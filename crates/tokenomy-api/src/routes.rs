@@ -1145,12 +1145,18 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// `GET /ready`: 200 once the models are loaded and the ledger answers; 503 otherwise, so a
+/// load balancer stops sending a node requests it could not charge.
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.backend.ready() {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response()
+    if !state.backend.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response();
     }
+    if let Some(b) = &state.billing {
+        if let Err(e) = b.ledger_reachable().await {
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "ledger_unavailable", "error": e.to_string()}))).into_response();
+        }
+    }
+    Json(json!({"status": "ready"})).into_response()
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

@@ -42,6 +42,13 @@ pub struct BillingSettings {
     pub hold_timeout_ms: i64,
     pub expire_interval_ms: u64,
     pub checkpoint_interval_ms: u64,
+    /// Added after the first release: files written before it lack it.
+    #[serde(default = "default_ledger_timeout_ms")]
+    pub ledger_timeout_ms: u64,
+}
+
+fn default_ledger_timeout_ms() -> u64 {
+    tokenomy_ledger::any::PG_OPERATION_TIMEOUT_MS
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +95,7 @@ impl NodeConfig {
                 "hold_timeout_ms" => b.hold_timeout_ms = n,
                 "expire_interval_ms" => b.expire_interval_ms = n.max(0) as u64,
                 "checkpoint_interval_ms" => b.checkpoint_interval_ms = n.max(0) as u64,
+                "ledger_timeout_ms" => b.ledger_timeout_ms = n.max(0) as u64,
                 f => return Err(format!("{key}: unknown billing field {f}")),
             }
         }
@@ -111,6 +119,9 @@ impl NodeConfig {
         }
         if b.expire_interval_ms == 0 || b.checkpoint_interval_ms == 0 {
             return Err("intervals must be > 0".into());
+        }
+        if !(100..=600_000).contains(&b.ledger_timeout_ms) {
+            return Err("ledger_timeout_ms must be in 100..=600000".into());
         }
         Ok(())
     }

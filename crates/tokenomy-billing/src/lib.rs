@@ -73,6 +73,9 @@ pub enum BillingError {
     SpendCapExceeded { period: &'static str, cap_micros: i64, remaining_micros: i64, needed_micros: i64 },
     #[error("Rate limit of {} per minute reached for this key; retry in {:.1} s", .0.limit, .0.retry_after_ms as f64 / 1000.0)]
     RateLimited(Limited),
+    /// The ledger's store cannot be reached (or did not answer in time): try again shortly.
+    #[error("The ledger is unavailable ({0}); retry shortly.")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -92,7 +95,8 @@ impl From<LedgerError> for BillingError {
             L::IdempotencyConflict { .. } | L::NotPending { .. } | L::SettleExceedsHold { .. } | L::HoldExpired(_) => {
                 BillingError::Conflict(e.to_string())
             }
-            L::InvariantViolation(_) | L::Storage(_) | L::Closed => BillingError::Internal(e.to_string()),
+            L::Storage(_) | L::Closed => BillingError::Unavailable(e.to_string()),
+            L::InvariantViolation(_) => BillingError::Internal(e.to_string()),
         }
     }
 }
@@ -143,6 +147,9 @@ pub const SETTLE_RETRY_BACKGROUND_MS: u64 = 2_000;
 /// Settlements retried in the background at once, at most: past it a failed one is logged
 /// and its hold left to expire (voided: the request goes unpaid, nobody is overcharged).
 pub const SETTLE_RETRIES_MAX: usize = 256;
+
+/// How long `/ready` waits for the ledger.
+pub const READY_PROBE_MS: u64 = 2_000;
 
 /// A placed hold; consumed by [`Billing::settle`] or [`Billing::void`].
 #[derive(Debug)]
@@ -455,7 +462,7 @@ impl Billing {
     /// The receipt id of a posted transfer (the first one, when a retry hit an idempotency key).
     async fn receipt_of(&self, t: &Transfer) -> Result<ReceiptRef> {
         let mut log = self.log.lock().await;
-        log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        log.sync(&self.store).await?;
         let id = log.receipt_for_transfer(t.id).ok_or_else(|| BillingError::Internal(format!("transfer {} has no receipt in the log", t.id)))?;
         let (index, _) = log.find(&id).expect("indexed receipt");
         Ok(ReceiptRef { receipt_id: id, log_index: index, amount_micros: t.amount_micros, transfer_id: t.id.to_string() })
@@ -691,7 +698,7 @@ impl Billing {
     /// The signed checkpoint covering every entry committed so far.
     pub async fn checkpoint(&self) -> Result<log::Signed> {
         let mut log = self.log.lock().await;
-        log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        log.sync(&self.store).await?;
         self.checkpoint_locked(&mut log)
     }
 
@@ -707,7 +714,7 @@ impl Billing {
     /// Consistency proof between two tree sizes of the log.
     pub async fn consistency(&self, old: u64, new: u64) -> Result<Vec<tokenomy_receipts::Hash>> {
         let mut log = self.log.lock().await;
-        log.sync(&self.store).await.map_err(BillingError::Internal)?;
+        log.sync(&self.store).await?;
         if old == 0 || old > new || new > log.size() {
             return Err(BillingError::Invalid(format!("need 0 < old <= new <= {} (the log size), got old={old} new={new}", log.size())));
         }
@@ -720,7 +727,7 @@ impl Billing {
         let not_found = || BillingError::NotFound(format!("No receipt {receipt_id:?} for this key."));
         let mut log = self.log.lock().await;
         if log.find(receipt_id).is_none() {
-            log.sync(&self.store).await.map_err(BillingError::Internal)?;
+            log.sync(&self.store).await?;
         }
         let (index, account) = log.find(receipt_id).ok_or_else(not_found)?;
         if account != viewer.account && !viewer.is_admin() {
@@ -756,6 +763,16 @@ impl Billing {
             self.live.extended(ids, now + timeout);
         }
         Ok(n)
+    }
+
+    /// Whether the ledger answers a read within [`READY_PROBE_MS`] (for `/ready`, so a load
+    /// balancer takes a node whose ledger is away out of rotation).
+    pub async fn ledger_reachable(&self) -> Result<()> {
+        let probe = self.store.get_account(tokenomy_ledger::TREASURY);
+        match tokio::time::timeout(std::time::Duration::from_millis(READY_PROBE_MS), probe).await {
+            Ok(r) => r.map(drop).map_err(BillingError::from),
+            Err(_) => Err(BillingError::Unavailable(format!("no answer within {READY_PROBE_MS} ms"))),
+        }
     }
 
     /// Voids holds past their timeout (after a crash, or a request that never settled).

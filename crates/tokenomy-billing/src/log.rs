@@ -47,12 +47,12 @@ impl LogState {
     }
 
     /// Appends every entry the store has beyond our tree, in log order.
-    pub async fn sync<S: LedgerStore>(&mut self, store: &S) -> Result<(), String> {
+    pub async fn sync<S: LedgerStore>(&mut self, store: &S) -> Result<(), crate::BillingError> {
         loop {
-            let entries = store.log_entries(self.tree.size(), SYNC_BATCH).await.map_err(|e| e.to_string())?;
+            let entries = store.log_entries(self.tree.size(), SYNC_BATCH).await?;
             let n = entries.len();
             for e in entries {
-                self.push(&e)?;
+                self.push(&e).map_err(crate::BillingError::Internal)?;
             }
             if n < SYNC_BATCH as usize {
                 return Ok(());

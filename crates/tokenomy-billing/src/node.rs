@@ -150,9 +150,9 @@ fn read_or_create_signer(dir: &Path, origin: Option<&str>) -> Result<SignerKey> 
     Ok(key)
 }
 
-async fn open_store(dir: &Path, url: Option<&str>) -> Result<AnyStore> {
+async fn open_store(dir: &Path, url: Option<&str>, timeout_ms: u64) -> Result<AnyStore> {
     Ok(match url {
-        Some(u) => AnyStore::Pg(PgStore::open(u, PG_POOL_SIZE).await?),
+        Some(u) => AnyStore::Pg(PgStore::open(u, PG_POOL_SIZE).await?.with_operation_timeout_ms(timeout_ms)),
         None => AnyStore::Sqlite(SqliteStore::open(dir.join("ledger.sqlite"))?),
     })
 }
@@ -166,7 +166,7 @@ impl Billing {
         let data_dir_lock = lock_data_dir(&dir)?;
         let config = read_or_create_config(&dir, &opts.env)?;
         let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
-        let store = open_store(&dir, opts.database_url.as_deref()).await?;
+        let store = open_store(&dir, opts.database_url.as_deref(), config.billing.ledger_timeout_ms).await?;
         let cp_path = dir.join("checkpoint");
         let last = match std::fs::read_to_string(&cp_path) {
             Ok(note) => Some(log::LogState::open_signed(&note, &signer.verifier()).map_err(BillingError::Internal)?),
@@ -174,7 +174,7 @@ impl Billing {
             Err(e) => return Err(io_err(&cp_path)(e)),
         };
         let mut log = log::LogState::new(last.clone());
-        log.sync(&store).await.map_err(BillingError::Internal)?;
+        log.sync(&store).await?;
         if let Some(l) = &last {
             log.assert_consistent_with(&l.checkpoint).map_err(BillingError::Internal)?;
         }

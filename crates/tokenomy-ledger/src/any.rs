@@ -20,12 +20,30 @@ impl std::fmt::Debug for AnyStore {
     }
 }
 
+/// How long a PostgreSQL operation may take, by default, before it fails as a storage error. A server that
+/// hangs (a partition, a stopped primary) accepts connections and answers nothing: without a
+/// limit every request would wait forever. Failing is safe on every path: an operation whose
+/// commit landed after all is found again by its retry (holds and settlements are
+/// idempotent per id, mints and transfers per key), and a hold nobody settles expires.
+pub const PG_OPERATION_TIMEOUT_MS: u64 = 15_000;
+/// The ledger check reads every transfer: it gets longer.
+pub const PG_CHECK_TIMEOUT_MS: u64 = 600_000;
+
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
+        dispatch!($self, 0, $s => $e)
+    };
+    ($self:ident, $limit_ms_min:expr, $s:ident => $e:expr) => {
         async move {
             match $self {
                 AnyStore::Sqlite($s) => $e.await,
-                AnyStore::Pg($s) => $e.await,
+                AnyStore::Pg($s) => {
+                    let limit_ms: u64 = $s.operation_timeout_ms().max($limit_ms_min);
+                    match tokio::time::timeout(std::time::Duration::from_millis(limit_ms), $e).await {
+                        Ok(r) => r,
+                        Err(_) => Err(LedgerError::Storage(format!("the PostgreSQL ledger did not answer within {limit_ms} ms"))),
+                    }
+                }
             }
         }
     };
@@ -83,7 +101,7 @@ impl LedgerStore for AnyStore {
         dispatch!(self, s => s.statement(account, after_cursor, limit))
     }
     fn check(&self) -> impl Future<Output = Result<CheckReport>> + Send {
-        dispatch!(self, s => s.check())
+        dispatch!(self, PG_CHECK_TIMEOUT_MS, s => s.check())
     }
     fn log_entries(&self, from_index: u64, limit: u32) -> impl Future<Output = Result<Vec<LogEntry>>> + Send {
         dispatch!(self, s => s.log_entries(from_index, limit))

@@ -49,6 +49,9 @@ pub struct PgStore {
     /// Queue of the batch tasks that run `hold` and `settle` (see [`batch`]);
     /// None: every operation runs in its own transaction.
     jobs: Option<tokio::sync::mpsc::Sender<batch::Job>>,
+    /// How long one operation may take through [`crate::AnyStore`] (see
+    /// [`crate::any::PG_OPERATION_TIMEOUT_MS`]).
+    operation_timeout_ms: u64,
 }
 
 fn pg_err(e: tokio_postgres::Error) -> LedgerError {
@@ -80,12 +83,25 @@ impl PgStore {
         }
         let mut cfg: tokio_postgres::Config = url.parse().map_err(pg_err)?;
         cfg.options(format!("-c search_path={schema}"));
+        // A server that is down refuses at once; one that hangs is given this long to connect.
+        cfg.connect_timeout(std::time::Duration::from_secs(5));
+        cfg.keepalives_idle(std::time::Duration::from_secs(30));
         let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(mgr).max_size(pool_size).build().map_err(|e| LedgerError::Storage(e.to_string()))?;
-        let mut store = PgStore { pool, jobs: None };
+        let mut store = PgStore { pool, jobs: None, operation_timeout_ms: crate::any::PG_OPERATION_TIMEOUT_MS };
         store.migrate(schema).await?;
         store.jobs = Some(batch::spawn(store.pool.clone()));
         Ok(store)
+    }
+
+    /// Sets how long one operation may take through [`crate::AnyStore`] before it fails.
+    pub fn with_operation_timeout_ms(mut self, ms: u64) -> Self {
+        self.operation_timeout_ms = ms.max(1);
+        self
+    }
+
+    pub fn operation_timeout_ms(&self) -> u64 {
+        self.operation_timeout_ms
     }
 
     async fn migrate(&self, schema: &str) -> Result<()> {

@@ -213,7 +213,7 @@ async fn run(pool: &Pool, batch: Vec<Job>) {
 
 /// Runs jobs one transaction each, concurrently, through the per-operation path.
 async fn run_alone(pool: &Pool, jobs: Vec<Job>) {
-    let store = PgStore { pool: pool.clone(), jobs: None };
+    let store = PgStore { pool: pool.clone(), jobs: None, operation_timeout_ms: crate::any::PG_OPERATION_TIMEOUT_MS };
     let runs = jobs.into_iter().map(|job| {
         let store = store.clone();
         async move {

@@ -38,3 +38,21 @@ pub async fn database_away(url: &str, name: &str, away: std::time::Duration) -> 
         client.batch_execute(&allow).await.expect("accept connections again");
     })
 }
+
+/// An exclusive lock on a table, held in an open transaction: every query that touches the
+/// table waits, as on a server that hangs instead of refusing. Released by [`Self::release`].
+pub struct TableLock(tokio_postgres::Client);
+
+impl TableLock {
+    /// Locks `table` of the database at `url` (its public schema).
+    pub async fn take(url: &str, table: &str) -> TableLock {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
+        tokio::spawn(conn);
+        client.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")).await.expect("lock the table");
+        TableLock(client)
+    }
+
+    pub async fn release(self) {
+        self.0.batch_execute("COMMIT").await.expect("release the lock");
+    }
+}

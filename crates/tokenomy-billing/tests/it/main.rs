@@ -473,3 +473,33 @@ async fn a_holds_tpm_reservation_is_released_however_the_hold_ends() {
         b.void(again.unwrap()).await.unwrap();
     }
 }
+
+/// A PostgreSQL ledger that hangs instead of refusing (here: a lock held on the accounts, as a
+/// stuck primary or a partition would leave every query waiting) fails a request as
+/// `Unavailable` (503) after `ledger_timeout_ms` instead of holding it forever, `/ready`'s probe
+/// says so too, and once the ledger answers the node serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_that_hangs_fails_requests_in_time_and_the_node_recovers() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let url = fresh_pg(&server, "tokenomy_billing_hang").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), Some(&url));
+    o.env = vec![("TOKENOMY_BILLING__LEDGER_TIMEOUT_MS".into(), "1000".into())];
+    let (b, first) = Billing::open(o).await.unwrap();
+    let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+    b.ledger_reachable().await.unwrap();
+
+    let lock = tokenomy_ledger::testing::TableLock::take(&url, "accounts").await;
+    let t0 = std::time::Instant::now();
+    let e = b.hold(&user, &req("hung", 10, 10)).await.unwrap_err();
+    assert!(matches!(e, BillingError::Unavailable(_)), "{e:?}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "failed after {:?}", t0.elapsed());
+    assert!(matches!(b.ledger_reachable().await, Err(BillingError::Unavailable(_))));
+
+    lock.release().await;
+    b.ledger_reachable().await.unwrap();
+    let h = b.hold(&user, &req("after", 10, 10)).await.unwrap();
+    b.settle(h, served(10, 5)).await.unwrap().expect("charged");
+}
