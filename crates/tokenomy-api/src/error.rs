@@ -134,6 +134,12 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 allowance: Some(Box::new(l.allowance)),
                 ..base
             },
+            B::LogRewritten(_) => AppError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                code: Some("ledger_log_rewritten"),
+                ..base
+            },
             B::Unavailable(_) => AppError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 kind: "server_error",

@@ -73,6 +73,11 @@ pub enum BillingError {
     SpendCapExceeded { period: &'static str, cap_micros: i64, remaining_micros: i64, needed_micros: i64 },
     #[error("Rate limit of {} per minute reached for this key; retry in {:.1} s", .0.limit, .0.retry_after_ms as f64 / 1000.0)]
     RateLimited(Limited),
+    /// The ledger's receipts log no longer holds entries this node read (and may have signed):
+    /// the database was restored from a backup or failed over to a replica that lost commits.
+    /// The node stops charging: its checkpoints would commit to charges the ledger lacks.
+    #[error("This node stopped charging: {0}. The ledger's database went back (a restored backup or a failover that lost commits); an operator must bring it back to the state this node signed, then restart the node.")]
+    LogRewritten(String),
     /// The ledger's store cannot be reached (or did not answer in time): try again shortly.
     #[error("The ledger is unavailable ({0}); retry shortly.")]
     Unavailable(String),
@@ -275,6 +280,10 @@ pub struct Billing {
     live: Arc<LiveHolds>,
     /// Settlements being retried in the background (at most [`SETTLE_RETRIES_MAX`]).
     settle_retries: Arc<std::sync::atomic::AtomicUsize>,
+    /// Why this node stopped charging: the ledger's receipts log went back under it (see
+    /// [`BillingError::LogRewritten`]). Set once; only a restart (which checks the log against
+    /// the last signed checkpoint) clears it.
+    halted: std::sync::OnceLock<String>,
     /// `DATA_DIR/lock`, locked while this `Billing` lives: one process per data dir. Two
     /// would each keep their own view of the receipts log and sign checkpoints of it with
     /// the same key, and on SQLite run two writers and two indexers over one ledger.
@@ -435,6 +444,7 @@ impl Billing {
 
     /// Credits from the treasury, with a receipt.
     pub async fn mint(&self, to: AccountId, amount_micros: i64, idempotency_key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        self.serving()?;
         let receipt = self.money_receipt(ReceiptKind::Mint, to, actor);
         let t = self.store.mint(to, amount_micros, idempotency_key, Some(leaf_for(receipt, amount_micros))).await?;
         Ok((t.clone(), self.receipt_of(&t).await?))
@@ -442,6 +452,7 @@ impl Billing {
 
     /// Credits between two accounts, with a receipt.
     pub async fn transfer(&self, from: AccountId, to: AccountId, amount_micros: i64, key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        self.serving()?;
         let receipt = self.money_receipt(ReceiptKind::Transfer, from, actor);
         let t = self.store.transfer(from, to, amount_micros, key, Some(leaf_for(receipt, -amount_micros))).await?;
         Ok((t.clone(), self.receipt_of(&t).await?))
@@ -462,7 +473,7 @@ impl Billing {
     /// The receipt id of a posted transfer (the first one, when a retry hit an idempotency key).
     async fn receipt_of(&self, t: &Transfer) -> Result<ReceiptRef> {
         let mut log = self.log.lock().await;
-        log.sync(&self.store).await?;
+        self.sync_log(&mut log).await?;
         let id = log.receipt_for_transfer(t.id).ok_or_else(|| BillingError::Internal(format!("transfer {} has no receipt in the log", t.id)))?;
         let (index, _) = log.find(&id).expect("indexed receipt");
         Ok(ReceiptRef { receipt_id: id, log_index: index, amount_micros: t.amount_micros, transfer_id: t.id.to_string() })
@@ -509,6 +520,7 @@ impl Billing {
         if !p.has_scope(SCOPE_INFERENCE) {
             return Err(BillingError::Forbidden("This key lacks the \"inference\" scope.".into()));
         }
+        self.serving()?;
         let worst = self.worst_case_micros(req)?;
         if worst > tokenomy_ledger::MAX_AMOUNT_MICROS {
             return Err(BillingError::Invalid(format!("this request could cost {worst} micro-credits, more than one charge may be; lower max_tokens")));
@@ -695,10 +707,32 @@ impl Billing {
 
     // ----------------------------------------------------------------- the log
 
+    /// Catches the log view up with the store; on a log that went back, halts the node.
+    async fn sync_log(&self, log: &mut log::LogState) -> Result<()> {
+        self.serving()?;
+        match log.sync(&self.store).await {
+            Err(BillingError::LogRewritten(why)) => {
+                if self.halted.set(why.clone()).is_ok() {
+                    tracing::error!(%why, "the ledger's receipts log went back under this node: it stops charging");
+                }
+                Err(BillingError::LogRewritten(why))
+            }
+            r => r,
+        }
+    }
+
+    /// Refuses work once the node halted (see [`BillingError::LogRewritten`]).
+    fn serving(&self) -> Result<()> {
+        match self.halted.get() {
+            Some(why) => Err(BillingError::LogRewritten(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// The signed checkpoint covering every entry committed so far.
     pub async fn checkpoint(&self) -> Result<log::Signed> {
         let mut log = self.log.lock().await;
-        log.sync(&self.store).await?;
+        self.sync_log(&mut log).await?;
         self.checkpoint_locked(&mut log)
     }
 
@@ -714,7 +748,7 @@ impl Billing {
     /// Consistency proof between two tree sizes of the log.
     pub async fn consistency(&self, old: u64, new: u64) -> Result<Vec<tokenomy_receipts::Hash>> {
         let mut log = self.log.lock().await;
-        log.sync(&self.store).await?;
+        self.sync_log(&mut log).await?;
         if old == 0 || old > new || new > log.size() {
             return Err(BillingError::Invalid(format!("need 0 < old <= new <= {} (the log size), got old={old} new={new}", log.size())));
         }
@@ -727,7 +761,7 @@ impl Billing {
         let not_found = || BillingError::NotFound(format!("No receipt {receipt_id:?} for this key."));
         let mut log = self.log.lock().await;
         if log.find(receipt_id).is_none() {
-            log.sync(&self.store).await?;
+            self.sync_log(&mut log).await?;
         }
         let (index, account) = log.find(receipt_id).ok_or_else(not_found)?;
         if account != viewer.account && !viewer.is_admin() {
@@ -768,6 +802,7 @@ impl Billing {
     /// Whether the ledger answers a read within [`READY_PROBE_MS`] (for `/ready`, so a load
     /// balancer takes a node whose ledger is away out of rotation).
     pub async fn ledger_reachable(&self) -> Result<()> {
+        self.serving()?;
         let probe = self.store.get_account(tokenomy_ledger::TREASURY);
         match tokio::time::timeout(std::time::Duration::from_millis(READY_PROBE_MS), probe).await {
             Ok(r) => r.map(drop).map_err(BillingError::from),

@@ -13,7 +13,7 @@ use tokenomy_ledger::{AccountId, LedgerStore, LogEntry, TransferId};
 use tokenomy_receipts::{Checkpoint, Hash, Receipt, SignerKey, Tree, VerifierKey};
 
 /// Entries read from the store per catch-up query.
-const SYNC_BATCH: u32 = 1_000;
+const SYNC_BATCH: u32 = 999; // + the tail read again: the store's page limit of 1 000
 
 #[derive(Debug, Clone)]
 pub struct Signed {
@@ -30,12 +30,15 @@ pub struct LogState {
     /// ledger transfer → receipt id.
     by_transfer: HashMap<TransferId, String>,
     last: Option<Signed>,
+    /// The entry at the end of the tree: each sync reads it again, so a store whose log went
+    /// back (a restored backup, a failover to a replica that lost commits) is noticed.
+    tail: Option<LogEntry>,
 }
 
 impl LogState {
     /// A log state that continues from `last`, a checkpoint signed before (if any).
     pub fn new(last: Option<Signed>) -> LogState {
-        LogState { tree: Tree::new(), index: HashMap::new(), by_transfer: HashMap::new(), last }
+        LogState { tree: Tree::new(), index: HashMap::new(), by_transfer: HashMap::new(), last, tail: None }
     }
 
     pub fn size(&self) -> u64 {
@@ -47,12 +50,28 @@ impl LogState {
     }
 
     /// Appends every entry the store has beyond our tree, in log order.
+    /// Fails with [`crate::BillingError::LogRewritten`] when the store no longer holds the
+    /// entry this node saw last: its log went back under the running node.
     pub async fn sync<S: LedgerStore>(&mut self, store: &S) -> Result<(), crate::BillingError> {
         loop {
-            let entries = store.log_entries(self.tree.size(), SYNC_BATCH).await?;
-            let n = entries.len();
+            let from = self.tree.size();
+            let mut entries = store.log_entries(from.saturating_sub(1), SYNC_BATCH + 1).await?.into_iter();
+            if let Some(tail) = &self.tail {
+                match entries.next() {
+                    Some(e) if e == *tail => {}
+                    found => {
+                        return Err(crate::BillingError::LogRewritten(match found {
+                            None => format!("the ledger's log has fewer than the {from} entries this node has read"),
+                            Some(_) => format!("the ledger's log entry {} is not the one this node read", from - 1),
+                        }))
+                    }
+                }
+            }
+            let mut n = 0;
             for e in entries {
                 self.push(&e).map_err(crate::BillingError::Internal)?;
+                self.tail = Some(e);
+                n += 1;
             }
             if n < SYNC_BATCH as usize {
                 return Ok(());

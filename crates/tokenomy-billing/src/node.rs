@@ -187,6 +187,7 @@ impl Billing {
             limiter: Default::default(),
             live: Default::default(),
             settle_retries: Default::default(),
+            halted: Default::default(),
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
         });

@@ -56,3 +56,19 @@ impl TableLock {
         self.0.batch_execute("COMMIT").await.expect("release the lock");
     }
 }
+
+/// Takes the receipts log of the database at `url` back to its first `size` entries, as a
+/// restore from an older backup (or a failover to a replica that lost commits) leaves it.
+pub async fn rewind_log(url: &str, size: u64) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
+    tokio::spawn(conn);
+    let size = i64::try_from(size).expect("a log size");
+    client
+        .batch_execute(&format!(
+            "BEGIN; ALTER TABLE log_entries DISABLE TRIGGER log_entries_no_change; \
+             DELETE FROM log_entries WHERE log_index >= {size}; UPDATE log_head SET next_index = {size}; \
+             ALTER TABLE log_entries ENABLE TRIGGER log_entries_no_change; COMMIT"
+        ))
+        .await
+        .expect("rewind the log");
+}

@@ -503,3 +503,39 @@ async fn a_ledger_that_hangs_fails_requests_in_time_and_the_node_recovers() {
     let h = b.hold(&user, &req("after", 10, 10)).await.unwrap();
     b.settle(h, served(10, 5)).await.unwrap().expect("charged");
 }
+
+/// A ledger whose receipts log goes back under a running node (a restored backup, a failover
+/// that lost commits) and grows again with other entries is noticed at the node's next look at
+/// the log: it stops charging (every request, mint and checkpoint refused, `/ready`'s probe
+/// failing) instead of signing checkpoints over charges the ledger no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_goes_back_under_a_running_node_halts_its_charging() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let url = fresh_pg(&server, "tokenomy_billing_rewind").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
+    let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+    let charge = |id: &'static str| {
+        let (b, user) = (b.clone(), user.clone());
+        async move {
+            let h = b.hold(&user, &req(id, 10, 10)).await?;
+            b.settle(h, served(10, 5)).await
+        }
+    };
+    for id in ["a", "b", "c"] {
+        charge(id).await.unwrap();
+    }
+    let size = b.checkpoint().await.unwrap().checkpoint.size;
+    tokenomy_ledger::testing::rewind_log(&url, size - 2).await;
+    // Two other charges take the places of the two lost ones: the log is as long as before.
+    charge("d").await.unwrap();
+    charge("e").await.unwrap();
+    let e = b.checkpoint().await.unwrap_err();
+    assert!(matches!(&e, BillingError::LogRewritten(why) if why.contains(&format!("entry {}", size - 1))), "{e:?}");
+    assert!(matches!(charge("f").await, Err(BillingError::LogRewritten(_))));
+    assert!(matches!(b.ledger_reachable().await, Err(BillingError::LogRewritten(_))));
+    let admin = b.authenticate(Some(&std::fs::read_to_string(dir.path().join("admin.key")).unwrap().trim().to_string())).await.unwrap();
+    assert!(matches!(b.mint(user.account, 1, "after-rewind", &admin).await, Err(BillingError::LogRewritten(_))));
+}
