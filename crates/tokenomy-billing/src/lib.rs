@@ -221,8 +221,12 @@ impl Drop for LiveGuard {
 
 impl LiveHolds {
     fn guard(self: &Arc<Self>, t: &Transfer) -> LiveGuard {
-        self.0.lock().expect("live holds").insert(t.id, t.expires_at_ms);
-        LiveGuard { live: self.clone(), id: t.id }
+        self.guard_id(t.id, t.expires_at_ms)
+    }
+
+    fn guard_id(self: &Arc<Self>, id: tokenomy_ledger::TransferId, expires_at_ms: i64) -> LiveGuard {
+        self.0.lock().expect("live holds").insert(id, expires_at_ms);
+        LiveGuard { live: self.clone(), id }
     }
 
     /// Holds whose expiry is less than half a timeout away.
@@ -650,7 +654,7 @@ impl Billing {
             output_sha256: s.output_sha256,
             ..self.blank_receipt(h.receipt_id.clone(), h.principal.account, h.principal.key_id)
         };
-        let leaf = leaf_for(receipt, -cost);
+        let leaf = leaf_for(receipt.clone(), -cost);
         let mut attempt = 0;
         let settled = loop {
             match self.store.settle(hold.id, cost, now, Some(leaf.clone())).await {
@@ -659,7 +663,7 @@ impl Billing {
                     tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_PAUSES_MS[attempt])).await;
                     attempt += 1;
                 }
-                Err(LedgerError::Storage(e)) => return Err(self.settle_later(h, cost, now, leaf, e)),
+                Err(LedgerError::Storage(e)) => return Err(self.settle_later(h, cost, now, receipt, e)),
                 r => break r?,
             }
         };
@@ -671,29 +675,73 @@ impl Billing {
     /// meanwhile (the upkeep extends it while its `Hold` lives). The request is answered
     /// without its receipt (a streamed one already named it in its headers: it exists once
     /// this succeeds).
-    fn settle_later(&self, h: Hold, cost: i64, now: i64, leaf: tokenomy_ledger::Leaf, e: String) -> BillingError {
+    fn settle_later(&self, h: Hold, cost: i64, now: i64, receipt: Receipt, e: String) -> BillingError {
         let Some(slot) = RetrySlot::take(&self.settle_retries) else {
             tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed, and {SETTLE_RETRIES_MAX} settlements are already being retried; its hold will expire unpaid");
             return BillingError::Internal(format!("settling the charge failed: {e}"));
         };
         tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed; retrying in the background");
-        let (store, deadline_ms) = (self.store.clone(), tokenomy_ledger::now_ms() + self.config.billing.hold_timeout_ms);
         let hold_id = h.hold.as_ref().map(|t| t.id).expect("a charged request's hold");
+        let job = Unsettled { hold_id: hold_id.to_string(), cost_micros: cost, now_ms: now, receipt };
+        let journal = job.write(&self.data_dir);
+        // The whole `Hold` rides along: its guard keeps the hold alive while it is retried.
+        self.spawn_settle_retry(job, journal, (h, slot));
+        BillingError::Internal(format!("settling the charge failed ({e}); it is being retried"))
+    }
+
+    /// Tries `job` again every [`SETTLE_RETRY_BACKGROUND_MS`] for one hold timeout, then
+    /// removes its journal file (`None`: it has none). `keep` lives as long as the task.
+    fn spawn_settle_retry(&self, job: Unsettled, journal: Option<PathBuf>, keep: impl Send + 'static) {
+        let (store, deadline_ms) = (self.store.clone(), tokenomy_ledger::now_ms() + self.config.billing.hold_timeout_ms);
+        let Some(hold_id) = job.hold_id() else {
+            return tracing::error!(hold_id = %job.hold_id, "an unsettled charge names no hold; dropped");
+        };
+        let leaf = leaf_for(job.receipt.clone(), -job.cost_micros);
         tokio::spawn(async move {
-            // The whole `Hold` (not just the fields logged below): its guard keeps the hold alive.
-            let (h, _slot) = (h, slot);
+            let _keep = keep;
+            let request_id = &job.receipt.request_id;
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_BACKGROUND_MS)).await;
-                match store.settle(hold_id, cost, now, Some(leaf.clone())).await {
+                match store.settle(hold_id, job.cost_micros, job.now_ms, Some(leaf.clone())).await {
                     Err(LedgerError::Storage(e)) if tokenomy_ledger::now_ms() < deadline_ms => {
-                        tracing::warn!(request_id = %h.request_id, error = %e, "settling a charge failed again");
+                        tracing::warn!(%request_id, error = %e, "settling a charge failed again");
+                        continue;
                     }
-                    Ok(_) => return tracing::info!(request_id = %h.request_id, receipt_id = %h.receipt_id, "charge settled after retrying"),
-                    Err(e) => return tracing::error!(request_id = %h.request_id, error = %e, "settling a charge failed for good; its hold will expire unpaid"),
+                    Ok(_) => tracing::info!(%request_id, receipt_id = %job.receipt.receipt_id, "charge settled after retrying"),
+                    Err(e) => tracing::error!(%request_id, error = %e, amount_micros = job.cost_micros, "settling a charge failed for good; its hold will expire unpaid"),
                 }
+                if let Some(path) = &journal {
+                    if let Err(e) = std::fs::remove_file(path) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a settled charge's journal file");
+                    }
+                }
+                return;
             }
         });
-        BillingError::Internal(format!("settling the charge failed ({e}); it is being retried"))
+    }
+
+    /// Takes up the settlements a previous run of this data dir left retrying (stopped or
+    /// crashed during a ledger outage): each is tried again as if it had just failed, its hold
+    /// kept alive meanwhile. Returns how many.
+    pub fn resume_unsettled(&self) -> usize {
+        let dir = self.data_dir.join(UNSETTLED_DIR);
+        let Ok(files) = std::fs::read_dir(&dir) else { return 0 };
+        let mut n = 0;
+        for path in files.filter_map(|f| f.ok()).map(|f| f.path()).filter(|p| p.extension().is_some_and(|x| x == "json")) {
+            let job = match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<Unsettled>(&t).map_err(|e| e.to_string())) {
+                Ok(job) => job,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read an unsettled charge; left in place");
+                    continue;
+                }
+            };
+            let Some(hold_id) = job.hold_id() else { continue };
+            tracing::warn!(request_id = %job.receipt.request_id, amount_micros = job.cost_micros, "settling a charge a previous run left unsettled");
+            let guard = self.live.guard_id(hold_id, tokenomy_ledger::now_ms());
+            self.spawn_settle_retry(job, Some(path), guard);
+            n += 1;
+        }
+        n
     }
 
     /// Releases a hold without charging (the engine failed before serving anything).
@@ -819,6 +867,7 @@ impl Billing {
     /// arrive (and the holds of requests in progress extended on the same tick), expired holds
     /// voided every `expire_interval_ms`. Ends when `self` is dropped.
     pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.resume_unsettled();
         let weak = Arc::downgrade(self);
         let cp = std::time::Duration::from_millis(self.config.billing.checkpoint_interval_ms);
         let ex_every = (self.config.billing.expire_interval_ms / self.config.billing.checkpoint_interval_ms).max(1);
@@ -867,6 +916,41 @@ fn receipt_ref(receipt_id: String, settled: tokenomy_ledger::Settled) -> Result<
     let posted = settled.posted.ok_or_else(|| BillingError::Internal("settle posted nothing".into()))?;
     let log_index = settled.log_index.ok_or_else(|| BillingError::Internal("settle logged nothing".into()))?;
     Ok(Some(ReceiptRef { receipt_id, log_index, amount_micros: posted.amount_micros, transfer_id: posted.id.to_string() }))
+}
+
+/// Where settlements retried in the background wait on disk (`DATA_DIR/unsettled/HOLD.json`)
+/// until they land, so a node stopped or crashed during a ledger outage still posts them.
+pub const UNSETTLED_DIR: &str = "unsettled";
+
+/// A settlement being retried: everything needed to post it again after a restart.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Unsettled {
+    hold_id: String,
+    cost_micros: i64,
+    now_ms: i64,
+    /// The receipt to log, before the ledger gives it a transfer id and log index.
+    receipt: Receipt,
+}
+
+impl Unsettled {
+    fn hold_id(&self) -> Option<tokenomy_ledger::TransferId> {
+        u128::from_str_radix(&self.hold_id, 16).ok().map(tokenomy_ledger::TransferId)
+    }
+
+    /// Writes the journal file (durably); `None` (logged) when it cannot.
+    fn write(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
+        let dir = data_dir.join(UNSETTLED_DIR);
+        let path = dir.join(format!("{}.json", self.hold_id));
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| node::write_file(&path, &serde_json::to_string(self).expect("serializes"), true));
+        match written {
+            Ok(()) => Some(path),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot journal an unsettled charge: a restart before it lands loses it");
+                None
+            }
+        }
+    }
 }
 
 /// A place among the [`SETTLE_RETRIES_MAX`] settlements retried in the background; freed on drop.

@@ -39,6 +39,14 @@ pub async fn database_away(url: &str, name: &str, away: std::time::Duration) -> 
     })
 }
 
+/// Lets database `name` accept connections again (ends a [`database_away`] early, or one whose
+/// runtime was shut down before it ended).
+pub async fn database_back(url: &str, name: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
+    tokio::spawn(conn);
+    client.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await.expect("accept connections again");
+}
+
 /// An exclusive lock on a table, held in an open transaction: every query that touches the
 /// table waits, as on a server that hangs instead of refusing. Released by [`Self::release`].
 pub struct TableLock(tokio_postgres::Client);

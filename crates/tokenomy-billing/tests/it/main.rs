@@ -539,3 +539,54 @@ async fn a_log_that_goes_back_under_a_running_node_halts_its_charging() {
     let admin = b.authenticate(Some(&std::fs::read_to_string(dir.path().join("admin.key")).unwrap().trim().to_string())).await.unwrap();
     assert!(matches!(b.mint(user.account, 1, "after-rewind", &admin).await, Err(BillingError::LogRewritten(_))));
 }
+
+/// A settlement still being retried when the node stops (a restart during a ledger outage) is
+/// not lost: it waits in `DATA_DIR/unsettled/` and the next start on that data dir posts it,
+/// once (before, the node exited and the hold expired: the tokens served went unpaid).
+#[test]
+fn a_settlement_retrying_when_the_node_stops_is_posted_by_its_next_start() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let runtime = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let db = "tokenomy_billing_unsettled";
+    let dir = tempfile::tempdir().unwrap();
+    let first_run = runtime();
+    let (url, account, before) = first_run.block_on(async {
+        let url = fresh_pg(&server, db).await;
+        let (b, first) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
+        let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+        let before = b.account(user.account).await.unwrap().balance_micros;
+        let h = b.hold(&user, &req("stopped", 100, 100)).await.unwrap();
+        let _back = database_away(&server, db, std::time::Duration::from_secs(600)).await;
+        let e = b.settle(h, served(100, 20)).await.unwrap_err();
+        assert!(e.to_string().contains("being retried"), "{e}");
+        (url, user.account, before)
+    });
+    // The process stops: its tasks (the retry, and the one that would bring the database back) end.
+    first_run.shutdown_background();
+    let journal = dir.path().join(tokenomy_billing::UNSETTLED_DIR);
+    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 1, "the settlement waits on disk");
+
+    runtime().block_on(async {
+        tokenomy_ledger::testing::database_back(&server, db).await;
+        let (b, _) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
+        assert_eq!(b.resume_unsettled(), 1);
+        let mut acc = b.account(account).await.unwrap();
+        for _ in 0..100 {
+            if acc.pending_micros == 0 && std::fs::read_dir(&journal).unwrap().count() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            acc = b.account(account).await.unwrap();
+        }
+        assert_eq!(acc.pending_micros, 0, "the hold was settled");
+        assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0, "and its journal file removed");
+        let posted = b.store().statement(account, None, 100).await.unwrap().items;
+        let charges: Vec<i64> =
+            posted.iter().filter(|t| t.code == tokenomy_ledger::TransferCode::UsageCharge && !t.hold).map(|t| t.amount_micros).collect();
+        assert_eq!(charges.len(), 1, "charged once: {posted:?}");
+        assert_eq!(acc.balance_micros, before - charges[0]);
+        assert!(b.store().check().await.unwrap().ok);
+    });
+}
