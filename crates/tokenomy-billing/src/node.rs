@@ -191,7 +191,7 @@ impl Billing {
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
         });
-        let voided = billing.expire_holds().await?;
+        let voided = billing.void_orphaned_holds().await?;
         if voided > 0 {
             tracing::warn!(voided, "voided holds left by an earlier run");
         }
@@ -205,6 +205,29 @@ impl Billing {
             None
         };
         Ok((billing, first))
+    }
+
+    /// Voids holds no request will settle. On SQLite this process is the ledger's only user
+    /// (it holds the data dir's lock), so every hold still pending at start belongs to a
+    /// request that died with an earlier run: voided now, not a hold timeout later, the credits
+    /// they held are free again and those requests' `Idempotency-Key` retries run at once
+    /// (instead of a 409 "still in progress"). Not while a settlement of an earlier run waits
+    /// in `DATA_DIR/unsettled/` (its hold is to be posted), nor on PostgreSQL, whose pending
+    /// holds may be other nodes' requests in progress: there only expired holds are voided.
+    async fn void_orphaned_holds(&self) -> Result<u64> {
+        let unsettled = std::fs::read_dir(self.data_dir.join(crate::UNSETTLED_DIR)).is_ok_and(|mut d| d.next().is_some());
+        if !matches!(self.store, AnyStore::Sqlite(_)) || unsettled {
+            return self.expire_holds().await;
+        }
+        let mut voided = 0;
+        loop {
+            // Every pending hold has expired by the end of time.
+            let n = self.store.expire_holds(i64::MAX).await?;
+            voided += n;
+            if n == 0 {
+                return Ok(voided);
+            }
+        }
     }
 
     /// Whether the ledger was set up already (by another node sharing the database, or by

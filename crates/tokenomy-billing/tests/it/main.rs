@@ -590,3 +590,28 @@ fn a_settlement_retrying_when_the_node_stops_is_posted_by_its_next_start() {
         assert!(b.store().check().await.unwrap().ok);
     });
 }
+
+/// On SQLite a node is its ledger's only user, so a hold still pending when it starts is an
+/// earlier run's, whose request died with it (a crash): it is voided at start, freeing the
+/// credits it held, and a retry of that request's Idempotency-Key runs at once instead of
+/// being told for a hold timeout (15 min) that the request is still in progress.
+#[tokio::test]
+async fn an_embedded_node_voids_the_holds_of_its_earlier_run_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    let user_key = first.unwrap().user_key;
+    let user = b.authenticate(Some(&user_key)).await.unwrap();
+    let keyed = ChargeRequest { idempotency_key: Some("crashed".into()), ..req("c1", 100, 1_000) };
+    let h = b.hold(&user, &keyed).await.unwrap();
+    assert!(b.account(user.account).await.unwrap().pending_micros > 0);
+    assert!(matches!(b.hold(&user, &ChargeRequest { request_id: "c2".into(), ..keyed.clone() }).await, Err(BillingError::Conflict(_))));
+    // The process dies with the request: nothing settles or voids the hold.
+    std::mem::forget(h);
+    drop(b);
+
+    let (b, _) = Billing::open(opts(dir.path(), None)).await.unwrap();
+    let user = b.authenticate(Some(&user_key)).await.unwrap();
+    assert_eq!(b.account(user.account).await.unwrap().pending_micros, 0, "the orphaned hold was voided at start");
+    let retry = b.hold(&user, &ChargeRequest { request_id: "c3".into(), ..keyed }).await.expect("the retry runs");
+    b.settle(retry, served(100, 10)).await.unwrap().expect("charged once");
+}
