@@ -306,6 +306,17 @@ pub(crate) struct Gate {
     slot: Option<SlotGuard>,
 }
 
+impl Gate {
+    /// The rate-limit allowance for the response's headers: requests as admitted, tokens as
+    /// they stand now, this request's reservation (or, once settled, its use) counted.
+    pub(crate) fn allowance_now(&self, state: &AppState) -> Allowance {
+        match (&state.billing, &self.caller) {
+            (Some(b), Some(p)) => b.allowance_now(p, self.allowance.clone()),
+            _ => self.allowance.clone(),
+        }
+    }
+}
+
 /// This run's in-flight `Idempotency-Key` slot. Dropped with the request's task (see
 /// [`run_remembered`]: answered, failed, or panicked; or with a stream when it ends), it frees
 /// the slot, so that a retry runs or is replayed rather than refused as still in progress.
@@ -474,11 +485,11 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let rid = started.request_id.clone();
     if stream {
         let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
-        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state)));
     }
     let (body, receipt) = chat_body(started, id, &post).await?;
     let receipt_id = receipt.map(|r| r.receipt_id);
-    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state)))
 }
 
 /// A chat request validated, charged and started; the caller renders its output.
@@ -976,11 +987,11 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     if req.common.stream {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let resp = sse(completion_stream(started, ctx, include_usage)).into_response();
-        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance));
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state)));
     }
     let (body, receipt) = completion_body(started, ctx).await?;
     let receipt_id = receipt.map(|r| r.receipt_id);
-    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance))
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state)))
 }
 
 struct CompletionCtx {

@@ -371,6 +371,13 @@ impl Billing {
         Ok(principal(&rec))
     }
 
+    /// `a` with its token figures as they stand now (see [`ratelimit::RateLimiter::tokens_now`]).
+    pub fn allowance_now(&self, p: &Principal, mut a: Allowance) -> Allowance {
+        let l = self.limiter.lock().expect("limiter lock");
+        l.tokens_now(p.key_id, p.limits, tokenomy_ledger::now_ms(), &mut a);
+        a
+    }
+
     /// Admits one request under the key's RPM/TPM limits.
     pub fn admit(&self, p: &Principal) -> Result<Allowance> {
         let mut l = self.limiter.lock().expect("limiter lock");

@@ -114,6 +114,15 @@ impl RateLimiter {
         Ok(a)
     }
 
+    /// The key's TPM allowance now (its reservations and debt counted): for the headers of a
+    /// response, which should show what is left after the request, not before it.
+    pub fn tokens_now(&self, key: KeyId, limits: Limits, now_ms: i64, a: &mut Allowance) {
+        let (Some(tpm), Some(s)) = (limits.tpm, self.keys.get(&key)) else { return };
+        let ahead = s.tokens_ahead_ms(now_ms);
+        a.remaining_tokens = remaining(tpm, now_ms + ahead, now_ms);
+        a.reset_tokens_ms = ahead;
+    }
+
     /// Reserves a request's tokens (its prompt and `max_tokens`; at most one window's worth,
     /// so any request can run) when it is placed, so that requests running at once count
     /// against the TPM before they finish; refused while the key's reservations and debt fill

@@ -526,6 +526,12 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
         assert_eq!(assert_error(r, StatusCode::TOO_MANY_REQUESTS)["code"], "rate_limit_exceeded");
         assert_eq!(r.headers["x-ratelimit-limit-tokens"], "100");
     }
+    // The token headers say what is left after this request (as OpenAI's do), not before it.
+    let k = n.admin("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"scopes": ["inference"], "tpm": 1000}))).await;
+    let r = n.call("POST", "/v1/chat/completions", Some(chat(4)), k["key"].as_str().unwrap()).await;
+    let used = r.json()["usage"]["total_tokens"].as_u64().unwrap();
+    let left: u64 = r.headers["x-ratelimit-remaining-tokens"].to_str().unwrap().parse().unwrap();
+    assert!(left <= 1000 - used && left + 2 >= 1000 - used, "{left} tokens left after using {used} of 1000");
 
     // An unfunded account: 402 before any generation, nothing held.
     let (poor, poor_key) = n.funded("poor", 0).await;
