@@ -388,6 +388,50 @@ pub async fn set_key_limits(
     Ok(Json(key_json(&rec)))
 }
 
+/// `PATCH /admin/v1/keys/{id}/limits`: changes only the limits named (a value sets one, `null`
+/// removes it) and keeps the others, so raising an agent's rpm does not drop its budget.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitsPatch {
+    #[serde(default, deserialize_with = "named")]
+    rpm: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "named")]
+    tpm: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "named")]
+    spend_cap_day_micros: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "named")]
+    spend_cap_month_micros: Option<Option<i64>>,
+}
+
+/// A field given (`Some`), as a value or `null` (`Some(None)`); absent fields stay `None`.
+fn named<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+pub async fn patch_key_limits(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<KeyLimitsPatch>,
+) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let b = billing(&state)?;
+    let id = parse_key_id(&id)?;
+    let old = b.key(id).await?;
+    let caps = SpendCaps {
+        day_micros: req.spend_cap_day_micros.unwrap_or(old.caps.day_micros),
+        month_micros: req.spend_cap_month_micros.unwrap_or(old.caps.month_micros),
+    };
+    let rec = b.set_key_limits(id, req.rpm.unwrap_or(old.rpm), req.tpm.unwrap_or(old.tpm), caps).await?;
+    Ok(Json(key_json(&rec)))
+}
+
+/// `GET /admin/v1/keys/{id}`: one key (never its hash), revoked or not.
+pub async fn get_key(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    Ok(Json(key_json(&billing(&state)?.key(parse_key_id(&id)?).await?)))
+}
+
 pub async fn revoke_key(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
     let key = parse_key_id(&id)?;

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tokenomy_billing::{Billing, ReceiptRef};
 use tokenomy_core::{Backend, Outcome, Usage};
@@ -192,8 +192,8 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/v1/accounts/{id}/keys", post(charge::create_key).get(charge::list_keys))
         .route("/admin/v1/accounts/{id}/mint", post(charge::mint))
         .route("/admin/v1/accounts/{id}/transfers", get(charge::account_transfers))
-        .route("/admin/v1/keys/{id}", delete(charge::revoke_key))
-        .route("/admin/v1/keys/{id}/limits", put(charge::set_key_limits))
+        .route("/admin/v1/keys/{id}", get(charge::get_key).delete(charge::revoke_key))
+        .route("/admin/v1/keys/{id}/limits", put(charge::set_key_limits).patch(charge::patch_key_limits))
         .route("/admin/v1/transfers", post(charge::transfer))
         .route("/admin/v1/ledger/check", get(charge::ledger_check))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), charge::authenticate_first));

@@ -420,6 +420,11 @@ impl Billing {
         Ok(self.store.set_key_limits(key, rpm, tpm, caps).await?)
     }
 
+    /// One key (revoked or not), by id.
+    pub async fn key(&self, key: KeyId) -> Result<KeyRecord> {
+        Ok(self.store.get_key(key).await?)
+    }
+
     pub async fn revoke_key(&self, key: KeyId) -> Result<()> {
         Ok(self.store.revoke_key(key).await?)
     }

@@ -129,6 +129,9 @@ impl LedgerStore for AnyStore {
     fn set_key_limits(&self, key_id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> impl Future<Output = Result<KeyRecord>> + Send {
         dispatch!(self, s => s.set_key_limits(key_id, rpm, tpm, caps))
     }
+    fn get_key(&self, key_id: KeyId) -> impl Future<Output = Result<KeyRecord>> + Send {
+        dispatch!(self, s => s.get_key(key_id))
+    }
     fn list_keys(&self, account: AccountId) -> impl Future<Output = Result<Vec<KeyRecord>>> + Send {
         dispatch!(self, s => s.list_keys(account))
     }

@@ -184,6 +184,8 @@ pub trait LedgerStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<KeyRecord>> + Send;
     /// All keys of an account, revoked ones included.
     fn list_keys(&self, account: AccountId) -> impl Future<Output = Result<Vec<KeyRecord>>> + Send;
+    /// One key, revoked or not.
+    fn get_key(&self, key_id: KeyId) -> impl Future<Output = Result<KeyRecord>> + Send;
 }
 
 /// Wall-clock milliseconds since the Unix epoch (for operations without `now_ms`).

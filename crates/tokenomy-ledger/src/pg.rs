@@ -869,4 +869,10 @@ impl LedgerStore for PgStore {
         let id = account.to_bytes().to_vec();
         self.in_tx(|tx| Box::pin(read_keys(tx, "account_id = $1", id.clone()))).await
     }
+
+    async fn get_key(&self, key_id: KeyId) -> Result<KeyRecord> {
+        let id = key_id.to_bytes().to_vec();
+        let mut keys = self.in_tx(|tx| Box::pin(read_keys(tx, "id = $1", id.clone()))).await?;
+        keys.pop().ok_or(LedgerError::UnknownKey(key_id))
+    }
 }

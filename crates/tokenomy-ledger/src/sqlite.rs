@@ -1309,6 +1309,10 @@ impl LedgerStore for SqliteStore {
     async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {
         self.read(move |c| read_keys(c, "account_id = ?1", &account.to_bytes())).await
     }
+
+    async fn get_key(&self, key_id: KeyId) -> Result<KeyRecord> {
+        self.read(move |c| read_keys(c, "id = ?1", &key_id.to_bytes())?.pop().ok_or(LedgerError::UnknownKey(key_id))).await
+    }
 }
 
 /// Validates and builds a new key row (shared by both stores).

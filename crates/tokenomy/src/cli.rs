@@ -113,14 +113,40 @@ pub enum Keys {
     },
     /// List an account's keys (hashes are never shown).
     List { account: String },
-    /// Replace a key's limits (every one not given is removed); effective from its next request.
+    /// Change a key's limits: those given are set, those named by --remove removed, the others
+    /// kept; effective from its next request.
     Limits {
         key_id: String,
         #[command(flatten)]
         limits: KeyLimits,
+        /// A limit to remove (repeatable).
+        #[arg(long = "remove", value_enum)]
+        remove: Vec<LimitName>,
     },
+    /// Show one key: scopes, limits, spend (never its secret).
+    Show { key_id: String },
     /// Revoke a key at once.
     Revoke { key_id: String },
+}
+
+/// A key's limit, by its admin API name.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum LimitName {
+    Rpm,
+    Tpm,
+    SpendCapDayMicros,
+    SpendCapMonthMicros,
+}
+
+impl LimitName {
+    fn field(self) -> &'static str {
+        match self {
+            LimitName::Rpm => "rpm",
+            LimitName::Tpm => "tpm",
+            LimitName::SpendCapDayMicros => "spend_cap_day_micros",
+            LimitName::SpendCapMonthMicros => "spend_cap_month_micros",
+        }
+    }
 }
 
 /// A key's limits; each one not given means no limit.
@@ -274,9 +300,19 @@ pub async fn keys(c: Conn, cmd: Keys) -> Result<()> {
             body.insert("scopes".into(), json!(scopes));
             c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(Value::Object(body))).await?
         }
-        Keys::Limits { key_id, limits } => {
-            c.call(Method::PUT, &format!("/admin/v1/keys/{key_id}/limits"), Some(Value::Object(limits.json()))).await?
+        Keys::Limits { key_id, limits, remove } => {
+            let mut body: serde_json::Map<String, Value> = limits.json().into_iter().filter(|(_, v)| !v.is_null()).collect();
+            for r in remove {
+                if body.insert(r.field().into(), Value::Null).is_some_and(|v| !v.is_null()) {
+                    anyhow::bail!("{} is both given and removed", r.field());
+                }
+            }
+            if body.is_empty() {
+                anyhow::bail!("nothing to change: give a limit (--rpm, --tpm, --spend-cap-day-micros, --spend-cap-month-micros) or --remove one");
+            }
+            c.call(Method::PATCH, &format!("/admin/v1/keys/{key_id}/limits"), Some(Value::Object(body))).await?
         }
+        Keys::Show { key_id } => c.call(Method::GET, &format!("/admin/v1/keys/{key_id}"), None).await?,
         Keys::List { account } => c.call(Method::GET, &format!("/admin/v1/accounts/{account}/keys"), None).await?,
         Keys::Revoke { key_id } => c.call(Method::DELETE, &format!("/admin/v1/keys/{key_id}"), None).await?,
     };

@@ -472,6 +472,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         let (b, _) = n.funded("b", 1_000).await;
         let before = n.check().await;
         let admin = n.first.admin_key.clone();
+        let key_id = n.call("GET", &format!("/admin/v1/accounts/{a}/keys"), None, &admin).await.json()["data"][0]["key_id"].as_str().unwrap().to_string();
         let cases: Vec<(&str, String, Value, &str, StatusCode)> = vec![
             ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": -5, "idempotency_key": "n"}), &admin, StatusCode::BAD_REQUEST),
             ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 0, "idempotency_key": "z"}), &admin, StatusCode::BAD_REQUEST),
@@ -485,6 +486,10 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 5, "idempotency_key": "k"}), "", StatusCode::UNAUTHORIZED),
             ("POST", "/admin/v1/accounts".into(), json!({"name": "x", "kind": "treasury"}), &admin, StatusCode::BAD_REQUEST),
             ("POST", format!("/admin/v1/accounts/{a}/keys"), json!({"scopes": ["root"]}), &admin, StatusCode::BAD_REQUEST),
+            ("PATCH", "/admin/v1/keys/00000000000000000000000000000abc/limits".into(), json!({"rpm": 5}), &admin, StatusCode::NOT_FOUND),
+            ("PATCH", format!("/admin/v1/keys/{key_id}/limits"), json!({"rpm": 0}), &admin, StatusCode::BAD_REQUEST),
+            ("PATCH", format!("/admin/v1/keys/{key_id}/limits"), json!({"budget": 5}), &admin, StatusCode::BAD_REQUEST),
+            ("PATCH", format!("/admin/v1/keys/{key_id}/limits"), json!({"rpm": 5}), &a_key, StatusCode::FORBIDDEN),
         ];
         for (method, uri, body, key, status) in cases {
             let r = n.call(method, &uri, Some(body.clone()), key).await;

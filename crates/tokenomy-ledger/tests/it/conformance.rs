@@ -687,6 +687,8 @@ pub async fn key_limits_can_be_changed<S: LedgerStore>(s: Arc<S>) {
     let bad = SpendCaps { day_micros: Some(-1), month_micros: None };
     assert!(matches!(s.set_key_limits(k, None, None, bad).await, Err(LedgerError::InvalidArgument(_))));
     assert_eq!(s.find_key_by_hash([31; 32]).await.unwrap().unwrap().caps, raised, "a refused change changes nothing");
+    assert_eq!(s.get_key(k).await.unwrap(), s.find_key_by_hash([31; 32]).await.unwrap().unwrap());
+    assert_eq!(s.get_key(KeyId(99)).await, Err(LedgerError::UnknownKey(KeyId(99))));
     assert_check_ok(&*s).await;
 }
 

@@ -45,8 +45,16 @@ fn the_admin_cli_wraps_the_admin_api() {
     assert_eq!(keys["data"][0]["spend"]["day_remaining_micros"], 1);
     // Raising the cap takes effect at the key's next request.
     let key_id = k["key_id"].as_str().unwrap();
-    let changed = cli(&["keys", "limits", key_id, "--spend-cap-day-micros", "1000000", "--rpm", "30"]);
+    let changed = cli(&["keys", "limits", key_id, "--spend-cap-day-micros", "1000000", "--rpm", "30", "--remove", "spend-cap-month-micros"]);
     assert_eq!((changed["spend_cap_day_micros"].as_i64(), changed["rpm"].as_i64(), changed["spend_cap_month_micros"].as_i64()), (Some(1_000_000), Some(30), None));
+    // Changing one limit keeps the others (raising a rate does not drop a budget); --remove drops one.
+    let tpm = cli(&["keys", "limits", key_id, "--tpm", "5000"]);
+    assert_eq!((tpm["spend_cap_day_micros"].as_i64(), tpm["rpm"].as_i64(), tpm["tpm"].as_i64()), (Some(1_000_000), Some(30), Some(5000)));
+    let removed = cli(&["keys", "limits", key_id, "--remove", "rpm", "--remove", "tpm"]);
+    assert_eq!((removed["spend_cap_day_micros"].as_i64(), removed["rpm"].as_i64(), removed["tpm"].as_i64()), (Some(1_000_000), None, None));
+    assert_eq!(cli(&["keys", "show", key_id]), removed);
+    let (ok, out) = run(&["keys", "limits", key_id, "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("nothing to change"), "{out}");
     let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(key).json(&body).send().unwrap();
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
     let spent = cli(&["keys", "list", &id])["data"][0]["spend"]["day_micros"].as_i64().unwrap();
