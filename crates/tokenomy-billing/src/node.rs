@@ -107,6 +107,17 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BillingError + '_ {
 }
 
 /// Writes `text` to `path` atomically; `secret` files get mode 0600.
+/// Creates the data dir (and its parents) readable by its owner only, as its keys are: the
+/// ledger files in it hold every account's balance and every key's hash. An existing
+/// directory is left as it is.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
 pub(crate) fn write_file(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut o = std::fs::OpenOptions::new();
@@ -162,7 +173,7 @@ impl Billing {
     /// a local user account with a starting grant and its inference key (see [`FirstRun`]).
     pub async fn open(opts: OpenOptions) -> Result<(Arc<Billing>, Option<FirstRun>)> {
         let dir = opts.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        create_private_dir(&dir).map_err(io_err(&dir))?;
         let data_dir_lock = lock_data_dir(&dir)?;
         let config = read_or_create_config(&dir, &opts.env)?;
         let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;

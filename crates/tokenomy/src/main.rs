@@ -195,7 +195,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // Models are resolved first: a typo must not leave a new data dir (keys, a grant) behind.
     let configs = model_configs(&args)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    // (Billing::open creates the data dir, readable by its owner only.)
     let billing = open_billing(&args, &data_dir).await?;
     let user_key = data_dir.join("user.key");
     if args.no_auth && !user_key.exists() {

@@ -615,3 +615,14 @@ async fn an_embedded_node_voids_the_holds_of_its_earlier_run_at_start() {
     let retry = b.hold(&user, &ChargeRequest { request_id: "c3".into(), ..keyed }).await.expect("the retry runs");
     b.settle(retry, served(100, 10)).await.unwrap().expect("charged once");
 }
+
+/// A data dir the node creates is its owner's only (its ledger holds balances and key hashes).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_data_dir_is_readable_by_its_owner_only() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("node").join("data");
+    Billing::open(opts(&dir, None)).await.unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+}
