@@ -733,27 +733,42 @@ impl Billing {
     }
 
     /// Takes up the settlements a previous run of this data dir left retrying (stopped or
-    /// crashed during a ledger outage): each is tried again as if it had just failed, its hold
-    /// kept alive meanwhile. Returns how many.
-    pub fn resume_unsettled(&self) -> usize {
+    /// crashed during a ledger outage), before anything expires holds: each is tried once now,
+    /// and one the ledger still refuses is retried in the background, its hold kept alive.
+    /// A file that does not hold a valid settlement is set aside (`.bad`) and logged. Returns
+    /// how many still wait.
+    pub(crate) async fn resume_unsettled(&self) -> usize {
         let dir = self.data_dir.join(UNSETTLED_DIR);
         let Ok(files) = std::fs::read_dir(&dir) else { return 0 };
-        let mut n = 0;
+        let mut waiting = 0;
         for path in files.filter_map(|f| f.ok()).map(|f| f.path()).filter(|p| p.extension().is_some_and(|x| x == "json")) {
-            let job = match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<Unsettled>(&t).map_err(|e| e.to_string())) {
+            let job = match Unsettled::read(&path) {
                 Ok(job) => job,
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "cannot read an unsettled charge; left in place");
+                    tracing::error!(path = %path.display(), error = %e, "an unsettled charge cannot be read; set aside as .bad");
+                    let _ = std::fs::rename(&path, path.with_extension("bad"));
                     continue;
                 }
             };
             let Some(hold_id) = job.hold_id() else { continue };
             tracing::warn!(request_id = %job.receipt.request_id, amount_micros = job.cost_micros, "settling a charge a previous run left unsettled");
-            let guard = self.live.guard_id(hold_id, tokenomy_ledger::now_ms());
-            self.spawn_settle_retry(job, Some(path), guard);
-            n += 1;
+            let leaf = leaf_for(job.receipt.clone(), -job.cost_micros);
+            match self.store.settle(hold_id, job.cost_micros, job.now_ms, Some(leaf)).await {
+                Err(LedgerError::Storage(e)) => {
+                    tracing::warn!(request_id = %job.receipt.request_id, error = %e, "settling it failed; retrying in the background");
+                    let guard = self.live.guard_id(hold_id, tokenomy_ledger::now_ms());
+                    self.spawn_settle_retry(job, Some(path), guard);
+                    waiting += 1;
+                    continue;
+                }
+                Ok(_) => tracing::info!(request_id = %job.receipt.request_id, "charge settled"),
+                Err(e) => tracing::error!(request_id = %job.receipt.request_id, error = %e, amount_micros = job.cost_micros, "settling it failed for good; the charge goes unpaid"),
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a settled charge's journal file");
+            }
         }
-        n
+        waiting
     }
 
     /// Releases a hold without charging (the engine failed before serving anything).
@@ -863,6 +878,9 @@ impl Billing {
     /// balancer takes a node whose ledger is away out of rotation).
     pub async fn ledger_reachable(&self) -> Result<()> {
         self.serving()?;
+        if let Some(why) = self.store.broken() {
+            return Err(BillingError::Unavailable(why.into()));
+        }
         let probe = self.store.get_account(tokenomy_ledger::TREASURY);
         match tokio::time::timeout(std::time::Duration::from_millis(READY_PROBE_MS), probe).await {
             Ok(r) => r.map(drop).map_err(BillingError::from),
@@ -879,7 +897,6 @@ impl Billing {
     /// arrive (and the holds of requests in progress extended on the same tick), expired holds
     /// voided every `expire_interval_ms`. Ends when `self` is dropped.
     pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        self.resume_unsettled();
         let weak = Arc::downgrade(self);
         let cp = std::time::Duration::from_millis(self.config.billing.checkpoint_interval_ms);
         let ex_every = (self.config.billing.expire_interval_ms / self.config.billing.checkpoint_interval_ms).max(1);
@@ -949,12 +966,25 @@ impl Unsettled {
         u128::from_str_radix(&self.hold_id, 16).ok().map(tokenomy_ledger::TransferId)
     }
 
+    /// A journal file, checked: its hold id parses and its receipt encodes (the ledger's
+    /// writer would otherwise meet a receipt it cannot log).
+    fn read(path: &std::path::Path) -> std::result::Result<Unsettled, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let job: Unsettled = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        job.hold_id().ok_or("no hold id")?;
+        let sample = Receipt { log_index: 0, transfer_id: job.hold_id.clone(), amount_micros: -job.cost_micros, ..job.receipt.clone() };
+        sample.canonical_bytes().map_err(|e| e.to_string())?;
+        Ok(job)
+    }
+
     /// Writes the journal file (durably); `None` (logged) when it cannot.
     fn write(&self, data_dir: &std::path::Path) -> Option<PathBuf> {
         let dir = data_dir.join(UNSETTLED_DIR);
         let path = dir.join(format!("{}.json", self.hold_id));
+        // The file, then its directory entry, reach the disk before the request is answered.
         let written = std::fs::create_dir_all(&dir)
-            .and_then(|()| node::write_file(&path, &serde_json::to_string(self).expect("serializes"), true));
+            .and_then(|()| node::write_file(&path, &serde_json::to_string(self).expect("serializes"), true))
+            .and_then(|()| std::fs::File::open(&dir)?.sync_all());
         match written {
             Ok(()) => Some(path),
             Err(e) => {

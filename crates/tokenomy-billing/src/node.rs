@@ -106,7 +106,6 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BillingError + '_ {
     move |e| BillingError::Internal(format!("{}: {e}", path.display()))
 }
 
-/// Writes `text` to `path` atomically; `secret` files get mode 0600.
 /// Creates the data dir (and its parents) readable by its owner only, as its keys are: the
 /// ledger files in it hold every account's balance and every key's hash. An existing
 /// directory is left as it is.
@@ -118,6 +117,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
+/// Writes `text` to `path` atomically; `secret` files get mode 0600.
 pub(crate) fn write_file(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut o = std::fs::OpenOptions::new();
@@ -202,7 +202,8 @@ impl Billing {
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
         });
-        let voided = billing.void_orphaned_holds().await?;
+        let waiting = billing.resume_unsettled().await;
+        let voided = billing.void_orphaned_holds(waiting).await?;
         if voided > 0 {
             tracing::warn!(voided, "voided holds left by an earlier run");
         }
@@ -223,11 +224,11 @@ impl Billing {
     /// request that died with an earlier run: voided now, not a hold timeout later, the credits
     /// they held are free again and those requests' `Idempotency-Key` retries run at once
     /// (instead of a 409 "still in progress"). Not while a settlement of an earlier run waits
-    /// in `DATA_DIR/unsettled/` (its hold is to be posted), nor on PostgreSQL, whose pending
-    /// holds may be other nodes' requests in progress: there only expired holds are voided.
-    async fn void_orphaned_holds(&self) -> Result<u64> {
-        let unsettled = std::fs::read_dir(self.data_dir.join(crate::UNSETTLED_DIR)).is_ok_and(|mut d| d.next().is_some());
-        if !matches!(self.store, AnyStore::Sqlite(_)) || unsettled {
+    /// in `DATA_DIR/unsettled/` (`waiting` of them: their holds are to be posted), nor on
+    /// PostgreSQL, whose pending holds may be other nodes' requests in progress: there only
+    /// expired holds are voided.
+    async fn void_orphaned_holds(&self, waiting: usize) -> Result<u64> {
+        if !matches!(self.store, AnyStore::Sqlite(_)) || waiting > 0 {
             return self.expire_holds().await;
         }
         let mut voided = 0;

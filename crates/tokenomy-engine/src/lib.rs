@@ -109,21 +109,38 @@ struct LoadedModel {
 /// once in [`Backend::generate`], and the worker releases each when its generation is
 /// admitted to a slot or ends while still waiting (cancelled, rejected).
 #[derive(Debug, Default)]
-pub(crate) struct Queued(AtomicUsize);
+pub(crate) struct Queued {
+    waiting: AtomicUsize,
+    /// Set when the worker thread ends (also by a panic): its places will never come back.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the worker stopped when dropped: held by the worker thread for its whole life.
+pub(crate) struct WorkerAlive(pub(crate) Arc<Queued>);
+
+impl Drop for WorkerAlive {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+    }
+}
 
 impl Queued {
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     /// Takes `n` places if all fit under `max`.
     fn reserve(&self, n: usize, max: usize) -> bool {
-        self.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + n <= max).then_some(w + n)).is_ok()
+        self.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w + n <= max).then_some(w + n)).is_ok()
     }
 
     pub(crate) fn release(&self, n: usize) {
-        let before = self.0.fetch_sub(n, Ordering::SeqCst);
+        let before = self.waiting.fetch_sub(n, Ordering::SeqCst);
         assert!(before >= n, "released {n} queue places of {before}");
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+        self.waiting.load(Ordering::SeqCst)
     }
 }
 
@@ -362,6 +379,9 @@ impl Backend for Engine {
             let (sub, generation) = self.submission(m, request)?;
             subs.push(sub);
             generations.push(generation);
+        }
+        if m.queued.stopped() {
+            return Err(BackendError::Internal("the model's worker has stopped".into()));
         }
         if !m.queued.reserve(wanted, queue_max) {
             return Err(BackendError::Overloaded(format!(

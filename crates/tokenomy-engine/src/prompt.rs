@@ -44,8 +44,13 @@ struct Special {
 #[derive(Debug, Clone, Default)]
 pub struct Specials {
     all: Vec<Special>,
-    /// The first characters of the control tokens' texts (wrapping looks further only there).
-    control_starts: Vec<char>,
+    /// The control tokens' texts, and their distinct lengths in bytes, longest first: wrapping
+    /// looks up each length's prefix at a position (Gemma 3 has 6 249 control tokens, every
+    /// one starting with `<`: comparing each at every `<` would be quadratic in practice).
+    controls: std::collections::HashSet<String>,
+    control_lens: Vec<usize>,
+    /// The characters a control token's text starts with (most text is passed over at once).
+    control_starts: std::collections::HashSet<char>,
 }
 
 impl Specials {
@@ -72,14 +77,12 @@ impl Specials {
 
     fn new(mut all: Vec<Special>) -> Specials {
         all.sort_by_key(|s| std::cmp::Reverse(s.text.len()));
-        let mut control_starts: Vec<char> = all.iter().filter(|s| s.control).filter_map(|s| s.text.chars().next()).collect();
-        control_starts.sort_unstable();
-        control_starts.dedup();
-        Specials { all, control_starts }
-    }
-
-    fn controls(&self) -> impl Iterator<Item = &str> {
-        self.all.iter().filter(|s| s.control).map(|s| s.text.as_str())
+        let controls: std::collections::HashSet<String> = all.iter().filter(|s| s.control).map(|s| s.text.clone()).collect();
+        let mut control_lens: Vec<usize> = controls.iter().map(String::len).collect();
+        control_lens.sort_unstable_by(|a, b| b.cmp(a));
+        control_lens.dedup();
+        let control_starts = controls.iter().filter_map(|t| t.chars().next()).collect();
+        Specials { all, controls, control_lens, control_starts }
     }
 
     /// `text` with the markers removed and each control token's text wrapped in them.
@@ -88,13 +91,13 @@ impl Specials {
         let text: String = text.chars().filter(|&c| c != OPEN && c != CLOSE).collect();
         let mut rest = text.as_str();
         'scan: while let Some(c) = rest.chars().next() {
-            let maybe = self.control_starts.binary_search(&c).is_ok();
-            for s in self.controls().filter(|_| maybe) {
-                if rest.starts_with(s) {
+            let lens = if self.control_starts.contains(&c) { &self.control_lens[..] } else { &[] };
+            for &len in lens {
+                if let Some(s) = rest.get(..len).filter(|s| self.controls.contains(*s)) {
                     out.push(OPEN);
                     out.push_str(s);
                     out.push(CLOSE);
-                    rest = &rest[s.len()..];
+                    rest = &rest[len..];
                     continue 'scan;
                 }
             }

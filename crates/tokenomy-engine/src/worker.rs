@@ -91,6 +91,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     ready: impl FnOnce(Result<(), String>),
 ) {
+    let _alive = crate::WorkerAlive(config.queued.clone());
     let backend = crate::backend();
     let limits = config.limits;
     let params = LlamaContextParams::default()

@@ -49,6 +49,53 @@ macro_rules! dispatch {
     };
 }
 
+/// A PostgreSQL hold, given the operation timeout. The hold runs on a task of its own, so one
+/// that lands after the caller gave up (its batch was stuck behind a hung server) is seen and
+/// voided at once: the request was refused, and its credits are not left held for a hold
+/// timeout (nor its `Idempotency-Key` reported in progress).
+#[allow(clippy::too_many_arguments)]
+async fn pg_hold_in_time(
+    s: PgStore,
+    id: FreshTransferId,
+    account: AccountId,
+    key: Option<KeyId>,
+    amount_micros: i64,
+    idempotency_key: String,
+    timeout_ms: i64,
+    now_ms: i64,
+) -> Result<Transfer> {
+    let limit_ms = s.operation_timeout_ms();
+    let mine = id.id();
+    let store = s.clone();
+    let mut placing = tokio::spawn(async move { store.hold_as(id, account, key, amount_micros, &idempotency_key, timeout_ms, now_ms).await });
+    match tokio::time::timeout(std::time::Duration::from_millis(limit_ms), &mut placing).await {
+        Ok(joined) => joined.map_err(|e| LedgerError::Storage(format!("placing a hold: {e}")))?,
+        Err(_) => {
+            tokio::spawn(async move {
+                if let Ok(Ok(t)) = placing.await {
+                    // Only this request's own hold (another request with the key has its own).
+                    if t.id == mine && t.state == TransferState::Pending {
+                        if let Err(e) = s.void(t.id).await {
+                            tracing::error!(hold = %t.id, error = %e, "voiding a hold placed after its request gave up");
+                        }
+                    }
+                }
+            });
+            Err(LedgerError::Storage(format!("the PostgreSQL ledger did not answer within {limit_ms} ms")))
+        }
+    }
+}
+
+impl AnyStore {
+    /// Why the store takes no more writes until the node restarts, if it does not.
+    pub fn broken(&self) -> Option<&'static str> {
+        match self {
+            AnyStore::Sqlite(s) if s.refuses_writes() => Some("the SQLite ledger stopped taking writes after a disk failure; restart the node"),
+            _ => None,
+        }
+    }
+}
+
 impl LedgerStore for AnyStore {
     fn create_account(&self, name: &str, kind: AccountKind) -> impl Future<Output = Result<Account>> + Send {
         dispatch!(self, s => s.create_account(name, kind))
@@ -82,7 +129,13 @@ impl LedgerStore for AnyStore {
         timeout_ms: i64,
         now_ms: i64,
     ) -> impl Future<Output = Result<Transfer>> + Send {
-        dispatch!(self, s => s.hold_as(id, account, key, amount_micros, idempotency_key, timeout_ms, now_ms))
+        let key_text = idempotency_key.to_string();
+        async move {
+            match self {
+                AnyStore::Sqlite(s) => s.hold_as(id, account, key, amount_micros, &key_text, timeout_ms, now_ms).await,
+                AnyStore::Pg(s) => pg_hold_in_time(s.clone(), id, account, key, amount_micros, key_text, timeout_ms, now_ms).await,
+            }
+        }
     }
     fn settle(&self, hold_id: TransferId, amount_micros: i64, now_ms: i64, leaf: Option<Leaf>) -> impl Future<Output = Result<Settled>> + Send {
         dispatch!(self, s => s.settle(hold_id, amount_micros, now_ms, leaf))

@@ -195,6 +195,12 @@ impl SqliteStore {
     /// lookup in the index file from the next batch on (`sqlite_keys.rs`). It is built in
     /// the background after the store opens and again as the ledger grows; until then
     /// every key is looked up.
+    /// Whether the store stopped taking writes (a failed sync, checkpoint or index write):
+    /// only a restart of the node brings it back.
+    pub fn refuses_writes(&self) -> bool {
+        self.shared.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn key_filter_ready(&self) -> bool {
         let created = self.shared.key_filters_created.load(std::sync::atomic::Ordering::SeqCst);
         created > 0 && self.shared.key_filters_built.load(std::sync::atomic::Ordering::SeqCst) == created
