@@ -48,21 +48,19 @@ impl ToolCallParser for Hermes {
         }
     }
 
+    /// One rule per tool: its name written out, then its parameters' schema as a JSON
+    /// grammar of its own, so the schema's `$ref`s (`#/$defs/…`, which Pydantic writes for every
+    /// nested model or enum) resolve against the schema itself.
     fn call_grammar(&self, tools: &[(&str, &Value)]) -> String {
-        let one_of: Vec<Value> = tools
-            .iter()
-            .map(|(name, params)| {
-                let args = if params.is_object() { (*params).clone() } else { serde_json::json!({"type": "object"}) };
-                serde_json::json!({
-                    "type": "object",
-                    "properties": {"name": {"const": name}, "arguments": args},
-                    "required": ["name", "arguments"],
-                    "additionalProperties": false,
-                })
-            })
-            .collect();
-        let schema = serde_json::json!({"anyOf": one_of});
-        format!("start: \"{OPEN}\\n\" call \"\\n{CLOSE}\"\ncall: %json {schema}\n")
+        let calls: Vec<String> = (0..tools.len()).map(|i| format!("call_{i}")).collect();
+        let mut g = format!("start: \"{OPEN}\\n\" call \"\\n{CLOSE}\"\ncall: {}\n", calls.join(" | "));
+        for (i, (name, params)) in tools.iter().enumerate() {
+            let args = if params.is_object() { (*params).clone() } else { serde_json::json!({"type": "object"}) };
+            let head = format!("{{\"name\": {}, \"arguments\": ", Value::from(*name));
+            // A JSON string is a Lark string literal (the same escapes).
+            g.push_str(&format!("call_{i}: {} args_{i} \"}}\"\nargs_{i}: %json {args}\n", Value::from(head)));
+        }
+        g
     }
 }
 
@@ -196,10 +194,14 @@ mod tests {
     fn the_call_grammar_names_every_tool_and_its_schema() {
         let params = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         let g = Hermes.call_grammar(&[("add", &params), ("get_weather", &Value::Null)]);
-        assert!(g.starts_with("start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {"), "{g}");
-        let schema: Value = serde_json::from_str(g.lines().nth(1).unwrap().strip_prefix("call: %json ").unwrap()).unwrap();
-        assert_eq!(schema["anyOf"][0]["properties"]["name"]["const"], "add");
-        assert_eq!(schema["anyOf"][0]["properties"]["arguments"], params);
-        assert_eq!(schema["anyOf"][1]["properties"]["arguments"], json!({"type": "object"}));
+        let want = concat!(
+            "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\n",
+            "call: call_0 | call_1\n",
+            "call_0: \"{\\\"name\\\": \\\"add\\\", \\\"arguments\\\": \" args_0 \"}\"\n",
+            "args_0: %json {\"properties\":{\"a\":{\"type\":\"integer\"}},\"type\":\"object\"}\n",
+            "call_1: \"{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": \" args_1 \"}\"\n",
+            "args_1: %json {\"type\":\"object\"}\n",
+        );
+        assert_eq!(g, want);
     }
 }

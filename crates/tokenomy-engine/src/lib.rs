@@ -367,10 +367,8 @@ impl Backend for Engine {
         }
         let (wanted, queue_max) = (requests.len(), m.limits.queue_max);
         if wanted > queue_max {
-            return Err(BackendError::InvalidRequest(format!(
-                "this request asks for {wanted} generations (prompts × n) and `{}` queues at most {queue_max} (--queue-max)",
-                m.info.name
-            )));
+            let msg = format!("this request asks for {wanted} generations (prompts × n) and `{}` queues at most {queue_max} (--queue-max)", m.info.name);
+            return Err(BackendError::InvalidParam("n", msg));
         }
         let mut subs = Vec::with_capacity(wanted);
         let mut generations = Vec::with_capacity(wanted);

@@ -192,7 +192,7 @@ async fn the_queue_holds_queue_max_generations_and_gives_places_back() {
     };
     let n3 = json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1, "n": 3});
     let e = assert_error(&post(&s, "/v1/completions", n3).await, StatusCode::BAD_REQUEST);
-    assert!(e["message"].as_str().unwrap().contains("--queue-max"), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("--queue-max") && e["param"] == "n", "{e}");
 
     // One runs (its first token came, so it holds the slot), two wait: the queue is full.
     let mut running = stream(s.clone(), 2_000).await;

@@ -331,3 +331,34 @@ async fn a_call_cut_by_max_tokens_is_length_and_anthropic_agent_inputs_are_taken
     let u = post(&s, "/v1/messages", none).await.json()["usage"].clone();
     assert_eq!(counted, u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap_or(0), "{u}");
 }
+
+/// A forced call to a tool whose parameters use `$defs` / `$ref` (as `openai.pydantic_function_tool`
+/// writes for every nested model or enum) is constrained by that schema: the refs resolve
+/// within the tool's own schema (they used to be looked up in the grammar's wrapper: a 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_call_follows_a_schema_with_defs_and_refs() {
+    let s = qwen();
+    let params = json!({
+        "type": "object",
+        "$defs": {
+            "Loc": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "Unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "properties": {"locations": {"type": "array", "items": {"$ref": "#/$defs/Loc"}}, "unit": {"$ref": "#/$defs/Unit"}},
+        "required": ["locations", "unit"],
+    });
+    let tool = json!({"type": "function", "function": {"name": "get_weather", "parameters": params}});
+    for choice in [json!("required"), json!({"type": "function", "function": {"name": "get_weather"}})] {
+        let body = json!({"model": QWEN, "temperature": 0, "max_tokens": 64, "tools": [tool], "tool_choice": choice,
+            "messages": [{"role": "user", "content": "Weather in Paris and Rome, in celsius?"}]});
+        let call = the_call(&post(&s, "/v1/chat/completions", body).await);
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()), "{args}");
+        assert!(args["locations"].as_array().unwrap().iter().all(|l| l["city"].is_string()), "{args}");
+    }
+    let msg = json!({"model": QWEN, "max_tokens": 64, "temperature": 0, "tool_choice": {"type": "any"},
+        "tools": [{"name": "get_weather", "input_schema": params}],
+        "messages": [{"role": "user", "content": "Weather in Paris, in celsius?"}]});
+    let v = post(&s, "/v1/messages", msg).await.json();
+    assert_eq!(v["stop_reason"], "tool_use", "{v}");
+}
