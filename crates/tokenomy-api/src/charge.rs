@@ -39,7 +39,7 @@ tokio::task_local! {
 /// keys are not required (no ledger, or `--no-auth` without a key); the handler decides.
 pub(crate) async fn authenticate_first(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(b) = &state.billing else { return next.run(req).await };
-    if state.no_auth && bearer(req.headers()).is_none() {
+    if keyless(state.no_auth, req.headers()) {
         return next.run(req).await;
     }
     match b.authenticate(bearer(req.headers())).await {
@@ -66,11 +66,18 @@ pub(crate) async fn caller(state: &AppState, headers: &HeaderMap) -> Result<Opti
     }
 }
 
+/// Whether a request is keyless under `--no-auth`: it has no key, or a placeholder that is no
+/// tokenomy key at all (`api_key="none"`: the official SDKs refuse to send none). A `tk-…` key
+/// is checked, so a mistyped real key is a 401.
+fn keyless(no_auth: bool, headers: &HeaderMap) -> bool {
+    no_auth && !bearer(headers).is_some_and(|k| k.starts_with(tokenomy_billing::keys::KEY_PREFIX))
+}
+
 /// Whose request this is: the key's owner, or under `--no-auth` a keyless request's local
 /// user (who is charged for it, so `/v1/me` and its receipts are theirs too).
 async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
     let b = billing(state)?;
-    if state.no_auth && bearer(headers).is_none() {
+    if keyless(state.no_auth, headers) {
         return Ok(b.local_principal().await?);
     }
     authenticate(b, headers).await

@@ -453,9 +453,13 @@ async fn no_auth_bills_keyless_requests_to_the_local_user_who_can_see_them() {
     assert_eq!(me.json()["account"]["name"], "local");
     assert_eq!(me.json()["usage"]["requests"], 1);
     assert_eq!(request(&state, "GET", &format!("/v1/receipts/{receipt}"), None, &[]).await.status, StatusCode::OK);
-    // Never the admin API, and a wrong key is still refused.
+    // A placeholder key (the SDKs insist on sending one) is no key: the local user's too.
+    let placeholder = [("authorization", "Bearer sk-no-key-required")];
+    assert_eq!(request(&state, "GET", "/v1/me", None, &placeholder).await.json()["account"]["name"], "local");
+    // Never the admin API, and a wrong tokenomy key is still refused.
     assert_error(&request(&state, "GET", "/admin/v1/ledger/check", None, &[]).await, StatusCode::UNAUTHORIZED);
-    assert_error(&request(&state, "GET", "/v1/me", None, &[("authorization", "Bearer sk-wrong")]).await, StatusCode::UNAUTHORIZED);
+    assert_error(&request(&state, "GET", "/admin/v1/ledger/check", None, &placeholder).await, StatusCode::UNAUTHORIZED);
+    assert_error(&request(&state, "GET", "/v1/me", None, &[("authorization", "Bearer tk-wrong")]).await, StatusCode::UNAUTHORIZED);
     // Another account's key sees its own account, not the local user's receipts.
     let (_, other) = n.funded("other", 1_000).await;
     let auth = format!("Bearer {other}");
