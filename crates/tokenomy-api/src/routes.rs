@@ -1164,7 +1164,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
     if let Some(b) = &state.billing {
         if let Err(e) = b.ledger_reachable().await {
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "ledger_unavailable", "error": e.to_string()}))).into_response();
+            let body = Json(json!({"status": "ledger_unavailable", "error": e.to_string()}));
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "2")], body).into_response();
         }
     }
     Json(json!({"status": "ready"})).into_response()

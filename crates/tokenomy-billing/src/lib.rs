@@ -708,13 +708,12 @@ impl Billing {
         let Some(hold_id) = job.hold_id() else {
             return tracing::error!(hold_id = %job.hold_id, "an unsettled charge names no hold; dropped");
         };
-        let leaf = leaf_for(job.receipt.clone(), -job.cost_micros);
         tokio::spawn(async move {
             let _keep = keep;
             let request_id = &job.receipt.request_id;
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_BACKGROUND_MS)).await;
-                match store.settle(hold_id, job.cost_micros, job.now_ms, Some(leaf.clone())).await {
+                match job.post(&store, hold_id).await {
                     Err(LedgerError::Storage(e)) if tokenomy_ledger::now_ms() < deadline_ms => {
                         tracing::warn!(%request_id, error = %e, "settling a charge failed again");
                         continue;
@@ -752,8 +751,7 @@ impl Billing {
             };
             let Some(hold_id) = job.hold_id() else { continue };
             tracing::warn!(request_id = %job.receipt.request_id, amount_micros = job.cost_micros, "settling a charge a previous run left unsettled");
-            let leaf = leaf_for(job.receipt.clone(), -job.cost_micros);
-            match self.store.settle(hold_id, job.cost_micros, job.now_ms, Some(leaf)).await {
+            match job.post(&self.store, hold_id).await {
                 Err(LedgerError::Storage(e)) => {
                     tracing::warn!(request_id = %job.receipt.request_id, error = %e, "settling it failed; retrying in the background");
                     let guard = self.live.guard_id(hold_id, tokenomy_ledger::now_ms());
@@ -964,6 +962,24 @@ struct Unsettled {
 impl Unsettled {
     fn hold_id(&self) -> Option<tokenomy_ledger::TransferId> {
         u128::from_str_radix(&self.hold_id, 16).ok().map(tokenomy_ledger::TransferId)
+    }
+
+    /// Posts the charge: settles its hold, or, when the hold was voided meanwhile (it expired
+    /// while this node was down, and another node of the ledger swept it), charges the
+    /// account directly (a transfer to operator revenue under the key `late:HOLD`, so a retry
+    /// posts it once) with the same receipt: the tokens were served, and the client holds
+    /// the receipt's id. Refused only if the account can no longer pay.
+    async fn post(&self, store: &AnyStore, hold_id: tokenomy_ledger::TransferId) -> std::result::Result<(), LedgerError> {
+        let leaf = leaf_for(self.receipt.clone(), -self.cost_micros);
+        match store.settle(hold_id, self.cost_micros, self.now_ms, Some(leaf.clone())).await {
+            Err(LedgerError::NotPending { state: TransferState::Voided, .. }) => {
+                let account = u128::from_str_radix(&self.receipt.account_id, 16).map(AccountId).map_err(|_| LedgerError::UnknownTransfer(hold_id))?;
+                let key = format!("late:{}", self.hold_id);
+                tracing::warn!(request_id = %self.receipt.request_id, "the charge's hold was voided meanwhile; charging the account directly");
+                store.transfer(account, tokenomy_ledger::OPERATOR_REVENUE, self.cost_micros, &key, Some(leaf)).await.map(drop)
+            }
+            r => r.map(drop),
+        }
     }
 
     /// A journal file, checked: its hold id parses and its receipt encodes (the ledger's

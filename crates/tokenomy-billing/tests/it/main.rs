@@ -558,11 +558,22 @@ async fn a_log_that_goes_back_under_a_running_node_halts_its_charging() {
 /// once (before, the node exited and the hold expired: the tokens served went unpaid).
 #[test]
 fn a_settlement_retrying_when_the_node_stops_is_posted_by_its_next_start() {
+    posted_after_a_stop(false);
+}
+
+/// The same when the hold was voided while the node was down (it expired, and another node
+/// of the ledger swept it): the account is charged directly, with the same receipt.
+#[test]
+fn a_settlement_whose_hold_was_voided_meanwhile_is_charged_directly() {
+    posted_after_a_stop(true);
+}
+
+fn posted_after_a_stop(voided_meanwhile: bool) {
     let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
         return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
     };
     let runtime = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let db = "tokenomy_billing_unsettled";
+    let db = if voided_meanwhile { "tokenomy_billing_unsettled_voided" } else { "tokenomy_billing_unsettled" };
     let dir = tempfile::tempdir().unwrap();
     let first_run = runtime();
     let (url, account, before) = first_run.block_on(async {
@@ -579,27 +590,33 @@ fn a_settlement_retrying_when_the_node_stops_is_posted_by_its_next_start() {
     // The process stops: its tasks (the retry, and the one that would bring the database back) end.
     first_run.shutdown_background();
     let journal = dir.path().join(tokenomy_billing::UNSETTLED_DIR);
-    assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 1, "the settlement waits on disk");
+    let files: Vec<_> = std::fs::read_dir(&journal).unwrap().map(|f| f.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "the settlement waits on disk");
 
     runtime().block_on(async {
         tokenomy_ledger::testing::database_back(&server, db).await;
+        if voided_meanwhile {
+            let hold = u128::from_str_radix(files[0].file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+            let other_node = tokenomy_ledger::PgStore::open(&url, 1).await.unwrap();
+            other_node.void(tokenomy_ledger::TransferId(hold)).await.unwrap();
+        }
         // Opening the data dir posts it, before any hold could be expired.
         let (b, _) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
-        let mut acc = b.account(account).await.unwrap();
-        for _ in 0..100 {
-            if acc.pending_micros == 0 && std::fs::read_dir(&journal).unwrap().count() == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            acc = b.account(account).await.unwrap();
-        }
-        assert_eq!(acc.pending_micros, 0, "the hold was settled");
+        let acc = b.account(account).await.unwrap();
+        assert_eq!(acc.pending_micros, 0, "the hold was settled or voided");
         assert_eq!(std::fs::read_dir(&journal).unwrap().count(), 0, "and its journal file removed");
         let posted = b.store().statement(account, None, 100).await.unwrap().items;
-        let charges: Vec<i64> =
-            posted.iter().filter(|t| t.code == tokenomy_ledger::TransferCode::UsageCharge && !t.hold).map(|t| t.amount_micros).collect();
+        let code = if voided_meanwhile { tokenomy_ledger::TransferCode::Transfer } else { tokenomy_ledger::TransferCode::UsageCharge };
+        let charges: Vec<&tokenomy_ledger::Transfer> = posted.iter().filter(|t| t.code == code && !t.hold).collect();
         assert_eq!(charges.len(), 1, "charged once: {posted:?}");
-        assert_eq!(acc.balance_micros, before - charges[0]);
+        assert_eq!(acc.balance_micros, before - charges[0].amount_micros);
+        // The receipt the client was given exists, for the charge posted.
+        let user_key = std::fs::read_to_string(dir.path().join("user.key")).unwrap();
+        let user = b.authenticate(Some(user_key.trim())).await.unwrap();
+        let bundle = b.receipt_bundle("rcpt_stopped", &user).await.unwrap();
+        let key = VerifierKey::parse(std::fs::read_to_string(dir.path().join("node.pub")).unwrap().trim()).unwrap();
+        let v = verify_bundle(&bundle, &key).unwrap();
+        assert_eq!((v.receipt.amount_micros, v.receipt.transfer_id.as_str()), (-charges[0].amount_micros, charges[0].id.to_string().as_str()));
         assert!(b.store().check().await.unwrap().ok);
     });
 }
