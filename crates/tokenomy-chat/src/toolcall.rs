@@ -194,13 +194,17 @@ mod tests {
     fn the_call_grammar_names_every_tool_and_its_schema() {
         let params = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         let g = Hermes.call_grammar(&[("add", &params), ("get_weather", &Value::Null)]);
-        let want = concat!(
-            "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\n",
-            "call: call_0 | call_1\n",
-            "call_0: \"{\\\"name\\\": \\\"add\\\", \\\"arguments\\\": \" args_0 \"}\"\n",
-            "args_0: %json {\"properties\":{\"a\":{\"type\":\"integer\"}},\"type\":\"object\"}\n",
-            "call_1: \"{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": \" args_1 \"}\"\n",
-            "args_1: %json {\"type\":\"object\"}\n",
+        // (The schema as serde_json writes it: its key order depends on the build's features.)
+        let want = format!(
+            concat!(
+                "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\n",
+                "call: call_0 | call_1\n",
+                "call_0: \"{{\\\"name\\\": \\\"add\\\", \\\"arguments\\\": \" args_0 \"}}\"\n",
+                "args_0: %json {}\n",
+                "call_1: \"{{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": \" args_1 \"}}\"\n",
+                "args_1: %json {{\"type\":\"object\"}}\n",
+            ),
+            params
         );
         assert_eq!(g, want);
     }
