@@ -461,7 +461,7 @@ impl Billing {
     /// Credits from the treasury, with a receipt.
     pub async fn mint(&self, to: AccountId, amount_micros: i64, idempotency_key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
         self.serving()?;
-        let receipt = self.money_receipt(ReceiptKind::Mint, to, actor);
+        let receipt = self.money_receipt(ReceiptKind::Mint, to, tokenomy_ledger::TREASURY, actor);
         let t = self.store.mint(to, amount_micros, idempotency_key, Some(leaf_for(receipt, amount_micros))).await?;
         Ok((t.clone(), self.receipt_of(&t).await?))
     }
@@ -469,14 +469,18 @@ impl Billing {
     /// Credits between two accounts, with a receipt.
     pub async fn transfer(&self, from: AccountId, to: AccountId, amount_micros: i64, key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
         self.serving()?;
-        let receipt = self.money_receipt(ReceiptKind::Transfer, from, actor);
+        let receipt = self.money_receipt(ReceiptKind::Transfer, from, to, actor);
         let t = self.store.transfer(from, to, amount_micros, key, Some(leaf_for(receipt, -amount_micros))).await?;
         Ok((t.clone(), self.receipt_of(&t).await?))
     }
 
-    fn money_receipt(&self, kind: ReceiptKind, account: AccountId, actor: &Principal) -> Receipt {
+    /// The receipt of money moving from or to `account`, whose other party is `counterparty`
+    /// (a v2 receipt: the log proves where the credits went, and either party may fetch it).
+    fn money_receipt(&self, kind: ReceiptKind, account: AccountId, counterparty: AccountId, actor: &Principal) -> Receipt {
         let now = tokenomy_ledger::now_ms().max(0) as u64;
         Receipt {
+            version: tokenomy_receipts::receipt::RECEIPT_VERSION_COUNTERPARTY,
+            counterparty_id: counterparty.to_string(),
             kind,
             request_id: String::new(),
             model: String::new(),
@@ -502,6 +506,7 @@ impl Billing {
             receipt_id,
             request_id: String::new(),
             account_id: account.to_string(),
+            counterparty_id: String::new(),
             key_id: key.to_string(),
             kind: ReceiptKind::Usage,
             model: String::new(),
@@ -837,11 +842,13 @@ impl Billing {
             self.sync_log(&mut log).await?;
         }
         let (index, account) = log.find(receipt_id).ok_or_else(not_found)?;
-        if account != viewer.account && !viewer.is_admin() {
-            return Err(not_found());
-        }
         let entry = self.store.log_entries(index, 1).await?.pop().ok_or_else(not_found)?;
         let receipt = Receipt::from_canonical_bytes(&entry.leaf_bytes).map_err(|e| BillingError::Internal(e.to_string()))?;
+        // Its account, or the other party of a transfer (a v2 receipt), or the admin.
+        let viewer_id = viewer.account.to_string();
+        if account != viewer.account && receipt.counterparty_id != viewer_id && receipt.account_id != viewer_id && !viewer.is_admin() {
+            return Err(not_found());
+        }
         if receipt.origin != self.signer.name() {
             // Another node of this ledger issued it: only its key can sign it and its checkpoint.
             return Err(BillingError::Misdirected(format!(

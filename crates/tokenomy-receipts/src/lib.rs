@@ -26,7 +26,7 @@
 //! use tokenomy_receipts::*;
 //! # let receipt = |log_index| Receipt {
 //! #     version: 1, origin: "node.example/log".into(), receipt_id: "r1".into(),
-//! #     request_id: "q1".into(), account_id: "a1".into(), key_id: "k1".into(),
+//! #     request_id: "q1".into(), account_id: "a1".into(), counterparty_id: String::new(), key_id: "k1".into(),
 //! #     kind: ReceiptKind::Usage, model: "m".into(), model_sha256: [1; 32],
 //! #     prompt_tokens: 10, cached_tokens: 0, completion_tokens: 5, reasoning_tokens: 0,
 //! #     price_input_micros_per_mtok: 1, price_cached_input_micros_per_mtok: 1,

@@ -39,6 +39,14 @@
 //! * `<hex64>`: 64 lowercase hex digits (32 bytes); all zeros when not applicable.
 //! * `transfer_id` is empty when the receipt records no ledger transfer.
 //!
+//! # `tokenomy-receipt/v2`: money that moves between two accounts
+//!
+//! A mint or a transfer has two parties. Its receipt is `tokenomy-receipt/v2`: the v1 lines
+//! with one more, `counterparty_id <text>` (never empty), right after `account_id`: the
+//! account credited by a transfer (or debited by a mint: the treasury), so the log proves
+//! where the credits went and the recipient can fetch the receipt too. A receipt without a
+//! counterparty is always v1, so every receipt still has exactly one encoding.
+//!
 //! Encoding is a pure function of the [`Receipt`]; decoding refuses any byte string that is not
 //! exactly the encoding of the receipt it decodes to, so one receipt has one byte string.
 //! The transparency-log leaf is these bytes (leaf hash `SHA-256(0x00 || bytes)`). The receipt
@@ -50,8 +58,10 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
 
-/// The receipt format version this crate writes and reads.
+/// The receipt format version of a receipt with no counterparty (usage).
 pub const RECEIPT_VERSION: u32 = 1;
+/// The version of a receipt with a counterparty (mints and transfers).
+pub const RECEIPT_VERSION_COUNTERPARTY: u32 = 2;
 /// The domain-separation prefix of the receipt signature message.
 pub const SIGNATURE_CONTEXT: &[u8] = b"tokenomy-receipt-signature/v1\n";
 
@@ -117,6 +127,9 @@ pub struct Receipt {
     pub receipt_id: String,
     pub request_id: String,
     pub account_id: String,
+    /// The other party of a mint or transfer (v2 receipts only; empty in v1).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub counterparty_id: String,
     /// The API key that made the request.
     pub key_id: String,
     pub kind: ReceiptKind,
@@ -198,7 +211,16 @@ fn is_clean_text(s: &str) -> bool {
 }
 
 impl Receipt {
-    /// Each field's canonical value, in [`FIELD_NAMES`] order.
+    /// The fields of this receipt's version, named, in canonical order.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields: Vec<(&'static str, String)> = FIELD_NAMES.iter().copied().zip(self.field_values()).collect();
+        if self.version == RECEIPT_VERSION_COUNTERPARTY {
+            fields.insert(4, ("counterparty_id", self.counterparty_id.clone()));
+        }
+        fields
+    }
+
+    /// Each v1 field's canonical value, in [`FIELD_NAMES`] order.
     fn field_values(&self) -> [String; 22] {
         [
             self.origin.clone(),
@@ -228,14 +250,18 @@ impl Receipt {
 
     /// Checks the invariants the encoding and the ledger rely on.
     pub fn validate(&self) -> Result<(), ReceiptError> {
-        if self.version != RECEIPT_VERSION {
-            return Err(ReceiptError::UnsupportedVersion(self.version));
+        match (self.version, self.counterparty_id.is_empty()) {
+            (RECEIPT_VERSION, true) | (RECEIPT_VERSION_COUNTERPARTY, false) => {}
+            (RECEIPT_VERSION, false) => return Err(ReceiptError::InvalidField { field: "counterparty_id", reason: "only in v2 receipts" }),
+            (RECEIPT_VERSION_COUNTERPARTY, true) => return Err(ReceiptError::InvalidField { field: "counterparty_id", reason: "must not be empty" }),
+            (v, _) => return Err(ReceiptError::UnsupportedVersion(v)),
         }
         let texts = [
             ("origin", &self.origin),
             ("receipt_id", &self.receipt_id),
             ("request_id", &self.request_id),
             ("account_id", &self.account_id),
+            ("counterparty_id", &self.counterparty_id),
             ("key_id", &self.key_id),
             ("model", &self.model),
             ("transfer_id", &self.transfer_id),
@@ -270,7 +296,7 @@ impl Receipt {
     pub fn canonical_bytes(&self) -> Result<Vec<u8>, ReceiptError> {
         self.validate()?;
         let mut out = format!("tokenomy-receipt/v{}\n", self.version);
-        for (name, value) in FIELD_NAMES.iter().zip(self.field_values()) {
+        for (name, value) in self.fields() {
             out.push_str(name);
             out.push(' ');
             out.push_str(&value);
@@ -282,8 +308,8 @@ impl Receipt {
     /// Decodes canonical bytes; refuses anything that is not exactly a canonical encoding.
     pub fn from_canonical_bytes(bytes: &[u8]) -> Result<Self, ReceiptError> {
         let text = std::str::from_utf8(bytes).map_err(|_| ReceiptError::Malformed("not UTF-8"))?;
-        let mut lines = FieldLines::new(text)?;
-        let r = Self::from_lines(&mut lines)?;
+        let (version, mut lines) = FieldLines::new(text)?;
+        let r = Self::from_lines(version, &mut lines)?;
         lines.finish()?;
         if r.canonical_bytes()? != bytes {
             return Err(ReceiptError::NonCanonical);
@@ -291,13 +317,17 @@ impl Receipt {
         Ok(r)
     }
 
-    fn from_lines(l: &mut FieldLines<'_>) -> Result<Self, ReceiptError> {
+    fn from_lines(version: u32, l: &mut FieldLines<'_>) -> Result<Self, ReceiptError> {
         Ok(Self {
-            version: RECEIPT_VERSION,
+            version,
             origin: l.text("origin")?,
             receipt_id: l.text("receipt_id")?,
             request_id: l.text("request_id")?,
             account_id: l.text("account_id")?,
+            counterparty_id: match version {
+                RECEIPT_VERSION_COUNTERPARTY => l.text("counterparty_id")?,
+                _ => String::new(),
+            },
             key_id: l.text("key_id")?,
             kind: l.kind()?,
             model: l.text("model")?,
@@ -324,12 +354,8 @@ impl Receipt {
         if self.version != other.version {
             return Some("version");
         }
-        let (a, b) = (self.field_values(), other.field_values());
-        FIELD_NAMES
-            .iter()
-            .zip(a.iter().zip(b.iter()))
-            .find(|(_, (x, y))| x != y)
-            .map(|(n, _)| *n)
+        let (a, b) = (self.fields(), other.fields());
+        a.iter().zip(b.iter()).find(|(x, y)| x.1 != y.1).map(|(x, _)| x.0)
     }
 
     /// Signs the canonical bytes; returns `(canonical bytes, signature)`.
@@ -356,7 +382,8 @@ struct FieldLines<'a> {
 }
 
 impl<'a> FieldLines<'a> {
-    fn new(text: &'a str) -> Result<Self, ReceiptError> {
+    /// The version the header names (one this crate reads), and the field lines after it.
+    fn new(text: &'a str) -> Result<(u32, Self), ReceiptError> {
         let body = text
             .strip_suffix('\n')
             .ok_or(ReceiptError::Malformed("must end with a newline"))?;
@@ -365,7 +392,8 @@ impl<'a> FieldLines<'a> {
             .next()
             .and_then(|h| h.strip_prefix("tokenomy-receipt/v"))
         {
-            Some(v) if v == RECEIPT_VERSION.to_string() => Ok(Self { lines }),
+            Some("1") => Ok((RECEIPT_VERSION, Self { lines })),
+            Some("2") => Ok((RECEIPT_VERSION_COUNTERPARTY, Self { lines })),
             Some(v) => Err(v.parse().map_or(
                 ReceiptError::Malformed("bad header"),
                 ReceiptError::UnsupportedVersion,

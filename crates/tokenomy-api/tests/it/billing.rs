@@ -146,7 +146,7 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
         assert_eq!(v.receipt.account_id, acc);
 
         // Mints and transfers between accounts are receipted and verify the same way.
-        let (other, _) = n.funded("receipt-peer", 0).await;
+        let (other, other_key) = n.funded("receipt-peer", 0).await;
         let m = n.admin("POST", &format!("/admin/v1/accounts/{acc}/mint"), Some(json!({"amount_micros": 7, "idempotency_key": "rm"}))).await;
         let t = n
             .admin("POST", "/admin/v1/transfers", Some(json!({"from": acc, "to": other, "amount_micros": 3, "idempotency_key": "rt"})))
@@ -158,7 +158,16 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
             let v = verify_bundle(&bundle.text, &n.key()).unwrap();
             assert_eq!((v.receipt.kind, v.receipt.amount_micros), (kind, amount));
             assert_eq!(v.receipt.transfer_id, doc["transfer"]["id"].as_str().unwrap());
+            // The other party is named in the signed bytes (a v2 receipt).
+            let counterparty = if kind == ReceiptKind::Mint { tokenomy_ledger::TREASURY.to_string() } else { other.clone() };
+            assert_eq!((v.receipt.version, v.receipt.counterparty_id.as_str()), (2, counterparty.as_str()));
         }
+        // The recipient of a transfer can fetch its receipt; an account that took no part cannot.
+        let id = t["receipt"]["id"].as_str().unwrap();
+        let theirs = n.call("GET", &format!("/v1/receipts/{id}"), None, &other_key).await;
+        assert_eq!(verify_bundle(&theirs.text, &n.key()).unwrap().receipt.counterparty_id, other);
+        let (_, stranger) = n.funded("receipt-stranger", 0).await;
+        assert_error(&n.call("GET", &format!("/v1/receipts/{id}"), None, &stranger).await, StatusCode::NOT_FOUND);
 
         // A stream carries the receipt in its last chunk.
         let mut req = chat(4);

@@ -33,6 +33,7 @@ pub fn sample_receipt(log_index: u64) -> Receipt {
         receipt_id: format!("rcpt_{log_index:06}"),
         request_id: "req_01HZX3K9".to_owned(),
         account_id: "acct_alice".to_owned(),
+        counterparty_id: String::new(),
         key_id: "key_7f3a".to_owned(),
         kind: ReceiptKind::Usage,
         model: "qwen2.5-0.5b-instruct q4_k_m".to_owned(),

@@ -89,10 +89,10 @@ fn invariants_are_checked() {
     r.ended_at_ms = r.started_at_ms - 1;
     assert!(r.canonical_bytes().is_err());
     let mut r = sample_receipt(1);
-    r.version = 2;
+    r.version = 3;
     assert_eq!(
         r.canonical_bytes(),
-        Err(ReceiptError::UnsupportedVersion(2))
+        Err(ReceiptError::UnsupportedVersion(3))
     );
 }
 
@@ -105,4 +105,34 @@ fn signature_is_domain_separated() {
         !key.verifier().verify(&bytes, &sig),
         "a bare signature over the bytes must differ"
     );
+}
+
+/// A transfer's receipt is v2: one more line, `counterparty_id`, after `account_id`; a receipt
+/// has a counterparty exactly when it is v2, so each still has one encoding.
+#[test]
+fn a_transfer_receipt_is_v2_and_names_its_counterparty() {
+    let t = Receipt {
+        version: RECEIPT_VERSION_COUNTERPARTY,
+        kind: ReceiptKind::Transfer,
+        counterparty_id: "acct_bob".into(),
+        model: String::new(),
+        ..sample_receipt(9)
+    };
+    let bytes = t.canonical_bytes().unwrap();
+    let text = std::str::from_utf8(&bytes).unwrap();
+    assert!(text.starts_with("tokenomy-receipt/v2\norigin node.tokenomy.example/receipts\nreceipt_id rcpt_000009\nrequest_id req_01HZX3K9\naccount_id acct_alice\ncounterparty_id acct_bob\nkey_id key_7f3a\n"), "{text}");
+    assert_eq!(Receipt::from_canonical_bytes(&bytes).unwrap(), t);
+    // Another counterparty is another receipt (its signature no longer matches).
+    let (_, sig) = t.sign(&node_key()).unwrap();
+    let moved = text.replace("counterparty_id acct_bob", "counterparty_id acct_eve");
+    assert!(!verify_receipt_signature(moved.as_bytes(), &sig, &node_key().verifier()));
+    assert_eq!(Receipt::from_canonical_bytes(moved.as_bytes()).unwrap().first_difference(&t), Some("counterparty_id"));
+    // v1 with a counterparty, or v2 without one, has no encoding; v1 bytes with the line don't decode.
+    assert!(Receipt { version: RECEIPT_VERSION, ..t.clone() }.canonical_bytes().is_err());
+    assert!(Receipt { counterparty_id: String::new(), ..t.clone() }.canonical_bytes().is_err());
+    assert!(Receipt::from_canonical_bytes(text.replacen("/v2", "/v1", 1).as_bytes()).is_err());
+    let without = text.replace("counterparty_id acct_bob\n", "");
+    assert!(Receipt::from_canonical_bytes(without.as_bytes()).is_err());
+    // A usage receipt's bytes are unchanged (v1).
+    assert!(sample_receipt(9).canonical_bytes().unwrap().starts_with(b"tokenomy-receipt/v1\n"));
 }
