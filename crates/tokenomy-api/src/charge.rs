@@ -327,9 +327,21 @@ pub async fn account_transfers(
 
 /// A page of `account`'s transfers, oldest first, as both statement routes answer it.
 async fn statement(state: &AppState, account: AccountId, q: PageQuery) -> Result<Json<Value>, AppError> {
-    let page = billing(state)?.statement(account, q.after, q.limit.unwrap_or(100)).await?;
+    let b = billing(state)?;
+    let page = b.statement(account, q.after, q.limit.unwrap_or(100)).await?;
+    let receipts = b.receipt_ids(&page.items.iter().map(|t| t.id).collect::<Vec<_>>()).await?;
+    let data: Vec<Value> = page
+        .items
+        .iter()
+        .zip(receipts)
+        .map(|(t, r)| {
+            let mut v = transfer_json(t);
+            v["receipt_id"] = json!(r);
+            v
+        })
+        .collect();
     Ok(Json(json!({
-        "object": "list", "data": page.items.iter().map(transfer_json).collect::<Vec<_>>(),
+        "object": "list", "data": data,
         "next_after": page.next_cursor, "has_more": page.next_cursor.is_some(),
     })))
 }

@@ -454,6 +454,14 @@ impl Billing {
         Ok(self.store.statement(id, after, limit).await?)
     }
 
+    /// The receipt of each transfer that has one (a posted charge, a mint, a transfer), so a
+    /// statement links each line to its proof.
+    pub async fn receipt_ids(&self, transfers: &[tokenomy_ledger::TransferId]) -> Result<Vec<Option<String>>> {
+        let mut log = self.log.lock().await;
+        self.sync_log(&mut log).await?;
+        Ok(transfers.iter().map(|t| log.receipt_for_transfer(*t)).collect())
+    }
+
     pub async fn check(&self) -> Result<CheckReport> {
         Ok(self.store.check().await?)
     }

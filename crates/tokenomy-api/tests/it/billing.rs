@@ -166,6 +166,10 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
         let id = t["receipt"]["id"].as_str().unwrap();
         let theirs = n.call("GET", &format!("/v1/receipts/{id}"), None, &other_key).await;
         assert_eq!(verify_bundle(&theirs.text, &n.key()).unwrap().receipt.counterparty_id, other);
+        // ...and finds it on its statement: each line links to its receipt.
+        let lines = n.call("GET", "/v1/me/transfers", None, &other_key).await.json();
+        let line = lines["data"].as_array().unwrap().iter().find(|l| l["id"] == t["transfer"]["id"]).expect("the transfer is on the statement").clone();
+        assert_eq!(line["receipt_id"], id, "{line}");
         let (_, stranger) = n.funded("receipt-stranger", 0).await;
         assert_error(&n.call("GET", &format!("/v1/receipts/{id}"), None, &stranger).await, StatusCode::NOT_FOUND);
 
