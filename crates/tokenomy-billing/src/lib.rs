@@ -735,9 +735,7 @@ impl Billing {
                     Err(e) => tracing::error!(%request_id, error = %e, amount_micros = job.cost_micros, "settling a charge failed for good; its hold will expire unpaid"),
                 }
                 if let Some(path) = &journal {
-                    if let Err(e) = std::fs::remove_file(path) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a settled charge's journal file");
-                    }
+                    Unsettled::remove(path);
                 }
                 return;
             }
@@ -775,9 +773,7 @@ impl Billing {
                 Ok(_) => tracing::info!(request_id = %job.receipt.request_id, "charge settled"),
                 Err(e) => tracing::error!(request_id = %job.receipt.request_id, error = %e, amount_micros = job.cost_micros, "settling it failed for good; the charge goes unpaid"),
             }
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove a settled charge's journal file");
-            }
+            Unsettled::remove(&path);
         }
         waiting
     }
@@ -994,6 +990,13 @@ impl Unsettled {
                 store.transfer(account, tokenomy_ledger::OPERATOR_REVENUE, self.cost_micros, &key, Some(leaf)).await.map(drop)
             }
             r => r.map(drop),
+        }
+    }
+
+    /// Removes a journal file once its charge is posted (or can never be).
+    fn remove(path: &std::path::Path) {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a settled charge's journal file");
         }
     }
 
