@@ -15,7 +15,11 @@ if [ ! -d "$src/vendor/llama.cpp" ]; then
   rm -rf "$src"; mkdir -p "$src"
   tar -xzf "$out"/sdist/llama_cpp_python-*.tar.gz -C "$src" --strip-components=1
 fi
+# No AMX, as in tokenomy's own build (.cargo/config.toml says why).
+flags=""
+[ "$(uname -m)" = x86_64 ] && flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$src/vendor/llama.cpp" -B "$out/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
 # one target at a time: parallel builds of several tools race on the shared static libraries
 for t in llama-bench llama-server llama-perplexity; do
