@@ -14,7 +14,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Billing, Principal, ReceiptRef};
-use tokenomy_ledger::{Account, AccountId, KeyRecord, KeySpend, SpendCaps, Transfer};
+use tokenomy_ledger::{Account, AccountId, KeyLimitsChange, KeyRecord, KeySpend, SpendCaps, Transfer};
 
 use crate::routes::{ApiJson, ApiQuery};
 use crate::{AppError, AppState};
@@ -403,7 +403,7 @@ pub async fn set_key_limits(
 ) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
     let caps = SpendCaps { day_micros: req.spend_cap_day_micros, month_micros: req.spend_cap_month_micros };
-    let rec = billing(&state)?.set_key_limits(parse_key_id(&id)?, req.rpm, req.tpm, caps).await?;
+    let rec = billing(&state)?.set_key_limits(parse_key_id(&id)?, KeyLimitsChange::all(req.rpm, req.tpm, caps)).await?;
     Ok(Json(key_json(&rec)))
 }
 
@@ -434,14 +434,13 @@ pub async fn patch_key_limits(
     ApiJson(req): ApiJson<KeyLimitsPatch>,
 ) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
-    let b = billing(&state)?;
-    let id = parse_key_id(&id)?;
-    let old = b.key(id).await?;
-    let caps = SpendCaps {
-        day_micros: req.spend_cap_day_micros.unwrap_or(old.caps.day_micros),
-        month_micros: req.spend_cap_month_micros.unwrap_or(old.caps.month_micros),
+    let change = KeyLimitsChange {
+        rpm: req.rpm,
+        tpm: req.tpm,
+        day_micros: req.spend_cap_day_micros,
+        month_micros: req.spend_cap_month_micros,
     };
-    let rec = b.set_key_limits(id, req.rpm.unwrap_or(old.rpm), req.tpm.unwrap_or(old.tpm), caps).await?;
+    let rec = billing(&state)?.set_key_limits(parse_key_id(&id)?, change).await?;
     Ok(Json(key_json(&rec)))
 }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use tokenomy_ledger::{
     cost_micros, Account, AccountId, AccountKind, AnyStore, CheckReport, FreshTransferId, KeyId, KeyRecord, LedgerError, LedgerStore, Page, Price,
-    Transfer, TransferState, KeySpend, SpendCaps,
+    Transfer, TransferState, KeyLimitsChange, KeySpend, SpendCaps,
 };
 use tokenomy_receipts::{Receipt, ReceiptBundle, ReceiptKind, SignerKey, TlogProof, VerifierKey};
 
@@ -412,12 +412,13 @@ impl Billing {
         Ok((id, key))
     }
 
-    /// Replaces a key's RPM/TPM limits and spend caps; effective from its next request.
-    pub async fn set_key_limits(&self, key: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
-        if rpm == Some(0) || tpm == Some(0) {
+    /// Changes a key's RPM/TPM limits and spend caps (those `change` names, in one write);
+    /// effective from its next request.
+    pub async fn set_key_limits(&self, key: KeyId, change: KeyLimitsChange) -> Result<KeyRecord> {
+        if change.rpm == Some(Some(0)) || change.tpm == Some(Some(0)) {
             return Err(BillingError::Invalid("rpm and tpm must be positive (omit them for no limit)".into()));
         }
-        Ok(self.store.set_key_limits(key, rpm, tpm, caps).await?)
+        Ok(self.store.set_key_limits(key, change).await?)
     }
 
     /// One key (revoked or not), by id.

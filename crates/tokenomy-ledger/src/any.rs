@@ -179,8 +179,8 @@ impl LedgerStore for AnyStore {
     fn revoke_key(&self, key_id: KeyId) -> impl Future<Output = Result<()>> + Send {
         dispatch!(self, s => s.revoke_key(key_id))
     }
-    fn set_key_limits(&self, key_id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> impl Future<Output = Result<KeyRecord>> + Send {
-        dispatch!(self, s => s.set_key_limits(key_id, rpm, tpm, caps))
+    fn set_key_limits(&self, key_id: KeyId, change: KeyLimitsChange) -> impl Future<Output = Result<KeyRecord>> + Send {
+        dispatch!(self, s => s.set_key_limits(key_id, change))
     }
     fn get_key(&self, key_id: KeyId) -> impl Future<Output = Result<KeyRecord>> + Send {
         dispatch!(self, s => s.get_key(key_id))

@@ -292,6 +292,29 @@ impl SpendCaps {
     }
 }
 
+/// A change to a key's limits: a field `None` keeps what is stored, `Some(v)` sets it
+/// (`Some(None)`: no limit). A store applies it in one statement, so two changes of different
+/// fields made at once both land (a read, then a write of all four, would lose one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyLimitsChange {
+    pub rpm: Option<Option<u32>>,
+    pub tpm: Option<Option<u32>>,
+    pub day_micros: Option<Option<i64>>,
+    pub month_micros: Option<Option<i64>>,
+}
+
+impl KeyLimitsChange {
+    /// All four limits replaced (`None` = no limit).
+    pub fn all(rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> KeyLimitsChange {
+        KeyLimitsChange { rpm: Some(rpm), tpm: Some(tpm), day_micros: Some(caps.day_micros), month_micros: Some(caps.month_micros) }
+    }
+
+    /// The values it sets are valid (the ones it keeps were validated when set).
+    pub fn validate(&self) -> Result<()> {
+        SpendCaps { day_micros: self.day_micros.flatten(), month_micros: self.month_micros.flatten() }.validate()
+    }
+}
+
 /// A key's maintained spending counters (one row with the key; no history scan):
 /// what its pending holds reserve, and what it posted in the UTC day and month
 /// numbered `day` / `month` ([`utc_day`], [`utc_month`]). A counter whose period

@@ -172,16 +172,10 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// The live (not revoked) key with this hash.
     fn find_key_by_hash(&self, key_hash: [u8; 32]) -> impl Future<Output = Result<Option<KeyRecord>>> + Send;
     fn revoke_key(&self, key_id: KeyId) -> impl Future<Output = Result<()>> + Send;
-    /// Replaces a key's RPM/TPM limits and spend caps (all four; `None` = no limit). Its
-    /// spend counters are kept: a cap set today counts what `hold_for_key` holds posted today.
-    /// Returns the key as stored.
-    fn set_key_limits(
-        &self,
-        key_id: KeyId,
-        rpm: Option<u32>,
-        tpm: Option<u32>,
-        caps: SpendCaps,
-    ) -> impl Future<Output = Result<KeyRecord>> + Send;
+    /// Changes a key's RPM/TPM limits and spend caps: those `change` names, atomically (see
+    /// [`KeyLimitsChange`]). Its spend counters are kept: a cap set today counts what
+    /// `hold_for_key` holds posted today. Returns the key as stored.
+    fn set_key_limits(&self, key_id: KeyId, change: KeyLimitsChange) -> impl Future<Output = Result<KeyRecord>> + Send;
     /// All keys of an account, revoked ones included.
     fn list_keys(&self, account: AccountId) -> impl Future<Output = Result<Vec<KeyRecord>>> + Send;
     /// One key, revoked or not.

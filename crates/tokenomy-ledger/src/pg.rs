@@ -847,18 +847,24 @@ impl LedgerStore for PgStore {
         Ok(())
     }
 
-    async fn set_key_limits(&self, key_id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
-        caps.validate()?;
+    async fn set_key_limits(&self, key_id: KeyId, ch: KeyLimitsChange) -> Result<KeyRecord> {
+        ch.validate()?;
         let sql = format!(
-            "UPDATE api_keys SET rpm = $2, tpm = $3, spend_cap_day_micros = $4, spend_cap_month_micros = $5 \
+            "UPDATE api_keys SET rpm = CASE WHEN $2 THEN $3 ELSE rpm END, tpm = CASE WHEN $4 THEN $5 ELSE tpm END, \
+             spend_cap_day_micros = CASE WHEN $6 THEN $7 ELSE spend_cap_day_micros END, \
+             spend_cap_month_micros = CASE WHEN $8 THEN $9 ELSE spend_cap_month_micros END \
              WHERE id = $1 RETURNING {KEY_COLS}"
         );
-        let (rpm, tpm) = (rpm.map(i64::from), tpm.map(i64::from));
+        let (rpm, tpm) = (ch.rpm.flatten().map(i64::from), ch.tpm.flatten().map(i64::from));
+        let (set_rpm, set_tpm, set_day, set_month) =
+            (ch.rpm.is_some(), ch.tpm.is_some(), ch.day_micros.is_some(), ch.month_micros.is_some());
+        let (day, month) = (ch.day_micros.flatten(), ch.month_micros.flatten());
         let rows = self
             .in_tx(|tx| {
                 let sql = sql.clone();
                 Box::pin(async move {
-                    query(tx, &sql, &[&&key_id.to_bytes()[..], &rpm, &tpm, &caps.day_micros, &caps.month_micros]).await
+                    let id = &key_id.to_bytes()[..];
+                    query(tx, &sql, &[&id, &set_rpm, &rpm, &set_tpm, &tpm, &set_day, &day, &set_month, &month]).await
                 })
             })
             .await?;

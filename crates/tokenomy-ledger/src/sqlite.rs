@@ -919,12 +919,26 @@ fn op_revoke_key(c: &Connection, id: KeyId, now: i64) -> Result<()> {
     Ok(())
 }
 
-fn op_set_key_limits(c: &Connection, id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
+fn op_set_key_limits(c: &Connection, id: KeyId, ch: KeyLimitsChange) -> Result<KeyRecord> {
     let n = c
         .prepare_cached(
-            "UPDATE api_keys SET rpm = ?2, tpm = ?3, spend_cap_day_micros = ?4, spend_cap_month_micros = ?5 WHERE id = ?1",
+            "UPDATE api_keys SET rpm = CASE WHEN ?2 THEN ?3 ELSE rpm END, tpm = CASE WHEN ?4 THEN ?5 ELSE tpm END, \
+             spend_cap_day_micros = CASE WHEN ?6 THEN ?7 ELSE spend_cap_day_micros END, \
+             spend_cap_month_micros = CASE WHEN ?8 THEN ?9 ELSE spend_cap_month_micros END WHERE id = ?1",
         )
-        .and_then(|mut s| s.execute(params![&id.to_bytes()[..], rpm, tpm, caps.day_micros, caps.month_micros]))
+        .and_then(|mut s| {
+            s.execute(params![
+                &id.to_bytes()[..],
+                ch.rpm.is_some(),
+                ch.rpm.flatten(),
+                ch.tpm.is_some(),
+                ch.tpm.flatten(),
+                ch.day_micros.is_some(),
+                ch.day_micros.flatten(),
+                ch.month_micros.is_some(),
+                ch.month_micros.flatten()
+            ])
+        })
         .map_err(db_err)?;
     if n == 0 {
         return Err(LedgerError::UnknownKey(id));
@@ -1307,9 +1321,9 @@ impl LedgerStore for SqliteStore {
         self.write(move |c| op_revoke_key(c, key_id, now)).await
     }
 
-    async fn set_key_limits(&self, key_id: KeyId, rpm: Option<u32>, tpm: Option<u32>, caps: SpendCaps) -> Result<KeyRecord> {
-        caps.validate()?;
-        self.write(move |c| op_set_key_limits(c, key_id, rpm, tpm, caps)).await
+    async fn set_key_limits(&self, key_id: KeyId, change: KeyLimitsChange) -> Result<KeyRecord> {
+        change.validate()?;
+        self.write(move |c| op_set_key_limits(c, key_id, change)).await
     }
 
     async fn list_keys(&self, account: AccountId) -> Result<Vec<KeyRecord>> {

@@ -679,16 +679,52 @@ pub async fn key_limits_can_be_changed<S: LedgerStore>(s: Arc<S>) {
     s.settle(h.id, 2 * C, T0 + 1, None).await.unwrap();
     assert!(matches!(s.hold_for_key(a.id, k, 2 * C, "l2", 60_000, T0 + 2).await, Err(LedgerError::SpendCapExceeded { .. })));
     let raised = SpendCaps { day_micros: Some(5 * C), month_micros: Some(50 * C) };
-    let rec = s.set_key_limits(k, None, Some(1000), raised).await.unwrap();
+    let rec = s.set_key_limits(k, KeyLimitsChange::all(None, Some(1000), raised)).await.unwrap();
     assert_eq!((rec.rpm, rec.tpm, rec.caps, rec.spend.day_micros), (None, Some(1000), raised, 2 * C));
     assert_eq!(s.find_key_by_hash([31; 32]).await.unwrap().unwrap(), rec);
     s.hold_for_key(a.id, k, 2 * C, "l3", 60_000, T0 + 3).await.unwrap();
-    assert_eq!(s.set_key_limits(KeyId(99), None, None, raised).await, Err(LedgerError::UnknownKey(KeyId(99))));
+    assert_eq!(s.set_key_limits(KeyId(99), KeyLimitsChange::all(None, None, raised)).await, Err(LedgerError::UnknownKey(KeyId(99))));
     let bad = SpendCaps { day_micros: Some(-1), month_micros: None };
-    assert!(matches!(s.set_key_limits(k, None, None, bad).await, Err(LedgerError::InvalidArgument(_))));
+    assert!(matches!(s.set_key_limits(k, KeyLimitsChange::all(None, None, bad)).await, Err(LedgerError::InvalidArgument(_))));
     assert_eq!(s.find_key_by_hash([31; 32]).await.unwrap().unwrap().caps, raised, "a refused change changes nothing");
     assert_eq!(s.get_key(k).await.unwrap(), s.find_key_by_hash([31; 32]).await.unwrap().unwrap());
     assert_eq!(s.get_key(KeyId(99)).await, Err(LedgerError::UnknownKey(KeyId(99))));
+    assert_check_ok(&*s).await;
+}
+
+/// A change names the limits it sets and keeps the others, in one write: two admins changing
+/// different limits of one key at once both get their change (a read, then a write of all four,
+/// put back the other's old value).
+pub async fn key_limit_changes_keep_what_they_do_not_name<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let caps = SpendCaps { day_micros: Some(3 * C), month_micros: Some(9 * C) };
+    let k = s.create_key(a.id, [32; 32], &[], Some(10), Some(500), caps).await.unwrap();
+    let rpm_only = KeyLimitsChange { rpm: Some(Some(20)), ..Default::default() };
+    let rec = s.set_key_limits(k, rpm_only).await.unwrap();
+    assert_eq!((rec.rpm, rec.tpm, rec.caps), (Some(20), Some(500), caps));
+    let lift = KeyLimitsChange { tpm: Some(None), day_micros: Some(None), ..Default::default() };
+    let rec = s.set_key_limits(k, lift).await.unwrap();
+    assert_eq!((rec.rpm, rec.tpm, rec.caps), (Some(20), None, SpendCaps { day_micros: None, month_micros: Some(9 * C) }));
+    assert_eq!(s.set_key_limits(k, KeyLimitsChange::default()).await.unwrap(), rec, "an empty change changes nothing");
+    let bad = KeyLimitsChange { month_micros: Some(Some(-5)), rpm: Some(Some(1)), ..Default::default() };
+    assert!(matches!(s.set_key_limits(k, bad).await, Err(LedgerError::InvalidArgument(_))));
+    assert_eq!(s.get_key(k).await.unwrap(), rec, "a refused change changes nothing");
+    let rounds = 40u32;
+    let (s1, s2) = (s.clone(), s.clone());
+    let rpms = tokio::spawn(async move {
+        for i in 1..=rounds {
+            s1.set_key_limits(k, KeyLimitsChange { rpm: Some(Some(i)), ..Default::default() }).await.unwrap();
+        }
+    });
+    let caps = tokio::spawn(async move {
+        for i in 1..=rounds {
+            s2.set_key_limits(k, KeyLimitsChange { day_micros: Some(Some(i64::from(i) * C)), ..Default::default() }).await.unwrap();
+        }
+    });
+    rpms.await.unwrap();
+    caps.await.unwrap();
+    let rec = s.get_key(k).await.unwrap();
+    assert_eq!((rec.rpm, rec.tpm, rec.caps.day_micros, rec.caps.month_micros), (Some(rounds), None, Some(i64::from(rounds) * C), Some(9 * C)));
     assert_check_ok(&*s).await;
 }
 

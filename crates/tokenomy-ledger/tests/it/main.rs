@@ -111,6 +111,7 @@ conformance_suite!(
     spend_caps,
     spend_cap_holds_under_concurrency,
     key_limits_can_be_changed,
+    key_limit_changes_keep_what_they_do_not_name,
     a_hold_placed_as_an_id_says_whose_it_is,
     accounts_are_listed_in_pages,
 );
