@@ -7,7 +7,7 @@ Usage:
       --llama-server target/llama-cpp-ref/build/bin/llama-server \
       --model ~/.tokenomy/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf [--model …] \
       [--threads 2] [--streams 8] [--requests-per-stream 2] [--max-tokens 48] [--rounds 3] \
-      [--json-out rounds.json]
+      [--json-out rounds.json] [--gpu-layers N]
 
 Machines here drift by tens of per cent within minutes, so each model is measured in rounds
 (llama-server, then tokenomy, repeated) and the ratios are medians of per-round ratios.
@@ -22,6 +22,11 @@ import subprocess
 import tempfile
 
 from localserver import start, stop
+
+
+def gpu(a, flag):
+    """`flag N` when --gpu-layers was given (older tokenomy binaries have no such flag)."""
+    return [] if a.gpu_layers is None else [flag, str(a.gpu_layers)]
 
 
 def bench(tokenomy, base, pid, workload, a):
@@ -54,6 +59,7 @@ def main():
     p.add_argument("--ctx-per-stream", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3, help="llama-server then tokenomy, this many times per model")
     p.add_argument("--json-out", help="write every round's raw reports here")
+    p.add_argument("--gpu-layers", type=int, help="layers on the GPU, for builds with a GPU backend (both servers)")
     a = p.parse_args()
     med = statistics.median
     rows = []
@@ -63,10 +69,10 @@ def main():
         rounds = []
         for _ in range(a.rounds):
             ls = run_server(lambda port: [a.llama_server, "-m", model, "-t", str(a.threads), "-np", str(a.streams),
-                                          "-c", str(a.ctx_per_stream * a.streams), "--host", "127.0.0.1", "--port", str(port)],
+                                          "-c", str(a.ctx_per_stream * a.streams), *gpu(a, "-ngl"), "--host", "127.0.0.1", "--port", str(port)],
                             "/health", a.tokenomy, a)
             tk = run_server(lambda port: [a.tokenomy, "serve", "--model", model, "--threads", str(a.threads), "--parallel", str(a.streams),
-                                          "--ctx-size", str(a.ctx_per_stream), "--listen", f"127.0.0.1:{port}", "--no-auth",
+                                          "--ctx-size", str(a.ctx_per_stream), *gpu(a, "--n-gpu-layers"), "--listen", f"127.0.0.1:{port}", "--no-auth",
                                           "--data-dir", tempfile.mkdtemp(prefix="tokenomy-bench-")],
                             "/ready", a.tokenomy, a)
             rounds.append((ls, tk))

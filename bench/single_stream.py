@@ -2,7 +2,7 @@
 the same GGUF and thread count, measured in one run. Prints a Markdown table with ratios.
 
 Usage: python bench/single_stream.py --tokenomy target/release/tokenomy \
-           --llama-bench target/llama-cpp-ref/build/bin/llama-bench --model PATH.gguf [--threads 2] [--rounds 7]
+           --llama-bench target/llama-cpp-ref/build/bin/llama-bench --model PATH.gguf [--threads 2] [--rounds 7] [--gpu-layers N]
 """
 import argparse
 import json
@@ -18,8 +18,9 @@ import urllib.request
 from localserver import post, start, stop
 
 
-def llama_bench(binary, model, threads, pp, tg, reps):
-    out = subprocess.run([binary, "-m", model, "-t", str(threads), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-o", "json"],
+def llama_bench(binary, model, threads, pp, tg, reps, gpu_layers):
+    out = subprocess.run([binary, "-m", model, "-t", str(threads), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-o", "json",
+                          *([] if gpu_layers is None else ["-ngl", str(gpu_layers)])],
                          check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)
     pp_ts = next(r["avg_ts"] for r in rows if r["n_prompt"] == pp and r["n_gen"] == 0)
@@ -48,12 +49,13 @@ def tokenomy_round(base, name, rng, pp, tg):
     return pp / (t1 - t0), (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def compare(tokenomy, llama_bench_bin, model, threads, pp, tg, rounds):
+def compare(tokenomy, llama_bench_bin, model, threads, pp, tg, rounds, gpu_layers):
     """Interleaves llama-bench and tokenomy round by round (A B A B …), so that both see the
     same machine load; returns per-round figures and ratios."""
     ctx = str(max(2048, pp + tg + 8))
     proc, base = start(lambda port: [tokenomy, "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
                                      "--threads", str(threads), "--parallel", "1", "--ctx-size", ctx,
+                                     *([] if gpu_layers is None else ["--n-gpu-layers", str(gpu_layers)]),
                                      "--no-auth", "--data-dir", tempfile.mkdtemp(prefix="tokenomy-bench-")], "/ready")
     try:
         name = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
@@ -61,7 +63,7 @@ def compare(tokenomy, llama_bench_bin, model, threads, pp, tg, rounds):
         tokenomy_round(base, name, rng, pp, tg)  # warm-up
         rows = []
         for _ in range(rounds):
-            pp_ref, tg_ref = llama_bench(llama_bench_bin, model, threads, pp, tg, 1)
+            pp_ref, tg_ref = llama_bench(llama_bench_bin, model, threads, pp, tg, 1, gpu_layers)
             pp_ours, tg_ours = tokenomy_round(base, name, rng, pp, tg)
             rows.append((pp_ref, pp_ours, tg_ref, tg_ours))
         return rows
@@ -78,6 +80,7 @@ def main():
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--gpu-layers", type=int, help="layers on the GPU, for builds with a GPU backend (both sides)")
     a = ap.parse_args()
     med = statistics.median
     print(f"Interleaved rounds (llama-bench -r 1, then tokenomy), medians of {a.rounds}; ratio = median of per-round ratios.\n")
@@ -86,7 +89,7 @@ def main():
     verdicts = []
     for m in a.model:
         m = os.path.expanduser(m)
-        rows = compare(a.tokenomy, a.llama_bench, m, a.threads, a.pp, a.tg, a.rounds)
+        rows = compare(a.tokenomy, a.llama_bench, m, a.threads, a.pp, a.tg, a.rounds, a.gpu_layers)
         cols = list(zip(*rows))
         pp_ratio = med([r[1] / r[0] for r in rows])
         tg_ratio = med([r[3] / r[2] for r in rows])

@@ -72,6 +72,10 @@ pub struct ModelConfig {
     pub kv_cells_max: Option<u32>,
     pub step_tokens_max: u32,
     pub queue_max: usize,
+    /// Layers whose weights (and KV) go to the GPU; `None` = llama.cpp's default, every layer
+    /// when the build has a GPU backend (`--features cuda`, `vulkan` or `metal`) and a device
+    /// is present, none otherwise. `Some(n > 0)` in a build without one is an error.
+    pub gpu_layers: Option<u32>,
 }
 
 impl ModelConfig {
@@ -86,6 +90,7 @@ impl ModelConfig {
             kv_cells_max: None,
             step_tokens_max: 512,
             queue_max: 64,
+            gpu_layers: None,
         }
     }
 }
@@ -99,6 +104,8 @@ struct LoadedModel {
     specials: prompt::Specials,
     grammars: constraint::Compiler,
     tx: SyncSender<Submission>,
+    /// Joined when the engine is dropped (see `Drop for Engine`).
+    worker: Option<std::thread::JoinHandle<()>>,
     queued: Arc<Queued>,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -141,6 +148,20 @@ impl Queued {
 
     pub(crate) fn len(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+/// Stops the model's worker and waits until it has freed its llama.cpp context: closing its
+/// queue makes it cancel what still runs and return. Without the wait, the last `Arc<Engine>`
+/// dropped on the way out of `main` leaves the worker freeing its context while the process
+/// exits: on a CUDA build the runtime is torn down under it and llama.cpp aborts the process
+/// (seen on an H200: a clean SIGTERM ended in SIGABRT).
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        drop(std::mem::replace(&mut self.tx, sync_channel(0).0));
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
     }
 }
 
@@ -212,7 +233,7 @@ impl Engine {
 
 fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
     let summary = gguf::inspect(&cfg.path)?;
-    let params = LlamaModelParams::default();
+    let params = model_params(cfg.gpu_layers)?;
     let model = LlamaModel::load_from_file(backend(), &cfg.path, &params)
         .map_err(|e| format!("cannot load {}: {e}", cfg.path.display()))?;
     let model = Arc::new(model);
@@ -230,7 +251,7 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
     };
     let prefix_reuse = summary.sliding_window.is_none() && !model.is_recurrent() && !model.is_hybrid();
     let queued = Arc::new(Queued::default());
-    let tx = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse, queued: queued.clone() }, metrics.clone())?;
+    let (tx, worker) = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse, queued: queued.clone() }, metrics.clone())?;
     let sha256 = Arc::new(OnceLock::new());
     let (cell, path) = (sha256.clone(), cfg.path.clone());
     std::thread::Builder::new()
@@ -241,7 +262,27 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
         })
         .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
     let specials = prompt::Specials::of(&model);
-    Ok(LoadedModel { info, sha256, model, template, specials, grammars: Default::default(), tx, queued, limits, metrics })
+    let worker = Some(worker);
+    Ok(LoadedModel { info, sha256, model, template, specials, grammars: Default::default(), tx, worker, queued, limits, metrics })
+}
+
+/// llama.cpp's model parameters for `--n-gpu-layers`; logs the devices llama.cpp found.
+fn model_params(gpu_layers: Option<u32>) -> Result<LlamaModelParams, String> {
+    let gpus: Vec<String> = llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| d.device_type != llama_cpp_2::LlamaBackendDeviceType::Cpu)
+        .map(|d| format!("{} ({}, {} MiB free)", d.name, d.description, d.memory_free >> 20))
+        .collect();
+    let offload = backend().supports_gpu_offload();
+    tracing::info!(gpu_offload = offload, devices = ?gpus, gpu_layers = ?gpu_layers, "llama.cpp devices");
+    match gpu_layers {
+        Some(n) if n > 0 && !offload => Err(format!(
+            "--n-gpu-layers {n}: llama.cpp found no GPU (this build has no GPU backend, or none is visible to it); \
+             build tokenomy with `--features cuda` (or vulkan, metal) on a machine with a GPU, or pass --n-gpu-layers 0"
+        )),
+        Some(n) => Ok(LlamaModelParams::default().with_n_gpu_layers(n)),
+        None => Ok(LlamaModelParams::default()),
+    }
 }
 
 /// Cells of one KV stream come in multiples of this (llama.cpp pads each stream to it).
@@ -269,15 +310,17 @@ fn kv_layout(cfg: &ModelConfig, train_ctx: u32) -> Result<(u32, u32), String> {
     Ok((ctx.min(per_slot), per_slot * slots))
 }
 
-fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<SyncSender<Submission>, String> {
+type WorkerHandles = (SyncSender<Submission>, std::thread::JoinHandle<()>);
+
+fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<WorkerHandles, String> {
     let (tx, rx) = sync_channel(config.limits.queue_max);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
+    let worker = std::thread::Builder::new()
         .name("tokenomy-worker".into())
         .spawn(move || worker::run(model, config, rx, metrics, move |r| drop(ready_tx.send(r))))
         .map_err(|e| format!("cannot start the worker thread: {e}"))?;
     ready_rx.recv().map_err(|_| "the worker thread died while starting".to_string())??;
-    Ok(tx)
+    Ok((tx, worker))
 }
 
 fn chat_template(model: &LlamaModel, cfg: &ModelConfig) -> Result<Option<ChatTemplate>, String> {

@@ -182,7 +182,7 @@ impl Worker<'_> {
     }
 
     /// Moves submissions into the scheduler. Blocks when there is nothing to do.
-    /// Returns false when the engine is shutting down and all work is done.
+    /// Returns false when the engine was dropped (what still ran is cancelled).
     fn intake(&mut self, rx: &Receiver<Submission>) -> bool {
         if self.sched.is_idle() {
             // The last step's gauges still count the jobs it finished.
@@ -197,7 +197,12 @@ impl Worker<'_> {
             match rx.try_recv() {
                 Ok(sub) => self.accept(sub),
                 Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return !self.sched.is_idle(),
+                // The engine was dropped: nobody submits or waits any more (see `Drop for
+                // LoadedModel`), so what still runs is cancelled rather than finished.
+                Err(TryRecvError::Disconnected) => {
+                    self.cancel_all();
+                    return false;
+                }
             }
         }
         true
@@ -224,6 +229,14 @@ impl Worker<'_> {
         let forced = std::collections::VecDeque::new();
         let job = Running { sub, text, output: String::new(), usage, prompt_logprobs: Some(Vec::new()), reasoning, forced, budget_spent: false, queued: true };
         self.jobs.insert(id, job);
+    }
+
+    fn cancel_all(&mut self) {
+        let all: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in all {
+            self.sched.remove_waiting(id);
+            self.finish(id, FinishReason::Cancelled, None);
+        }
     }
 
     fn drop_cancelled(&mut self) {

@@ -102,6 +102,10 @@ struct ServeArgs {
     /// CPU threads for llama.cpp's kernels (default: all cores).
     #[arg(long, env = "TOKENOMY_THREADS")]
     threads: Option<i32>,
+    /// Layers to put on the GPU, for a build with a GPU backend (`--features cuda`, vulkan or
+    /// metal); default: all of them when a GPU is found. 0 keeps the model on the CPU.
+    #[arg(long, alias = "gpu-layers", env = "TOKENOMY_N_GPU_LAYERS")]
+    n_gpu_layers: Option<u32>,
     /// Chat template for models whose GGUF has none (or to override it): chatml, gemma or a file.
     #[arg(long)]
     chat_template: Option<String>,
@@ -287,6 +291,7 @@ fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
                 c.threads = t;
             }
             c.chat_template = args.chat_template.clone();
+            c.gpu_layers = args.n_gpu_layers;
             c.slots = args.parallel.max(1);
             c.ctx_tokens_max = args.ctx_size;
             c.kv_cells_max = args.kv_cells;

@@ -216,9 +216,19 @@ fn no_auth_without_a_local_user_refuses_to_start() {
     // The admin key and the user key are gone: the ledger (here in the data dir) stays set up.
     std::fs::remove_file(dir.join("admin.key")).unwrap();
     std::fs::remove_file(dir.join("user.key")).unwrap();
+    let err = serve_refuses(&dir, &["--no-auth"]);
+    assert!(err.contains("--no-auth") && err.contains("user.key"), "{err}");
+    assert!(dir.join("admin.key").exists(), "the data dir got an admin key of its own");
+    assert!(!dir.join("user.key").exists(), "and no second local user");
+}
+
+/// `serve --model SmolLM2 ARGS` in `dir` must exit unsuccessfully within a minute (not serve):
+/// returns what it printed on stderr.
+fn serve_refuses(dir: &Path, args: &[&str]) -> String {
     let mut child = Command::new(BIN)
-        .args(["serve", "--model", model(SMOLLM2).to_str().unwrap(), "--no-auth", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
+        .args(["serve", "--model", model(SMOLLM2).to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -230,16 +240,14 @@ fn no_auth_without_a_local_user_refuses_to_start() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("serve --no-auth started without a local user instead of refusing");
+            panic!("serve {args:?} started instead of refusing");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(!status.success());
+    assert!(!status.success(), "serve {args:?} exited 0");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(err.contains("--no-auth") && err.contains("user.key"), "{err}");
-    assert!(dir.join("admin.key").exists(), "the data dir got an admin key of its own");
-    assert!(!dir.join("user.key").exists(), "and no second local user");
+    err
 }
 
 /// SIGTERM lets in-flight answers finish and the process exit 0; a second SIGTERM stops it at
@@ -279,4 +287,17 @@ fn sigterm_drains_and_a_second_one_stops_at_once() {
     assert!(t.elapsed() < Duration::from_secs(2) && !status.success(), "{status:?} after {:?}", t.elapsed());
     // (Exit status 1 comes only from the hard stop: a drained node exits 0.)
     assert!(!long.join().unwrap().contains("data: [DONE]"), "the answer was cut off");
+}
+
+/// `--n-gpu-layers` asks for GPU offload; a build without a GPU backend (CI's: no `cuda`,
+/// `vulkan` or `metal` feature) refuses to start with it rather than silently run on the CPU,
+/// and says how to get one; `--n-gpu-layers 0` (the CPU) serves.
+#[test]
+#[cfg(not(any(feature = "cuda", feature = "vulkan", feature = "metal", feature = "dynamic-link")))]
+fn gpu_layers_in_a_build_without_a_gpu_backend_refuse_to_start() {
+    let err = serve_refuses(&tempdir("gpu"), &["--n-gpu-layers", "8"]);
+    assert!(err.contains("--n-gpu-layers 8") && err.contains("--features cuda"), "{err}");
+    let node = serve(&["--model", model(SMOLLM2).to_str().unwrap(), "--n-gpu-layers", "0"]);
+    let (status, v) = chat(&node, "smollm2");
+    assert_eq!(status, 200, "{v}");
 }
