@@ -104,7 +104,7 @@ struct LoadedModel {
     specials: prompt::Specials,
     grammars: constraint::Compiler,
     tx: SyncSender<Submission>,
-    /// Joined when the engine is dropped (see `Drop for Engine`).
+    /// Joined when the model is dropped (see `Drop for LoadedModel`).
     worker: Option<std::thread::JoinHandle<()>>,
     queued: Arc<Queued>,
     limits: Limits,
@@ -251,7 +251,6 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
     };
     let prefix_reuse = summary.sliding_window.is_none() && !model.is_recurrent() && !model.is_hybrid();
     let queued = Arc::new(Queued::default());
-    let (tx, worker) = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse, queued: queued.clone() }, metrics.clone())?;
     let sha256 = Arc::new(OnceLock::new());
     let (cell, path) = (sha256.clone(), cfg.path.clone());
     std::thread::Builder::new()
@@ -262,6 +261,8 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
         })
         .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
     let specials = prompt::Specials::of(&model);
+    // Last, so that no error return leaves a worker unjoined (`Drop for LoadedModel`).
+    let (tx, worker) = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse, queued: queued.clone() }, metrics.clone())?;
     let worker = Some(worker);
     Ok(LoadedModel { info, sha256, model, template, specials, grammars: Default::default(), tx, worker, queued, limits, metrics })
 }

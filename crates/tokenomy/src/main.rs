@@ -335,6 +335,8 @@ async fn shutdown_signal() {
             _ = a_signal() => tracing::warn!("second signal: stopping now"),
             _ = tokio::time::sleep(DRAIN_MAX) => tracing::warn!("in-flight requests still running after {DRAIN_MAX:?}: stopping now"),
         }
+        // Workers may be mid-decode: on a CUDA build the runtime's teardown in `exit` can then
+        // end the process with SIGABRT instead of status 1 (either way, not a clean stop).
         std::process::exit(1);
     });
 }
