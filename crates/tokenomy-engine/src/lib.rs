@@ -74,7 +74,7 @@ pub struct ModelConfig {
     pub queue_max: usize,
     /// Layers whose weights (and KV) go to the GPU; `None` = llama.cpp's default, every layer
     /// when the build has a GPU backend (`--features cuda`, `vulkan` or `metal`) and a device
-    /// is present, none otherwise. `Some(n > 0)` in a build without one is an error.
+    /// is present, none otherwise. `Some(n > 0)` where llama.cpp finds no GPU is an error.
     pub gpu_layers: Option<u32>,
 }
 
