@@ -233,15 +233,17 @@ impl Worker<'_> {
 
     fn cancel_all(&mut self) {
         let all: Vec<JobId> = self.jobs.keys().copied().collect();
-        for id in all {
-            self.sched.remove_waiting(id);
-            self.finish(id, FinishReason::Cancelled, None);
-        }
+        self.cancel(all);
     }
 
     fn drop_cancelled(&mut self) {
         let gone: Vec<JobId> = self.jobs.iter().filter(|(_, j)| j.sub.events.is_closed()).map(|(id, _)| *id).collect();
-        for id in gone {
+        self.cancel(gone);
+    }
+
+    /// Ends jobs, waiting or running, as `Cancelled` (metered for what was processed).
+    fn cancel(&mut self, ids: Vec<JobId>) {
+        for id in ids {
             self.sched.remove_waiting(id);
             self.finish(id, FinishReason::Cancelled, None);
         }
