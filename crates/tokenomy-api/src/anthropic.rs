@@ -254,11 +254,11 @@ async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) 
     let rid = r.started.request_id.clone();
     if r.stream {
         let events = events(routes::chat_stream(r.started, r.id, true, r.post), u64::from(r.prompt_tokens));
-        return Ok(routes::billed_headers(Sse::new(events).into_response(), &rid, r.receipt_id.as_deref(), &g.allowance_now(&state)));
+        return Ok(routes::billed_headers(Sse::new(events).into_response(), &rid, r.receipt_id.as_deref(), &g.allowance_now(&state).await));
     }
     let (Json(v), receipt) = routes::chat_body(r.started, r.id, &r.post).await?;
     let receipt_id = receipt.map(|x| x.receipt_id);
-    Ok(routes::billed_headers(Json(to_message(&v)).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(&state)))
+    Ok(routes::billed_headers(Json(to_message(&v)).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(&state).await))
 }
 
 /// Which content block is open in the stream being translated.

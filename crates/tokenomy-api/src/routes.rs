@@ -309,9 +309,9 @@ pub(crate) struct Gate {
 impl Gate {
     /// The rate-limit allowance for the response's headers: requests as admitted, tokens as
     /// they stand now, this request's reservation (or, once settled, its use) counted.
-    pub(crate) fn allowance_now(&self, state: &AppState) -> Allowance {
+    pub(crate) async fn allowance_now(&self, state: &AppState) -> Allowance {
         match (&state.billing, &self.caller) {
-            (Some(b), Some(p)) => b.allowance_now(p, self.allowance.clone()),
+            (Some(b), Some(p)) => b.allowance_now(p, self.allowance.clone()).await,
             _ => self.allowance.clone(),
         }
     }
@@ -345,7 +345,7 @@ pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: 
     }
     // (A refusal here drops `slot`, which frees the key.)
     let allowance = match (&state.billing, &caller) {
-        (Some(b), Some(p)) => b.admit(p)?,
+        (Some(b), Some(p)) => b.admit(p).await?,
         _ => Allowance::default(),
     };
     Ok(Ok(Gate { request_sha256, caller, allowance, idempotency_key, slot }))
@@ -485,11 +485,11 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let rid = started.request_id.clone();
     if stream {
         let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
-        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state)));
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state).await));
     }
     let (body, receipt) = chat_body(started, id, &post).await?;
     let receipt_id = receipt.map(|r| r.receipt_id);
-    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state)))
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
 }
 
 /// A chat request validated, charged and started; the caller renders its output.
@@ -987,11 +987,11 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     if req.common.stream {
         let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let resp = sse(completion_stream(started, ctx, include_usage)).into_response();
-        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state)));
+        return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state).await));
     }
     let (body, receipt) = completion_body(started, ctx).await?;
     let receipt_id = receipt.map(|r| r.receipt_id);
-    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state)))
+    Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
 }
 
 struct CompletionCtx {

@@ -21,6 +21,7 @@ pub mod keys;
 pub mod log;
 pub mod ratelimit;
 mod node;
+mod rates;
 
 use std::path::PathBuf;
 use std::collections::HashMap;
@@ -167,37 +168,10 @@ pub struct Hold {
     pub held_micros: i64,
     pub started_at_ms: i64,
     /// Tokens reserved against the key's TPM until the request is settled, voided or dropped.
-    tpm: TpmReservation,
+    tpm: rates::TpmReservation,
     hold: Option<Transfer>,
     /// Keeps the hold alive while the request is served; dropped with the `Hold`.
     _live: Option<LiveGuard>,
-}
-
-/// A request's tokens reserved against its key's TPM: replaced by the tokens it used when its
-/// hold is settled, and released as unused when the hold is voided, refused or dropped (a
-/// request task that fails in any way), so no reservation outlives its request.
-#[derive(Debug)]
-struct TpmReservation {
-    limiter: Arc<Mutex<ratelimit::RateLimiter>>,
-    key: KeyId,
-    limits: Limits,
-    /// `None` once settled.
-    reserved: Option<u64>,
-}
-
-impl TpmReservation {
-    fn settle(&mut self, used: u64) {
-        if let Some(reserved) = self.reserved.take() {
-            let mut l = self.limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            l.settle_tokens(self.key, self.limits, reserved, used, tokenomy_ledger::now_ms());
-        }
-    }
-}
-
-impl Drop for TpmReservation {
-    fn drop(&mut self) {
-        self.settle(0);
-    }
 }
 
 /// The holds of requests this node is serving, with their current expiry: the upkeep task
@@ -280,7 +254,8 @@ pub struct Billing {
     signer: SignerKey,
     data_dir: PathBuf,
     log: tokio::sync::Mutex<log::LogState>,
-    limiter: Arc<Mutex<ratelimit::RateLimiter>>,
+    /// The keys' rate-limit clocks: this node's, or the ledger's when nodes share it.
+    rates: rates::RateClocks,
     live: Arc<LiveHolds>,
     /// Settlements being retried in the background (at most [`SETTLE_RETRIES_MAX`]).
     settle_retries: Arc<std::sync::atomic::AtomicUsize>,
@@ -371,17 +346,31 @@ impl Billing {
         Ok(principal(&rec))
     }
 
-    /// `a` with its token figures as they stand now (see [`ratelimit::RateLimiter::tokens_now`]).
-    pub fn allowance_now(&self, p: &Principal, mut a: Allowance) -> Allowance {
-        let l = self.limiter.lock().expect("limiter lock");
-        l.tokens_now(p.key_id, p.limits, tokenomy_ledger::now_ms(), &mut a);
+    /// `a` with its token figures as they stand now (see [`ratelimit::tokens_now`]).
+    pub async fn allowance_now(&self, p: &Principal, mut a: Allowance) -> Allowance {
+        if p.limits.tpm.is_none() {
+            return a;
+        }
+        match self.rates.last_seen(p.key_id).await {
+            Ok(s) => ratelimit::tokens_now(&s, p.limits, tokenomy_ledger::now_ms(), &mut a),
+            Err(e) => tracing::warn!(error = %e, "rate clocks unreadable; headers show the admission's figures"),
+        }
         a
     }
 
     /// Admits one request under the key's RPM/TPM limits.
-    pub fn admit(&self, p: &Principal) -> Result<Allowance> {
-        let mut l = self.limiter.lock().expect("limiter lock");
-        l.admit(p.key_id, p.limits, tokenomy_ledger::now_ms()).map_err(BillingError::RateLimited)
+    pub async fn admit(&self, p: &Principal) -> Result<Allowance> {
+        if !p.limits.is_limited() {
+            return Ok(Allowance::default());
+        }
+        let now = tokenomy_ledger::now_ms();
+        let limits = p.limits;
+        if limits.rpm.is_none() {
+            // Only the TPM debt to check: admission moves no clock, so a read will do.
+            let mut s = self.rates.read(p.key_id).await?;
+            return ratelimit::admit(&mut s, limits, now).map_err(BillingError::RateLimited);
+        }
+        self.rates.step(p.key_id, now, move |s| ratelimit::admit(s, limits, now)).await?.map_err(BillingError::RateLimited)
     }
 
     pub async fn create_key(
@@ -556,11 +545,16 @@ impl Billing {
             return Err(BillingError::Invalid(format!("this request could cost {worst} micro-credits, more than one charge may be; lower max_tokens")));
         }
         let now = tokenomy_ledger::now_ms();
-        let reserved = {
-            let mut l = self.limiter.lock().expect("limiter lock");
-            l.reserve_tokens(p.key_id, p.limits, req.prompt_tokens.saturating_add(req.completion_tokens_max), now).map_err(BillingError::RateLimited)?
+        let reservation = match p.limits.tpm {
+            None => ratelimit::Reservation::default(),
+            Some(_) => {
+                let tokens = req.prompt_tokens.saturating_add(req.completion_tokens_max);
+                let limits = p.limits;
+                let reserve = move |s: &mut tokenomy_ledger::KeyRate| ratelimit::reserve_tokens(s, limits, tokens, now);
+                self.rates.step(p.key_id, now, reserve).await?.map_err(BillingError::RateLimited)?
+            }
         };
-        let tpm = TpmReservation { limiter: self.limiter.clone(), key: p.key_id, limits: p.limits, reserved: Some(reserved) };
+        let tpm = rates::TpmReservation { clocks: self.rates.clone(), key: p.key_id, reservation: Some(reservation) };
         let mut h = Hold {
             principal: p.clone(),
             request_id: req.request_id.clone(),
@@ -646,10 +640,18 @@ impl Billing {
     /// Posts the exact cost of what was served, releases the rest, and appends the receipt.
     /// `None` when nothing was charged (a free model or zero cost).
     pub async fn settle(&self, mut h: Hold, s: Served) -> Result<Option<ReceiptRef>> {
+        let used = u64::from(s.usage.prompt_tokens) + u64::from(s.usage.completion_tokens);
+        // The TPM settles beside the charge, not before it (on PostgreSQL each is a round trip).
+        let mut tpm = h.tpm.take();
+        let (_, charged) = tokio::join!(tpm.settle(used), self.charge(h, s));
+        charged
+    }
+
+    /// The ledger half of [`settle`](Self::settle): posts the exact cost with its receipt.
+    async fn charge(&self, h: Hold, s: Served) -> Result<Option<ReceiptRef>> {
         let u = &s.usage;
         let (prompt, cached, completion, reasoning) =
             (u64::from(u.prompt_tokens), u64::from(u.cached_tokens), u64::from(u.completion_tokens), u64::from(u.reasoning_tokens));
-        h.tpm.settle(prompt + completion);
         let usage = tokenomy_ledger::Usage::from_openai(prompt, cached, completion, reasoning);
         let cost = cost_micros(usage, h.price)?;
         let Some(hold) = h.hold.as_ref() else { return Ok(None) };
@@ -781,7 +783,7 @@ impl Billing {
 
     /// Releases a hold without charging (the engine failed before serving anything).
     pub async fn void(&self, mut h: Hold) -> Result<()> {
-        h.tpm.settle(0);
+        h.tpm.settle(0).await;
         if let Some(t) = h.hold.take() {
             self.store.void(t.id).await?;
         }

@@ -26,7 +26,7 @@ use tokenomy_ledger::{AccountId, AccountKind, AnyStore, LedgerStore, PgStore, Sq
 use tokenomy_receipts::SignerKey;
 
 use crate::config::{NodeConfig, DEFAULT_CONFIG_TOML};
-use crate::{keys, log, Billing, BillingError, Principal, Result, SCOPE_ADMIN, SCOPE_INFERENCE};
+use crate::{keys, log, rates, Billing, BillingError, Principal, Result, SCOPE_ADMIN, SCOPE_INFERENCE};
 
 /// The first-run grant's idempotency key, one per ledger (see the module docs).
 pub const FIRST_RUN_GRANT_KEY: &str = "first-run-grant";
@@ -189,13 +189,14 @@ impl Billing {
         if let Some(l) = &last {
             log.assert_consistent_with(&l.checkpoint).map_err(BillingError::Internal)?;
         }
+        let rates = rates::RateClocks::for_store(&store);
         let billing = Arc::new(Billing {
+            rates,
             store,
             config,
             signer,
             data_dir: dir.clone(),
             log: tokio::sync::Mutex::new(log),
-            limiter: Default::default(),
             live: Default::default(),
             settle_retries: Default::default(),
             halted: Default::default(),

@@ -403,6 +403,17 @@ impl KeySpend {
     }
 }
 
+/// A key's rate-limit clocks: the theoretical arrival times (Unix microseconds) of the GCRA that the
+/// billing crate runs for its requests per minute and tokens per minute. The ledger only keeps
+/// them; what they mean, and every step that moves them, is `tokenomy_billing::ratelimit`. On
+/// PostgreSQL they are a row that every node of the ledger steps under a row lock
+/// ([`crate::PgStore::update_key_rate`]), so a key's limits hold across nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyRate {
+    pub requests_tat_us: i64,
+    pub tokens_tat_us: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CheckReport {
     pub ok: bool,

@@ -656,3 +656,69 @@ async fn a_new_data_dir_is_readable_by_its_owner_only() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700);
 }
+
+/// A key's RPM and TPM hold for the key, not per node: on PostgreSQL two nodes of one ledger
+/// step the same clocks under the key's row lock; on SQLite (one node per ledger) the node's
+/// own clocks do the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_across_the_nodes_of_one_ledger() {
+    for pg in stores() {
+        let s = set_up_ledger(pg, "tokenomy_billing_rates").await;
+        let (a, _) = s.open(s.dir.path()).await;
+        let other = tempfile::tempdir().unwrap();
+        let b = match s.pg {
+            Some(_) => s.open(other.path()).await.0,
+            None => a.clone(), // SQLite: the ledger's only node
+        };
+        let acc = s.first.user_account;
+
+        // RPM 4: sixteen requests at once, half on each node; exactly four get in.
+        let (_, rpm_key) = a.create_key(acc, &["inference".into()], Some(4), None, Default::default()).await.unwrap();
+        let (pa, pb) = (a.authenticate(Some(&rpm_key)).await.unwrap(), b.authenticate(Some(&rpm_key)).await.unwrap());
+        let admitted = futures::future::join_all((0..16).map(|i| if i % 2 == 0 { a.admit(&pa) } else { b.admit(&pb) })).await;
+        assert_eq!(admitted.iter().filter(|r| r.is_ok()).count(), 4, "{admitted:?}");
+        for r in admitted.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(r, BillingError::RateLimited(l) if l.limit == "requests" && (1..=15_000).contains(&l.retry_after_ms)),
+                "{r:?}"
+            );
+        }
+
+        // TPM 100 (600 ms a token): a hold on one node reserves its prompt and max_tokens for
+        // the other too. (A key with only a TPM is admitted on a fresh read of its clocks, whose
+        // figures the admission returns; a response's headers show the clocks as its node's
+        // last step on the key left them.)
+        let (_, tpm_key) = a.create_key(acc, &["inference".into()], None, Some(100), Default::default()).await.unwrap();
+        let (pa, pb) = (a.authenticate(Some(&tpm_key)).await.unwrap(), b.authenticate(Some(&tpm_key)).await.unwrap());
+        let first = a.hold(&pa, &req("rate-1", 10, 50)).await.unwrap(); // 60 tokens: 36 s ahead
+        let left = b.admit(&pb).await.unwrap().remaining_tokens;
+        assert!((40..=41).contains(&left), "{left}");
+        let second = b.hold(&pb, &req("rate-2", 10, 50)).await.unwrap(); // 72 s ahead: in debt
+        let left = b.allowance_now(&pb, Default::default()).await.remaining_tokens;
+        assert_eq!(left, 0, "the headers after a hold count it");
+        let e = a.hold(&pa, &req("rate-3", 10, 10)).await.unwrap_err();
+        assert!(matches!(&e, BillingError::RateLimited(l) if l.limit == "tokens" && (11_000..=12_001).contains(&l.retry_after_ms)), "{e:?}");
+        // The first used 15 of its 60: its unused tail (27 s) comes back to both nodes.
+        a.settle(first, served(10, 5)).await.unwrap();
+        let left = a.allowance_now(&pa, Default::default()).await.remaining_tokens;
+        assert!((25..=26).contains(&left), "{left}");
+        let left = b.admit(&pb).await.unwrap().remaining_tokens;
+        assert!((25..=26).contains(&left), "{left}");
+        // A request that fails gives back all it reserved; one dropped without a word (its
+        // task failed) too, on its own, a moment later.
+        b.void(second).await.unwrap();
+        let left = a.admit(&pa).await.unwrap().remaining_tokens;
+        assert!((85..=86).contains(&left), "{left}");
+        drop(b.hold(&pb, &req("rate-4", 10, 50)).await.unwrap());
+        let mut left = 0;
+        for _ in 0..50 {
+            left = a.admit(&pa).await.unwrap().remaining_tokens;
+            if left >= 85 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!((85..=86).contains(&left), "{left}");
+        assert!(a.check().await.unwrap().ok);
+    }
+}

@@ -97,3 +97,12 @@ DO $$ BEGIN
     END IF;
 END $$;
 UPDATE schema_version SET version = 3 WHERE version < 3;
+
+-- version 4: the rate-limit clocks of keys with rpm/tpm limits (KeyRate), one row per key,
+-- stepped by every node of the ledger under the row's lock: a key's limits hold across nodes.
+CREATE TABLE IF NOT EXISTS key_rates (
+    key_id          BYTEA  PRIMARY KEY CHECK (length(key_id) = 16),
+    requests_tat_us BIGINT NOT NULL,
+    tokens_tat_us   BIGINT NOT NULL
+);
+UPDATE schema_version SET version = 4 WHERE version < 4;

@@ -181,6 +181,69 @@ async fn postgres_two_nodes_placing_one_key_at_once_tell_whose_hold_it_is() {
     assert!(b.check().await.unwrap().ok);
 }
 
+/// A key's rate clocks stepped by two nodes at once, 32 steps each: every step sees the one
+/// before it (the row lock), so none is lost; a key never stepped reads as zero clocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_key_rate_steps_from_two_nodes_are_never_lost() {
+    use tokenomy_ledger::*;
+    let Ok(url) = std::env::var(PG_ENV) else { return };
+    let schema = test_schema(&url).await;
+    let a = Arc::new(PgStore::open_in_schema(&url, &schema, 4).await.unwrap());
+    let b = Arc::new(PgStore::open_in_schema(&url, &schema, 4).await.unwrap());
+    let key = KeyId(42);
+    assert_eq!(a.key_rate(key).await.unwrap(), KeyRate::default());
+    let steps = (0..64).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move {
+            s.update_key_rate(key, |r| {
+                r.requests_tat_us += 1;
+                r.tokens_tat_us += 10;
+                r.requests_tat_us
+            })
+            .await
+            .unwrap()
+        })
+    });
+    let mut seen: Vec<i64> = Vec::new();
+    for s in steps {
+        seen.push(s.await.unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=64).collect::<Vec<_>>(), "each step saw the one before it");
+    assert_eq!(b.key_rate(key).await.unwrap(), KeyRate { requests_tat_us: 64, tokens_tat_us: 640 });
+    // A step that changes nothing writes nothing, and returns what it read.
+    assert_eq!(a.update_key_rate(key, |r| r.tokens_tat_us).await.unwrap(), 640);
+    assert_eq!(a.key_rate(KeyId(43)).await.unwrap(), KeyRate::default());
+}
+
+/// A step given up at any point (its caller timed out) leaves no transaction open on a pooled
+/// connection and no row locked: another node's next step goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_key_rate_steps_given_up_midway_leave_no_lock_behind() {
+    use std::time::Duration;
+    use tokenomy_ledger::*;
+    let Ok(url) = std::env::var(PG_ENV) else { return };
+    let schema = test_schema(&url).await;
+    let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
+    let other = PgStore::open_in_schema(&url, &schema, 1).await.unwrap();
+    let key = KeyId(7);
+    let mut done = 0;
+    for i in 0..60u64 {
+        // Cut off after 0 to 2.95 ms: before, during and after the lock is taken.
+        let cut = Duration::from_micros(i * 50);
+        if tokio::time::timeout(cut, s.update_key_rate(key, |r| r.requests_tat_us += 1)).await.is_ok() {
+            done += 1;
+        }
+        let after = tokio::time::timeout(Duration::from_secs(5), other.update_key_rate(key, |r| r.tokens_tat_us += 1)).await;
+        after.expect("a step after one given up is not blocked").unwrap();
+    }
+    // ...and neither is one on the same node (no pooled connection is left inside a transaction).
+    tokio::time::timeout(Duration::from_secs(5), s.update_key_rate(key, |_| ())).await.unwrap().unwrap();
+    let r = s.key_rate(key).await.unwrap();
+    assert_eq!(r.tokens_tat_us, 60);
+    assert!(r.requests_tat_us >= done && r.requests_tat_us <= 60, "{r:?} {done}");
+}
+
 /// A database of a later schema version than this build's is refused, with a message.
 #[tokio::test]
 async fn postgres_schema_from_a_newer_version_is_refused() {
@@ -190,13 +253,14 @@ async fn postgres_schema_from_a_newer_version_is_refused() {
     drop(PgStore::open_in_schema(&url, &schema, 1).await.unwrap());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 4")).await.unwrap();
+    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 5")).await.unwrap();
     let err = PgStore::open_in_schema(&url, &schema, 1).await.err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 3"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 4"), "{err}");
 }
 
-/// A PostgreSQL schema created by version 1 is brought to version 3 on open: key columns
-/// added, and a hold left pending by the old version is listed for the expiry sweep.
+/// A PostgreSQL schema created by version 1 is brought to the current version (4) on open:
+/// key columns added, a hold left pending by the old version listed for the expiry sweep,
+/// and the keys' rate clocks table created.
 #[tokio::test]
 async fn postgres_schema_v1_is_migrated() {
     use tokenomy_ledger::*;
@@ -229,7 +293,7 @@ async fn postgres_schema_v1_is_migrated() {
     assert_eq!(s.expire_holds(now_ms()).await.unwrap(), 1);
     assert_eq!(s.get_account(AccountId(42 << 64)).await.unwrap().pending_micros, 0);
     let version: i32 = client.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.unwrap().get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let a = s.create_account("a", AccountKind::User).await.unwrap();
     s.mint(a.id, 100, "m", None).await.unwrap();
     let caps = SpendCaps { day_micros: Some(10), month_micros: Some(20) };
