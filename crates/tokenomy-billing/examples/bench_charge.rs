@@ -8,6 +8,11 @@
 //! * `ledger`  — reference: `hold` + `settle` on the store, no receipt;
 //! * `billing` — `Billing::hold` + `Billing::settle`: prices, worst case, the receipt built,
 //!   appended to the log in the settlement's transaction (what every request adds);
+//! * `limited` — the same for keys with RPM and TPM limits (set high: nothing is refused):
+//!   admission, TPM reservation and its settlement, and the headers' read of the clocks, as
+//!   the API runs them; on PostgreSQL the clocks are shared by the ledger's nodes (a locked
+//!   row per key), in memory on SQLite. Each request on its own key;
+//! * `hot key` — `limited` with every request on one key (its row lock taken in turn);
 //! * `bundles` — `GET /v1/receipts/{id}`'s work: catch up, checkpoint, inclusion proof, signature.
 
 use std::sync::Arc;
@@ -65,6 +70,20 @@ where
     stats(all, start.elapsed().as_secs_f64())
 }
 
+/// One request's charge as the API runs it: admission, hold, settlement, and the figures of
+/// the response's rate-limit headers (admission and headers cost nothing for a key without
+/// limits).
+async fn charge(b: &Billing, p: &Principal, request_id: String, i: u64) {
+    let admitted = b.admit(p).await.unwrap();
+    let req = ChargeRequest { request_id, model: "smollm2".into(), prompt_tokens: 200, completion_tokens_max: 256, idempotency_key: None };
+    let h = b.hold(p, &req).await.unwrap();
+    let mut s = Served::default();
+    s.usage.prompt_tokens = 200;
+    s.usage.completion_tokens = 1 + (i % 255) as u32;
+    b.settle(h, s).await.unwrap().expect("charged");
+    b.allowance_now(p, admitted).await;
+}
+
 async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     let mut principals = Vec::new();
     for w in 0..writers {
@@ -86,22 +105,26 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     let bb = b.clone();
     let billing = run_phase(&principals, secs, move |p, i| {
         let b = bb.clone();
-        async move {
-            let req = ChargeRequest {
-                request_id: format!("{}-{i}", p.key_id),
-                model: "smollm2".into(),
-                prompt_tokens: 200,
-                completion_tokens_max: 256,
-                idempotency_key: None,
-            };
-            let h = b.hold(&p, &req).await.unwrap();
-            let mut s = Served::default();
-            s.usage.prompt_tokens = 200;
-            s.usage.completion_tokens = 1 + (i % 255) as u32;
-            b.settle(h, s).await.unwrap().expect("charged");
-        }
+        async move { charge(&b, &p, format!("{}-{i}", p.key_id), i).await }
     })
     .await;
+    let mut limited_keys = Vec::new();
+    for p in &principals {
+        let (_, key) = b.create_key(p.account, &["inference".into()], Some(1_000_000), Some(1_000_000_000), Default::default()).await.unwrap();
+        limited_keys.push(b.authenticate(Some(&key)).await.unwrap());
+    }
+    // Request ids unique across writers (the hot key's writers share one key).
+    let next_id = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let limited_phase = |b: Arc<Billing>| {
+        let next_id = next_id.clone();
+        move |p: Principal, i: u64| {
+            let (b, n) = (b.clone(), next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            async move { charge(&b, &p, format!("limited-{n}"), i).await }
+        }
+    };
+    let limited = run_phase(&limited_keys, secs, limited_phase(b.clone())).await;
+    let hot: Vec<Principal> = limited_keys.iter().map(|_| limited_keys[0].clone()).collect();
+    let hot_key = run_phase(&hot, secs, limited_phase(b.clone())).await;
     // Bundles for receipts made in the billing phase.
     let admin = Principal { key_id: principals[0].key_id, account: principals[0].account, scopes: vec!["admin".into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
     let size = b.checkpoint().await.unwrap().checkpoint.size;
@@ -125,6 +148,14 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
         billing.p99_ms / ledger.p99_ms.max(1e-9),
         billing.p50_ms - ledger.p50_ms,
         billing.p99_ms - ledger.p99_ms
+    );
+    println!(
+        "  limited (RPM + TPM, own keys):    {:>7.0} settled/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} pairs); against billing: throughput {:.2}x, adds p50 {:+.2} ms, p99 {:+.2} ms",
+        limited.per_s, limited.p50_ms, limited.p99_ms, limited.n, limited.per_s / billing.per_s, limited.p50_ms - billing.p50_ms, limited.p99_ms - billing.p99_ms
+    );
+    println!(
+        "  hot key (RPM + TPM, one key):     {:>7.0} settled/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} pairs); against billing: throughput {:.2}x",
+        hot_key.per_s, hot_key.p50_ms, hot_key.p99_ms, hot_key.n, hot_key.per_s / billing.per_s
     );
     println!("  receipt bundles (proof + signature): {:>7.0}/s  p50 {:.2} ms  p99 {:.2} ms", bundles.per_s, bundles.p50_ms, bundles.p99_ms);
 }
