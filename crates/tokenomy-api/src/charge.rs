@@ -504,11 +504,20 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
     let b = billing(&state)?;
     let p = principal(&state, &headers).await?;
     let a = b.account(p.account).await?;
+    let rate = b.allowance(&p).await?;
     Ok(Json(json!({
         "object": "me", "key_id": p.key_id.to_string(), "scopes": p.scopes,
         "limits": {
             "rpm": p.limits.rpm, "tpm": p.limits.tpm,
             "spend_cap_day_micros": p.caps.day_micros, "spend_cap_month_micros": p.caps.month_micros,
+        },
+        // What the key's RPM/TPM leave it now (on every node of a shared ledger); null fields
+        // for a limit it does not have.
+        "rate": {
+            "remaining_requests": p.limits.rpm.map(|_| rate.remaining_requests),
+            "reset_requests_ms": p.limits.rpm.map(|_| rate.reset_requests_ms),
+            "remaining_tokens": p.limits.tpm.map(|_| rate.remaining_tokens),
+            "reset_tokens_ms": p.limits.tpm.map(|_| rate.reset_tokens_ms),
         },
         "spend": spend_json(p.caps, p.spend),
         "account": account_json(&a),

@@ -358,6 +358,15 @@ impl Billing {
         a
     }
 
+    /// What the key may still do now under its RPM/TPM limits, without using any of it.
+    pub async fn allowance(&self, p: &Principal) -> Result<Allowance> {
+        if !p.limits.is_limited() {
+            return Ok(Allowance::default());
+        }
+        let s = self.rates.read(p.key_id).await?;
+        Ok(ratelimit::peek(&s, p.limits, tokenomy_ledger::now_ms()))
+    }
+
     /// Admits one request under the key's RPM/TPM limits.
     pub async fn admit(&self, p: &Principal) -> Result<Allowance> {
         if !p.limits.is_limited() {
@@ -389,9 +398,7 @@ impl Billing {
         if scopes.is_empty() {
             return Err(BillingError::Invalid("a key needs at least one scope".into()));
         }
-        if rpm == Some(0) || tpm == Some(0) {
-            return Err(BillingError::Invalid("rpm and tpm must be positive (omit them for no limit)".into()));
-        }
+        tokenomy_ledger::validate_rates(rpm, tpm)?;
         let acc = self.store.get_account(account).await?;
         if scopes.iter().any(|s| s == SCOPE_INFERENCE) && !acc.kind.must_stay_funded() {
             return Err(BillingError::Invalid("inference keys belong to user or agent accounts".into()));
@@ -404,9 +411,6 @@ impl Billing {
     /// Changes a key's RPM/TPM limits and spend caps (those `change` names, in one write);
     /// effective from its next request.
     pub async fn set_key_limits(&self, key: KeyId, change: KeyLimitsChange) -> Result<KeyRecord> {
-        if change.rpm == Some(Some(0)) || change.tpm == Some(Some(0)) {
-            return Err(BillingError::Invalid("rpm and tpm must be positive (omit them for no limit)".into()));
-        }
         Ok(self.store.set_key_limits(key, change).await?)
     }
 
@@ -886,14 +890,15 @@ impl Billing {
         Ok(n)
     }
 
-    /// Whether the ledger answers a read within [`READY_PROBE_MS`] (for `/ready`, so a load
-    /// balancer takes a node whose ledger is away out of rotation).
+    /// Whether the ledger answers within [`READY_PROBE_MS`] and would take writes (for
+    /// `/ready`, so a load balancer takes a node whose ledger is away, or is a PostgreSQL server
+    /// that became a standby or read-only, out of rotation).
     pub async fn ledger_reachable(&self) -> Result<()> {
         self.serving()?;
         if let Some(why) = self.store.broken() {
             return Err(BillingError::Unavailable(why.into()));
         }
-        let probe = self.store.get_account(tokenomy_ledger::TREASURY);
+        let probe = self.store.probe();
         match tokio::time::timeout(std::time::Duration::from_millis(READY_PROBE_MS), probe).await {
             Ok(r) => r.map(drop).map_err(BillingError::from),
             Err(_) => Err(BillingError::Unavailable(format!("no answer within {READY_PROBE_MS} ms"))),

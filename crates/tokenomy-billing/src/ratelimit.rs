@@ -144,6 +144,18 @@ pub fn tokens_now(s: &KeyRate, limits: Limits, now_ms: i64, a: &mut Allowance) {
     a.reset_tokens_ms = ms_ceil(ahead);
 }
 
+/// What the key may still do at `now_ms`, its clocks left as they are (for `GET /v1/me`).
+pub fn peek(s: &KeyRate, limits: Limits, now_ms: i64) -> Allowance {
+    let now = us(now_ms);
+    let mut a = Allowance { limit_requests: limits.rpm, limit_tokens: limits.tpm, ..Allowance::default() };
+    if let Some(rpm) = limits.rpm {
+        a.remaining_requests = remaining(rpm, s.requests_tat_us, now);
+        a.reset_requests_ms = ms_ceil((s.requests_tat_us - now).max(0));
+    }
+    tokens_now(s, limits, now_ms, &mut a);
+    a
+}
+
 /// Reserves a request's tokens (its prompt and `max_tokens`; at most one window's worth, so
 /// any request can run) when it is placed, so that requests running at once count against
 /// the TPM before they finish; refused while the key's reservations and debt fill the window.
@@ -242,6 +254,20 @@ mod tests {
         }
         assert!(s.requests_tat_us <= us(10_000), "{s:?}");
         assert!(s.tokens_tat_us <= us(10_000) + 1_000, "{s:?}");
+    }
+
+    #[test]
+    fn peeking_moves_no_clock() {
+        let s = &mut KeyRate::default();
+        let l = Limits { rpm: Some(3), tpm: Some(600) };
+        assert_eq!(peek(s, l, 0).remaining_requests, 3);
+        admit(s, l, 0).unwrap();
+        let r = reserve_tokens(s, l, 100, 0).unwrap();
+        settle_tokens(s, r, 40, 0);
+        let before = *s;
+        let a = peek(s, l, 0);
+        assert_eq!((a.remaining_requests, a.reset_requests_ms, a.remaining_tokens, a.reset_tokens_ms), (2, 20_000, 560, 4_000));
+        assert_eq!(*s, before);
     }
 
     #[test]

@@ -87,6 +87,16 @@ async fn pg_hold_in_time(
 }
 
 impl AnyStore {
+    /// Whether the store answers and would take writes (for a readiness probe): SQLite reads
+    /// the treasury ([`broken`](Self::broken) says whether its writer stopped); PostgreSQL
+    /// also checks that the server is a primary whose sessions may write.
+    pub async fn probe(&self) -> Result<()> {
+        match self {
+            AnyStore::Sqlite(s) => s.get_account(TREASURY).await.map(drop),
+            AnyStore::Pg(s) => s.probe_writable().await,
+        }
+    }
+
     /// Why the store takes no more writes until the node restarts, if it does not.
     pub fn broken(&self) -> Option<&'static str> {
         match self {

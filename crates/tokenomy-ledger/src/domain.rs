@@ -311,8 +311,17 @@ impl KeyLimitsChange {
 
     /// The values it sets are valid (the ones it keeps were validated when set).
     pub fn validate(&self) -> Result<()> {
+        validate_rates(self.rpm.flatten(), self.tpm.flatten())?;
         SpendCaps { day_micros: self.day_micros.flatten(), month_micros: self.month_micros.flatten() }.validate()
     }
+}
+
+/// A key's RPM and TPM, when set, are positive (no limit is `None`, not 0).
+pub fn validate_rates(rpm: Option<u32>, tpm: Option<u32>) -> Result<()> {
+    if rpm == Some(0) || tpm == Some(0) {
+        return Err(LedgerError::InvalidArgument("rpm and tpm must be positive (omit them for no limit)".into()));
+    }
+    Ok(())
 }
 
 /// A key's maintained spending counters (one row with the key; no history scan):

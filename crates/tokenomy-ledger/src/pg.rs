@@ -182,6 +182,24 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Whether the server would take this ledger's writes: it answers, it is a primary (not a
+    /// standby in recovery) and its sessions are not read-only (`default_transaction_read_only`).
+    /// A failover that leaves nodes on a demoted server lets reads through and fails every
+    /// hold: a readiness probe that only reads would keep such a node in rotation.
+    pub async fn probe_writable(&self) -> Result<()> {
+        let client = self.client().await?;
+        let sql = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', \
+                   EXISTS (SELECT 1 FROM accounts WHERE id = $1)";
+        let row = client.query_one(sql, &[&&TREASURY.to_bytes()[..]]).await.map_err(pg_err)?;
+        let (standby, read_only, ledger): (bool, bool, bool) = (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
+        match () {
+            _ if standby => Err(LedgerError::Storage("the PostgreSQL server is a standby (in recovery): it takes no writes".into())),
+            _ if read_only => Err(LedgerError::Storage("the PostgreSQL server's sessions are read-only (transaction_read_only): it takes no writes".into())),
+            _ if !ledger => Err(LedgerError::Storage("the PostgreSQL database holds no ledger (no treasury account)".into())),
+            _ => Ok(()),
+        }
+    }
+
     /// `key`'s rate-limit clocks as stored (zero for a key without a row), without a lock.
     pub async fn key_rate(&self, key: KeyId) -> Result<KeyRate> {
         let client = self.client().await?;

@@ -1345,6 +1345,7 @@ pub(crate) fn new_key_record(
     caps: SpendCaps,
 ) -> Result<KeyRecord> {
     validate_scopes(scopes)?;
+    validate_rates(rpm, tpm)?;
     caps.validate()?;
     let now = crate::now_ms();
     Ok(KeyRecord {

@@ -535,6 +535,12 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
     assert!(r.headers["retry-after"].to_str().unwrap().parse::<u32>().unwrap() >= 1);
     assert_eq!((&r.headers["x-ratelimit-limit-requests"], &r.headers["x-ratelimit-remaining-requests"]), (&"2".parse().unwrap(), &"0".parse().unwrap()));
     assert!(r.headers.contains_key("x-request-id"), "an error names a request id too");
+    // `/v1/me` says what is left, and asking uses none of it.
+    for _ in 0..2 {
+        let me = n.call("GET", "/v1/me", None, key).await.json();
+        assert_eq!((me["rate"]["remaining_requests"].as_u64(), me["rate"]["remaining_tokens"].as_u64()), (Some(0), None), "{me}");
+        assert!((1..=60_000).contains(&me["rate"]["reset_requests_ms"].as_i64().unwrap()), "{me}");
+    }
 
     // TPM: requests sent at once reserve their prompt + max_tokens when placed, so a burst
     // overshoots the minute's tokens by at most one request (they used to all run).

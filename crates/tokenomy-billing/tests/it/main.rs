@@ -722,3 +722,53 @@ async fn rate_limits_hold_across_the_nodes_of_one_ledger() {
         assert!(a.check().await.unwrap().ok);
     }
 }
+
+/// A PostgreSQL ledger whose server stops taking writes (here its sessions turn read-only, as
+/// on a demoted primary) makes the node unready, not only its holds fail; it is ready again
+/// once the server takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_ledger_that_takes_no_writes_is_not_ready() {
+    let Some(base) = stores().into_iter().flatten().next() else { return };
+    let db = "tokenomy_billing_read_only";
+    let s = set_up_ledger(Some(base.clone()), db).await;
+    let (b, _) = s.open(s.dir.path()).await;
+    let user = b.authenticate(Some(&s.first.user_key)).await.unwrap();
+    b.ledger_reachable().await.unwrap();
+    let (admin, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // New sessions are read-only; the node's open ones are cut, so it reconnects into them.
+    let set_read_only = |on: bool| {
+        let admin = &admin;
+        async move {
+            admin.batch_execute(&format!("ALTER DATABASE {db} SET default_transaction_read_only = {on}")).await.unwrap();
+            let cut = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND usename = current_user AND pid <> pg_backend_pid()";
+            admin.execute(cut, &[&db]).await.unwrap();
+        }
+    };
+    set_read_only(true).await;
+    let mut why = String::new();
+    for _ in 0..50 {
+        match b.ledger_reachable().await {
+            Err(e) if e.to_string().contains("read-only") => {
+                why = e.to_string();
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    assert!(why.contains("takes no writes"), "{why:?}");
+    let e = b.hold(&user, &req("read-only", 10, 10)).await.unwrap_err();
+    assert!(matches!(e, BillingError::Unavailable(_)), "{e:?}");
+    set_read_only(false).await;
+    let mut ready = false;
+    for _ in 0..50 {
+        if b.ledger_reachable().await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ready, "ready again once the server takes writes");
+    let h = b.hold(&user, &req("writable", 10, 10)).await.unwrap();
+    b.settle(h, served(10, 10)).await.unwrap().unwrap();
+}

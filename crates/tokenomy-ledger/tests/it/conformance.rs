@@ -708,7 +708,10 @@ pub async fn key_limit_changes_keep_what_they_do_not_name<S: LedgerStore>(s: Arc
     assert_eq!(s.set_key_limits(k, KeyLimitsChange::default()).await.unwrap(), rec, "an empty change changes nothing");
     let bad = KeyLimitsChange { month_micros: Some(Some(-5)), rpm: Some(Some(1)), ..Default::default() };
     assert!(matches!(s.set_key_limits(k, bad).await, Err(LedgerError::InvalidArgument(_))));
+    let zero_tpm = KeyLimitsChange { tpm: Some(Some(0)), ..Default::default() };
+    assert!(matches!(s.set_key_limits(k, zero_tpm).await, Err(LedgerError::InvalidArgument(_))), "no limit is None, not 0");
     assert_eq!(s.get_key(k).await.unwrap(), rec, "a refused change changes nothing");
+    assert!(matches!(s.create_key(a.id, [33; 32], &[], Some(0), None, SpendCaps::default()).await, Err(LedgerError::InvalidArgument(_))));
     let rounds = 40u32;
     let (s1, s2) = (s.clone(), s.clone());
     let rpms = tokio::spawn(async move {
