@@ -178,6 +178,10 @@ impl Billing {
         let config = read_or_create_config(&dir, &opts.env)?;
         let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
         let store = open_store(&dir, opts.database_url.as_deref(), config.billing.ledger_timeout_ms).await?;
+        if let AnyStore::Pg(pg) = &store {
+            // (SQLite: the ledger's only node is this one.)
+            pg.claim_origin(signer.name(), &signer.verifier().to_string()).await?;
+        }
         let cp_path = dir.join("checkpoint");
         let last = match std::fs::read_to_string(&cp_path) {
             Ok(note) => Some(log::LogState::open_signed(&note, &signer.verifier()).map_err(BillingError::Internal)?),

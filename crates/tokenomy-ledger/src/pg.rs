@@ -182,6 +182,24 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Records that log name `origin` belongs to the node key `verifier_key` (a signed-note
+    /// verifier key) on this ledger, or finds that it already does. Another key under the same
+    /// name is refused, naming it: nodes of one ledger each sign with a name of their own.
+    pub async fn claim_origin(&self, origin: &str, verifier_key: &str) -> Result<()> {
+        let client = self.client().await?;
+        let insert = "INSERT INTO node_origins (origin, verifier_key, created_at_ms) VALUES ($1, $2, $3) ON CONFLICT (origin) DO NOTHING";
+        client.execute(insert, &[&origin, &verifier_key, &crate::now_ms()]).await.map_err(pg_err)?;
+        let row = client.query_one("SELECT verifier_key FROM node_origins WHERE origin = $1", &[&origin]).await.map_err(pg_err)?;
+        let owner: String = col(&row, 0)?;
+        if owner != verifier_key {
+            return Err(LedgerError::InvalidArgument(format!(
+                "the log name (origin) {origin:?} already belongs to another node of this ledger, whose key is {owner}; \
+                 each node signs with a name of its own: start this one with another --origin (or none, for a name of its own)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the server would take this ledger's writes: it answers, it is a primary (not a
     /// standby in recovery) and its sessions are not read-only (`default_transaction_read_only`).
     /// A failover that leaves nodes on a demoted server lets reads through and fails every

@@ -8,7 +8,9 @@ use tokenomy_ledger::{LedgerStore, TREASURY};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, VerifierKey};
 
 fn opts(dir: &std::path::Path, pg: Option<&str>) -> OpenOptions {
-    OpenOptions { data_dir: dir.to_path_buf(), database_url: pg.map(str::to_string), origin: Some("test.node/log".into()), env: vec![] }
+    // A log name of each data dir's own, as nodes of one ledger must have.
+    let origin = format!("test.node/{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("log"));
+    OpenOptions { data_dir: dir.to_path_buf(), database_url: pg.map(str::to_string), origin: Some(origin), env: vec![] }
 }
 
 use tokenomy_ledger::testing::{database_away, fresh_database as fresh_pg, stores};
@@ -771,4 +773,22 @@ async fn a_postgres_ledger_that_takes_no_writes_is_not_ready() {
     assert!(ready, "ready again once the server takes writes");
     let h = b.hold(&user, &req("writable", 10, 10)).await.unwrap();
     b.settle(h, served(10, 10)).await.unwrap().unwrap();
+}
+
+/// Two nodes of one PostgreSQL ledger started with one `--origin` (one deployment template
+/// for every replica): the second is refused at start, naming the first one's key; a node
+/// restarted on its data dir keeps its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_the_same_origin_is_refused_at_start() {
+    let Some(base) = stores().into_iter().flatten().next() else { return };
+    let s = set_up_ledger(Some(base), "tokenomy_billing_origins").await;
+    let same = |d: &std::path::Path| OpenOptions { origin: Some("shared.example/log".into()), ..opts(d, s.pg.as_deref()) };
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, _) = Billing::open(same(first_dir.path())).await.unwrap();
+    let key = std::fs::read_to_string(first_dir.path().join("node.pub")).unwrap();
+    let e = Billing::open(same(second_dir.path())).await.unwrap_err().to_string();
+    assert!(e.contains("shared.example/log") && e.contains(key.trim()) && e.contains("--origin"), "{e}");
+    drop(a);
+    let (again, _) = Billing::open(same(first_dir.path())).await.unwrap();
+    assert_eq!(again.origin(), "shared.example/log");
 }

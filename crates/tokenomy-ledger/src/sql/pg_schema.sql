@@ -105,4 +105,12 @@ CREATE TABLE IF NOT EXISTS key_rates (
     requests_tat_us BIGINT NOT NULL,
     tokens_tat_us   BIGINT NOT NULL
 );
+-- Also: the node keys that sign for this ledger, one per origin name, so that two nodes
+-- started with one --origin (a deployment template shared by replicas) are told at start: a
+-- log name must name one key, or receipts and checkpoints of one node verify against neither.
+CREATE TABLE IF NOT EXISTS node_origins (
+    origin        TEXT   PRIMARY KEY,
+    verifier_key  TEXT   NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
 UPDATE schema_version SET version = 4 WHERE version < 4;
