@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokenomy_ledger::{AnyStore, KeyId, KeyRate, LedgerError, PgStore};
+use tokenomy_ledger::any::pg_within;
+use tokenomy_ledger::{AnyStore, KeyId, KeyRate, PgStore};
 
 use crate::ratelimit::{self, Allowance, Limited, RateLimiter, Reservation};
 use crate::{BillingError, Result};
@@ -48,7 +48,7 @@ impl RateClocks {
         match self {
             RateClocks::Node(l) => lock(l).step(key, now_ms, step).ok_or_else(busy),
             RateClocks::Ledger { pg, seen } => {
-                let (out, after) = in_time(pg, pg.update_key_rate(key, |s| (step(s), *s))).await?;
+                let (out, after) = pg_within(pg, 0, pg.update_key_rate(key, |s| (step(s), *s))).await?;
                 remember(seen, key, after);
                 Ok(out)
             }
@@ -60,7 +60,7 @@ impl RateClocks {
         match self {
             RateClocks::Node(l) => Ok(lock(l).get(key)),
             RateClocks::Ledger { pg, seen } => {
-                let now = in_time(pg, pg.key_rate(key)).await?;
+                let now = pg_within(pg, 0, pg.key_rate(key)).await?;
                 remember(seen, key, now);
                 Ok(now)
             }
@@ -90,15 +90,6 @@ fn remember(seen: &Mutex<HashMap<KeyId, KeyRate>>, key: KeyId, s: KeyRate) {
         seen.clear();
     }
     seen.insert(key, s);
-}
-
-/// A PostgreSQL step within the store's operation timeout (a server that hangs answers nothing).
-async fn in_time<T>(pg: &PgStore, op: impl std::future::Future<Output = std::result::Result<T, LedgerError>>) -> Result<T> {
-    let limit_ms = pg.operation_timeout_ms();
-    match tokio::time::timeout(Duration::from_millis(limit_ms), op).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(LedgerError::Storage(format!("the PostgreSQL ledger did not answer within {limit_ms} ms")).into()),
-    }
 }
 
 /// A request's tokens reserved against its key's TPM: replaced by the tokens it used when its

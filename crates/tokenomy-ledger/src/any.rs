@@ -37,16 +37,20 @@ macro_rules! dispatch {
         async move {
             match $self {
                 AnyStore::Sqlite($s) => $e.await,
-                AnyStore::Pg($s) => {
-                    let limit_ms: u64 = $s.operation_timeout_ms().max($limit_ms_min);
-                    match tokio::time::timeout(std::time::Duration::from_millis(limit_ms), $e).await {
-                        Ok(r) => r,
-                        Err(_) => Err(LedgerError::Storage(format!("the PostgreSQL ledger did not answer within {limit_ms} ms"))),
-                    }
-                }
+                AnyStore::Pg($s) => pg_within($s, $limit_ms_min, $e).await,
             }
         }
     };
+}
+
+/// Runs `op` on `pg` within the store's operation timeout (at least `limit_ms_min`): a
+/// storage error once it runs out (see [`PG_OPERATION_TIMEOUT_MS`]).
+pub async fn pg_within<T>(pg: &PgStore, limit_ms_min: u64, op: impl Future<Output = Result<T>>) -> Result<T> {
+    let limit_ms = pg.operation_timeout_ms().max(limit_ms_min);
+    match tokio::time::timeout(std::time::Duration::from_millis(limit_ms), op).await {
+        Ok(r) => r,
+        Err(_) => Err(LedgerError::Storage(format!("the PostgreSQL ledger did not answer within {limit_ms} ms"))),
+    }
 }
 
 /// A PostgreSQL hold, given the operation timeout. The hold runs on a task of its own, so one
