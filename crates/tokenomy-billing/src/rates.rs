@@ -60,9 +60,9 @@ impl RateClocks {
         match self {
             RateClocks::Node(l) => Ok(lock(l).get(key)),
             RateClocks::Ledger { pg, seen } => {
-                let now = pg_within(pg, 0, pg.key_rate(key)).await?;
-                remember(seen, key, now);
-                Ok(now)
+                let rate = pg_within(pg, 0, pg.key_rate(key)).await?;
+                remember(seen, key, rate);
+                Ok(rate)
             }
         }
     }
