@@ -603,15 +603,27 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
 }
 
 async fn collect(choice: Choice) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
-    collect_until_settled(choice, None).await
+    let c = collect_until_settled(choice, None).await;
+    (c.index, c.text, c.logprobs, c.prompt_logprobs)
+}
+
+/// One choice's output, collected.
+struct Collected {
+    index: u32,
+    text: String,
+    logprobs: Vec<LogprobEntry>,
+    prompt_logprobs: Option<Vec<PromptLogprob>>,
+    /// With tools on, when `max_tokens` cut the answer's last call short: the deltas a stream
+    /// of this answer sent, the partial call included (the answer is then what they add up to).
+    cut: Option<Vec<Value>>,
 }
 
 /// Collects a choice; with tools on, stops the engine once the answer's calls are settled
 /// (closing the events channel cancels the job; what was generated is still metered).
-async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> (u32, String, Vec<LogprobEntry>, Option<Vec<PromptLogprob>>) {
+async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> Collected {
     let mut events = choice.events;
     let mut reader = post.filter(|p| p.tools_on()).map(|p| (p, ChoiceReader::new(p)));
-    let (mut text, mut logprobs, mut prompt_lp) = (String::new(), Vec::new(), None);
+    let (mut text, mut logprobs, mut prompt_lp, mut deltas) = (String::new(), Vec::new(), None, Vec::new());
     let mut settled = false;
     while let Some(ev) = events.recv().await {
         match ev {
@@ -620,7 +632,7 @@ async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> (u32,
             Event::Token { text: t, logprob } => {
                 text.push_str(&t);
                 if let Some((p, r)) = reader.as_mut() {
-                    r.push(p, &t);
+                    deltas.extend(r.push(p, &t));
                     if r.settled() {
                         events.close();
                         settled = true;
@@ -631,7 +643,47 @@ async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> (u32,
             Event::PromptLogprobs(lp) => prompt_lp = Some(lp),
         }
     }
-    (choice.index, text, logprobs, prompt_lp)
+    let cut = reader.and_then(|(p, mut r)| {
+        deltas.extend(r.finish(p));
+        r.cut().then_some(deltas)
+    });
+    Collected { index: choice.index, text, logprobs, prompt_logprobs: prompt_lp, cut }
+}
+
+/// The message that a stream's deltas add up to: its content, reasoning and calls, each call
+/// with the arguments as far as they were written.
+fn message_of_deltas(deltas: &[Value]) -> Value {
+    let mut m = json!({"role": "assistant", "content": null});
+    let mut calls: Vec<Value> = Vec::new();
+    for d in deltas {
+        for key in ["content", "reasoning_content", "reasoning"] {
+            if let Some(t) = d[key].as_str() {
+                m[key] = json!(format!("{}{t}", m[key].as_str().unwrap_or_default()));
+            }
+        }
+        for tc in d["tool_calls"].as_array().into_iter().flatten() {
+            let i = tc["index"].as_u64().unwrap_or_default() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, json!({"id": null, "type": "function", "function": {"name": null, "arguments": ""}}));
+            }
+            let call = &mut calls[i];
+            for key in ["id", "type"] {
+                if !tc[key].is_null() {
+                    call[key] = tc[key].clone();
+                }
+            }
+            if !tc["function"]["name"].is_null() {
+                call["function"]["name"] = tc["function"]["name"].clone();
+            }
+            if let Some(a) = tc["function"]["arguments"].as_str() {
+                call["function"]["arguments"] = json!(format!("{}{a}", call["function"]["arguments"].as_str().unwrap_or_default()));
+            }
+        }
+    }
+    if !calls.is_empty() {
+        m["tool_calls"] = json!(calls);
+    }
+    m
 }
 
 /// Where reasoning text goes in the response.
@@ -746,15 +798,23 @@ pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> 
     }
     let choices: Vec<Value> = collected
         .iter()
-        .map(|(index, text, lps, _)| {
-            let logprobs = (!lps.is_empty()).then(|| json!({"content": lps.iter().map(openai::chat_logprob_json).collect::<Vec<_>>()}));
-            let a = post.read(text);
+        .map(|c| {
+            let logprobs = (!c.logprobs.is_empty()).then(|| json!({"content": c.logprobs.iter().map(openai::chat_logprob_json).collect::<Vec<_>>()}));
+            // A call that `max_tokens` cut short: what the stream sent, with `length`, as
+            // OpenAI answers it (an agent must not run a call whose arguments were cut).
+            let (message, finish_reason) = match &c.cut {
+                Some(deltas) => (message_of_deltas(deltas), "length"),
+                None => {
+                    let a = post.read(&c.text);
+                    (message_json(post, &a), answer_finish_reason(&outcomes, c.index, &a))
+                }
+            };
             json!({
-                "index": index,
-                "message": message_json(post, &a),
+                "index": c.index,
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": answer_finish_reason(&outcomes, *index, &a),
-                "stop_reason": stop_reason(&outcomes, *index),
+                "finish_reason": finish_reason,
+                "stop_reason": stop_reason(&outcomes, c.index),
             })
         })
         .collect();

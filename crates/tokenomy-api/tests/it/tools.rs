@@ -294,6 +294,33 @@ async fn a_settled_call_stops_the_model_repeating_it() {
     assert!(usage < 40, "{chunks:?}");
 }
 
+/// A streamed choice 0 put together as a client does: `{"message": …, "finish_reason": …}`.
+fn stream_choice(r: &Reply) -> Value {
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let (mut content, mut calls, mut finish) = (None::<String>, Vec::<Value>::new(), Value::Null);
+    for d in r.sse_data().iter().filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        let choice = &c["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+            content.get_or_insert_with(String::new).push_str(t);
+        }
+        for tc in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if tc["id"].is_string() {
+                assert_eq!(i, calls.len(), "{}", r.text);
+                calls.push(json!({"name": tc["function"]["name"], "arguments": ""}));
+            }
+            let args = format!("{}{}", calls[i]["arguments"].as_str().unwrap(), tc["function"]["arguments"].as_str().unwrap_or_default());
+            calls[i]["arguments"] = json!(args);
+        }
+        if !choice["finish_reason"].is_null() {
+            finish = choice["finish_reason"].clone();
+        }
+    }
+    let calls: Vec<Value> = calls.into_iter().map(|f| json!({"type": "function", "function": f})).collect();
+    json!({"message": {"content": content, "tool_calls": calls}, "finish_reason": finish})
+}
+
 /// A call that `max_tokens` cuts short is reported as `length`, streamed or not (an agent must
 /// not run a call whose arguments were cut), on both APIs; Anthropic's options and history
 /// blocks agents send are taken: `disable_parallel_tool_use`, earlier `thinking` blocks, and
@@ -316,6 +343,27 @@ async fn a_call_cut_by_max_tokens_is_length_and_anthropic_agent_inputs_are_taken
         };
         assert_eq!(reason, "length", "stream={stream}: {}", r.text);
     }
+    // Cut after the name: the answer is the partial call the stream sends (no raw markup in
+    // `content`), streamed or not.
+    let mut calls = Vec::new();
+    for stream in [false, true] {
+        let mut body = ask(json!("required"), stream);
+        body["max_tokens"] = json!(16);
+        let r = post(&s, "/v1/chat/completions", body).await;
+        let message = match stream {
+            false => r.json()["choices"][0].clone(),
+            true => stream_choice(&r),
+        };
+        assert_eq!(message["finish_reason"], "length", "stream={stream}: {}", r.text);
+        let m = &message["message"];
+        assert!(m["content"].is_null(), "stream={stream}: {m}");
+        let call = json!({"name": m["tool_calls"][0]["function"]["name"], "arguments": m["tool_calls"][0]["function"]["arguments"]});
+        assert_eq!(call["name"], "get_weather", "stream={stream}: {m}");
+        let args = call["arguments"].as_str().unwrap();
+        assert!(serde_json::from_str::<Value>(args).is_err(), "cut arguments, stream={stream}: {m}");
+        calls.push(call.clone());
+    }
+    assert_eq!(calls[0], calls[1], "the same call, streamed or not");
     let tools = json!([{"name": "get_weather", "input_schema": weather_tool()["function"]["parameters"]}]);
     let q = json!([{"role": "user", "content": "What is the weather in Paris right now?"}]);
     let cut = post(&s, "/v1/messages", json!({"model": QWEN, "max_tokens": 8, "temperature": 0, "tools": tools, "tool_choice": {"type": "any"}, "messages": q, "stream": true})).await;
