@@ -241,7 +241,7 @@ pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: R
     // A body that cannot be read or parsed is answered in Anthropic's error shape too.
     let body = body?;
     let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, false)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
-    let g = match routes::gate(&state, &headers, body.sha256).await? {
+    let g = match routes::gate(&state, &headers, "/v1/messages", body.sha256).await? {
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };

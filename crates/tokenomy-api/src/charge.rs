@@ -163,7 +163,7 @@ impl IdempotencyCache {
             return Err(AppError {
                 status: StatusCode::CONFLICT,
                 code: Some("idempotency_key_reused"),
-                ..AppError::invalid("This Idempotency-Key was already used with a different request body.", None)
+                ..AppError::invalid("This Idempotency-Key was already used with a different request (another body or another route).", None)
             });
         }
         match g.0.get(&(account, key.to_string())) {

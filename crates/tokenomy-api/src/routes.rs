@@ -299,7 +299,8 @@ pub(crate) fn billed_headers(mut resp: Response, request_id: &str, receipt_id: O
 
 /// The caller, their rate-limit allowance and the `Idempotency-Key`, or a replayed response.
 pub(crate) struct Gate {
-    request_sha256: [u8; 32],
+    /// What a retry with the same `Idempotency-Key` must match: the route and the body.
+    fingerprint: [u8; 32],
     pub(crate) caller: Option<Principal>,
     pub(crate) allowance: Allowance,
     idempotency_key: Option<String>,
@@ -333,12 +334,16 @@ impl Drop for SlotGuard {
     }
 }
 
-pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: [u8; 32]) -> Result<Result<Gate, Response>, AppError> {
+/// Authenticates and admits a request to `route` whose body hashes to `body_sha256`; with an
+/// `Idempotency-Key`, a retry of a finished one is replayed instead (only to the same route
+/// with the same body: one key's answer is never replayed in another API's shape).
+pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, route: &str, body_sha256: [u8; 32]) -> Result<Result<Gate, Response>, AppError> {
     let caller = charge::caller(state, headers).await?;
     let idempotency_key = charge::idempotency_key(headers)?;
+    let fingerprint: [u8; 32] = Sha256::new().chain_update(route.as_bytes()).chain_update([0]).chain_update(body_sha256).finalize().into();
     let mut slot = None;
     if let (Some(p), Some(k)) = (&caller, &idempotency_key) {
-        match state.idempotency.begin(p.account, k, request_sha256)? {
+        match state.idempotency.begin(p.account, k, fingerprint)? {
             Begin::Replay(r) => return Ok(Err(r)),
             Begin::Run(owner) => slot = Some(SlotGuard { cache: state.idempotency.clone(), account: p.account, key: k.clone(), owner }),
         }
@@ -348,7 +353,7 @@ pub(crate) async fn gate(state: &AppState, headers: &HeaderMap, request_sha256: 
         (Some(b), Some(p)) => b.admit(p).await?,
         _ => Allowance::default(),
     };
-    Ok(Ok(Gate { request_sha256, caller, allowance, idempotency_key, slot }))
+    Ok(Ok(Gate { fingerprint, caller, allowance, idempotency_key, slot }))
 }
 
 /// What a handler runs between its gate and [`remember`].
@@ -382,7 +387,7 @@ pub(crate) async fn remember(state: &AppState, mut g: Gate, result: Result<Respo
         Ok(resp) if resp.status().is_success() && !is_sse(&resp) => {
             let (parts, body) = resp.into_parts();
             let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| AppError::internal(e.to_string()))?;
-            state.idempotency.finish(p.account, k, g.request_sha256, parts.status, bytes.clone(), &parts.headers);
+            state.idempotency.finish(p.account, k, g.fingerprint, parts.status, bytes.clone(), &parts.headers);
             // (`g.slot`, dropped on return, then finds the slot done and leaves it.)
             Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
         }
@@ -472,7 +477,7 @@ pub(crate) fn sse<S: Stream<Item = Value> + Send + 'static>(chunks: S) -> Sse<im
 // /v1/chat/completions
 
 pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
-    let g = match gate(&state, &headers, body.sha256).await? {
+    let g = match gate(&state, &headers, "/v1/chat/completions", body.sha256).await? {
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
@@ -1007,7 +1012,7 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
 // /v1/completions
 
 pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<CompletionRequest>) -> Result<Response, AppError> {
-    let g = match gate(&state, &headers, body.sha256).await? {
+    let g = match gate(&state, &headers, "/v1/completions", body.sha256).await? {
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };

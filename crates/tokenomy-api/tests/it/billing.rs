@@ -370,6 +370,13 @@ async fn retry_once(n: Node) {
     // The same key with a different body is refused, not run.
     let other = request(&n.state, "POST", "/v1/chat/completions", Some(&chat(7).to_string()), &h).await;
     assert_eq!(assert_error(&other, StatusCode::CONFLICT)["code"], "idempotency_key_reused");
+    // So is the same key and body sent to another API: never replayed in the first one's shape.
+    let both = json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Name a color."}]}).to_string();
+    let h = [("authorization", auth.as_str()), ("idempotency-key", "order-43")];
+    assert_eq!(request(&n.state, "POST", "/v1/chat/completions", Some(&both), &h).await.status, StatusCode::OK);
+    let elsewhere = request(&n.state, "POST", "/v1/messages", Some(&both), &h).await;
+    assert_eq!(elsewhere.status, StatusCode::CONFLICT, "{}", elsewhere.text);
+    assert!(!elsewhere.headers.contains_key("idempotent-replayed") && elsewhere.text.contains("another route"), "{}", elsewhere.text);
     // Another account's identical key is its own request.
     let (_, key2) = n.funded("retry2", 1_000_000).await;
     let auth2 = format!("Bearer {key2}");
