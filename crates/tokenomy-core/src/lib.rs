@@ -299,6 +299,10 @@ pub trait Backend: Send + Sync + 'static {
     /// before any token and with none started, on an unknown model, context overflow, more
     /// generations than the model can ever queue (`InvalidRequest`) or a full queue (`Overloaded`).
     fn generate(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>, BackendError>;
+    /// Ends every generation, waiting or running, as `Cancelled` (each still delivers its
+    /// outcome with the usage of what was processed, so it is metered and charged), and refuses
+    /// new ones: for a shutdown that can wait no longer for answers to finish.
+    fn cancel_all(&self) {}
     /// Backend metrics in Prometheus text exposition format.
     fn metrics_text(&self) -> String {
         String::new()

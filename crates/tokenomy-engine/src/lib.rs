@@ -120,6 +120,8 @@ pub(crate) struct Queued {
     waiting: AtomicUsize,
     /// Set when the worker thread ends (also by a panic): its places will never come back.
     stopped: std::sync::atomic::AtomicBool,
+    /// Set by [`Backend::cancel_all`]: the worker cancels what it has, `generate` refuses more.
+    cancelling: std::sync::atomic::AtomicBool,
 }
 
 /// Marks the worker stopped when dropped: held by the worker thread for its whole life.
@@ -134,6 +136,10 @@ impl Drop for WorkerAlive {
 impl Queued {
     fn stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn cancelling(&self) -> bool {
+        self.cancelling.load(Ordering::SeqCst)
     }
 
     /// Takes `n` places if all fit under `max`.
@@ -425,6 +431,9 @@ impl Backend for Engine {
         if m.queued.stopped() {
             return Err(BackendError::Internal("the model's worker has stopped".into()));
         }
+        if m.queued.cancelling() {
+            return Err(BackendError::Overloaded("the node is shutting down".into()));
+        }
         if !m.queued.reserve(wanted, queue_max) {
             return Err(BackendError::Overloaded(format!(
                 "`{}` has {} of its {queue_max} queue places taken (--queue-max); try again shortly",
@@ -445,6 +454,12 @@ impl Backend for Engine {
             unsent -= 1;
         }
         Ok(generations)
+    }
+
+    fn cancel_all(&self) {
+        for m in &self.models {
+            m.queued.cancelling.store(true, Ordering::SeqCst);
+        }
     }
 
     fn metrics_text(&self) -> String {

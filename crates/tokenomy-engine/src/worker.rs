@@ -146,6 +146,9 @@ impl Worker<'_> {
             if !self.intake(&rx) {
                 return;
             }
+            if self.queued.cancelling() {
+                self.cancel_all();
+            }
             self.drop_cancelled();
             let plan = self.sched.plan();
             for (id, cached) in &plan.admitted {

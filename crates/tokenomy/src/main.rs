@@ -135,6 +135,11 @@ struct ServeArgs {
     /// The receipts log's name, used when the node key is first created.
     #[arg(long, env = "TOKENOMY_ORIGIN")]
     origin: Option<String>,
+    /// How long a graceful shutdown (SIGTERM) lets answers in flight run on; past it they are
+    /// cut, and charged for what they produced. Keep it under the supervisor's own grace period
+    /// (systemd's 90 s, Kubernetes' 30 s) less a few seconds for settling.
+    #[arg(long, default_value_t = 20_000, env = "TOKENOMY_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -229,7 +234,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             args.models.first().map(|m| models::resolve(m).map(|r| r.0).unwrap_or_default()).unwrap_or_default(),
         );
     }
-    tokenomy_api::serve(listener, state.clone(), shutdown_signal()).await?;
+    let drain_max = Duration::from_millis(args.drain_timeout_ms);
+    tokenomy_api::serve(listener, state.clone(), shutdown_signal(state.backend.clone(), drain_max)).await?;
     tracing::info!("shutting down: waiting for in-flight metering");
     if !state.drain(Duration::from_secs(30)).await {
         tracing::warn!("some metering tasks did not finish in time");
@@ -301,9 +307,9 @@ fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
         .collect()
 }
 
-/// How long a graceful shutdown waits for in-flight answers before the process stops anyway
-/// (under systemd's and Kubernetes' own grace periods, so it is not killed mid-settlement).
-const DRAIN_MAX: Duration = Duration::from_secs(25);
+/// How long the answers cut at a shutdown's deadline have to be charged before the process
+/// stops anyway.
+const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 /// SIGINT or SIGTERM.
 async fn a_signal() {
@@ -325,15 +331,24 @@ async fn a_signal() {
 }
 
 /// The first signal starts a graceful shutdown: new connections are refused and in-flight
-/// answers finish. A second signal, or [`DRAIN_MAX`] passing, stops the process at once: the
-/// holds of answers cut off then are voided when they time out, as after a crash.
-async fn shutdown_signal() {
+/// answers finish. Past `drain_max` the answers still running are cut (`cancel_all`): each ends
+/// as cancelled and is charged for what it produced, like a client that disconnects, and the
+/// node then stops as after a drain. A second signal, or [`SETTLE_MAX`] more, stops the process
+/// at once: the holds of answers cut off then are voided when they time out, as after a crash.
+async fn shutdown_signal(backend: Arc<dyn tokenomy_core::Backend>, drain_max: Duration) {
     a_signal().await;
     tracing::info!("signal received; finishing in-flight requests (a second signal stops at once)");
-    tokio::spawn(async {
+    tokio::spawn(async move {
+        let cut = async {
+            tokio::time::sleep(drain_max).await;
+            tracing::warn!("in-flight requests still running after {drain_max:?}: cutting them, charged for what they produced");
+            backend.cancel_all();
+            tokio::time::sleep(SETTLE_MAX).await;
+            tracing::warn!("cut requests still unsettled after {SETTLE_MAX:?}: stopping now");
+        };
         tokio::select! {
             _ = a_signal() => tracing::warn!("second signal: stopping now"),
-            _ = tokio::time::sleep(DRAIN_MAX) => tracing::warn!("in-flight requests still running after {DRAIN_MAX:?}: stopping now"),
+            _ = cut => {}
         }
         // Workers may be mid-decode: on a CUDA build the runtime's teardown in `exit` can then
         // end the process with SIGABRT instead of status 1 (either way, not a clean stop).

@@ -250,8 +250,10 @@ fn serve_refuses(dir: &Path, args: &[&str]) -> String {
     err
 }
 
-/// SIGTERM lets in-flight answers finish and the process exit 0; a second SIGTERM stops it at
-/// once, however long the answers still running would take.
+/// SIGTERM lets in-flight answers finish and the process exit 0; past `--drain-timeout-ms` an
+/// answer still running is cut and charged for what it produced (its stream ends with its
+/// usage and receipt); a second SIGTERM stops it at once, however long the answers still
+/// running would take.
 #[test]
 fn sigterm_drains_and_a_second_one_stops_at_once() {
     let term = |node: &Node| {
@@ -262,7 +264,7 @@ fn sigterm_drains_and_a_second_one_stops_at_once() {
         let (base, key) = (node.base.clone(), node.user_key());
         std::thread::spawn(move || {
             let body = json!({"model": "smollm2", "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
-                "messages": [{"role": "user", "content": "Tell me a long story."}]});
+                "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "Tell me a long story."}]});
             let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
             client.post(format!("{base}/v1/chat/completions")).bearer_auth(key).json(&body).send().and_then(|r| r.text()).unwrap_or_default()
         })
@@ -275,6 +277,19 @@ fn sigterm_drains_and_a_second_one_stops_at_once() {
     assert!(short.join().unwrap().trim_end().ends_with("data: [DONE]"), "the answer in flight finished");
     let status = node.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    // One signal and a deadline: the 900-token answer is cut at it, charged for what it
+    // produced, and the node exits 0.
+    let mut node = serve(&["--model", model(SMOLLM2).to_str().unwrap(), "--drain-timeout-ms", "1000"]);
+    let long = stream_for(&node, 900);
+    std::thread::sleep(Duration::from_millis(500));
+    term(&node);
+    let status = node.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = long.join().unwrap();
+    let last: Value = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().map(|d| serde_json::from_str(d).unwrap()).unwrap();
+    let produced = last["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..900).contains(&produced), "{last}");
+    assert!(last["receipt"]["amount_micros"].as_i64().unwrap() > 0, "charged for what it produced: {last}");
     // Two signals: a 900-token answer (seconds more) is cut and the node is gone at once.
     let mut node = serve(&["--model", model(SMOLLM2).to_str().unwrap()]);
     let long = stream_for(&node, 900);
