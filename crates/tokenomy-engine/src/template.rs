@@ -4,6 +4,7 @@
 //! A model without a template (Gemma-3-270M's GGUF has none) gets a template named on the
 //! command line (`--chat-template chatml|gemma|FILE`) or a clear error.
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use tokenomy_core::ChatMessage;
 
@@ -36,6 +37,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_template_owned("chat", source.to_string())
@@ -84,6 +86,86 @@ const PREFILL_MARKER: &str = "\u{1}tokenomy:prefill-ends-here\u{1}";
 
 fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// `tojson` as Hugging Face renders chat templates (Python's `json.dumps` with
+/// `ensure_ascii=False`): `", "` and `": "` between items (`","` once indented), keys in their
+/// order, nothing escaped for HTML. minijinja's own filter escapes `<`, `>`, `&` and `'` for HTML
+/// and writes no spaces, so a tool's description would reach the model as `user\u0027s`, in
+/// tokens it was never trained on and the caller pays for.
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let mut json = serde_json::to_value(value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    if sort_keys == Some(true) {
+        json.sort_all_objects();
+    }
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators is a pair (item, key)")),
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let style = JsonStyle { item, key, indent };
+    let mut out = String::new();
+    style.write(&json, 0, &mut out);
+    if ensure_ascii == Some(true) {
+        out = out.chars().map(|c| if c.is_ascii() { c.to_string() } else { c.encode_utf16(&mut [0; 2]).iter().map(|u| format!("\\u{u:04x}")).collect() }).collect();
+    }
+    Ok(Value::from_safe_string(out))
+}
+
+/// Python's `json.dumps` layout.
+struct JsonStyle {
+    item: String,
+    key: String,
+    indent: Option<usize>,
+}
+
+impl JsonStyle {
+    fn write(&self, v: &serde_json::Value, level: usize, out: &mut String) {
+        use serde_json::Value as J;
+        match v {
+            J::Array(a) if !a.is_empty() => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    self.next(i, level + 1, out);
+                    self.write(x, level + 1, out);
+                }
+                self.newline(level, out);
+                out.push(']');
+            }
+            J::Object(m) if !m.is_empty() => {
+                out.push('{');
+                for (i, (k, x)) in m.iter().enumerate() {
+                    self.next(i, level + 1, out);
+                    out.push_str(&J::from(k.as_str()).to_string());
+                    out.push_str(&self.key);
+                    self.write(x, level + 1, out);
+                }
+                self.newline(level, out);
+                out.push('}');
+            }
+            scalar_or_empty => out.push_str(&scalar_or_empty.to_string()),
+        }
+    }
+
+    fn next(&self, i: usize, level: usize, out: &mut String) {
+        if i > 0 {
+            out.push_str(&self.item);
+        }
+        self.newline(level, out);
+    }
+
+    fn newline(&self, level: usize, out: &mut String) {
+        if let Some(n) = self.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    }
 }
 
 fn strftime_now(format: String) -> String {
@@ -179,6 +261,33 @@ mod tests {
         assert_eq!(t.render(&ok, &[]).unwrap(), "HI");
         let err = t.render(&msgs(), &[]).unwrap_err();
         assert!(err.contains("first must be user"), "{err}");
+    }
+
+    /// Tools reach the model as Hugging Face renders them (Python's `json.dumps`): the caller's
+    /// key order, `", "` / `": "`, no HTML escapes (minijinja's `tojson` wrote
+    /// `{"function":{"description":"Get the user\u0027s \u003cdata\u003e…`).
+    #[test]
+    fn tools_render_as_python_json_dumps_writes_them() {
+        let tool = serde_json::json!({"type": "function", "function": {"name": "get", "description": "Get the user's <data> & café",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}, "strict": null, "n": 1.5, "e": []}});
+        let t = ChatTemplate::new("{% for t in tools %}{{ t | tojson }}{% endfor %}", "", "").unwrap();
+        expect_test::expect![[r#"{"type": "function", "function": {"name": "get", "description": "Get the user's <data> & café", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}, "strict": null, "n": 1.5, "e": []}}"#]]
+        .assert_eq(&t.render(&msgs(), &[tool.clone()]).unwrap());
+        let src = "{{ tools[0]['function']['parameters'] | tojson(indent=2, sort_keys=true) }}|{{ tools[0]['function']['description'] | tojson(ensure_ascii=true) }}|{{ [1, 2] | tojson(separators=[',', ':']) }}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        expect_test::expect![[r#"
+            {
+              "properties": {
+                "q": {
+                  "type": "string"
+                }
+              },
+              "required": [
+                "q"
+              ],
+              "type": "object"
+            }|"Get the user's <data> & caf\u00e9"|[1,2]"#]]
+        .assert_eq(&t.render(&msgs(), &[tool]).unwrap());
     }
 
     #[test]
