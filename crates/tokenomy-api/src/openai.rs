@@ -26,8 +26,14 @@ pub enum StopField {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub include_usage: bool,
+}
+
+/// An explicit `null` reads as the field left out, as OpenAI reads it (the SDKs send `null`
+/// for a parameter passed as `None`).
+fn null_is_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Sampling fields shared by both endpoints.
@@ -46,7 +52,7 @@ pub struct CommonFields {
     pub logit_bias: Option<HashMap<String, f32>>,
     pub stop: Option<StopField>,
     pub n: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
@@ -59,7 +65,7 @@ pub struct ChatRequest {
     pub messages: Vec<WireMessage>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
     pub tools: Option<Value>,
@@ -245,7 +251,7 @@ pub struct CompletionRequest {
     pub common: CommonFields,
     pub prompt: PromptField,
     pub max_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_default")]
     pub echo: bool,
     pub logprobs: Option<i64>,
     pub suffix: Option<String>,

@@ -96,7 +96,8 @@ fn json_rejection(r: JsonRejection) -> AppError {
     let message = match &r {
         JsonRejection::MissingJsonContentType(_) => "Expected a JSON body with `Content-Type: application/json`".to_string(),
         _ if status == StatusCode::PAYLOAD_TOO_LARGE => format!("The request body is too large: {detail}"),
-        _ => format!("The request body is not valid JSON for this endpoint: {detail}"),
+        JsonRejection::JsonDataError(_) => format!("The request body is JSON, but not what this endpoint takes: {detail}"),
+        _ => format!("The request body is not valid JSON: {detail}"),
     };
     // A body of the wrong shape is a 400 in OpenAI's API (axum says 422), naming the field.
     let status = match status {

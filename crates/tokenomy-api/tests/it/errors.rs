@@ -15,7 +15,25 @@ async fn malformed_json_is_a_400_in_openai_shape() {
     assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "max_tokens");
     assert!(r.headers.contains_key("x-request-id"));
     let r = send(&s, "POST", "/v1/chat/completions", Some(r#"{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#)).await;
-    assert!(assert_error(&r, StatusCode::BAD_REQUEST)["message"].as_str().unwrap().contains("hot"));
+    let e = assert_error(&r, StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().contains("hot") && e["message"].as_str().unwrap().starts_with("The request body is JSON, but"), "{e}");
+    let e = assert_error(&send(&s, "POST", "/v1/chat/completions", Some("{not json")).await, StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().starts_with("The request body is not valid JSON"), "{e}");
+}
+
+/// An explicit `null` is a parameter left out, as OpenAI reads it: the SDKs send `null` for a
+/// parameter passed as `None`.
+#[tokio::test]
+async fn null_parameters_read_as_left_out() {
+    let s = state();
+    let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": null,
+        "top_logprobs": null, "stream": null, "stream_options": {"include_usage": null}, "n": null, "stop": null, "seed": null, "temperature": null});
+    let r = post(&s, "/v1/chat/completions", chat).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.json()["choices"][0]["logprobs"].is_null(), "{}", r.text);
+    let completion = json!({"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "echo": null, "stream": null, "logprobs": null});
+    let r = post(&s, "/v1/completions", completion).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 }
 
 /// A request that no balance could buy (over the context) is told so before anything is held:
