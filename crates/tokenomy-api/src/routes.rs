@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
-use tokenomy_core::{ChatMessage, ChatPrompt, Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
+use tokenomy_core::{AnswerEnd, ChatMessage, ChatPrompt, Event, FinishReason, GenerateRequest, LogprobEntry, Outcome, PromptLogprob, SamplingParams, TokenId, Usage};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -166,13 +166,15 @@ fn start(
     params: &SamplingParams,
     echo: bool,
     charge: Option<Charge>,
+    answer_end: &dyn Fn() -> Option<AnswerEnd>,
 ) -> Result<Started, AppError> {
     let mut requests = Vec::with_capacity(prompts.len() * n as usize);
     for prompt in prompts {
         for j in 0..n {
             let mut p = params.clone();
             p.seed = p.seed.map(|s| s.wrapping_add(u64::from(j)));
-            requests.push(GenerateRequest { request_id: request_id.clone(), model: model.to_string(), prompt: prompt.clone(), params: p, echo_logprobs: echo });
+            let (request_id, model, prompt, answer_end) = (request_id.clone(), model.to_string(), prompt.clone(), answer_end());
+            requests.push(GenerateRequest { request_id, model, prompt, params: p, echo_logprobs: echo, answer_end });
         }
     }
     let (mut choices, mut outcomes, mut failure) = (Vec::new(), Vec::new(), None);
@@ -602,7 +604,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
-    let started = start(state, request_id, &model, &prompts, n, &params, false, charge)?;
+    let started = start(state, request_id, &model, &prompts, n, &params, false, charge, &|| post.answer_end())?;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let id = format!("chatcmpl-{}", started.request_id);
     Ok(ChatRun { started, post, id, receipt_id, stream: req.common.stream, include_usage, prompt_tokens })
@@ -715,6 +717,7 @@ fn reasoning_format(v: Option<&str>) -> Result<ReasoningFormat, AppError> {
 }
 
 /// How a chat answer is read back: tool calls and the reasoning split.
+#[derive(Clone)]
 pub(crate) struct ChatPost {
     tool_names: Vec<String>,
     /// `parallel_tool_calls: false`: at most one call, and the answer ends with it.
@@ -733,6 +736,20 @@ struct Answer {
 impl ChatPost {
     fn tools_on(&self) -> bool {
         !self.tool_names.is_empty()
+    }
+
+    /// With tools on, the engine's check that a choice's answer is settled (its calls read, see
+    /// [`ChoiceReader::settled`]): the answer ends on the token that settles it, in the engine.
+    fn answer_end(&self) -> Option<AnswerEnd> {
+        if !self.tools_on() {
+            return None;
+        }
+        let post = self.clone();
+        let mut reader = ChoiceReader::new(&post);
+        Some(AnswerEnd(Box::new(move |text| {
+            reader.push(&post, text);
+            reader.settled()
+        })))
     }
 
     fn read(&self, text: &str) -> Answer {
@@ -1042,7 +1059,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
-    let started = start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge)?;
+    let started = start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge, &|| None)?;
     let echo_texts: Vec<String> = if req.echo {
         prompts.iter().map(|p| state.backend.detokenize(&model, p)).collect::<Result<_, _>>()?
     } else {

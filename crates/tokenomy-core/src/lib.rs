@@ -137,7 +137,7 @@ impl Default for SamplingParams {
 }
 
 /// A fully validated generation request: the prompt is already tokenized.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GenerateRequest {
     pub request_id: String,
     pub model: String,
@@ -145,6 +145,20 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// Also return log-probabilities of the prompt tokens (the first one has none).
     pub echo_logprobs: bool,
+    pub answer_end: Option<AnswerEnd>,
+}
+
+/// Tells, from each piece of an answer's text as the engine emits it, whether the answer is
+/// complete (an agent's tool call after which nothing more is read): the engine then ends the
+/// generation at that token, as at a stop string, so the tokens billed are the same however
+/// fast the client reads (a reader that stopped the generation itself would race the engine
+/// by a token or two).
+pub struct AnswerEnd(pub Box<dyn FnMut(&str) -> bool + Send>);
+
+impl fmt::Debug for AnswerEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AnswerEnd")
+    }
 }
 
 /// One candidate token with its log-probability.

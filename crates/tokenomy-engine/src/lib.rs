@@ -216,6 +216,7 @@ impl Engine {
                 None => Vec::new(),
             },
             constraint,
+            answer_end: request.answer_end,
             events: events_tx,
             outcome: outcome_tx,
         };

@@ -28,6 +28,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template writes `tools` (and assistants' `tool_calls`) into the prompt.
+    /// One that does not (SmolLM2's, ChatML, Gemma's) gets them as text: see [`Self::render`].
+    reads_tools: bool,
+    reads_tool_calls: bool,
 }
 
 impl ChatTemplate {
@@ -42,13 +46,54 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("the chat template does not compile: {e}"))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        let mut t = ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), reads_tools: true, reads_tool_calls: true };
+        (t.reads_tools, t.reads_tool_calls) = (t.probe_tools(), t.probe_tool_calls());
+        Ok(t)
+    }
+
+    /// Whether offering a tool changes the rendering (a template that fails either way is
+    /// taken to read them: nothing is added to it).
+    fn probe_tools(&self) -> bool {
+        let chat = [ChatMessage::new("system", "s"), ChatMessage::new("user", "u")];
+        let tool = serde_json::json!({"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}});
+        match (self.render_with(&chat, &[tool], true), self.render_with(&chat, &[], true)) {
+            (Ok(with), Ok(without)) => with != without,
+            _ => true,
+        }
+    }
+
+    /// Whether an assistant's tool call shows in the rendering.
+    fn probe_tool_calls(&self) -> bool {
+        let call = serde_json::json!({"id": "call_1", "type": "function", "function": {"name": "probe", "arguments": "{}"}});
+        let chat = |calls: Vec<serde_json::Value>| {
+            let mut a = ChatMessage::new("assistant", "");
+            a.tool_calls = calls;
+            [ChatMessage::new("system", "s"), ChatMessage::new("user", "u"), a, ChatMessage::new("user", "v")]
+        };
+        match (self.render_with(&chat(vec![call]), &[], true), self.render_with(&chat(Vec::new()), &[], true)) {
+            (Ok(with), Ok(without)) => with != without,
+            _ => true,
+        }
     }
 
     /// Renders `messages` and opens the assistant's turn. A final assistant message with text
     /// (and no tool calls) is continued instead, left open: an assistant prefill, as
     /// Anthropic's API and llama-server do, so the answer is its continuation.
+    ///
+    /// A template that does not write tools gets them in the system message, with the Hermes
+    /// call syntax (`<tool_call>{"name": …, "arguments": …}</tool_call>`, which the answer is
+    /// read for), and earlier calls written in that syntax: offered tools are never silently
+    /// dropped, and a forced call is not made to a schema the model never saw.
     pub fn render(&self, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, String> {
+        if (!tools.is_empty() && !self.reads_tools) || (!self.reads_tool_calls && messages.iter().any(|m| !m.tool_calls.is_empty())) {
+            let messages = tools_as_text(messages, if self.reads_tools { &[] } else { tools }, !self.reads_tool_calls);
+            let tools = if self.reads_tools { tools } else { &[] };
+            return self.render_messages(&messages, tools);
+        }
+        self.render_messages(messages, tools)
+    }
+
+    fn render_messages(&self, messages: &[ChatMessage], tools: &[serde_json::Value]) -> Result<String, String> {
         match messages.last() {
             Some(last) if last.is_prefill() => {
                 // Rendered as a closed turn with a marker after its text; the text is cut there,
@@ -79,6 +124,53 @@ impl ChatTemplate {
     pub fn bos_token(&self) -> &str {
         &self.bos_token
     }
+}
+
+/// `messages` with `tools` described in the system message (one is added if there is none) and,
+/// with `calls_as_text`, each assistant's tool calls written into its text and each tool result
+/// given as a user turn, in the Hermes syntax that Qwen2.5's and Hermes' templates use.
+fn tools_as_text(messages: &[ChatMessage], tools: &[serde_json::Value], calls_as_text: bool) -> Vec<ChatMessage> {
+    let mut out = messages.to_vec();
+    if calls_as_text {
+        for m in out.iter_mut().filter(|m| m.role == "tool") {
+            (m.role, m.content) = ("user".into(), format!("<tool_response>\n{}\n</tool_response>", m.content));
+        }
+        for m in out.iter_mut().filter(|m| !m.tool_calls.is_empty()) {
+            for call in std::mem::take(&mut m.tool_calls) {
+                let f = &call["function"];
+                let arguments = match &f["arguments"] {
+                    serde_json::Value::String(a) => serde_json::from_str(a).unwrap_or_else(|_| serde_json::Value::String(a.clone())),
+                    other => other.clone(),
+                };
+                let call = serde_json::json!({"name": f["name"], "arguments": arguments});
+                let sep = if m.content.is_empty() { "" } else { "\n" };
+                m.content = format!("{}{sep}<tool_call>\n{}\n</tool_call>", m.content, python_json(&call));
+            }
+        }
+    }
+    if tools.is_empty() {
+        return out;
+    }
+    let listed: Vec<String> = tools.iter().map(python_json).collect();
+    let block = format!(
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+         You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{}\n</tools>\n\n\
+         For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n\
+         <tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>",
+        listed.join("\n")
+    );
+    match out.first_mut().filter(|m| m.role == "system") {
+        Some(system) => system.content = format!("{}\n\n{block}", system.content),
+        None => out.insert(0, ChatMessage::new("system", block)),
+    }
+    out
+}
+
+/// `v` as Python's `json.dumps(v, ensure_ascii=False)` writes it.
+fn python_json(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    JsonStyle { item: ", ".into(), key: ": ".into(), indent: None }.write(v, 0, &mut out);
+    out
 }
 
 /// Marks where a prefilled assistant message's text ends in its rendering.
@@ -288,6 +380,57 @@ mod tests {
               "type": "object"
             }|"Get the user's <data> & caf\u00e9"|[1,2]"#]]
         .assert_eq(&t.render(&msgs(), &[tool]).unwrap());
+    }
+
+    /// A template that writes no tools (ChatML, SmolLM2's) gets them in the system message with
+    /// the call syntax the answer is read for, and the history's calls and results as text; one
+    /// that writes them itself is left to.
+    #[test]
+    fn tools_reach_a_template_that_does_not_write_them() {
+        let tool = serde_json::json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}});
+        let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
+        assert!(!t.reads_tools && !t.reads_tool_calls);
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = vec![serde_json::json!({"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}})];
+        let mut result = ChatMessage::new("tool", "18 C");
+        result.tool_call_id = Some("call_1".into());
+        let chat = [ChatMessage::new("user", "Weather in Paris?"), call, result];
+        expect_test::expect![[r#"
+            <|im_start|>system
+            # Tools
+
+            You may call one or more functions to assist with the user query.
+
+            You are provided with function signatures within <tools></tools> XML tags:
+            <tools>
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+            </tools>
+
+            For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+            <tool_call>
+            {"name": <function-name>, "arguments": <args-json-object>}
+            </tool_call><|im_end|>
+            <|im_start|>user
+            Weather in Paris?<|im_end|>
+            <|im_start|>assistant
+            <tool_call>
+            {"name": "get_weather", "arguments": {"city": "Paris"}}
+            </tool_call><|im_end|>
+            <|im_start|>user
+            <tool_response>
+            18 C
+            </tool_response><|im_end|>
+            <|im_start|>assistant
+        "#]]
+        .assert_eq(&t.render(&chat, &[tool.clone()]).unwrap());
+        // With a system message of its own, the tools follow its text; without tools, nothing is added.
+        let sys = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
+        assert!(t.render(&sys, &[tool.clone()]).unwrap().starts_with("<|im_start|>system\nBe brief.\n\n# Tools\n"));
+        assert_eq!(t.render(&sys, &[]).unwrap(), t.render_messages(&sys, &[]).unwrap());
+        let reads = "{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}{% endif %}{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% if m['tool_calls'] %}{{ m['tool_calls'] | tojson }}{% endif %};{% endfor %}";
+        let t = ChatTemplate::new(reads, "", "").unwrap();
+        assert!(t.reads_tools && t.reads_tool_calls);
+        assert!(!t.render(&chat, &[tool]).unwrap().contains("# Tools"));
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub struct Submission {
     /// The tokens that close a think block (`\n</think>\n\n`).
     pub close_reasoning: Vec<TokenId>,
     pub constraint: Option<crate::constraint::Constraint>,
+    pub answer_end: Option<tokenomy_core::AnswerEnd>,
     pub events: mpsc::UnboundedSender<Event>,
     pub outcome: oneshot::Sender<Outcome>,
 }
@@ -370,8 +371,9 @@ impl Worker<'_> {
         }
         let released = job.text.push(&piece);
         job.output.push_str(&released.text);
+        let answered = job.sub.answer_end.as_mut().is_some_and(|end| (end.0)(&released.text));
         let _ = job.sub.events.send(Event::Token { text: released.text, logprob });
-        if released.stopped || constraint_done {
+        if released.stopped || constraint_done || answered {
             return self.finish(id, FinishReason::Stop, None);
         }
         if !self.sched.on_sampled(id, token) {

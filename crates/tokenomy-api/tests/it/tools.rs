@@ -285,13 +285,23 @@ async fn a_settled_call_stops_the_model_repeating_it() {
     assert_eq!(v["choices"][0]["message"]["tool_calls"].as_array().unwrap().len(), 1, "{v}");
     let used = v["usage"]["completion_tokens"].as_u64().unwrap();
     assert!(used < 40, "generation went on after the call was complete: {v}");
+    // The engine itself ends the answer on the token that completes the call, so the tokens
+    // billed are exactly the answer's (one logprob each), every time: they used to be one more
+    // now and then, when the engine had decoded on before the reader stopped it.
+    for _ in 0..4 {
+        let mut ask = body(false);
+        ask["logprobs"] = json!(true);
+        let v = post(&s, "/v1/chat/completions", ask).await.json();
+        let answer = v["choices"][0]["logprobs"]["content"].as_array().unwrap().len() as u64;
+        assert_eq!((v["usage"]["completion_tokens"].as_u64(), answer), (Some(used), used), "{v}");
+    }
     // Streamed: the same call, the same stop, and the usage says so.
     let r = post(&s, "/v1/chat/completions", body(true)).await;
     let chunks: Vec<Value> = r.sse_data().iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
     let names: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"].get("name")).collect();
     assert_eq!(names, vec!["get_weather"], "{chunks:?}");
     let usage = chunks.iter().find_map(|c| c["usage"]["completion_tokens"].as_u64()).unwrap();
-    assert!(usage < 40, "{chunks:?}");
+    assert_eq!(usage, used, "{chunks:?}");
 }
 
 /// A streamed choice 0 put together as a client does: `{"message": …, "finish_reason": …}`.
@@ -409,4 +419,30 @@ async fn a_forced_call_follows_a_schema_with_defs_and_refs() {
         "messages": [{"role": "user", "content": "Weather in Paris, in celsius?"}]});
     let v = post(&s, "/v1/messages", msg).await.json();
     assert_eq!(v["stop_reason"], "tool_use", "{v}");
+}
+
+/// A model whose template writes no tools (SmolLM2's) still sees the tools offered: they are
+/// described in its system message (they used to be dropped, so a forced call was made to a
+/// schema the model never saw), and a forced call parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_reach_a_model_whose_template_does_not_write_them() {
+    let s = crate::state();
+    let ask = |tools: bool| {
+        let mut body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 48, "tool_choice": "required",
+            "messages": [{"role": "user", "content": "What is the weather in Paris right now?"}]});
+        if tools {
+            body["tools"] = json!([weather_tool()]);
+        } else {
+            body["tool_choice"] = Value::Null;
+        }
+        body
+    };
+    let bare = post(&s, "/v1/chat/completions", ask(false)).await.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    let r = post(&s, "/v1/chat/completions", ask(true)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > bare + 40, "the tool is in the prompt: {v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{v}");
+    serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).expect("the forced call's arguments parse");
 }
