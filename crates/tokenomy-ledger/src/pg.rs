@@ -58,8 +58,29 @@ fn pg_err(e: tokio_postgres::Error) -> LedgerError {
     let retryable = [SqlState::UNIQUE_VIOLATION, SqlState::T_R_DEADLOCK_DETECTED, SqlState::T_R_SERIALIZATION_FAILURE];
     match e.code() {
         Some(code) if retryable.contains(code) => LedgerError::Storage(format!("{RETRY_MARK}{e}")),
-        _ => LedgerError::Storage(format!("{e:?}")),
+        _ => LedgerError::Storage(error_chain(&e)),
     }
+}
+
+/// A pool's failure to connect, with its cause (a wrong password, a database that does not
+/// exist, a server that refuses), which the pool's own message leaves out.
+pub(crate) fn pool_err(e: deadpool_postgres::PoolError) -> LedgerError {
+    LedgerError::Storage(error_chain(&e))
+}
+
+/// An error and its causes, each once: `db error: ERROR: password authentication failed …`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 fn is_retryable(e: &LedgerError) -> bool {
@@ -81,7 +102,9 @@ impl PgStore {
         if pool_size == 0 || pool_size > 256 {
             return Err(LedgerError::InvalidArgument("pool_size must be in 1..=256".into()));
         }
-        let mut cfg: tokio_postgres::Config = url.parse().map_err(pg_err)?;
+        let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| {
+            LedgerError::InvalidArgument(format!("the database URL is not a PostgreSQL one ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"))
+        })?;
         cfg.options(format!("-c search_path={schema}"));
         // A server that is down refuses at once; one that hangs is given this long to connect.
         cfg.connect_timeout(std::time::Duration::from_secs(5));
@@ -230,7 +253,7 @@ impl PgStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client> {
-        self.pool.get().await.map_err(|e| LedgerError::Storage(e.to_string()))
+        self.pool.get().await.map_err(pool_err)
     }
 
     /// Runs one operation in its own transaction, retrying retryable conflicts.

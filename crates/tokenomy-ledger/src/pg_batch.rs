@@ -190,7 +190,7 @@ async fn run(pool: &Pool, batch: Vec<Job>) {
             },
             Err(e) => Err(pg_err(e)),
         },
-        Err(e) => Err(LedgerError::Storage(e.to_string())),
+        Err(e) => Err(super::pool_err(e)),
     };
     match outcome {
         Ok(results) => {

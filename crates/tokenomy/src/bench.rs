@@ -246,15 +246,15 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         "cpu_s": cpu_s, "cpu_s_per_mtok": cpu_s.map(|c| c / (tokens.max(1) as f64) * 1e6),
     });
     if a.json {
-        println!("{report}");
+        out!("{report}");
     } else {
-        println!("{} {:?}: {} streams × {} requests × {} tokens on {}", a.url, a.workload, a.streams, a.requests_per_stream, a.max_tokens, model);
-        println!("  completion tokens {tokens} in {wall_s:.1} s: {:.1} tok/s", tokens as f64 / wall_s);
-        println!("  TTFT p50 {:.0} ms  p99 {:.0} ms;  time per output token p50 {:.1} ms  p99 {:.1} ms", report["ttft_ms_p50"].as_f64().unwrap_or(f64::NAN), report["ttft_ms_p99"].as_f64().unwrap_or(f64::NAN), report["tpot_ms_p50"].as_f64().unwrap_or(f64::NAN), report["tpot_ms_p99"].as_f64().unwrap_or(f64::NAN));
-        println!("  TTFT p50 of each stream's first request {:.0} ms", report["ttft_ms_p50_first"].as_f64().unwrap_or(f64::NAN));
-        println!("  errors {}{}", errors.len(), errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default());
+        out!("{} {:?}: {} streams × {} requests × {} tokens on {}", a.url, a.workload, a.streams, a.requests_per_stream, a.max_tokens, model);
+        out!("  completion tokens {tokens} in {wall_s:.1} s: {:.1} tok/s", tokens as f64 / wall_s);
+        out!("  TTFT p50 {:.0} ms  p99 {:.0} ms;  time per output token p50 {:.1} ms  p99 {:.1} ms", report["ttft_ms_p50"].as_f64().unwrap_or(f64::NAN), report["ttft_ms_p99"].as_f64().unwrap_or(f64::NAN), report["tpot_ms_p50"].as_f64().unwrap_or(f64::NAN), report["tpot_ms_p99"].as_f64().unwrap_or(f64::NAN));
+        out!("  TTFT p50 of each stream's first request {:.0} ms", report["ttft_ms_p50_first"].as_f64().unwrap_or(f64::NAN));
+        out!("  errors {}{}", errors.len(), errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default());
         if let Some(c) = cpu_s {
-            println!("  server CPU {c:.1} s: {:.0} CPU-s per million completion tokens", c / (tokens.max(1) as f64) * 1e6);
+            out!("  server CPU {c:.1} s: {:.0} CPU-s per million completion tokens", c / (tokens.max(1) as f64) * 1e6);
         }
     }
     // The report is printed either way; a run where nothing succeeded is a failure to scripts.

@@ -24,12 +24,12 @@ pub fn verify(receipt: &Path, key: &str) -> Result<()> {
     let key = load_key(key)?;
     let v = verify_bundle(&read(receipt)?, &key).map_err(|e| anyhow::anyhow!("receipt does not verify: {e}"))?;
     let r = &v.receipt;
-    println!("ok: receipt {} ({}) signed by {}", r.receipt_id, r.kind, key.name());
-    println!("  account {}  amount {} micro-credits  transfer {}", r.account_id, r.amount_micros, r.transfer_id);
+    out!("ok: receipt {} ({}) signed by {}", r.receipt_id, r.kind, key.name());
+    out!("  account {}  amount {} micro-credits  transfer {}", r.account_id, r.amount_micros, r.transfer_id);
     if !r.model.is_empty() {
-        println!("  model {}  prompt {}  cached {}  completion {}  reasoning {}", r.model, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens);
+        out!("  model {}  prompt {}  cached {}  completion {}  reasoning {}", r.model, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.reasoning_tokens);
     }
-    println!("  log index {} included in checkpoint of size {}", r.log_index, v.checkpoint.size);
+    out!("  log index {} included in checkpoint of size {}", r.log_index, v.checkpoint.size);
     Ok(())
 }
 
@@ -38,7 +38,7 @@ pub fn verify_log(key: &str, old: &Path, new: &Path, proof: &Path) -> Result<()>
     let key = load_key(key)?;
     let hashes = parse_proof(&read(proof)?)?;
     let (o, n) = verify_consistency_notes(&read(old)?, &read(new)?, &hashes, &key).map_err(|e| anyhow::anyhow!("log is not consistent: {e}"))?;
-    println!("ok: the log of {} grew append-only from size {} to {}", key.name(), o.size, n.size);
+    out!("ok: the log of {} grew append-only from size {} to {}", key.name(), o.size, n.size);
     Ok(())
 }
 
@@ -84,7 +84,7 @@ pub enum Accounts {
         #[arg(long, default_value = "user")]
         kind: String,
     },
-    /// Balance and pending holds of an account.
+    /// Balance and pending holds of an account (its id, or its name if no other account has it).
     Show { id: String },
     /// Every account, oldest first (or those with a name: names need not be unique).
     List {
@@ -223,7 +223,9 @@ impl Conn {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        // The node's address, also as the OpenAI base URL that `serve` prints (`…/v1`).
+        let base = self.url.trim_end_matches('/');
+        let url = format!("{}{path}", base.strip_suffix("/v1").unwrap_or(base));
         let mut req = reqwest::Client::new().request(method, &url).bearer_auth(self.admin_key()?);
         if let Some(b) = body {
             req = req.json(&b);
@@ -237,9 +239,40 @@ impl Conn {
         Ok(v)
     }
 
+    /// Every account (or those named `name`), oldest first.
+    async fn accounts(&self, name: Option<&str>) -> Result<Vec<Value>> {
+        let (mut found, mut after) = (Vec::new(), String::new());
+        loop {
+            let page = self.call(reqwest::Method::GET, &format!("/admin/v1/accounts?limit=1000{after}"), None).await?;
+            let items = page["data"].as_array().cloned().unwrap_or_default();
+            found.extend(items.into_iter().filter(|a| name.is_none_or(|n| a["name"] == n)));
+            match page["next_after"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => return Ok(found),
+            }
+        }
+    }
+
+    /// The id of the account `given` names: an account id (32 hex digits) as it is, or the
+    /// name of exactly one account.
+    async fn account_id(&self, given: &str) -> Result<String> {
+        if given.len() == 32 && given.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(given.to_string());
+        }
+        let named = self.accounts(Some(given)).await?;
+        match named.as_slice() {
+            [one] => Ok(one["id"].as_str().unwrap_or_default().to_string()),
+            [] => bail!("no account is named {given:?} (and it is not an account id: 32 hex digits); `tokenomy accounts list` shows them"),
+            many => {
+                let ids: Vec<&str> = many.iter().filter_map(|a| a["id"].as_str()).collect();
+                bail!("{} accounts are named {given:?}: name one by its id ({})", many.len(), ids.join(", "))
+            }
+        }
+    }
+
     fn show(&self, v: &Value) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
             return;
         }
         print_flat("", v);
@@ -259,8 +292,8 @@ fn print_flat(prefix: &str, v: &Value) {
                 print_flat(&format!("{prefix}[{i}]"), x);
             }
         }
-        Value::String(s) => println!("{prefix}: {s}"),
-        other => println!("{prefix}: {other}"),
+        Value::String(s) => out!("{prefix}: {s}"),
+        other => out!("{prefix}: {other}"),
     }
 }
 
@@ -268,22 +301,10 @@ pub async fn accounts(c: Conn, cmd: Accounts) -> Result<()> {
     use reqwest::Method;
     let v = match cmd {
         Accounts::Create { name, kind } => c.call(Method::POST, "/admin/v1/accounts", Some(json!({"name": name, "kind": kind}))).await?,
-        Accounts::Show { id } => c.call(Method::GET, &format!("/admin/v1/accounts/{id}"), None).await?,
-        Accounts::List { name } => {
-            let mut found = Vec::new();
-            let mut after = String::new();
-            loop {
-                let page = c.call(Method::GET, &format!("/admin/v1/accounts?limit=1000{after}"), None).await?;
-                let items = page["data"].as_array().cloned().unwrap_or_default();
-                found.extend(items.into_iter().filter(|a| name.as_deref().is_none_or(|n| a["name"] == n)));
-                match page["next_after"].as_str() {
-                    Some(next) => after = format!("&after={next}"),
-                    None => break,
-                }
-            }
-            json!({"object": "list", "data": found})
-        }
+        Accounts::Show { id } => c.call(Method::GET, &format!("/admin/v1/accounts/{}", c.account_id(&id).await?), None).await?,
+        Accounts::List { name } => json!({"object": "list", "data": c.accounts(name.as_deref()).await?}),
         Accounts::Transfers { id, after, limit } => {
+            let id = c.account_id(&id).await?;
             let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
             c.call(Method::GET, &format!("/admin/v1/accounts/{id}/transfers?limit={limit}{after}"), None).await?
         }
@@ -296,6 +317,7 @@ pub async fn keys(c: Conn, cmd: Keys) -> Result<()> {
     use reqwest::Method;
     let v = match cmd {
         Keys::Create { account, scopes, limits } => {
+            let account = c.account_id(&account).await?;
             let mut body = limits.json();
             body.insert("scopes".into(), json!(scopes));
             c.call(Method::POST, &format!("/admin/v1/accounts/{account}/keys"), Some(Value::Object(body))).await?
@@ -313,7 +335,7 @@ pub async fn keys(c: Conn, cmd: Keys) -> Result<()> {
             c.call(Method::PATCH, &format!("/admin/v1/keys/{key_id}/limits"), Some(Value::Object(body))).await?
         }
         Keys::Show { key_id } => c.call(Method::GET, &format!("/admin/v1/keys/{key_id}"), None).await?,
-        Keys::List { account } => c.call(Method::GET, &format!("/admin/v1/accounts/{account}/keys"), None).await?,
+        Keys::List { account } => c.call(Method::GET, &format!("/admin/v1/accounts/{}/keys", c.account_id(&account).await?), None).await?,
         Keys::Revoke { key_id } => c.call(Method::DELETE, &format!("/admin/v1/keys/{key_id}"), None).await?,
     };
     c.show(&v);
@@ -324,10 +346,12 @@ pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
     use reqwest::Method;
     let v = match cmd {
         Credits::Mint { account, amount_micros, idempotency_key } => {
+            let account = c.account_id(&account).await?;
             let body = json!({"amount_micros": amount_micros, "idempotency_key": idem(idempotency_key)});
             c.call(Method::POST, &format!("/admin/v1/accounts/{account}/mint"), Some(body)).await?
         }
         Credits::Transfer { from, to, amount_micros, idempotency_key } => {
+            let (from, to) = (c.account_id(&from).await?, c.account_id(&to).await?);
             let body = json!({"from": from, "to": to, "amount_micros": amount_micros, "idempotency_key": idem(idempotency_key)});
             c.call(Method::POST, "/admin/v1/transfers", Some(body)).await?
         }

@@ -2,6 +2,12 @@
 //! loads models into the engine, wires the engine into the HTTP app and runs it. Nothing
 //! depends on it; everything it does is wiring.
 
+/// `println!` for command output that may go to a pipe closed early (`tokenomy … | head -1`):
+/// the reader left, so the command ends quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::write_out(format_args!($($arg)*)) };
+}
+
 mod bench;
 mod cli;
 mod models;
@@ -142,6 +148,16 @@ struct ServeArgs {
     drain_timeout_ms: u64,
 }
 
+fn write_out(line: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("writing to stdout: {e}");
+        }
+        std::process::exit(if e.kind() == std::io::ErrorKind::BrokenPipe { 0 } else { 1 });
+    }
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -166,10 +182,10 @@ fn main() -> Result<()> {
 
 fn list_models() -> Result<()> {
     let dir = models::models_dir();
-    println!("model directory: {}", dir.display());
+    out!("model directory: {}", dir.display());
     for k in models::KNOWN {
         let here = if dir.join(k.file).is_file() { "downloaded" } else { "not downloaded" };
-        println!("{:<20} {:<14} {}", k.name, here, k.about);
+        out!("{:<20} {:<14} {}", k.name, here, k.about);
     }
     if let Ok(entries) = std::fs::read_dir(&dir) {
         let mut others: Vec<String> = entries
@@ -179,7 +195,7 @@ fn list_models() -> Result<()> {
             .collect();
         others.sort();
         for n in others {
-            println!("{:<20} downloaded     (local file)", n.trim_end_matches(".gguf"));
+            out!("{:<20} downloaded     (local file)", n.trim_end_matches(".gguf"));
         }
     }
     Ok(())
@@ -187,16 +203,16 @@ fn list_models() -> Result<()> {
 
 fn inspect(file: &std::path::Path) -> Result<()> {
     let s = tokenomy_engine::gguf::inspect(file).map_err(anyhow::Error::msg)?;
-    println!("file:          {}", file.display());
+    out!("file:          {}", file.display());
     if let Some(name) = &s.name {
-        println!("name:          {name}");
+        out!("name:          {name}");
     }
-    println!("architecture:  {}", s.architecture);
-    println!("context:       {}", s.context_length.map_or("unknown".into(), |c| c.to_string()));
-    println!("quantization:  {}", s.quantization);
-    println!("size:          {} bytes ({:.1} MiB)", s.size_bytes, s.size_bytes as f64 / (1024.0 * 1024.0));
-    println!("tensors:       {}", s.tensors);
-    println!("chat template: {}", if s.has_chat_template { "yes" } else { "no (serve with --chat-template)" });
+    out!("architecture:  {}", s.architecture);
+    out!("context:       {}", s.context_length.map_or("unknown".into(), |c| c.to_string()));
+    out!("quantization:  {}", s.quantization);
+    out!("size:          {} bytes ({:.1} MiB)", s.size_bytes, s.size_bytes as f64 / (1024.0 * 1024.0));
+    out!("tensors:       {}", s.tensors);
+    out!("chat template: {}", if s.has_chat_template { "yes" } else { "no (serve with --chat-template)" });
     Ok(())
 }
 
@@ -273,7 +289,11 @@ fn log_prices(billing: &tokenomy_billing::Billing, served: &[&str], data_dir: &s
 async fn open_billing(args: &ServeArgs, data_dir: &std::path::Path) -> Result<Arc<tokenomy_billing::Billing>> {
     let env = std::env::vars().filter(|(k, _)| k.starts_with("TOKENOMY_PRICES__") || k.starts_with("TOKENOMY_BILLING__")).collect();
     let opts = tokenomy_billing::OpenOptions { data_dir: data_dir.to_path_buf(), database_url: args.database.clone(), origin: args.origin.clone(), env };
-    let (billing, first) = tokenomy_billing::Billing::open(opts).await.map_err(|e| anyhow::anyhow!("opening the ledger: {e}"))?;
+    let (billing, first) = tokenomy_billing::Billing::open(opts).await.map_err(|e| match e {
+        // (At start a store that fails is a setting to fix, not a moment to wait out.)
+        tokenomy_billing::BillingError::Unavailable(cause) => anyhow::anyhow!("opening the ledger: {cause}"),
+        e => anyhow::anyhow!("opening the ledger: {e}"),
+    })?;
     if let Some(f) = first {
         eprintln!(
             "\n  First start: created an admin key ({}) and a local user account {} with {} credits,\n  whose inference key is in {}. Keys are shown once and stored only as hashes.\n",

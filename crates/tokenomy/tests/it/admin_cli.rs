@@ -41,6 +41,17 @@ fn the_admin_cli_wraps_the_admin_api() {
     assert!(all["data"].as_array().unwrap().len() >= 4, "system accounts, the local user, agent-7: {all}");
     let shown = cli(&["accounts", "show", &id]);
     assert_eq!((shown["balance_micros"].as_i64(), shown["pending_micros"].as_i64()), (Some(5_000_000), Some(0)));
+    // An account may be named by its name when no other has it, and the node's address may be
+    // given as the OpenAI base URL `serve` prints.
+    let v1 = format!("{}/v1", node.base);
+    let (ok, out) = run(&["accounts", "show", "agent-7", "--url", &v1, "--data-dir", &dir, "--json"], &[]);
+    assert!(ok && serde_json::from_str::<Value>(&out).unwrap()["id"] == id.as_str(), "{out}");
+    cli(&["accounts", "create", "twin"]);
+    cli(&["accounts", "create", "twin"]);
+    let (ok, out) = run(&["credits", "mint", "twin", "1", "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("2 accounts are named \"twin\""), "{out}");
+    let (ok, out) = run(&["credits", "mint", "nobody", "1", "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("no account is named \"nobody\""), "{out}");
     let keys = cli(&["keys", "list", &id]);
     assert_eq!(keys["data"][0]["spend"]["day_remaining_micros"], 1);
     // Raising the cap takes effect at the key's next request.

@@ -222,6 +222,19 @@ fn no_auth_without_a_local_user_refuses_to_start() {
     assert!(!dir.join("user.key").exists(), "and no second local user");
 }
 
+/// A ledger that cannot be opened says why at start: the server's own reason (here a database
+/// that does not exist; it used to say only "db error" and "retry shortly"), and a URL that is
+/// not PostgreSQL's says what one looks like.
+#[test]
+fn a_ledger_that_cannot_be_opened_says_why() {
+    let err = serve_refuses(&tempdir("badurl"), &["--database", "mysql://x@localhost/db"]);
+    assert!(err.contains("not a PostgreSQL one") && err.contains("postgres://USER"), "{err}");
+    let Some(url) = tokenomy_ledger::testing::stores().into_iter().flatten().next() else { return };
+    let (server, _) = url.rsplit_once('/').unwrap();
+    let err = serve_refuses(&tempdir("nodb"), &["--database", &format!("{server}/tokenomy_no_such_database")]);
+    assert!(err.contains("tokenomy_no_such_database\" does not exist") && !err.contains("retry shortly"), "{err}");
+}
+
 /// `serve --model SmolLM2 ARGS` in `dir` must exit unsuccessfully within a minute (not serve):
 /// returns what it printed on stderr.
 fn serve_refuses(dir: &Path, args: &[&str]) -> String {
