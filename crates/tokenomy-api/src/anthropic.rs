@@ -56,6 +56,14 @@ impl IntoResponse for AnthropicError {
     }
 }
 
+/// `e` in Anthropic's error shape under `/v1/messages`, in OpenAI's elsewhere.
+pub(crate) fn shaped_for(path: &str, e: AppError) -> Response {
+    match path.starts_with("/v1/messages") {
+        true => AnthropicError(e).into_response(),
+        false => e.into_response(),
+    }
+}
+
 fn invalid(message: impl Into<String>) -> AppError {
     AppError::invalid(message, None)
 }

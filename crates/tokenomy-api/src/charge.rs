@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokenomy_billing::{account_kind_name, parse_account_id, parse_account_kind, parse_key_id, Allowance, Billing, Principal, ReceiptRef};
+use tokenomy_billing::{parse_account_id, parse_account_kind, parse_key_id, Allowance, Billing, Principal, ReceiptRef};
 use tokenomy_ledger::{Account, AccountId, KeyLimitsChange, KeyRecord, KeySpend, SpendCaps, Transfer};
 
 use crate::routes::{ApiJson, ApiQuery};
@@ -226,7 +226,7 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, App
 
 fn account_json(a: &Account) -> Value {
     json!({
-        "id": a.id.to_string(), "object": "account", "name": a.name, "kind": account_kind_name(a.kind),
+        "id": a.id.to_string(), "object": "account", "name": a.name, "kind": a.kind.api_name(),
         "balance_micros": a.balance_micros, "pending_micros": a.pending_micros,
         "available_micros": a.available_micros(), "created_at_ms": a.created_at_ms,
     })

@@ -215,10 +215,11 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Every response names a request id (`x-request-id`), errors and replays included, as
-/// OpenAI's do: a generation's own id where it has one, a fresh one otherwise.
+/// OpenAI's do: a generation's own id where it has one, a fresh one of the same form (32 hex
+/// digits) otherwise.
 async fn with_a_request_id(mut resp: axum::response::Response) -> axum::response::Response {
     if !resp.headers().contains_key("x-request-id") {
-        let id = format!("req_{}", uuid::Uuid::new_v4().simple());
+        let id = uuid::Uuid::new_v4().simple().to_string();
         if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
             resp.headers_mut().insert("x-request-id", v);
         }

@@ -1260,15 +1260,17 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-pub async fn not_found(req: Request) -> AppError {
-    AppError::not_found(format!("Unknown route: {} {}", req.method(), req.uri().path()))
+pub async fn not_found(req: Request) -> Response {
+    let e = AppError::not_found(format!("Unknown route: {} {}", req.method(), req.uri().path()));
+    crate::anthropic::shaped_for(req.uri().path(), e)
 }
 
 /// A known route asked with a method it does not serve: 405 in the error shape of the API.
-pub async fn method_not_allowed(req: Request) -> AppError {
-    AppError {
+pub async fn method_not_allowed(req: Request) -> Response {
+    let e = AppError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         code: Some("method_not_allowed"),
         ..AppError::invalid(format!("{} is not served at {}", req.method(), req.uri().path()), None)
-    }
+    };
+    crate::anthropic::shaped_for(req.uri().path(), e)
 }

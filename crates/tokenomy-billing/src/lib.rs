@@ -56,7 +56,7 @@ pub enum BillingError {
     Invalid(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits or lower max_tokens.")]
+    #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits, or lower max_tokens (a request without it holds the rest of the model's context).")]
     InsufficientQuota { needed_micros: i64, shortfall_micros: i64 },
     /// Asked of a node that cannot answer it (a receipt another node of the ledger issued).
     #[error("{0}")]
@@ -294,15 +294,6 @@ pub fn parse_account_kind(s: &str) -> Result<AccountKind> {
         "user" => Ok(AccountKind::User),
         "agent" => Ok(AccountKind::Agent),
         _ => Err(BillingError::Invalid(format!("account kind must be \"user\" or \"agent\", got {s:?}"))),
-    }
-}
-
-pub fn account_kind_name(k: AccountKind) -> &'static str {
-    match k {
-        AccountKind::User => "user",
-        AccountKind::Agent => "agent",
-        AccountKind::OperatorRevenue => "operator_revenue",
-        AccountKind::Treasury => "treasury",
     }
 }
 

@@ -113,6 +113,16 @@ code_enum!(TransferCode { Mint = 0, UsageCharge = 1, Transfer = 2, Refund = 3 })
 code_enum!(TransferState { Pending = 0, Posted = 1, Voided = 2 });
 
 impl AccountKind {
+    /// The kind as the API names it (`user`, `agent`, `operator_revenue`, `treasury`).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            AccountKind::User => "user",
+            AccountKind::Agent => "agent",
+            AccountKind::OperatorRevenue => "operator_revenue",
+            AccountKind::Treasury => "treasury",
+        }
+    }
+
     /// User and Agent accounts must never spend money they do not have.
     pub fn must_stay_funded(self) -> bool {
         matches!(self, AccountKind::User | AccountKind::Agent)
@@ -449,7 +459,7 @@ pub enum LedgerError {
     InsufficientFunds { shortfall_micros: i64 },
     #[error("idempotency key {key:?} was used with different parameters")]
     IdempotencyConflict { key: String },
-    #[error("account {account} of kind {kind:?} may not be {role} here")]
+    #[error("account {account} is the {} account, which may not be {role} here", kind.api_name())]
     KindNotAllowed { account: AccountId, kind: AccountKind, role: &'static str },
     #[error("transfer {id} is {state:?}, not a pending hold")]
     NotPending { id: TransferId, state: TransferState },

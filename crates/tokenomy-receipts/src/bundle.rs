@@ -92,7 +92,8 @@ pub enum VerifyError {
     MalformedProof(TlogProofError),
     #[error("proof index {proof} is not the receipt's log_index {receipt}")]
     LogIndexMismatch { receipt: u64, proof: u64 },
-    #[error("checkpoint signature: {0}")]
+    /// (Its own message says what failed: the note's form, signature or origin.)
+    #[error("{0}")]
     CheckpointSignature(CheckpointError),
     #[error("checkpoint origin {checkpoint:?} is not the receipt origin {receipt:?}")]
     OriginMismatch { receipt: String, checkpoint: String },

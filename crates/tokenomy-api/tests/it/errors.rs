@@ -128,7 +128,18 @@ async fn a_known_route_asked_with_another_method_is_a_405_json() {
     for (method, uri) in [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("POST", "/admin/v1/ledger/check")] {
         let e = assert_error(&send(&s, method, uri, None).await, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(e["code"], "method_not_allowed", "{method} {uri}");
+        assert_eq!(r_id_len(&send(&s, method, uri, None).await), 32, "an error's request id has a generation's form");
     }
+    // Under the Messages API, in its shape.
+    for (method, uri) in [("GET", "/v1/messages"), ("POST", "/v1/messages/nothing")] {
+        let v = send(&s, method, uri, None).await.json();
+        assert_eq!(v["type"], "error", "{method} {uri}: {v}");
+        assert!(v["error"]["type"].is_string() && v["error"]["message"].is_string(), "{v}");
+    }
+}
+
+fn r_id_len(r: &Reply) -> usize {
+    r.headers["x-request-id"].to_str().unwrap().len()
 }
 
 #[tokio::test]
