@@ -565,7 +565,9 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
             })
             .collect();
         let tools: Vec<(&str, &Value)> = closed.iter().map(|(n, p)| (*n, p)).collect();
-        params.grammar = Some(tokenomy_core::Grammar::Lark(Hermes.call_grammar(&tools)));
+        let one_token = |tag: &str| state.backend.tokenize(&model, tag, false).ok().filter(|t| t.len() == 1).map(|t| t[0]);
+        let tag_tokens = one_token("<tool_call>").zip(one_token("</tool_call>"));
+        params.grammar = Some(tokenomy_core::Grammar::Lark(Hermes.call_grammar(&tools, tag_tokens)));
     }
     if params.grammar.is_some() {
         if prefill {

@@ -23,7 +23,10 @@ pub trait ToolCallParser: Send + Sync {
     /// A grammar (llguidance's Lark dialect) whose every sentence is one call, in this family's
     /// syntax, to one of `tools` (`(name, JSON Schema of the arguments)`): constraining decoding
     /// with it makes `tool_choice: required` (or a named function) always yield a valid call.
-    fn call_grammar(&self, tools: &[(&str, &Value)]) -> String;
+    /// `tag_tokens`: the model's own tokens for the syntax's opening and closing tags, where it
+    /// has them (Qwen2.5's `<tool_call>` is one token): the grammar names them, so the call is
+    /// written as the model was trained to write it, not with its tags spelled out in pieces.
+    fn call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String;
 }
 
 /// Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Hermes, many
@@ -51,9 +54,13 @@ impl ToolCallParser for Hermes {
     /// One rule per tool: its name written out, then its parameters' schema as a JSON
     /// grammar of its own, so the schema's `$ref`s (`#/$defs/…`, which Pydantic writes for every
     /// nested model or enum) resolve against the schema itself.
-    fn call_grammar(&self, tools: &[(&str, &Value)]) -> String {
+    fn call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String {
         let calls: Vec<String> = (0..tools.len()).map(|i| format!("call_{i}")).collect();
-        let mut g = format!("start: \"{OPEN}\\n\" call \"\\n{CLOSE}\"\ncall: {}\n", calls.join(" | "));
+        let mut g = match tag_tokens {
+            Some((open, close)) => format!("start: <[{open}]> \"\\n\" call \"\\n\" <[{close}]>\n"),
+            None => format!("start: \"{OPEN}\\n\" call \"\\n{CLOSE}\"\n"),
+        };
+        g.push_str(&format!("call: {}\n", calls.join(" | ")));
         for (i, (name, params)) in tools.iter().enumerate() {
             let args = if params.is_object() { (*params).clone() } else { serde_json::json!({"type": "object"}) };
             let head = format!("{{\"name\": {}, \"arguments\": ", Value::from(*name));
@@ -193,7 +200,7 @@ mod tests {
     #[test]
     fn the_call_grammar_names_every_tool_and_its_schema() {
         let params = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
-        let g = Hermes.call_grammar(&[("add", &params), ("get_weather", &Value::Null)]);
+        let g = Hermes.call_grammar(&[("add", &params), ("get_weather", &Value::Null)], None);
         // (The schema as serde_json writes it: its key order depends on the build's features.)
         let want = format!(
             concat!(
@@ -207,5 +214,8 @@ mod tests {
             params
         );
         assert_eq!(g, want);
+        // With the model's own tag tokens, the grammar names them.
+        let g = Hermes.call_grammar(&[("add", &params)], Some((151657, 151658)));
+        assert!(g.starts_with("start: <[151657]> \"\\n\" call \"\\n\" <[151658]>\ncall: call_0\n"), "{g}");
     }
 }

@@ -446,3 +446,19 @@ async fn tools_reach_a_model_whose_template_does_not_write_them() {
     assert_eq!(call["name"], "get_weather", "{v}");
     serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).expect("the forced call's arguments parse");
 }
+
+/// A forced call is written with the model's own tag tokens (Qwen2.5's `<tool_call>` is one
+/// token), as the model writes a call it chose itself, not with the tag spelled in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_call_opens_with_the_models_own_tag_token() {
+    let s = qwen();
+    let mut body = ask(json!("required"), false);
+    body["logprobs"] = json!(true);
+    let r = post(&s, "/v1/chat/completions", body).await;
+    let call = the_call(&r);
+    assert!(call["function"]["arguments"].is_string());
+    let v = r.json();
+    let tokens: Vec<&str> = v["choices"][0]["logprobs"]["content"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert_eq!(tokens.first(), Some(&"<tool_call>"), "{tokens:?}");
+    assert_eq!(tokens.last(), Some(&"</tool_call>"), "{tokens:?}");
+}
