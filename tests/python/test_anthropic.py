@@ -54,9 +54,12 @@ def test_stop_sequences_are_named(smol):
         events = list(s)
         final = s.get_final_message()
     assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop, final
-    # message_start already counts the prompt's tokens (as Anthropic's does)
-    start = next(e for e in events if e.type == "message_start")
-    assert start.message.usage.input_tokens == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+    # message_start already counts the prompt's tokens (as Anthropic's does), split as the end
+    # does into those computed and those read from the prefix cache (the same prompt again)
+    start = next(e for e in events if e.type == "message_start").message.usage
+    assert start.input_tokens + start.cache_read_input_tokens == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+    assert start.cache_read_input_tokens > 0, start
+    assert (start.input_tokens, start.cache_read_input_tokens) == (final.usage.input_tokens, final.usage.cache_read_input_tokens)
     assert free.stop_reason in ("end_turn", "max_tokens") and free.stop_sequence is None
 
 

@@ -5,6 +5,7 @@
 //! `message_start` … `message_stop`. Errors use Anthropic's `{"type": "error", "error": …}`.
 
 use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -261,7 +262,8 @@ async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) 
     let r = routes::chat_run(state, g, chat).await?;
     let rid = r.started.request_id.clone();
     if r.stream {
-        let events = events(routes::chat_stream(r.started, r.id, true, r.post), u64::from(r.prompt_tokens));
+        let cached = Arc::new(OnceLock::new());
+        let events = events(routes::chat_stream(r.started, r.id, true, r.post, Some(cached.clone())), u64::from(r.prompt_tokens), cached);
         return Ok(routes::billed_headers(Sse::new(events).into_response(), &rid, r.receipt_id.as_deref(), &g.allowance_now(&state).await));
     }
     let (Json(v), receipt) = routes::chat_body(r.started, r.id, &r.post).await?;
@@ -276,8 +278,10 @@ struct StreamState {
     index: i64,
     open: Option<&'static str>,
     stop: Option<(&'static str, Value)>,
-    /// The prompt's tokens, for `message_start` (the cached share is known at the end).
+    /// The prompt's tokens, for `message_start`, and the share of them the prefix cache held,
+    /// set when the engine admits the request (before its first token).
     input_tokens: u64,
+    cached: Arc<OnceLock<u32>>,
     /// An `error` event was sent: Anthropic's stream ends there (no `message_delta` or
     /// `message_stop` after it).
     failed: bool,
@@ -305,14 +309,22 @@ impl StreamState {
             out.push(ev("error", json!({"type": "error", "error": {"type": "api_error", "message": c["error"]["message"]}})));
             return out;
         }
+        let choice = &c["choices"][0];
+        let opening = choice["delta"].as_object().is_some_and(|d| d.keys().all(|k| k == "role" || k == "content") && d.get("content") == Some(&json!("")));
+        if opening && choice["finish_reason"].is_null() && !c["usage"].is_object() {
+            // OpenAI's first chunk (the role alone), sent before the engine admits the request:
+            // `message_start` waits for the first real one, when the cached share is known.
+            return out;
+        }
         if !self.started {
             self.started = true;
             let id = format!("msg_{}", c["id"].as_str().unwrap_or_default().trim_start_matches("chatcmpl-"));
+            let cached = u64::from(self.cached.get().copied().unwrap_or(0)).min(self.input_tokens);
             out.push(ev("message_start", json!({"type": "message_start", "message": {
                 "id": id, "type": "message", "role": "assistant", "model": c["model"], "content": [],
-                "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})));
+                "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": self.input_tokens - cached, "cache_read_input_tokens": cached, "output_tokens": 0}}})));
         }
-        let choice = &c["choices"][0];
         let delta = &choice["delta"];
         if let Some(t) = delta["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
             if self.open != Some("thinking") {
@@ -358,8 +370,8 @@ impl StreamState {
     }
 }
 
-fn events(chunks: impl Stream<Item = Value> + Send + 'static, input_tokens: u64) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let mut st = StreamState { input_tokens, ..StreamState::default() };
+fn events(chunks: impl Stream<Item = Value> + Send + 'static, input_tokens: u64, cached: Arc<OnceLock<u32>>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut st = StreamState { input_tokens, cached, ..StreamState::default() };
     chunks.flat_map(move |c| stream::iter(st.chunk(&c))).map(Ok)
 }
 
@@ -380,6 +392,26 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `message_start` waits for the engine's admission (OpenAI's first chunk, the role alone,
+    /// comes before it) and splits the prompt into computed and cached tokens.
+    #[test]
+    fn message_start_splits_the_prompt_as_the_engine_admitted_it() {
+        let mut st = StreamState { input_tokens: 40, ..StreamState::default() };
+        let head = json!({"id": "chatcmpl-1", "model": "m", "choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
+        assert!(st.chunk(&head).is_empty());
+        st.cached.set(30).unwrap();
+        let text = json!({"id": "chatcmpl-1", "model": "m", "choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]});
+        let start = st.chunk(&text).remove(0);
+        let expected = SseEvent::default().event("message_start").data(json!({"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 10, "cache_read_input_tokens": 30, "output_tokens": 0}}}).to_string());
+        assert_eq!(format!("{start:?}"), format!("{expected:?}"));
+        // A first chunk with no content (a tool call's, or logprobs alone) starts the message too.
+        let mut st = StreamState::default();
+        let empty = json!({"id": "chatcmpl-2", "model": "m", "choices": [{"delta": {}, "finish_reason": null}]});
+        assert_eq!(st.chunk(&empty).len(), 1, "message_start");
+    }
 
     #[test]
     fn a_stream_ends_at_its_error_event() {

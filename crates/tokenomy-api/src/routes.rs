@@ -492,7 +492,7 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let ChatRun { started, post, id, receipt_id, stream, include_usage, .. } = run;
     let rid = started.request_id.clone();
     if stream {
-        let resp = sse(chat_stream(started, id, include_usage, post)).into_response();
+        let resp = sse(chat_stream(started, id, include_usage, post, None)).into_response();
         return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state).await));
     }
     let (body, receipt) = chat_body(started, id, &post).await?;
@@ -651,6 +651,7 @@ async fn collect_until_settled(choice: Choice, post: Option<&ChatPost>) -> Colle
                 logprobs.extend(logprob);
             }
             Event::PromptLogprobs(lp) => prompt_lp = Some(lp),
+            Event::Admitted { .. } => {}
         }
     }
     let cut = reader.and_then(|(p, mut r)| {
@@ -956,7 +957,10 @@ fn piece_delta(p: Piece) -> Value {
     }
 }
 
-pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, post: ChatPost) -> impl Stream<Item = Value> + Send {
+/// The OpenAI chunks of a streamed chat answer. `cached`, when given, is set to the prompt
+/// tokens the prefix cache held as soon as the engine admits the first choice (before any
+/// token), for an API that reports them at the start of its stream (Anthropic's).
+pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, post: ChatPost, cached: Option<Arc<std::sync::OnceLock<u32>>>) -> impl Stream<Item = Value> + Send {
     let post = Arc::new(post);
     let readers: Arc<Mutex<HashMap<u32, ChoiceReader>>> = Arc::default();
     let Started { model, choices, done, .. } = started;
@@ -977,6 +981,9 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         let (chunk, post, readers, stopper) = (chunk.clone(), post.clone(), readers.clone(), stops.clone());
         merged_stoppable(choices, stops).flat_map(move |(i, ev)| {
             let mut out = Vec::new();
+            if let (Event::Admitted { cached_tokens }, Some(cell)) = (&ev, &cached) {
+                let _ = cell.set(*cached_tokens);
+            }
             if let Event::Token { text, logprob } = ev {
                 let mut lp = logprob.map(|e| json!({"content": [openai::chat_logprob_json(&e)]}));
                 let mut readers = readers.lock().expect("readers");

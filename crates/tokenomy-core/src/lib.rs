@@ -187,6 +187,9 @@ pub struct PromptLogprob {
 /// What a backend streams while it generates.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The generation got its slot: of its prompt, `cached_tokens` were found in the prefix
+    /// cache (the first event of every generation that runs).
+    Admitted { cached_tokens: u32 },
     /// Log-probabilities of the prompt tokens (only when `echo_logprobs` was asked).
     PromptLogprobs(Vec<PromptLogprob>),
     /// New output text. `text` may be empty while bytes of a multi-byte character or a

@@ -157,6 +157,7 @@ impl Worker<'_> {
                     job.usage.cached_tokens = *cached;
                     job.usage.prompt_tokens = *cached;
                     job.leave_queue(&self.queued);
+                    let _ = job.sub.events.send(Event::Admitted { cached_tokens: *cached });
                 }
             }
             self.apply_kv_ops(&plan.kv_ops);
