@@ -78,6 +78,12 @@ pub struct ChatRequest {
     /// Most tokens the model may spend thinking before its think block is closed for it
     /// (vLLM's name for it).
     pub thinking_token_budget: Option<i64>,
+    /// OpenAI's deprecated function calling, refused with a pointer to `tools` rather than
+    /// ignored (an answer that could never call a function would look like the model's choice).
+    #[serde(default)]
+    pub functions: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,6 +368,11 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
             };
             if m.role == "tool" && m.tool_call_id.is_none() && m.name.is_none() {
                 return Err(AppError::invalid_value(&param, format!("{param}: a tool message needs tool_call_id")));
+            }
+            // Only an assistant's message may go without content (its tool calls say it), as
+            // OpenAI has it: a user turn without any is a client's mistake, not an empty turn.
+            if m.role != "assistant" && m.content.as_ref().is_none_or(Value::is_null) {
+                return Err(AppError::invalid_value(&format!("{param}.content"), format!("{param}: a {} message needs content", m.role)));
             }
             Ok(ChatMessage {
                 role,

@@ -524,6 +524,12 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let messages = openai::chat_messages(&req.messages)?;
     let model = req.common.model.clone();
     let ctx = context_length(state, &model)?;
+    for (legacy, now) in [("functions", &req.functions), ("function_call", &req.function_call)] {
+        if now.as_ref().is_some_and(|v| !v.is_null()) {
+            let msg = format!("`{legacy}` is OpenAI's deprecated function calling; send the functions as `tools` (and `function_call` as `tool_choice`)");
+            return Err(AppError::invalid_value(legacy, msg));
+        }
+    }
     let tools = openai::tools(req.tools.as_ref(), req.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);

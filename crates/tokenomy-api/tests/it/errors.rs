@@ -88,6 +88,8 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         ("logit_bias", json!({"49152": 5})),
         ("logit_bias", json!({"-3": 5})),
         ("stop", json!(["a", "b", "c", "d", "e"])),
+        ("functions", json!([{"name": "f", "parameters": {"type": "object"}}])),
+        ("function_call", json!("auto")),
     ] {
         let mut body = base.clone();
         body[field] = value.clone();
@@ -102,6 +104,11 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     assert_error(&r, StatusCode::BAD_REQUEST);
     let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]})).await;
     assert_error(&r, StatusCode::BAD_REQUEST);
+    // Only an assistant's message may lack content (its tool calls say it).
+    for user in [json!({"role": "user"}), json!({"role": "user", "content": null})] {
+        let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [user]})).await;
+        assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[0].content");
+    }
     let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": [999999999], "max_tokens": 1})).await;
     assert_error(&r, StatusCode::BAD_REQUEST);
     let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": ""})).await;
