@@ -11,6 +11,11 @@
 //! clock on; fewer gives back the unused tail of the reservation, as far as it is still ahead of
 //! now, so that no settlement takes back time another request reserved after it.
 //!
+//! A limit an admin changes applies at the key's next step: the clocks remember the limits
+//! they were last stepped under, and a clock on another limit's scale is first put on the new
+//! one, keeping the requests (or tokens) it stands for ([`rescale`]): one request under 1 RPM
+//! is the whole minute, under 100 RPM one hundredth of it.
+//!
 //! Why the reservations are on the clock and not a counter beside it: the clocks are the
 //! whole state, two integers per key. One node keeps them in memory ([`RateLimiter`]); the
 //! nodes of one PostgreSQL ledger keep them in one row per key and step them under its lock
@@ -96,6 +101,31 @@ fn remaining(limit: u32, tat_us: i64, now_us: i64) -> u32 {
     ((WINDOW_US as f64 - used_us) / interval_us(limit)).floor().clamp(0.0, f64::from(limit)) as u32
 }
 
+/// A clock `tat` that runs `from`'s intervals, on `to`'s: what is ahead of now keeps the
+/// requests (or tokens) it stands for, so a raised limit leaves that much more room, and a
+/// lowered one waits longer, though never past a window (or past the wait it had already).
+fn scale(tat: i64, now: i64, from: u32, to: u32) -> i64 {
+    let ahead = i128::from((tat - now).max(0));
+    let scaled = (ahead * i128::from(from) / i128::from(to.max(1))).min(ahead.max(i128::from(WINDOW_US)));
+    now.saturating_add(scaled as i64)
+}
+
+/// Puts the clocks on `limits`' scale (see the module's notes), and records the limits.
+fn rescale(s: &mut KeyRate, limits: Limits, now: i64) {
+    if let Some(rpm) = limits.rpm {
+        if s.rpm != 0 && s.rpm != rpm {
+            s.requests_tat_us = scale(s.requests_tat_us, now, s.rpm, rpm);
+        }
+        s.rpm = rpm;
+    }
+    if let Some(tpm) = limits.tpm {
+        if s.tpm != 0 && s.tpm != tpm {
+            s.tokens_tat_us = scale(s.tokens_tat_us, now, s.tpm, tpm);
+        }
+        s.tpm = tpm;
+    }
+}
+
 /// How far ahead of now the key's used and reserved tokens reach.
 fn tokens_ahead_us(s: &KeyRate, now_us: i64) -> i64 {
     (s.tokens_tat_us - now_us).max(0)
@@ -110,6 +140,7 @@ fn tokens_limited(ahead_us: i64, allowance: Allowance) -> Limited {
 /// how long to wait.
 pub fn admit(s: &mut KeyRate, limits: Limits, now_ms: i64) -> Result<Allowance, Limited> {
     let now = us(now_ms);
+    rescale(s, limits, now);
     let mut a = Allowance { limit_requests: limits.rpm, limit_tokens: limits.tpm, ..Allowance::default() };
     if let Some(tpm) = limits.tpm {
         // In debt beyond the window: wait until the debt is back inside it.
@@ -139,6 +170,9 @@ pub fn admit(s: &mut KeyRate, limits: Limits, now_ms: i64) -> Result<Allowance, 
 pub fn tokens_now(s: &KeyRate, limits: Limits, now_ms: i64, a: &mut Allowance) {
     let Some(tpm) = limits.tpm else { return };
     let now = us(now_ms);
+    let mut s = *s;
+    rescale(&mut s, limits, now);
+    let s = &s;
     let ahead = tokens_ahead_us(s, now);
     a.remaining_tokens = remaining(tpm, now + ahead, now);
     a.reset_tokens_ms = ms_ceil(ahead);
@@ -147,6 +181,9 @@ pub fn tokens_now(s: &KeyRate, limits: Limits, now_ms: i64, a: &mut Allowance) {
 /// What the key may still do at `now_ms`, its clocks left as they are (for `GET /v1/me`).
 pub fn peek(s: &KeyRate, limits: Limits, now_ms: i64) -> Allowance {
     let now = us(now_ms);
+    let mut s = *s;
+    rescale(&mut s, limits, now);
+    let s = &s;
     let mut a = Allowance { limit_requests: limits.rpm, limit_tokens: limits.tpm, ..Allowance::default() };
     if let Some(rpm) = limits.rpm {
         a.remaining_requests = remaining(rpm, s.requests_tat_us, now);
@@ -162,6 +199,7 @@ pub fn peek(s: &KeyRate, limits: Limits, now_ms: i64) -> Allowance {
 pub fn reserve_tokens(s: &mut KeyRate, limits: Limits, tokens: u64, now_ms: i64) -> Result<Reservation, Limited> {
     let Some(tpm) = limits.tpm else { return Ok(Reservation::default()) };
     let now = us(now_ms);
+    rescale(s, limits, now);
     let ahead = tokens_ahead_us(s, now);
     if ahead >= WINDOW_US {
         return Err(tokens_limited(ahead, Allowance { limit_tokens: Some(tpm), reset_tokens_ms: ms_ceil(ahead), ..Allowance::default() }));
@@ -179,11 +217,14 @@ pub fn settle_tokens(s: &mut KeyRate, r: Reservation, used: u64, now_ms: i64) {
         return;
     }
     let now = us(now_ms);
-    let (reserved_us, used_us) = (tokens_us(r.tpm, r.tokens), tokens_us(r.tpm, used));
+    // On the clock's scale now (its TPM changed since the reservation, if `s.tpm` says so).
+    let tpm = if s.tpm == 0 { r.tpm } else { s.tpm };
+    let end_us = scale(r.end_us, now, r.tpm, tpm);
+    let (reserved_us, used_us) = (tokens_us(tpm, r.tokens), tokens_us(tpm, used));
     if used_us >= reserved_us {
         s.tokens_tat_us = s.tokens_tat_us.max(now).saturating_add(used_us - reserved_us);
     } else {
-        let give_back_us = (reserved_us - used_us).min((r.end_us - now).max(0));
+        let give_back_us = (reserved_us - used_us).min((end_us - now).max(0));
         s.tokens_tat_us -= give_back_us;
     }
 }
@@ -358,5 +399,34 @@ mod tests {
         settle_tokens(s, r, 0, 0);
         assert_eq!(s.tokens_tat_us, 0);
         assert!(!Limits::default().is_limited());
+        // Raised before it settles (the clock rescaled by the next step): still given back whole.
+        let r = reserve_tokens(s, Limits { rpm: None, tpm: Some(100) }, 50, 0).unwrap();
+        reserve_tokens(s, Limits { rpm: None, tpm: Some(6_000) }, 0, 0).unwrap();
+        settle_tokens(s, r, 0, 0);
+        assert_eq!(s.tokens_tat_us, 0, "{s:?}");
+    }
+
+    /// A limit changed by an admin applies at the key's next request: the requests already
+    /// made count, not the old limit's time (one request under 1 RPM used the whole minute;
+    /// under 100 RPM it is one of 100, so 99 more pass at once).
+    #[test]
+    fn a_changed_limit_applies_at_the_next_request() {
+        let mut r = RateLimiter::default();
+        let one = Limits { rpm: Some(1), tpm: Some(60) };
+        r.step(K, 0, |s| admit(s, one, 0)).unwrap().unwrap();
+        r.step(K, 0, |s| reserve_tokens(s, one, 60, 0)).unwrap().unwrap();
+        assert!(r.step(K, 1, |s| admit(s, one, 1)).unwrap().is_err());
+        let raised = Limits { rpm: Some(100), tpm: Some(6_000) };
+        assert_eq!(peek(&r.get(K), raised, 1).remaining_requests, 99);
+        for left in (0..99).rev() {
+            assert_eq!(r.step(K, 1, |s| admit(s, raised, 1)).unwrap().unwrap().remaining_requests, left);
+        }
+        assert!(r.step(K, 1, |s| admit(s, raised, 1)).unwrap().is_err());
+        let a = r.step(K, 1, |s| admit(s, Limits { rpm: None, tpm: Some(6_000) }, 1)).unwrap().unwrap();
+        assert_eq!(a.remaining_tokens, 5_940, "60 of 6 000 tokens used");
+        // Lowered: a key that made 100 requests is out under 10 RPM, for at most a window.
+        let lowered = Limits { rpm: Some(10), tpm: None };
+        assert!(r.step(K, 2, |s| admit(s, lowered, 2)).unwrap().is_err());
+        assert!(r.step(K, 60_000, |s| admit(s, lowered, 60_000)).unwrap().is_ok());
     }
 }

@@ -431,6 +431,10 @@ impl KeySpend {
 pub struct KeyRate {
     pub requests_tat_us: i64,
     pub tokens_tat_us: i64,
+    /// The RPM and TPM the clocks were last stepped under (0: never), so that a limit changed
+    /// since is applied to them at once rather than read through the old limit's scale.
+    pub rpm: u32,
+    pub tpm: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -29,7 +29,7 @@ use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_requ
 const SCHEMA: &str = include_str!("sql/pg_schema.sql");
 /// The version `SCHEMA` brings a database to; a database of a later version is refused (an
 /// older node would not maintain what the newer schema relies on, such as `pending_holds`).
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 /// Attempts per operation on a retryable conflict.
 pub const MAX_RETRIES: u32 = 5;
 const ACCOUNT_COLS: &str = "id, name, kind, balance_micros, pending_micros, created_at_ms";
@@ -81,6 +81,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+/// A `key_rates` row read as `requests_tat_us, tokens_tat_us, rpm, tpm`.
+fn key_rate_of(row: &tokio_postgres::Row) -> Result<KeyRate> {
+    let limit = |i: usize| -> Result<u32> { Ok(u32::try_from(col::<i64>(row, i)?).unwrap_or(0)) };
+    Ok(KeyRate { requests_tat_us: col(row, 0)?, tokens_tat_us: col(row, 1)?, rpm: limit(2)?, tpm: limit(3)? })
 }
 
 fn is_retryable(e: &LedgerError) -> bool {
@@ -172,9 +178,9 @@ impl PgStore {
     where
         F: FnOnce(&mut KeyRate) -> R,
     {
-        const LOCK: &str = "SELECT requests_tat_us, tokens_tat_us FROM key_rates WHERE key_id = $1 FOR UPDATE";
+        const LOCK: &str = "SELECT requests_tat_us, tokens_tat_us, rpm, tpm FROM key_rates WHERE key_id = $1 FOR UPDATE";
         const CREATE: &str = "INSERT INTO key_rates (key_id, requests_tat_us, tokens_tat_us) VALUES ($1, 0, 0) ON CONFLICT (key_id) DO NOTHING";
-        const STORE: &str = "UPDATE key_rates SET requests_tat_us = $2, tokens_tat_us = $3 WHERE key_id = $1";
+        const STORE: &str = "UPDATE key_rates SET requests_tat_us = $2, tokens_tat_us = $3, rpm = $4, tpm = $5 WHERE key_id = $1";
         let mut conn = OpenTx(Some(self.client().await?));
         let client = conn.0.as_ref().expect("just set");
         let (lock, create, store) = tokio::try_join!(client.prepare_cached(LOCK), client.prepare_cached(CREATE), client.prepare_cached(STORE)).map_err(pg_err)?;
@@ -191,14 +197,14 @@ impl PgStore {
             rows = client.query(&lock, &id_arg).await.map_err(pg_err)?;
         }
         let row = rows.first().ok_or_else(|| LedgerError::Storage("key_rates row missing after insert".into()))?;
-        let before = KeyRate { requests_tat_us: col(row, 0)?, tokens_tat_us: col(row, 1)? };
+        let before = key_rate_of(row)?;
         let mut rate = before;
         let out = step(&mut rate);
         if rate == before {
             client.batch_execute("COMMIT").await.map_err(pg_err)?;
         } else {
-            let (r, t) = (rate.requests_tat_us, rate.tokens_tat_us);
-            let args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&id, &r, &t];
+            let (r, t, rpm, tpm) = (rate.requests_tat_us, rate.tokens_tat_us, i64::from(rate.rpm), i64::from(rate.tpm));
+            let args: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [&id, &r, &t, &rpm, &tpm];
             tokio::try_join!(client.execute(&store, &args), client.batch_execute("COMMIT")).map_err(pg_err)?;
         }
         conn.0.take(); // committed: the connection goes back to the pool
@@ -244,10 +250,10 @@ impl PgStore {
     /// `key`'s rate-limit clocks as stored (zero for a key without a row), without a lock.
     pub async fn key_rate(&self, key: KeyId) -> Result<KeyRate> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT requests_tat_us, tokens_tat_us FROM key_rates WHERE key_id = $1").await.map_err(pg_err)?;
+        let stmt = client.prepare_cached("SELECT requests_tat_us, tokens_tat_us, rpm, tpm FROM key_rates WHERE key_id = $1").await.map_err(pg_err)?;
         let rows = client.query(&stmt, &[&&key.to_bytes()[..]]).await.map_err(pg_err)?;
         match rows.first() {
-            Some(row) => Ok(KeyRate { requests_tat_us: col(row, 0)?, tokens_tat_us: col(row, 1)? }),
+            Some(row) => key_rate_of(row),
             None => Ok(KeyRate::default()),
         }
     }

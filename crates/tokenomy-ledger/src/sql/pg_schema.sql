@@ -114,3 +114,9 @@ CREATE TABLE IF NOT EXISTS node_origins (
     created_at_ms BIGINT NOT NULL
 );
 UPDATE schema_version SET version = 4 WHERE version < 4;
+
+-- version 5: the limits each key's clocks were last stepped under (KeyRate's rpm and tpm), so
+-- a limit an admin changes applies at once (0: not known yet).
+ALTER TABLE key_rates ADD COLUMN IF NOT EXISTS rpm BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE key_rates ADD COLUMN IF NOT EXISTS tpm BIGINT NOT NULL DEFAULT 0;
+UPDATE schema_version SET version = 5 WHERE version < 5;

@@ -210,9 +210,12 @@ async fn postgres_key_rate_steps_from_two_nodes_are_never_lost() {
     }
     seen.sort();
     assert_eq!(seen, (1..=64).collect::<Vec<_>>(), "each step saw the one before it");
-    assert_eq!(b.key_rate(key).await.unwrap(), KeyRate { requests_tat_us: 64, tokens_tat_us: 640 });
+    assert_eq!(b.key_rate(key).await.unwrap(), KeyRate { requests_tat_us: 64, tokens_tat_us: 640, ..KeyRate::default() });
     // A step that changes nothing writes nothing, and returns what it read.
     assert_eq!(a.update_key_rate(key, |r| r.tokens_tat_us).await.unwrap(), 640);
+    // The limits the clocks were stepped under are kept with them.
+    a.update_key_rate(key, |r| (r.rpm, r.tpm) = (7, 9)).await.unwrap();
+    assert_eq!(b.key_rate(key).await.unwrap(), KeyRate { requests_tat_us: 64, tokens_tat_us: 640, rpm: 7, tpm: 9 });
     assert_eq!(a.key_rate(KeyId(43)).await.unwrap(), KeyRate::default());
 }
 
@@ -253,14 +256,14 @@ async fn postgres_schema_from_a_newer_version_is_refused() {
     drop(PgStore::open_in_schema(&url, &schema, 1).await.unwrap());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 5")).await.unwrap();
+    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 6")).await.unwrap();
     let err = PgStore::open_in_schema(&url, &schema, 1).await.err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 4"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 5"), "{err}");
 }
 
-/// A PostgreSQL schema created by version 1 is brought to the current version (4) on open:
+/// A PostgreSQL schema created by version 1 is brought to the current version (5) on open:
 /// key columns added, a hold left pending by the old version listed for the expiry sweep,
-/// and the keys' rate clocks table created.
+/// and the keys' rate clocks table created, with the limits they were stepped under.
 #[tokio::test]
 async fn postgres_schema_v1_is_migrated() {
     use tokenomy_ledger::*;
@@ -293,7 +296,9 @@ async fn postgres_schema_v1_is_migrated() {
     assert_eq!(s.expire_holds(now_ms()).await.unwrap(), 1);
     assert_eq!(s.get_account(AccountId(42 << 64)).await.unwrap().pending_micros, 0);
     let version: i32 = client.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.unwrap().get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
+    s.update_key_rate(KeyId(9), |r| r.rpm = 3).await.unwrap();
+    assert_eq!(s.key_rate(KeyId(9)).await.unwrap().rpm, 3);
     let a = s.create_account("a", AccountKind::User).await.unwrap();
     s.mint(a.id, 100, "m", None).await.unwrap();
     let caps = SpendCaps { day_micros: Some(10), month_micros: Some(20) };
