@@ -454,9 +454,11 @@ fn context_length(state: &AppState, model: &str) -> Result<u32, AppError> {
 
 /// Refuses a request that cannot fit the model's context before anything is held for it: its
 /// error must not depend on the balance (a 402 for a request no credit could buy).
-fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32) -> Result<(), AppError> {
+/// Whether every prompt and `max_tokens` fit the context; if not, a 400 naming `param`, the
+/// request's field for the prompt (`messages` or `prompt`).
+fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32, param: &str) -> Result<(), AppError> {
     for p in prompts {
-        tokenomy_core::BackendError::check_context(ctx, p.len(), max_tokens)?;
+        tokenomy_core::BackendError::check_context(ctx, p.len(), max_tokens).map_err(|e| AppError { param: Some(param.into()), ..e.into() })?;
     }
     Ok(())
 }
@@ -608,7 +610,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let prompt_tokens = prompt.len() as u32;
     let prompts = [prompt];
-    fits_context(ctx, &prompts, params.max_tokens)?;
+    fits_context(ctx, &prompts, params.max_tokens, "messages")?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
@@ -1068,7 +1070,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     if params.max_tokens == 0 && !req.echo {
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }
-    fits_context(ctx, &prompts, params.max_tokens)?;
+    fits_context(ctx, &prompts, params.max_tokens, "prompt")?;
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);

@@ -162,7 +162,11 @@ impl CallStream {
                 let rest = if self.calls > 0 { held.trim().to_string() } else { held };
                 self.content(&mut out, rest);
             }
-            Mode::Header | Mode::WholeTag => self.whole(&mut out, &format!("{OPEN}{held}")),
+            // The answer ended inside a call's tag that does not read as a call (`max_tokens`
+            // cut its header): a call cut short, like one cut in its arguments, not text.
+            Mode::Header => self.cut = true,
+            Mode::WholeTag if Hermes.parse(&format!("{OPEN}{held}"), &self.known()).calls.is_empty() => self.cut = true,
+            Mode::WholeTag => self.whole(&mut out, &format!("{OPEN}{held}")),
             Mode::Rest => self.whole(&mut out, &held),
             Mode::Args { .. } => self.cut = true,
             Mode::TagEnd => {}
@@ -474,7 +478,19 @@ mod tests {
         agrees_with_whole_text("<tool_call>\n{\"name\": \"add\", \"arguments\": \"{\\\"a\\\": 1}\"}\n</tool_call>");
         agrees_with_whole_text("<tool_call>\n{\"name\": \"rm_rf\", \"arguments\": {}}\n</tool_call>");
         agrees_with_whole_text("<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}");
-        agrees_with_whole_text("<tool_call>\n{\"name\": \"add\"");
+    }
+
+    /// An answer that ends inside a call's tag before it reads as a call (`max_tokens` cut its
+    /// header) is a cut call: no template syntax reaches `content`.
+    #[test]
+    fn an_answer_ending_in_a_calls_header_is_a_cut_call() {
+        for text in ["<tool_call>\n{\"name\": \"add\"", "<tool_call>\n{\"na", "Let me see.\n<tool_call>\n{\"arguments\": {\"a\": 1"] {
+            let mut s = CallStream::new(KNOWN);
+            let mut pieces = s.push(text);
+            pieces.extend(s.finish());
+            let (content, calls) = rebuild(&pieces);
+            assert!(s.cut() && calls.is_empty() && !content.contains('<'), "{text:?}: {pieces:?}");
+        }
     }
 
     #[test]

@@ -111,10 +111,11 @@ struct LoadedModel {
     metrics: Arc<Metrics>,
 }
 
-/// Generations handed to a model's worker and not yet given a slot: the one count that
-/// `--queue-max` bounds. A request reserves places for all its generations (prompts × `n`) at
-/// once in [`Backend::generate`], and the worker releases each when its generation is
-/// admitted to a slot or ends while still waiting (cancelled, rejected).
+/// Generations handed to a model's worker and not yet ended, waiting or running: the count
+/// that `--parallel` + `--queue-max` bound (at most `queue_max` wait once every slot runs; a
+/// burst that finds slots free is not refused for not being admitted yet). A request reserves
+/// places for all its generations (prompts × `n`) at once in [`Backend::generate`], and the
+/// worker releases each when its generation ends (finished, cancelled, rejected).
 #[derive(Debug, Default)]
 pub(crate) struct Queued {
     waiting: AtomicUsize,
@@ -321,7 +322,7 @@ fn kv_layout(cfg: &ModelConfig, train_ctx: u32) -> Result<(u32, u32), String> {
 type WorkerHandles = (SyncSender<Submission>, std::thread::JoinHandle<()>);
 
 fn spawn_worker(model: Arc<LlamaModel>, config: WorkerConfig, metrics: Arc<Metrics>) -> Result<WorkerHandles, String> {
-    let (tx, rx) = sync_channel(config.limits.queue_max);
+    let (tx, rx) = sync_channel(config.limits.queue_max + config.limits.slots);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let worker = std::thread::Builder::new()
         .name("tokenomy-worker".into())
@@ -435,11 +436,12 @@ impl Backend for Engine {
         if m.queued.cancelling() {
             return Err(BackendError::Overloaded("the node is shutting down".into()));
         }
-        if !m.queued.reserve(wanted, queue_max) {
+        let slots = m.limits.slots;
+        if !m.queued.reserve(wanted, queue_max + slots) {
+            let waiting = m.queued.len().saturating_sub(slots);
             return Err(BackendError::Overloaded(format!(
-                "`{}` has {} of its {queue_max} queue places taken (--queue-max); try again shortly",
+                "`{}` is busy: its {slots} slots run (--parallel) and {waiting} of its {queue_max} queue places are taken (--queue-max)",
                 m.info.name,
-                m.queued.len()
             )));
         }
         let mut unsent = wanted;

@@ -142,7 +142,9 @@ impl Scheduler {
         if needed > self.limits.ctx_tokens_max {
             return Err(Reject::TooLarge { needed, limit: self.limits.ctx_tokens_max });
         }
-        if self.waiting.len() >= self.limits.queue_max {
+        // `queue_max` waiting beyond the slots: a burst that finds slots free is not refused
+        // because its requests have not been admitted yet.
+        if self.waiting.len() + self.running_len() >= self.limits.queue_max + self.limits.slots {
             return Err(Reject::QueueFull);
         }
         self.waiting.push_back(spec);
@@ -800,7 +802,8 @@ mod tests {
         s.submit(job(3, &[3], 1)).unwrap();
         s.submit(job(4, &[3], 1)).unwrap();
         s.submit(job(5, &[3], 1)).unwrap();
-        assert_eq!(s.submit(job(6, &[3], 1)), Err(Reject::QueueFull));
+        s.submit(job(6, &[3], 1)).unwrap();
+        assert_eq!(s.submit(job(8, &[3], 1)), Err(Reject::QueueFull), "1 running and 5 waiting: 2 slots and 4 queue places");
         assert_eq!(s.submit(job(7, &[1; 30], 10)), Err(Reject::TooLarge { needed: 40, limit: 32 }));
         run_to_end(&mut s);
         assert!(s.reserved_cells() <= 40);

@@ -55,7 +55,7 @@ struct Running {
     /// Tokens to emit next instead of sampling (the think block closed at its budget).
     forced: std::collections::VecDeque<TokenId>,
     budget_spent: bool,
-    /// Holds a queue place (until admitted to a slot).
+    /// Holds a place in the engine (waiting or running), until it ends.
     queued: bool,
 }
 
@@ -156,7 +156,6 @@ impl Worker<'_> {
                 if let Some(job) = self.jobs.get_mut(id) {
                     job.usage.cached_tokens = *cached;
                     job.usage.prompt_tokens = *cached;
-                    job.leave_queue(&self.queued);
                     let _ = job.sub.events.send(Event::Admitted { cached_tokens: *cached });
                 }
             }
@@ -408,7 +407,7 @@ impl Worker<'_> {
 
     fn publish_gauges(&self) {
         self.metrics.set_gauges(
-            self.queued.len() as u64,
+            self.queued.len().saturating_sub(self.sched.running_len()) as u64,
             self.sched.running_len() as u64,
             self.sched.reserved_cells() as u64,
             self.sched.cached_cells() as u64,

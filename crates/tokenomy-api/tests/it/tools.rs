@@ -352,6 +352,7 @@ async fn a_call_cut_by_max_tokens_is_length_and_anthropic_agent_inputs_are_taken
             }
         };
         assert_eq!(reason, "length", "stream={stream}: {}", r.text);
+        assert!(!r.text.contains("tool_call>"), "no template syntax in the answer, stream={stream}: {}", r.text);
     }
     // Cut after the name: the answer is the partial call the stream sends (no raw markup in
     // `content`), streamed or not.
