@@ -199,6 +199,9 @@ fn stop_of(choice: &Value) -> (&'static str, Value) {
     let reason = match choice["finish_reason"].as_str() {
         Some("length") => "max_tokens",
         Some("tool_calls") => "tool_use",
+        // Cut by the node (a shutdown): Anthropic's turn that was paused and may be sent back
+        // as-is to be continued (a prefill, which this node continues too).
+        Some("abort") => "pause_turn",
         _ if !sequence.is_null() => "stop_sequence",
         _ => "end_turn",
     };
@@ -411,6 +414,12 @@ mod tests {
         let mut st = StreamState::default();
         let empty = json!({"id": "chatcmpl-2", "model": "m", "choices": [{"delta": {}, "finish_reason": null}]});
         assert_eq!(st.chunk(&empty).len(), 1, "message_start");
+    }
+
+    #[test]
+    fn an_answer_the_node_cut_is_a_paused_turn() {
+        assert_eq!(stop_of(&json!({"finish_reason": "abort"})), ("pause_turn", Value::Null));
+        assert_eq!(stop_of(&json!({"finish_reason": "length"})).0, "max_tokens");
     }
 
     #[test]

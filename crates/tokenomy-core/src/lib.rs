@@ -58,7 +58,11 @@ impl FinishReason {
     pub fn as_openai(&self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
-            FinishReason::Length | FinishReason::Cancelled | FinishReason::Error => "length",
+            FinishReason::Length | FinishReason::Error => "length",
+            // Cut before its end by the node (a shutdown past its drain deadline; a client that
+            // left reads nothing): vLLM's name for an aborted answer, so an agent does not take
+            // it for one that reached max_tokens.
+            FinishReason::Cancelled => "abort",
         }
     }
 }

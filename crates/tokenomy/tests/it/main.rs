@@ -264,8 +264,8 @@ fn serve_refuses(dir: &Path, args: &[&str]) -> String {
 }
 
 /// SIGTERM lets in-flight answers finish and the process exit 0; past `--drain-timeout-ms` an
-/// answer still running is cut and charged for what it produced (its stream ends with its
-/// usage and receipt); a second SIGTERM stops it at once, however long the answers still
+/// answer still running is cut (`finish_reason: "abort"`) and charged for what it produced (its
+/// stream ends with its usage and receipt); a second SIGTERM stops it at once, however long the answers still
 /// running would take.
 #[test]
 fn sigterm_drains_and_a_second_one_stops_at_once() {
@@ -302,6 +302,7 @@ fn sigterm_drains_and_a_second_one_stops_at_once() {
     let last: Value = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().map(|d| serde_json::from_str(d).unwrap()).unwrap();
     let produced = last["usage"]["completion_tokens"].as_u64().unwrap();
     assert!((1..900).contains(&produced), "{last}");
+    assert!(text.contains(r#""finish_reason":"abort""#), "a client can tell the answer was cut: {text}");
     assert!(last["receipt"]["amount_micros"].as_i64().unwrap() > 0, "charged for what it produced: {last}");
     // Two signals: a 900-token answer (seconds more) is cut and the node is gone at once.
     let mut node = serve(&["--model", model(SMOLLM2).to_str().unwrap()]);
