@@ -52,6 +52,8 @@ pub struct Meter {
     pub charged_micros: AtomicU64,
     /// Per-account totals since this node started (for `/v1/me`), bounded.
     accounts: Mutex<HashMap<AccountId, AccountUsage>>,
+    /// Responses by route template and status code, refusals (402, 429, 503) included.
+    responses: Mutex<std::collections::BTreeMap<(String, u16), u64>>,
 }
 
 /// Accounts whose usage totals are kept in memory at most.
@@ -102,8 +104,18 @@ impl Meter {
         })
     }
 
+    /// Counts one response of a route template (or `other`).
+    fn count_response(&self, route: String, status: u16) {
+        *self.responses.lock().expect("meter lock").entry((route, status)).or_default() += 1;
+    }
+
     fn render(&self, out: &mut String) {
         use std::fmt::Write;
+        let name = "tokenomy_http_responses_total";
+        let _ = writeln!(out, "# HELP {name} HTTP responses by route and status code (a stream counts at its head)\n# TYPE {name} counter");
+        for ((route, code), n) in self.responses.lock().expect("meter lock").iter() {
+            let _ = writeln!(out, "{name}{{route=\"{route}\",code=\"{code}\"}} {n}");
+        }
         for (name, v, help) in [
             ("tokenomy_metered_requests_total", &self.requests, "Requests metered"),
             ("tokenomy_metered_prompt_tokens_total", &self.prompt_tokens, "Prompt tokens metered"),
@@ -211,7 +223,21 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))
         .layer(axum::middleware::map_response(with_a_request_id))
+        .layer(axum::middleware::from_fn_with_state(state.meter.clone(), count_response))
         .with_state(state)
+}
+
+/// Counts every response in [`Meter`] by the route it matched and its status.
+async fn count_response(
+    axum::extract::State(meter): axum::extract::State<Arc<Meter>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    // A matched path is one of the router's templates, so the series stay bounded.
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map_or("other".into(), |m| m.as_str().to_owned());
+    let resp = next.run(req).await;
+    meter.count_response(route, resp.status().as_u16());
+    resp
 }
 
 /// Every response names a request id (`x-request-id`), errors and replays included, as

@@ -187,6 +187,13 @@ async fn overload_is_a_429_with_retry_after_and_everyone_else_is_answered() {
     assert!(ok >= 1 && busy >= 1, "ok={ok} busy={busy}");
     // and it keeps serving
     assert_eq!(post(&s, "/v1/completions", body).await.status, StatusCode::OK);
+    // an operator sees the refusals on /metrics
+    let page = send(&s, "GET", "/metrics", None).await.text;
+    let count = |code: u16| {
+        let prefix = format!("tokenomy_http_responses_total{{route=\"/v1/completions\",code=\"{code}\"}} ");
+        page.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!((count(200), count(429)), (Some(ok + 1), Some(busy)), "{page}");
 }
 
 /// `--queue-max` bounds the generations waiting for a slot once every slot runs (the engine

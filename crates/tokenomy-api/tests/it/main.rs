@@ -143,6 +143,11 @@ async fn models_health_ready_metrics() {
     for name in ["tokenomy_queue_depth", "tokenomy_running_sequences", "tokenomy_kv_cells_reserved", "tokenomy_metered_completion_tokens_total"] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    assert_eq!(send(&s, "GET", "/nope", None).await.status, StatusCode::NOT_FOUND);
+    let metrics = send(&s, "GET", "/metrics", None).await.text;
+    for line in [r#"{route="/v1/models/{*id}",code="404"} 1"#, r#"{route="/health",code="200"} 1"#, r#"{route="other",code="404"} 1"#] {
+        assert!(metrics.contains(&format!("tokenomy_http_responses_total{line}")), "{line} missing from:\n{metrics}");
+    }
 }
 
 /// A gauge's value for the test model in a Prometheus text page.
