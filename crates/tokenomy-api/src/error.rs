@@ -134,6 +134,12 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 allowance: Some(Box::new(l.allowance)),
                 ..base
             },
+            B::RequestTooLarge { .. } => AppError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                kind: "tokens",
+                code: Some("rate_limit_exceeded"),
+                ..base
+            },
             B::LogRewritten(_) => AppError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 kind: "server_error",

@@ -604,6 +604,15 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         return Err(AppError::invalid_value(param, format!("{param} must be at least 1")));
     }
     params.max_tokens = asked.unwrap_or_else(|| ctx.saturating_sub(prompt.len() as u32));
+    if let (None, Some(tpm)) = (asked, g.caller.as_ref().and_then(|p| p.limits.tpm)) {
+        // Without max_tokens, an answer on a key with a TPM limit may use what the limit
+        // leaves after its prompt: it ends there with finish_reason "length" instead of
+        // putting the key in debt for hours (a prompt over the limit is refused when held).
+        let left = tpm.saturating_sub(prompt.len() as u32) / n;
+        if left > 0 {
+            params.max_tokens = params.max_tokens.min(left);
+        }
+    }
     if params.max_tokens == 0 && asked.is_none() {
         params.max_tokens = 1; // let the engine report the context overflow with both numbers
     }

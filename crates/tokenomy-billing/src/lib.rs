@@ -74,6 +74,13 @@ pub enum BillingError {
     SpendCapExceeded { period: &'static str, cap_micros: i64, remaining_micros: i64, needed_micros: i64 },
     #[error("Rate limit of {} per minute reached for this key; retry in {:.1} s", .0.limit, .0.retry_after_ms as f64 / 1000.0)]
     RateLimited(Limited),
+    /// A request that may use more tokens than its key's TPM allows in a whole minute: no wait
+    /// lets it through (OpenAI's "Request too large").
+    #[error(
+        "Request too large for this key's limit of {tpm} tokens per minute: it may use {tokens} (its prompt and \
+         max_tokens, over all its choices). Lower max_tokens or shorten the prompt; waiting will not help."
+    )]
+    RequestTooLarge { tokens: u64, tpm: u32 },
     /// The ledger's receipts log no longer holds entries this node read (and may have signed):
     /// the database was restored from a backup or failed over to a replica that lost commits.
     /// The node stops charging: its checkpoints would commit to charges the ledger lacks.
@@ -542,8 +549,11 @@ impl Billing {
         let now = tokenomy_ledger::now_ms();
         let reservation = match p.limits.tpm {
             None => ratelimit::Reservation::default(),
-            Some(_) => {
+            Some(tpm) => {
                 let tokens = req.prompt_tokens.saturating_add(req.completion_tokens_max);
+                if tokens > u64::from(tpm) {
+                    return Err(BillingError::RequestTooLarge { tokens, tpm });
+                }
                 let limits = p.limits;
                 let reserve = move |s: &mut tokenomy_ledger::KeyRate| ratelimit::reserve_tokens(s, limits, tokens, now);
                 self.rates.step(p.key_id, now, reserve).await?.map_err(BillingError::RateLimited)?

@@ -561,6 +561,22 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
         assert_eq!(assert_error(r, StatusCode::TOO_MANY_REQUESTS)["code"], "rate_limit_exceeded");
         assert_eq!(r.headers["x-ratelimit-limit-tokens"], "100");
     }
+    // A request that may use more than the minute's tokens is refused at once, whatever is
+    // left (OpenAI's "Request too large"): no Retry-After, as waiting does not help. Without
+    // max_tokens, the answer may use what the limit leaves after its prompt, and ends there.
+    let k = n.admin("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"scopes": ["inference"], "tpm": 60}))).await;
+    let key = k["key"].as_str().unwrap();
+    let r = n.call("POST", "/v1/chat/completions", Some(chat(200)), key).await;
+    let e = assert_error(&r, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("tokens"), Some("rate_limit_exceeded")), "{e}");
+    assert!(!r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    let mut open_ended = chat(1);
+    open_ended.as_object_mut().unwrap().remove("max_tokens");
+    open_ended["ignore_eos"] = json!(true);
+    let r = n.call("POST", "/v1/chat/completions", Some(open_ended), key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert_eq!((v["usage"]["total_tokens"].as_u64(), v["choices"][0]["finish_reason"].as_str()), (Some(60), Some("length")), "{v}");
     // The token headers say what is left after this request (as OpenAI's do), not before it.
     // Its tokens count from when it was placed, so the minute has moved on by its duration
     // (60 ms a token at 1 000 a minute) when it ends.

@@ -460,6 +460,9 @@ async fn a_holds_tpm_reservation_is_released_however_the_hold_ends() {
     let p = b.authenticate(Some(&key)).await.unwrap();
     // Two requests of 910 tokens fill more than the minute's 1 000: a third waits.
     let limited = |r: Result<tokenomy_billing::Hold, BillingError>| matches!(r, Err(BillingError::RateLimited(_)));
+    // A request that may use more than a minute's tokens is refused outright, reserving none.
+    let e = b.hold(&p, &req("huge", 10, 991)).await.unwrap_err();
+    assert!(matches!(e, BillingError::RequestTooLarge { tokens: 1_001, tpm: 1_000 }), "{e:?}");
     for end in ["drop", "void"] {
         let (a, c) = (b.hold(&p, &req("a", 10, 900)).await.unwrap(), b.hold(&p, &req("c", 10, 900)).await.unwrap());
         assert!(limited(b.hold(&p, &req("x", 10, 900)).await), "{end}: the window is full");
