@@ -101,6 +101,7 @@ impl From<LedgerError> for BillingError {
                 BillingError::Invalid(e.to_string())
             }
             L::UnknownAccount(_) | L::UnknownTransfer(_) | L::UnknownKey(_) => BillingError::NotFound(e.to_string()),
+            L::NameTaken(_) => BillingError::Conflict(e.to_string()),
             L::InsufficientFunds { shortfall_micros } => BillingError::InsufficientFunds { shortfall_micros },
             L::SpendCapExceeded { period, cap_micros, remaining_micros, requested_micros } => {
                 BillingError::SpendCapExceeded { period, cap_micros, remaining_micros, needed_micros: requested_micros }
@@ -401,6 +402,15 @@ impl Billing {
         if scopes.iter().any(|s| s == SCOPE_INFERENCE) && !acc.kind.must_stay_funded() {
             return Err(BillingError::Invalid("inference keys belong to user or agent accounts".into()));
         }
+        if scopes.iter().any(|s| s == SCOPE_ADMIN) && acc.kind.must_stay_funded() {
+            // An admin key may mint: on a customer's account it would let the customer pay
+            // themselves.
+            return Err(BillingError::Invalid(format!(
+                "admin keys belong to the operator's accounts, not to a {} account: create it on operator_revenue ({})",
+                acc.kind.api_name(),
+                tokenomy_ledger::OPERATOR_REVENUE
+            )));
+        }
         let (key, hash) = keys::generate();
         let id = self.store.create_key(account, hash, scopes, rpm, tpm, caps).await?;
         Ok((id, key))
@@ -409,6 +419,9 @@ impl Billing {
     /// Changes a key's RPM/TPM limits and spend caps (those `change` names, in one write);
     /// effective from its next request.
     pub async fn set_key_limits(&self, key: KeyId, change: KeyLimitsChange) -> Result<KeyRecord> {
+        if self.store.get_key(key).await?.revoked_at_ms.is_some() {
+            return Err(BillingError::Conflict(format!("key {key} is revoked: its limits no longer apply to anything")));
+        }
         Ok(self.store.set_key_limits(key, change).await?)
     }
 

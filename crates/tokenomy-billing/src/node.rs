@@ -291,10 +291,18 @@ impl Billing {
         };
         let (user_account, user_key_id) = match self.store.find_key_by_hash(keys::hash(&user_key)).await? {
             Some(k) => (k.account, k.id),
-            None => {
-                let user = self.store.create_account("local", AccountKind::User).await?;
-                (user.id, self.key_by_hash_or(&user_key, user.id, SCOPE_INFERENCE).await?)
-            }
+            None => match self.store.create_account("local", AccountKind::User).await {
+                Ok(user) => (user.id, self.key_by_hash_or(&user_key, user.id, SCOPE_INFERENCE).await?),
+                Err(tokenomy_ledger::LedgerError::NameTaken(_)) => {
+                    // Another node's first run made the local user first: join its ledger.
+                    // (So would this one's own attempt, had it crashed between making the
+                    // account and its key: the node then joins, with no grant and its admin key.)
+                    self.join_ledger(&admin_key)?;
+                    std::fs::remove_file(&pending_path).map_err(io_err(&pending_path))?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         let grant = self.config.billing.first_run_grant_micros;
         if grant > 0 {

@@ -480,6 +480,9 @@ pub enum LedgerError {
     Overflow,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Another account has this name (names are handles: unique).
+    #[error("an account is already named {0:?}: names are handles, so each is unique")]
+    NameTaken(String),
     #[error("invariant violated: {0}")]
     InvariantViolation(String),
     #[error("storage error: {0}")]
@@ -511,12 +514,26 @@ pub fn validate_idempotency_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// A new account's name: a handle the admin CLI and `?name=` find it by, so it must read as
+/// one (printable, no surrounding blanks), not as an account id (32 hex digits) and not as a
+/// system account's name. (Uniqueness is checked by each store, in the creating write.)
 pub fn validate_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN_BYTES {
-        return Err(LedgerError::InvalidArgument(format!("name must be 1..={MAX_NAME_LEN_BYTES} bytes")));
+    let bad = |why: &str| Err(LedgerError::InvalidArgument(format!("account name {name:?} {why}")));
+    if name.trim().is_empty() || name.len() > MAX_NAME_LEN_BYTES {
+        return bad(&format!("must have 1..={MAX_NAME_LEN_BYTES} bytes, not all blank"));
+    }
+    if name.chars().any(char::is_control) || name.trim() != name {
+        return bad("may not hold control characters (newlines, tabs) or begin or end with blanks");
+    }
+    if name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("reads as an account id (32 hex digits): add a prefix such as cust-");
+    }
+    if [AccountKind::Treasury, AccountKind::OperatorRevenue].iter().any(|k| k.api_name().eq_ignore_ascii_case(name)) {
+        return bad("is a system account's name");
     }
     Ok(())
 }
+
 
 pub fn validate_timeout(timeout_ms: i64) -> Result<()> {
     if timeout_ms <= 0 || timeout_ms > MAX_TIMEOUT_MS {

@@ -761,7 +761,15 @@ impl LedgerStore for PgStore {
         let a2 = a.clone();
         self.in_tx(move |tx| {
             let a = a2.clone();
-            Box::pin(async move { execute(tx, sql, &[&&a.id.to_bytes()[..], &a.name, &a.kind.as_i16(), &a.created_at_ms]).await })
+            Box::pin(async move {
+                // One creator of a name at a time across the nodes: the check and the insert
+                // run under a transaction lock on the name's hash.
+                execute(tx, "SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", &[&a.name]).await?;
+                if !query(tx, "SELECT 1 FROM accounts WHERE name = $1 LIMIT 1", &[&a.name]).await?.is_empty() {
+                    return Err(LedgerError::NameTaken(a.name.clone()));
+                }
+                execute(tx, sql, &[&&a.id.to_bytes()[..], &a.name, &a.kind.as_i16(), &a.created_at_ms]).await
+            })
         })
         .await?;
         Ok(a)

@@ -875,6 +875,10 @@ fn op_expire(c: &WriteConn, now: i64) -> Result<u64> {
 }
 
 fn op_create_account(c: &Connection, name: String, kind: AccountKind, now: i64) -> Result<Account> {
+    let taken = c.prepare_cached("SELECT 1 FROM accounts WHERE name = ?1 LIMIT 1").and_then(|mut s| s.exists([&name])).map_err(db_err)?;
+    if taken {
+        return Err(LedgerError::NameTaken(name));
+    }
     let a = Account { id: AccountId::generate(now), name, kind, balance_micros: 0, pending_micros: 0, created_at_ms: now };
     c.prepare_cached(
         "INSERT INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) VALUES (?1,?2,?3,0,0,?4)",

@@ -421,6 +421,9 @@ async fn isolation(n: Node) {
     let e = assert_error(&n.call("POST", "/v1/chat/completions", Some(chat(2)), &a_key).await, StatusCode::UNAUTHORIZED);
     assert_eq!(e["code"], "invalid_api_key");
     assert_error(&n.call("GET", "/v1/me", None, &a_key).await, StatusCode::UNAUTHORIZED);
+    // Its limits cannot be changed any more: it limits nothing.
+    let r = n.call("PATCH", &format!("/admin/v1/keys/{key_id}/limits"), Some(json!({"rpm": 10})), &n.first.admin_key).await;
+    assert!(assert_error(&r, StatusCode::CONFLICT)["message"].as_str().unwrap().contains("revoked"), "{}", r.text);
     // No key at all.
     let r = request(&n.state, "POST", "/v1/chat/completions", Some(&chat(2).to_string()), &[]).await;
     assert_error(&r, StatusCode::UNAUTHORIZED);
@@ -510,6 +513,10 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
             ("POST", format!("/admin/v1/accounts/{a}/mint"), json!({"amount_micros": 5, "idempotency_key": "k"}), "", StatusCode::UNAUTHORIZED),
             ("POST", "/admin/v1/accounts".into(), json!({"name": "x", "kind": "treasury"}), &admin, StatusCode::BAD_REQUEST),
             ("POST", format!("/admin/v1/accounts/{a}/keys"), json!({"scopes": ["root"]}), &admin, StatusCode::BAD_REQUEST),
+            // an admin key on a customer's account would let the customer mint to themselves
+            ("POST", format!("/admin/v1/accounts/{a}/keys"), json!({"scopes": ["admin"]}), &admin, StatusCode::BAD_REQUEST),
+            ("POST", "/admin/v1/accounts".into(), json!({"name": "a", "kind": "user"}), &admin, StatusCode::CONFLICT),
+            ("POST", "/admin/v1/accounts".into(), json!({"name": "x\nbalance_micros: 9", "kind": "user"}), &admin, StatusCode::BAD_REQUEST),
             ("PATCH", "/admin/v1/keys/00000000000000000000000000000abc/limits".into(), json!({"rpm": 5}), &admin, StatusCode::NOT_FOUND),
             ("PATCH", format!("/admin/v1/keys/{key_id}/limits"), json!({"rpm": 0}), &admin, StatusCode::BAD_REQUEST),
             ("PATCH", format!("/admin/v1/keys/{key_id}/limits"), json!({"budget": 5}), &admin, StatusCode::BAD_REQUEST),

@@ -51,6 +51,14 @@ pub async fn create_and_get_account<S: LedgerStore>(s: Arc<S>) {
     }
     assert!(matches!(s.create_account("", AccountKind::User).await, Err(LedgerError::InvalidArgument(_))));
     assert!(s.create_account(&"n".repeat(129), AccountKind::User).await.is_err());
+    // A name is a handle: printable, not an id's shape, not a system account's, and unique.
+    assert_eq!(s.create_account("alice", AccountKind::Agent).await.unwrap_err(), LedgerError::NameTaken("alice".into()));
+    for bad in ["   ", "evil\nbalance_micros: 9", " alice", "0123456789abcdef0123456789ABCDEF", "Treasury", "operator_revenue"] {
+        let e = s.create_account(bad, AccountKind::User).await.unwrap_err();
+        assert!(matches!(&e, LedgerError::InvalidArgument(m) if m.contains(&format!("{bad:?}"))), "{bad:?}: {e:?}");
+    }
+    let named = s.list_accounts(None, 100).await.unwrap().into_iter().filter(|x| x.name == "alice").count();
+    assert_eq!(named, 1);
     let missing = AccountId(u128::MAX);
     assert_eq!(s.get_account(missing).await, Err(LedgerError::UnknownAccount(missing)));
 }
