@@ -127,20 +127,31 @@ pub(crate) fn shown(v: Option<&str>) -> String {
 }
 
 pub fn closed_objects(schema: &mut Value) {
+    close(schema, true);
+}
+
+/// [`closed_objects`], `close_self` false for a branch of `allOf` (an intersection of closed
+/// objects that list different properties would allow nothing). An object whose `required`
+/// names a property it does not list is left open too: closed, it could not be satisfied.
+fn close(schema: &mut Value, close_self: bool) {
     match schema {
         Value::Object(o) => {
             let is_object = o.get("type") == Some(&json!("object")) || o.contains_key("properties");
-            if is_object && !o.contains_key("additionalProperties") {
+            let listed = |name: &Value| name.as_str().is_some_and(|n| o.get("properties").is_some_and(|p| p.get(n).is_some()));
+            let lists_required = o.get("required").and_then(Value::as_array).is_none_or(|r| r.iter().all(listed));
+            if close_self && is_object && lists_required && !o.contains_key("additionalProperties") {
                 o.insert("additionalProperties".into(), json!(false));
             }
             // Literal values (`const`, `enum`, `default`, `examples`) are data, not schemas.
             for (k, v) in o.iter_mut() {
-                if !matches!(k.as_str(), "const" | "enum" | "default" | "examples") {
-                    closed_objects(v);
+                match (k.as_str(), v) {
+                    ("const" | "enum" | "default" | "examples", _) => {}
+                    ("allOf", Value::Array(branches)) => branches.iter_mut().for_each(|b| close(b, false)),
+                    (_, v) => close(v, true),
                 }
             }
         }
-        Value::Array(a) => a.iter_mut().for_each(closed_objects),
+        Value::Array(a) => a.iter_mut().for_each(|v| close(v, true)),
         _ => {}
     }
 }
@@ -454,6 +465,17 @@ mod tests {
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(s["properties"]["a"]["additionalProperties"], false);
         assert_eq!(s["properties"]["c"]["additionalProperties"], true, "an explicit choice is kept");
+    }
+
+    #[test]
+    fn objects_closing_would_make_unsatisfiable_stay_open() {
+        let branch = |p: &str| json!({"type": "object", "properties": {p: {"type": "integer"}}, "required": [p]});
+        let mut s = json!({"allOf": [branch("a"), branch("b")]});
+        closed_objects(&mut s);
+        assert_eq!(s, json!({"allOf": [branch("a"), branch("b")]}), "an intersection's branches stay open");
+        let mut s = json!({"type": "object", "properties": {}, "required": ["zzz"]});
+        closed_objects(&mut s);
+        assert_eq!(s.get("additionalProperties"), None, "it requires a property it does not list");
     }
 
     #[test]

@@ -569,7 +569,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
             .map(|d| {
                 let mut p = d["function"]["parameters"].clone();
                 openai::closed_objects(&mut p);
-                (d["function"]["name"].as_str().unwrap_or_default(), p)
+                (d["function"]["name"].as_str().unwrap_or_default(), tokenomy_core::with_bounded_whitespace(p))
             })
             .collect();
         let tools: Vec<(&str, &Value)> = closed.iter().map(|(n, p)| (*n, p)).collect();

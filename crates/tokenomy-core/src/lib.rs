@@ -98,6 +98,21 @@ pub struct SamplingParams {
     pub grammar: Option<Grammar>,
 }
 
+/// What a constrained JSON value may have between its tokens (a regex): one space, or one or
+/// two line breaks and an indent of up to 20, as llama.cpp's schema grammars allow. Any run
+/// (llguidance's default) lets a small model that wants to end early write blanks until
+/// `max_tokens`, paid for and never valid.
+pub const JSON_WHITESPACE_PATTERN: &str = r"[\x20]|[\x0A]{1,2}[\x20\x09]{0,20}";
+
+/// `schema` with [`JSON_WHITESPACE_PATTERN`] as llguidance's option (`x-guidance`), unless it
+/// sets options of its own.
+pub fn with_bounded_whitespace(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = schema.as_object_mut().filter(|o| !o.contains_key("x-guidance")) {
+        o.insert("x-guidance".into(), serde_json::json!({ "whitespace_pattern": JSON_WHITESPACE_PATTERN }));
+    }
+    schema
+}
+
 /// A constraint on the output, enforced during sampling.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Grammar {

@@ -34,7 +34,7 @@ impl Compiler {
     /// Compiles `g` into a fresh matcher; a schema or grammar llguidance refuses is the caller's error.
     pub fn matcher(&self, model: &LlamaModel, g: &Grammar) -> Result<Constraint, String> {
         let grammar = match g {
-            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(tokenomy_core::with_bounded_whitespace(s.clone())),
             Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
         };
         let parser = self.factory(model)?.create_parser(grammar).map_err(|e| format!("invalid grammar or schema: {e}"))?;
