@@ -370,8 +370,21 @@ async fn shutdown_signal(backend: Arc<dyn tokenomy_core::Backend>, drain_max: Du
             _ = a_signal() => tracing::warn!("second signal: stopping now"),
             _ = cut => {}
         }
-        // Workers may be mid-decode: on a CUDA build the runtime's teardown in `exit` can then
-        // end the process with SIGABRT instead of status 1 (either way, not a clean stop).
-        std::process::exit(1);
+        hard_stop();
     });
+}
+
+/// Ends the process with status 1 at once. Not `std::process::exit`: its `atexit` handlers
+/// run llama.cpp's static destructors (and CUDA's teardown) while the engine's threads are
+/// still decoding, which ended 3 in 10 hard stops with SIGSEGV (SIGABRT on CUDA). What must
+/// survive is already durable: the ledger commits each write, a cut answer's hold is voided
+/// at the next start or when it times out.
+#[allow(unsafe_code)]
+fn hard_stop() -> ! {
+    use std::io::Write;
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    // SAFETY: `_exit` takes no pointers and never returns; skipping destructors and `atexit`
+    // handlers is its purpose.
+    unsafe { libc::_exit(1) }
 }
