@@ -142,6 +142,8 @@ pub struct AppState {
     /// Requests without a key are charged to the local user (`DATA_DIR/user.key`).
     pub no_auth: bool,
     idempotency: Arc<charge::IdempotencyCache>,
+    /// When this node began serving (Unix seconds): its models' `created`.
+    started_s: u64,
 }
 
 impl AppState {
@@ -155,6 +157,7 @@ impl AppState {
             billing: None,
             no_auth: false,
             idempotency: Default::default(),
+            started_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         }
     }
 

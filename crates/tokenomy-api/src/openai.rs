@@ -84,6 +84,29 @@ pub struct ChatRequest {
     pub functions: Option<Value>,
     #[serde(default)]
     pub function_call: Option<Value>,
+    /// Output modalities: only `["text"]` is served (audio would be silently missing).
+    pub modalities: Option<Vec<String>>,
+    pub audio: Option<Value>,
+    /// Accepted and not acted on (the engine has no reasoning effort), but checked: a typo is
+    /// the client's to know.
+    pub reasoning_effort: Option<String>,
+}
+
+impl ChatRequest {
+    /// The fields OpenAI takes that this node cannot honour, refused rather than ignored.
+    pub fn unserved(&self) -> Result<(), AppError> {
+        if let Some(m) = self.modalities.iter().flatten().find(|m| *m != "text") {
+            return Err(AppError::invalid_value("modalities", format!("only text output is served, not {m:?}")));
+        }
+        if self.audio.as_ref().is_some_and(|a| !a.is_null()) {
+            return Err(AppError::invalid_value("audio", "audio output is not served"));
+        }
+        const EFFORTS: [&str; 5] = ["none", "minimal", "low", "medium", "high"];
+        if let Some(e) = self.reasoning_effort.as_deref().filter(|e| !EFFORTS.contains(e)) {
+            return Err(AppError::invalid_value("reasoning_effort", format!("reasoning_effort must be one of {EFFORTS:?}, got {e:?}")));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,6 +295,8 @@ pub struct CompletionRequest {
     pub echo: bool,
     pub logprobs: Option<i64>,
     pub suffix: Option<String>,
+    /// Served only as `n` (each choice is returned): more candidates than choices is refused.
+    pub best_of: Option<i64>,
 }
 
 /// Checks ranges and builds the engine's sampling parameters (`max_tokens` is set later).
@@ -293,6 +318,9 @@ pub fn sampling(c: &CommonFields) -> Result<SamplingParams, AppError> {
     p.logit_bias = logit_bias(c.logit_bias.as_ref())?;
     p.stop = stops(c.stop.as_ref())?;
     p.ignore_eos = c.ignore_eos.unwrap_or(false);
+    if !c.stream && c.stream_options.as_ref().is_some_and(|o| o.include_usage) {
+        return Err(AppError::invalid_value("stream_options", "stream_options is only allowed when stream is true"));
+    }
     Ok(p)
 }
 
@@ -380,6 +408,12 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
             if m.role == "tool" && m.tool_call_id.is_none() && m.name.is_none() {
                 return Err(AppError::invalid_value(&param, format!("{param}: a tool message needs tool_call_id")));
             }
+            // A tool result answers a call: it follows an assistant message with `tool_calls`
+            // (or another result of the same turn), as OpenAI requires.
+            let answers_a_call = messages[..i].iter().rev().find(|p| p.role != "tool").is_some_and(|p| p.role == "assistant" && p.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
+            if m.role == "tool" && !answers_a_call {
+                return Err(AppError::invalid_value(&param, format!("{param}: a tool message must follow an assistant message with tool_calls")));
+            }
             // Only an assistant's message may go without content (its tool calls say it), as
             // OpenAI has it: a user turn without any is a client's mistake, not an empty turn.
             if m.role != "assistant" && m.content.as_ref().is_none_or(Value::is_null) {
@@ -449,7 +483,10 @@ impl CompletionLogprobs {
         self.tokens.push(text);
         self.text_offset.push(offset);
         self.token_logprobs.push(entry.map(|e| e.chosen.logprob));
-        self.top_logprobs.push(entry.map(|e| e.top.iter().map(|t| (t.text.clone(), t.logprob)).collect()));
+        // The chosen token is always among them, as OpenAI's legacy API has it (up to
+        // `logprobs` + 1 entries when it is not one of the most likely).
+        let top = |e: &LogprobEntry| e.top.iter().chain([&e.chosen]).map(|t| (t.text.clone(), t.logprob)).collect();
+        self.top_logprobs.push(entry.map(top));
     }
 }
 

@@ -516,6 +516,7 @@ pub(crate) struct ChatRun {
 
 pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<ChatRun, AppError> {
     let req = body.value;
+    req.unserved()?;
     let mut params = openai::sampling(&req.common)?;
     let n = openai::choices(req.common.n)?;
     let top = openai::top_logprobs(req.top_logprobs, "top_logprobs", openai::TOP_LOGPROBS_MAX)?;
@@ -1072,6 +1073,13 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     if req.suffix.is_some() {
         return Err(AppError::invalid_value("suffix", "suffix is not supported"));
     }
+    match req.best_of {
+        Some(b) if b < i64::from(n) => return Err(AppError::invalid_value("best_of", format!("best_of must be at least n ({n}), got {b}"))),
+        Some(b) if b > i64::from(n) => {
+            return Err(AppError::invalid_value("best_of", "best_of greater than n is not supported: ask for n choices and pick one"));
+        }
+        _ => {}
+    }
     let model = req.common.model.clone();
     let ctx = context_length(state, &model)?;
     let prompts = prompt_tokens(state, &model, &req.prompt)?;
@@ -1243,22 +1251,23 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
 // ---------------------------------------------------------------------------------------------
 // models, health, metrics
 
-fn model_json(m: &tokenomy_core::ModelInfo) -> Value {
+/// A served model; `created` is when the node began serving it (OpenAI's is a release date).
+fn model_json(m: &tokenomy_core::ModelInfo, created_s: u64) -> Value {
     json!({
-        "id": m.name, "object": "model", "created": 0, "owned_by": "tokenomy",
+        "id": m.name, "object": "model", "created": created_s, "owned_by": "tokenomy",
         "meta": {"architecture": m.architecture, "context_length": m.context_length, "sha256": m.sha256, "chat_template": m.has_chat_template},
     })
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state.backend.models().iter().map(model_json).collect();
+    let data: Vec<Value> = state.backend.models().iter().map(|m| model_json(m, state.started_s)).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
     let models = state.backend.models();
     let m = models.iter().find(|m| m.name == id).ok_or_else(|| AppError::from(tokenomy_core::BackendError::UnknownModel(id)))?;
-    Ok(Json(model_json(m)))
+    Ok(Json(model_json(m, state.started_s)))
 }
 
 pub async fn health() -> Json<Value> {

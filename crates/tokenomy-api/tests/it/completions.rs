@@ -36,6 +36,11 @@ async fn echo_with_logprobs_and_zero_max_tokens_scores_the_prompt() {
     assert_eq!(tokens.len(), n_tokens);
     assert!(tokens.iter().all(|t| t.as_str().is_some_and(|t| !t.is_empty())), "every prompt token has its text: {tokens:?}");
     assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), n_tokens);
+    // Each scored token is among its own top logprobs (OpenAI's legacy API: up to logprobs + 1).
+    for ((t, l), top) in tokens.iter().zip(token_logprobs).zip(lp["top_logprobs"].as_array().unwrap()).skip(1) {
+        let top = top.as_object().unwrap();
+        assert!((1..=2).contains(&top.len()) && top.get(t.as_str().unwrap()) == Some(l), "{t} {l} {top:?}");
+    }
     assert_eq!(lp["text_offset"].as_array().unwrap().len(), n_tokens);
     assert_eq!(v["usage"]["completion_tokens"], 0);
     assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), n_tokens as u64);

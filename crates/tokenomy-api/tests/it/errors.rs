@@ -91,6 +91,10 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         ("stop", json!(["a", "b", "c", "d", "e"])),
         ("functions", json!([{"name": "f", "parameters": {"type": "object"}}])),
         ("function_call", json!("auto")),
+        ("modalities", json!(["text", "audio"])),
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
+        ("reasoning_effort", json!("extreme")),
+        ("stream_options", json!({"include_usage": true})),
     ] {
         let mut body = base.clone();
         body[field] = value.clone();
@@ -109,6 +113,14 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     for user in [json!({"role": "user"}), json!({"role": "user", "content": null})] {
         let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [user]})).await;
         assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[0].content");
+    }
+    // A tool result answers an assistant's call.
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "tool", "content": "x", "tool_call_id": "zz"}]})).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[0]");
+    // best_of is n or nothing (each candidate is a returned choice).
+    for best_of in [1, 3] {
+        let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": "hi", "n": 2, "best_of": best_of, "max_tokens": 1})).await;
+        assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "best_of");
     }
     let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": [999999999], "max_tokens": 1})).await;
     assert_error(&r, StatusCode::BAD_REQUEST);

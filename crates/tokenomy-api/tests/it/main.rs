@@ -125,6 +125,7 @@ async fn models_health_ready_metrics() {
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], MODEL);
     assert_eq!(m["data"][0]["meta"]["architecture"], "llama");
+    assert!(m["data"][0]["created"].as_u64().is_some_and(|t| t > 1_700_000_000), "a Unix time: {m}");
     // the file is hashed in the background after load; it shows up shortly
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
