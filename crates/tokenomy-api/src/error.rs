@@ -107,6 +107,7 @@ impl From<tokenomy_billing::BillingError> for AppError {
             B::NotFound(_) => AppError { status: StatusCode::NOT_FOUND, code: Some("not_found"), ..base },
             B::Invalid(_) => AppError { code: Some("invalid_value"), ..base },
             B::Conflict(_) => AppError { status: StatusCode::CONFLICT, code: Some("conflict"), ..base },
+            B::Idempotency { code, .. } => AppError { status: StatusCode::CONFLICT, code: Some(code), ..base },
             B::Misdirected(_) => AppError { status: StatusCode::MISDIRECTED_REQUEST, code: Some("issued_by_another_node"), ..base },
             B::InsufficientQuota { .. } => AppError {
                 status: StatusCode::PAYMENT_REQUIRED,

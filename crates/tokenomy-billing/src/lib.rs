@@ -74,6 +74,10 @@ pub enum BillingError {
     SpendCapExceeded { period: &'static str, cap_micros: i64, remaining_micros: i64, needed_micros: i64 },
     #[error("Rate limit of {} per minute reached for this key; retry in {:.1} s", .0.limit, .0.retry_after_ms as f64 / 1000.0)]
     RateLimited(Limited),
+    /// An `Idempotency-Key` that cannot run this request, `code` saying whether to retry
+    /// (`idempotency_key_in_use`) or not (`…_processed`, `…_reused`, `…_exhausted`).
+    #[error("{message}")]
+    Idempotency { code: &'static str, message: String },
     /// A request that may use more tokens than its key's TPM allows in a whole minute: no wait
     /// lets it through (OpenAI's "Request too large").
     #[error(
@@ -149,6 +153,10 @@ pub struct ChargeRequest {
     pub completion_tokens_max: u64,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
+}
+
+fn idempotency(code: &'static str, message: &str) -> BillingError {
+    BillingError::Idempotency { code, message: message.into() }
 }
 
 /// Pauses before each new attempt of a settlement that failed in the store (a lost
@@ -622,16 +630,17 @@ impl Billing {
                 TransferState::Pending if t.id == mine => return Ok(t),
                 TransferState::Voided => continue,
                 TransferState::Pending => {
-                    return Err(BillingError::Conflict("A request with this Idempotency-Key is still in progress; retry when it has finished.".into()))
+                    return Err(idempotency("idempotency_key_in_use", "A request with this Idempotency-Key is still in progress; retry when it has finished."))
                 }
                 TransferState::Posted => {
-                    return Err(BillingError::Conflict(
-                        "A request with this Idempotency-Key was already processed; it was charged once and is not run again.".into(),
+                    return Err(idempotency(
+                        "idempotency_key_processed",
+                        "A request with this Idempotency-Key was already processed (on this node or another of its ledger); it was charged once and is not run again.",
                     ))
                 }
             }
         }
-        Err(BillingError::Conflict(format!("This Idempotency-Key failed {IDEMPOTENT_ATTEMPTS_MAX} times; use a new one.")))
+        Err(BillingError::Idempotency { code: "idempotency_key_exhausted", message: format!("This Idempotency-Key failed {IDEMPOTENT_ATTEMPTS_MAX} times; use a new one.") })
     }
 
     /// Places a hold of `worst` under ledger key `key` (or returns the transfer that holds it).
@@ -649,7 +658,10 @@ impl Billing {
                 Err(BillingError::InsufficientQuota { needed_micros: worst, shortfall_micros })
             }
             Err(LedgerError::IdempotencyConflict { .. }) => {
-                Err(BillingError::Conflict("This Idempotency-Key was already used for a different request.".into()))
+                Err(idempotency(
+                    "idempotency_key_reused",
+                    "This Idempotency-Key was already used for a different request (or for this one on a node of the ledger that prices it differently).",
+                ))
             }
             r => Ok(r?),
         }

@@ -176,6 +176,7 @@ impl Billing {
         create_private_dir(&dir).map_err(io_err(&dir))?;
         let data_dir_lock = lock_data_dir(&dir)?;
         let config = read_or_create_config(&dir, &opts.env)?;
+        let signed_before = dir.join("node.key").exists();
         let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
         let store = open_store(&dir, opts.database_url.as_deref(), config.billing.ledger_timeout_ms).await?;
         if let AnyStore::Pg(pg) = &store {
@@ -192,6 +193,14 @@ impl Billing {
         log.sync(&store).await?;
         if let Some(l) = &last {
             log.assert_consistent_with(&l.checkpoint).map_err(BillingError::Internal)?;
+        } else if signed_before && log.size() > 0 {
+            // The file that lets a restart catch a ledger gone back is gone: say so loudly.
+            tracing::error!(
+                log_size = log.size(),
+                "{} is missing: this node cannot check that its ledger did not go back (a restored backup); if it did, \
+                 the checkpoints it signs from now on fork from those it signed before. Restore the file if you have it.",
+                cp_path.display()
+            );
         }
         let rates = rates::RateClocks::for_store(&store);
         let billing = Arc::new(Billing {

@@ -287,6 +287,7 @@ async fn retry_is_refused_as_charged(n: &Node, acc: &str, body: &str, h: &[(&str
     let retry = request(&n.state, "POST", "/v1/chat/completions", Some(body), h).await;
     let e = assert_error(&retry, StatusCode::CONFLICT);
     assert!(e["message"].as_str().unwrap().contains("charged once"), "{e}");
+    assert_eq!(e["code"], "idempotency_key_processed", "a code that says not to retry: {e}");
     assert_eq!(posted_usage(&n.statement(acc).await).len(), 1);
     n.check().await;
 }

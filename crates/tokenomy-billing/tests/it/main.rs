@@ -305,7 +305,7 @@ async fn a_failed_attempt_of_an_idempotency_key_lets_a_retry_run_and_a_charged_o
         let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
         let keyed = |id: &str| ChargeRequest { idempotency_key: Some("order-7".into()), ..req(id, 100, 100) };
         let conflict = |e: BillingError, what: &str| match e {
-            BillingError::Conflict(m) => assert!(m.contains(what), "{m}"),
+            BillingError::Idempotency { message, .. } => assert!(message.contains(what), "{message}"),
             e => panic!("{e:?}"),
         };
         // Another key that looks like a later attempt of this one is a key of its own.
@@ -364,7 +364,7 @@ async fn two_nodes_given_one_idempotency_key_at_once_run_it_once() {
             (Err(e), Ok(h)) => ((&two, h), e),
             (r1, r2) => panic!("round {round}: exactly one node runs it: {:?} / {:?}", r1.map(|_| ()), r2.map(|_| ())),
         };
-        assert!(matches!(&refused, BillingError::Conflict(m) if m.contains("still in progress")), "{refused:?}");
+        assert!(matches!(&refused, BillingError::Idempotency { code: "idempotency_key_in_use", message } if message.contains("still in progress")), "{refused:?}");
         ran.0.settle(ran.1, served(100, 10)).await.unwrap().expect("charged");
     }
     let posted = one.store().statement(u1.account, None, 1000).await.unwrap().items;
@@ -639,7 +639,7 @@ async fn an_embedded_node_voids_the_holds_of_its_earlier_run_at_start() {
     let keyed = ChargeRequest { idempotency_key: Some("crashed".into()), ..req("c1", 100, 1_000) };
     let h = b.hold(&user, &keyed).await.unwrap();
     assert!(b.account(user.account).await.unwrap().pending_micros > 0);
-    assert!(matches!(b.hold(&user, &ChargeRequest { request_id: "c2".into(), ..keyed.clone() }).await, Err(BillingError::Conflict(_))));
+    assert!(matches!(b.hold(&user, &ChargeRequest { request_id: "c2".into(), ..keyed.clone() }).await, Err(BillingError::Idempotency { code: "idempotency_key_in_use", .. })));
     // The process dies with the request: nothing settles or voids the hold.
     std::mem::forget(h);
     drop(b);
