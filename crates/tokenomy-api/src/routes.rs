@@ -557,14 +557,20 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         })?),
     };
     params.grammar = openai::response_format(req.response_format.as_ref())?;
-    // `required` or a named function: decoding is constrained to a valid call.
+    // `required` or a named function: decoding is constrained to a valid call. `auto` with a
+    // JSON response format: to a valid call or the formatted answer (agent frameworks ask for
+    // both: tools while working, a typed final answer).
     let forced: Option<Vec<&Value>> = active.as_ref().and_then(|t| match &t.choice {
         openai::ToolChoice::Required => Some(t.defs.iter().collect()),
         openai::ToolChoice::Named(n) => Some(t.defs.iter().filter(|d| d["function"]["name"] == n.as_str()).collect()),
         _ => None,
     });
-    if let Some(defs) = forced {
-        // A forced call's arguments get exactly the declared parameters (OpenAI's strict mode).
+    let answer = match (&params.grammar, &active) {
+        (Some(tokenomy_core::Grammar::JsonSchema(schema)), Some(t)) if t.choice == openai::ToolChoice::Auto => Some(schema.clone()),
+        _ => None,
+    };
+    if let Some(defs) = forced.or_else(|| answer.is_some().then(|| active.as_ref().map(|t| t.defs.iter().collect()).unwrap_or_default())) {
+        // A call's arguments get exactly the declared parameters (OpenAI's strict mode).
         let closed: Vec<(&str, Value)> = defs
             .iter()
             .map(|d| {
@@ -576,7 +582,10 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         let tools: Vec<(&str, &Value)> = closed.iter().map(|(n, p)| (*n, p)).collect();
         let one_token = |tag: &str| state.backend.tokenize(&model, tag, false).ok().filter(|t| t.len() == 1).map(|t| t[0]);
         let tag_tokens = one_token("<tool_call>").zip(one_token("</tool_call>"));
-        params.grammar = Some(tokenomy_core::Grammar::Lark(Hermes.call_grammar(&tools, tag_tokens)));
+        params.grammar = Some(tokenomy_core::Grammar::Lark(match answer {
+            None => Hermes.call_grammar(&tools, tag_tokens),
+            Some(schema) => Hermes.call_or_answer_grammar(&tools, tag_tokens, &tokenomy_core::with_bounded_whitespace(schema)),
+        }));
     }
     if params.grammar.is_some() {
         if prefill {

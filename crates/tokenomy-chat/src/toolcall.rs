@@ -27,6 +27,9 @@ pub trait ToolCallParser: Send + Sync {
     /// has them (Qwen2.5's `<tool_call>` is one token): the grammar names them, so the call is
     /// written as the model was trained to write it, not with its tags spelled out in pieces.
     fn call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String;
+    /// A grammar whose sentences are [`call_grammar`](Self::call_grammar)'s calls, or an answer
+    /// valid against `answer` (a JSON Schema): `tool_choice: auto` with a JSON response format.
+    fn call_or_answer_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>, answer: &Value) -> String;
 }
 
 /// Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Hermes, many
@@ -68,6 +71,14 @@ impl ToolCallParser for Hermes {
             g.push_str(&format!("call_{i}: {} args_{i} \"}}\"\nargs_{i}: %json {args}\n", Value::from(head)));
         }
         g
+    }
+
+    /// A tagged call, a bare one (small models write their calls as bare JSON as often as
+    /// tagged: `parse` reads both), or the answer.
+    fn call_or_answer_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>, answer: &Value) -> String {
+        let calls = self.call_grammar(tools, tag_tokens);
+        let tagged = calls.strip_prefix("start:").expect("the call grammar opens with its start rule");
+        format!("start: tagged | call | answer\nanswer: %json {answer}\ntagged:{tagged}")
     }
 }
 
@@ -217,5 +228,9 @@ mod tests {
         // With the model's own tag tokens, the grammar names them.
         let g = Hermes.call_grammar(&[("add", &params)], Some((151657, 151658)));
         assert!(g.starts_with("start: <[151657]> \"\\n\" call \"\\n\" <[151658]>\ncall: call_0\n"), "{g}");
+        // Or the answer: the same calls, tagged or bare, beside a schema's JSON.
+        let g = Hermes.call_or_answer_grammar(&[("add", &params)], Some((151657, 151658)), &json!({"type": "object"}));
+        let calls = Hermes.call_grammar(&[("add", &params)], Some((151657, 151658)));
+        assert_eq!(g, format!("start: tagged | call | answer\nanswer: %json {{\"type\":\"object\"}}\ntagged:{}", &calls["start:".len()..]));
     }
 }

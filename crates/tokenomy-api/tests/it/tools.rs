@@ -266,6 +266,40 @@ async fn schema_answers_end_instead_of_padding_with_blanks() {
     }
 }
 
+/// Tools with a JSON response format (what agent frameworks send for a typed final answer):
+/// the model may call a tool, and its answer, once it gives one, is valid against the schema.
+/// (The format used to rule the calls out: the model could only write the JSON.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_with_a_json_answer_format_still_call_then_answer_in_it() {
+    let s = qwen();
+    let format = json!({"type": "json_schema", "json_schema": {"name": "report", "strict": true, "schema": {"type": "object",
+        "properties": {"city": {"type": "string"}, "summary": {"type": "string", "maxLength": 80}}, "required": ["city", "summary"], "additionalProperties": false}}});
+    let mut messages = vec![json!({"role": "user", "content": "What is the weather in Paris?"})];
+    let body = |messages: &[Value]| json!({"model": QWEN, "temperature": 0, "max_tokens": 120, "tools": [weather_tool()],
+        "response_format": format, "messages": messages});
+    let v = post(&s, "/v1/chat/completions", body(&messages)).await.json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    let call = &c["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{call}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string() && args.as_object().unwrap().len() == 1, "{args}");
+    messages.push(c["message"].clone());
+    messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature_c\": 18, \"sky\": \"sunny\"}"}));
+    let v = post(&s, "/v1/chat/completions", body(&messages)).await.json();
+    let c = &v["choices"][0];
+    // (This small model tends to call again after a result; either way the output is one of
+    // the two the grammar allows, and valid.)
+    if c["finish_reason"] == "stop" {
+        let answer: Value = serde_json::from_str(c["message"]["content"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {c}"));
+        assert!(answer["city"].is_string() && answer["summary"].is_string() && answer.as_object().unwrap().len() == 2, "{answer}");
+    } else {
+        assert_eq!(c["finish_reason"], "tool_calls", "a call or the answer: {c}");
+        let args: Value = serde_json::from_str(c["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(args["city"].is_string() && args.as_object().unwrap().len() == 1, "{args}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_always_yields_a_valid_call_even_at_temperature_1() {
     let s = qwen();
