@@ -214,8 +214,9 @@ fn rand_u128() -> u128 {
 
 impl Conn {
     fn admin_key(&self) -> Result<String> {
-        if let Some(k) = &self.admin_key {
-            return Ok(k.clone());
+        // (An empty `TOKENOMY_ADMIN_KEY=` is unset, not a key.)
+        if let Some(k) = self.admin_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+            return Ok(k.to_string());
         }
         let dir = self.data_dir.clone().unwrap_or_else(|| crate::models::home().join("data"));
         let p = dir.join("admin.key");

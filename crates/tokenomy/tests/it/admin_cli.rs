@@ -46,10 +46,13 @@ fn the_admin_cli_wraps_the_admin_api() {
     let v1 = format!("{}/v1", node.base);
     let (ok, out) = run(&["accounts", "show", "agent-7", "--url", &v1, "--data-dir", &dir, "--json"], &[]);
     assert!(ok && serde_json::from_str::<Value>(&out).unwrap()["id"] == id.as_str(), "{out}");
+    // Names are handles: a second account of one name is refused.
     cli(&["accounts", "create", "twin"]);
-    cli(&["accounts", "create", "twin"]);
-    let (ok, out) = run(&["credits", "mint", "twin", "1", "--url", &node.base, "--data-dir", &dir], &[]);
-    assert!(!ok && out.contains("2 accounts are named \"twin\""), "{out}");
+    let (ok, out) = run(&["accounts", "create", "twin", "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("already named \"twin\""), "{out}");
+    // An empty TOKENOMY_ADMIN_KEY is unset: the data dir's admin.key is used.
+    let (ok, out) = run(&["accounts", "show", "twin", "--url", &node.base, "--data-dir", &dir], &[("TOKENOMY_ADMIN_KEY", std::path::Path::new(""))]);
+    assert!(ok, "{out}");
     let (ok, out) = run(&["credits", "mint", "nobody", "1", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("no account is named \"nobody\""), "{out}");
     let keys = cli(&["keys", "list", &id]);
