@@ -112,9 +112,10 @@ struct ServeArgs {
     /// metal); default: all of them when a GPU is found. 0 keeps the model on the CPU.
     #[arg(long, alias = "gpu-layers", env = "TOKENOMY_N_GPU_LAYERS")]
     n_gpu_layers: Option<u32>,
-    /// Chat template for models whose GGUF has none (or to override it): chatml, gemma or a file.
+    /// Chat template for models whose GGUF has none (or to override it): chatml, gemma or a file;
+    /// `MODEL=TEMPLATE` gives it to one model only (repeatable), a bare one to every model.
     #[arg(long)]
-    chat_template: Option<String>,
+    chat_template: Vec<String>,
     /// Tokens one request may hold, prompt + completion (default: the model's, at most 8192).
     #[arg(long, value_parser = clap::value_parser!(u32).range(16..))]
     ctx_size: Option<u32>,
@@ -308,15 +309,18 @@ async fn open_billing(args: &ServeArgs, data_dir: &std::path::Path) -> Result<Ar
 }
 
 fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
-    args.models
-        .iter()
-        .map(|m| {
-            let (name, path) = models::resolve(m)?;
+    let resolved: Vec<_> = args.models.iter().map(|m| models::resolve(m)).collect::<Result<_>>()?;
+    let names: Vec<&str> = resolved.iter().map(|(n, _)| n.as_str()).collect();
+    let templates = chat_templates(&args.chat_template, &names)?;
+    resolved
+        .into_iter()
+        .zip(templates)
+        .map(|((name, path), template)| {
             let mut c = ModelConfig::new(name, path);
             if let Some(t) = args.threads {
                 c.threads = t;
             }
-            c.chat_template = args.chat_template.clone();
+            c.chat_template = template;
             c.gpu_layers = args.n_gpu_layers;
             c.slots = args.parallel.max(1);
             c.ctx_tokens_max = args.ctx_size;
@@ -325,6 +329,17 @@ fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
             Ok(c)
         })
         .collect()
+}
+
+/// Each model's `--chat-template`: its own (`NAME=TEMPLATE`), else the bare one, else none.
+fn chat_templates(given: &[String], names: &[&str]) -> Result<Vec<Option<String>>> {
+    let own = |name: &str| given.iter().find_map(|t| t.strip_prefix(name).and_then(|r| r.strip_prefix('=')));
+    let is_own = |t: &String| names.iter().any(|n| t.strip_prefix(n).is_some_and(|r| r.starts_with('=')));
+    let bare: Vec<&String> = given.iter().filter(|t| !is_own(t)).collect();
+    if bare.len() > 1 {
+        anyhow::bail!("--chat-template: give one template for every model, or MODEL=TEMPLATE for each (models: {})", names.join(", "));
+    }
+    Ok(names.iter().map(|n| own(n).or(bare.first().map(|b| b.as_str())).map(str::to_string)).collect())
 }
 
 /// How long the answers cut at a shutdown's deadline have to be charged before the process
@@ -387,4 +402,22 @@ fn hard_stop() -> ! {
     // SAFETY: `_exit` takes no pointers and never returns; skipping destructors and `atexit`
     // handlers is its purpose.
     unsafe { libc::_exit(1) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chat_templates;
+
+    #[test]
+    fn a_chat_template_goes_to_the_model_it_names_or_to_all() {
+        let given = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let names = ["smollm2", "gemma3-270m"];
+        let own = chat_templates(&given(&["gemma3-270m=gemma"]), &names).unwrap();
+        assert_eq!(own, [None, Some("gemma".to_string())], "smollm2 keeps its own");
+        let all = chat_templates(&given(&["chatml"]), &names).unwrap();
+        assert_eq!(all, [Some("chatml".to_string()), Some("chatml".to_string())]);
+        let both = chat_templates(&given(&["chatml", "gemma3-270m=gemma"]), &names).unwrap();
+        assert_eq!(both, [Some("chatml".to_string()), Some("gemma".to_string())]);
+        assert!(chat_templates(&given(&["chatml", "gemma"]), &names).is_err());
+    }
 }
