@@ -318,9 +318,6 @@ pub fn sampling(c: &CommonFields) -> Result<SamplingParams, AppError> {
     p.logit_bias = logit_bias(c.logit_bias.as_ref())?;
     p.stop = stops(c.stop.as_ref())?;
     p.ignore_eos = c.ignore_eos.unwrap_or(false);
-    if !c.stream && c.stream_options.as_ref().is_some_and(|o| o.include_usage) {
-        return Err(AppError::invalid_value("stream_options", "stream_options is only allowed when stream is true"));
-    }
     Ok(p)
 }
 
