@@ -285,6 +285,17 @@ pub struct Billing {
     _data_dir_lock: std::fs::File,
     /// `DATA_DIR/user.key`, read at the first keyless request under `--no-auth` (not at every one).
     local_user_key: std::sync::OnceLock<String>,
+    /// The start of the ledger key of each hold this node places for a request without an
+    /// `Idempotency-Key` (`req:NODE:`, NODE from its signing key): a restart finds the holds
+    /// of its earlier run by it ([`hold_prefix`]).
+    req_hold_prefix: String,
+}
+
+/// `req:` and 12 hex digits of the SHA-256 of the node's verifier key: short (a ledger key has
+/// at most 128 bytes) and the same at every start of one data dir.
+pub(crate) fn hold_prefix(verifier: &str) -> String {
+    use sha2::Digest;
+    format!("req:{}:", hex::encode(&sha2::Sha256::digest(verifier.as_bytes())[..6]))
 }
 
 impl std::fmt::Debug for Billing {
@@ -597,7 +608,7 @@ impl Billing {
             return Ok(h); // a free model: nothing to hold, nothing to post, no receipt
         }
         let placed = match &req.idempotency_key {
-            None => self.place(p, worst, &format!("req:{}", req.request_id), now).await,
+            None => self.place(p, worst, &format!("{}{}", self.req_hold_prefix, req.request_id), now).await,
             Some(k) => self.place_idempotent(p, worst, k, now).await,
         };
         let t = match placed {

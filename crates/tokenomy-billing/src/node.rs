@@ -203,6 +203,7 @@ impl Billing {
             );
         }
         let rates = rates::RateClocks::for_store(&store);
+        let verifier = signer.verifier().to_string();
         let billing = Arc::new(Billing {
             rates,
             store,
@@ -215,6 +216,7 @@ impl Billing {
             halted: Default::default(),
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
+            req_hold_prefix: crate::hold_prefix(&verifier),
         });
         let waiting = billing.resume_unsettled().await;
         let voided = billing.void_orphaned_holds(waiting).await?;
@@ -238,10 +240,24 @@ impl Billing {
     /// request that died with an earlier run: voided now, not a hold timeout later, the credits
     /// they held are free again and those requests' `Idempotency-Key` retries run at once
     /// (instead of a 409 "still in progress"). Not while a settlement of an earlier run waits
-    /// in `DATA_DIR/unsettled/` (`waiting` of them: their holds are to be posted), nor on
-    /// PostgreSQL, whose pending holds may be other nodes' requests in progress: there only
-    /// expired holds are voided.
+    /// in `DATA_DIR/unsettled/` (`waiting` of them: their holds are to be posted). On
+    /// PostgreSQL, whose pending holds may be other nodes' requests in progress, only this
+    /// node's own holds of requests without an `Idempotency-Key` (their keys name the node) and
+    /// expired holds are voided; an idempotent request's hold names no node (a retry may come
+    /// to any), so it waits for its timeout.
     async fn void_orphaned_holds(&self, waiting: usize) -> Result<u64> {
+        if let (AnyStore::Pg(pg), 0) = (&self.store, waiting) {
+            // Other nodes' holds may be requests in progress, but this node's own (their keys
+            // name it) died with its earlier run: one process serves a data dir.
+            let mut voided = self.expire_holds().await?;
+            loop {
+                let n = pg.void_pending_with_key_prefix(&self.req_hold_prefix).await?;
+                voided += n;
+                if n < tokenomy_ledger::sqlite::MAX_EXPIRE_PER_CALL {
+                    return Ok(voided);
+                }
+            }
+        }
         if !matches!(self.store, AnyStore::Sqlite(_)) || waiting > 0 {
             return self.expire_holds().await;
         }

@@ -214,6 +214,30 @@ impl PgStore {
     /// Records that log name `origin` belongs to the node key `verifier_key` (a signed-note
     /// verifier key) on this ledger, or finds that it already does. Another key under the same
     /// name is refused, naming it: nodes of one ledger each sign with a name of their own.
+    /// Voids the pending holds whose ledger keys start with `prefix` (at most
+    /// [`MAX_EXPIRE_PER_CALL`] a call): a node's own holds of an earlier run, when their keys
+    /// name the node (a restarted node's requests of before died with it).
+    pub async fn void_pending_with_key_prefix(&self, prefix: &str) -> Result<u64> {
+        let sql = "SELECT p.id FROM pending_holds p JOIN transfers t ON t.id = p.id AND t.hold AND t.state = 0 \
+                   WHERE starts_with(t.idempotency_key, $1) LIMIT $2";
+        let (prefix, limit) = (prefix.to_owned(), MAX_EXPIRE_PER_CALL as i64);
+        let ids: Vec<TransferId> = self
+            .in_tx(|tx| {
+                let prefix = prefix.clone();
+                Box::pin(async move { query(tx, sql, &[&prefix, &limit]).await?.iter().map(|r| id_col(r, 0, TransferId::from_slice)).collect() })
+            })
+            .await?;
+        let mut voided = 0;
+        for id in ids {
+            match self.void(id).await {
+                Ok(_) => voided += 1,
+                Err(LedgerError::NotPending { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(voided)
+    }
+
     pub async fn claim_origin(&self, origin: &str, verifier_key: &str) -> Result<()> {
         let client = self.client().await?;
         let insert = "INSERT INTO node_origins (origin, verifier_key, created_at_ms) VALUES ($1, $2, $3) ON CONFLICT (origin) DO NOTHING";

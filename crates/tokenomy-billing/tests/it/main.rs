@@ -651,6 +651,33 @@ async fn an_embedded_node_voids_the_holds_of_its_earlier_run_at_start() {
     b.settle(retry, served(100, 10)).await.unwrap().expect("charged once");
 }
 
+/// On PostgreSQL a restarted node voids the holds its earlier run placed for requests without
+/// an `Idempotency-Key` (they died with it), and leaves another node's request in progress
+/// alone. (They used to lock the credits they held for the hold timeout, 15 minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_voids_its_own_holds_of_before_and_no_one_elses() {
+    let Some(server) = stores().into_iter().flatten().next() else { return };
+    let pg = fresh_pg(&server, "tokenomy_billing_restart_holds").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, first) = Billing::open(opts(dir_a.path(), Some(&pg))).await.unwrap();
+    let user_key = first.unwrap().user_key;
+    let (b, _) = Billing::open(opts(dir_b.path(), Some(&pg))).await.unwrap();
+    let (ua, ub) = (a.authenticate(Some(&user_key)).await.unwrap(), b.authenticate(Some(&user_key)).await.unwrap());
+    let crashed = a.hold(&ua, &req("died-with-a", 100, 1_000)).await.unwrap();
+    let running = b.hold(&ub, &req("running-on-b", 100, 1_000)).await.unwrap();
+    let pending = |b: std::sync::Arc<Billing>| async move { b.account(ua.account).await.unwrap().pending_micros };
+    let both = pending(b.clone()).await;
+    std::mem::forget(crashed); // node a dies with its request
+    drop(a);
+
+    let (a, _) = Billing::open(opts(dir_a.path(), Some(&pg))).await.unwrap();
+    let left = pending(a.clone()).await;
+    assert!(left > 0 && left < both, "a's hold voided, b's kept: {left} of {both}");
+    b.settle(running, served(100, 10)).await.unwrap().expect("b's request is charged");
+    assert_eq!(pending(a.clone()).await, 0);
+    assert!(a.check().await.unwrap().ok);
+}
+
 /// A data dir the node creates is its owner's only (its ledger holds balances and key hashes).
 #[cfg(unix)]
 #[tokio::test]
