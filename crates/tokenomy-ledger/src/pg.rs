@@ -227,6 +227,12 @@ impl PgStore {
                 Box::pin(async move { query(tx, sql, &[&prefix, &limit]).await?.iter().map(|r| id_col(r, 0, TransferId::from_slice)).collect() })
             })
             .await?;
+        self.void_each(ids).await
+    }
+
+    /// Voids each of `ids`, each in a short transaction of its own; a hold settled meanwhile
+    /// is skipped. How many were voided.
+    async fn void_each(&self, ids: Vec<TransferId>) -> Result<u64> {
         let mut voided = 0;
         for id in ids {
             match self.void(id).await {
@@ -898,16 +904,7 @@ impl LedgerStore for PgStore {
                 })
             })
             .await?;
-        let mut voided = 0;
-        for id in ids {
-            // Each void is its own short transaction; a hold settled meanwhile is skipped.
-            match self.void(id).await {
-                Ok(_) => voided += 1,
-                Err(LedgerError::NotPending { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(voided)
+        self.void_each(ids).await
     }
 
     async fn statement(&self, account: AccountId, after_cursor: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
