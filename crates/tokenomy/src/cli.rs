@@ -36,25 +36,36 @@ pub fn verify(receipt: &Path, key: &str) -> Result<()> {
 /// `tokenomy verify-log --key K OLD NEW PROOF`: the log grew append-only from OLD to NEW.
 pub fn verify_log(key: &str, old: &Path, new: &Path, proof: &Path) -> Result<()> {
     let key = load_key(key)?;
-    let hashes = parse_proof(&read(proof)?)?;
+    let (hashes, sizes) = parse_proof(&read(proof)?).with_context(|| format!("{} is not a consistency proof", proof.display()))?;
     let (o, n) = verify_consistency_notes(&read(old)?, &read(new)?, &hashes, &key).map_err(|e| anyhow::anyhow!("log is not consistent: {e}"))?;
+    if let Some((po, pn)) = sizes.filter(|&s| s != (o.size, n.size)) {
+        anyhow::bail!("the proof says it is from size {po} to {pn}, but the checkpoints are of sizes {} and {}", o.size, n.size);
+    }
     out!("ok: the log of {} grew append-only from size {} to {}", key.name(), o.size, n.size);
     Ok(())
 }
 
-/// The body of `GET /v1/log/consistency` (`{"proof": [base64…]}`), or one base64 hash per line.
-fn parse_proof(text: &str) -> Result<Vec<Hash>> {
-    let lines: Vec<String> = match serde_json::from_str::<Value>(text) {
-        Ok(v) => v["proof"].as_array().context("proof JSON has no \"proof\" array")?.iter().map(|h| h.as_str().unwrap_or_default().to_string()).collect(),
-        Err(_) => text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(),
+/// The body of `GET /v1/log/consistency` (`{"old", "new", "proof": [base64…]}`: the hashes
+/// and the sizes it names), or one base64 hash per line.
+fn parse_proof(text: &str) -> Result<(Vec<Hash>, Option<(u64, u64)>)> {
+    let (lines, sizes): (Vec<String>, _) = match serde_json::from_str::<Value>(text) {
+        Ok(v) => {
+            let proof = v["proof"].as_array().context("its JSON has no \"proof\" array")?;
+            let sizes = v["old"].as_u64().zip(v["new"].as_u64());
+            (proof.iter().map(|h| h.as_str().unwrap_or_default().to_string()).collect(), sizes)
+        }
+        Err(_) => (text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect(), None),
     };
-    lines
+    let hashes = lines
         .iter()
         .map(|l| {
-            let b = base64::engine::general_purpose::STANDARD.decode(l.trim()).context("proof hash is not base64")?;
-            <Hash>::try_from(b.as_slice()).map_err(|_| anyhow::anyhow!("proof hash is not 32 bytes"))
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(l.trim())
+                .context("it is neither the JSON of GET /v1/log/consistency nor base64 hashes, one a line")?;
+            <Hash>::try_from(b.as_slice()).map_err(|_| anyhow::anyhow!("a proof hash is not 32 bytes"))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((hashes, sizes))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -169,10 +169,16 @@ fn kill_9_during_streams_loses_and_doubles_nothing() {
             assert_eq!(status, 200, "{proof}");
             let (old_file, proof_file) = (dir.join(format!("cp-{i}")), dir.join(format!("proof-{i}")));
             std::fs::write(&old_file, old).unwrap();
-            std::fs::write(&proof_file, proof).unwrap();
+            std::fs::write(&proof_file, &proof).unwrap();
             let args = ["verify-log", "--key", key_file.to_str().unwrap(), old_file.to_str().unwrap(), new_file.to_str().unwrap(), proof_file.to_str().unwrap()];
             let (ok, out) = run(&args, &[]);
             assert!(ok, "{out}");
+            // A proof relabelled for other sizes is refused, though its hashes fit.
+            let mut relabelled: serde_json::Value = serde_json::from_str(&proof).unwrap();
+            relabelled["old"] = (size(old) + 1).into();
+            std::fs::write(&proof_file, relabelled.to_string()).unwrap();
+            let (ok, out) = run(&args, &[]);
+            assert!(!ok && out.contains("the proof says it is from size"), "{out}");
         }
         eprintln!(
             "crash test ({}): {} requests, {} completed, {} charges posted, log size {}",
