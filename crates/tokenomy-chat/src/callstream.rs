@@ -163,8 +163,16 @@ impl CallStream {
                 self.content(&mut out, rest);
             }
             // The answer ended inside a call's tag that does not read as a call (`max_tokens`
-            // cut its header): a call cut short, like one cut in its arguments, not text.
-            Mode::Header => self.cut = true,
+            // cut its header): a call cut short, like one cut in its arguments, not text; once
+            // its function's name was written, the call is sent with it (and no arguments).
+            Mode::Header => {
+                if let Header::More(Some(name)) = match_header(&held) {
+                    if self.known.contains(&name) {
+                        self.start_call(&mut out, name);
+                    }
+                }
+                self.cut = true;
+            }
             Mode::WholeTag if Hermes.parse(&format!("{OPEN}{held}"), &self.known()).calls.is_empty() => self.cut = true,
             Mode::WholeTag => self.whole(&mut out, &format!("{OPEN}{held}")),
             Mode::Rest => self.whole(&mut out, &held),
@@ -271,7 +279,7 @@ impl CallStream {
 
     fn header(&mut self, out: &mut Vec<Piece>) -> bool {
         match match_header(&self.held) {
-            Header::More => false,
+            Header::More(_) => false,
             Header::Other => {
                 self.mode = Mode::WholeTag;
                 true
@@ -316,8 +324,8 @@ fn partial_suffix(s: &str, tag: &str) -> usize {
 }
 
 enum Header {
-    /// Could still become a header.
-    More,
+    /// Could still become a header (whose function's name, once read, is given).
+    More(Option<String>),
     /// Not the streamed shape.
     Other,
     /// `{"name": "…", "arguments":` matched; the arguments value starts at `args_at`.
@@ -341,7 +349,7 @@ fn match_header(s: &str) -> Header {
         if k == 4 {
             let rest = &s[m.at..];
             match rest.find(['"', '\\']) {
-                None => return Header::More,
+                None => return Header::More(None),
                 Some(j) if rest.as_bytes()[j] == b'\\' => return Header::Other,
                 Some(j) => {
                     name = rest[..j].to_string();
@@ -351,18 +359,18 @@ fn match_header(s: &str) -> Header {
             continue;
         }
         match step(&mut m) {
-            None => return Header::More,
+            None => return Header::More((k > 4).then(|| name.clone())),
             Some(false) => return Header::Other,
             Some(true) => {}
         }
     }
     match m.lit(":") {
-        None => Header::More,
+        None => Header::More(Some(name)),
         Some(false) => Header::Other,
         Some(true) => {
             m.ws();
             if m.at == s.len() {
-                Header::More
+                Header::More(Some(name))
             } else {
                 Header::Call { name, args_at: m.at }
             }
@@ -481,15 +489,21 @@ mod tests {
     }
 
     /// An answer that ends inside a call's tag before it reads as a call (`max_tokens` cut its
-    /// header) is a cut call: no template syntax reaches `content`.
+    /// header) is a cut call: no template syntax reaches `content`; once the function's name is
+    /// written, the call starts with it (and has no arguments).
     #[test]
     fn an_answer_ending_in_a_calls_header_is_a_cut_call() {
-        for text in ["<tool_call>\n{\"name\": \"add\"", "<tool_call>\n{\"na", "Let me see.\n<tool_call>\n{\"arguments\": {\"a\": 1"] {
+        let named = ["<tool_call>\n{\"name\": \"add\"", "<tool_call>\n{\"name\": \"add\", \"argu", "<tool_call>\n{\"name\": \"add\", \"arguments\": "];
+        let unnamed = ["<tool_call>\n{\"na", "<tool_call>\n{\"name\": \"ad", "Let me see.\n<tool_call>\n{\"arguments\": {\"a\": 1", "<tool_call>\n{\"name\": \"rm\""];
+        for text in named.iter().chain(&unnamed) {
             let mut s = CallStream::new(KNOWN);
             let mut pieces = s.push(text);
             pieces.extend(s.finish());
-            let (content, calls) = rebuild(&pieces);
-            assert!(s.cut() && calls.is_empty() && !content.contains('<'), "{text:?}: {pieces:?}");
+            let content: String = pieces.iter().filter_map(|p| if let Piece::Content(c) = p { Some(c.as_str()) } else { None }).collect();
+            let started: Vec<&Piece> = pieces.iter().filter(|p| matches!(p, Piece::CallStart { .. })).collect();
+            assert!(s.cut() && !content.contains('<'), "{text:?}: {pieces:?}");
+            let want: &[Piece] = if named.contains(text) { &[Piece::CallStart { index: 0, name: "add".into() }] } else { &[] };
+            assert_eq!(started, want.iter().collect::<Vec<_>>(), "{text:?}");
         }
     }
 

@@ -415,12 +415,13 @@ async fn a_call_cut_by_max_tokens_is_length_and_anthropic_agent_inputs_are_taken
         assert_eq!(reason, "length", "stream={stream}: {}", r.text);
         assert!(!r.text.contains("tool_call>"), "no template syntax in the answer, stream={stream}: {}", r.text);
     }
-    // Cut after the name: the answer is the partial call the stream sends (no raw markup in
-    // `content`), streamed or not.
+    // Cut after the name (within the header, or in the arguments): the answer is the partial
+    // call the stream sends (no raw markup in `content`), streamed or not. (Cut within the
+    // header, the billed tokens used to come back as nothing at all.)
     let mut calls = Vec::new();
-    for stream in [false, true] {
+    for (max_tokens, stream) in [(11, false), (11, true), (16, false), (16, true)] {
         let mut body = ask(json!("required"), stream);
-        body["max_tokens"] = json!(16);
+        body["max_tokens"] = json!(max_tokens);
         let r = post(&s, "/v1/chat/completions", body).await;
         let message = match stream {
             false => r.json()["choices"][0].clone(),
@@ -435,7 +436,8 @@ async fn a_call_cut_by_max_tokens_is_length_and_anthropic_agent_inputs_are_taken
         assert!(serde_json::from_str::<Value>(args).is_err(), "cut arguments, stream={stream}: {m}");
         calls.push(call.clone());
     }
-    assert_eq!(calls[0], calls[1], "the same call, streamed or not");
+    assert_eq!(calls[0]["arguments"], "", "cut in the header: {}", calls[0]);
+    assert_eq!((&calls[0], &calls[2]), (&calls[1], &calls[3]), "the same call, streamed or not");
     let tools = json!([{"name": "get_weather", "input_schema": weather_tool()["function"]["parameters"]}]);
     let q = json!([{"role": "user", "content": "What is the weather in Paris right now?"}]);
     let cut = post(&s, "/v1/messages", json!({"model": QWEN, "max_tokens": 8, "temperature": 0, "tools": tools, "tool_choice": {"type": "any"}, "messages": q, "stream": true})).await;
