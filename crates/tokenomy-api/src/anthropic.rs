@@ -269,8 +269,7 @@ async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) 
         let events = events(routes::chat_stream(r.started, r.id, true, r.post, Some(cached.clone())), u64::from(r.prompt_tokens), cached);
         return Ok(routes::billed_headers(Sse::new(events).into_response(), &rid, r.receipt_id.as_deref(), &g.allowance_now(&state).await));
     }
-    let (Json(v), receipt) = routes::chat_body(r.started, r.id, &r.post).await?;
-    let receipt_id = receipt.map(|x| x.receipt_id);
+    let (Json(v), receipt_id) = routes::chat_body(r.started, r.id, &r.post).await?;
     Ok(routes::billed_headers(Json(to_message(&v)).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(&state).await))
 }
 

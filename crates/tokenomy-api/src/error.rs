@@ -154,7 +154,7 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 retry_after_s: Some(2),
                 ..base
             },
-            B::Internal(_) => AppError::internal(base.message),
+            B::Internal(_) | B::SettlementDeferred { .. } => AppError::internal(base.message),
         }
     }
 }

@@ -138,6 +138,9 @@ struct Done {
     /// What was processed and billed: each prompt counted once (see [`total_usage`]).
     usage: Usage,
     receipt: Option<ReceiptRef>,
+    /// The receipt id of a charge whose settlement the ledger did not take yet (retried in
+    /// the background): the answer names it, marked pending.
+    receipt_pending: Option<String>,
 }
 
 /// Started generations of one request; outcomes go to the metering task.
@@ -204,12 +207,12 @@ fn start(
         }
         let usage = total_usage(&all, n);
         let account = charge.as_ref().map(|c| c.principal.account);
-        let receipt = match charge {
+        let (receipt, receipt_pending) = match charge {
             Some(c) => finish_charge(&st, c, &m, &all, &usage, failed).await,
-            None => None,
+            None => (None, None),
         };
         st.meter.record(&rid, &m, &all, &usage, account, receipt.as_ref());
-        let _ = done_tx.send(Done { outcomes: all, usage, receipt });
+        let _ = done_tx.send(Done { outcomes: all, usage, receipt, receipt_pending });
     });
     match failure {
         Some(e) => Err(e),
@@ -217,15 +220,16 @@ fn start(
     }
 }
 
-/// Settles the hold for what was served, or voids it when the engine failed.
-async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], usage: &Usage, failed: bool) -> Option<ReceiptRef> {
-    let billing = state.billing.as_ref()?;
+/// Settles the hold for what was served, or voids it when the engine failed: the receipt, or
+/// the id of one whose settlement is being retried.
+async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], usage: &Usage, failed: bool) -> (Option<ReceiptRef>, Option<String>) {
+    let Some(billing) = state.billing.as_ref() else { return (None, None) };
     let request_id = c.hold.request_id.clone();
     if failed || outcomes.is_empty() || engine_error(outcomes).is_some() {
         if let Err(e) = billing.void(c.hold).await {
             tracing::error!(request_id, error = %e, "voiding a hold");
         }
-        return None;
+        return (None, None);
     }
     let texts: Vec<&str> = outcomes.iter().map(|o| o.text.as_str()).collect();
     let served = Served {
@@ -235,11 +239,21 @@ async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Out
         output_sha256: Sha256::digest(serde_json::to_vec(&texts).unwrap_or_default()).into(),
     };
     match billing.settle(c.hold, served).await {
-        Ok(r) => r,
+        Ok(r) => (r, None),
+        Err(tokenomy_billing::BillingError::SettlementDeferred { receipt_id, .. }) => (None, Some(receipt_id)),
         Err(e) => {
             tracing::error!(request_id, error = %e, "settling a charge");
-            None
+            (None, None)
         }
+    }
+}
+
+/// A response's `receipt`: the one posted, or the id of one still being settled.
+fn receipt_of(receipt: Option<&ReceiptRef>, pending: Option<&String>) -> Option<(Value, String)> {
+    match (receipt, pending) {
+        (Some(r), _) => Some((charge::receipt_json(r), r.receipt_id.clone())),
+        (None, Some(id)) => Some((json!({"id": id, "status": "pending", "url": format!("/v1/receipts/{id}")}), id.clone())),
+        (None, None) => None,
     }
 }
 
@@ -497,8 +511,7 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
         let resp = sse(chat_stream(started, id, include_usage, post, None)).into_response();
         return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state).await));
     }
-    let (body, receipt) = chat_body(started, id, &post).await?;
-    let receipt_id = receipt.map(|r| r.receipt_id);
+    let (body, receipt_id) = chat_body(started, id, &post).await?;
     Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
 }
 
@@ -842,10 +855,11 @@ fn answer_finish_reason(outcomes: &[Outcome], index: u32, a: &Answer) -> &'stati
     }
 }
 
-pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
+/// The answer and the id of its receipt (posted or pending).
+pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> Result<(Json<Value>, Option<String>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(|c| collect_until_settled(c, Some(post)))).await;
-    let Done { outcomes, usage, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
+    let Done { outcomes, usage, receipt, receipt_pending } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
     }
@@ -877,9 +891,10 @@ pub(crate) async fn chat_body(started: Started, id: String, post: &ChatPost) -> 
         "choices": choices,
         "usage": openai::usage_json(&usage),
     });
-    if let Some(r) = &receipt {
-        body["receipt"] = charge::receipt_json(r);
-    }
+    let receipt = receipt_of(receipt.as_ref(), receipt_pending.as_ref()).map(|(json, id)| {
+        body["receipt"] = json;
+        id
+    });
     Ok((Json(body), receipt))
 }
 
@@ -1030,7 +1045,7 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
         })
     };
     let tail = stream::once(done).flat_map(move |done| {
-        let (outcomes, usage, receipt) = done.map(|d| (d.outcomes, d.usage, d.receipt)).unwrap_or_default();
+        let (outcomes, usage, receipt, pending) = done.map(|d| (d.outcomes, d.usage, d.receipt, d.receipt_pending)).unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
         if let Some(e) = engine_error(&outcomes) {
             out.push(e.body());
@@ -1054,8 +1069,8 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
             u["usage"] = openai::usage_json(&usage);
             out.push(u);
         }
-        if let (Some(r), Some(last)) = (&receipt, out.last_mut()) {
-            last["receipt"] = charge::receipt_json(r);
+        if let (Some((r, _)), Some(last)) = (receipt_of(receipt.as_ref(), pending.as_ref()), out.last_mut()) {
+            last["receipt"] = r;
         }
         stream::iter(out)
     });
@@ -1115,8 +1130,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         let resp = sse(completion_stream(started, ctx, include_usage)).into_response();
         return Ok(billed_headers(resp, &rid, receipt_id.as_deref(), &g.allowance_now(state).await));
     }
-    let (body, receipt) = completion_body(started, ctx).await?;
-    let receipt_id = receipt.map(|r| r.receipt_id);
+    let (body, receipt_id) = completion_body(started, ctx).await?;
     Ok(billed_headers(body.into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
 }
 
@@ -1161,10 +1175,10 @@ fn completion_logprobs(echo: Option<&(String, Vec<PromptLogprob>)>, generated: &
     lp
 }
 
-async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<Value>, Option<ReceiptRef>), AppError> {
+async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<Value>, Option<String>), AppError> {
     let Started { model, choices, done, .. } = started;
     let collected = futures::future::join_all(choices.into_iter().map(collect)).await;
-    let Done { outcomes, usage, receipt } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
+    let Done { outcomes, usage, receipt, receipt_pending } = done.await.map_err(|_| AppError::internal("the engine dropped the request"))?;
     if let Some(e) = engine_error(&outcomes) {
         return Err(e);
     }
@@ -1190,9 +1204,10 @@ async fn completion_body(started: Started, ctx: CompletionCtx) -> Result<(Json<V
         "choices": choices,
         "usage": openai::usage_json(&usage),
     });
-    if let Some(r) = &receipt {
-        body["receipt"] = charge::receipt_json(r);
-    }
+    let receipt = receipt_of(receipt.as_ref(), receipt_pending.as_ref()).map(|(json, id)| {
+        body["receipt"] = json;
+        id
+    });
     Ok((Json(body), receipt))
 }
 
@@ -1236,7 +1251,7 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
         })
     };
     let tail = stream::once(done).flat_map(move |done| {
-        let (outcomes, usage, receipt) = done.map(|d| (d.outcomes, d.usage, d.receipt)).unwrap_or_default();
+        let (outcomes, usage, receipt, pending) = done.map(|d| (d.outcomes, d.usage, d.receipt, d.receipt_pending)).unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
         if let Some(e) = engine_error(&outcomes) {
             out.push(e.body());
@@ -1249,8 +1264,8 @@ fn completion_stream(started: Started, ctx: CompletionCtx, include_usage: bool) 
             u["usage"] = openai::usage_json(&usage);
             out.push(u);
         }
-        if let (Some(r), Some(last)) = (&receipt, out.last_mut()) {
-            last["receipt"] = charge::receipt_json(r);
+        if let (Some((r, _)), Some(last)) = (receipt_of(receipt.as_ref(), pending.as_ref()), out.last_mut()) {
+            last["receipt"] = r;
         }
         stream::iter(out)
     });

@@ -78,6 +78,10 @@ pub enum BillingError {
     /// (`idempotency_key_in_use`) or not (`…_processed`, `…_reused`, `…_exhausted`).
     #[error("{message}")]
     Idempotency { code: &'static str, message: String },
+    /// The charge was served but the ledger did not take its settlement: it is retried in the
+    /// background (and after a restart, from `DATA_DIR/unsettled/`), under this receipt id.
+    #[error("settling the charge failed ({reason}); it is being retried, under receipt {receipt_id}")]
+    SettlementDeferred { receipt_id: String, reason: String },
     /// A request that may use more tokens than its key's TPM allows in a whole minute: no wait
     /// lets it through (OpenAI's "Request too large").
     #[error(
@@ -754,8 +758,9 @@ impl Billing {
         let job = Unsettled { hold_id: hold_id.to_string(), cost_micros: cost, now_ms: now, receipt };
         let journal = job.write(&self.data_dir);
         // The whole `Hold` rides along: its guard keeps the hold alive while it is retried.
+        let receipt_id = job.receipt.receipt_id.clone();
         self.spawn_settle_retry(job, journal, (h, slot));
-        BillingError::Internal(format!("settling the charge failed ({e}); it is being retried"))
+        BillingError::SettlementDeferred { receipt_id, reason: e }
     }
 
     /// Tries `job` again every [`SETTLE_RETRY_BACKGROUND_MS`] for one hold timeout, then

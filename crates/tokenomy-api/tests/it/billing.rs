@@ -663,3 +663,34 @@ async fn a_keys_spend_cap_bounds_concurrent_requests() {
         n.check().await;
     }
 }
+
+/// A ledger that goes away while an answer streams: the answer ends, and its last chunk names
+/// its receipt as pending (the settlement is retried in the background, under that id, the one
+/// the `Tokenomy-Receipt` header named) instead of naming none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_settlement_is_retried_names_its_receipt_as_pending() {
+    use http_body_util::BodyExt;
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let db = "tokenomy_api_pending_receipt";
+    let n = node(Some(&server), db, &[]).await;
+    let body = json!({"model": MODEL, "max_tokens": 24, "ignore_eos": true, "stream": true,
+        "messages": [{"role": "user", "content": "Count to ten."}]});
+    let req = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", n.first.user_key))
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let resp = tower::ServiceExt::oneshot(tokenomy_api::app(n.state.clone()), req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let named = resp.headers()["tokenomy-receipt"].to_str().unwrap().to_string();
+    // The hold is placed (the head is sent after it): now the ledger goes away.
+    let back = tokenomy_ledger::testing::database_away(&server, db, std::time::Duration::from_secs(8)).await;
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let last: Value = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().map(|d| serde_json::from_str(d).unwrap()).unwrap();
+    assert_eq!((last["receipt"]["id"].as_str(), last["receipt"]["status"].as_str()), (Some(named.as_str()), Some("pending")), "{last}");
+    back.await.unwrap();
+}
