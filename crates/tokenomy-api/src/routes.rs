@@ -582,7 +582,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         (Some(tokenomy_core::Grammar::JsonSchema(schema)), Some(t)) if t.choice == openai::ToolChoice::Auto => Some(schema.clone()),
         _ => None,
     };
-    if let Some(defs) = forced.or_else(|| answer.is_some().then(|| active.as_ref().map(|t| t.defs.iter().collect()).unwrap_or_default())) {
+    let constrained = forced.or_else(|| answer.as_ref().and(active.as_ref()).map(|t| t.defs.iter().collect()));
+    if let Some(defs) = constrained {
         // A call's arguments get exactly the declared parameters (OpenAI's strict mode).
         let closed: Vec<(&str, Value)> = defs
             .iter()
