@@ -514,7 +514,7 @@ pub fn validate_idempotency_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-/// A new account's name: a handle the admin CLI and `?name=` find it by, so it must read as
+/// A new account's name: a handle the admin CLI finds it by (`accounts show NAME`), so it must read as
 /// one (printable, no surrounding blanks), not as an account id (32 hex digits) and not as a
 /// system account's name. (Uniqueness is checked by each store, in the creating write.)
 pub fn validate_name(name: &str) -> Result<()> {
