@@ -294,11 +294,27 @@ pub async fn get_account(State(state): State<AppState>, headers: HeaderMap, Path
 pub struct AccountsQuery {
     after: Option<String>,
     limit: Option<u32>,
+    /// Only the accounts of this name (one, since names are unique; a ledger from before they
+    /// were may have more), in one answer.
+    name: Option<String>,
 }
 
-/// `GET /admin/v1/accounts`: every account in id order (creation order), a page at a time.
+/// `GET /admin/v1/accounts`: every account in id order (creation order), a page at a time, or
+/// those of one `name`.
 pub async fn list_accounts(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<AccountsQuery>) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
+    if let Some(name) = &q.name {
+        let b = billing(&state)?;
+        let (mut named, mut after) = (Vec::new(), None);
+        loop {
+            let page = b.accounts(after, tokenomy_ledger::MAX_PAGE_LEN).await?;
+            named.extend(page.iter().filter(|a| &a.name == name).map(account_json));
+            match page.last() {
+                Some(last) if page.len() == tokenomy_ledger::MAX_PAGE_LEN as usize => after = Some(last.id),
+                _ => return Ok(Json(json!({"object": "list", "data": named, "next_after": null, "has_more": false}))),
+            }
+        }
+    }
     let after = q.after.as_deref().map(parse_account_id).transpose()?;
     let limit = q.limit.unwrap_or(100);
     let page = billing(&state)?.accounts(after, limit).await?;

@@ -253,11 +253,16 @@ impl Conn {
 
     /// Every account (or those named `name`), oldest first.
     async fn accounts(&self, name: Option<&str>) -> Result<Vec<Value>> {
+        if let Some(n) = name {
+            let mut u = reqwest::Url::parse("http://node/admin/v1/accounts").expect("a fixed URL");
+            u.query_pairs_mut().append_pair("name", n);
+            let page = self.call(reqwest::Method::GET, &format!("{}?{}", u.path(), u.query().unwrap_or_default()), None).await?;
+            return Ok(page["data"].as_array().cloned().unwrap_or_default());
+        }
         let (mut found, mut after) = (Vec::new(), String::new());
         loop {
             let page = self.call(reqwest::Method::GET, &format!("/admin/v1/accounts?limit=1000{after}"), None).await?;
-            let items = page["data"].as_array().cloned().unwrap_or_default();
-            found.extend(items.into_iter().filter(|a| name.is_none_or(|n| a["name"] == n)));
+            found.extend(page["data"].as_array().cloned().unwrap_or_default());
             match page["next_after"].as_str() {
                 Some(next) => after = format!("&after={next}"),
                 None => return Ok(found),

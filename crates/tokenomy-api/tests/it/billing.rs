@@ -531,6 +531,9 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         let after = n.check().await;
         assert_eq!((before["accounts"].clone(), before["transfers"].clone()), (after["accounts"].clone(), after["transfers"].clone()));
         assert_eq!(n.balance(&a).await, (1_000, 0));
+        // An account is found by its name.
+        let named = n.admin("GET", "/admin/v1/accounts?name=a", None).await;
+        assert_eq!((named["data"].as_array().unwrap().len(), named["data"][0]["id"].as_str()), (1, Some(a.as_str())), "{named}");
     }
 }
 
