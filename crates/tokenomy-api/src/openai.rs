@@ -150,31 +150,41 @@ pub(crate) fn shown(v: Option<&str>) -> String {
 }
 
 pub fn closed_objects(schema: &mut Value) {
-    close(schema, true);
+    // A schema that composes objects with `allOf` adds properties to an object from beside it
+    // (a sibling branch, a `$ref`'d base): closed, its parts would contradict one another.
+    if !composes(schema) {
+        close(schema);
+    }
 }
 
-/// [`closed_objects`], `close_self` false for a branch of `allOf` (an intersection of closed
-/// objects that list different properties would allow nothing). An object whose `required`
-/// names a property it does not list is left open too: closed, it could not be satisfied.
-fn close(schema: &mut Value, close_self: bool) {
+/// Whether `allOf` appears anywhere in `schema` (literal values aside).
+fn composes(schema: &Value) -> bool {
+    match schema {
+        Value::Object(o) => o.iter().any(|(k, v)| k == "allOf" || (!matches!(k.as_str(), "const" | "enum" | "default" | "examples") && composes(v))),
+        Value::Array(a) => a.iter().any(composes),
+        _ => false,
+    }
+}
+
+/// [`closed_objects`] of a schema without `allOf`. An object whose `required` names a
+/// property it does not list is left open: closed, it could not be satisfied.
+fn close(schema: &mut Value) {
     match schema {
         Value::Object(o) => {
             let is_object = o.get("type") == Some(&json!("object")) || o.contains_key("properties");
             let listed = |name: &Value| name.as_str().is_some_and(|n| o.get("properties").is_some_and(|p| p.get(n).is_some()));
             let lists_required = o.get("required").and_then(Value::as_array).is_none_or(|r| r.iter().all(listed));
-            if close_self && is_object && lists_required && !o.contains_key("additionalProperties") {
+            if is_object && lists_required && !o.contains_key("additionalProperties") {
                 o.insert("additionalProperties".into(), json!(false));
             }
             // Literal values (`const`, `enum`, `default`, `examples`) are data, not schemas.
             for (k, v) in o.iter_mut() {
-                match (k.as_str(), v) {
-                    ("const" | "enum" | "default" | "examples", _) => {}
-                    ("allOf", Value::Array(branches)) => branches.iter_mut().for_each(|b| close(b, false)),
-                    (_, v) => close(v, true),
+                if !matches!(k.as_str(), "const" | "enum" | "default" | "examples") {
+                    close(v);
                 }
             }
         }
-        Value::Array(a) => a.iter_mut().for_each(|v| close(v, true)),
+        Value::Array(a) => a.iter_mut().for_each(close),
         _ => {}
     }
 }
@@ -406,8 +416,12 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
                 return Err(AppError::invalid_value(&param, format!("{param}: a tool message needs tool_call_id")));
             }
             // A tool result answers a call: it follows an assistant message with `tool_calls`
-            // (or another result of the same turn), as OpenAI requires.
-            let answers_a_call = messages[..i].iter().rev().find(|p| p.role != "tool").is_some_and(|p| p.role == "assistant" && p.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
+            // (after other results of the same turn, or a system reminder), as OpenAI requires.
+            let answers_a_call = messages[..i]
+                .iter()
+                .rev()
+                .find(|p| !matches!(p.role.as_str(), "tool" | "system" | "developer"))
+                .is_some_and(|p| p.role == "assistant" && p.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
             if m.role == "tool" && !answers_a_call {
                 return Err(AppError::invalid_value(&param, format!("{param}: a tool message must follow an assistant message with tool_calls")));
             }
@@ -507,6 +521,12 @@ mod tests {
         let mut s = json!({"allOf": [branch("a"), branch("b")]});
         closed_objects(&mut s);
         assert_eq!(s, json!({"allOf": [branch("a"), branch("b")]}), "an intersection's branches stay open");
+        // A root that allOf extends, and a $ref'd base: the whole composed schema stays open.
+        let extended = json!({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+            "$defs": {"base": branch("id")}, "allOf": [{"$ref": "#/$defs/base"}, branch("b")]});
+        let mut s = extended.clone();
+        closed_objects(&mut s);
+        assert_eq!(s, extended);
         let mut s = json!({"type": "object", "properties": {}, "required": ["zzz"]});
         closed_objects(&mut s);
         assert_eq!(s.get("additionalProperties"), None, "it requires a property it does not list");

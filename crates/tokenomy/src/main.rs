@@ -336,6 +336,9 @@ fn chat_templates(given: &[String], names: &[&str]) -> Result<Vec<Option<String>
     let own = |name: &str| given.iter().find_map(|t| t.strip_prefix(name).and_then(|r| r.strip_prefix('=')));
     let is_own = |t: &String| names.iter().any(|n| t.strip_prefix(n).is_some_and(|r| r.starts_with('=')));
     let bare: Vec<&String> = given.iter().filter(|t| !is_own(t)).collect();
+    if let Some((name, _)) = bare.iter().filter(|t| !std::path::Path::new(t.as_str()).exists()).find_map(|t| t.split_once('=')) {
+        anyhow::bail!("--chat-template: no model is served as {name:?} (models: {}); MODEL=TEMPLATE names a model by its served name", names.join(", "));
+    }
     if bare.len() > 1 {
         anyhow::bail!("--chat-template: give one template for every model, or MODEL=TEMPLATE for each (models: {})", names.join(", "));
     }
@@ -419,5 +422,7 @@ mod tests {
         let both = chat_templates(&given(&["chatml", "gemma3-270m=gemma"]), &names).unwrap();
         assert_eq!(both, [Some("chatml".to_string()), Some("gemma".to_string())]);
         assert!(chat_templates(&given(&["chatml", "gemma"]), &names).is_err());
+        let e = chat_templates(&given(&["nosuch=chatml"]), &names).unwrap_err().to_string();
+        assert!(e.contains("no model is served as \"nosuch\"") && e.contains("smollm2"), "{e}");
     }
 }

@@ -113,7 +113,11 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [user]})).await;
         assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[0].content");
     }
-    // A tool result answers an assistant's call.
+    // A tool result answers an assistant's call (a system reminder between them is fine).
+    let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]});
+    let between = json!([{"role": "user", "content": "hi"}, call, {"role": "system", "content": "be brief"}, {"role": "tool", "tool_call_id": "c1", "content": "ok"}]);
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "max_tokens": 1, "messages": between})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "tool", "content": "x", "tool_call_id": "zz"}]})).await;
     assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[0]");
     // best_of is n or nothing (each candidate is a returned choice).
