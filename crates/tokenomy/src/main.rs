@@ -333,16 +333,17 @@ fn model_configs(args: &ServeArgs) -> Result<Vec<ModelConfig>> {
 
 /// Each model's `--chat-template`: its own (`NAME=TEMPLATE`), else the bare one, else none.
 fn chat_templates(given: &[String], names: &[&str]) -> Result<Vec<Option<String>>> {
-    let own = |name: &str| given.iter().find_map(|t| t.strip_prefix(name).and_then(|r| r.strip_prefix('=')));
-    let is_own = |t: &String| names.iter().any(|n| t.strip_prefix(n).is_some_and(|r| r.starts_with('=')));
-    let bare: Vec<&String> = given.iter().filter(|t| !is_own(t)).collect();
+    // `t`'s template when it is `name=TEMPLATE`.
+    let of = |t: &'_ str, name: &str| t.strip_prefix(name).and_then(|r| r.strip_prefix('=')).map(str::to_string);
+    let own = |name: &str| given.iter().find_map(|t| of(t, name));
+    let bare: Vec<&String> = given.iter().filter(|t| names.iter().all(|n| of(t, n).is_none())).collect();
     if let Some((name, _)) = bare.iter().filter(|t| !std::path::Path::new(t.as_str()).exists()).find_map(|t| t.split_once('=')) {
         anyhow::bail!("--chat-template: no model is served as {name:?} (models: {}); MODEL=TEMPLATE names a model by its served name", names.join(", "));
     }
     if bare.len() > 1 {
         anyhow::bail!("--chat-template: give one template for every model, or MODEL=TEMPLATE for each (models: {})", names.join(", "));
     }
-    Ok(names.iter().map(|n| own(n).or(bare.first().map(|b| b.as_str())).map(str::to_string)).collect())
+    Ok(names.iter().map(|n| own(n).or(bare.first().map(|b| b.to_string()))).collect())
 }
 
 /// How long the answers cut at a shutdown's deadline have to be charged before the process
