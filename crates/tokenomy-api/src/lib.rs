@@ -12,6 +12,7 @@ mod anthropic;
 mod charge;
 pub mod error;
 pub mod openai;
+mod responses;
 mod routes;
 
 use std::collections::HashMap;
@@ -142,6 +143,8 @@ pub struct AppState {
     /// Requests without a key are charged to the local user (`DATA_DIR/user.key`).
     pub no_auth: bool,
     idempotency: Arc<charge::IdempotencyCache>,
+    /// Responses kept for `previous_response_id` (`store`), in memory.
+    responses: Arc<responses::ResponseStore>,
     /// When this node began serving (Unix seconds): its models' `created`.
     started_s: u64,
 }
@@ -157,6 +160,7 @@ impl AppState {
             billing: None,
             no_auth: false,
             idempotency: Default::default(),
+            responses: Default::default(),
             started_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         }
     }
@@ -197,6 +201,8 @@ pub fn app(state: AppState) -> Router {
     let keyed = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/me", get(charge::me))

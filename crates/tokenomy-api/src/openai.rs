@@ -101,7 +101,7 @@ impl ChatRequest {
         if self.audio.as_ref().is_some_and(|a| !a.is_null()) {
             return Err(AppError::invalid_value("audio", "audio output is not served"));
         }
-        const EFFORTS: [&str; 5] = ["none", "minimal", "low", "medium", "high"];
+        const EFFORTS: [&str; 7] = ["none", "minimal", "low", "medium", "high", "xhigh", "max"];
         if let Some(e) = self.reasoning_effort.as_deref().filter(|e| !EFFORTS.contains(e)) {
             return Err(AppError::invalid_value("reasoning_effort", format!("reasoning_effort must be one of {EFFORTS:?}, got {e:?}")));
         }

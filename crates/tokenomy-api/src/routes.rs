@@ -121,7 +121,7 @@ fn rejected_param(detail: &str) -> Option<String> {
     rest.split_once('`').map(|(field, _)| field.to_string())
 }
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 

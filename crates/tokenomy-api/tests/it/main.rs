@@ -7,6 +7,7 @@ mod chat;
 mod completions;
 mod errors;
 mod reference;
+mod responses;
 mod tools;
 
 use std::path::PathBuf;

@@ -1,0 +1,709 @@
+//! OpenAI's Responses API (`POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`) on the same
+//! engine, metering and billing path as chat completions, shaped like [`crate::anthropic`]: a
+//! Responses request (instructions, input items, function tools, `text.format`) is translated
+//! into the chat pipeline's request, and its answer (body or chunk stream) back into a response
+//! object — output items `reasoning`, `message` and `function_call` — or into the streaming
+//! events `response.created` … `response.completed`.
+//!
+//! `store` (OpenAI's default) keeps the conversation in this node's memory, bounded in count and
+//! bytes and lost at restart, so that `previous_response_id` continues it on the node that
+//! answered. Agents that keep their own history send `store: false` and the whole input.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, Stream, StreamExt};
+use serde_json::{json, Map, Value};
+use tokenomy_ledger::AccountId;
+
+use crate::openai::{shown, ChatRequest};
+use crate::routes::{self, HashedJson};
+use crate::{AppError, AppState};
+
+/// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`, at most.
+pub const RESPONSES_STORED_MAX: usize = 10_000;
+/// Bytes of kept conversations (their JSON), at most; the oldest go first.
+pub const RESPONSES_STORED_BYTES_MAX: usize = 256 << 20;
+
+fn invalid(param: &str, message: impl Into<String>) -> AppError {
+    AppError::invalid_value(param, message)
+}
+
+/// A response kept for its conversation to be continued.
+pub(crate) struct Stored {
+    /// The account that asked for it; `None` on a node without accounts.
+    owner: Option<AccountId>,
+    /// The conversation as chat messages: what came before, its input and its answer
+    /// (instructions are not carried over, as OpenAI's are not).
+    history: Vec<Value>,
+    response: Value,
+    bytes: usize,
+}
+
+/// Kept responses, oldest first out.
+#[derive(Default)]
+pub(crate) struct ResponseStore {
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Default)]
+struct StoreInner {
+    by_id: HashMap<String, Arc<Stored>>,
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl ResponseStore {
+    fn put(&self, owner: Option<AccountId>, history: Vec<Value>, response: Value) {
+        let id = response["id"].as_str().unwrap_or_default().to_string();
+        let bytes = history.iter().map(|m| m.to_string().len()).sum::<usize>() + response.to_string().len();
+        if bytes > RESPONSES_STORED_BYTES_MAX {
+            tracing::warn!(id, bytes, "a response too large to keep");
+            return;
+        }
+        let mut s = self.inner.lock().expect("response store");
+        while s.by_id.len() >= RESPONSES_STORED_MAX || s.bytes + bytes > RESPONSES_STORED_BYTES_MAX {
+            let Some(old) = s.order.pop_front() else { break };
+            if let Some(gone) = s.by_id.remove(&old) {
+                s.bytes -= gone.bytes;
+            }
+        }
+        s.bytes += bytes;
+        s.order.push_back(id.clone());
+        s.by_id.insert(id, Arc::new(Stored { owner, history, response, bytes }));
+        debug_assert_eq!(s.bytes, s.by_id.values().map(|v| v.bytes).sum::<usize>());
+    }
+
+    /// The response `id` if `caller` may see it (another account's is as good as missing).
+    fn get(&self, id: &str, caller: Option<AccountId>) -> Option<Arc<Stored>> {
+        let s = self.inner.lock().expect("response store");
+        s.by_id.get(id).filter(|r| r.owner.is_none() || r.owner == caller).cloned()
+    }
+
+    fn delete(&self, id: &str, caller: Option<AccountId>) -> bool {
+        let mut s = self.inner.lock().expect("response store");
+        if s.by_id.get(id).is_none_or(|r| r.owner.is_some() && r.owner != caller) {
+            return false;
+        }
+        let gone = s.by_id.remove(id).expect("present");
+        s.bytes -= gone.bytes;
+        s.order.retain(|k| k != id);
+        true
+    }
+}
+
+/// Text of a message's `content`: a string or a list of text parts.
+fn text_of(content: &Value, param: &str) -> Result<String, AppError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for (i, p) in parts.iter().enumerate() {
+                match p["type"].as_str() {
+                    Some("input_text" | "output_text" | "text") => out.push_str(p["text"].as_str().unwrap_or_default()),
+                    Some("refusal") => out.push_str(p["refusal"].as_str().unwrap_or_default()),
+                    other => return Err(invalid(&format!("{param}.{i}"), format!("only text content is served here, got {}", shown(other)))),
+                }
+            }
+            Ok(out)
+        }
+        Value::Null => Ok(String::new()),
+        _ => Err(invalid(param, format!("{param} must be a string or a list of content parts"))),
+    }
+}
+
+/// The input items as chat messages: consecutive `function_call`s join the assistant turn before
+/// them, `function_call_output`s become `tool` messages, reasoning from earlier turns is dropped.
+fn input_messages(input: &Value) -> Result<Vec<Value>, AppError> {
+    let items = match input {
+        Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
+        Value::Array(items) => items,
+        Value::Null => return Err(invalid("input", "input: field required")),
+        _ => return Err(invalid("input", "input must be a string or a list of items")),
+    };
+    let mut out: Vec<Value> = Vec::new();
+    // Whether the last message is an assistant turn that a following call may join.
+    let mut open_turn = false;
+    for (i, item) in items.iter().enumerate() {
+        let param = format!("input.{i}");
+        let kind = item["type"].as_str().or(item.get("role").map(|_| "message"));
+        match kind {
+            Some("message") => {
+                let role = item["role"].as_str().unwrap_or_default();
+                if !matches!(role, "user" | "assistant" | "system" | "developer") {
+                    return Err(invalid(&format!("{param}.role"), format!("role must be user, assistant, system or developer, got {}", shown(Some(role)))));
+                }
+                out.push(json!({"role": role, "content": text_of(&item["content"], &format!("{param}.content"))?}));
+                open_turn = role == "assistant";
+            }
+            Some("function_call") => {
+                let (Some(call_id), Some(name)) = (item["call_id"].as_str(), item["name"].as_str()) else {
+                    return Err(invalid(&param, "a function_call item needs call_id and name"));
+                };
+                let arguments = item["arguments"].as_str().unwrap_or("{}");
+                let call = json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}});
+                match out.last_mut() {
+                    Some(turn) if open_turn => match turn["tool_calls"].as_array_mut() {
+                        Some(calls) => calls.push(call),
+                        None => turn["tool_calls"] = json!([call]),
+                    },
+                    _ => out.push(json!({"role": "assistant", "content": "", "tool_calls": [call]})),
+                }
+                open_turn = true;
+            }
+            Some("function_call_output") => {
+                let Some(call_id) = item["call_id"].as_str() else { return Err(invalid(&param, "a function_call_output item needs call_id")) };
+                out.push(json!({"role": "tool", "tool_call_id": call_id, "content": text_of(&item["output"], &format!("{param}.output"))?}));
+                open_turn = false;
+            }
+            // Earlier turns' reasoning is not fed back (as the chat template drops it too).
+            Some("reasoning") => {}
+            Some("item_reference") => return Err(invalid(&param, "item references are not served: send the item itself, or continue with previous_response_id")),
+            other => return Err(invalid(&format!("{param}.type"), format!("only message, function_call, function_call_output and reasoning items are served here, got {}", shown(other)))),
+        }
+    }
+    Ok(out)
+}
+
+fn tools_of(tools: &Value) -> Result<Value, AppError> {
+    let Some(list) = tools.as_array() else { return Err(invalid("tools", "tools must be a list")) };
+    let mut defs = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        if t["type"].as_str() != Some("function") {
+            return Err(invalid(&format!("tools.{i}.type"), format!("only function tools are served here, got {}", shown(t["type"].as_str()))));
+        }
+        let mut f = Map::new();
+        for k in ["name", "description", "parameters", "strict"] {
+            if let Some(v) = t.get(k).filter(|v| !v.is_null()) {
+                f.insert(k.into(), v.clone());
+            }
+        }
+        defs.push(json!({"type": "function", "function": f}));
+    }
+    Ok(Value::Array(defs))
+}
+
+fn tool_choice_of(tc: &Value) -> Result<Value, AppError> {
+    match (tc.as_str(), tc["type"].as_str()) {
+        (Some("auto" | "none" | "required"), _) => Ok(tc.clone()),
+        (None, Some("function")) => Ok(json!({"type": "function", "function": {"name": tc["name"]}})),
+        (s, t) => Err(invalid("tool_choice", format!("tool_choice must be auto, none, required or a function, got {}", shown(s.or(t))))),
+    }
+}
+
+/// `text.format` as chat's `response_format`.
+fn format_of(text: &Value) -> Result<Option<Value>, AppError> {
+    let f = &text["format"];
+    match f["type"].as_str() {
+        None if f.is_null() => Ok(None),
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let mut s = Map::new();
+            for k in ["name", "description", "schema", "strict"] {
+                if let Some(v) = f.get(k).filter(|v| !v.is_null()) {
+                    s.insert(k.into(), v.clone());
+                }
+            }
+            Ok(Some(json!({"type": "json_schema", "json_schema": s})))
+        }
+        other => Err(invalid("text.format.type", format!("text.format.type must be text, json_object or json_schema, got {}", shown(other)))),
+    }
+}
+
+/// A validated Responses request, before its earlier conversation (if any) is looked up.
+struct Parsed {
+    /// The chat request's fields but its messages.
+    chat: Map<String, Value>,
+    instructions: Option<String>,
+    input: Vec<Value>,
+    previous: Option<String>,
+    store: bool,
+    /// The response object as it starts: the request's settings echoed, no output yet.
+    skeleton: Value,
+    /// The body's hash, which the receipt names.
+    sha256: [u8; 32],
+}
+
+fn parse(body: &Value, sha256: [u8; 32]) -> Result<Parsed, AppError> {
+    let o = body.as_object().ok_or_else(|| AppError::invalid("the body must be a JSON object", None))?;
+    let field = |k: &str| o.get(k).filter(|v| !v.is_null());
+    let model = field("model").and_then(Value::as_str).ok_or_else(|| invalid("model", "model: field required"))?;
+    for (k, what) in [("background", "background responses"), ("conversation", "conversations"), ("prompt", "prompt templates")] {
+        if field(k).is_some_and(|v| v != &json!(false)) {
+            return Err(invalid(k, format!("{what} are not served by this node")));
+        }
+    }
+    let instructions = match field("instructions") {
+        None => None,
+        Some(v) => Some(v.as_str().ok_or_else(|| invalid("instructions", "instructions must be a string"))?.to_string()),
+    };
+    let input = input_messages(o.get("input").unwrap_or(&Value::Null))?;
+    let mut chat = Map::new();
+    chat.insert("model".into(), json!(model));
+    for (from, to) in [("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"), ("user", "user")] {
+        if let Some(v) = field(from) {
+            chat.insert(to.into(), v.clone());
+        }
+    }
+    if let Some(t) = field("tools") {
+        chat.insert("tools".into(), tools_of(t)?);
+    }
+    if let Some(tc) = field("tool_choice") {
+        chat.insert("tool_choice".into(), tool_choice_of(tc)?);
+    }
+    if let Some(f) = field("text").map(format_of).transpose()?.flatten() {
+        chat.insert("response_format".into(), f);
+    }
+    if let Some(e) = field("reasoning").and_then(|r| r.get("effort")).filter(|e| !e.is_null()) {
+        chat.insert("reasoning_effort".into(), e.clone());
+    }
+    let include: Vec<&str> = field("include").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    if include.contains(&"message.output_text.logprobs") {
+        chat.insert("logprobs".into(), json!(true));
+        if let Some(n) = field("top_logprobs") {
+            chat.insert("top_logprobs".into(), n.clone());
+        }
+    }
+    let stream = field("stream").and_then(Value::as_bool) == Some(true);
+    if stream {
+        chat.insert("stream".into(), json!(true));
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let store = field("store").and_then(Value::as_bool).unwrap_or(true);
+    let previous = match field("previous_response_id") {
+        None => None,
+        Some(v) => Some(v.as_str().ok_or_else(|| invalid("previous_response_id", "previous_response_id must be a string"))?.to_string()),
+    };
+    let echo = |k: &str, default: Value| field(k).cloned().unwrap_or(default);
+    let skeleton = json!({
+        "id": null, "object": "response", "created_at": routes::now_s(), "status": "in_progress",
+        "background": false, "error": null, "incomplete_details": null,
+        "instructions": instructions, "max_output_tokens": echo("max_output_tokens", Value::Null),
+        "model": model, "output": [], "parallel_tool_calls": echo("parallel_tool_calls", json!(true)),
+        "previous_response_id": previous,
+        "reasoning": {"effort": field("reasoning").map_or(Value::Null, |r| r["effort"].clone()), "summary": null},
+        "service_tier": "default", "store": store,
+        "temperature": echo("temperature", json!(1.0)), "top_p": echo("top_p", json!(1.0)),
+        "text": {"format": field("text").map_or(json!({"type": "text"}), |t| if t["format"].is_null() { json!({"type": "text"}) } else { t["format"].clone() })},
+        "tool_choice": echo("tool_choice", json!("auto")), "tools": echo("tools", json!([])),
+        "truncation": echo("truncation", json!("disabled")), "usage": null,
+        "user": echo("user", Value::Null), "metadata": echo("metadata", json!({})),
+    });
+    Ok(Parsed { chat, instructions, input, previous, store, skeleton, sha256 })
+}
+
+pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Response, AppError> {
+    let parsed = parse(&body.value, body.sha256)?;
+    let g = match routes::gate(&state, &headers, "/v1/responses", body.sha256).await? {
+        Ok(g) => g,
+        Err(replay) => return Ok(replay),
+    };
+    routes::run_remembered(&state, g, parsed, |s, g, p| Box::pin(run(s, g, p))).await
+}
+
+async fn run(state: &AppState, g: &routes::Gate, p: Parsed) -> Result<Response, AppError> {
+    let owner = g.caller.as_ref().map(|c| c.account);
+    let mut history = match &p.previous {
+        None => Vec::new(),
+        Some(id) => {
+            let prev = state.responses.get(id, owner).ok_or_else(|| invalid("previous_response_id", format!("Previous response with id '{id}' not found.")))?;
+            prev.history.clone()
+        }
+    };
+    history.extend(p.input);
+    let mut chat = p.chat;
+    let system = p.instructions.map(|t| json!({"role": "system", "content": t}));
+    chat.insert("messages".into(), Value::Array(system.into_iter().chain(history.iter().cloned()).collect()));
+    let req: ChatRequest = serde_json::from_value(Value::Object(chat)).map_err(|e| AppError::invalid(format!("invalid request: {e}"), None))?;
+    // The receipt names the Responses body (as sent), not its chat translation.
+    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256 }).await?;
+    let rid = r.started.request_id.clone();
+    let mut skeleton = p.skeleton;
+    skeleton["id"] = json!(format!("resp_{}", r.id.trim_start_matches("chatcmpl-")));
+    let keep = p.store.then(|| Keep { store: state.responses.clone(), owner, history });
+    if r.stream {
+        let events = events(routes::chat_stream(r.started, r.id, true, r.post, None), skeleton, keep);
+        let resp = Sse::new(events).into_response();
+        return Ok(routes::billed_headers(resp, &rid, r.receipt_id.as_deref(), &g.allowance_now(state).await));
+    }
+    let (Json(v), receipt_id) = routes::chat_body(r.started, r.id, &r.post).await?;
+    let response = finished(skeleton, &v["choices"][0], output_of(&v["choices"][0], &response_suffix(&v)), &v["usage"], &v["receipt"]);
+    if let Some(k) = keep {
+        k.put(&response);
+    }
+    Ok(routes::billed_headers(Json(response).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
+}
+
+/// Where a finished response goes to be continued.
+struct Keep {
+    store: Arc<ResponseStore>,
+    owner: Option<AccountId>,
+    history: Vec<Value>,
+}
+
+impl Keep {
+    /// Keeps the conversation with the response's answer as its last assistant turn.
+    fn put(mut self, response: &Value) {
+        let (mut text, mut calls) = (String::new(), Vec::new());
+        for item in response["output"].as_array().into_iter().flatten() {
+            match item["type"].as_str() {
+                Some("message") => item["content"].as_array().into_iter().flatten().for_each(|c| text.push_str(c["text"].as_str().unwrap_or_default())),
+                Some("function_call") => calls.push(json!({"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}})),
+                _ => {}
+            }
+        }
+        let mut turn = json!({"role": "assistant", "content": text});
+        if !calls.is_empty() {
+            turn["tool_calls"] = Value::Array(calls);
+        }
+        self.history.push(turn);
+        self.store.put(self.owner, self.history, response.clone());
+    }
+}
+
+/// The id suffix shared by a response's items (its chat completion's).
+fn response_suffix(chat: &Value) -> String {
+    chat["id"].as_str().unwrap_or_default().trim_start_matches("chatcmpl-").to_string()
+}
+
+fn fc_id(call_id: &str) -> String {
+    format!("fc_{}", call_id.trim_start_matches("call_"))
+}
+
+fn reasoning_item(suffix: &str, text: &str) -> Value {
+    json!({"type": "reasoning", "id": format!("rs_{suffix}"), "summary": [], "content": [{"type": "reasoning_text", "text": text}]})
+}
+
+fn message_item(suffix: &str, text: &str, logprobs: Value) -> Value {
+    json!({"type": "message", "id": format!("msg_{suffix}"), "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}]})
+}
+
+fn call_item(call_id: &str, name: &Value, arguments: &str) -> Value {
+    json!({"type": "function_call", "id": fc_id(call_id), "call_id": call_id, "name": name, "arguments": arguments, "status": "completed"})
+}
+
+/// A chat choice's message as output items.
+fn output_of(choice: &Value, suffix: &str) -> Vec<Value> {
+    let m = &choice["message"];
+    let mut out = Vec::new();
+    if let Some(t) = m["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+        out.push(reasoning_item(suffix, t));
+    }
+    let calls = m["tool_calls"].as_array().map_or(&[][..], Vec::as_slice);
+    let text = m["content"].as_str().unwrap_or_default();
+    if !text.is_empty() || calls.is_empty() {
+        out.push(message_item(suffix, text, choice["logprobs"]["content"].as_array().map_or(json!([]), |l| json!(l))));
+    }
+    for c in calls {
+        out.push(call_item(c["id"].as_str().unwrap_or_default(), &c["function"]["name"], c["function"]["arguments"].as_str().unwrap_or("{}")));
+    }
+    out
+}
+
+fn usage_of(u: &Value) -> Value {
+    let input = u["prompt_tokens"].as_u64().unwrap_or(0);
+    let output = u["completion_tokens"].as_u64().unwrap_or(0);
+    json!({
+        "input_tokens": input,
+        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0)},
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": u["completion_tokens_details"]["reasoning_tokens"].as_u64().unwrap_or(0)},
+        "total_tokens": input + output,
+    })
+}
+
+/// The response's status and why it is incomplete, from the chat choice's `finish_reason`.
+fn status_of(choice: &Value) -> (&'static str, Value) {
+    match choice["finish_reason"].as_str() {
+        Some("length") => ("incomplete", json!({"reason": "max_output_tokens"})),
+        // Cut by the node (a shutdown): what was written is billed and returned.
+        Some("abort") => ("incomplete", json!({"reason": "interrupted"})),
+        _ => ("completed", Value::Null),
+    }
+}
+
+/// The finished response object.
+fn finished(mut r: Value, choice: &Value, mut output: Vec<Value>, usage: &Value, receipt: &Value) -> Value {
+    let (status, details) = status_of(choice);
+    if let (Some(last), "incomplete") = (output.last_mut(), status) {
+        last["status"] = json!("incomplete");
+    }
+    r["status"] = json!(status);
+    r["incomplete_details"] = details;
+    r["output"] = Value::Array(output);
+    r["usage"] = usage_of(usage);
+    r["completed_at"] = json!(routes::now_s());
+    if !receipt.is_null() {
+        r["receipt"] = receipt.clone();
+    }
+    r
+}
+
+/// The output item being streamed.
+enum Open {
+    Reasoning(String),
+    Message { text: String, logprobs: Vec<Value> },
+    Call { call_id: String, name: Value, arguments: String },
+}
+
+/// Translates chat chunks into Responses events.
+struct StreamState {
+    response: Value,
+    suffix: String,
+    seq: u64,
+    started: bool,
+    output: Vec<Value>,
+    open: Option<Open>,
+    finish: Value,
+    keep: Option<Keep>,
+    /// A `response.failed` was sent: the stream ends there.
+    failed: bool,
+}
+
+impl StreamState {
+    fn ev(&mut self, kind: &str, mut data: Value) -> SseEvent {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        SseEvent::default().event(kind).data(data.to_string())
+    }
+
+    fn index(&self) -> usize {
+        self.output.len()
+    }
+
+    fn item_id(&self) -> String {
+        match &self.open {
+            Some(Open::Reasoning(_)) => format!("rs_{}", self.suffix),
+            Some(Open::Message { .. }) => format!("msg_{}", self.suffix),
+            Some(Open::Call { call_id, .. }) => fc_id(call_id),
+            None => String::new(),
+        }
+    }
+
+    /// Ends the open item; `status` is the item's (`incomplete` for the last of a cut answer).
+    fn close(&mut self, status: &str, out: &mut Vec<SseEvent>) {
+        let id = self.item_id();
+        let i = self.index();
+        let mut item = match self.open.take() {
+            None => return,
+            Some(Open::Reasoning(text)) => {
+                out.push(self.ev("response.reasoning_text.done", json!({"item_id": id, "output_index": i, "content_index": 0, "text": text})));
+                reasoning_item(&self.suffix, &text)
+            }
+            Some(Open::Message { text, logprobs }) => {
+                let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs});
+                out.push(self.ev("response.output_text.done", json!({"item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": logprobs})));
+                out.push(self.ev("response.content_part.done", json!({"item_id": id, "output_index": i, "content_index": 0, "part": part})));
+                message_item(&self.suffix, &text, json!(logprobs))
+            }
+            Some(Open::Call { call_id, name, arguments }) => {
+                out.push(self.ev("response.function_call_arguments.done", json!({"item_id": id, "output_index": i, "name": name, "arguments": arguments})));
+                call_item(&call_id, &name, &arguments)
+            }
+        };
+        item["status"] = json!(status);
+        out.push(self.ev("response.output_item.done", json!({"output_index": i, "item": item})));
+        self.output.push(item);
+    }
+
+    /// Opens a new item (closing the one before).
+    fn open(&mut self, next: Open, out: &mut Vec<SseEvent>) {
+        self.close("completed", out);
+        self.open = Some(next);
+        let (id, i) = (self.item_id(), self.index());
+        let item = match self.open.as_ref().expect("just opened") {
+            Open::Reasoning(_) => json!({"type": "reasoning", "id": id, "summary": [], "content": []}),
+            Open::Message { .. } => json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []}),
+            Open::Call { call_id, name, .. } => json!({"type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": "", "status": "in_progress"}),
+        };
+        out.push(self.ev("response.output_item.added", json!({"output_index": i, "item": item})));
+        if matches!(self.open, Some(Open::Message { .. })) {
+            out.push(self.ev("response.content_part.added", json!({"item_id": id, "output_index": i, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})));
+        }
+    }
+
+    fn chunk(&mut self, c: &Value) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        if self.failed {
+            return out;
+        }
+        if !self.started {
+            self.started = true;
+            let r = self.response.clone();
+            out.push(self.ev("response.created", json!({"response": r})));
+            out.push(self.ev("response.in_progress", json!({"response": r})));
+        }
+        if c.get("error").is_some() {
+            self.failed = true;
+            let mut r = self.response.clone();
+            r["status"] = json!("failed");
+            r["error"] = json!({"code": "server_error", "message": c["error"]["message"]});
+            out.push(self.ev("response.failed", json!({"response": r})));
+            return out;
+        }
+        let choice = &c["choices"][0];
+        let delta = &choice["delta"];
+        if let Some(t) = delta["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+            if !matches!(self.open, Some(Open::Reasoning(_))) {
+                self.open(Open::Reasoning(String::new()), &mut out);
+            }
+            if let Some(Open::Reasoning(all)) = &mut self.open {
+                all.push_str(t);
+            }
+            let (id, i) = (self.item_id(), self.index());
+            out.push(self.ev("response.reasoning_text.delta", json!({"item_id": id, "output_index": i, "content_index": 0, "delta": t})));
+        }
+        let logprobs: Vec<Value> = choice["logprobs"]["content"].as_array().cloned().unwrap_or_default();
+        if let Some(t) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            if !matches!(self.open, Some(Open::Message { .. })) {
+                self.open(Open::Message { text: String::new(), logprobs: Vec::new() }, &mut out);
+            }
+            if let Some(Open::Message { text, logprobs: all }) = &mut self.open {
+                text.push_str(t);
+                all.extend(logprobs.iter().cloned());
+            }
+            let (id, i) = (self.item_id(), self.index());
+            out.push(self.ev("response.output_text.delta", json!({"item_id": id, "output_index": i, "content_index": 0, "delta": t, "logprobs": logprobs})));
+        }
+        for tc in delta["tool_calls"].as_array().into_iter().flatten() {
+            if let Some(call_id) = tc["id"].as_str() {
+                self.open(Open::Call { call_id: call_id.to_string(), name: tc["function"]["name"].clone(), arguments: String::new() }, &mut out);
+            }
+            if let Some(a) = tc["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
+                if let Some(Open::Call { arguments, .. }) = &mut self.open {
+                    arguments.push_str(a);
+                }
+                let (id, i) = (self.item_id(), self.index());
+                out.push(self.ev("response.function_call_arguments.delta", json!({"item_id": id, "output_index": i, "delta": a})));
+            }
+        }
+        if choice["finish_reason"].is_string() {
+            self.finish = choice.clone();
+        }
+        if c["usage"].is_object() {
+            self.end(c, &mut out);
+        }
+        out
+    }
+
+    /// The last chunk (usage, and the receipt): the last item closes and the response ends.
+    fn end(&mut self, c: &Value, out: &mut Vec<SseEvent>) {
+        let (status, _) = status_of(&self.finish);
+        if self.open.is_none() && self.output.is_empty() {
+            // An answer of no text at all is still one (empty) message, as the body's is.
+            self.open(Open::Message { text: String::new(), logprobs: Vec::new() }, out);
+        }
+        self.close(if status == "incomplete" { "incomplete" } else { "completed" }, out);
+        let r = finished(self.response.clone(), &self.finish, std::mem::take(&mut self.output), &c["usage"], &c["receipt"]);
+        if let Some(k) = self.keep.take() {
+            k.put(&r);
+        }
+        let kind = if status == "incomplete" { "response.incomplete" } else { "response.completed" };
+        out.push(self.ev(kind, json!({"response": r})));
+    }
+}
+
+fn events(chunks: impl Stream<Item = Value> + Send + 'static, skeleton: Value, keep: Option<Keep>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let mut st = StreamState { response: skeleton, suffix: String::new(), seq: 0, started: false, output: Vec::new(), open: None, finish: Value::Null, keep, failed: false };
+    st.suffix = st.response["id"].as_str().unwrap_or_default().trim_start_matches("resp_").to_string();
+    chunks.flat_map(move |c| stream::iter(st.chunk(&c))).map(Ok)
+}
+
+/// `GET /v1/responses/{id}`: a kept response, to the account that asked for it.
+pub async fn get(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
+    let r = state.responses.get(&id, caller).ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
+    Ok(Json(r.response.clone()))
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn delete(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+    let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
+    if !state.responses.delete(&id, caller) {
+        return Err(AppError::not_found(format!("Response with id '{id}' not found.")));
+    }
+    Ok(Json(json!({"id": id, "object": "response.deleted", "deleted": true})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_become_chat_turns() {
+        let input = json!([
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+            {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+            {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "20 C"}]},
+        ]);
+        let m = input_messages(&input).unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[1]["content"], "Let me look.");
+        assert_eq!(m[1]["tool_calls"].as_array().unwrap().len(), 2);
+        assert_eq!(m[3], json!({"role": "tool", "tool_call_id": "call_2", "content": "20 C"}));
+        let e = input_messages(&json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])).unwrap_err();
+        assert!(e.message.contains("only text"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_stream_translates_text_and_calls_into_indexed_items() {
+        let mut st = StreamState { response: json!({"id": "resp_1"}), suffix: "1".into(), seq: 0, started: false, output: Vec::new(), open: None, finish: Value::Null, keep: None, failed: false };
+        let kinds = |evs: Vec<SseEvent>| evs.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>();
+        let mut all = kinds(st.chunk(&json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})));
+        all.extend(kinds(st.chunk(&json!({"choices": [{"delta": {"content": "Hi"}}]}))));
+        all.extend(kinds(st.chunk(&json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_9", "function": {"name": "f", "arguments": ""}}]}}]}))));
+        all.extend(kinds(st.chunk(&json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]}))));
+        all.extend(kinds(st.chunk(&json!({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]}))));
+        all.extend(kinds(st.chunk(&json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}))));
+        let names: Vec<&str> = all.iter().map(|e| e.split("event: ").nth(1).unwrap_or("").split('\\').next().unwrap_or("")).collect();
+        expect_test::expect![[r#"
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        "#]]
+        .assert_debug_eq(&names);
+        assert!(all[9].contains(r#"\"output_index\":1"#), "the call is the second item: {}", all[9]);
+        assert!(all[12].contains(r#"\"total_tokens\":5"#), "{}", all[12]);
+    }
+
+    #[test]
+    fn the_store_is_bounded_and_scoped_to_its_account() {
+        let s = ResponseStore::default();
+        let a = Some(AccountId(1));
+        s.put(a, vec![json!({"role": "user", "content": "x"})], json!({"id": "resp_a"}));
+        assert!(s.get("resp_a", a).is_some());
+        assert!(s.get("resp_a", Some(AccountId(2))).is_none());
+        assert!(!s.delete("resp_a", None));
+        for i in 0..RESPONSES_STORED_MAX {
+            s.put(None, Vec::new(), json!({"id": format!("resp_{i}")}));
+        }
+        assert!(s.get("resp_a", a).is_none(), "the oldest went first");
+        assert_eq!(s.inner.lock().unwrap().by_id.len(), RESPONSES_STORED_MAX);
+        assert!(s.delete("resp_7", None) && s.get("resp_7", None).is_none());
+    }
+}

@@ -1,0 +1,157 @@
+//! OpenAI's Responses API (`/v1/responses`) against the real engine: the same answers, usage and
+//! charges as chat completions, in response objects and streaming events; conversations kept
+//! for `previous_response_id`; bad input refused in OpenAI's shape.
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+use crate::billing::node;
+use crate::{assert_error, post, send, solo_state, Reply, MODEL};
+
+fn events(r: &Reply) -> Vec<Value> {
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.sse_data().iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+fn output_text(response: &Value) -> String {
+    let items = response["output"].as_array().unwrap();
+    items.iter().filter(|i| i["type"] == "message").flat_map(|i| i["content"].as_array().unwrap()).map(|c| c["text"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_is_the_chat_answer_in_responses_shape_streamed_or_not() {
+    let s = solo_state();
+    let chat = json!({"model": MODEL, "temperature": 0, "max_tokens": 12,
+        "messages": [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "What is the capital of France?"}]});
+    let c = post(&s, "/v1/chat/completions", chat).await.json();
+    let body = json!({"model": MODEL, "temperature": 0, "max_output_tokens": 12, "instructions": "You are a concise assistant.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "What is the capital of France?"}]}]});
+    let r = post(&s, "/v1/responses", body.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert!(v["id"].as_str().unwrap().starts_with("resp_"), "{v}");
+    assert_eq!((v["object"].as_str(), v["model"].as_str()), (Some("response"), Some(MODEL)));
+    assert_eq!(output_text(&v), c["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(v["usage"]["input_tokens"], c["usage"]["prompt_tokens"]);
+    assert_eq!(v["usage"]["output_tokens"], c["usage"]["completion_tokens"]);
+    let status = if c["choices"][0]["finish_reason"] == "length" { "incomplete" } else { "completed" };
+    assert_eq!(v["status"], status, "{v}");
+    assert_eq!(r.headers["x-request-id"].len(), 32);
+
+    // Streamed: numbered events from `response.created` to the end, deltas that add up to
+    // the text, and the same usage.
+    let mut sb = body;
+    sb["stream"] = json!(true);
+    let ev = events(&post(&s, "/v1/responses", sb).await);
+    let kinds: Vec<&str> = ev.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(&kinds[..4], ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"], "{kinds:?}");
+    assert_eq!(kinds.last().copied(), Some(if status == "completed" { "response.completed" } else { "response.incomplete" }));
+    for (i, e) in ev.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i, "{e}");
+    }
+    let deltas: String = ev.iter().filter(|e| e["type"] == "response.output_text.delta").map(|e| e["delta"].as_str().unwrap()).collect();
+    let last = &ev.last().unwrap()["response"];
+    assert_eq!(deltas, output_text(last));
+    assert_eq!(deltas, output_text(&v));
+    assert_eq!(last["usage"]["output_tokens"], v["usage"]["output_tokens"]);
+    assert_eq!(last["usage"]["input_tokens"], v["usage"]["input_tokens"]);
+
+    // Cut by max_output_tokens: incomplete, and says why, streamed or not.
+    let long = json!({"model": MODEL, "max_output_tokens": 3, "input": "Write a long story about a dragon."});
+    let v = post(&s, "/v1/responses", long.clone()).await.json();
+    assert_eq!((v["status"].as_str(), v["incomplete_details"]["reason"].as_str()), (Some("incomplete"), Some("max_output_tokens")), "{v}");
+    assert_eq!(v["output"][0]["status"], "incomplete");
+    assert_eq!(v["usage"]["output_tokens"], 3);
+    let mut ls = long;
+    ls["stream"] = json!(true);
+    let ev = events(&post(&s, "/v1/responses", ls).await);
+    assert_eq!(ev.last().unwrap()["type"], "response.incomplete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previous_response_id_continues_a_kept_conversation() {
+    let s = solo_state();
+    let first = post(&s, "/v1/responses", json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "instructions": "Be brief.", "input": "My name is Ada."})).await.json();
+    let id = first["id"].as_str().unwrap();
+    let second = post(&s, "/v1/responses", json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "previous_response_id": id, "input": "What is my name?"})).await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text);
+    let second = second.json();
+    assert_eq!(second["previous_response_id"], id);
+    // The prompt is the whole conversation (the first answer included), without the first
+    // request's instructions: as the same turns sent to chat completions count it.
+    let messages = json!([{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": output_text(&first)}, {"role": "user", "content": "What is my name?"}]);
+    let c = post(&s, "/v1/chat/completions", json!({"model": MODEL, "max_tokens": 1, "messages": messages})).await.json();
+    assert_eq!(second["usage"]["input_tokens"], c["usage"]["prompt_tokens"], "{second}");
+
+    // Kept responses can be fetched and deleted; a request that says `store: false` is not kept.
+    let sid = second["id"].as_str().unwrap();
+    assert_eq!(send(&s, "GET", &format!("/v1/responses/{sid}"), None).await.json(), second);
+    let d = send(&s, "DELETE", &format!("/v1/responses/{sid}"), None).await.json();
+    assert_eq!(d, json!({"id": sid, "object": "response.deleted", "deleted": true}));
+    assert_error(&send(&s, "GET", &format!("/v1/responses/{sid}"), None).await, StatusCode::NOT_FOUND);
+    let gone = post(&s, "/v1/responses", json!({"model": MODEL, "previous_response_id": sid, "input": "Hi"})).await;
+    assert_eq!(assert_error(&gone, StatusCode::BAD_REQUEST)["param"], "previous_response_id");
+    let unkept = post(&s, "/v1/responses", json!({"model": MODEL, "store": false, "max_output_tokens": 2, "input": "Hi"})).await.json();
+    assert_eq!(unkept["store"], false);
+    assert_error(&send(&s, "GET", &format!("/v1/responses/{}", unkept["id"].as_str().unwrap()), None).await, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_responses_input_is_refused_in_openai_shape() {
+    let s = solo_state();
+    let cases = [
+        (json!({"input": "Hi"}), "model"),
+        (json!({"model": MODEL}), "input"),
+        (json!({"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}), "input.0.content.0"),
+        (json!({"model": MODEL, "input": [{"type": "item_reference", "id": "msg_1"}]}), "input.0"),
+        (json!({"model": MODEL, "input": [{"type": "web_search_call", "id": "ws_1"}]}), "input.0.type"),
+        (json!({"model": MODEL, "input": [{"role": "robot", "content": "Hi"}]}), "input.0.role"),
+        (json!({"model": MODEL, "input": "Hi", "tools": [{"type": "web_search"}]}), "tools.0.type"),
+        (json!({"model": MODEL, "input": "Hi", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}), "tool_choice"),
+        (json!({"model": MODEL, "input": "Hi", "text": {"format": {"type": "xml"}}}), "text.format.type"),
+        (json!({"model": MODEL, "input": "Hi", "background": true}), "background"),
+        (json!({"model": MODEL, "input": "Hi", "reasoning": {"effort": "extreme"}}), "reasoning_effort"),
+        (json!({"model": "nope", "input": "Hi"}), "model"),
+    ];
+    for (body, param) in cases {
+        let r = post(&s, "/v1/responses", body.clone()).await;
+        let status = if param == "model" && body["model"] == "nope" { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
+        let e = assert_error(&r, status);
+        if status == StatusCode::BAD_REQUEST {
+            assert_eq!(e["param"], param, "{body}: {e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_is_charged_and_its_receipt_names_the_body_sent() {
+    let n = node(None, "", &[]).await;
+    let (acc, key) = n.funded("responses-user", 1_000_000).await;
+    let (b0, _) = n.balance(&acc).await;
+    let body = json!({"model": MODEL, "temperature": 0, "max_output_tokens": 6, "input": "Name a color."}).to_string();
+    let auth = format!("Bearer {key}");
+    let r = crate::request(&n.state, "POST", "/v1/responses", Some(&body), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    let rid = r.headers["tokenomy-receipt"].to_str().unwrap();
+    assert_eq!(v["receipt"]["id"], rid);
+    let amount = v["receipt"]["amount_micros"].as_i64().unwrap();
+    assert!(amount > 0, "{v}");
+    assert_eq!(n.balance(&acc).await, (b0 - amount, 0), "charged exactly the receipt");
+    let bundle = n.call("GET", &format!("/v1/receipts/{rid}"), None, &key).await;
+    let receipt = tokenomy_receipts::verify_bundle(&bundle.text, &n.key()).unwrap().receipt;
+    assert_eq!(receipt.request_sha256, <[u8; 32]>::from(sha2::Sha256::digest(body.as_bytes())));
+    assert_eq!(receipt.completion_tokens, v["usage"]["output_tokens"].as_u64().unwrap());
+    assert_eq!(receipt.prompt_tokens, v["usage"]["input_tokens"].as_u64().unwrap());
+
+    // A kept response is its account's alone.
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(n.call("GET", &format!("/v1/responses/{id}"), None, &key).await.json()["id"], id);
+    let (_, other) = n.funded("responses-other", 1_000_000).await;
+    assert_error(&n.call("GET", &format!("/v1/responses/{id}"), None, &other).await, StatusCode::NOT_FOUND);
+    let r = n.call("POST", "/v1/responses", Some(json!({"model": MODEL, "previous_response_id": id, "input": "Hi"})), &other).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+    assert_error(&n.call("DELETE", &format!("/v1/responses/{id}"), None, &other).await, StatusCode::NOT_FOUND);
+    n.check().await;
+}
