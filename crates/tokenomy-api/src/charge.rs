@@ -489,6 +489,20 @@ pub async fn mint(State(state): State<AppState>, headers: HeaderMap, Path(id): P
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Refund {
+    /// All that the receipt charged when absent.
+    amount_micros: Option<i64>,
+}
+
+/// `POST /admin/v1/receipts/{id}/refund`: gives a usage charge back, once.
+pub async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, ApiJson(req): ApiJson<Refund>) -> Result<Json<Value>, AppError> {
+    let actor = admin(&state, &headers).await?;
+    let (t, r) = billing(&state)?.refund(&id, req.amount_micros, &actor).await?;
+    Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewTransfer {
     from: String,
     to: String,

@@ -216,6 +216,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/v1/keys/{id}", get(charge::get_key).delete(charge::revoke_key))
         .route("/admin/v1/keys/{id}/limits", put(charge::set_key_limits).patch(charge::patch_key_limits))
         .route("/admin/v1/transfers", post(charge::transfer))
+        .route("/admin/v1/receipts/{id}/refund", post(charge::refund))
         .route("/admin/v1/ledger/check", get(charge::ledger_check))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), charge::authenticate_first));
     Router::new()

@@ -510,6 +510,46 @@ impl Billing {
         Ok((t.clone(), self.receipt_of(&t).await?))
     }
 
+    /// Gives back a usage charge, in whole or in part (`amount_micros`, all of it when `None`):
+    /// the credits go from operator revenue to the account that paid, with a `refund` receipt
+    /// whose `request_id` names the refunded request. A receipt is refunded once: the ledger
+    /// key `refund:RECEIPT` makes a retry return the same refund, and another amount a 409.
+    pub async fn refund(&self, receipt_id: &str, amount_micros: Option<i64>, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        self.serving()?;
+        let charge = self.logged_receipt(receipt_id).await?;
+        if charge.kind != ReceiptKind::Usage {
+            return Err(BillingError::Invalid(format!("Receipt {receipt_id:?} is a {}, not a usage charge: only charges are refunded.", charge.kind)));
+        }
+        let charged = -charge.amount_micros;
+        let amount = amount_micros.unwrap_or(charged);
+        if !(1..=charged).contains(&amount) {
+            return Err(BillingError::Invalid(format!("A refund of receipt {receipt_id:?} is 1 to the {charged} micro-credits it charged, not {amount}.")));
+        }
+        let account = parse_account_id(&charge.account_id)?;
+        let receipt = Receipt { request_id: charge.request_id.clone(), ..self.money_receipt(ReceiptKind::Refund, account, tokenomy_ledger::OPERATOR_REVENUE, actor) };
+        let key = format!("refund:{receipt_id}");
+        let t = match self.store.refund(account, amount, &key, Some(leaf_for(receipt, amount))).await {
+            Err(LedgerError::IdempotencyConflict { .. }) => {
+                return Err(BillingError::Conflict(format!("Receipt {receipt_id:?} was already refunded, by another amount: a charge is refunded once.")))
+            }
+            r => r?,
+        };
+        Ok((t.clone(), self.receipt_of(&t).await?))
+    }
+
+    /// A receipt of the log, as signed.
+    async fn logged_receipt(&self, receipt_id: &str) -> Result<Receipt> {
+        let not_found = || BillingError::NotFound(format!("No receipt {receipt_id:?}."));
+        let mut log = self.log.lock().await;
+        if log.find(receipt_id).is_none() {
+            self.sync_log(&mut log).await?;
+        }
+        let (index, _) = log.find(receipt_id).ok_or_else(not_found)?;
+        drop(log);
+        let entry = self.store.log_entries(index, 1).await?.pop().ok_or_else(not_found)?;
+        Receipt::from_canonical_bytes(&entry.leaf_bytes).map_err(|e| BillingError::Internal(e.to_string()))
+    }
+
     /// The receipt of money moving from or to `account`, whose other party is `counterparty`
     /// (a v2 receipt: the log proves where the credits went, and either party may fetch it).
     fn money_receipt(&self, kind: ReceiptKind, account: AccountId, counterparty: AccountId, actor: &Principal) -> Receipt {

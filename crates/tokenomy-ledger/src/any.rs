@@ -123,6 +123,9 @@ impl LedgerStore for AnyStore {
     fn mint(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, leaf: Option<Leaf>) -> impl Future<Output = Result<Transfer>> + Send {
         dispatch!(self, s => s.mint(account, amount_micros, idempotency_key, leaf))
     }
+    fn refund(&self, account: AccountId, amount_micros: i64, idempotency_key: &str, leaf: Option<Leaf>) -> impl Future<Output = Result<Transfer>> + Send {
+        dispatch!(self, s => s.refund(account, amount_micros, idempotency_key, leaf))
+    }
     fn transfer(
         &self,
         from: AccountId,

@@ -586,7 +586,9 @@ fn require_kind(a: &Account, ok: bool, role: &'static str) -> Result<()> {
 /// Who may be debited by a posted or pending transfer of `code`.
 pub fn check_roles(debit: &Account, credit: &Account, code: TransferCode) -> Result<()> {
     let debit_ok = match code {
-        TransferCode::Mint | TransferCode::Refund => debit.kind == AccountKind::Treasury,
+        TransferCode::Mint => debit.kind == AccountKind::Treasury,
+        // A refund gives back what a usage charge took: it reverses revenue, it is not new money.
+        TransferCode::Refund => debit.kind == AccountKind::OperatorRevenue,
         TransferCode::UsageCharge | TransferCode::Transfer => debit.kind.must_stay_funded(),
     };
     require_kind(debit, debit_ok, "debited")?;
@@ -604,7 +606,10 @@ pub fn check_roles(debit: &Account, credit: &Account, code: TransferCode) -> Res
 }
 
 fn require_funds(a: &Account, amount_micros: i64) -> Result<()> {
-    if a.kind.must_stay_funded() && a.available_micros() < amount_micros {
+    // Customers never spend more than they have, and revenue never gives back (refunds) more
+    // than it took in: both are the debited account's shortfall, not a broken invariant.
+    let bounded = a.kind.must_stay_funded() || a.kind == AccountKind::OperatorRevenue;
+    if bounded && a.available_micros() < amount_micros {
         let shortfall_micros = amount_micros - a.available_micros().max(0);
         return Err(LedgerError::InsufficientFunds { shortfall_micros });
     }
@@ -704,6 +709,8 @@ pub struct AccountTotals {
     pub posted_debits_micros: i128,
     pub posted_credits_micros: i128,
     pub pending_debits_micros: i128,
+    /// Posted debits that are refunds (the only debits operator revenue may have).
+    pub refund_debits_micros: i128,
 }
 
 /// Picks one sum of [`AccountTotals`] (used by stores' `check()` queries).
@@ -747,8 +754,8 @@ fn check_account_against_totals(a: &Account, t: AccountTotals, problems: &mut Ve
     if t.pending_debits_micros != a.pending_micros as i128 {
         problems.push(format!("account {}: pending {} != holds {}", a.id, a.pending_micros, t.pending_debits_micros));
     }
-    if a.kind == AccountKind::OperatorRevenue && t.posted_debits_micros != 0 {
-        problems.push(format!("operator revenue {} was debited", a.id));
+    if a.kind == AccountKind::OperatorRevenue && t.posted_debits_micros != t.refund_debits_micros {
+        problems.push(format!("operator revenue {} was debited other than by refunds", a.id));
     }
     if !account_ok(a) {
         problems.push(format!("account constraint violated: {a:?}"));
@@ -948,6 +955,24 @@ mod tests {
         assert!(check_roles(&op, &u, TransferCode::Transfer).is_err());
         assert!(check_roles(&u, &t, TransferCode::Transfer).is_err());
         assert_eq!(check_roles(&u, &u, TransferCode::Transfer), Err(LedgerError::SelfTransfer));
+        // A refund reverses revenue to a customer; it is not new money from the treasury.
+        assert!(check_roles(&op, &u, TransferCode::Refund).is_ok());
+        assert!(check_roles(&t, &u, TransferCode::Refund).is_err());
+        assert!(check_roles(&op, &t, TransferCode::Refund).is_err());
+    }
+
+    #[test]
+    fn revenue_is_debited_only_by_refunds_and_never_below_zero() {
+        let op = Account { id: OPERATOR_REVENUE, kind: AccountKind::OperatorRevenue, balance_micros: 5, ..user(0, 0) };
+        let totals = |debits, refunds| AccountTotals { posted_credits_micros: 5 + debits, posted_debits_micros: debits, refund_debits_micros: refunds, ..Default::default() };
+        let problems = |t| {
+            let mut p = Vec::new();
+            check_account_against_totals(&op, t, &mut p);
+            p
+        };
+        assert_eq!(problems(totals(3, 3)), Vec::<String>::new());
+        assert_eq!(problems(totals(3, 1)).len(), 1, "a debit of revenue that is not a refund");
+        assert_eq!(require_funds(&op, 6), Err(LedgerError::InsufficientFunds { shortfall_micros: 1 }));
     }
 
     proptest::proptest! {

@@ -87,6 +87,14 @@ pub trait LedgerStore: Send + Sync + 'static {
         idempotency_key: &str,
         leaf: Option<Leaf>,
     ) -> impl Future<Output = Result<Transfer>> + Send;
+    /// Posted refund operator revenue → `account` (a funded account): a usage charge given back.
+    fn refund(
+        &self,
+        account: AccountId,
+        amount_micros: i64,
+        idempotency_key: &str,
+        leaf: Option<Leaf>,
+    ) -> impl Future<Output = Result<Transfer>> + Send;
     /// Pending usage charge `account` → operator revenue, expiring at `now_ms + timeout_ms`.
     fn hold(
         &self,

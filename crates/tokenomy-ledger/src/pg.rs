@@ -687,7 +687,7 @@ async fn read_check(tx: &Transaction<'_>) -> Result<CheckReport> {
     let sql = format!("SELECT {ACCOUNT_COLS} FROM accounts");
     let accounts: Vec<Account> = query(tx, &sql, &[]).await?.iter().map(row_account).collect::<Result<_>>()?;
     let mut totals: HashMap<AccountId, AccountTotals> = HashMap::new();
-    let queries: [(&str, TotalsField); 3] = [
+    let queries: [(&str, TotalsField); 4] = [
         ("SELECT debit_account, SUM(amount_micros)::BIGINT FROM transfers WHERE NOT hold AND state = 1 GROUP BY 1", |t| {
             &mut t.posted_debits_micros
         }),
@@ -696,6 +696,9 @@ async fn read_check(tx: &Transaction<'_>) -> Result<CheckReport> {
         }),
         ("SELECT debit_account, SUM(amount_micros)::BIGINT FROM transfers WHERE hold AND state = 0 GROUP BY 1", |t| {
             &mut t.pending_debits_micros
+        }),
+        ("SELECT debit_account, SUM(amount_micros)::BIGINT FROM transfers WHERE NOT hold AND state = 1 AND code = 3 GROUP BY 1", |t| {
+            &mut t.refund_debits_micros
         }),
     ];
     for (sql, field) in queries {
@@ -831,6 +834,12 @@ impl LedgerStore for PgStore {
 
     async fn mint(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
         let req = posted_request(TREASURY, account, amount_micros, key, TransferCode::Mint)?;
+        let now = crate::now_ms();
+        self.in_tx(|tx| Box::pin(op_posted(tx, req.clone(), leaf.clone(), now))).await
+    }
+
+    async fn refund(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
+        let req = posted_request(OPERATOR_REVENUE, account, amount_micros, key, TransferCode::Refund)?;
         let now = crate::now_ms();
         self.in_tx(|tx| Box::pin(op_posted(tx, req.clone(), leaf.clone(), now))).await
     }

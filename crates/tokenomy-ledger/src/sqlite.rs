@@ -671,7 +671,7 @@ fn insert_log(c: &WriteConn, index: u64, bytes: &[u8], t: &Transfer) -> Result<u
 
 /// The customer-side account a log entry is filed under.
 pub(crate) fn log_account(t: &Transfer) -> AccountId {
-    if t.code == TransferCode::Mint {
+    if matches!(t.code, TransferCode::Mint | TransferCode::Refund) {
         t.credit_account
     } else {
         t.debit_account
@@ -992,7 +992,7 @@ fn query_i128(c: &Connection, sql: &str) -> Result<i128> {
 
 fn read_totals(c: &Connection) -> Result<HashMap<AccountId, AccountTotals>> {
     let mut totals: HashMap<AccountId, AccountTotals> = HashMap::new();
-    let queries: [(&str, TotalsField); 3] = [
+    let queries: [(&str, TotalsField); 4] = [
         ("SELECT debit_account, SUM(amount_micros) FROM transfers WHERE hold = 0 AND state = 1 GROUP BY 1", |t| {
             &mut t.posted_debits_micros
         }),
@@ -1001,6 +1001,9 @@ fn read_totals(c: &Connection) -> Result<HashMap<AccountId, AccountTotals>> {
         }),
         ("SELECT debit_account, SUM(amount_micros) FROM transfers WHERE hold = 1 AND state = 0 GROUP BY 1", |t| {
             &mut t.pending_debits_micros
+        }),
+        ("SELECT debit_account, SUM(amount_micros) FROM transfers WHERE hold = 0 AND state = 1 AND code = 3 GROUP BY 1", |t| {
+            &mut t.refund_debits_micros
         }),
     ];
     for (sql, field) in queries {
@@ -1211,6 +1214,12 @@ impl LedgerStore for SqliteStore {
 
     async fn mint(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
         let req = posted_request(TREASURY, account, amount_micros, key, TransferCode::Mint)?;
+        let now = crate::now_ms();
+        self.write(move |c| op_posted(c, req, leaf, now)).await
+    }
+
+    async fn refund(&self, account: AccountId, amount_micros: i64, key: &str, leaf: Option<Leaf>) -> Result<Transfer> {
+        let req = posted_request(OPERATOR_REVENUE, account, amount_micros, key, TransferCode::Refund)?;
         let now = crate::now_ms();
         self.write(move |c| op_posted(c, req, leaf, now)).await
     }

@@ -12,7 +12,7 @@
 //! request_id <text>
 //! account_id <text>
 //! key_id <text>
-//! kind <usage|mint|transfer>
+//! kind <usage|mint|transfer|refund>
 //! model <text>
 //! model_sha256 <hex64>
 //! prompt_tokens <u64>
@@ -91,6 +91,8 @@ pub enum ReceiptKind {
     Mint,
     /// Credit moved between accounts.
     Transfer,
+    /// A usage charge given back (in whole or in part) from operator revenue.
+    Refund,
 }
 
 impl ReceiptKind {
@@ -100,11 +102,12 @@ impl ReceiptKind {
             ReceiptKind::Usage => "usage",
             ReceiptKind::Mint => "mint",
             ReceiptKind::Transfer => "transfer",
+            ReceiptKind::Refund => "refund",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [ReceiptKind::Usage, ReceiptKind::Mint, ReceiptKind::Transfer]
+        [ReceiptKind::Usage, ReceiptKind::Mint, ReceiptKind::Transfer, ReceiptKind::Refund]
             .into_iter()
             .find(|k| k.as_str() == s)
     }

@@ -206,6 +206,14 @@ pub enum Credits {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Give a usage charge back to the account that paid it (once per receipt; safe to retry).
+    Refund {
+        /// The charge's receipt id (`rcpt_…`).
+        receipt: String,
+        /// Part of the charge; all of it when absent.
+        #[arg(long)]
+        amount_micros: Option<i64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -371,6 +379,9 @@ pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
             let (from, to) = (c.account_id(&from).await?, c.account_id(&to).await?);
             let body = json!({"from": from, "to": to, "amount_micros": amount_micros, "idempotency_key": idem(idempotency_key)});
             c.call(Method::POST, "/admin/v1/transfers", Some(body)).await?
+        }
+        Credits::Refund { receipt, amount_micros } => {
+            c.call(Method::POST, &format!("/admin/v1/receipts/{receipt}/refund"), Some(json!({"amount_micros": amount_micros}))).await?
         }
     };
     c.show(&v);

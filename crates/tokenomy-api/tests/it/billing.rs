@@ -212,6 +212,50 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_is_refunded_once_with_a_receipt_the_customer_can_verify() {
+    for pg in stores() {
+        let n = node(pg.as_deref(), "tokenomy_api_refunds", &[]).await;
+        let (acc, key) = n.funded("refunded", 1_000_000).await;
+        let r = n.call("POST", "/v1/chat/completions", Some(chat(8)), &key).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let charge = r.json()["receipt"].clone();
+        let (rid, charged) = (charge["id"].as_str().unwrap().to_string(), charge["amount_micros"].as_i64().unwrap());
+        let (b1, _) = n.balance(&acc).await;
+        let url = format!("/admin/v1/receipts/{rid}/refund");
+        // Only the operator refunds; only charges, by at most what they charged.
+        assert_error(&n.call("POST", &url, Some(json!({})), &key).await, StatusCode::FORBIDDEN);
+        for bad in [json!({"amount_micros": charged + 1}), json!({"amount_micros": 0}), json!({"amount_micros": -5})] {
+            assert_error(&n.call("POST", &url, Some(bad), &n.first.admin_key).await, StatusCode::BAD_REQUEST);
+        }
+        let minted = n.admin("POST", &format!("/admin/v1/accounts/{acc}/mint"), Some(json!({"amount_micros": 5, "idempotency_key": "refund-mint"}))).await;
+        let mint_url = format!("/admin/v1/receipts/{}/refund", minted["receipt"]["id"].as_str().unwrap());
+        assert_error(&n.call("POST", &mint_url, Some(json!({})), &n.first.admin_key).await, StatusCode::BAD_REQUEST);
+        assert_error(&n.call("POST", "/admin/v1/receipts/rcpt_nope/refund", Some(json!({})), &n.first.admin_key).await, StatusCode::NOT_FOUND);
+        assert_eq!(n.balance(&acc).await.0, b1 + 5, "nothing refunded by the refusals");
+
+        let part = n.admin("POST", &url, Some(json!({"amount_micros": 1}))).await;
+        assert_eq!((part["transfer"]["code"].as_str(), part["transfer"]["from"].as_str()), (Some("refund"), Some(tokenomy_ledger::OPERATOR_REVENUE.to_string().as_str())));
+        assert_eq!(n.balance(&acc).await.0, b1 + 5 + 1);
+        assert_eq!(n.admin("POST", &url, Some(json!({"amount_micros": 1}))).await, part, "a retry is the same refund");
+        let again = n.call("POST", &url, Some(json!({})), &n.first.admin_key).await;
+        assert!(assert_error(&again, StatusCode::CONFLICT)["message"].as_str().unwrap().contains("already refunded"), "{}", again.text);
+        assert_eq!(n.balance(&acc).await.0, b1 + 5 + 1, "refunded once");
+
+        // The customer fetches the refund's receipt, verifies it offline, and finds it on the statement.
+        let id = part["receipt"]["id"].as_str().unwrap();
+        let bundle = n.call("GET", &format!("/v1/receipts/{id}"), None, &key).await;
+        assert_eq!(bundle.status, StatusCode::OK, "{}", bundle.text);
+        let v = verify_bundle(&bundle.text, &n.key()).unwrap().receipt;
+        assert_eq!((v.kind, v.amount_micros, v.account_id.as_str()), (ReceiptKind::Refund, 1, acc.as_str()));
+        assert_eq!(v.counterparty_id, tokenomy_ledger::OPERATOR_REVENUE.to_string());
+        assert_eq!(v.request_id, r.headers["x-request-id"].to_str().unwrap(), "the refund names the refunded request");
+        let lines = n.call("GET", "/v1/me/transfers", None, &key).await.json();
+        assert!(lines["data"].as_array().unwrap().iter().any(|l| l["code"] == "refund" && l["receipt_id"] == id), "{lines}");
+        n.check().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_never_overdraw_an_account() {
     for pg in stores() {
         let n = node(pg.as_deref(), "tokenomy_api_concurrent", &[]).await;

@@ -101,6 +101,28 @@ pub async fn mint_and_transfer<S: LedgerStore>(s: Arc<S>) {
     assert_eq!(r.transfers, 3);
 }
 
+/// A refund gives a charge back from operator revenue: posted, idempotent per key, and only
+/// from revenue to a customer (never new money from the treasury, never between customers).
+pub async fn refunds_reverse_revenue<S: LedgerStore>(s: Arc<S>) {
+    let a = funded(&*s, "a", 10 * C).await;
+    let h = s.hold(a.id, 4 * C, "h", 60_000, T0).await.unwrap();
+    s.settle(h.id, 3 * C, T0 + 1, None).await.unwrap();
+    let r = s.refund(a.id, 2 * C, "refund:r1", None).await.unwrap();
+    assert_eq!((r.state, r.code, r.amount_micros, r.debit_account, r.credit_account), (TransferState::Posted, TransferCode::Refund, 2 * C, OPERATOR_REVENUE, a.id));
+    assert_eq!(s.refund(a.id, 2 * C, "refund:r1", None).await.unwrap(), r, "a retry is the same refund");
+    let conflict = Err(LedgerError::IdempotencyConflict { key: "refund:r1".into() });
+    assert_eq!(s.refund(a.id, C, "refund:r1", None).await.map(|_| ()), conflict, "one refund per key");
+    assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 9 * C);
+    assert_eq!(s.get_account(OPERATOR_REVENUE).await.unwrap().balance_micros, C);
+    assert_eq!(s.get_account(TREASURY).await.unwrap().balance_micros, -10 * C, "no new money");
+    let to_revenue = s.refund(OPERATOR_REVENUE, C, "refund:self", None).await;
+    assert!(matches!(to_revenue, Err(LedgerError::KindNotAllowed { .. } | LedgerError::SelfTransfer)), "{to_revenue:?}");
+    assert!(matches!(s.refund(TREASURY, C, "refund:t", None).await, Err(LedgerError::KindNotAllowed { .. })));
+    let statement = s.statement(a.id, None, 100).await.unwrap();
+    assert!(statement.items.iter().any(|t| t.id == r.id && t.code == TransferCode::Refund), "on the customer's statement");
+    assert_check_ok(&*s).await;
+}
+
 pub async fn idempotent_retries<S: LedgerStore>(s: Arc<S>) {
     let a = funded(&*s, "a", 0).await;
     let b = funded(&*s, "b", 0).await;

@@ -94,6 +94,7 @@ conformance_suite!(
     system_accounts_exist,
     create_and_get_account,
     mint_and_transfer,
+    refunds_reverse_revenue,
     idempotent_retries,
     idempotency_conflicts,
     rejects_bad_requests,

@@ -70,10 +70,18 @@ fn the_admin_cli_wraps_the_admin_api() {
     let (ok, out) = run(&["keys", "limits", key_id, "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("nothing to change"), "{out}");
     let r = reqwest::blocking::Client::new().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(key).json(&body).send().unwrap();
+    let receipt = r.headers()["tokenomy-receipt"].to_str().unwrap().to_string();
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
     let spent = cli(&["keys", "list", &id])["data"][0]["spend"]["day_micros"].as_i64().unwrap();
     assert!(spent > 0);
     assert_eq!(cli(&["accounts", "show", &id])["balance_micros"].as_i64(), Some(5_000_000 - spent));
+    // The charge is given back, once.
+    let refunded = cli(&["credits", "refund", &receipt]);
+    assert_eq!((refunded["transfer"]["code"].as_str(), refunded["transfer"]["amount_micros"].as_i64()), (Some("refund"), Some(spent)), "{refunded}");
+    assert_eq!(cli(&["accounts", "show", &id])["balance_micros"].as_i64(), Some(5_000_000));
+    assert_eq!(cli(&["credits", "refund", &receipt]), refunded, "a retry is the same refund");
+    let (ok, out) = run(&["credits", "refund", &receipt, "--amount-micros", "1", "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("already refunded"), "{out}");
     assert_eq!(cli(&["ledger", "check"])["ok"], true);
 
     let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
