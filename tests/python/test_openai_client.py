@@ -32,6 +32,20 @@ def test_chat(client):
     assert r.usage.prompt_tokens_details.cached_tokens >= 0
 
 
+def test_embeddings(client):
+    # The SDK asks for base64 and decodes it itself.
+    texts = ["The cat sits on the mat.", "A cat is sitting on a mat.", "Quarterly revenue grew five percent."]
+    r = client.embeddings.create(model=MODEL, input=texts)
+    vectors = [d.embedding for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and all(len(v) == 576 for v in vectors)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    assert all(abs(dot(v, v) - 1) < 1e-4 for v in vectors)
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]), "the two cats are nearer each other"
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+    floats = client.embeddings.create(model=MODEL, input=texts[0], encoding_format="float")
+    assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, vectors[0])) < 1e-6
+
+
 def test_chat_stream_with_usage(client):
     plain = client.chat.completions.create(
         model=MODEL, temperature=0, max_tokens=20,

@@ -10,6 +10,7 @@
 
 mod anthropic;
 mod charge;
+mod embeddings;
 pub mod error;
 pub mod openai;
 mod responses;
@@ -201,6 +202,7 @@ pub fn app(state: AppState) -> Router {
     let keyed = Router::new()
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/responses", post(responses::create))
         .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
         .route("/v1/messages", post(anthropic::messages))

@@ -152,7 +152,7 @@ pub(crate) struct Started {
 }
 
 /// The billing context of one request, decided before generating.
-struct Charge {
+pub(crate) struct Charge {
     principal: Principal,
     hold: Hold,
     request_sha256: [u8; 32],
@@ -222,7 +222,7 @@ fn start(
 
 /// Settles the hold for what was served, or voids it when the engine failed: the receipt, or
 /// the id of one whose settlement is being retried.
-async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], usage: &Usage, failed: bool) -> (Option<ReceiptRef>, Option<String>) {
+pub(crate) async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], usage: &Usage, failed: bool) -> (Option<ReceiptRef>, Option<String>) {
     let Some(billing) = state.billing.as_ref() else { return (None, None) };
     let request_id = c.hold.request_id.clone();
     if failed || outcomes.is_empty() || engine_error(outcomes).is_some() {
@@ -249,7 +249,7 @@ async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Out
 }
 
 /// A response's `receipt`: the one posted, or the id of one still being settled.
-fn receipt_of(receipt: Option<&ReceiptRef>, pending: Option<&String>) -> Option<(Value, String)> {
+pub(crate) fn receipt_of(receipt: Option<&ReceiptRef>, pending: Option<&String>) -> Option<(Value, String)> {
     match (receipt, pending) {
         (Some(r), _) => Some((charge::receipt_json(r), r.receipt_id.clone())),
         (None, Some(id)) => Some((json!({"id": id, "status": "pending", "url": format!("/v1/receipts/{id}")}), id.clone())),
@@ -270,7 +270,7 @@ async fn model_sha256(state: &AppState, model: &str) -> [u8; 32] {
 }
 
 /// Authenticates, rate-limits and places the hold for the worst case of a request.
-async fn begin_charge(
+pub(crate) async fn begin_charge(
     state: &AppState,
     caller: Option<&Principal>,
     request_id: &str,
@@ -320,7 +320,7 @@ pub(crate) struct Gate {
     fingerprint: [u8; 32],
     pub(crate) caller: Option<Principal>,
     pub(crate) allowance: Allowance,
-    idempotency_key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
     slot: Option<SlotGuard>,
 }
 

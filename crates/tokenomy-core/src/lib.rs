@@ -335,6 +335,11 @@ pub trait Backend: Send + Sync + 'static {
     /// before any token and with none started, on an unknown model, context overflow, more
     /// generations than the model can ever queue (`InvalidRequest`) or a full queue (`Overloaded`).
     fn generate(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>, BackendError>;
+    /// Embeds each input (its tokens) as one unit vector; the vectors arrive in the inputs' order.
+    fn embed(&self, model: &str, inputs: Vec<Vec<TokenId>>) -> Result<oneshot::Receiver<Result<Vec<Vec<f32>>, BackendError>>, BackendError> {
+        let _ = inputs;
+        Err(BackendError::InvalidParam("model", format!("`{model}` serves no embeddings")))
+    }
     /// Ends every generation, waiting or running, as `Cancelled` (each still delivers its
     /// outcome with the usage of what was processed, so it is metered and charged), and refuses
     /// new ones: for a shutdown that can wait no longer for answers to finish.

@@ -11,6 +11,7 @@
 //! [`tokenomy_core::Backend`] and knows nothing of HTTP or wire formats.
 
 mod constraint;
+pub mod embed;
 pub mod gguf;
 pub mod metrics;
 mod prompt;
@@ -109,6 +110,9 @@ struct LoadedModel {
     queued: Arc<Queued>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    threads: i32,
+    /// The embedding context, made on the first embedding request (see [`embed`]).
+    embedder: std::sync::Mutex<Option<Arc<embed::Embedder>>>,
 }
 
 /// Generations handed to a model's worker and not yet ended, waiting or running: the count
@@ -239,6 +243,18 @@ impl Engine {
     }
 }
 
+impl LoadedModel {
+    /// The model's embedding thread, started on first use.
+    fn embedder(&self) -> Result<Arc<embed::Embedder>, BackendError> {
+        let mut e = self.embedder.lock().expect("embedder lock");
+        if e.is_none() {
+            let started = embed::Embedder::start(self.model.clone(), self.limits.ctx_tokens_max, self.threads).map_err(BackendError::Internal)?;
+            *e = Some(Arc::new(started));
+        }
+        Ok(e.as_ref().expect("just set").clone())
+    }
+}
+
 fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
     let summary = gguf::inspect(&cfg.path)?;
     let params = model_params(cfg.gpu_layers)?;
@@ -272,7 +288,8 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
     // Last, so that no error return leaves a worker unjoined (`Drop for LoadedModel`).
     let (tx, worker) = spawn_worker(model.clone(), WorkerConfig { limits, threads: cfg.threads, prefix_reuse, queued: queued.clone() }, metrics.clone())?;
     let worker = Some(worker);
-    Ok(LoadedModel { info, sha256, model, template, specials, grammars: Default::default(), tx, worker, queued, limits, metrics })
+    let embedder = Default::default();
+    Ok(LoadedModel { info, sha256, model, template, specials, grammars: Default::default(), tx, worker, queued, limits, metrics, threads: cfg.threads, embedder })
 }
 
 /// llama.cpp's model parameters for `--n-gpu-layers`; logs the devices llama.cpp found.
@@ -409,6 +426,24 @@ impl Backend for Engine {
             false => m.specials.tokenize(&m.model, &text, &plain, true),
         };
         Ok(ChatPrompt { text, tokens })
+    }
+
+    fn embed(&self, model: &str, inputs: Vec<Vec<TokenId>>) -> Result<oneshot::Receiver<Result<Vec<Vec<f32>>, BackendError>>, BackendError> {
+        let m = self.get(model)?;
+        let e = m.embedder()?;
+        for (i, input) in inputs.iter().enumerate() {
+            if input.is_empty() {
+                return Err(BackendError::InvalidParam("input", format!("input {i} is empty: there is nothing to embed")));
+            }
+            if input.len() > e.input_tokens_max as usize {
+                let msg = format!("input {i} has {} tokens; `{model}` embeds at most {} tokens per input", input.len(), e.input_tokens_max);
+                return Err(BackendError::InvalidParam("input", msg));
+            }
+            if let Some(t) = input.iter().find(|t| !(0..m.model.vocab().n_tokens()).contains(*t)) {
+                return Err(BackendError::InvalidParam("input", format!("token id {t} is outside the vocabulary")));
+            }
+        }
+        e.submit(inputs)
     }
 
     fn generate(&self, requests: Vec<GenerateRequest>) -> Result<Vec<Generation>, BackendError> {

@@ -5,6 +5,7 @@ mod batching;
 mod billing;
 mod chat;
 mod completions;
+mod embeddings;
 mod errors;
 mod reference;
 mod responses;
