@@ -4,6 +4,13 @@
 //!
 //! The vocabulary index (`TokEnv`: a byte trie over every token) is built once per model, on
 //! first use, because it walks the whole vocabulary (~0.1–0.5 s for 150k tokens).
+//!
+//! JSON Schema leaves a number's length unbounded, and a small model will write digits until
+//! `max_tokens` (`6000000000000…`), each one billed. llama.cpp's schema grammars cap a number's
+//! integral, fraction and exponent parts at 16 digits each; llguidance has no such option, so
+//! [`Constraint`] adds it: outside JSON strings, after [`DIGITS_RUN_MAX`] digits in a row, tokens
+//! that begin with a digit are masked too, and the grammar's other ways on (`.`, `,`, `}`, …)
+//! remain.
 
 use std::sync::{Arc, OnceLock};
 
@@ -17,7 +24,13 @@ use tokenomy_core::{Grammar, TokenId};
 #[derive(Default)]
 pub struct Compiler {
     factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+    /// Per token: whether its text begins with an ASCII digit.
+    digit_led: OnceLock<Arc<Vec<bool>>>,
 }
+
+/// Digits a constrained output may write in a row outside a JSON string (llama.cpp's grammars
+/// allow 16 in each part of a number).
+pub const DIGITS_RUN_MAX: u32 = 16;
 
 impl Compiler {
     fn factory(&self, model: &LlamaModel) -> Result<Arc<ParserFactory>, String> {
@@ -42,13 +55,54 @@ impl Compiler {
         if let Some(e) = m.get_error() {
             return Err(format!("invalid grammar or schema: {e}"));
         }
-        Ok(Constraint { matcher: m })
+        let factory = self.factory(model)?;
+        let digit_led = self
+            .digit_led
+            .get_or_init(|| {
+                let trie = factory.tok_env().tok_trie();
+                Arc::new((0..trie.vocab_size() as u32).map(|t| trie.token(t).first().is_some_and(u8::is_ascii_digit)).collect())
+            })
+            .clone();
+        Ok(Constraint { matcher: m, factory, digit_led, digits: JsonDigits::default() })
+    }
+}
+
+/// Where a JSON text stands for the digit bound: inside a string or not, and the digits just
+/// written outside one.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct JsonDigits {
+    in_string: bool,
+    escaped: bool,
+    run: u32,
+}
+
+impl JsonDigits {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'0'..=b'9' => self.run += 1,
+                b'"' => (self.in_string, self.run) = (true, 0),
+                _ => self.run = 0,
+            }
+        }
     }
 }
 
 /// One sequence's constraint state.
 pub struct Constraint {
     matcher: Matcher,
+    factory: Arc<ParserFactory>,
+    digit_led: Arc<Vec<bool>>,
+    digits: JsonDigits,
 }
 
 impl Constraint {
@@ -61,15 +115,63 @@ impl Constraint {
                 *l = f32::NEG_INFINITY;
             }
         }
+        if self.digits.run >= DIGITS_RUN_MAX {
+            bound_digits(logits, &self.digit_led);
+        }
         Ok(())
     }
 
     pub fn accept(&mut self, token: TokenId) -> Result<(), String> {
-        self.matcher.consume_token(token as u32).map_err(|e| e.to_string())
+        self.matcher.consume_token(token as u32).map_err(|e| e.to_string())?;
+        let bytes = self.factory.tok_env().tok_trie().token(token as u32);
+        // (A special token's bytes start with 0xFF: not JSON text.)
+        if bytes.first() != Some(&0xFF) {
+            self.digits.push(bytes);
+        }
+        Ok(())
     }
 
     /// The grammar is complete and allows nothing more.
     pub fn is_done(&self) -> bool {
         self.matcher.is_stopped()
+    }
+}
+
+/// Masks the tokens that begin with a digit, unless nothing else is allowed (a grammar that
+/// wants more digits gets them: the bound never leaves a sequence without a token).
+fn bound_digits(logits: &mut [f32], digit_led: &[bool]) {
+    let other = logits.iter().zip(digit_led).any(|(l, &d)| !d && *l > f32::NEG_INFINITY);
+    if other {
+        for (l, _) in logits.iter_mut().zip(digit_led).filter(|(_, &d)| d) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_count_outside_strings_only() {
+        let mut d = JsonDigits::default();
+        d.push(br#"{"id": "12345678901234567890", "n": 1234"#);
+        assert_eq!((d.in_string, d.run), (false, 4));
+        d.push(br#"5.6"#);
+        assert_eq!(d.run, 1, "a point starts the fraction's count");
+        d.push(br#", "s": "a\"9"#);
+        assert!(d.in_string, "an escaped quote does not end the string");
+        assert_eq!(d.run, 0);
+    }
+
+    #[test]
+    fn the_bound_masks_digits_only_when_something_else_is_allowed() {
+        let digit_led = [true, false, true];
+        let mut l = [1.0, 2.0, 3.0];
+        bound_digits(&mut l, &digit_led);
+        assert_eq!(l, [f32::NEG_INFINITY, 2.0, f32::NEG_INFINITY]);
+        let mut only_digits = [1.0, f32::NEG_INFINITY, 3.0];
+        bound_digits(&mut only_digits, &digit_led);
+        assert_eq!(only_digits, [1.0, f32::NEG_INFINITY, 3.0]);
     }
 }

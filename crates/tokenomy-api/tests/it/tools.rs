@@ -266,6 +266,35 @@ async fn schema_answers_end_instead_of_padding_with_blanks() {
     }
 }
 
+/// A number in a schema answer ends: at most 16 digits in a row outside strings (llama.cpp's
+/// bound), so the model cannot write `6000000000000…` until `max_tokens` (Qwen did, for the
+/// `openai` SDK's `parse()` with this Pydantic model, until its 600 s timeout, billed). Digits
+/// inside strings are not bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_in_schema_answers_end() {
+    let s = qwen();
+    let city = json!({"type": "object", "additionalProperties": false, "required": ["name", "country", "population_millions"],
+        "properties": {"name": {"type": "string"}, "country": {"type": "string"}, "population_millions": {"type": "number"}}});
+    let body = json!({"model": QWEN, "temperature": 0, "max_tokens": 120,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "City", "strict": true, "schema": city}},
+        "messages": [{"role": "user", "content": "Give me data about Paris."}]});
+    let v = post(&s, "/v1/chat/completions", body).await.json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop", "{c}");
+    let p: Value = serde_json::from_str(c["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(p["population_millions"].is_number(), "{p}");
+    let digits = |s: &str| s.split(|ch: char| !ch.is_ascii_digit()).map(str::len).max().unwrap_or(0);
+    assert!(digits(&p["population_millions"].to_string()) <= 16, "{p}");
+    let phone = json!({"type": "object", "additionalProperties": false, "required": ["digits"],
+        "properties": {"digits": {"type": "string", "pattern": "^[0-9]{20}$"}}});
+    let body = json!({"model": QWEN, "temperature": 0, "max_tokens": 40,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "Code", "strict": true, "schema": phone}},
+        "messages": [{"role": "user", "content": "Give me a 20-digit code."}]});
+    let v = post(&s, "/v1/chat/completions", body).await.json();
+    let p: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(p["digits"].as_str().unwrap().len(), 20, "{p}");
+}
+
 /// Tools with a JSON response format (what agent frameworks send for a typed final answer):
 /// the model may call a tool, and its answer, once it gives one, is valid against the schema.
 /// (The format used to rule the calls out: the model could only write the JSON.)
