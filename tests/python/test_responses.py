@@ -40,6 +40,8 @@ def test_text_plain_streamed_and_continued(client):
     assert "Rome" in nxt.output_text
     assert nxt.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens
     assert client.responses.retrieve(nxt.id).output_text == nxt.output_text
+    items = client.responses.input_items.list(nxt.id)
+    assert [i.type for i in items.data] == ["message"] and items.data[0].content[0].text == "And of Italy?"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -417,13 +417,17 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
             }
             // A tool result answers a call: it follows an assistant message with `tool_calls`
             // (after other results of the same turn, or a system reminder), as OpenAI requires.
-            let answers_a_call = messages[..i]
-                .iter()
-                .rev()
-                .find(|p| !matches!(p.role.as_str(), "tool" | "system" | "developer"))
-                .is_some_and(|p| p.role == "assistant" && p.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
-            if m.role == "tool" && !answers_a_call {
-                return Err(AppError::invalid_value(&param, format!("{param}: a tool message must follow an assistant message with tool_calls")));
+            let turn = messages[..i].iter().rev().find(|p| !matches!(p.role.as_str(), "tool" | "system" | "developer"));
+            let calls = turn.filter(|p| p.role == "assistant").and_then(|p| p.tool_calls.as_ref()).filter(|c| !c.is_empty());
+            match (m.role.as_str(), calls, &m.tool_call_id) {
+                ("tool", None, _) => {
+                    return Err(AppError::invalid_value(&param, format!("{param}: a tool message must follow an assistant message with tool_calls")));
+                }
+                ("tool", Some(calls), Some(id)) if !calls.iter().any(|c| c["id"].as_str() == Some(id)) => {
+                    let msg = format!("{param}: tool_call_id {id:?} answers none of the tool_calls of the assistant message before it");
+                    return Err(AppError::invalid_value(&format!("{param}.tool_call_id"), msg));
+                }
+                _ => {}
             }
             // Only an assistant's message may go without content (its tool calls say it), as
             // OpenAI has it: a user turn without any is a client's mistake, not an empty turn.

@@ -42,6 +42,7 @@ pub(crate) struct Stored {
     /// The conversation as chat messages: what came before, its input and its answer
     /// (instructions are not carried over, as OpenAI's are not).
     history: Vec<Value>,
+    input_items: Vec<Value>,
     response: Value,
     bytes: usize,
 }
@@ -60,9 +61,9 @@ struct StoreInner {
 }
 
 impl ResponseStore {
-    fn put(&self, owner: Option<AccountId>, history: Vec<Value>, response: Value) {
+    fn put(&self, owner: Option<AccountId>, history: Vec<Value>, input_items: Vec<Value>, response: Value) {
         let id = response["id"].as_str().unwrap_or_default().to_string();
-        let bytes = history.iter().map(|m| m.to_string().len()).sum::<usize>() + response.to_string().len();
+        let bytes = history.iter().chain(&input_items).map(|m| m.to_string().len()).sum::<usize>() + response.to_string().len();
         if bytes > RESPONSES_STORED_BYTES_MAX {
             tracing::warn!(id, bytes, "a response too large to keep");
             return;
@@ -76,7 +77,7 @@ impl ResponseStore {
         }
         s.bytes += bytes;
         s.order.push_back(id.clone());
-        s.by_id.insert(id, Arc::new(Stored { owner, history, response, bytes }));
+        s.by_id.insert(id, Arc::new(Stored { owner, history, input_items, response, bytes }));
         debug_assert_eq!(s.bytes, s.by_id.values().map(|v| v.bytes).sum::<usize>());
     }
 
@@ -139,6 +140,9 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, AppError> {
                 if !matches!(role, "user" | "assistant" | "system" | "developer") {
                     return Err(invalid(&format!("{param}.role"), format!("role must be user, assistant, system or developer, got {}", shown(Some(role)))));
                 }
+                if item["content"].is_null() {
+                    return Err(invalid(&format!("{param}.content"), "a message item needs content"));
+                }
                 out.push(json!({"role": role, "content": text_of(&item["content"], &format!("{param}.content"))?}));
                 open_turn = role == "assistant";
             }
@@ -169,6 +173,37 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, AppError> {
         }
     }
     Ok(out)
+}
+
+/// The (valid) input as items with types and ids, as `input_items` lists them.
+fn items_of(input: &Value) -> Vec<Value> {
+    let items = match input {
+        Value::String(s) => vec![json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": s}]})],
+        Value::Array(items) => items.clone(),
+        _ => Vec::new(),
+    };
+    items
+        .into_iter()
+        .map(|mut item| {
+            if item.get("type").is_none() {
+                item["type"] = json!("message");
+            }
+            if let (Some("message"), Some(text)) = (item["type"].as_str(), item["content"].as_str().map(str::to_string)) {
+                let part = if item["role"] == "assistant" { "output_text" } else { "input_text" };
+                item["content"] = json!([{"type": part, "text": text}]);
+            }
+            if item.get("id").is_none_or(Value::is_null) {
+                let prefix = match item["type"].as_str() {
+                    Some("function_call") => "fc",
+                    Some("function_call_output") => "fco",
+                    Some("reasoning") => "rs",
+                    _ => "msg",
+                };
+                item["id"] = json!(format!("{prefix}_{}", uuid::Uuid::new_v4().simple()));
+            }
+            item
+        })
+        .collect()
 }
 
 fn tools_of(tools: &Value) -> Result<Value, AppError> {
@@ -223,6 +258,8 @@ struct Parsed {
     chat: Map<String, Value>,
     instructions: Option<String>,
     input: Vec<Value>,
+    /// The input as items with ids (a string input is one user message).
+    input_items: Vec<Value>,
     previous: Option<String>,
     store: bool,
     /// The response object as it starts: the request's settings echoed, no output yet.
@@ -231,9 +268,55 @@ struct Parsed {
     sha256: [u8; 32],
 }
 
+/// What each typed field of a request must be (a wrong type is refused, never read as absent:
+/// `"store": "no"` must not keep the conversation).
+const FIELD_TYPES: [(&str, fn(&Value) -> bool, &str); 17] = [
+    ("stream", Value::is_boolean, "a boolean"),
+    ("store", Value::is_boolean, "a boolean"),
+    ("parallel_tool_calls", Value::is_boolean, "a boolean"),
+    ("temperature", Value::is_number, "a number"),
+    ("top_p", Value::is_number, "a number"),
+    ("max_output_tokens", is_whole, "a whole number"),
+    ("top_logprobs", is_whole, "a whole number"),
+    ("max_tool_calls", is_whole, "a whole number"),
+    ("user", Value::is_string, "a string"),
+    ("safety_identifier", Value::is_string, "a string"),
+    ("prompt_cache_key", Value::is_string, "a string"),
+    ("metadata", is_string_map, "an object of strings"),
+    ("include", is_string_list, "a list of strings"),
+    ("text", Value::is_object, "an object"),
+    ("reasoning", Value::is_object, "an object"),
+    ("tools", Value::is_array, "a list"),
+    ("truncation", is_truncation, "\"auto\" or \"disabled\""),
+];
+
+fn is_whole(v: &Value) -> bool {
+    v.is_i64() || v.is_u64()
+}
+
+fn is_string_map(v: &Value) -> bool {
+    v.as_object().is_some_and(|m| m.values().all(Value::is_string))
+}
+
+fn is_string_list(v: &Value) -> bool {
+    v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
+}
+
+fn is_truncation(v: &Value) -> bool {
+    matches!(v.as_str(), Some("auto" | "disabled"))
+}
+
 fn parse(body: &Value, sha256: [u8; 32]) -> Result<Parsed, AppError> {
     let o = body.as_object().ok_or_else(|| AppError::invalid("the body must be a JSON object", None))?;
     let field = |k: &str| o.get(k).filter(|v| !v.is_null());
+    for (k, ok, what) in FIELD_TYPES {
+        if let Some(v) = field(k).filter(|v| !ok(v)) {
+            return Err(AppError { code: Some("invalid_type"), ..AppError::invalid(format!("{k} must be {what}, got {v}"), Some(k)) });
+        }
+    }
+    if let Some(n) = field("top_logprobs").and_then(Value::as_i64).filter(|n| !(0..=20).contains(n)) {
+        return Err(invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {n}")));
+    }
     let model = field("model").and_then(Value::as_str).ok_or_else(|| invalid("model", "model: field required"))?;
     for (k, what) in [("background", "background responses"), ("conversation", "conversations"), ("prompt", "prompt templates")] {
         if field(k).is_some_and(|v| v != &json!(false)) {
@@ -245,6 +328,7 @@ fn parse(body: &Value, sha256: [u8; 32]) -> Result<Parsed, AppError> {
         Some(v) => Some(v.as_str().ok_or_else(|| invalid("instructions", "instructions must be a string"))?.to_string()),
     };
     let input = input_messages(o.get("input").unwrap_or(&Value::Null))?;
+    let input_items = items_of(o.get("input").unwrap_or(&Value::Null));
     let mut chat = Map::new();
     chat.insert("model".into(), json!(model));
     for (from, to) in [("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"), ("user", "user")] {
@@ -293,10 +377,10 @@ fn parse(body: &Value, sha256: [u8; 32]) -> Result<Parsed, AppError> {
         "temperature": echo("temperature", json!(1.0)), "top_p": echo("top_p", json!(1.0)),
         "text": {"format": field("text").map_or(json!({"type": "text"}), |t| if t["format"].is_null() { json!({"type": "text"}) } else { t["format"].clone() })},
         "tool_choice": echo("tool_choice", json!("auto")), "tools": echo("tools", json!([])),
-        "truncation": echo("truncation", json!("disabled")), "usage": null,
+        "truncation": echo("truncation", json!("disabled")), "usage": null, "top_logprobs": echo("top_logprobs", json!(0)),
         "user": echo("user", Value::Null), "metadata": echo("metadata", json!({})),
     });
-    Ok(Parsed { chat, instructions, input, previous, store, skeleton, sha256 })
+    Ok(Parsed { chat, instructions, input, input_items, previous, store, skeleton, sha256 })
 }
 
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Response, AppError> {
@@ -318,16 +402,17 @@ async fn run(state: &AppState, g: &routes::Gate, p: Parsed) -> Result<Response, 
         }
     };
     history.extend(p.input);
+    pair_calls(&history)?;
     let mut chat = p.chat;
     let system = p.instructions.map(|t| json!({"role": "system", "content": t}));
     chat.insert("messages".into(), Value::Array(system.into_iter().chain(history.iter().cloned()).collect()));
     let req: ChatRequest = serde_json::from_value(Value::Object(chat)).map_err(|e| AppError::invalid(format!("invalid request: {e}"), None))?;
     // The receipt names the Responses body (as sent), not its chat translation.
-    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256 }).await?;
+    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256 }).await.map_err(in_responses_terms)?;
     let rid = r.started.request_id.clone();
     let mut skeleton = p.skeleton;
     skeleton["id"] = json!(format!("resp_{}", r.id.trim_start_matches("chatcmpl-")));
-    let keep = p.store.then(|| Keep { store: state.responses.clone(), owner, history });
+    let keep = p.store.then(|| Keep { store: state.responses.clone(), owner, history, input_items: p.input_items });
     if r.stream {
         let events = events(routes::chat_stream(r.started, r.id, true, r.post, None), skeleton, keep);
         let resp = Sse::new(events).into_response();
@@ -341,11 +426,56 @@ async fn run(state: &AppState, g: &routes::Gate, p: Parsed) -> Result<Response, 
     Ok(routes::billed_headers(Json(response).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
 }
 
+/// Each function call answered by one output, before anything else is said, as OpenAI
+/// requires (`system` and `developer` messages may come between).
+fn pair_calls(history: &[Value]) -> Result<(), AppError> {
+    let mut open: Vec<&str> = Vec::new();
+    for m in history {
+        match m["role"].as_str() {
+            Some("tool") => {
+                let id = m["tool_call_id"].as_str().unwrap_or_default();
+                let i = open.iter().position(|c| *c == id).ok_or_else(|| invalid("input", format!("No tool call found for function call output with call_id {id}.")))?;
+                open.remove(i);
+            }
+            Some("system" | "developer") => {}
+            _ => {
+                if let Some(id) = open.first() {
+                    return Err(invalid("input", format!("No tool output found for function call {id}.")));
+                }
+                open = m["tool_calls"].as_array().into_iter().flatten().filter_map(|c| c["id"].as_str()).collect();
+            }
+        }
+    }
+    match open.first() {
+        Some(id) => Err(invalid("input", format!("No tool output found for function call {id}."))),
+        None => Ok(()),
+    }
+}
+
+/// An error of the chat pipeline in the Responses API's names (`max_output_tokens`,
+/// `text.format`, `input`, a tool's `name`).
+fn in_responses_terms(mut e: AppError) -> AppError {
+    const NAMES: [(&str, &str); 6] = [
+        ("max_completion_tokens", "max_output_tokens"),
+        ("max_tokens", "max_output_tokens"),
+        ("response_format", "text.format"),
+        ("reasoning_effort", "reasoning.effort"),
+        ("tool_call_id", "call_id"),
+        (".function.", "."),
+    ];
+    let rename = |s: &str| NAMES.iter().fold(s.to_string(), |s, (from, to)| s.replace(from, to));
+    e.message = rename(&e.message).replace("messages", "input");
+    e.param = e.param.map(|p| if p.starts_with("messages") { "input".into() } else { rename(&p) });
+    e
+}
+
 /// Where a finished response goes to be continued.
 struct Keep {
     store: Arc<ResponseStore>,
     owner: Option<AccountId>,
     history: Vec<Value>,
+    /// This request's input, as `GET /v1/responses/{id}/input_items` lists it.
+    input_items: Vec<Value>,
 }
 
 impl Keep {
@@ -364,7 +494,7 @@ impl Keep {
             turn["tool_calls"] = Value::Array(calls);
         }
         self.history.push(turn);
-        self.store.put(self.owner, self.history, response.clone());
+        self.store.put(self.owner, self.history, self.input_items, response.clone());
     }
 }
 
@@ -625,13 +755,51 @@ pub async fn get(State(state): State<AppState>, headers: HeaderMap, Path(id): Pa
     Ok(Json(r.response.clone()))
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub struct ItemsQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    order: Option<String>,
+}
+
+/// `GET /v1/responses/{id}/input_items`: a kept response's input, newest first by default.
+pub async fn input_items(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    crate::routes::ApiQuery(q): crate::routes::ApiQuery<ItemsQuery>,
+) -> Result<Json<Value>, AppError> {
+    let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
+    let r = state.responses.get(&id, caller).ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(invalid("limit", format!("limit must be between 1 and 100, got {limit}")));
+    }
+    let mut items: Vec<&Value> = r.input_items.iter().collect();
+    match q.order.as_deref() {
+        None | Some("desc") => items.reverse(),
+        Some("asc") => {}
+        Some(o) => return Err(invalid("order", format!("order must be asc or desc, got {o:?}"))),
+    }
+    if let Some(after) = &q.after {
+        let i = items.iter().position(|it| it["id"].as_str() == Some(after.as_str())).ok_or_else(|| invalid("after", format!("no input item {after:?} in this response")))?;
+        items.drain(..=i);
+    }
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    Ok(Json(json!({
+        "object": "list", "data": items, "has_more": has_more,
+        "first_id": items.first().map(|i| i["id"].clone()), "last_id": items.last().map(|i| i["id"].clone()),
+    })))
+}
+
 /// `DELETE /v1/responses/{id}`.
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
     let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
     if !state.responses.delete(&id, caller) {
         return Err(AppError::not_found(format!("Response with id '{id}' not found.")));
     }
-    Ok(Json(json!({"id": id, "object": "response.deleted", "deleted": true})))
+    Ok(Json(json!({"id": id, "object": "response", "deleted": true})))
 }
 
 #[cfg(test)]
@@ -695,12 +863,12 @@ mod tests {
     fn the_store_is_bounded_and_scoped_to_its_account() {
         let s = ResponseStore::default();
         let a = Some(AccountId(1));
-        s.put(a, vec![json!({"role": "user", "content": "x"})], json!({"id": "resp_a"}));
+        s.put(a, vec![json!({"role": "user", "content": "x"})], Vec::new(), json!({"id": "resp_a"}));
         assert!(s.get("resp_a", a).is_some());
         assert!(s.get("resp_a", Some(AccountId(2))).is_none());
         assert!(!s.delete("resp_a", None));
         for i in 0..RESPONSES_STORED_MAX {
-            s.put(None, Vec::new(), json!({"id": format!("resp_{i}")}));
+            s.put(None, Vec::new(), Vec::new(), json!({"id": format!("resp_{i}")}));
         }
         assert!(s.get("resp_a", a).is_none(), "the oldest went first");
         assert_eq!(s.inner.lock().unwrap().by_id.len(), RESPONSES_STORED_MAX);

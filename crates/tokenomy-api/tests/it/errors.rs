@@ -120,6 +120,10 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "tool", "content": "x", "tool_call_id": "zz"}]})).await;
     assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[0]");
+    // ...one of its calls: an id that names none is refused, as OpenAI refuses it.
+    let wrong = json!([{"role": "user", "content": "hi"}, call, {"role": "tool", "tool_call_id": "c2", "content": "ok"}]);
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": wrong})).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[2].tool_call_id");
     // best_of is n or nothing (each candidate is a returned choice).
     for best_of in [1, 3] {
         let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": "hi", "n": 2, "best_of": best_of, "max_tokens": 1})).await;

@@ -74,6 +74,12 @@ async fn previous_response_id_continues_a_kept_conversation() {
     let s = solo_state();
     let first = post(&s, "/v1/responses", json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "instructions": "Be brief.", "input": "My name is Ada."})).await.json();
     let id = first["id"].as_str().unwrap();
+    // Its input is listed as items (a string input is one user message).
+    let items = send(&s, "GET", &format!("/v1/responses/{id}/input_items"), None).await.json();
+    assert_eq!(items["data"].as_array().unwrap().len(), 1, "{items}");
+    let item = &items["data"][0];
+    assert_eq!((item["type"].as_str(), item["role"].as_str(), item["content"][0]["text"].as_str()), (Some("message"), Some("user"), Some("My name is Ada.")));
+    assert_eq!(items["first_id"], item["id"]);
     let second = post(&s, "/v1/responses", json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "previous_response_id": id, "input": "What is my name?"})).await;
     assert_eq!(second.status, StatusCode::OK, "{}", second.text);
     let second = second.json();
@@ -88,7 +94,7 @@ async fn previous_response_id_continues_a_kept_conversation() {
     let sid = second["id"].as_str().unwrap();
     assert_eq!(send(&s, "GET", &format!("/v1/responses/{sid}"), None).await.json(), second);
     let d = send(&s, "DELETE", &format!("/v1/responses/{sid}"), None).await.json();
-    assert_eq!(d, json!({"id": sid, "object": "response.deleted", "deleted": true}));
+    assert_eq!(d, json!({"id": sid, "object": "response", "deleted": true}));
     assert_error(&send(&s, "GET", &format!("/v1/responses/{sid}"), None).await, StatusCode::NOT_FOUND);
     let gone = post(&s, "/v1/responses", json!({"model": MODEL, "previous_response_id": sid, "input": "Hi"})).await;
     assert_eq!(assert_error(&gone, StatusCode::BAD_REQUEST)["param"], "previous_response_id");
@@ -111,7 +117,23 @@ async fn bad_responses_input_is_refused_in_openai_shape() {
         (json!({"model": MODEL, "input": "Hi", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}), "tool_choice"),
         (json!({"model": MODEL, "input": "Hi", "text": {"format": {"type": "xml"}}}), "text.format.type"),
         (json!({"model": MODEL, "input": "Hi", "background": true}), "background"),
-        (json!({"model": MODEL, "input": "Hi", "reasoning": {"effort": "extreme"}}), "reasoning_effort"),
+        (json!({"model": MODEL, "input": "Hi", "reasoning": {"effort": "extreme"}}), "reasoning.effort"),
+        (json!({"model": MODEL, "input": []}), "input"),
+        (json!({"model": MODEL, "input": "Hi", "max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"model": MODEL, "input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}}), "text.format"),
+        // A wrong type is refused, not read as absent (`store: "no"` would keep the conversation).
+        (json!({"model": MODEL, "input": "Hi", "store": "no"}), "store"),
+        (json!({"model": MODEL, "input": "Hi", "stream": "yes"}), "stream"),
+        (json!({"model": MODEL, "input": "Hi", "temperature": "hot"}), "temperature"),
+        (json!({"model": MODEL, "input": "Hi", "truncation": "sometimes"}), "truncation"),
+        (json!({"model": MODEL, "input": "Hi", "metadata": 5}), "metadata"),
+        (json!({"model": MODEL, "input": "Hi", "top_logprobs": 50}), "top_logprobs"),
+        (json!({"model": MODEL, "input": [{"role": "user"}]}), "input.0.content"),
+        // Every call answered by its own output, before anything else is said.
+        (json!({"model": MODEL, "input": [{"role": "user", "content": "Hi"}, {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c2", "output": "x"}]}), "input"),
+        (json!({"model": MODEL, "input": [{"role": "user", "content": "Hi"}, {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"role": "user", "content": "and?"}]}), "input"),
         (json!({"model": "nope", "input": "Hi"}), "model"),
     ];
     for (body, param) in cases {
