@@ -122,6 +122,30 @@ def test_sigterm_finishes_in_flight_streams_and_meters_them(fresh_node):
     assert "metered" in fresh_node.read_log()
 
 
+def test_a_shutdown_delay_reports_draining_and_still_serves(tmp_path):
+    from conftest import Node
+    import urllib.error
+    import urllib.request
+    n = Node(tmp_path, "--shutdown-delay-ms", "3000")
+    try:
+        c = openai.OpenAI(base_url=n.base + "/v1", api_key=n.key, max_retries=0)
+        n.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 2
+        status = None
+        while time.time() < deadline and status != 503:
+            try:
+                status = urllib.request.urlopen(n.base + "/ready", timeout=1).status
+            except urllib.error.HTTPError as e:
+                status = e.code
+        assert status == 503, "/ready says draining once SIGTERM arrives"
+        # ...while requests are still served until the delay ends and the listener closes.
+        r = c.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        assert r.usage.completion_tokens > 0
+        assert n.proc.wait(30) == 0
+    finally:
+        n.stop()
+
+
 def test_receipts_ride_along_without_breaking_the_client(node, client):
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, temperature=0, max_tokens=8, messages=[{"role": "user", "content": "Say hi."}])

@@ -148,6 +148,8 @@ pub struct AppState {
     responses: Arc<responses::ResponseStore>,
     /// When this node began serving (Unix seconds): its models' `created`.
     started_s: u64,
+    /// Set at a graceful shutdown's start: `/ready` answers 503 from then on.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -162,6 +164,7 @@ impl AppState {
             no_auth: false,
             idempotency: Default::default(),
             responses: Default::default(),
+            draining: Default::default(),
             started_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         }
     }
@@ -169,6 +172,12 @@ impl AppState {
     /// A node that authenticates every request and charges it to the caller's account.
     pub fn with_billing(self, billing: Arc<Billing>, no_auth: bool) -> AppState {
         AppState { billing: Some(billing), no_auth, ..self }
+    }
+
+    /// Makes `/ready` answer 503 (`draining`): the node is shutting down and takes requests
+    /// only until its listener closes.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Relaxed);
     }
 
     /// Waits (bounded) for outstanding metering tasks.

@@ -1302,6 +1302,9 @@ pub async fn health() -> Json<Value> {
 /// `GET /ready`: 200 once the models are loaded and the ledger answers; 503 otherwise, so a
 /// load balancer stops sending a node requests it could not charge.
 pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response();
+    }
     if !state.backend.ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response();
     }

@@ -147,6 +147,11 @@ struct ServeArgs {
     /// (systemd's 90 s, Kubernetes' 30 s) less a few seconds for settling.
     #[arg(long, default_value_t = 20_000, env = "TOKENOMY_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: u64,
+    /// How long after SIGTERM the node goes on taking requests while `/ready` answers 503
+    /// (`draining`), so that a load balancer stops sending before the listener closes; the
+    /// drain (`--drain-timeout-ms`) starts after it.
+    #[arg(long, default_value_t = 0, env = "TOKENOMY_SHUTDOWN_DELAY_MS")]
+    shutdown_delay_ms: u64,
 }
 
 fn write_out(line: std::fmt::Arguments) {
@@ -252,7 +257,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     let drain_max = Duration::from_millis(args.drain_timeout_ms);
-    tokenomy_api::serve(listener, state.clone(), shutdown_signal(state.backend.clone(), drain_max)).await?;
+    let delay = Duration::from_millis(args.shutdown_delay_ms);
+    tokenomy_api::serve(listener, state.clone(), shutdown_signal(state.clone(), delay, drain_max)).await?;
     tracing::info!("shutting down: waiting for in-flight metering");
     if !state.drain(Duration::from_secs(30)).await {
         tracing::warn!("some metering tasks did not finish in time");
@@ -374,9 +380,21 @@ async fn a_signal() {
 /// as cancelled and is charged for what it produced, like a client that disconnects, and the
 /// node then stops as after a drain. A second signal, or [`SETTLE_MAX`] more, stops the process
 /// at once: the holds of answers cut off then are voided when they time out, as after a crash.
-async fn shutdown_signal(backend: Arc<dyn tokenomy_core::Backend>, drain_max: Duration) {
+async fn shutdown_signal(state: tokenomy_api::AppState, delay: Duration, drain_max: Duration) {
     a_signal().await;
-    tracing::info!("signal received; finishing in-flight requests (a second signal stops at once)");
+    state.start_draining();
+    if !delay.is_zero() {
+        tracing::info!("signal received; /ready says draining, serving on for {delay:?} (a second signal stops at once)");
+        tokio::select! {
+            _ = a_signal() => {
+                tracing::warn!("second signal: stopping now");
+                hard_stop();
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!("closing the listener; finishing in-flight requests (a second signal stops at once)");
+    let backend = state.backend.clone();
     tokio::spawn(async move {
         let cut = async {
             tokio::time::sleep(drain_max).await;
