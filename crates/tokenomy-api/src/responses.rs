@@ -392,8 +392,9 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Has
     routes::run_remembered(&state, g, parsed, |s, g, p| Box::pin(run(s, g, p))).await
 }
 
-async fn run(state: &AppState, g: &routes::Gate, p: Parsed) -> Result<Response, AppError> {
-    let owner = g.caller.as_ref().map(|c| c.account);
+/// The chat request a Responses request stands for, and the conversation it continues with its
+/// input (without instructions, which are not carried over).
+fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> Result<(ChatRequest, Vec<Value>), AppError> {
     let mut history = match &p.previous {
         None => Vec::new(),
         Some(id) => {
@@ -401,12 +402,32 @@ async fn run(state: &AppState, g: &routes::Gate, p: Parsed) -> Result<Response, 
             prev.history.clone()
         }
     };
-    history.extend(p.input);
+    history.append(&mut p.input);
     pair_calls(&history)?;
-    let mut chat = p.chat;
-    let system = p.instructions.map(|t| json!({"role": "system", "content": t}));
+    let mut chat = std::mem::take(&mut p.chat);
+    let system = p.instructions.take().map(|t| json!({"role": "system", "content": t}));
     chat.insert("messages".into(), Value::Array(system.into_iter().chain(history.iter().cloned()).collect()));
     let req: ChatRequest = serde_json::from_value(Value::Object(chat)).map_err(|e| AppError::invalid(format!("invalid request: {e}"), None))?;
+    Ok((req, history))
+}
+
+/// `POST /v1/responses/input_tokens`: the prompt's tokens as `POST /v1/responses` would render
+/// the same body (its earlier conversation and tools included).
+pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Json<Value>, AppError> {
+    let owner = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
+    let mut p = parse(&body.value, body.sha256)?;
+    let (chat, _) = chat_request(&state, owner, &mut p)?;
+    let messages = crate::openai::chat_messages(&chat.messages).map_err(in_responses_terms)?;
+    let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
+    let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
+    let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
+    let n = state.backend.render_chat(&chat.common.model, &messages, defs)?.tokens.len();
+    Ok(Json(json!({"object": "response.input_tokens", "input_tokens": n})))
+}
+
+async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Response, AppError> {
+    let owner = g.caller.as_ref().map(|c| c.account);
+    let (req, history) = chat_request(state, owner, &mut p)?;
     // The receipt names the Responses body (as sent), not its chat translation.
     let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256 }).await.map_err(in_responses_terms)?;
     let rid = r.started.request_id.clone();

@@ -80,9 +80,13 @@ async fn previous_response_id_continues_a_kept_conversation() {
     let item = &items["data"][0];
     assert_eq!((item["type"].as_str(), item["role"].as_str(), item["content"][0]["text"].as_str()), (Some("message"), Some("user"), Some("My name is Ada.")));
     assert_eq!(items["first_id"], item["id"]);
-    let second = post(&s, "/v1/responses", json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "previous_response_id": id, "input": "What is my name?"})).await;
+    let body = json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "previous_response_id": id, "input": "What is my name?"});
+    let second = post(&s, "/v1/responses", body.clone()).await;
     assert_eq!(second.status, StatusCode::OK, "{}", second.text);
     let second = second.json();
+    // The same body, counted before it is sent, comes to the tokens it was charged for.
+    let counted = post(&s, "/v1/responses/input_tokens", body).await.json();
+    assert_eq!(counted, json!({"object": "response.input_tokens", "input_tokens": second["usage"]["input_tokens"]}));
     assert_eq!(second["previous_response_id"], id);
     // The prompt is the whole conversation (the first answer included), without the first
     // request's instructions: as the same turns sent to chat completions count it.
