@@ -50,7 +50,9 @@ fn error_type(status: StatusCode) -> &'static str {
 impl IntoResponse for AnthropicError {
     fn into_response(self) -> Response {
         let e = self.0;
-        let body = json!({"type": "error", "error": {"type": error_type(e.status), "message": &e.message}});
+        // The chat pipeline's checks name OpenAI's fields; a Messages client knows Anthropic's.
+        let message = e.message.replace("tool_call_id", "tool_use_id").replace("tool_calls", "tool_use blocks");
+        let body = json!({"type": "error", "error": {"type": error_type(e.status), "message": message}});
         let mut r = (e.status, Json(body)).into_response();
         e.add_headers(&mut r);
         r

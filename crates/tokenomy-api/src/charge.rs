@@ -487,17 +487,29 @@ pub async fn mint(State(state): State<AppState>, headers: HeaderMap, Path(id): P
     Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Refund {
-    /// All that the receipt charged when absent.
-    amount_micros: Option<i64>,
+    /// All that the receipt charged when absent; `null` is refused (a script's missing value
+    /// must not refund everything).
+    #[serde(default, deserialize_with = "named")]
+    amount_micros: Option<Option<i64>>,
 }
 
-/// `POST /admin/v1/receipts/{id}/refund`: gives a usage charge back, once.
-pub async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, ApiJson(req): ApiJson<Refund>) -> Result<Json<Value>, AppError> {
+/// `POST /admin/v1/receipts/{id}/refund`: gives a usage charge back, once. The body may be
+/// left out (a full refund).
+pub async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: bytes::Bytes) -> Result<Json<Value>, AppError> {
     let actor = admin(&state, &headers).await?;
-    let (t, r) = billing(&state)?.refund(&id, req.amount_micros, &actor).await?;
+    let req: Refund = match body.iter().all(u8::is_ascii_whitespace) {
+        true => Refund::default(),
+        false => serde_json::from_slice(&body).map_err(|e| AppError::invalid(format!("invalid body: {e}"), None))?,
+    };
+    let amount = match req.amount_micros {
+        Some(None) => return Err(AppError::invalid_value("amount_micros", "amount_micros must be a number of micro-credits; leave it out to refund all")),
+        Some(Some(n)) => Some(n),
+        None => None,
+    };
+    let (t, r) = billing(&state)?.refund(&id, amount, &actor).await?;
     Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
 }
 

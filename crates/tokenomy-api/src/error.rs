@@ -106,6 +106,7 @@ impl From<tokenomy_billing::BillingError> for AppError {
             B::Forbidden(_) => AppError { status: StatusCode::FORBIDDEN, code: Some("permission_denied"), ..base },
             B::NotFound(_) => AppError { status: StatusCode::NOT_FOUND, code: Some("not_found"), ..base },
             B::Invalid(_) => AppError { code: Some("invalid_value"), ..base },
+            B::InvalidParam(param, _) => AppError { code: Some("invalid_value"), param: Some(param.into()), ..base },
             B::Conflict(_) => AppError { status: StatusCode::CONFLICT, code: Some("conflict"), ..base },
             B::Idempotency { code, .. } => AppError { status: StatusCode::CONFLICT, code: Some(code), ..base },
             B::Misdirected(_) => AppError { status: StatusCode::MISDIRECTED_REQUEST, code: Some("issued_by_another_node"), ..base },

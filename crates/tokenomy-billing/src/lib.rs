@@ -54,6 +54,9 @@ pub enum BillingError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Invalid, and the request field (as the API names it) that is.
+    #[error("{1}")]
+    InvalidParam(&'static str, String),
     #[error("{0}")]
     Conflict(String),
     #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits, or lower max_tokens (a request without it holds the rest of the model's context).")]
@@ -523,7 +526,8 @@ impl Billing {
         let charged = -charge.amount_micros;
         let amount = amount_micros.unwrap_or(charged);
         if !(1..=charged).contains(&amount) {
-            return Err(BillingError::Invalid(format!("A refund of receipt {receipt_id:?} is 1 to the {charged} micro-credits it charged, not {amount}.")));
+            let msg = format!("A refund of receipt {receipt_id:?} is 1 to the {charged} micro-credits it charged, not {amount}.");
+            return Err(BillingError::InvalidParam("amount_micros", msg));
         }
         let account = parse_account_id(&charge.account_id)?;
         let receipt = Receipt { request_id: charge.request_id.clone(), ..self.money_receipt(ReceiptKind::Refund, account, tokenomy_ledger::OPERATOR_REVENUE, actor) };

@@ -381,7 +381,8 @@ pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
             c.call(Method::POST, "/admin/v1/transfers", Some(body)).await?
         }
         Credits::Refund { receipt, amount_micros } => {
-            c.call(Method::POST, &format!("/admin/v1/receipts/{receipt}/refund"), Some(json!({"amount_micros": amount_micros}))).await?
+            let body = amount_micros.map_or_else(|| json!({}), |n| json!({"amount_micros": n}));
+            c.call(Method::POST, &format!("/admin/v1/receipts/{receipt}/refund"), Some(body)).await?
         }
     };
     c.show(&v);

@@ -224,8 +224,10 @@ async fn a_charge_is_refunded_once_with_a_receipt_the_customer_can_verify() {
         let url = format!("/admin/v1/receipts/{rid}/refund");
         // Only the operator refunds; only charges, by at most what they charged.
         assert_error(&n.call("POST", &url, Some(json!({})), &key).await, StatusCode::FORBIDDEN);
-        for bad in [json!({"amount_micros": charged + 1}), json!({"amount_micros": 0}), json!({"amount_micros": -5})] {
-            assert_error(&n.call("POST", &url, Some(bad), &n.first.admin_key).await, StatusCode::BAD_REQUEST);
+        // (`null` is refused too: a script's missing value must not refund everything.)
+        for bad in [json!({"amount_micros": charged + 1}), json!({"amount_micros": 0}), json!({"amount_micros": -5}), json!({"amount_micros": null})] {
+            let e = assert_error(&n.call("POST", &url, Some(bad.clone()), &n.first.admin_key).await, StatusCode::BAD_REQUEST);
+            assert_eq!(e["param"], "amount_micros", "{bad}: {e}");
         }
         let minted = n.admin("POST", &format!("/admin/v1/accounts/{acc}/mint"), Some(json!({"amount_micros": 5, "idempotency_key": "refund-mint"}))).await;
         let mint_url = format!("/admin/v1/receipts/{}/refund", minted["receipt"]["id"].as_str().unwrap());
@@ -239,6 +241,8 @@ async fn a_charge_is_refunded_once_with_a_receipt_the_customer_can_verify() {
         assert_eq!(n.admin("POST", &url, Some(json!({"amount_micros": 1}))).await, part, "a retry is the same refund");
         let again = n.call("POST", &url, Some(json!({})), &n.first.admin_key).await;
         assert!(assert_error(&again, StatusCode::CONFLICT)["message"].as_str().unwrap().contains("already refunded"), "{}", again.text);
+        // No body at all is a full refund too (refused here: this receipt was refunded in part).
+        assert_error(&n.call("POST", &url, None, &n.first.admin_key).await, StatusCode::CONFLICT);
         assert_eq!(n.balance(&acc).await.0, b1 + 5 + 1, "refunded once");
 
         // The customer fetches the refund's receipt, verifies it offline, and finds it on the statement.
