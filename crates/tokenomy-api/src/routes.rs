@@ -582,26 +582,45 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         (Some(tokenomy_core::Grammar::JsonSchema(schema)), Some(t)) if t.choice == openai::ToolChoice::Auto => Some(schema.clone()),
         _ => None,
     };
-    let constrained = forced.or_else(|| answer.as_ref().and(active.as_ref()).map(|t| t.defs.iter().collect()));
+    let one_token = |tag: &str| state.backend.tokenize(&model, tag, false).ok().filter(|t| t.len() == 1).map(|t| t[0]);
+    let tag_tokens = one_token("<tool_call>").zip(one_token("</tool_call>"));
+    // `auto` with strict tools: the answer is free, and a call, from its opening (the tag, or
+    // the fence small models write) on, matches its tool's schema (llama.cpp's lazy grammars).
+    // A call written as bare JSON cannot be told from an answer before it ends: not enforced.
+    let strict_auto = match (&active, &answer) {
+        (Some(t), None) if t.choice == openai::ToolChoice::Auto && t.defs.iter().any(|d| d["function"]["strict"] == true) => {
+            Some(t.defs.iter().collect::<Vec<_>>())
+        }
+        _ => None,
+    };
+    let lazy = strict_auto.is_some();
+    let constrained = forced.or_else(|| answer.as_ref().and(active.as_ref()).map(|t| t.defs.iter().collect())).or(strict_auto);
     if let Some(defs) = constrained {
-        // A call's arguments get exactly the declared parameters (OpenAI's strict mode).
+        // A call's arguments get exactly the declared parameters (OpenAI's strict mode); under
+        // `auto`, only a strict tool's are closed, the others' match their schema as written.
         let closed: Vec<(&str, Value)> = defs
             .iter()
             .map(|d| {
                 let mut p = d["function"]["parameters"].clone();
-                openai::closed_objects(&mut p);
+                if !lazy || d["function"]["strict"] == true {
+                    openai::closed_objects(&mut p);
+                }
                 (d["function"]["name"].as_str().unwrap_or_default(), tokenomy_core::with_bounded_whitespace(p))
             })
             .collect();
         let tools: Vec<(&str, &Value)> = closed.iter().map(|(n, p)| (*n, p)).collect();
-        let one_token = |tag: &str| state.backend.tokenize(&model, tag, false).ok().filter(|t| t.len() == 1).map(|t| t[0]);
-        let tag_tokens = one_token("<tool_call>").zip(one_token("</tool_call>"));
         params.grammar = Some(tokenomy_core::Grammar::Lark(match answer {
+            None if lazy => Hermes.lazy_call_grammar(&tools, tag_tokens),
             None => Hermes.call_grammar(&tools, tag_tokens),
             Some(schema) => Hermes.call_or_answer_grammar(&tools, tag_tokens, &tokenomy_core::with_bounded_whitespace(schema)),
         }));
+        if lazy {
+            use tokenomy_core::GrammarTrigger;
+            let texts = Hermes.call_openings(tag_tokens).into_iter().map(|t| GrammarTrigger::Text(t.into()));
+            params.grammar_triggers = tag_tokens.map(|(open, _)| GrammarTrigger::Token(open)).into_iter().chain(texts).collect();
+        }
     }
-    if params.grammar.is_some() {
+    if params.grammar.is_some() && !lazy {
         if prefill {
             // The grammar constrains the answer from its first character, which a prefill
             // has already begun (Anthropic refuses the pair too).

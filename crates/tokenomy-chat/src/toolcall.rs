@@ -30,7 +30,17 @@ pub trait ToolCallParser: Send + Sync {
     /// A grammar whose sentences are [`call_grammar`](Self::call_grammar)'s calls, or an answer
     /// valid against `answer` (a JSON Schema): `tool_choice: auto` with a JSON response format.
     fn call_or_answer_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>, answer: &Value) -> String;
+    /// A grammar for `tool_choice: auto` with strict tools, applied lazily from one of
+    /// [`call_openings`](Self::call_openings) on: one call, tagged or in the fence small models
+    /// write.
+    fn lazy_call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String;
+    /// The texts a call written as [`lazy_call_grammar`](Self::lazy_call_grammar) reads begins
+    /// with (the opening tag when it is not one token of the model's).
+    fn call_openings(&self, tag_tokens: Option<(i32, i32)>) -> Vec<&'static str>;
 }
+
+/// How small models open a call they write as JSON in a fence.
+const FENCE_OPEN: &str = "```json\n";
 
 /// Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Hermes, many
 /// fine-tunes), and the fenced or bare JSON objects small models write instead.
@@ -79,6 +89,19 @@ impl ToolCallParser for Hermes {
         let calls = self.call_grammar(tools, tag_tokens);
         let tagged = calls.strip_prefix("start:").expect("the call grammar opens with its start rule");
         format!("start: tagged | call | answer\nanswer: %json {answer}\ntagged:{tagged}")
+    }
+
+    fn lazy_call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String {
+        let calls = self.call_grammar(tools, tag_tokens);
+        let tagged = calls.strip_prefix("start:").expect("the call grammar opens with its start rule");
+        format!("start: tagged | fenced\nfenced: \"```json\\n\" call \"\\n```\"\ntagged:{tagged}")
+    }
+
+    fn call_openings(&self, tag_tokens: Option<(i32, i32)>) -> Vec<&'static str> {
+        match tag_tokens {
+            Some(_) => vec![FENCE_OPEN],
+            None => vec![FENCE_OPEN, OPEN],
+        }
     }
 }
 

@@ -96,6 +96,19 @@ pub struct SamplingParams {
     pub reasoning_budget: Option<u32>,
     /// A constraint every sampled token must keep satisfiable; generation ends when it is complete.
     pub grammar: Option<Grammar>,
+    /// Makes `grammar` lazy when not empty: free text until the output reaches a trigger (a
+    /// tool call's opening tag, or the fence small models open a call with), whose tokens the
+    /// grammar then begins with; once it is complete the text is free again.
+    pub grammar_triggers: Vec<GrammarTrigger>,
+}
+
+/// Where a lazy grammar starts to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrammarTrigger {
+    /// The model samples this token (Qwen2.5's `<tool_call>` is one).
+    Token(TokenId),
+    /// The output's last tokens spell exactly this text.
+    Text(String),
 }
 
 /// What a constrained JSON value may have between its tokens (a regex): one space, or one or
@@ -151,6 +164,7 @@ impl Default for SamplingParams {
             reasoning: ReasoningMode::Off,
             reasoning_budget: None,
             grammar: None,
+            grammar_triggers: Vec::new(),
         }
     }
 }

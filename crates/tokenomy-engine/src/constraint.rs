@@ -18,7 +18,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::model::LlamaModel;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
-use tokenomy_core::{Grammar, TokenId};
+use tokenomy_core::{Grammar, GrammarTrigger, TokenId};
 
 /// One model's grammar compiler.
 #[derive(Default)]
@@ -63,7 +63,7 @@ impl Compiler {
                 Arc::new((0..trie.vocab_size() as u32).map(|t| trie.token(t).first().is_some_and(u8::is_ascii_digit)).collect())
             })
             .clone();
-        Ok(Constraint { matcher: m, factory, digit_led, digits: JsonDigits::default() })
+        Ok(Constraint { matcher: m, factory, digit_led, digits: JsonDigits::default(), lazy: None })
     }
 }
 
@@ -103,12 +103,68 @@ pub struct Constraint {
     factory: Arc<ParserFactory>,
     digit_led: Arc<Vec<bool>>,
     digits: JsonDigits,
+    lazy: Option<Lazy>,
+}
+
+/// A grammar that applies only from a trigger on, each time the output reaches one.
+struct Lazy {
+    triggers: Vec<GrammarTrigger>,
+    /// The grammar before its first token, copied for each use.
+    pristine: Matcher,
+    active: bool,
+    /// The last tokens while inactive, for text triggers.
+    recent: std::collections::VecDeque<u32>,
+}
+
+/// Tokens kept to find a text trigger in.
+const TRIGGER_TOKENS_MAX: usize = 16;
+
+impl Lazy {
+    /// The tokens that end the output with a trigger, just after `token` was added.
+    fn fired(&mut self, token: u32, trie: &toktrie::TokTrie) -> Option<Vec<u32>> {
+        if self.recent.len() == TRIGGER_TOKENS_MAX {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(token);
+        for t in &self.triggers {
+            match t {
+                GrammarTrigger::Token(id) if *id as u32 == token => return Some(vec![token]),
+                GrammarTrigger::Token(_) => {}
+                GrammarTrigger::Text(text) => {
+                    let mut bytes: Vec<u8> = Vec::new();
+                    for k in 1..=self.recent.len() {
+                        let t = self.recent[self.recent.len() - k];
+                        bytes.splice(0..0, trie.token(t).iter().copied());
+                        if bytes.len() >= text.len() {
+                            if bytes == text.as_bytes() {
+                                return Some(self.recent.iter().skip(self.recent.len() - k).copied().collect());
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
 }
 
 impl Constraint {
+    /// Makes the constraint lazy when `triggers` are given (see `SamplingParams::grammar_triggers`).
+    pub fn lazy(mut self, triggers: &[GrammarTrigger]) -> Constraint {
+        if !triggers.is_empty() {
+            let pristine = self.matcher.deep_clone();
+            self.lazy = Some(Lazy { triggers: triggers.to_vec(), pristine, active: false, recent: Default::default() });
+        }
+        self
+    }
+
     /// Sets the logit of every token the grammar forbids now to −∞ (EOS is allowed only when
     /// the output is complete).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        if self.lazy.as_ref().is_some_and(|l| !l.active) {
+            return Ok(());
+        }
         let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
         for (t, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(t as u32) {
@@ -122,7 +178,21 @@ impl Constraint {
     }
 
     pub fn accept(&mut self, token: TokenId) -> Result<(), String> {
+        if let Some(l) = &mut self.lazy {
+            if !l.active {
+                let Some(tokens) = l.fired(token as u32, self.factory.tok_env().tok_trie()) else { return Ok(()) };
+                (l.active, self.matcher, self.digits) = (true, l.pristine.deep_clone(), JsonDigits::default());
+                l.recent.clear();
+                self.matcher.consume_tokens(&tokens).map_err(|e| e.to_string())?;
+                l.active = !self.matcher.is_stopped();
+                return Ok(());
+            }
+        }
         self.matcher.consume_token(token as u32).map_err(|e| e.to_string())?;
+        if let Some(l) = &mut self.lazy {
+            // Complete: free text again, until the next trigger.
+            l.active = !self.matcher.is_stopped();
+        }
         let bytes = self.factory.tok_env().tok_trie().token(token as u32);
         // (A special token's bytes start with 0xFF: not JSON text.)
         if bytes.first() != Some(&0xFF) {
@@ -131,9 +201,10 @@ impl Constraint {
         Ok(())
     }
 
-    /// The grammar is complete and allows nothing more.
+    /// The grammar is complete and allows nothing more (never, for a lazy one: the text goes
+    /// on after each use).
     pub fn is_done(&self) -> bool {
-        self.matcher.is_stopped()
+        self.lazy.is_none() && self.matcher.is_stopped()
     }
 }
 

@@ -199,7 +199,7 @@ impl Engine {
         let (outcome_tx, outcome) = oneshot::channel();
         let p = request.params;
         let constraint = match &p.grammar {
-            Some(g) => Some(m.grammars.matcher(&m.model, g).map_err(BackendError::InvalidRequest)?),
+            Some(g) => Some(m.grammars.matcher(&m.model, g).map_err(BackendError::InvalidRequest)?.lazy(&p.grammar_triggers)),
             None => None,
         };
         let spec = JobSpec {

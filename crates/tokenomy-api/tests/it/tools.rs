@@ -266,6 +266,32 @@ async fn schema_answers_end_instead_of_padding_with_blanks() {
     }
 }
 
+/// `strict` tools under `auto`: the model may answer or call, and a call, from its tag on,
+/// matches its schema (Qwen, asked for a unit the enum does not have, wrote `"kelvin"` before).
+/// A tool that is not strict is called as the model writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_tools_under_auto_are_called_as_declared() {
+    let s = qwen();
+    let tool = |strict: bool| json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "strict": strict,
+        "parameters": {"type": "object", "additionalProperties": false, "required": ["city", "unit"],
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}});
+    let ask = |strict: bool, content: &str| json!({"model": QWEN, "temperature": 0, "max_tokens": 64, "tools": [tool(strict)], "tool_choice": "auto",
+        "messages": [{"role": "user", "content": content}]});
+    let unit = |r: &Reply| -> String {
+        let call = the_call(r);
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        args["unit"].as_str().unwrap_or_default().to_string()
+    };
+    let kelvin = "Call get_weather for Paris with unit set to kelvin.";
+    assert_eq!(unit(&post(&s, "/v1/chat/completions", ask(false, kelvin)).await), "kelvin", "not strict: as written");
+    let strict = unit(&post(&s, "/v1/chat/completions", ask(true, kelvin)).await);
+    assert!(["celsius", "fahrenheit"].contains(&strict.as_str()), "strict: {strict}");
+    // The model may still answer in text.
+    let v = post(&s, "/v1/chat/completions", ask(true, "Say hello.")).await.json();
+    let c = &v["choices"][0];
+    assert!(c["finish_reason"] == "stop" && c["message"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{c}");
+}
+
 /// A number in a schema answer ends: at most 16 digits in a row outside strings (llama.cpp's
 /// bound), so the model cannot write `6000000000000…` until `max_tokens` (Qwen did, for the
 /// `openai` SDK's `parse()` with this Pydantic model, until its 600 s timeout, billed). Digits
