@@ -616,7 +616,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         }));
         if lazy {
             use tokenomy_core::GrammarTrigger;
-            let texts = Hermes.call_openings(tag_tokens).into_iter().map(|t| GrammarTrigger::Text(t.into()));
+            let names: Vec<&str> = tools.iter().map(|(n, _)| *n).collect();
+            let texts = Hermes.call_openings(tag_tokens, &names).into_iter().map(GrammarTrigger::Text);
             params.grammar_triggers = tag_tokens.map(|(open, _)| GrammarTrigger::Token(open)).into_iter().chain(texts).collect();
         }
     }

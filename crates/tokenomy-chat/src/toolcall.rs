@@ -31,16 +31,17 @@ pub trait ToolCallParser: Send + Sync {
     /// valid against `answer` (a JSON Schema): `tool_choice: auto` with a JSON response format.
     fn call_or_answer_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>, answer: &Value) -> String;
     /// A grammar for `tool_choice: auto` with strict tools, applied lazily from one of
-    /// [`call_openings`](Self::call_openings) on: one call, tagged or in the fence small models
-    /// write.
+    /// [`call_openings`](Self::call_openings) on: one call, tagged, or in the fence small models
+    /// write (with the blanks they put in it).
     fn lazy_call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String;
-    /// The texts a call written as [`lazy_call_grammar`](Self::lazy_call_grammar) reads begins
-    /// with (the opening tag when it is not one token of the model's).
-    fn call_openings(&self, tag_tokens: Option<(i32, i32)>) -> Vec<&'static str>;
+    /// The texts, blanks aside, that open a call as [`lazy_call_grammar`](Self::lazy_call_grammar)
+    /// reads it: the tag where it is not one token of the model's, and for each tool a fence
+    /// whose object names it (so a fenced answer that is JSON of another kind stays free).
+    fn call_openings(&self, tag_tokens: Option<(i32, i32)>, names: &[&str]) -> Vec<String>;
 }
 
-/// How small models open a call they write as JSON in a fence.
-const FENCE_OPEN: &str = "```json\n";
+/// Blanks in a fenced call, bounded (as in llama.cpp's grammars).
+const BLANKS: &str = "[ \\t\\n]{0,20}";
 
 /// Hermes-style `<tool_call>{"name": …, "arguments": …}</tool_call>` (Qwen2.5, Hermes, many
 /// fine-tunes), and the fenced or bare JSON objects small models write instead.
@@ -94,14 +95,22 @@ impl ToolCallParser for Hermes {
     fn lazy_call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String {
         let calls = self.call_grammar(tools, tag_tokens);
         let tagged = calls.strip_prefix("start:").expect("the call grammar opens with its start rule");
-        format!("start: tagged | fenced\nfenced: \"```json\\n\" call \"\\n```\"\ntagged:{tagged}")
+        let b = BLANKS;
+        let fcalls: Vec<String> = (0..tools.len()).map(|i| format!("fcall_{i}")).collect();
+        let mut g = format!("start: tagged | fenced\nfenced: /{b}```json{b}\\{{{b}\"name\"{b}:{b}/ fcall\nfcall: {}\n", fcalls.join(" | "));
+        for (i, (name, _)) in tools.iter().enumerate() {
+            // The name as a JSON string, written as a Lark string literal.
+            let name = Value::from(Value::from(*name).to_string());
+            g.push_str(&format!("fcall_{i}: {name} /{b},{b}\"arguments\"{b}:{b}/ args_{i} /{b}\\}}{b}```/\n"));
+        }
+        g.push_str(&format!("tagged:{tagged}"));
+        g
     }
 
-    fn call_openings(&self, tag_tokens: Option<(i32, i32)>) -> Vec<&'static str> {
-        match tag_tokens {
-            Some(_) => vec![FENCE_OPEN],
-            None => vec![FENCE_OPEN, OPEN],
-        }
+    fn call_openings(&self, tag_tokens: Option<(i32, i32)>, names: &[&str]) -> Vec<String> {
+        let tag = tag_tokens.is_none().then(|| OPEN.to_string());
+        let fences = names.iter().map(|n| format!("```json{{\"name\":{}", Value::from(*n)));
+        tag.into_iter().chain(fences).collect()
     }
 }
 

@@ -107,7 +107,8 @@ pub struct SamplingParams {
 pub enum GrammarTrigger {
     /// The model samples this token (Qwen2.5's `<tool_call>` is one).
     Token(TokenId),
-    /// The output's last tokens spell exactly this text.
+    /// The output's last tokens spell this text, blanks aside (from a token's start; the last
+    /// of them completes it).
     Text(String),
 }
 

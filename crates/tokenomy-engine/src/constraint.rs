@@ -117,7 +117,12 @@ struct Lazy {
 }
 
 /// Tokens kept to find a text trigger in.
-const TRIGGER_TOKENS_MAX: usize = 16;
+const TRIGGER_TOKENS_MAX: usize = 32;
+
+/// `bytes` without ASCII blanks (text triggers ignore them).
+fn unblanked(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    bytes.iter().copied().filter(|b| !b.is_ascii_whitespace())
+}
 
 impl Lazy {
     /// The tokens that end the output with a trigger, just after `token` was added.
@@ -131,15 +136,14 @@ impl Lazy {
                 GrammarTrigger::Token(id) if *id as u32 == token => return Some(vec![token]),
                 GrammarTrigger::Token(_) => {}
                 GrammarTrigger::Text(text) => {
-                    let mut bytes: Vec<u8> = Vec::new();
-                    for k in 1..=self.recent.len() {
-                        let t = self.recent[self.recent.len() - k];
-                        bytes.splice(0..0, trie.token(t).iter().copied());
-                        if bytes.len() >= text.len() {
-                            if bytes == text.as_bytes() {
-                                return Some(self.recent.iter().skip(self.recent.len() - k).copied().collect());
-                            }
-                            break;
+                    let target: Vec<u8> = unblanked(text.as_bytes()).collect();
+                    // The earliest token from which the output, blanks aside, begins with the
+                    // trigger, which this token completes.
+                    for s in 0..self.recent.len() {
+                        let written: Vec<u8> = self.recent.iter().skip(s).flat_map(|&t| unblanked(trie.token(t))).collect();
+                        let before: usize = unblanked(trie.token(token)).count();
+                        if written.starts_with(&target) && written.len() - before < target.len() {
+                            return Some(self.recent.iter().skip(s).copied().collect());
                         }
                     }
                 }
