@@ -108,11 +108,16 @@ pub struct Constraint {
 
 /// A grammar that applies only from a trigger on, each time the output reaches one.
 struct Lazy {
-    triggers: Vec<GrammarTrigger>,
+    triggers: Triggers,
     /// The grammar before its first token, copied for each use.
     pristine: Matcher,
     active: bool,
-    /// The last tokens while inactive, for text triggers.
+}
+
+/// A lazy grammar's triggers, and the last tokens written while it is inactive.
+#[derive(Default)]
+struct Triggers {
+    triggers: Vec<GrammarTrigger>,
     recent: std::collections::VecDeque<u32>,
 }
 
@@ -124,7 +129,7 @@ fn unblanked(bytes: &[u8]) -> impl Iterator<Item = u8> + '_ {
     bytes.iter().copied().filter(|b| !b.is_ascii_whitespace())
 }
 
-impl Lazy {
+impl Triggers {
     /// The tokens that end the output with a trigger, just after `token` was added.
     fn fired(&mut self, token: u32, trie: &toktrie::TokTrie) -> Option<Vec<u32>> {
         if self.recent.len() == TRIGGER_TOKENS_MAX {
@@ -158,7 +163,7 @@ impl Constraint {
     pub fn lazy(mut self, triggers: &[GrammarTrigger]) -> Constraint {
         if !triggers.is_empty() {
             let pristine = self.matcher.deep_clone();
-            self.lazy = Some(Lazy { triggers: triggers.to_vec(), pristine, active: false, recent: Default::default() });
+            self.lazy = Some(Lazy { triggers: Triggers { triggers: triggers.to_vec(), recent: Default::default() }, pristine, active: false });
         }
         self
     }
@@ -184,11 +189,12 @@ impl Constraint {
     pub fn accept(&mut self, token: TokenId) -> Result<(), String> {
         if let Some(l) = &mut self.lazy {
             if !l.active {
-                let Some(tokens) = l.fired(token as u32, self.factory.tok_env().tok_trie()) else { return Ok(()) };
-                (l.active, self.matcher, self.digits) = (true, l.pristine.deep_clone(), JsonDigits::default());
-                l.recent.clear();
-                self.matcher.consume_tokens(&tokens).map_err(|e| e.to_string())?;
-                l.active = !self.matcher.is_stopped();
+                let Some(tokens) = l.triggers.fired(token as u32, self.factory.tok_env().tok_trie()) else { return Ok(()) };
+                (self.matcher, self.digits) = (l.pristine.deep_clone(), JsonDigits::default());
+                l.triggers.recent.clear();
+                // A trigger the grammar cannot begin with as written (a tag spelled with other
+                // blanks around it) leaves that call unconstrained rather than failing the answer.
+                l.active = self.matcher.consume_tokens(&tokens).is_ok() && !self.matcher.is_stopped();
                 return Ok(());
             }
         }
@@ -237,6 +243,24 @@ mod tests {
         d.push(br#", "s": "a\"9"#);
         assert!(d.in_string, "an escaped quote does not end the string");
         assert_eq!(d.run, 0);
+    }
+
+    /// A text trigger fires on the token that completes it, blanks aside, and hands over the
+    /// tokens it spans; a token trigger fires on its token.
+    #[test]
+    fn triggers_fire_on_the_token_that_completes_them() {
+        let words: Vec<Vec<u8>> = ["```", "json", "\n", "{\n", " ", " \"", "name", "\":", "f", "\"", "hello", "<t>"].iter().map(|w| w.as_bytes().to_vec()).collect();
+        let trie = toktrie::TokTrie::from(&toktrie::TokRxInfo::new(words.len() as u32, 0), &words);
+        let lazy = |triggers: Vec<GrammarTrigger>| Triggers { triggers, recent: Default::default() };
+        let mut l = lazy(vec![GrammarTrigger::Text("```json{\"name\":\"f\"".into()), GrammarTrigger::Token(11)]);
+        // hello ``` json \n {\n ␠ ␠" name ": ␠" f "
+        let out = [10, 0, 1, 2, 3, 4, 5, 6, 7, 4, 9, 8];
+        let fired: Vec<Option<Vec<u32>>> = out.iter().map(|&t| l.fired(t, &trie)).collect();
+        assert!(fired[..out.len() - 1].iter().all(Option::is_none), "{fired:?}");
+        assert_eq!(fired.last().unwrap().clone(), None, "`f` alone does not close the name's quote");
+        assert_eq!(l.fired(9, &trie), Some(vec![0, 1, 2, 3, 4, 5, 6, 7, 4, 9, 8, 9]), "the closing quote completes it, from the fence on");
+        let mut t = lazy(vec![GrammarTrigger::Token(11)]);
+        assert_eq!((t.fired(10, &trie), t.fired(11, &trie)), (None, Some(vec![11])));
     }
 
     #[test]
