@@ -617,7 +617,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         if lazy {
             use tokenomy_core::GrammarTrigger;
             let names: Vec<&str> = tools.iter().map(|(n, _)| *n).collect();
-            let texts = Hermes.call_openings(tag_tokens, &names).into_iter().map(GrammarTrigger::Text);
+            let (anywhere, at_start) = Hermes.call_openings(tag_tokens, &names);
+            let texts = anywhere.into_iter().map(GrammarTrigger::Text).chain(at_start.into_iter().map(GrammarTrigger::TextAtStart));
             params.grammar_triggers = tag_tokens.map(|(open, _)| GrammarTrigger::Token(open)).into_iter().chain(texts).collect();
         }
     }

@@ -35,9 +35,10 @@ pub trait ToolCallParser: Send + Sync {
     /// write (with the blanks they put in it).
     fn lazy_call_grammar(&self, tools: &[(&str, &Value)], tag_tokens: Option<(i32, i32)>) -> String;
     /// The texts, blanks aside, that open a call as [`lazy_call_grammar`](Self::lazy_call_grammar)
-    /// reads it: the tag where it is not one token of the model's, and for each tool a fence
-    /// whose object names it (so a fenced answer that is JSON of another kind stays free).
-    fn call_openings(&self, tag_tokens: Option<(i32, i32)>, names: &[&str]) -> Vec<String>;
+    /// reads it: anywhere, the tag where it is not one token of the model's and for each tool a
+    /// fence whose object names it (a fenced answer that is JSON of another kind stays free);
+    /// and, at the start of the answer only, a bare object that names a tool.
+    fn call_openings(&self, tag_tokens: Option<(i32, i32)>, names: &[&str]) -> (Vec<String>, Vec<String>);
 }
 
 /// Blanks in a fenced call, bounded (as in llama.cpp's grammars).
@@ -97,20 +98,24 @@ impl ToolCallParser for Hermes {
         let tagged = calls.strip_prefix("start:").expect("the call grammar opens with its start rule");
         let b = BLANKS;
         let fcalls: Vec<String> = (0..tools.len()).map(|i| format!("fcall_{i}")).collect();
-        let mut g = format!("start: tagged | fenced\nfenced: /{b}```json{b}\\{{{b}\"name\"{b}:{b}/ fcall\nfcall: {}\n", fcalls.join(" | "));
+        let bcalls: Vec<String> = (0..tools.len()).map(|i| format!("bcall_{i}")).collect();
+        let mut g = format!("start: tagged | fenced | bare\nfenced: /{b}```(json)?{b}\\{{{b}\"name\"{b}:{b}/ fcall\nfcall: {}\n", fcalls.join(" | "));
+        g.push_str(&format!("bare: /{b}\\{{{b}\"name\"{b}:{b}/ bcall\nbcall: {}\n", bcalls.join(" | ")));
         for (i, (name, _)) in tools.iter().enumerate() {
             // The name as a JSON string, written as a Lark string literal.
             let name = Value::from(Value::from(*name).to_string());
-            g.push_str(&format!("fcall_{i}: {name} /{b},{b}\"arguments\"{b}:{b}/ args_{i} /{b}\\}}{b}```/\n"));
+            let head = format!("{name} /{b},{b}\"arguments\"{b}:{b}/ args_{i} /{b}\\}}");
+            g.push_str(&format!("fcall_{i}: {head}{b}```/\nbcall_{i}: {head}/\n"));
         }
         g.push_str(&format!("tagged:{tagged}"));
         g
     }
 
-    fn call_openings(&self, tag_tokens: Option<(i32, i32)>, names: &[&str]) -> Vec<String> {
+    fn call_openings(&self, tag_tokens: Option<(i32, i32)>, names: &[&str]) -> (Vec<String>, Vec<String>) {
         let tag = tag_tokens.is_none().then(|| OPEN.to_string());
-        let fences = names.iter().map(|n| format!("```json{{\"name\":{}", Value::from(*n)));
-        tag.into_iter().chain(fences).collect()
+        let heads: Vec<String> = names.iter().map(|n| format!("{{\"name\":{}", Value::from(*n))).collect();
+        let fences = heads.iter().flat_map(|h| [format!("```json{h}"), format!("```{h}")]);
+        (tag.into_iter().chain(fences).collect(), heads)
     }
 }
 
@@ -176,6 +181,10 @@ fn call(v: Value, known: &[&str]) -> Option<ToolCall> {
     if !known.contains(&name.as_str()) {
         return None;
     }
+    // An object with other keys is data that happens to name a tool, not a call.
+    if o.keys().any(|k| !matches!(k.as_str(), "name" | "arguments" | "parameters")) {
+        return None;
+    }
     let args = o.remove("arguments").or_else(|| o.remove("parameters")).unwrap_or(Value::Object(Map::new()));
     let arguments = match args {
         Value::String(s) => serde_json::from_str(&s).ok().filter(Value::is_object)?,
@@ -238,6 +247,9 @@ mod tests {
         assert!(broken.calls.is_empty());
         let not_object = Hermes.parse("{\"name\": \"add\", \"arguments\": [1]}", KNOWN);
         assert!(not_object.calls.is_empty());
+        // Data that names a tool among other keys is not a call.
+        let data = Hermes.parse("```json\n{\"id\": 5, \"name\": \"add\", \"note\": \"example only\"}\n```", KNOWN);
+        assert!(data.calls.is_empty() && data.content.contains("example only"), "{data:?}");
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub enum GrammarTrigger {
     /// The output's last tokens spell this text, blanks aside (from a token's start; the last
     /// of them completes it).
     Text(String),
+    /// [`Text`](Self::Text), when nothing but blanks was written before it (since the start,
+    /// or the grammar's last use).
+    TextAtStart(String),
 }
 
 /// What a constrained JSON value may have between its tokens (a regex): one space, or one or

@@ -119,6 +119,8 @@ struct Lazy {
 struct Triggers {
     triggers: Vec<GrammarTrigger>,
     recent: std::collections::VecDeque<u32>,
+    /// A token with text other than blanks left `recent` (for `TextAtStart`).
+    text_dropped: bool,
 }
 
 /// Tokens kept to find a text trigger in.
@@ -133,18 +135,27 @@ impl Triggers {
     /// The tokens that end the output with a trigger, just after `token` was added.
     fn fired(&mut self, token: u32, trie: &toktrie::TokTrie) -> Option<Vec<u32>> {
         if self.recent.len() == TRIGGER_TOKENS_MAX {
-            self.recent.pop_front();
+            let gone = self.recent.pop_front().expect("full");
+            self.text_dropped |= unblanked(trie.token(gone)).next().is_some();
         }
         self.recent.push_back(token);
         for t in &self.triggers {
             match t {
                 GrammarTrigger::Token(id) if *id as u32 == token => return Some(vec![token]),
                 GrammarTrigger::Token(_) => {}
-                GrammarTrigger::Text(text) => {
+                GrammarTrigger::Text(text) | GrammarTrigger::TextAtStart(text) => {
                     let target: Vec<u8> = unblanked(text.as_bytes()).collect();
+                    let at_start = matches!(t, GrammarTrigger::TextAtStart(_));
+                    if at_start && self.text_dropped {
+                        continue;
+                    }
                     // The earliest token from which the output, blanks aside, begins with the
                     // trigger, which this token completes.
                     for s in 0..self.recent.len() {
+                        let blank_before = self.recent.iter().take(s).all(|&t| unblanked(trie.token(t)).next().is_none());
+                        if at_start && !blank_before {
+                            break;
+                        }
                         let written: Vec<u8> = self.recent.iter().skip(s).flat_map(|&t| unblanked(trie.token(t))).collect();
                         let before: usize = unblanked(trie.token(token)).count();
                         if written.starts_with(&target) && written.len() - before < target.len() {
@@ -163,7 +174,7 @@ impl Constraint {
     pub fn lazy(mut self, triggers: &[GrammarTrigger]) -> Constraint {
         if !triggers.is_empty() {
             let pristine = self.matcher.deep_clone();
-            self.lazy = Some(Lazy { triggers: Triggers { triggers: triggers.to_vec(), recent: Default::default() }, pristine, active: false });
+            self.lazy = Some(Lazy { triggers: Triggers { triggers: triggers.to_vec(), ..Default::default() }, pristine, active: false });
         }
         self
     }
@@ -191,7 +202,7 @@ impl Constraint {
             if !l.active {
                 let Some(tokens) = l.triggers.fired(token as u32, self.factory.tok_env().tok_trie()) else { return Ok(()) };
                 (self.matcher, self.digits) = (l.pristine.deep_clone(), JsonDigits::default());
-                l.triggers.recent.clear();
+                (l.triggers.recent, l.triggers.text_dropped) = (Default::default(), false);
                 // A trigger the grammar cannot begin with as written (a tag spelled with other
                 // blanks around it) leaves that call unconstrained rather than failing the answer.
                 l.active = self.matcher.consume_tokens(&tokens).is_ok() && !self.matcher.is_stopped();
@@ -251,7 +262,7 @@ mod tests {
     fn triggers_fire_on_the_token_that_completes_them() {
         let words: Vec<Vec<u8>> = ["```", "json", "\n", "{\n", " ", " \"", "name", "\":", "f", "\"", "hello", "<t>"].iter().map(|w| w.as_bytes().to_vec()).collect();
         let trie = toktrie::TokTrie::from(&toktrie::TokRxInfo::new(words.len() as u32, 0), &words);
-        let lazy = |triggers: Vec<GrammarTrigger>| Triggers { triggers, recent: Default::default() };
+        let lazy = |triggers: Vec<GrammarTrigger>| Triggers { triggers, recent: Default::default(), text_dropped: false };
         let mut l = lazy(vec![GrammarTrigger::Text("```json{\"name\":\"f\"".into()), GrammarTrigger::Token(11)]);
         // hello ``` json \n {\n ␠ ␠" name ": ␠" f "
         let out = [10, 0, 1, 2, 3, 4, 5, 6, 7, 4, 9, 8];
@@ -261,6 +272,14 @@ mod tests {
         assert_eq!(l.fired(9, &trie), Some(vec![0, 1, 2, 3, 4, 5, 6, 7, 4, 9, 8, 9]), "the closing quote completes it, from the fence on");
         let mut t = lazy(vec![GrammarTrigger::Token(11)]);
         assert_eq!((t.fired(10, &trie), t.fired(11, &trie)), (None, Some(vec![11])));
+        // A bare object fires only where nothing but blanks came before it.
+        let bare = || lazy(vec![GrammarTrigger::TextAtStart("{\"name\":\"f\"".into())]);
+        let object = [3, 4, 5, 6, 7, 4, 9, 8, 9]; // {\n ␠ ␠" name ": ␠ " f "
+        let (mut first, mut later) = (bare(), bare());
+        let fired: Vec<_> = [2].iter().chain(&object).map(|&t| first.fired(t, &trie)).collect();
+        assert_eq!(fired.last().unwrap().clone(), Some(vec![2, 3, 4, 5, 6, 7, 4, 9, 8, 9]));
+        let fired: Vec<_> = [10].iter().chain(&object).map(|&t| later.fired(t, &trie)).collect();
+        assert!(fired.iter().all(Option::is_none), "after `hello`: {fired:?}");
     }
 
     #[test]
