@@ -27,10 +27,7 @@ pub struct EmbeddingRequest {
     input: PromptField,
     encoding_format: Option<String>,
     dimensions: Option<i64>,
-    /// Accepted, as OpenAI's; not acted on.
-    #[serde(default)]
-    #[allow(dead_code)]
-    user: Option<String>,
+    // (`user`, like any other field this node does not act on, is accepted and ignored.)
 }
 
 pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<EmbeddingRequest>) -> Result<Response, AppError> {

@@ -582,11 +582,9 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         (Some(tokenomy_core::Grammar::JsonSchema(schema)), Some(t)) if t.choice == openai::ToolChoice::Auto => Some(schema.clone()),
         _ => None,
     };
-    let one_token = |tag: &str| state.backend.tokenize(&model, tag, false).ok().filter(|t| t.len() == 1).map(|t| t[0]);
-    let tag_tokens = one_token("<tool_call>").zip(one_token("</tool_call>"));
-    // `auto` with strict tools: the answer is free, and a call, from its opening (the tag, or
-    // the fence small models write) on, matches its tool's schema (llama.cpp's lazy grammars).
-    // A call written as bare JSON cannot be told from an answer before it ends: not enforced.
+    // `auto` with strict tools: the answer is free, and a call, from its opening on (the tag, or
+    // the fence or bare object small models write, once it names a tool), matches its tool's
+    // schema (llama.cpp's lazy grammars; see `Hermes::call_openings`).
     let strict_auto = match (&active, &answer) {
         (Some(t), None) if t.choice == openai::ToolChoice::Auto && t.defs.iter().any(|d| d["function"]["strict"] == true) => {
             Some(t.defs.iter().collect::<Vec<_>>())
@@ -609,6 +607,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
             })
             .collect();
         let tools: Vec<(&str, &Value)> = closed.iter().map(|(n, p)| (*n, p)).collect();
+        let one_token = |tag: &str| state.backend.tokenize(&model, tag, false).ok().filter(|t| t.len() == 1).map(|t| t[0]);
+        let tag_tokens = one_token("<tool_call>").zip(one_token("</tool_call>"));
         params.grammar = Some(tokenomy_core::Grammar::Lark(match answer {
             None if lazy => Hermes.lazy_call_grammar(&tools, tag_tokens),
             None => Hermes.call_grammar(&tools, tag_tokens),
