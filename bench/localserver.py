@@ -45,3 +45,15 @@ def post(base: str, path: str, body, timeout_s: float = 600):
 
 def post_json(base: str, path: str, body):
     return json.load(post(base, path, body))
+
+
+def build_info(base: str) -> str:
+    """The server's llama.cpp build, as `/props` names it."""
+    return json.load(urllib.request.urlopen(base + "/props")).get("build_info", "unknown")
+
+
+def write_json(path: str, obj) -> None:
+    """Test data as the recorders write it: indented, UTF-8 as is, one final newline."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")

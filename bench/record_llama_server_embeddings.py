@@ -7,10 +7,8 @@ Usage: python bench/record_llama_server_embeddings.py --server target/llama-cpp-
            --model ~/.tokenomy/models/SmolLM2-135M-Instruct.Q4_1.gguf --out crates/tokenomy-api/tests/data/llama_server_embeddings_smollm2.json
 """
 import argparse
-import json
-import urllib.request
 
-from localserver import post_json as post, start, stop
+from localserver import build_info, post_json as post, start, stop, write_json
 
 TEXTS = ["The cat sits on the mat.", "Quarterly revenue grew five percent.",
          "How do I sort a list in Python?", "  leading spaces and émojis 🚀 and 数字 123"]
@@ -26,7 +24,7 @@ def main():
                                      "-c", "1024", "-ub", "1024", "--port", str(port), "--host", "127.0.0.1", "--no-webui"],
                        "/health")
     try:
-        version = json.load(urllib.request.urlopen(base + "/props")).get("build_info", "unknown")
+        version = build_info(base)
         texts = []
         for t in TEXTS:
             tokens = post(base, "/tokenize", {"content": t, "add_special": True})["tokens"]
@@ -36,9 +34,7 @@ def main():
         out = {"produced_by": f"bench/record_llama_server_embeddings.py with llama-server {version} (llama-cpp-python sdist), "
                               "--embeddings --pooling mean -np 1 -t 2 -c 1024 -ub 1024",
                "model_file": a.model.rsplit("/", 1)[-1], "texts": texts}
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        write_json(a.out, out)
     finally:
         stop(proc)
 

@@ -7,10 +7,8 @@ Usage: python bench/record_llama_server_reference.py --server target/llama-cpp-r
            --model ~/.tokenomy/models/SmolLM2-135M-Instruct.Q4_1.gguf --out crates/tokenomy-api/tests/data/llama_server_smollm2.json
 """
 import argparse
-import json
-import urllib.request
 
-from localserver import post_json as post, start, stop
+from localserver import build_info, post_json as post, start, stop, write_json
 
 CHATS = [
     [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "What is the capital of France?"}],
@@ -32,7 +30,7 @@ def main():
     proc, base = start(lambda port: [a.server, "-m", a.model, "--jinja", "-np", "1", "-t", "2", "-c", "2048",
                                      "--port", str(port), "--host", "127.0.0.1", "--no-webui"], "/health")
     try:
-        version = json.load(urllib.request.urlopen(base + "/props")).get("build_info", "unknown")
+        version = build_info(base)
         chats = []
         for messages in CHATS:
             prompt = post(base, "/apply-template", {"messages": messages})["prompt"]
@@ -46,9 +44,7 @@ def main():
                  for t in TEXTS]
         out = {"produced_by": f"bench/record_llama_server_reference.py with llama-server {version} (llama-cpp-python sdist), --jinja -np 1 -t 2 -c 2048",
                "model_file": a.model.rsplit("/", 1)[-1], "max_tokens": a.max_tokens, "chats": chats, "texts": texts}
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        write_json(a.out, out)
     finally:
         stop(proc)
 
