@@ -10,6 +10,7 @@
 
 mod anthropic;
 mod charge;
+mod console;
 mod embeddings;
 pub mod error;
 pub mod openai;
@@ -241,6 +242,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/log/checkpoint", get(charge::checkpoint))
         .route("/v1/log/consistency", get(charge::consistency))
         .route("/v1/node/key", get(charge::node_key))
+        .route("/", get(console::root))
+        .route("/console", get(console::root))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         .merge(keyed)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

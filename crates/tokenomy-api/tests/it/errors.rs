@@ -150,6 +150,34 @@ async fn unknown_routes_are_404_json() {
 }
 
 #[tokio::test]
+async fn the_console_is_served_under_a_policy_that_keeps_keys_on_this_origin() {
+    let s = state();
+    let r = send(&s, "GET", "/", None).await;
+    assert_eq!((r.status, r.headers["location"].to_str().unwrap()), (StatusCode::SEE_OTHER, "/console/"));
+    for (uri, content_type) in [
+        ("/console/", "text/html; charset=utf-8"),
+        ("/console/app.js", "text/javascript; charset=utf-8"),
+        ("/console/verify.js", "text/javascript; charset=utf-8"),
+        ("/console/style.css", "text/css; charset=utf-8"),
+    ] {
+        let r = send(&s, "GET", uri, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}");
+        assert_eq!(r.headers["content-type"], content_type, "{uri}");
+        let csp = r.headers["content-security-policy"].to_str().unwrap();
+        for directive in ["default-src 'none'", "script-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"] {
+            assert!(csp.contains(directive), "{uri}: {csp}");
+        }
+        assert_eq!(r.headers["x-content-type-options"], "nosniff", "{uri}");
+    }
+    // Only the page's own files: no inline script for the policy to refuse.
+    let page = send(&s, "GET", "/console/", None).await.text;
+    assert!(page.contains(r#"<script type="module" src="/console/app.js">"#) && !page.contains("<script>"), "{page}");
+    let e = assert_error(&send(&s, "GET", "/console/../admin.key", None).await, StatusCode::NOT_FOUND);
+    assert_eq!(e["code"], "not_found");
+    assert_error(&send(&s, "GET", "/console/secret.txt", None).await, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn a_known_route_asked_with_another_method_is_a_405_json() {
     let s = state();
     for (method, uri) in [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("POST", "/admin/v1/ledger/check")] {
