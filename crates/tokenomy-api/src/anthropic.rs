@@ -259,7 +259,7 @@ pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: R
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
-    let chat = HashedJson { value: chat, sha256: body.sha256 };
+    let chat = HashedJson { value: chat, sha256: body.sha256, raw: Default::default() };
     Ok(routes::run_remembered(&state, g, chat, |s, g, b| Box::pin(run(s, g, b))).await?)
 }
 

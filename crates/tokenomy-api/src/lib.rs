@@ -12,6 +12,7 @@ mod anthropic;
 mod charge;
 mod console;
 mod embeddings;
+mod proxy;
 pub mod error;
 pub mod openai;
 mod responses;
@@ -75,6 +76,12 @@ impl Meter {
         if outcomes.is_empty() {
             return;
         }
+        let cancelled = outcomes.iter().any(|o| o.finish_reason == tokenomy_core::FinishReason::Cancelled);
+        self.record_usage(request_id, model, usage, account, receipt, cancelled);
+    }
+
+    /// Counts one request's usage (served here or by an upstream).
+    fn record_usage(&self, request_id: &str, model: &str, usage: &Usage, account: Option<AccountId>, receipt: Option<&ReceiptRef>, cancelled: bool) {
         let completion = usage.completion_tokens;
         let charged = receipt.map_or(0, |r| r.amount_micros.max(0) as u64);
         self.charged_micros.fetch_add(charged, Relaxed);
@@ -92,7 +99,6 @@ impl Meter {
         self.prompt_tokens.fetch_add(usage.prompt_tokens.into(), Relaxed);
         self.cached_tokens.fetch_add(usage.cached_tokens.into(), Relaxed);
         self.completion_tokens.fetch_add(completion.into(), Relaxed);
-        let cancelled = outcomes.iter().any(|o| o.finish_reason == tokenomy_core::FinishReason::Cancelled);
         if cancelled {
             self.cancelled.fetch_add(1, Relaxed);
         }
@@ -151,6 +157,8 @@ pub struct AppState {
     started_s: u64,
     /// Set at a graceful shutdown's start: `/ready` answers 503 from then on.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Remote providers serving the models the local engine does not.
+    pub upstreams: Option<Arc<tokenomy_upstream::Upstreams>>,
 }
 
 impl AppState {
@@ -166,6 +174,7 @@ impl AppState {
             idempotency: Default::default(),
             responses: Default::default(),
             draining: Default::default(),
+            upstreams: None,
             started_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         }
     }
@@ -173,6 +182,11 @@ impl AppState {
     /// A node that authenticates every request and charges it to the caller's account.
     pub fn with_billing(self, billing: Arc<Billing>, no_auth: bool) -> AppState {
         AppState { billing: Some(billing), no_auth, ..self }
+    }
+
+    /// Serves the models of `upstreams` that the local engine does not, through them.
+    pub fn with_upstreams(self, upstreams: Arc<tokenomy_upstream::Upstreams>) -> AppState {
+        AppState { upstreams: (!upstreams.is_empty()).then_some(upstreams), ..self }
     }
 
     /// Makes `/ready` answer 503 (`draining`): the node is shutting down and takes requests

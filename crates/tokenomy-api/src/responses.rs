@@ -429,7 +429,7 @@ async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Respon
     let owner = g.caller.as_ref().map(|c| c.account);
     let (req, history) = chat_request(state, owner, &mut p)?;
     // The receipt names the Responses body (as sent), not its chat translation.
-    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256 }).await.map_err(in_responses_terms)?;
+    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256, raw: Default::default() }).await.map_err(in_responses_terms)?;
     let rid = r.started.request_id.clone();
     let mut skeleton = p.skeleton;
     skeleton["id"] = json!(format!("resp_{}", r.id.trim_start_matches("chatcmpl-")));

@@ -62,6 +62,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
 pub struct HashedJson<T> {
     pub value: T,
     pub sha256: [u8; 32],
+    /// The body as sent (forwarded as is to an upstream).
+    pub raw: bytes::Bytes,
 }
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJson<T> {
@@ -86,7 +88,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJs
             AppError { status: if status.is_client_error() { status } else { StatusCode::BAD_REQUEST }, ..AppError::invalid(message, None) }
         })?;
         let value = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?.0;
-        Ok(HashedJson { value, sha256: Sha256::digest(&bytes).into() })
+        Ok(HashedJson { value, sha256: Sha256::digest(&bytes).into(), raw: bytes })
     }
 }
 
@@ -153,9 +155,9 @@ pub(crate) struct Started {
 
 /// The billing context of one request, decided before generating.
 pub(crate) struct Charge {
-    principal: Principal,
-    hold: Hold,
-    request_sha256: [u8; 32],
+    pub(crate) principal: Principal,
+    pub(crate) hold: Hold,
+    pub(crate) request_sha256: [u8; 32],
 }
 
 /// Starts `n` generations for each prompt and spawns the task that meters (and, with a
@@ -275,7 +277,7 @@ pub(crate) async fn begin_charge(
     caller: Option<&Principal>,
     request_id: &str,
     model: &str,
-    prompts: &[Vec<TokenId>],
+    prompt_tokens: u64,
     completion_tokens_max: u64,
     idempotency_key: Option<String>,
     request_sha256: [u8; 32],
@@ -284,7 +286,7 @@ pub(crate) async fn begin_charge(
     let req = ChargeRequest {
         request_id: request_id.to_string(),
         model: model.to_string(),
-        prompt_tokens: prompts.iter().map(|p| p.len() as u64).sum(),
+        prompt_tokens,
         completion_tokens_max,
         idempotency_key,
     };
@@ -302,6 +304,11 @@ pub(crate) async fn begin_charge(
     });
     let hold = placed.await.map_err(|_| AppError::internal("placing the hold failed"))??;
     Ok(Some(Charge { principal: p.clone(), hold, request_sha256 }))
+}
+
+/// The tokens of a request's prompts, together.
+pub(crate) fn prompt_len(prompts: &[Vec<TokenId>]) -> u64 {
+    prompts.iter().map(|p| p.len() as u64).sum()
 }
 
 /// Headers every billed response carries.
@@ -504,6 +511,9 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
 }
 
 async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    if crate::proxy::serves(state, &body.value.common.model) {
+        return crate::proxy::chat(state, g, body.raw, body.sha256).await;
+    }
     let run = chat_run(state, g, body).await?;
     let ChatRun { started, post, id, receipt_id, stream, include_usage, .. } = run;
     let rid = started.request_id.clone();
@@ -666,7 +676,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let prompts = [prompt];
     fits_context(ctx, &prompts, params.max_tokens, "messages")?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
-    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
+    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
     let started = start(state, request_id, &model, &prompts, n, &params, false, charge, &|| post.answer_end())?;
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -1137,7 +1147,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
-    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, &prompts, worst, g.idempotency_key.clone(), body.sha256).await?;
+    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
     let started = start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge, &|| None)?;
     let echo_texts: Vec<String> = if req.echo {
@@ -1306,14 +1316,33 @@ fn model_json(m: &tokenomy_core::ModelInfo, created_s: u64) -> Value {
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state.backend.models().iter().map(|m| model_json(m, state.started_s)).collect();
+    let local = state.backend.models();
+    let mut data: Vec<Value> = local.iter().map(|m| model_json(m, state.started_s)).collect();
+    for (name, upstreams) in state.upstreams.as_ref().map(|u| u.models()).unwrap_or_default() {
+        if !local.iter().any(|m| m.name == name) {
+            data.push(upstream_model_json(&name, &upstreams, state.started_s));
+        }
+    }
     Json(json!({"object": "list", "data": data}))
+}
+
+/// A model served through upstreams: `owned_by` the first one tried.
+fn upstream_model_json(name: &str, upstreams: &[String], created_s: u64) -> Value {
+    json!({
+        "id": name, "object": "model", "created": created_s,
+        "owned_by": upstreams.first().map_or("upstream", String::as_str),
+        "meta": {"upstreams": upstreams},
+    })
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
     let models = state.backend.models();
-    let m = models.iter().find(|m| m.name == id).ok_or_else(|| AppError::from(tokenomy_core::BackendError::UnknownModel(id)))?;
-    Ok(Json(model_json(m, state.started_s)))
+    if let Some(m) = models.iter().find(|m| m.name == id) {
+        return Ok(Json(model_json(m, state.started_s)));
+    }
+    let upstream = state.upstreams.as_ref().and_then(|u| u.models().into_iter().find(|(m, _)| *m == id));
+    let (name, upstreams) = upstream.ok_or_else(|| AppError::from(tokenomy_core::BackendError::UnknownModel(id)))?;
+    Ok(Json(upstream_model_json(&name, &upstreams, state.started_s)))
 }
 
 pub async fn health() -> Json<Value> {
@@ -1341,6 +1370,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = state.backend.metrics_text();
     state.meter.render(&mut out);
+    if let Some(u) = &state.upstreams {
+        crate::proxy::render_metrics(u, &mut out);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -152,6 +152,50 @@ struct ServeArgs {
     /// drain (`--drain-timeout-ms`) starts after it.
     #[arg(long, default_value_t = 0, env = "TOKENOMY_SHUTDOWN_DELAY_MS")]
     shutdown_delay_ms: u64,
+    /// Remote OpenAI-compatible providers, from a TOML file of `[[upstream]]` tables (name,
+    /// base_url, api_key_env, models, cost_micros_per_mtok, timeouts; `policy` at the top):
+    /// models the local engine does not serve are served through them, charged and proven the
+    /// same way.
+    #[arg(long, env = "TOKENOMY_UPSTREAMS")]
+    upstreams: Option<PathBuf>,
+    /// An upstream as NAME=URL (`pool=http://10.0.0.2:8080/v1`): every model it lists, its key
+    /// from TOKENOMY_UPSTREAM_<NAME>_KEY; repeat for several.
+    #[arg(long = "upstream", value_name = "NAME=URL")]
+    upstream: Vec<String>,
+}
+
+/// The upstreams of `--upstreams` and `--upstream`, with the models they list asked for once
+/// now (a failure is logged, and asked again every minute, as the lists may change).
+async fn upstreams(args: &ServeArgs) -> Result<Option<Arc<tokenomy_upstream::Upstreams>>> {
+    let mut config = match &args.upstreams {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            tokenomy_upstream::UpstreamsConfig::parse(&text).map_err(anyhow::Error::msg)?
+        }
+        None => tokenomy_upstream::UpstreamsConfig::default(),
+    };
+    for spec in &args.upstream {
+        config.upstream.push(tokenomy_upstream::UpstreamsConfig::quick(spec).map_err(anyhow::Error::msg)?);
+    }
+    if config.upstream.is_empty() {
+        return Ok(None);
+    }
+    let u = Arc::new(tokenomy_upstream::Upstreams::new(&config, |var| std::env::var(var).ok()).map_err(anyhow::Error::msg)?);
+    for e in u.discover().await {
+        tracing::warn!(error = %e, "an upstream's models could not be listed; asking again in a minute");
+    }
+    let models = u.models();
+    tracing::info!(upstreams = u.upstreams().len(), models = ?models.iter().map(|(m, _)| m).collect::<Vec<_>>(), "upstreams");
+    let again = u.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            for e in again.discover().await {
+                tracing::debug!(error = %e, "listing an upstream's models");
+            }
+        }
+    });
+    Ok(Some(u))
 }
 
 fn write_out(line: std::fmt::Arguments) {
@@ -225,6 +269,7 @@ fn inspect(file: &std::path::Path) -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     // Models are resolved first: a typo must not leave a new data dir (keys, a grant) behind.
     let configs = model_configs(&args)?;
+    let upstreams = upstreams(&args).await?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
     // (Billing::open creates the data dir, readable by its owner only.)
     let billing = open_billing(&args, &data_dir).await?;
@@ -237,10 +282,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(models = ?configs.iter().map(|c| &c.name).collect::<Vec<_>>(), "loading");
-    log_prices(&billing, &configs.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), &data_dir);
+    let upstream_models: Vec<String> = upstreams.as_ref().map(|u| u.models().into_iter().map(|(m, _)| m).collect()).unwrap_or_default();
+    let served: Vec<&str> = configs.iter().map(|c| c.name.as_str()).chain(upstream_models.iter().map(String::as_str)).collect();
+    log_prices(&billing, &served, &data_dir);
     let engine = tokio::task::spawn_blocking(move || Engine::load(&configs)).await?.map_err(anyhow::Error::msg)?;
     let upkeep = billing.spawn_upkeep();
-    let state = AppState::new(Arc::new(engine), ApiConfig { body_bytes_max: args.body_bytes_max }).with_billing(billing.clone(), args.no_auth);
+    let mut state = AppState::new(Arc::new(engine), ApiConfig { body_bytes_max: args.body_bytes_max }).with_billing(billing.clone(), args.no_auth);
+    if let Some(u) = upstreams {
+        state = state.with_upstreams(u);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving the OpenAI API at http://{addr}/v1");

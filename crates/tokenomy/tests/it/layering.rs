@@ -1,6 +1,6 @@
 //! Architecture rules, checked from `cargo metadata`: only the HTTP crate knows axum; the
-//! engine, ledger, receipts and core crates pull in no HTTP or network client; nothing
-//! depends on the binary crate.
+//! engine, ledger, receipts and core crates pull in no HTTP or network client; the upstream
+//! crate knows no other tokenomy crate; nothing depends on the binary crate.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -45,6 +45,11 @@ fn crates_respect_their_boundaries() {
             assert!(bad.is_empty(), "{krate} must do no network I/O but depends on {bad:?}");
         }
         assert!(!list.iter().any(|d| d == "tokenomy"), "{krate} depends on the binary crate");
+        if krate == "tokenomy-upstream" {
+            // It fetches tokens; what they cost and who pays is the HTTP crate's business.
+            let bad: Vec<&String> = list.iter().filter(|d| d.starts_with("tokenomy-")).collect();
+            assert!(bad.is_empty(), "tokenomy-upstream must know no other tokenomy crate, but depends on {bad:?}");
+        }
     }
-    assert!(deps.contains_key("tokenomy-api") && deps.contains_key("tokenomy-engine"));
+    assert!(deps.contains_key("tokenomy-api") && deps.contains_key("tokenomy-engine") && deps.contains_key("tokenomy-upstream"));
 }

@@ -9,6 +9,7 @@ mod admin_cli;
 mod bench;
 mod crash;
 mod layering;
+mod upstream;
 
 use serde_json::{json, Value};
 
@@ -32,9 +33,9 @@ pub fn model(file: &str) -> PathBuf {
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
-const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

@@ -1,0 +1,326 @@
+//! Chat completions served by an upstream (`tokenomy-upstream`): held, forwarded, metered on
+//! the usage the upstream reports, settled with a receipt, as a local answer is.
+//!
+//! The request is forwarded as the client sent it (after the same validation as a local one),
+//! with the model renamed to the upstream's and, when the client set no limit, `max_tokens`
+//! set to [`COMPLETION_TOKENS_DEFAULT`], so that the hold bounds what the upstream may
+//! produce. The prompt is held at one token per byte of the body, an upper bound for any
+//! tokenizer that covers at least a byte per token; the settlement charges what the upstream
+//! counted.
+//!
+//! Architecture Invariant: a proxied stream is read to its end by a task of its own, so the
+//! upstream's usage (its last chunk, asked for with `stream_options.include_usage`) is read and
+//! charged even when the client has left.
+
+use std::time::Instant;
+
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokenomy_billing::ReceiptRef;
+use tokenomy_core::Usage;
+use tokenomy_upstream::{usage_of, ChunkStream, Route, UpstreamError, UpstreamUsage};
+use tokio::sync::mpsc;
+
+use crate::routes::{begin_charge, billed_headers, receipt_of, sse, Charge, Gate};
+use crate::{AppError, AppState};
+
+/// `max_tokens` for a proxied request that names no limit.
+pub const COMPLETION_TOKENS_DEFAULT: u64 = 4096;
+
+/// Chunks a proxied stream may have waiting for a slow client.
+const STREAM_CHUNKS_QUEUED_MAX: usize = 64;
+
+/// Whether `model` goes to an upstream: no local model has that name and an upstream serves it.
+pub(crate) fn serves(state: &AppState, model: &str) -> bool {
+    state.upstreams.as_ref().is_some_and(|u| u.serves(model)) && !state.backend.models().iter().any(|m| m.name == model)
+}
+
+/// What one proxied request needs past its gate.
+struct Proxied {
+    model: String,
+    request_id: String,
+    body: Value,
+    stream: bool,
+    include_usage: bool,
+    charge: Option<Charge>,
+}
+
+pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<Response, AppError> {
+    let mut body: Value = serde_json::from_slice(&raw).map_err(|e| AppError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let limit = ["max_completion_tokens", "max_tokens"].iter().find_map(|k| body.get(*k).and_then(Value::as_u64));
+    let completion_tokens_max = match limit {
+        Some(m) => m,
+        None => {
+            body["max_tokens"] = json!(COMPLETION_TOKENS_DEFAULT);
+            COMPLETION_TOKENS_DEFAULT
+        }
+    };
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let prompt_tokens_max = raw.len() as u64;
+    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_tokens_max, completion_tokens_max.saturating_mul(n), g.idempotency_key.clone(), request_sha256).await?;
+    let p = Proxied { model, request_id, body, stream, include_usage, charge };
+    let routes = state.upstreams.as_ref().map(|u| u.routes(&p.model)).unwrap_or_default();
+    let mut last = None;
+    for route in routes {
+        let mut forwarded = p.body.clone();
+        forwarded["model"] = json!(route.upstream_model);
+        let started = Instant::now();
+        route.upstream.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let answer = match p.stream {
+            true => route.upstream.provider.chat_stream(&forwarded).await.map(Answer::Stream),
+            false => route.upstream.provider.chat(&forwarded).await.map(Answer::Whole),
+        };
+        match answer {
+            Ok(a) => {
+                route.upstream.observe_ttfb(started.elapsed().as_millis() as u64);
+                return Ok(deliver(state, g, p, route, a).await);
+            }
+            Err(e) => {
+                let retry = e.retryable();
+                if retry {
+                    route.upstream.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(request_id = %p.request_id, upstream = route.upstream.name(), error = %e, "upstream failed");
+                }
+                last = Some(e);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    void(state, p.charge).await;
+    Err(last.map_or_else(|| AppError::internal(format!("no upstream serves {}", p.model)), refused))
+}
+
+enum Answer {
+    Whole(Value),
+    Stream(ChunkStream),
+}
+
+async fn deliver(state: &AppState, g: &Gate, p: Proxied, route: Route, answer: Answer) -> Response {
+    let upstream = route.upstream.name().to_string();
+    let resp = match answer {
+        Answer::Whole(v) => whole(state, p, &route, v).await,
+        Answer::Stream(chunks) => streamed(state, p, route, chunks),
+    };
+    let (mut resp, request_id, receipt_id) = resp;
+    if let Ok(v) = HeaderValue::from_str(&upstream) {
+        resp.headers_mut().insert("tokenomy-upstream", v);
+    }
+    billed_headers(resp, &request_id, receipt_id.as_deref(), &g.allowance_now(state).await)
+}
+
+/// A whole answer: settled before it is sent, with its receipt in the body.
+async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Response, String, Option<String>) {
+    let texts = choice_texts(&v);
+    let usage = usage_of(&v);
+    let (receipt, pending) = settle(state, p.charge, &p.request_id, &p.model, route, usage, &texts).await;
+    v["id"] = json!(format!("chatcmpl-{}", p.request_id));
+    v["model"] = json!(p.model);
+    let receipt = receipt_of(receipt.as_ref(), pending.as_ref());
+    if let Some((r, _)) = &receipt {
+        v["receipt"] = r.clone();
+    }
+    (Json(v).into_response(), p.request_id, receipt.map(|(_, id)| id))
+}
+
+/// A stream: a task reads the upstream to its end (whether or not the client stays), renames
+/// each chunk, and settles on the usage of the last one, which it sends (if the client asked
+/// for usage) with the receipt.
+fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream) -> (Response, String, Option<String>) {
+    let (tx, rx) = mpsc::channel::<Value>(STREAM_CHUNKS_QUEUED_MAX);
+    let receipt_id = p.charge.as_ref().map(|c| c.hold.receipt_id.clone());
+    let request_id = p.request_id.clone();
+    let st = state.clone();
+    state.tasks.spawn(async move {
+        let id = format!("chatcmpl-{}", p.request_id);
+        let (mut client, mut texts, mut usage, mut last_chunk, mut failed) = (Some(tx), Vec::<String>::new(), None, None, None);
+        while let Some(item) = chunks.next().await {
+            let mut chunk = match item {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            chunk["id"] = json!(id);
+            chunk["model"] = json!(p.model);
+            if let Some(u) = usage_of(&chunk) {
+                usage = Some(u);
+                chunk.as_object_mut().map(|o| o.remove("usage"));
+                last_chunk = Some(chunk.clone());
+                if chunk["choices"].as_array().is_none_or(Vec::is_empty) {
+                    continue;
+                }
+            }
+            collect_deltas(&chunk, &mut texts);
+            if let Some(t) = &client {
+                if t.send(chunk).await.is_err() {
+                    client = None; // The client left; the upstream is read on, for its usage.
+                }
+            }
+        }
+        if failed.is_none() && usage.is_none() {
+            failed = Some(UpstreamError::Protocol { upstream: route.upstream.name().into(), detail: "the stream ended without its usage".into() });
+        }
+        let (receipt, pending) = settle(&st, p.charge, &p.request_id, &p.model, &route, usage, &texts).await;
+        let Some(t) = client else { return };
+        if let Some(e) = failed.filter(|_| receipt.is_none() && pending.is_none()) {
+            let _ = t.send(json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "upstream_error"}})).await;
+            return;
+        }
+        if p.include_usage {
+            let mut last = last_chunk.unwrap_or_else(|| json!({"id": id, "object": "chat.completion.chunk", "model": p.model}));
+            last["choices"] = json!([]);
+            last["usage"] = usage_json(usage.unwrap_or_default());
+            if let Some((r, _)) = receipt_of(receipt.as_ref(), pending.as_ref()) {
+                last["receipt"] = r;
+            }
+            let _ = t.send(last).await;
+        }
+    });
+    let resp = sse(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response();
+    (resp, request_id, receipt_id)
+}
+
+fn usage_json(u: UpstreamUsage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+    })
+}
+
+/// Each choice's content, by index, from a whole answer.
+fn choice_texts(v: &Value) -> Vec<String> {
+    let mut texts = Vec::new();
+    for c in v["choices"].as_array().into_iter().flatten() {
+        let i = c["index"].as_u64().unwrap_or(texts.len() as u64) as usize;
+        if i >= texts.len() {
+            texts.resize(i.min(1024) + 1, String::new());
+        }
+        if let (Some(t), Some(s)) = (texts.get_mut(i), c.pointer("/message/content").and_then(Value::as_str)) {
+            t.push_str(s);
+        }
+    }
+    texts
+}
+
+/// Appends a stream chunk's content deltas to each choice's text.
+fn collect_deltas(chunk: &Value, texts: &mut Vec<String>) {
+    for c in chunk["choices"].as_array().into_iter().flatten() {
+        let i = c["index"].as_u64().unwrap_or(0) as usize;
+        if i >= texts.len() {
+            texts.resize(i.min(1024) + 1, String::new());
+        }
+        if let (Some(t), Some(s)) = (texts.get_mut(i), c.pointer("/delta/content").and_then(Value::as_str)) {
+            t.push_str(s);
+        }
+    }
+}
+
+/// Settles the hold on the upstream's usage; without usage nothing can be charged exactly,
+/// so the hold is voided and the node's operator is told (a log line at error level).
+async fn settle(
+    state: &AppState,
+    charge: Option<Charge>,
+    request_id: &str,
+    model: &str,
+    route: &Route,
+    usage: Option<UpstreamUsage>,
+    texts: &[String],
+) -> (Option<ReceiptRef>, Option<String>) {
+    let account = charge.as_ref().map(|c| c.principal.account);
+    let Some(u) = usage else {
+        tracing::error!(request_id, upstream = route.upstream.name(), "the upstream reported no usage: nothing charged");
+        void(state, charge).await;
+        return (None, None);
+    };
+    let usage = Usage { prompt_tokens: u.prompt_tokens, cached_tokens: u.cached_tokens.min(u.prompt_tokens), completion_tokens: u.completion_tokens, reasoning_tokens: u.reasoning_tokens.min(u.completion_tokens) };
+    let (receipt, pending) = match (charge, &state.billing) {
+        (Some(c), Some(billing)) => {
+            let served = tokenomy_billing::Served {
+                usage,
+                model_sha256: upstream_model_sha256(route),
+                request_sha256: c.request_sha256,
+                output_sha256: Sha256::digest(serde_json::to_vec(texts).unwrap_or_default()).into(),
+            };
+            match billing.settle(c.hold, served).await {
+                Ok(r) => (r, None),
+                Err(tokenomy_billing::BillingError::SettlementDeferred { receipt_id, .. }) => (None, Some(receipt_id)),
+                Err(e) => {
+                    tracing::error!(request_id, error = %e, "settling a proxied charge");
+                    (None, None)
+                }
+            }
+        }
+        _ => (None, None),
+    };
+    state.meter.record_usage(request_id, model, &usage, account, receipt.as_ref(), false);
+    (receipt, pending)
+}
+
+/// What a proxied receipt names as the model's hash: SHA-256 of `upstream NAME MODEL` (there
+/// is no file here to hash; the name says who produced the tokens).
+pub(crate) fn upstream_model_sha256(route: &Route) -> [u8; 32] {
+    Sha256::digest(format!("upstream {} {}", route.upstream.name(), route.upstream_model)).into()
+}
+
+async fn void(state: &AppState, charge: Option<Charge>) {
+    if let (Some(c), Some(billing)) = (charge, &state.billing) {
+        if let Err(e) = billing.void(c.hold).await {
+            tracing::error!(error = %e, "voiding the hold of a proxied request");
+        }
+    }
+}
+
+/// An upstream's refusal as this node's answer: a refusal of the request itself (4xx but 429)
+/// is passed on in the upstream's words; anything else is a 502 (or a 504 for a timeout),
+/// since the fault is not the client's.
+fn refused(e: UpstreamError) -> AppError {
+    let mut out = match &e {
+        UpstreamError::Status { status, message, body, .. } if (400..500).contains(status) && *status != 429 && *status != 401 && *status != 403 => {
+            let param = body.as_ref().and_then(|b| b.pointer("/error/param")).and_then(Value::as_str).map(str::to_string);
+            let mut a = AppError::invalid(message.clone(), param.as_deref());
+            a.status = axum::http::StatusCode::from_u16(*status).unwrap_or(axum::http::StatusCode::BAD_REQUEST);
+            return a;
+        }
+        UpstreamError::Timeout { .. } => AppError::internal(e.to_string()),
+        _ => AppError::internal(e.to_string()),
+    };
+    out.status = match e {
+        UpstreamError::Timeout { .. } => axum::http::StatusCode::GATEWAY_TIMEOUT,
+        _ => axum::http::StatusCode::BAD_GATEWAY,
+    };
+    out.code = Some("upstream_error");
+    out
+}
+
+/// Each upstream's requests, failures and smoothed time to first byte, for `/metrics`.
+pub(crate) fn render_metrics(u: &tokenomy_upstream::Upstreams, out: &mut String) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let series: [(&str, &str, &str, fn(&tokenomy_upstream::Upstream) -> u64); 3] = [
+        ("tokenomy_upstream_requests_total", "counter", "Requests sent to each upstream (each try of a failover counts)", |u| u.requests.load(Relaxed)),
+        ("tokenomy_upstream_failures_total", "counter", "Requests an upstream failed before answering (unreachable, timed out, 429 or 5xx)", |u| u.failures.load(Relaxed)),
+        ("tokenomy_upstream_ttfb_ms", "gauge", "Smoothed time to an upstream's first byte (0 until measured)", |u| u.ttfb_ms()),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for up in u.upstreams() {
+            let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", up.name(), value(up));
+        }
+    }
+}

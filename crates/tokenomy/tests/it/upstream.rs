@@ -1,0 +1,170 @@
+//! Upstreams: a node serving, through another real tokenomy node, a model it does not load,
+//! charged and proven here on the usage the upstream reports.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::{free_port, model, run, serve_in, tempdir, Node, GEMMA, SMOLLM2};
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+fn post(node: &Node, key: &str, body: &Value) -> reqwest::blocking::Response {
+    client().post(format!("{}/v1/chat/completions", node.base)).bearer_auth(key).json(body).send().unwrap()
+}
+
+fn get(node: &Node, path: &str, key: &str) -> Value {
+    client().get(format!("{}{path}", node.base)).bearer_auth(key).send().unwrap().json().unwrap()
+}
+
+fn balance(node: &Node) -> i64 {
+    get(node, "/v1/me", &node.user_key())["account"]["balance_micros"].as_i64().unwrap()
+}
+
+fn ask(model: &str) -> Value {
+    json!({"model": model, "temperature": 0, "max_tokens": 12, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+}
+
+/// The `data:` payloads of a streamed answer.
+fn stream(node: &Node, body: &Value) -> Vec<Value> {
+    let text = post(node, &node.user_key(), body).text().unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+fn verify(node: &Node, receipt_id: &str) {
+    let dir = tempdir("upstream-verify");
+    let bundle = client().get(format!("{}/v1/receipts/{receipt_id}", node.base)).bearer_auth(node.user_key()).send().unwrap().text().unwrap();
+    let key = client().get(format!("{}/v1/node/key", node.base)).send().unwrap().text().unwrap();
+    std::fs::write(dir.join("r.json"), &bundle).unwrap();
+    std::fs::write(dir.join("node.pub"), key).unwrap();
+    let (ok, out) = run(&["verify", dir.join("r.json").to_str().unwrap(), "--key", dir.join("node.pub").to_str().unwrap()], &[]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
+    let smollm2 = model(SMOLLM2);
+    let b = serve_in(&tempdir("upstream-b"), &["--model", smollm2.to_str().unwrap()], &[]);
+    let gemma = model(GEMMA);
+    let pool = format!("pool={}/v1", b.base);
+    let b_key = b.user_key();
+    let a = serve_in(&tempdir("upstream-a"), &["--model", gemma.to_str().unwrap(), "--upstream", &pool], &[("TOKENOMY_UPSTREAM_POOL_KEY", &b_key)]);
+
+    // The upstream's models are listed beside the local one.
+    let models = get(&a, "/v1/models", "");
+    let ids: Vec<(&str, &str)> = models["data"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap(), m["owned_by"].as_str().unwrap())).collect();
+    assert_eq!(ids, [("gemma3-270m", "tokenomy"), ("smollm2", "pool")], "{models}");
+
+    // A whole answer: the upstream's words and usage, this node's charge and receipt.
+    let direct: Value = post(&b, &b_key, &ask("smollm2")).json().unwrap();
+    let (a0, b0) = (balance(&a), balance(&b));
+    let r = post(&a, &a.user_key(), &ask("smollm2"));
+    assert_eq!((r.status().as_u16(), r.headers()["tokenomy-upstream"].to_str().unwrap()), (200, "pool"));
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"], "{v}");
+    // (The upstream's prefix cache may serve the repeated prompt: cached tokens may differ.)
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(v["usage"][field], direct["usage"][field], "{v}");
+    }
+    assert_eq!(v["model"], "smollm2");
+    let receipt = &v["receipt"];
+    assert_eq!(a0 - balance(&a), receipt["amount_micros"].as_i64().unwrap(), "{v}");
+    assert!(b0 > balance(&b), "the upstream charged this node's key there");
+    let signed = get(&a, &format!("/v1/receipts/{}", receipt["id"].as_str().unwrap()), &a.user_key())["receipt"].clone();
+    assert_eq!((signed["prompt_tokens"].clone(), signed["completion_tokens"].clone()), (v["usage"]["prompt_tokens"].clone(), v["usage"]["completion_tokens"].clone()));
+    assert_eq!(signed["model"], "smollm2");
+    verify(&a, receipt["id"].as_str().unwrap());
+
+    // Streamed: the same words, the usage chunk with the receipt; without include_usage the
+    // usage is not sent, and the answer is charged all the same.
+    let mut body = ask("smollm2");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = stream(&a, &body);
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, direct["choices"][0]["message"]["content"].as_str().unwrap());
+    let last = chunks.last().unwrap();
+    assert_eq!((last["choices"].clone(), last["usage"]["completion_tokens"].clone()), (json!([]), direct["usage"]["completion_tokens"].clone()), "{last}");
+    assert!(chunks.iter().all(|c| c["model"] == "smollm2" && c["id"] == chunks[0]["id"]));
+    verify(&a, last["receipt"]["id"].as_str().unwrap());
+    body["stream_options"] = json!(null);
+    let before = balance(&a);
+    let chunks = stream(&a, &body);
+    assert!(chunks.iter().all(|c| c.get("usage").is_none() && c.get("receipt").is_none()), "{chunks:?}");
+    assert_eq!(before - balance(&a), receipt["amount_micros"].as_i64().unwrap(), "the same answer, the same charge");
+
+    // A client that leaves a proxied stream is charged the whole answer: the node reads the
+    // upstream to its end, for its usage.
+    let before = balance(&a);
+    let mut r = post(&a, &a.user_key(), &body);
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut r, &mut first).unwrap();
+    drop(r);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while balance(&a) == before {
+        assert!(std::time::Instant::now() < deadline, "the stream the client left was not charged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(before - balance(&a), receipt["amount_micros"].as_i64().unwrap());
+
+    // The upstream's refusal of the request is passed on; nothing is charged for it.
+    let before = balance(&a);
+    let mut bad = ask("smollm2");
+    bad["temperature"] = json!(5);
+    let r = post(&a, &a.user_key(), &bad);
+    assert_eq!(r.status().as_u16(), 400);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["param"], "temperature", "{e}");
+    assert_eq!(post(&a, &a.user_key(), &ask("nothing")).status().as_u16(), 404);
+
+    // The upstream gone: a 502 in OpenAI's shape, the hold voided.
+    drop(b);
+    let r = post(&a, &a.user_key(), &ask("smollm2"));
+    assert_eq!(r.status().as_u16(), 502);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["code"], "upstream_error", "{e}");
+    assert_eq!(balance(&a), before);
+    let me = get(&a, "/v1/me", &a.user_key());
+    assert_eq!(me["account"]["pending_micros"], 0, "{me}");
+    let check = get(&a, "/admin/v1/ledger/check", &a.admin_key());
+    assert_eq!(check["ok"], true, "{check}");
+    let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
+    // Six requests went to the upstream; one failed it (the refused one was the client's fault).
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 6"), "{metrics}");
+    assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"pool\"} 1"), "{metrics}");
+}
+
+#[test]
+fn a_failing_upstream_gives_way_to_the_next() {
+    let smollm2 = model(SMOLLM2);
+    let b = serve_in(&tempdir("upstream-live"), &["--model", smollm2.to_str().unwrap()], &[]);
+    let dir = tempdir("upstream-failover");
+    // "dead" is the cheapest, so it is tried first; nothing listens on its port.
+    let file = format!(
+        "policy = \"cheapest\"\n\
+         [[upstream]]\nname = \"dead\"\nbase_url = \"http://127.0.0.1:{}/v1\"\ncost_micros_per_mtok = 1\nconnect_timeout_ms = 2000\nmodels = {{ tiny = \"smollm2\" }}\n\
+         [[upstream]]\nname = \"live\"\nbase_url = \"{}/v1\"\napi_key_env = \"LIVE_KEY\"\ncost_micros_per_mtok = 100\nmodels = {{ tiny = \"smollm2\" }}\n",
+        free_port(),
+        b.base
+    );
+    std::fs::write(dir.join("upstreams.toml"), file).unwrap();
+    let gemma = model(GEMMA);
+    let b_key = b.user_key();
+    let a = serve_in(&tempdir("upstream-front"), &["--model", gemma.to_str().unwrap(), "--upstreams", dir.join("upstreams.toml").to_str().unwrap()], &[("LIVE_KEY", &b_key)]);
+    let r = post(&a, &a.user_key(), &ask("tiny"));
+    assert_eq!((r.status().as_u16(), r.headers()["tokenomy-upstream"].to_str().unwrap()), (200, "live"));
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["model"], "tiny", "answered under the name the client asked for: {v}");
+    assert!(v["choices"][0]["message"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    verify(&a, v["receipt"]["id"].as_str().unwrap());
+    let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
+    assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"dead\"} 1"), "{metrics}");
+
+    // A configuration mistake stops the node at start, saying what is wrong.
+    std::fs::write(dir.join("bad.toml"), "[[upstream]]\nname = \"x\"\nbase_url = \"ftp://x\"\n").unwrap();
+    let (ok, out) = run(&["serve", "--model", gemma.to_str().unwrap(), "--upstreams", dir.join("bad.toml").to_str().unwrap(), "--data-dir", tempdir("upstream-bad").to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("base_url must be an http:// or https:// URL"), "{out}");
+}
