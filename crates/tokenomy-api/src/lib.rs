@@ -17,6 +17,7 @@ pub mod error;
 pub mod openai;
 mod responses;
 mod routes;
+mod server;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -32,6 +33,7 @@ use tokenomy_ledger::AccountId;
 use tokio_util::task::TaskTracker;
 
 pub use error::AppError;
+pub use server::{serve_with_limits, ServeLimits};
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -203,21 +205,13 @@ impl AppState {
 }
 
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then lets in-flight requests
-/// finish (streams included).
+/// finish (streams included); with the default [`ServeLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Streams are many small writes (an SSE event a token): without TCP_NODELAY, Nagle's
-    // algorithm would hold each one back until the client acknowledges the previous one,
-    // which a delayed ACK can stretch to tens of milliseconds on a real network.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    server::serve_with_limits(listener, state, shutdown, ServeLimits::default()).await
 }
 
 pub fn app(state: AppState) -> Router {

@@ -162,6 +162,28 @@ struct ServeArgs {
     /// from TOKENOMY_UPSTREAM_<NAME>_KEY; repeat for several.
     #[arg(long = "upstream", value_name = "NAME=URL")]
     upstream: Vec<String>,
+    /// Open connections at most; past it the node stops accepting until one closes (the
+    /// process's open-file limit is raised to its hard limit at start).
+    #[arg(long, default_value_t = 4096, env = "TOKENOMY_CONNECTIONS_MAX")]
+    connections_max: usize,
+    /// A connection that sends no complete request headers for this long (a silent client,
+    /// an idle keep-alive connection) is closed.
+    #[arg(long, default_value_t = 30_000, env = "TOKENOMY_HEADER_READ_TIMEOUT_MS")]
+    header_read_timeout_ms: u64,
+}
+
+/// Raises the soft open-file limit to the hard one: each connection is a descriptor, and
+/// distributions' default soft limit (1024) is below `--connections-max`.
+fn raise_open_file_limit(connections_max: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if (n as usize) < connections_max + 256 => tracing::warn!(
+            open_files_max = n,
+            connections_max,
+            "the open-file limit is below --connections-max: connections past it will wait (raise `ulimit -n`)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
+    }
 }
 
 /// The upstreams of `--upstreams` and `--upstream`, with the models they list asked for once
@@ -308,7 +330,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let drain_max = Duration::from_millis(args.drain_timeout_ms);
     let delay = Duration::from_millis(args.shutdown_delay_ms);
-    tokenomy_api::serve(listener, state.clone(), shutdown_signal(state.clone(), delay, drain_max)).await?;
+    raise_open_file_limit(args.connections_max);
+    let limits = tokenomy_api::ServeLimits {
+        connections_max: args.connections_max,
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        ..Default::default()
+    };
+    tokenomy_api::serve_with_limits(listener, state.clone(), shutdown_signal(state.clone(), delay, drain_max), limits).await?;
     tracing::info!("shutting down: waiting for in-flight metering");
     if !state.drain(Duration::from_secs(30)).await {
         tracing::warn!("some metering tasks did not finish in time");

@@ -9,6 +9,7 @@ mod admin_cli;
 mod bench;
 mod crash;
 mod layering;
+mod limits;
 mod upstream;
 
 use serde_json::{json, Value};
