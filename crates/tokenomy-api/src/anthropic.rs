@@ -181,6 +181,9 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
             // A model that thinks does so anyway; the budget caps it.
             Some("enabled") => {
                 let budget = t["budget_tokens"].as_i64().ok_or_else(|| invalid("thinking.budget_tokens: a whole number of tokens is required"))?;
+                if !(0..=i64::from(u32::MAX)).contains(&budget) {
+                    return Err(invalid(format!("thinking.budget_tokens must be a whole number of tokens from 0 to {}, got {budget}", u32::MAX)));
+                }
                 chat.insert("thinking_token_budget".into(), json!(budget));
             }
             Some("disabled") => {}

@@ -73,6 +73,7 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
     };
     let model = req.model;
     let inputs = inputs(state, &model, &req.input)?;
+    routes::known_tokens(state, &model, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let charge = routes::begin_charge(state, g.caller.as_ref(), &request_id, &model, routes::prompt_len(&inputs), 0, g.idempotency_key.clone(), body.sha256).await?;
     let account = g.caller.as_ref().map(|p| p.account);

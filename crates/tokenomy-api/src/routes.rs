@@ -484,6 +484,21 @@ fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32, param: &str
     Ok(())
 }
 
+/// Refuses token ids the model does not have (in the prompts, named by `param`, or in
+/// `logit_bias`) before anything is held: such a request leaves no voided hold behind and does
+/// not spend an `Idempotency-Key`'s attempts.
+pub(crate) fn known_tokens(state: &AppState, model: &str, prompts: &[Vec<TokenId>], param: &str, logit_bias: &[(TokenId, f32)]) -> Result<(), AppError> {
+    let Some(vocab) = state.backend.models().into_iter().find(|m| m.name == model).map(|m| m.vocab_size) else { return Ok(()) };
+    let outside = |t: TokenId| u32::try_from(t).map_or(true, |t| t >= vocab);
+    if let Some(bad) = prompts.iter().flatten().copied().find(|&t| outside(t)) {
+        return Err(AppError::invalid_value(param, format!("token id {bad} is outside the vocabulary of `{model}` (0..{vocab})")));
+    }
+    if let Some((bad, _)) = logit_bias.iter().copied().find(|&(t, _)| outside(t)) {
+        return Err(AppError::invalid_value("logit_bias", format!("logit_bias names token id {bad}, outside the vocabulary of `{model}` (0..{vocab})")));
+    }
+    Ok(())
+}
+
 fn with_request_id(mut resp: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -653,9 +668,9 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         },
         format,
     };
-    let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
+    let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), param)?;
     if asked == Some(0) {
-        let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
         return Err(AppError::invalid_value(param, format!("{param} must be at least 1")));
     }
     params.max_tokens = asked.unwrap_or_else(|| ctx.saturating_sub(prompt.len() as u32));
@@ -675,6 +690,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let prompt_tokens = prompt.len() as u32;
     let prompts = [prompt];
     fits_context(ctx, &prompts, params.max_tokens, "messages")?;
+    known_tokens(state, &model, &prompts, "messages", &params.logit_bias)?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
@@ -1144,6 +1160,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }
     fits_context(ctx, &prompts, params.max_tokens, "prompt")?;
+    known_tokens(state, &model, &prompts, "prompt", &params.logit_bias)?;
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);

@@ -59,7 +59,7 @@ pub enum BillingError {
     InvalidParam(&'static str, String),
     #[error("{0}")]
     Conflict(String),
-    #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits, or lower max_tokens (a request without it holds the rest of the model's context).")]
+    #[error("Insufficient credits: this request may cost up to {needed_micros} micro-credits and the account is short by {shortfall_micros}. Add credits, or ask for less (a lower max_tokens: a chat request without it holds the rest of the model's context).")]
     InsufficientQuota { needed_micros: i64, shortfall_micros: i64 },
     /// Asked of a node that cannot answer it (a receipt another node of the ledger issued).
     #[error("{0}")]

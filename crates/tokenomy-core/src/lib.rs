@@ -266,6 +266,8 @@ pub struct ModelInfo {
     /// The model file's sha256 (hex); `None` while it is still being hashed after load.
     pub sha256: Option<String>,
     pub has_chat_template: bool,
+    /// Token ids run from 0 to `vocab_size - 1`.
+    pub vocab_size: u32,
 }
 
 /// A chat message handed to a chat template. Content is plain text; the API layer flattens

@@ -392,6 +392,30 @@ async fn every_prompt_of_a_list_is_billed_once() {
     n.check().await;
 }
 
+#[tokio::test]
+async fn token_ids_the_model_lacks_are_refused_before_anything_is_held() {
+    let n = node(None, "unused", &[]).await;
+    let (acc, key) = n.funded("vocab", 1_000_000).await;
+    let cases = [
+        ("/v1/completions", json!({"model": MODEL, "prompt": [1, 99_999_999], "max_tokens": 4}), "prompt"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "Hi", "max_tokens": 4, "logit_bias": {"99999999": 1}}), "logit_bias"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logit_bias": {"49152": 1}}), "logit_bias"),
+        ("/v1/embeddings", json!({"model": MODEL, "input": [[5, 49_152]]}), "input"),
+    ];
+    for (uri, body, param) in cases {
+        // The same key ten times: a request no credit could make valid does not spend its attempts.
+        for _ in 0..10 {
+            let auth = format!("Bearer {key}");
+            let r = request(&n.state, "POST", uri, Some(&body.to_string()), &[("authorization", &auth), ("idempotency-key", "vocab-1")]).await;
+            let e = assert_error(&r, StatusCode::BAD_REQUEST);
+            assert_eq!((e["param"].as_str(), e["code"].as_str()), (Some(param), Some("invalid_value")), "{uri}: {e}");
+            assert!(e["message"].as_str().unwrap().contains("outside the vocabulary"), "{e}");
+        }
+    }
+    assert_eq!(n.statement(&acc).await.len(), 1, "only the funding mint: no hold was placed");
+    assert_eq!(n.balance(&acc).await, (1_000_000, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_request_with_the_same_idempotency_key_is_charged_once() {
     for pg in stores() {
