@@ -110,10 +110,13 @@ def test_a_user_sees_the_balance_streams_tokens_and_verifies_the_receipt(node, b
               for row in d.find_elements(By.CSS_SELECTOR, "#receipt-fields tr")}
     assert fields["receipt_id"] == receipt_id and fields["prompt_tokens"] == str(r["prompt_tokens"])
 
-    # The ledger tab shows the new balance and the charge, with a receipt that verifies.
+    # The ledger tab shows the new balance and the charge, with a receipt that verifies, and
+    # what the same tokens would have cost at the reference list price.
     d.find_element(By.CSS_SELECTOR, "nav button[data-tab=account]").click()
     after = api(node, "/v1/me", node.key)
     wait(d, lambda d: text(d, "balance") == credits(after["account"]["balance_micros"]))
+    ref = after["usage"]["reference"]
+    assert text(d, "saved") == credits(ref["saved_micros"]) and ref["name"] in text(d, "saved-label")
     row = d.find_element(By.CSS_SELECTOR, f"#transfers button[data-receipt='{receipt_id}']")
     assert credits(r["amount_micros"]) in row.find_element(By.XPATH, "./ancestor::tr").text
     row.click()

@@ -123,6 +123,13 @@ function showAccount(me) {
   $("available").textContent = credits(a.available_micros);
   $("usage-charged").textContent = credits(me.usage.charged_micros);
   $("usage-detail").textContent = `${me.usage.requests} requests, ${me.usage.prompt_tokens} prompt + ${me.usage.completion_tokens} completion tokens since ${me.usage.since}`;
+  const ref = me.usage.reference;
+  $("saved-card").hidden = !ref;
+  if (ref) {
+    $("saved-label").textContent = `Saved against ${ref.name}`;
+    $("saved").textContent = credits(ref.saved_micros);
+    $("saved-detail").textContent = `the same tokens at ${ref.name}'s list price: ${credits(ref.cost_micros)} credits`;
+  }
   $("account-name").textContent = a.name;
   $("account-id").textContent = a.id;
   $("key-id").textContent = me.key_id;

@@ -60,6 +60,10 @@ pub struct Meter {
     accounts: Mutex<HashMap<AccountId, AccountUsage>>,
     /// Responses by route template and status code, refusals (402, 429, 503) included.
     responses: Mutex<std::collections::BTreeMap<(String, u16), u64>>,
+    /// The closed API whose list price the usage is compared with (`[reference]`), if any.
+    reference: std::sync::OnceLock<(String, tokenomy_ledger::Price)>,
+    /// What the metered usage would have cost at that price.
+    pub reference_micros: AtomicU64,
 }
 
 /// Accounts whose usage totals are kept in memory at most.
@@ -67,6 +71,7 @@ pub const METERED_ACCOUNTS_MAX: usize = 100_000;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct AccountUsage {
+    reference_micros: u64,
     requests: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -87,6 +92,8 @@ impl Meter {
         let completion = usage.completion_tokens;
         let charged = receipt.map_or(0, |r| r.amount_micros.max(0) as u64);
         self.charged_micros.fetch_add(charged, Relaxed);
+        let reference = self.reference_cost(usage);
+        self.reference_micros.fetch_add(reference, Relaxed);
         if let Some(a) = account {
             let mut m = self.accounts.lock().expect("meter lock");
             if m.len() < METERED_ACCOUNTS_MAX || m.contains_key(&a) {
@@ -95,6 +102,7 @@ impl Meter {
                 u.prompt_tokens += u64::from(usage.prompt_tokens);
                 u.completion_tokens += u64::from(completion);
                 u.charged_micros += charged;
+                u.reference_micros += reference;
             }
         }
         self.requests.fetch_add(1, Relaxed);
@@ -107,11 +115,25 @@ impl Meter {
         tracing::info!(request_id, model, prompt_tokens = usage.prompt_tokens, cached_tokens = usage.cached_tokens, completion_tokens = completion, cancelled, "metered");
     }
 
+    /// What `usage` would cost at the reference list price (0 without one).
+    fn reference_cost(&self, usage: &Usage) -> u64 {
+        let Some((_, price)) = self.reference.get() else { return 0 };
+        let u = tokenomy_ledger::Usage::from_openai(usage.prompt_tokens.into(), usage.cached_tokens.into(), usage.completion_tokens.into(), usage.reasoning_tokens.into());
+        tokenomy_ledger::cost_micros(u, *price).map_or(0, |c| c.max(0) as u64)
+    }
+
     fn account_json(&self, account: AccountId) -> serde_json::Value {
         let u = self.accounts.lock().expect("meter lock").get(&account).copied().unwrap_or_default();
+        let reference = self.reference.get().map(|(name, _)| {
+            serde_json::json!({
+                "name": name, "cost_micros": u.reference_micros,
+                "saved_micros": i64::try_from(u.reference_micros).unwrap_or(i64::MAX).saturating_sub(i64::try_from(u.charged_micros).unwrap_or(i64::MAX)),
+            })
+        });
         serde_json::json!({
             "since": "node start", "requests": u.requests, "prompt_tokens": u.prompt_tokens,
             "completion_tokens": u.completion_tokens, "charged_micros": u.charged_micros,
+            "reference": reference,
         })
     }
 
@@ -136,6 +158,14 @@ impl Meter {
             ("tokenomy_charged_micros_total", &self.charged_micros, "Micro-credits posted for usage"),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        }
+        if let Some((reference, _)) = self.reference.get() {
+            let name = "tokenomy_reference_cost_micros_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} What the metered usage would have cost at the reference list price\n# TYPE {name} counter\n{name}{{reference=\"{reference}\"}} {}",
+                self.reference_micros.load(Relaxed)
+            );
         }
     }
 }
@@ -183,6 +213,9 @@ impl AppState {
 
     /// A node that authenticates every request and charges it to the caller's account.
     pub fn with_billing(self, billing: Arc<Billing>, no_auth: bool) -> AppState {
+        if let Some(r) = &billing.config().reference {
+            let _ = self.meter.reference.set((r.name.clone(), r.price()));
+        }
         AppState { billing: Some(billing), no_auth, ..self }
     }
 

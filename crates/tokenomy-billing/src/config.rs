@@ -51,11 +51,35 @@ fn default_ledger_timeout_ms() -> u64 {
     tokenomy_ledger::any::PG_OPERATION_TIMEOUT_MS
 }
 
+/// A closed API's list price, to show what the tokens served here would have cost there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferencePrice {
+    /// The closed model it prices, as people know it (`gpt-4o-mini`).
+    pub name: String,
+    pub input_micros_per_mtok: i64,
+    pub cached_input_micros_per_mtok: i64,
+    pub output_micros_per_mtok: i64,
+}
+
+impl ReferencePrice {
+    pub fn price(&self) -> Price {
+        Price {
+            input_micros_per_mtok: self.input_micros_per_mtok,
+            cached_input_micros_per_mtok: self.cached_input_micros_per_mtok,
+            output_micros_per_mtok: self.output_micros_per_mtok,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub billing: BillingSettings,
     pub prices: Prices,
+    /// Added after the first release: files written before it lack it (and show no savings).
+    #[serde(default)]
+    pub reference: Option<ReferencePrice>,
 }
 
 impl NodeConfig {
@@ -110,6 +134,12 @@ impl NodeConfig {
             }
 
         }
+        if let Some(r) = &self.reference {
+            let p = [r.input_micros_per_mtok, r.cached_input_micros_per_mtok, r.output_micros_per_mtok];
+            if r.name.trim().is_empty() || p.iter().any(|x| *x < 0) {
+                return Err("reference: a name and prices >= 0".into());
+            }
+        }
         let b = &self.billing;
         if !(1_000..=tokenomy_ledger::MAX_TIMEOUT_MS).contains(&b.hold_timeout_ms) {
             return Err(format!("hold_timeout_ms must be in 1000..={}", tokenomy_ledger::MAX_TIMEOUT_MS));
@@ -148,6 +178,11 @@ mod tests {
         let p = c.price("some-unlisted-model");
         assert!(p.input_micros_per_mtok > 0 && p.output_micros_per_mtok > 0);
         assert_eq!(c.price("smollm2").output_micros_per_mtok, 200_000);
+        let r = c.reference.expect("the shipped file names a reference price");
+        assert_eq!((r.name.as_str(), r.output_micros_per_mtok), ("gpt-4o-mini", 600_000));
+        // A file written before the section existed still parses, with no reference.
+        let old = DEFAULT_CONFIG_TOML.split("\n[reference]").next().unwrap();
+        assert_eq!(NodeConfig::parse(old, []).unwrap().reference, None);
     }
 
     #[test]

@@ -393,6 +393,27 @@ async fn every_prompt_of_a_list_is_billed_once() {
 }
 
 #[tokio::test]
+async fn me_shows_what_the_usage_would_have_cost_at_the_reference_list_price() {
+    let n = node(None, "unused", &[]).await;
+    let (_, key) = n.funded("saver", 10_000_000).await;
+    let mut charged = 0;
+    let mut reference = 0;
+    for _ in 0..2 {
+        let v = n.call("POST", "/v1/chat/completions", Some(chat(8)), &key).await.json();
+        let u = &v["usage"];
+        let (p, c, k) = (u["prompt_tokens"].as_i64().unwrap(), u["prompt_tokens_details"]["cached_tokens"].as_i64().unwrap(), u["completion_tokens"].as_i64().unwrap());
+        // gpt-4o-mini's list price, as the shipped tokenomy.toml has it, rounded up per request.
+        reference += ((p - c) * 150_000 + c * 75_000 + k * 600_000 + 999_999) / 1_000_000;
+        charged += v["receipt"]["amount_micros"].as_i64().unwrap();
+    }
+    let me = n.call("GET", "/v1/me", None, &key).await.json();
+    assert_eq!(me["usage"]["reference"], json!({"name": "gpt-4o-mini", "cost_micros": reference, "saved_micros": reference - charged}), "{me}");
+    assert!(reference > charged, "SmolLM2 is priced below gpt-4o-mini here");
+    let metrics = send(&n.state, "GET", "/metrics", None).await.text;
+    assert!(metrics.contains(&format!("tokenomy_reference_cost_micros_total{{reference=\"gpt-4o-mini\"}} {reference}")), "{metrics}");
+}
+
+#[tokio::test]
 async fn token_ids_the_model_lacks_are_refused_before_anything_is_held() {
     let n = node(None, "unused", &[]).await;
     let (acc, key) = n.funded("vocab", 1_000_000).await;
