@@ -25,7 +25,7 @@ use tokenomy_core::Usage;
 use tokenomy_upstream::{usage_of, ChunkStream, Route, UpstreamError, UpstreamUsage};
 use tokio::sync::mpsc;
 
-use crate::routes::{begin_charge, billed_headers, receipt_of, sse, Charge, Gate};
+use crate::routes::{begin_charge, billed_headers, receipt_of, sse, void_charge, Charge, Gate};
 use crate::{AppError, AppState};
 
 /// `max_tokens` for a proxied request that names no limit.
@@ -34,9 +34,15 @@ pub const COMPLETION_TOKENS_DEFAULT: u64 = 4096;
 /// Chunks a proxied stream may have waiting for a slow client.
 const STREAM_CHUNKS_QUEUED_MAX: usize = 64;
 
-/// Whether `model` goes to an upstream: no local model has that name and an upstream serves it.
-pub(crate) fn serves(state: &AppState, model: &str) -> bool {
-    state.upstreams.as_ref().is_some_and(|u| u.serves(model)) && !state.backend.models().iter().any(|m| m.name == model)
+/// Whether a request for `model` with `n` choices goes to an upstream: one serves it, and
+/// either no local model has that name or the local one's queue is full (it would be refused
+/// with a 429: it overflows to the upstreams instead).
+pub(crate) fn routes_here(state: &AppState, model: &str, n: u32) -> bool {
+    if !state.upstreams.as_ref().is_some_and(|u| u.serves(model)) {
+        return false;
+    }
+    let local = state.backend.models().iter().any(|m| m.name == model);
+    !local || !state.backend.has_room(model, n.max(1) as usize)
 }
 
 /// What one proxied request needs past its gate.
@@ -99,7 +105,7 @@ pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_
             }
         }
     }
-    void(state, p.charge).await;
+    void_charge(state, p.charge).await;
     Err(last.map_or_else(|| AppError::internal(format!("no upstream serves {}", p.model)), refused))
 }
 
@@ -245,7 +251,7 @@ async fn settle(
     let account = charge.as_ref().map(|c| c.principal.account);
     let Some(u) = usage else {
         tracing::error!(request_id, upstream = route.upstream.name(), "the upstream reported no usage: nothing charged");
-        void(state, charge).await;
+        void_charge(state, charge).await;
         return (None, None);
     };
     let usage = Usage { prompt_tokens: u.prompt_tokens, cached_tokens: u.cached_tokens.min(u.prompt_tokens), completion_tokens: u.completion_tokens, reasoning_tokens: u.reasoning_tokens.min(u.completion_tokens) };
@@ -276,14 +282,6 @@ async fn settle(
 /// is no file here to hash; the name says who produced the tokens).
 pub(crate) fn upstream_model_sha256(route: &Route) -> [u8; 32] {
     Sha256::digest(format!("upstream {} {}", route.upstream.name(), route.upstream_model)).into()
-}
-
-async fn void(state: &AppState, charge: Option<Charge>) {
-    if let (Some(c), Some(billing)) = (charge, &state.billing) {
-        if let Err(e) = billing.void(c.hold).await {
-            tracing::error!(error = %e, "voiding the hold of a proxied request");
-        }
-    }
 }
 
 /// An upstream's refusal as this node's answer: a refusal of the request itself (4xx but 429)

@@ -170,9 +170,9 @@ fn start(
     n: u32,
     params: &SamplingParams,
     echo: bool,
-    charge: Option<Charge>,
+    mut charge: Option<Charge>,
     answer_end: &dyn Fn() -> Option<AnswerEnd>,
-) -> Result<Started, AppError> {
+) -> Result<Started, (AppError, Option<Charge>)> {
     let mut requests = Vec::with_capacity(prompts.len() * n as usize);
     for prompt in prompts {
         for j in 0..n {
@@ -182,18 +182,16 @@ fn start(
             requests.push(GenerateRequest { request_id, model, prompt, params: p, echo_logprobs: echo, answer_end });
         }
     }
-    let (mut choices, mut outcomes, mut failure) = (Vec::new(), Vec::new(), None);
-    match state.backend.generate(requests) {
-        Ok(generations) => {
-            for (index, g) in (0u32..).zip(generations) {
-                choices.push(Choice { index, events: g.events });
-                outcomes.push(g.outcome);
-            }
-        }
-        Err(e) => failure = Some(AppError::from(e)),
+    let (mut choices, mut outcomes) = (Vec::new(), Vec::new());
+    // Refused (a full queue, a bad request): nothing ran, and the caller voids the hold, so
+    // that the request may go elsewhere (an upstream) with a hold of its own.
+    let generations = state.backend.generate(requests).map_err(|e| (AppError::from(e), charge.take()))?;
+    for (index, g) in (0u32..).zip(generations) {
+        choices.push(Choice { index, events: g.events });
+        outcomes.push(g.outcome);
     }
     let (done_tx, done) = oneshot::channel();
-    let (st, rid, m, failed) = (state.clone(), request_id.clone(), model.to_string(), failure.is_some());
+    let (st, rid, m, failed) = (state.clone(), request_id.clone(), model.to_string(), false);
     state.tasks.spawn(async move {
         let mut all = Vec::with_capacity(outcomes.len());
         for o in outcomes {
@@ -216,9 +214,15 @@ fn start(
         st.meter.record(&rid, &m, &all, &usage, account, receipt.as_ref());
         let _ = done_tx.send(Done { outcomes: all, usage, receipt, receipt_pending });
     });
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(Started { request_id, model: model.to_string(), choices, done }),
+    Ok(Started { request_id, model: model.to_string(), choices, done })
+}
+
+/// Voids the hold of a request that did not run.
+pub(crate) async fn void_charge(state: &AppState, charge: Option<Charge>) {
+    if let (Some(c), Some(billing)) = (charge, &state.billing) {
+        if let Err(e) = billing.void(c.hold).await {
+            tracing::error!(error = %e, "voiding the hold of a refused request");
+        }
     }
 }
 
@@ -526,10 +530,17 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
 }
 
 async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
-    if crate::proxy::serves(state, &body.value.common.model) {
+    if crate::proxy::routes_here(state, &body.value.common.model, body.value.common.n.unwrap_or(1)) {
         return crate::proxy::chat(state, g, body.raw, body.sha256).await;
     }
-    let run = chat_run(state, g, body).await?;
+    let (model, raw, sha256) = (body.value.common.model.clone(), body.raw.clone(), body.sha256);
+    let run = match chat_run(state, g, body).await {
+        // The local queue filled up meanwhile: an upstream serving the model takes it.
+        Err(e) if e.code == Some("overloaded") && state.upstreams.as_ref().is_some_and(|u| u.serves(&model)) => {
+            return crate::proxy::chat(state, g, raw, sha256).await;
+        }
+        r => r?,
+    };
     let ChatRun { started, post, id, receipt_id, stream, include_usage, .. } = run;
     let rid = started.request_id.clone();
     if stream {
@@ -694,7 +705,13 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
-    let started = start(state, request_id, &model, &prompts, n, &params, false, charge, &|| post.answer_end())?;
+    let started = match start(state, request_id, &model, &prompts, n, &params, false, charge, &|| post.answer_end()) {
+        Ok(s) => s,
+        Err((e, charge)) => {
+            void_charge(state, charge).await;
+            return Err(e);
+        }
+    };
     let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let id = format!("chatcmpl-{}", started.request_id);
     Ok(ChatRun { started, post, id, receipt_id, stream: req.common.stream, include_usage, prompt_tokens })
@@ -1166,7 +1183,13 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
-    let started = start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge, &|| None)?;
+    let started = match start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge, &|| None) {
+        Ok(s) => s,
+        Err((e, charge)) => {
+            void_charge(state, charge).await;
+            return Err(e);
+        }
+    };
     let echo_texts: Vec<String> = if req.echo {
         prompts.iter().map(|p| state.backend.detokenize(&model, p)).collect::<Result<_, _>>()?
     } else {

@@ -360,6 +360,13 @@ pub trait Backend: Send + Sync + 'static {
         let _ = inputs;
         Err(BackendError::InvalidParam("model", format!("`{model}` serves no embeddings")))
     }
+    /// Whether `model` would take `wanted` more generations now (its queue has the places), so
+    /// that a router may send a request elsewhere rather than have it refused. Racy by nature:
+    /// a request that found room may still be refused.
+    fn has_room(&self, model: &str, wanted: usize) -> bool {
+        let _ = (model, wanted);
+        true
+    }
     /// Ends every generation, waiting or running, as `Cancelled` (each still delivers its
     /// outcome with the usage of what was processed, so it is metered and charged), and refuses
     /// new ones: for a shutdown that can wait no longer for answers to finish.

@@ -495,6 +495,10 @@ impl Backend for Engine {
         Ok(generations)
     }
 
+    fn has_room(&self, model: &str, wanted: usize) -> bool {
+        self.get(model).is_ok_and(|m| !m.queued.cancelling() && m.queued.len() + wanted <= m.limits.queue_max + m.limits.slots)
+    }
+
     fn cancel_all(&self) {
         for m in &self.models {
             m.queued.cancelling.store(true, Ordering::SeqCst);

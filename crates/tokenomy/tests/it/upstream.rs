@@ -1,5 +1,5 @@
-//! Upstreams: a node serving, through another real tokenomy node, a model it does not load,
-//! charged and proven here on the usage the upstream reports.
+//! Upstreams: a node serving, through another real tokenomy node, a model it does not load
+//! (or one whose local queue is full), charged and proven here on the usage the upstream reports.
 
 use std::time::Duration;
 
@@ -167,4 +167,39 @@ fn a_failing_upstream_gives_way_to_the_next() {
     std::fs::write(dir.join("bad.toml"), "[[upstream]]\nname = \"x\"\nbase_url = \"ftp://x\"\n").unwrap();
     let (ok, out) = run(&["serve", "--model", gemma.to_str().unwrap(), "--upstreams", dir.join("bad.toml").to_str().unwrap(), "--data-dir", tempdir("upstream-bad").to_str().unwrap()], &[]);
     assert!(!ok && out.contains("base_url must be an http:// or https:// URL"), "{out}");
+}
+
+#[test]
+fn a_full_local_queue_overflows_to_an_upstream_serving_the_same_model() {
+    let smollm2 = model(SMOLLM2);
+    let b = serve_in(&tempdir("overflow-b"), &["--model", smollm2.to_str().unwrap()], &[]);
+    let pool = format!("pool={}/v1", b.base);
+    let b_key = b.user_key();
+    // Two slots and one queue place: a burst of eight would see five refused with 429.
+    let a = serve_in(&tempdir("overflow-a"), &["--model", smollm2.to_str().unwrap(), "--queue-max", "1", "--upstream", &pool], &[("TOKENOMY_UPSTREAM_POOL_KEY", &b_key)]);
+    let before = balance(&a);
+    let key = a.user_key();
+    let replies: Vec<(u16, Option<String>, i64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (a, key) = (&a, &key);
+                s.spawn(move || {
+                    let mut body = ask("smollm2");
+                    body["max_tokens"] = json!(24);
+                    body["messages"][0]["content"] = json!(format!("Count to {}.", i + 3));
+                    let r = post(a, key, &body);
+                    let (status, upstream) = (r.status().as_u16(), r.headers().get("tokenomy-upstream").map(|v| v.to_str().unwrap().to_string()));
+                    let v: Value = r.json().unwrap();
+                    (status, upstream, v["receipt"]["amount_micros"].as_i64().unwrap_or(0))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(replies.iter().all(|(status, _, _)| *status == 200), "{replies:?}");
+    let overflowed = replies.iter().filter(|(_, u, _)| u.as_deref() == Some("pool")).count();
+    assert!((1..8).contains(&overflowed), "some served here, the rest by the pool: {replies:?}");
+    let charged: i64 = replies.iter().map(|(_, _, amount)| amount).sum();
+    assert_eq!(before - balance(&a), charged, "every answer charged here once, wherever it was served");
+    assert_eq!(get(&a, "/admin/v1/ledger/check", &a.admin_key())["ok"], true);
 }
