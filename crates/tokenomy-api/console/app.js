@@ -7,7 +7,9 @@ import * as v from "/console/verify.js";
 const $ = (id) => document.getElementById(id);
 const state = { key: sessionStorage.getItem("tokenomy.key") || "", me: null, after: null };
 const PIN = "tokenomy.pinnedKey";
-const SEEN = "tokenomy.checkpoint";
+/** The last checkpoint seen from one node key (one per key, so checking another node's
+ * receipt does not forget this one's). */
+const seenKey = (keyText) => `tokenomy.checkpoint.${keyText}`;
 
 // ---- small helpers ---------------------------------------------------------------------------
 
@@ -73,6 +75,8 @@ async function loadNodeKey() {
     $("key-pin").textContent = `(CHANGED: you trusted ${pinned}; receipts are checked against that key)`;
     $("key-pin").className = "bad";
     $("unpin").hidden = false;
+    banner("This node's signing key is not the one you trusted before: its receipts will not verify here. " +
+      "If the operator did not tell you the key changed, do not trust this node's receipts.");
   }
   $("node-key").textContent = current;
   $("verify-key").value = pinned;
@@ -81,7 +85,6 @@ async function loadNodeKey() {
 
 function trustCurrentKey() {
   localStorage.setItem(PIN, $("node-key").textContent);
-  localStorage.removeItem(SEEN);
   location.reload();
 }
 
@@ -232,24 +235,30 @@ function showVerdict(label, result, error, checks) {
 /** Proves that the log only grew since the last checkpoint this browser saw from this key. */
 async function checkLogGrowth(checkpoint, keyText) {
   const out = $("receipt-log");
-  const seenRaw = localStorage.getItem(SEEN);
-  const remember = () => localStorage.setItem(SEEN, JSON.stringify({ key: keyText, note: checkpoint.note }));
+  out.className = "";
+  const seenRaw = localStorage.getItem(seenKey(keyText));
+  const remember = () => localStorage.setItem(seenKey(keyText), checkpoint.note);
   if (!seenRaw) { remember(); out.textContent = `Log checkpoint of size ${checkpoint.size} remembered.`; return; }
   try {
-    const seen = JSON.parse(seenRaw);
-    if (seen.key !== keyText) { remember(); return; }
     const key = await v.parseVerifierKey(keyText);
-    const old = await v.openCheckpoint(seen.note, key);
+    const old = await v.openCheckpoint(seenRaw, key);
     const [a, b] = old.size <= checkpoint.size ? [old, checkpoint] : [checkpoint, old];
     const proof = a.size === b.size || a.size === 0n ? { proof: [] }
       : await api(`/v1/log/consistency?old=${a.size}&new=${b.size}`);
     await v.verifyLogGrowth(a, b, proof.proof);
     if (b === checkpoint) remember();
-    out.textContent = `✓ The log only grew since you last looked (size ${old.size} → ${checkpoint.size}): no receipt was removed or rewritten.`;
+    out.textContent = b === checkpoint
+      ? `✓ The log only grew since you last looked (size ${old.size} → ${checkpoint.size}): no receipt was removed or rewritten.`
+      : `✓ This receipt's checkpoint (size ${checkpoint.size}) is an earlier state of the log you saw before (size ${old.size}).`;
     out.className = "good";
   } catch (e) {
-    out.textContent = `✗ The log is not consistent with the checkpoint this browser saw before: ${e.message}`;
+    out.textContent = `✗ The log is not consistent with the checkpoint this browser saw before: ${e.message}. ` +
+      "The node rewrote or forked its log: keep this receipt and the earlier one.";
     out.className = "bad";
+    const verdict = $("receipt-verdict");
+    verdict.textContent = "✗ The receipt is signed, but the log that holds it contradicts what this browser saw before";
+    verdict.className = "bad";
+    verdict.dataset.code = "log_inconsistent";
   }
 }
 
@@ -291,7 +300,8 @@ async function sendChat(event) {
     await readStream(r.body);
   } catch (e) {
     if (e.name === "AbortError") {
-      $("chat-usage").textContent = "Stopped: the node charges the tokens it produced before you left (see the ledger).";
+      $("chat-usage").textContent = "Stopped: the node charges what was produced before you left " +
+        "(for a model served through an upstream, the whole answer, which the upstream finishes); see the ledger.";
     } else {
       $("chat-usage").textContent = `Error: ${e.message}`;
       $("chat-usage").className = "bad";
@@ -356,7 +366,8 @@ function showUsage(u, receipt) {
 
 /** A credits amount typed by a person ("12", "0.5") as exact micro-credits, or null. */
 export function parseCredits(text) {
-  const m = /^\s*(\d{1,12})(?:\.(\d{1,6}))?\s*$/.exec(text);
+  // At most 999 999 999.999999 credits: under the ledger's largest amount (10^15 micros).
+  const m = /^\s*(\d{1,9})(?:\.(\d{1,6}))?\s*$/.exec(text);
   if (!m) return null;
   return BigInt(m[1]) * 1000000n + BigInt((m[2] || "").padEnd(6, "0"));
 }
@@ -400,8 +411,10 @@ function accountRow(a) {
     form.append(input, add);
     form.addEventListener("submit", guard(async (e) => {
       e.preventDefault();
-      await mint(a.id, input.value);
-      await loadOperator();
+      await once(add, async () => {
+        await mint(a.id, input.value);
+        await loadOperator();
+      });
     }));
     mintCell.append(form);
     const key = el("button", "New key", "small");
@@ -415,7 +428,7 @@ function accountRow(a) {
 
 async function mint(accountId, text) {
   const micros = parseCredits(text);
-  if (micros === null || micros === 0n) throw new Error("Credits: a positive amount, at most six decimals");
+  if (micros === null || micros === 0n) throw new Error("Credits: a positive amount under a billion, at most six decimals");
   await api(`/admin/v1/accounts/${accountId}/mint`, {
     method: "POST", headers: { "content-type": "application/json" },
     // One click, one mint: a retried request with this key is answered with the same mint.
@@ -436,10 +449,21 @@ function showKey(name, k) {
   $("new-key-value").textContent = k.key;
 }
 
+/** Runs `f` with `button` disabled, so that a double click cannot do it twice. */
+async function once(button, f) {
+  if (button.disabled) return;
+  button.disabled = true;
+  try { await f(); } finally { button.disabled = false; }
+}
+
 async function createAccount(event) {
   event.preventDefault();
+  await once(event.submitter || $("new-account").querySelector("button"), () => createAccountNow());
+}
+
+async function createAccountNow() {
   const credit = $("new-account-credits").value.trim();
-  if (credit && parseCredits(credit) === null) throw new Error("Credits: a positive amount, at most six decimals");
+  if (credit && parseCredits(credit) === null) throw new Error("Credits: a positive amount under a billion, at most six decimals");
   const a = await api("/admin/v1/accounts", {
     method: "POST", headers: { "content-type": "application/json" },
     body: JSON.stringify({ name: $("new-account-name").value.trim(), kind: $("new-account-kind").value }),
@@ -456,6 +480,7 @@ async function createAccount(event) {
 // ---- wiring ----------------------------------------------------------------------------------
 
 function showTab(name) {
+  $("new-key").hidden = true; // a key is shown once, where it was made
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of ["account", "playground", "verify", "operator"]) $(`tab-${s}`).hidden = s !== name;
 }
@@ -476,8 +501,9 @@ function forgetKey() {
   loadAccount().catch((e) => banner(e.message));
 }
 
+/** Runs an action of the user's: a banner says what failed, and goes once one succeeds. */
 function guard(f) {
-  return (...args) => Promise.resolve(f(...args)).catch((e) => banner(e.message));
+  return (...args) => Promise.resolve(f(...args)).then(() => banner(""), (e) => banner(e.message));
 }
 
 async function start() {
@@ -493,7 +519,10 @@ async function start() {
   $("new-account").addEventListener("submit", guard(createAccount));
   $("accounts-refresh").addEventListener("click", guard(loadOperator));
   $("accounts-more").addEventListener("click", guard(loadAccounts));
-  if (!v.hasWebCrypto()) {
+  const loopback = ["localhost", "127.0.0.1", "[::1]"].includes(location.hostname);
+  if (location.protocol === "http:" && !loopback) {
+    banner("This page is served over plain HTTP: a key typed here crosses the network unencrypted, and the node key trusted on this first visit could be anyone's. Serve the node behind HTTPS.", "warn");
+  } else if (!v.hasWebCrypto()) {
     banner("This page is not served over HTTPS or localhost, so the browser gives it no WebCrypto: receipts cannot be verified here (use `tokenomy verify`).", "warn");
   }
   await Promise.all([loadNodeKey(), loadModels(), loadAccount()]);

@@ -267,6 +267,7 @@ pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: R
 }
 
 async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    crate::proxy::chat_only(state, &chat.value.common.model, "/v1/messages")?;
     let r = routes::chat_run(state, g, chat).await?;
     let rid = r.started.request_id.clone();
     if r.stream {

@@ -72,6 +72,7 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
         Some(d) => Some(usize::try_from(d).ok().filter(|&d| d > 0).ok_or_else(|| AppError::invalid_value("dimensions", format!("dimensions must be a positive number, got {d}")))?),
     };
     let model = req.model;
+    crate::proxy::chat_only(state, &model, "/v1/embeddings")?;
     let inputs = inputs(state, &model, &req.input)?;
     routes::known_tokens(state, &model, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();

@@ -45,6 +45,16 @@ pub(crate) fn routes_here(state: &AppState, model: &str, n: u32) -> bool {
     !local || !state.backend.has_room(model, n.max(1) as usize)
 }
 
+/// Refuses, for an endpoint other than chat completions, a model that only an upstream
+/// serves: this node forwards chat completions only, and says so rather than "no such model".
+pub(crate) fn chat_only(state: &AppState, model: &str, endpoint: &str) -> Result<(), AppError> {
+    let upstream_only = state.upstreams.as_ref().is_some_and(|u| u.serves(model)) && !state.backend.models().iter().any(|m| m.name == model);
+    match upstream_only {
+        true => Err(AppError::invalid_value("model", format!("`{model}` is served through an upstream, and this node forwards only /v1/chat/completions to upstreams, not {endpoint}"))),
+        false => Ok(()),
+    }
+}
+
 /// What one proxied request needs past its gate.
 struct Proxied {
     model: String,
@@ -53,29 +63,68 @@ struct Proxied {
     stream: bool,
     include_usage: bool,
     charge: Option<Charge>,
+    /// The bounds the hold was placed for: usage an upstream reports past them is cut to them.
+    prompt_tokens_max: u64,
+    completion_tokens_max: u64,
 }
 
-pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<Response, AppError> {
-    let mut body: Value = serde_json::from_slice(&raw).map_err(|e| AppError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
-    let model = body["model"].as_str().unwrap_or_default().to_string();
+/// A request's body as it is forwarded, and what the hold and the answer need of it.
+struct Prepared {
+    body: Value,
+    /// What every choice may produce together: `max_tokens` (4096 if the client set none) × `n`.
+    completion_tokens_max: u64,
+    stream: bool,
+    /// Whether the client asked for the usage chunk (it is always asked of the upstream).
+    include_usage: bool,
+}
+
+fn prepare(raw: &[u8]) -> Result<Prepared, AppError> {
+    let mut body: Value = serde_json::from_slice(raw).map_err(|e| AppError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-    let limit = ["max_completion_tokens", "max_tokens"].iter().find_map(|k| body.get(*k).and_then(Value::as_u64));
-    let completion_tokens_max = match limit {
-        Some(m) => m,
-        None => {
-            body["max_tokens"] = json!(COMPLETION_TOKENS_DEFAULT);
-            COMPLETION_TOKENS_DEFAULT
-        }
+    let named = ["max_completion_tokens", "max_tokens"].into_iter().find(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+    let limit = match named {
+        Some(k) => Some(body[k].as_u64().ok_or_else(|| AppError::invalid_value(k, format!("{k} must be a non-negative integer, got {}", body[k])))?),
+        None => None,
     };
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    if limit == Some(0) {
+        let k = named.unwrap_or("max_tokens");
+        return Err(AppError::invalid_value(k, format!("{k} must be at least 1")));
+    }
+    let per_choice = limit.unwrap_or_else(|| {
+        body["max_tokens"] = json!(COMPLETION_TOKENS_DEFAULT);
+        COMPLETION_TOKENS_DEFAULT
+    });
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
     if stream {
         body["stream_options"] = json!({"include_usage": true});
     }
+    Ok(Prepared { body, completion_tokens_max: per_choice.saturating_mul(n), stream, include_usage })
+}
+
+pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<Response, AppError> {
+    let Prepared { body, completion_tokens_max, stream, include_usage } = prepare(&raw)?;
+    let model = body["model"].as_str().unwrap_or_default().to_string();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let prompt_tokens_max = raw.len() as u64;
-    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_tokens_max, completion_tokens_max.saturating_mul(n), g.idempotency_key.clone(), request_sha256).await?;
-    let p = Proxied { model, request_id, body, stream, include_usage, charge };
+    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_tokens_max, completion_tokens_max, g.idempotency_key.clone(), request_sha256).await?;
+    let p = Proxied { model, request_id, body, stream, include_usage, charge, prompt_tokens_max, completion_tokens_max };
+    // The upstream is asked, and its answer settled, on a task of its own: a client that
+    // leaves does not cancel it, so what the upstream produced (and charged this node for) is
+    // charged to the client, and the hold never waits out its timeout.
+    let st = state.clone();
+    let task = state.tasks.spawn(async move { forward(&st, p).await });
+    let (resp, request_id, receipt_id, upstream) = task.await.map_err(|e| AppError::internal(format!("the proxied request's task failed: {e}")))??;
+    let mut resp = resp;
+    if let Ok(v) = HeaderValue::from_str(&upstream) {
+        resp.headers_mut().insert("tokenomy-upstream", v);
+    }
+    Ok(billed_headers(resp, &request_id, receipt_id.as_deref(), &g.allowance_now(state).await))
+}
+
+/// Tries the upstreams in route order until one answers; settles (or, for a stream, starts
+/// the task that settles) on its usage.
+async fn forward(state: &AppState, p: Proxied) -> Result<(Response, String, Option<String>, String), AppError> {
     let routes = state.upstreams.as_ref().map(|u| u.routes(&p.model)).unwrap_or_default();
     let mut last = None;
     for route in routes {
@@ -90,13 +139,20 @@ pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_
         match answer {
             Ok(a) => {
                 route.upstream.observe_ttfb(started.elapsed().as_millis() as u64);
-                return Ok(deliver(state, g, p, route, a).await);
+                route.upstream.record_success();
+                let upstream = route.upstream.name().to_string();
+                let (resp, request_id, receipt_id) = match a {
+                    Answer::Whole(v) => whole(state, p, &route, v).await,
+                    Answer::Stream(chunks) => streamed(state, p, route, chunks),
+                };
+                return Ok((resp, request_id, receipt_id, upstream));
             }
             Err(e) => {
                 let retry = e.retryable();
+                tracing::warn!(request_id = %p.request_id, upstream = route.upstream.name(), error = %e, "upstream failed");
                 if retry {
                     route.upstream.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(request_id = %p.request_id, upstream = route.upstream.name(), error = %e, "upstream failed");
+                    route.upstream.record_failure();
                 }
                 last = Some(e);
                 if !retry {
@@ -114,24 +170,11 @@ enum Answer {
     Stream(ChunkStream),
 }
 
-async fn deliver(state: &AppState, g: &Gate, p: Proxied, route: Route, answer: Answer) -> Response {
-    let upstream = route.upstream.name().to_string();
-    let resp = match answer {
-        Answer::Whole(v) => whole(state, p, &route, v).await,
-        Answer::Stream(chunks) => streamed(state, p, route, chunks),
-    };
-    let (mut resp, request_id, receipt_id) = resp;
-    if let Ok(v) = HeaderValue::from_str(&upstream) {
-        resp.headers_mut().insert("tokenomy-upstream", v);
-    }
-    billed_headers(resp, &request_id, receipt_id.as_deref(), &g.allowance_now(state).await)
-}
-
 /// A whole answer: settled before it is sent, with its receipt in the body.
 async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Response, String, Option<String>) {
     let texts = choice_texts(&v);
     let usage = usage_of(&v);
-    let (receipt, pending) = settle(state, p.charge, &p.request_id, &p.model, route, usage, &texts).await;
+    let (receipt, pending) = settle(state, p.charge, &p.request_id, &p.model, route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
     v["id"] = json!(format!("chatcmpl-{}", p.request_id));
     v["model"] = json!(p.model);
     let receipt = receipt_of(receipt.as_ref(), pending.as_ref());
@@ -180,10 +223,12 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
         if failed.is_none() && usage.is_none() {
             failed = Some(UpstreamError::Protocol { upstream: route.upstream.name().into(), detail: "the stream ended without its usage".into() });
         }
-        let (receipt, pending) = settle(&st, p.charge, &p.request_id, &p.model, &route, usage, &texts).await;
+        let (receipt, pending) = settle(&st, p.charge, &p.request_id, &p.model, &route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
         let Some(t) = client else { return };
         if let Some(e) = failed.filter(|_| receipt.is_none() && pending.is_none()) {
-            let _ = t.send(json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "upstream_error"}})).await;
+            tracing::warn!(request_id = %p.request_id, upstream = route.upstream.name(), error = %e, "a proxied stream failed");
+            let message = format!("upstream {} failed during the answer; nothing was charged", route.upstream.name());
+            let _ = t.send(json!({"error": {"message": message, "type": "server_error", "param": null, "code": "upstream_error"}})).await;
             return;
         }
         if p.include_usage {
@@ -239,6 +284,7 @@ fn collect_deltas(chunk: &Value, texts: &mut Vec<String>) {
 
 /// Settles the hold on the upstream's usage; without usage nothing can be charged exactly,
 /// so the hold is voided and the node's operator is told (a log line at error level).
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     state: &AppState,
     charge: Option<Charge>,
@@ -246,6 +292,7 @@ async fn settle(
     model: &str,
     route: &Route,
     usage: Option<UpstreamUsage>,
+    bounds: (u64, u64),
     texts: &[String],
 ) -> (Option<ReceiptRef>, Option<String>) {
     let account = charge.as_ref().map(|c| c.principal.account);
@@ -254,7 +301,7 @@ async fn settle(
         void_charge(state, charge).await;
         return (None, None);
     };
-    let usage = Usage { prompt_tokens: u.prompt_tokens, cached_tokens: u.cached_tokens.min(u.prompt_tokens), completion_tokens: u.completion_tokens, reasoning_tokens: u.reasoning_tokens.min(u.completion_tokens) };
+    let usage = bounded(request_id, route, u, bounds);
     let (receipt, pending) = match (charge, &state.billing) {
         (Some(c), Some(billing)) => {
             let served = tokenomy_billing::Served {
@@ -278,32 +325,44 @@ async fn settle(
     (receipt, pending)
 }
 
+/// The upstream's usage within the bounds the hold was placed for (one prompt token per byte
+/// of the body; `max_tokens` × `n`): an upstream cannot make this node charge its client, or
+/// sign a receipt, for more than the request could have used. Past them, it is cut, and logged.
+fn bounded(request_id: &str, route: &Route, u: UpstreamUsage, (prompt_max, completion_max): (u64, u64)) -> Usage {
+    let cap = |v: u32, max: u64| u32::try_from(u64::from(v).min(max)).unwrap_or(u32::MAX);
+    let (prompt, completion) = (cap(u.prompt_tokens, prompt_max), cap(u.completion_tokens, completion_max));
+    if (prompt, completion) != (u.prompt_tokens, u.completion_tokens) {
+        tracing::error!(request_id, upstream = route.upstream.name(), reported = ?u, prompt_max, completion_max, "the upstream reported more tokens than the request could use; charging the bounds");
+    }
+    Usage { prompt_tokens: prompt, cached_tokens: u.cached_tokens.min(prompt), completion_tokens: completion, reasoning_tokens: u.reasoning_tokens.min(completion) }
+}
+
 /// What a proxied receipt names as the model's hash: SHA-256 of `upstream NAME MODEL` (there
 /// is no file here to hash; the name says who produced the tokens).
 pub(crate) fn upstream_model_sha256(route: &Route) -> [u8; 32] {
     Sha256::digest(format!("upstream {} {}", route.upstream.name(), route.upstream_model)).into()
 }
 
-/// An upstream's refusal as this node's answer: a refusal of the request itself (4xx but 429)
-/// is passed on in the upstream's words; anything else is a 502 (or a 504 for a timeout),
-/// since the fault is not the client's.
+/// An upstream's refusal as this node's answer. A refusal of the request itself (400, 413,
+/// 422) is passed on in the upstream's words; anything else is the node's problem, not the
+/// client's: a 502 (a 504 for a timeout) naming the upstream and what went wrong, without the
+/// upstream's own text, which may hold its internals (the node's log has it).
 fn refused(e: UpstreamError) -> AppError {
-    let mut out = match &e {
-        UpstreamError::Status { status, message, body, .. } if (400..500).contains(status) && *status != 429 && *status != 401 && *status != 403 => {
+    if let UpstreamError::Status { status, message, body, .. } = &e {
+        if tokenomy_upstream::is_request_fault(*status) {
             let param = body.as_ref().and_then(|b| b.pointer("/error/param")).and_then(Value::as_str).map(str::to_string);
             let mut a = AppError::invalid(message.clone(), param.as_deref());
             a.status = axum::http::StatusCode::from_u16(*status).unwrap_or(axum::http::StatusCode::BAD_REQUEST);
             return a;
         }
-        UpstreamError::Timeout { .. } => AppError::internal(e.to_string()),
-        _ => AppError::internal(e.to_string()),
+    }
+    let (status, what) = match &e {
+        UpstreamError::Timeout { upstream } => (axum::http::StatusCode::GATEWAY_TIMEOUT, format!("upstream {upstream} did not answer in time")),
+        UpstreamError::Connect { upstream, .. } => (axum::http::StatusCode::BAD_GATEWAY, format!("upstream {upstream} could not be reached")),
+        UpstreamError::Status { upstream, status, .. } => (axum::http::StatusCode::BAD_GATEWAY, format!("upstream {upstream} failed (HTTP {status})")),
+        UpstreamError::Protocol { upstream, .. } => (axum::http::StatusCode::BAD_GATEWAY, format!("upstream {upstream} sent an answer this node could not read")),
     };
-    out.status = match e {
-        UpstreamError::Timeout { .. } => axum::http::StatusCode::GATEWAY_TIMEOUT,
-        _ => axum::http::StatusCode::BAD_GATEWAY,
-    };
-    out.code = Some("upstream_error");
-    out
+    AppError { status, code: Some("upstream_error"), ..AppError::internal(format!("{what}; nothing was charged")) }
 }
 
 /// Each upstream's requests, failures and smoothed time to first byte, for `/metrics`.
@@ -312,13 +371,42 @@ pub(crate) fn render_metrics(u: &tokenomy_upstream::Upstreams, out: &mut String)
     use std::sync::atomic::Ordering::Relaxed;
     let series: [(&str, &str, &str, fn(&tokenomy_upstream::Upstream) -> u64); 3] = [
         ("tokenomy_upstream_requests_total", "counter", "Requests sent to each upstream (each try of a failover counts)", |u| u.requests.load(Relaxed)),
-        ("tokenomy_upstream_failures_total", "counter", "Requests an upstream failed before answering (unreachable, timed out, 429 or 5xx)", |u| u.failures.load(Relaxed)),
+        ("tokenomy_upstream_failures_total", "counter", "Requests an upstream failed before answering (unreachable, timed out, or an HTTP error that is not a refusal of the request: 401, 402, 403, 404, 429, 5xx)", |u| u.failures.load(Relaxed)),
         ("tokenomy_upstream_ttfb_ms", "gauge", "Smoothed time to an upstream's first byte (0 until measured)", |u| u.ttfb_ms()),
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for up in u.upstreams() {
             let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", up.name(), value(up));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_cannot_report_more_than_the_request_could_use() {
+        let config = tokenomy_upstream::UpstreamsConfig::parse("[[upstream]]\nname = \"u\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = { m = \"m\" }").unwrap();
+        let ups = tokenomy_upstream::Upstreams::new(&config, |_| None).unwrap();
+        let route = ups.routes("m").remove(0);
+        let honest = UpstreamUsage { prompt_tokens: 30, cached_tokens: 10, completion_tokens: 16, reasoning_tokens: 4 };
+        assert_eq!(bounded("r", &route, honest, (200, 16)), Usage { prompt_tokens: 30, cached_tokens: 10, completion_tokens: 16, reasoning_tokens: 4 });
+        let inflated = UpstreamUsage { prompt_tokens: 1_000_000_000, cached_tokens: 1_000_000_000, completion_tokens: 1_000_000_000, reasoning_tokens: 1_000_000_000 };
+        assert_eq!(bounded("r", &route, inflated, (200, 16)), Usage { prompt_tokens: 200, cached_tokens: 200, completion_tokens: 16, reasoning_tokens: 16 });
+    }
+
+    #[test]
+    fn limits_are_checked_and_set_before_forwarding() {
+        let p = prepare(br#"{"model":"m","messages":[],"n":3,"max_completion_tokens":10,"stream":true}"#).unwrap();
+        assert_eq!((p.completion_tokens_max, p.stream, p.include_usage), (30, true, false));
+        assert_eq!(p.body["stream_options"], json!({"include_usage": true}), "usage is always asked of the upstream");
+        let p = prepare(br#"{"model":"m","messages":[]}"#).unwrap();
+        assert_eq!((p.completion_tokens_max, &p.body["max_tokens"]), (COMPLETION_TOKENS_DEFAULT, &json!(COMPLETION_TOKENS_DEFAULT)));
+        for (body, param) in [(r#"{"max_tokens":-1}"#, "max_tokens"), (r#"{"max_completion_tokens":0}"#, "max_completion_tokens"), (r#"{"max_tokens":1.5}"#, "max_tokens")] {
+            let e = prepare(body.as_bytes()).err().unwrap();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
     }
 }

@@ -428,6 +428,7 @@ pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, bod
 async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Response, AppError> {
     let owner = g.caller.as_ref().map(|c| c.account);
     let (req, history) = chat_request(state, owner, &mut p)?;
+    crate::proxy::chat_only(state, &req.common.model, "/v1/responses")?;
     // The receipt names the Responses body (as sent), not its chat translation.
     let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256, raw: Default::default() }).await.map_err(in_responses_terms)?;
     let rid = r.started.request_id.clone();

@@ -1170,6 +1170,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         _ => {}
     }
     let model = req.common.model.clone();
+    crate::proxy::chat_only(state, &model, "/v1/completions")?;
     let ctx = context_length(state, &model)?;
     let prompts = prompt_tokens(state, &model, &req.prompt)?;
     params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(16);

@@ -517,6 +517,12 @@ pub fn validate_idempotency_key(key: &str) -> Result<()> {
 /// A new account's name: a handle the admin CLI finds it by (`accounts show NAME`), so it must read as
 /// one (printable, no surrounding blanks), not as an account id (32 hex digits) and not as a
 /// system account's name. (Uniqueness is checked by each store, in the creating write.)
+/// Unicode format characters that change how a name is shown without being seen: the
+/// bidirectional embeddings, overrides and isolates, zero-width characters, the BOM.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' | '\u{061C}' | '\u{00AD}')
+}
+
 pub fn validate_name(name: &str) -> Result<()> {
     let bad = |why: &str| Err(LedgerError::InvalidArgument(format!("account name {name:?} {why}")));
     if name.trim().is_empty() || name.len() > MAX_NAME_LEN_BYTES {
@@ -524,6 +530,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
     if name.chars().any(char::is_control) || name.trim() != name {
         return bad("may not hold control characters (newlines, tabs) or begin or end with blanks");
+    }
+    if name.chars().any(is_invisible_format) {
+        return bad("may not hold invisible formatting characters (bidirectional overrides, zero-width characters), which make one name look like another");
     }
     if name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return bad("reads as an account id (32 hex digits): add a prefix such as cust-");
@@ -871,6 +880,15 @@ pub fn cost_micros(usage: Usage, price: Price) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_would_look_like_others_are_refused() {
+        assert!(validate_name("acme").is_ok() && validate_name("Zoë Café").is_ok() && validate_name("東京").is_ok());
+        for spoof in ["evil\u{202E}gnp.exe", "ad\u{200B}min", "\u{FEFF}acme", "a\u{2066}b"] {
+            let e = validate_name(spoof).unwrap_err().to_string();
+            assert!(e.contains("invisible formatting"), "{spoof:?}: {e}");
+        }
+    }
 
     #[test]
     fn ids_print_as_32_hex_digits() {

@@ -47,14 +47,20 @@ pub enum UpstreamError {
     Protocol { upstream: String, detail: String },
 }
 
+/// Whether an upstream's HTTP status refuses the request itself (the client's fault, which
+/// another upstream would refuse too), rather than the node's use of that upstream: a 401 or
+/// 403 (its key), a 402 (its credit there), a 404 (a model it does not have), a 429 and a 5xx
+/// are the upstream's or the operator's problem, and another upstream may serve the request.
+pub fn is_request_fault(status: u16) -> bool {
+    matches!(status, 400 | 413 | 422)
+}
+
 impl UpstreamError {
-    /// Whether another upstream may be tried: nothing was answered, or the upstream is
-    /// overloaded or failing (429, 5xx). A 4xx about the request itself is the client's.
+    /// Whether another upstream may be tried: anything but a refusal of the request itself.
     pub fn retryable(&self) -> bool {
         match self {
-            UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => true,
-            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
-            UpstreamError::Protocol { .. } => true,
+            UpstreamError::Status { status, .. } => !is_request_fault(*status),
+            _ => true,
         }
     }
 }
@@ -249,6 +255,10 @@ pub struct Upstream {
     configured: Option<BTreeMap<String, String>>,
     /// Smoothed time to first byte (ms); 0 until measured.
     ttfb_ms_ewma: AtomicU64,
+    /// Failures in a row, and until when (ms since the Unix epoch) the upstream is tried only
+    /// after the others: 15 s after one failure, doubling to a minute.
+    failures_in_a_row: AtomicU64,
+    cooling_until_ms: AtomicU64,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
 }
@@ -268,6 +278,30 @@ impl Upstream {
     pub fn ttfb_ms(&self) -> u64 {
         self.ttfb_ms_ewma.load(Relaxed)
     }
+
+    /// A failure of this upstream (not of the request): it goes last for a while.
+    pub fn record_failure(&self) {
+        let n = self.failures_in_a_row.fetch_add(1, Relaxed) + 1;
+        let pause_ms = (15_000u64 << (n - 1).min(2)).min(COOLING_MS_MAX);
+        self.cooling_until_ms.store(now_ms() + pause_ms, Relaxed);
+    }
+
+    pub fn record_success(&self) {
+        self.failures_in_a_row.store(0, Relaxed);
+        self.cooling_until_ms.store(0, Relaxed);
+    }
+
+    /// Whether it failed lately: tried after the upstreams that did not.
+    pub fn cooling(&self) -> bool {
+        self.cooling_until_ms.load(Relaxed) > now_ms()
+    }
+}
+
+/// The longest an upstream that keeps failing is put last.
+pub const COOLING_MS_MAX: u64 = 60_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A way to serve a model: which upstream, under which of its names.
@@ -307,6 +341,8 @@ impl Upstreams {
                 cost_micros_per_mtok: u.cost_micros_per_mtok,
                 configured: u.models.clone(),
                 ttfb_ms_ewma: AtomicU64::new(0),
+                failures_in_a_row: AtomicU64::new(0),
+                cooling_until_ms: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             }));
@@ -382,6 +418,8 @@ impl Upstreams {
             Policy::Cheapest => out.sort_by_key(|(_, r)| r.upstream.cost_micros_per_mtok.unwrap_or(u64::MAX)),
             Policy::Fastest => out.sort_by_key(|(_, r)| r.upstream.ttfb_ms()),
         }
+        // One that failed lately goes after those that did not (still tried, as a last resort).
+        out.sort_by_key(|(_, r)| r.upstream.cooling());
         out.into_iter().map(|(_, r)| r).collect()
     }
 }
@@ -425,6 +463,20 @@ mod tests {
         // A slow spell moves the mean a quarter of the way.
         u.upstreams()[0].observe_ttfb(1650);
         assert_eq!((u.upstreams()[0].ttfb_ms(), u.routes("m")[0].upstream.name()), (450, "cheap"));
+
+        // A failing upstream goes last, whatever the policy, until it answers again.
+        let u = Upstreams::new(&config(TWO), |_| None).unwrap();
+        let cheap = u.upstreams()[1].clone();
+        cheap.record_failure();
+        assert!(cheap.cooling());
+        assert_eq!(u.routes("m").iter().map(|r| r.upstream.name()).collect::<Vec<_>>(), ["dear", "cheap"]);
+        cheap.record_success();
+        assert_eq!(u.routes("m")[0].upstream.name(), "cheap");
+        for _ in 0..20 {
+            cheap.record_failure();
+        }
+        let pause = cheap.cooling_until_ms.load(Relaxed).saturating_sub(now_ms());
+        assert!(pause <= COOLING_MS_MAX && pause > COOLING_MS_MAX / 2, "{pause}");
     }
 
     #[test]

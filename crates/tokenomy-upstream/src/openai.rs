@@ -88,7 +88,12 @@ impl OpenAi {
             return Err(self.protocol("a stream was asked for, and the answer is not text/event-stream".into()));
         }
         let name = self.name.clone();
-        let bytes = r.bytes_stream().map(move |b| b.map_err(|e| UpstreamError::Protocol { upstream: name.clone(), detail: e.to_string() }));
+        let bytes = r.bytes_stream().map(move |b| {
+            b.map_err(|e| match e.is_timeout() {
+                true => UpstreamError::Timeout { upstream: name.clone() },
+                false => UpstreamError::Protocol { upstream: name.clone(), detail: e.to_string() },
+            })
+        });
         Ok(Box::pin(sse_chunks(self.name.clone(), bytes)))
     }
 

@@ -110,6 +110,29 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     }
     assert_eq!(before - balance(&a), receipt["amount_micros"].as_i64().unwrap());
 
+    // So is one that leaves before a whole (not streamed) answer comes: the node asks the
+    // upstream on a task of its own, settles, and leaves no hold waiting for its timeout.
+    let before = balance(&a);
+    let mut long = ask("smollm2");
+    long["max_tokens"] = json!(48);
+    let hasty = reqwest::blocking::Client::builder().timeout(Duration::from_millis(30)).build().unwrap();
+    assert!(hasty.post(format!("{}/v1/chat/completions", a.base)).bearer_auth(a.user_key()).json(&long).send().is_err(), "the client gave up first");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while balance(&a) == before || get(&a, "/v1/me", &a.user_key())["account"]["pending_micros"] != 0 {
+        assert!(std::time::Instant::now() < deadline, "the answer the client left was not settled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Other endpoints say that only chat completions go upstream; bad limits are refused here.
+    let r = client().post(format!("{}/v1/completions", a.base)).bearer_auth(a.user_key()).json(&json!({"model": "smollm2", "prompt": "Hi"})).send().unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let e: Value = r.json().unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("forwards only /v1/chat/completions"), "{e}");
+    let mut negative = ask("smollm2");
+    negative["max_tokens"] = json!(-1);
+    let e: Value = post(&a, &a.user_key(), &negative).json().unwrap();
+    assert_eq!((e["error"]["param"].as_str(), e["error"]["code"].as_str()), (Some("max_tokens"), Some("invalid_value")), "{e}");
+
     // The upstream's refusal of the request is passed on; nothing is charged for it.
     let before = balance(&a);
     let mut bad = ask("smollm2");
@@ -126,14 +149,15 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     assert_eq!(r.status().as_u16(), 502);
     let e: Value = r.json().unwrap();
     assert_eq!(e["error"]["code"], "upstream_error", "{e}");
+    assert!(!e["error"]["message"].as_str().unwrap().contains("127.0.0.1"), "the upstream's address stays private: {e}");
     assert_eq!(balance(&a), before);
     let me = get(&a, "/v1/me", &a.user_key());
     assert_eq!(me["account"]["pending_micros"], 0, "{me}");
     let check = get(&a, "/admin/v1/ledger/check", &a.admin_key());
     assert_eq!(check["ok"], true, "{check}");
     let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
-    // Six requests went to the upstream; one failed it (the refused one was the client's fault).
-    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 6"), "{metrics}");
+    // Seven requests went to the upstream; one failed it (the refused one was the client's fault).
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 7"), "{metrics}");
     assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"pool\"} 1"), "{metrics}");
 }
 
@@ -142,12 +166,16 @@ fn a_failing_upstream_gives_way_to_the_next() {
     let smollm2 = model(SMOLLM2);
     let b = serve_in(&tempdir("upstream-live"), &["--model", smollm2.to_str().unwrap()], &[]);
     let dir = tempdir("upstream-failover");
-    // "dead" is the cheapest, so it is tried first; nothing listens on its port.
+    // "dead" is the cheapest, so it is tried first: nothing listens on its port. "refused"
+    // comes next: the node's key there is wrong (a 401, the operator's problem, not the
+    // client's). "live" answers.
     let file = format!(
         "policy = \"cheapest\"\n\
          [[upstream]]\nname = \"dead\"\nbase_url = \"http://127.0.0.1:{}/v1\"\ncost_micros_per_mtok = 1\nconnect_timeout_ms = 2000\nmodels = {{ tiny = \"smollm2\" }}\n\
+         [[upstream]]\nname = \"refused\"\nbase_url = \"{}/v1\"\napi_key = \"tk-not-a-key\"\ncost_micros_per_mtok = 2\nmodels = {{ tiny = \"smollm2\" }}\n\
          [[upstream]]\nname = \"live\"\nbase_url = \"{}/v1\"\napi_key_env = \"LIVE_KEY\"\ncost_micros_per_mtok = 100\nmodels = {{ tiny = \"smollm2\" }}\n",
         free_port(),
+        b.base,
         b.base
     );
     std::fs::write(dir.join("upstreams.toml"), file).unwrap();
@@ -162,6 +190,12 @@ fn a_failing_upstream_gives_way_to_the_next() {
     verify(&a, v["receipt"]["id"].as_str().unwrap());
     let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
     assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"dead\"} 1"), "{metrics}");
+    assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"refused\"} 1"), "{metrics}");
+    // Having failed, both go last for a while: the next request goes straight to "live".
+    let r = post(&a, &a.user_key(), &ask("tiny"));
+    assert_eq!((r.status().as_u16(), r.headers()["tokenomy-upstream"].to_str().unwrap()), (200, "live"));
+    let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"dead\"} 1"), "{metrics}");
 
     // A configuration mistake stops the node at start, saying what is wrong.
     std::fs::write(dir.join("bad.toml"), "[[upstream]]\nname = \"x\"\nbase_url = \"ftp://x\"\n").unwrap();
