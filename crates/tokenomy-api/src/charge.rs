@@ -170,6 +170,7 @@ impl IdempotencyCache {
             Some(Slot::InFlight { .. }) => Err(AppError {
                 status: StatusCode::CONFLICT,
                 code: Some("idempotency_key_in_use"),
+                retry_after_s: Some(1),
                 ..AppError::invalid("A request with this Idempotency-Key is still in progress; retry when it has finished.", None)
             }),
             Some(Slot::Done { status, body, headers, .. }) => {

@@ -108,7 +108,13 @@ impl From<tokenomy_billing::BillingError> for AppError {
             B::Invalid(_) => AppError { code: Some("invalid_value"), ..base },
             B::InvalidParam(param, _) => AppError { code: Some("invalid_value"), param: Some(param.into()), ..base },
             B::Conflict(_) => AppError { status: StatusCode::CONFLICT, code: Some("conflict"), ..base },
-            B::Idempotency { code, .. } => AppError { status: StatusCode::CONFLICT, code: Some(code), ..base },
+            B::Idempotency { code, .. } => AppError {
+                status: StatusCode::CONFLICT,
+                code: Some(code),
+                // Only a key still in progress is worth retrying, and soon.
+                retry_after_s: (code == "idempotency_key_in_use").then_some(1),
+                ..base
+            },
             B::Misdirected(_) => AppError { status: StatusCode::MISDIRECTED_REQUEST, code: Some("issued_by_another_node"), ..base },
             B::InsufficientQuota { .. } => AppError {
                 status: StatusCode::PAYMENT_REQUIRED,

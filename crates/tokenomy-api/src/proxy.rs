@@ -174,6 +174,8 @@ enum Answer {
 async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Response, String, Option<String>) {
     let texts = choice_texts(&v);
     let usage = usage_of(&v);
+    log_upstream_receipt(&p.request_id, route, &v);
+    v.as_object_mut().map(|o| o.remove("receipt")); // the upstream's, not the client's
     let (receipt, pending) = settle(state, p.charge, &p.request_id, &p.model, route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
     v["id"] = json!(format!("chatcmpl-{}", p.request_id));
     v["model"] = json!(p.model);
@@ -207,7 +209,8 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
             chunk["model"] = json!(p.model);
             if let Some(u) = usage_of(&chunk) {
                 usage = Some(u);
-                chunk.as_object_mut().map(|o| o.remove("usage"));
+                log_upstream_receipt(&p.request_id, &route, &chunk);
+                chunk.as_object_mut().map(|o| (o.remove("usage"), o.remove("receipt")));
                 last_chunk = Some(chunk.clone());
                 if chunk["choices"].as_array().is_none_or(Vec::is_empty) {
                     continue;
@@ -252,6 +255,14 @@ fn usage_json(u: UpstreamUsage) -> Value {
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     })
+}
+
+/// Links this node's charge to the upstream's own, when the upstream (a tokenomy node) sent
+/// a receipt: an operator checking what an upstream charged finds the request it served.
+fn log_upstream_receipt(request_id: &str, route: &Route, v: &Value) {
+    if let Some(theirs) = v.pointer("/receipt/id").and_then(Value::as_str) {
+        tracing::info!(request_id, upstream = route.upstream.name(), upstream_receipt = theirs, "upstream receipt");
+    }
 }
 
 /// Each choice's content, by index, from a whole answer.

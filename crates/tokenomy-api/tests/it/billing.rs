@@ -364,6 +364,7 @@ async fn a_keyed_stream_holds_its_key_until_it_ends() {
     assert_eq!(first.status(), StatusCode::OK);
     let dup = request(&n.state, "POST", "/v1/chat/completions", Some(&body), &h).await;
     assert_eq!(assert_error(&dup, StatusCode::CONFLICT)["code"], "idempotency_key_in_use");
+    assert_eq!(dup.headers["retry-after"], "1", "a key in progress is worth retrying soon");
     let text = String::from_utf8(first.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     retry_is_refused_as_charged(&n, &acc, &body, &h).await;
