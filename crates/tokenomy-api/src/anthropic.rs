@@ -257,17 +257,22 @@ fn to_message(v: &Value) -> Value {
 pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: Result<HashedJson<Value>, AppError>) -> Result<Response, AnthropicError> {
     // A body that cannot be read or parsed is answered in Anthropic's error shape too.
     let body = body?;
-    let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, false)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    let chat_json = to_chat(&body.value, false)?;
+    // (Forwarded as is when an upstream serves the model.)
+    let raw = serde_json::to_vec(&chat_json).unwrap_or_default().into();
+    let chat: ChatRequest = serde_json::from_value(chat_json).map_err(|e| invalid(format!("invalid request: {e}")))?;
     let g = match routes::gate(&state, &headers, "/v1/messages", body.sha256).await? {
         Ok(g) => g,
         Err(replay) => return Ok(replay),
     };
-    let chat = HashedJson { value: chat, sha256: body.sha256, raw: Default::default() };
+    let chat = HashedJson { value: chat, sha256: body.sha256, raw };
     Ok(routes::run_remembered(&state, g, chat, |s, g, b| Box::pin(run(s, g, b))).await?)
 }
 
 async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
-    crate::proxy::chat_only(state, &chat.value.common.model, "/v1/messages")?;
+    if crate::proxy::routes_here(state, &chat.value.common.model, 1) {
+        return proxied(state, g, chat).await;
+    }
     let r = routes::chat_run(state, g, chat).await?;
     let rid = r.started.request_id.clone();
     if r.stream {
@@ -277,6 +282,18 @@ async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) 
     }
     let (Json(v), receipt_id) = routes::chat_body(r.started, r.id, &r.post).await?;
     Ok(routes::billed_headers(Json(to_message(&v)).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(&state).await))
+}
+
+/// A message answered by an upstream: its chat answer translated as a local one is. (A
+/// stream's `message_start` cannot know the prompt's tokens, which the upstream counts: it
+/// says 0, and `message_delta`'s usage has them.)
+async fn proxied(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
+    let (answer, billed) = crate::proxy::run(state, g, chat.raw, chat.sha256).await?;
+    let resp = match answer {
+        crate::proxy::ProxyAnswer::Whole(v) => Json(to_message(&v)).into_response(),
+        crate::proxy::ProxyAnswer::Stream(chunks) => Sse::new(events(chunks, 0, Arc::new(OnceLock::from(0)))).into_response(),
+    };
+    Ok(billed.respond(state, g, resp).await)
 }
 
 /// Which content block is open in the stream being translated.

@@ -45,12 +45,12 @@ pub(crate) fn routes_here(state: &AppState, model: &str, n: u32) -> bool {
     !local || !state.backend.has_room(model, n.max(1) as usize)
 }
 
-/// Refuses, for an endpoint other than chat completions, a model that only an upstream
-/// serves: this node forwards chat completions only, and says so rather than "no such model".
+/// Refuses, for an endpoint whose requests are not chats (completions, embeddings), a model
+/// that only an upstream serves, saying so rather than "no such model".
 pub(crate) fn chat_only(state: &AppState, model: &str, endpoint: &str) -> Result<(), AppError> {
     let upstream_only = state.upstreams.as_ref().is_some_and(|u| u.serves(model)) && !state.backend.models().iter().any(|m| m.name == model);
     match upstream_only {
-        true => Err(AppError::invalid_value("model", format!("`{model}` is served through an upstream, and this node forwards only /v1/chat/completions to upstreams, not {endpoint}"))),
+        true => Err(AppError::invalid_value("model", format!("`{model}` is served through an upstream, and this node forwards only /v1/chat/completions (and /v1/messages and /v1/responses, as chats) to upstreams, not {endpoint}"))),
         false => Ok(()),
     }
 }
@@ -102,7 +102,45 @@ fn prepare(raw: &[u8]) -> Result<Prepared, AppError> {
     Ok(Prepared { body, completion_tokens_max: per_choice.saturating_mul(n), stream, include_usage })
 }
 
+/// A proxied answer, in OpenAI's chat shape: the HTTP layer renders it for its API (chat
+/// completions as is; the Messages and Responses APIs translate it as they do a local one).
+pub(crate) enum ProxyAnswer {
+    /// A chat completion, settled, with this node's `receipt`.
+    Whole(Value),
+    /// Chat completion chunks; the last carries the usage and `receipt` (when asked for).
+    Stream(tokio_stream::wrappers::ReceiverStream<Value>),
+}
+
+/// Who answered a proxied request and what it was charged under: its response's headers.
+pub(crate) struct Billed {
+    pub(crate) request_id: String,
+    receipt_id: Option<String>,
+    upstream: String,
+}
+
+impl Billed {
+    /// The headers every proxied answer carries: the billed ones and `tokenomy-upstream`.
+    pub(crate) async fn respond(&self, state: &AppState, g: &Gate, mut resp: Response) -> Response {
+        if let Ok(v) = HeaderValue::from_str(&self.upstream) {
+            resp.headers_mut().insert("tokenomy-upstream", v);
+        }
+        billed_headers(resp, &self.request_id, self.receipt_id.as_deref(), &g.allowance_now(state).await)
+    }
+}
+
+/// `POST /v1/chat/completions` for a model served upstream.
 pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<Response, AppError> {
+    let (answer, billed) = run(state, g, raw, request_sha256).await?;
+    let resp = match answer {
+        ProxyAnswer::Whole(v) => Json(v).into_response(),
+        ProxyAnswer::Stream(s) => sse(s).into_response(),
+    };
+    Ok(billed.respond(state, g, resp).await)
+}
+
+/// Holds, forwards to the first upstream that answers, and settles: `raw` is a chat
+/// completion request's JSON (the client's, or its translation from another API).
+pub(crate) async fn run(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<(ProxyAnswer, Billed), AppError> {
     let Prepared { body, completion_tokens_max, stream, include_usage } = prepare(&raw)?;
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
@@ -114,17 +152,12 @@ pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_
     // charged to the client, and the hold never waits out its timeout.
     let st = state.clone();
     let task = state.tasks.spawn(async move { forward(&st, p).await });
-    let (resp, request_id, receipt_id, upstream) = task.await.map_err(|e| AppError::internal(format!("the proxied request's task failed: {e}")))??;
-    let mut resp = resp;
-    if let Ok(v) = HeaderValue::from_str(&upstream) {
-        resp.headers_mut().insert("tokenomy-upstream", v);
-    }
-    Ok(billed_headers(resp, &request_id, receipt_id.as_deref(), &g.allowance_now(state).await))
+    task.await.map_err(|e| AppError::internal(format!("the proxied request's task failed: {e}")))?
 }
 
 /// Tries the upstreams in route order until one answers; settles (or, for a stream, starts
 /// the task that settles) on its usage.
-async fn forward(state: &AppState, p: Proxied) -> Result<(Response, String, Option<String>, String), AppError> {
+async fn forward(state: &AppState, p: Proxied) -> Result<(ProxyAnswer, Billed), AppError> {
     let routes = state.upstreams.as_ref().map(|u| u.routes(&p.model)).unwrap_or_default();
     let mut last = None;
     for route in routes {
@@ -141,11 +174,11 @@ async fn forward(state: &AppState, p: Proxied) -> Result<(Response, String, Opti
                 route.upstream.observe_ttfb(started.elapsed().as_millis() as u64);
                 route.upstream.record_success();
                 let upstream = route.upstream.name().to_string();
-                let (resp, request_id, receipt_id) = match a {
+                let (answer, request_id, receipt_id) = match a {
                     Answer::Whole(v) => whole(state, p, &route, v).await,
                     Answer::Stream(chunks) => streamed(state, p, route, chunks),
                 };
-                return Ok((resp, request_id, receipt_id, upstream));
+                return Ok((answer, Billed { request_id, receipt_id, upstream }));
             }
             Err(e) => {
                 let retry = e.retryable();
@@ -171,7 +204,7 @@ enum Answer {
 }
 
 /// A whole answer: settled before it is sent, with its receipt in the body.
-async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Response, String, Option<String>) {
+async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (ProxyAnswer, String, Option<String>) {
     let texts = choice_texts(&v);
     let usage = usage_of(&v);
     log_upstream_receipt(&p.request_id, route, &v);
@@ -183,13 +216,13 @@ async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Re
     if let Some((r, _)) = &receipt {
         v["receipt"] = r.clone();
     }
-    (Json(v).into_response(), p.request_id, receipt.map(|(_, id)| id))
+    (ProxyAnswer::Whole(v), p.request_id, receipt.map(|(_, id)| id))
 }
 
 /// A stream: a task reads the upstream to its end (whether or not the client stays), renames
 /// each chunk, and settles on the usage of the last one, which it sends (if the client asked
 /// for usage) with the receipt.
-fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream) -> (Response, String, Option<String>) {
+fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream) -> (ProxyAnswer, String, Option<String>) {
     let (tx, rx) = mpsc::channel::<Value>(STREAM_CHUNKS_QUEUED_MAX);
     let receipt_id = p.charge.as_ref().map(|c| c.hold.receipt_id.clone());
     let request_id = p.request_id.clone();
@@ -244,8 +277,7 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
             let _ = t.send(last).await;
         }
     });
-    let resp = sse(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response();
-    (resp, request_id, receipt_id)
+    (ProxyAnswer::Stream(tokio_stream::wrappers::ReceiverStream::new(rx)), request_id, receipt_id)
 }
 
 fn usage_json(u: UpstreamUsage) -> Value {

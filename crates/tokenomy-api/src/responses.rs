@@ -394,7 +394,7 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Has
 
 /// The chat request a Responses request stands for, and the conversation it continues with its
 /// input (without instructions, which are not carried over).
-fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> Result<(ChatRequest, Vec<Value>), AppError> {
+fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> Result<(ChatRequest, Vec<Value>, bytes::Bytes), AppError> {
     let mut history = match &p.previous {
         None => Vec::new(),
         Some(id) => {
@@ -407,8 +407,10 @@ fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> R
     let mut chat = std::mem::take(&mut p.chat);
     let system = p.instructions.take().map(|t| json!({"role": "system", "content": t}));
     chat.insert("messages".into(), Value::Array(system.into_iter().chain(history.iter().cloned()).collect()));
-    let req: ChatRequest = serde_json::from_value(Value::Object(chat)).map_err(|e| AppError::invalid(format!("invalid request: {e}"), None))?;
-    Ok((req, history))
+    let chat = Value::Object(chat);
+    let raw = serde_json::to_vec(&chat).unwrap_or_default().into();
+    let req: ChatRequest = serde_json::from_value(chat).map_err(|e| AppError::invalid(format!("invalid request: {e}"), None))?;
+    Ok((req, history, raw))
 }
 
 /// `POST /v1/responses/input_tokens`: the prompt's tokens as `POST /v1/responses` would render
@@ -416,7 +418,7 @@ fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> R
 pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Json<Value>, AppError> {
     let owner = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
     let mut p = parse(&body.value, body.sha256)?;
-    let (chat, _) = chat_request(&state, owner, &mut p)?;
+    let (chat, _, _) = chat_request(&state, owner, &mut p)?;
     let messages = crate::openai::chat_messages(&chat.messages).map_err(in_responses_terms)?;
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
@@ -427,14 +429,16 @@ pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, bod
 
 async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Response, AppError> {
     let owner = g.caller.as_ref().map(|c| c.account);
-    let (req, history) = chat_request(state, owner, &mut p)?;
-    crate::proxy::chat_only(state, &req.common.model, "/v1/responses")?;
+    let (req, history, raw) = chat_request(state, owner, &mut p)?;
+    let keep = p.store.then(|| Keep { store: state.responses.clone(), owner, history, input_items: std::mem::take(&mut p.input_items) });
+    if crate::proxy::routes_here(state, &req.common.model, 1) {
+        return proxied(state, g, p, raw, keep).await;
+    }
     // The receipt names the Responses body (as sent), not its chat translation.
-    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256, raw: Default::default() }).await.map_err(in_responses_terms)?;
+    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256, raw }).await.map_err(in_responses_terms)?;
     let rid = r.started.request_id.clone();
     let mut skeleton = p.skeleton;
     skeleton["id"] = json!(format!("resp_{}", r.id.trim_start_matches("chatcmpl-")));
-    let keep = p.store.then(|| Keep { store: state.responses.clone(), owner, history, input_items: p.input_items });
     if r.stream {
         let events = events(routes::chat_stream(r.started, r.id, true, r.post, None), skeleton, keep);
         let resp = Sse::new(events).into_response();
@@ -446,6 +450,24 @@ async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Respon
         k.put(&response);
     }
     Ok(routes::billed_headers(Json(response).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
+}
+
+/// A response answered by an upstream: its chat answer translated (and kept) as a local one is.
+async fn proxied(state: &AppState, g: &routes::Gate, p: Parsed, raw: bytes::Bytes, keep: Option<Keep>) -> Result<Response, AppError> {
+    let (answer, billed) = crate::proxy::run(state, g, raw, p.sha256).await.map_err(in_responses_terms)?;
+    let mut skeleton = p.skeleton;
+    skeleton["id"] = json!(format!("resp_{}", billed.request_id));
+    let resp = match answer {
+        crate::proxy::ProxyAnswer::Stream(chunks) => Sse::new(events(chunks, skeleton, keep)).into_response(),
+        crate::proxy::ProxyAnswer::Whole(v) => {
+            let response = finished(skeleton, &v["choices"][0], output_of(&v["choices"][0], &response_suffix(&v)), &v["usage"], &v["receipt"]);
+            if let Some(k) = keep {
+                k.put(&response);
+            }
+            Json(response).into_response()
+        }
+    };
+    Ok(billed.respond(state, g, resp).await)
 }
 
 /// Each function call answered by one output, before anything else is said, as OpenAI

@@ -96,6 +96,35 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     assert!(chunks.iter().all(|c| c.get("usage").is_none() && c.get("receipt").is_none()), "{chunks:?}");
     assert_eq!(before - balance(&a), receipt["amount_micros"].as_i64().unwrap(), "the same answer, the same charge");
 
+    // The Messages and Responses APIs go upstream too: their requests as chats, the answers
+    // translated as a local one is, charged and proven here.
+    let question = "What is the capital of France?";
+    let before = balance(&a);
+    let m: Value = client().post(format!("{}/v1/messages", a.base)).bearer_auth(a.user_key())
+        .json(&json!({"model": "smollm2", "max_tokens": 12, "temperature": 0, "messages": [{"role": "user", "content": question}]}))
+        .send().unwrap().json().unwrap();
+    assert_eq!((m["type"].as_str(), m["content"][0]["text"].as_str()), (Some("message"), direct["choices"][0]["message"]["content"].as_str()), "{m}");
+    assert_eq!(m["usage"]["output_tokens"], direct["usage"]["completion_tokens"], "{m}");
+    verify(&a, m["receipt"]["id"].as_str().unwrap());
+    let r: Value = client().post(format!("{}/v1/responses", a.base)).bearer_auth(a.user_key())
+        .json(&json!({"model": "smollm2", "max_output_tokens": 12, "temperature": 0, "input": question}))
+        .send().unwrap().json().unwrap();
+    assert_eq!(r["output"][0]["content"][0]["text"].as_str(), direct["choices"][0]["message"]["content"].as_str(), "{r}");
+    assert_eq!(r["usage"]["output_tokens"], direct["usage"]["completion_tokens"], "{r}");
+    let kept = get(&a, &format!("/v1/responses/{}", r["id"].as_str().unwrap()), &a.user_key());
+    assert_eq!(kept["output"], r["output"], "kept for previous_response_id like a local answer");
+    let spent = m["receipt"]["amount_micros"].as_i64().unwrap() + r["receipt"]["amount_micros"].as_i64().unwrap();
+    assert_eq!(before - balance(&a), spent);
+    for (path, body, ends) in [
+        ("/v1/messages", json!({"model": "smollm2", "max_tokens": 12, "stream": true, "messages": [{"role": "user", "content": question}]}), &["message_stop"][..]),
+        ("/v1/responses", json!({"model": "smollm2", "max_output_tokens": 12, "stream": true, "input": question}), &["response.completed", "response.incomplete"][..]),
+    ] {
+        let text = client().post(format!("{}{path}", a.base)).bearer_auth(a.user_key()).json(&body).send().unwrap().text().unwrap();
+        let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+        assert!(events.last().is_some_and(|e| ends.contains(e)), "{path}: {text}");
+        assert!(text.contains("\"receipt\""), "{path}: the stream names its receipt: {text}");
+    }
+
     // A client that leaves a proxied stream is charged the whole answer: the node reads the
     // upstream to its end, for its usage.
     let before = balance(&a);
@@ -156,8 +185,8 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     let check = get(&a, "/admin/v1/ledger/check", &a.admin_key());
     assert_eq!(check["ok"], true, "{check}");
     let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
-    // Seven requests went to the upstream; one failed it (the refused one was the client's fault).
-    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 7"), "{metrics}");
+    // Eleven requests went to the upstream; one failed it (the refused one was the client's fault).
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 11"), "{metrics}");
     assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"pool\"} 1"), "{metrics}");
 }
 
