@@ -150,13 +150,13 @@ function showAccount(me) {
 const CODE_NAMES = { mint: "credits added", usagecharge: "tokens", transfer: "transfer", refund: "refund" };
 
 async function loadTransfers() {
-  const q = new URLSearchParams({ limit: "50" });
-  if (state.after != null) q.set("after", state.after);
+  const q = new URLSearchParams({ order: "desc", limit: "50" });
+  if (state.after != null) q.set("before", state.after);
   const page = await api(`/v1/me/transfers?${q}`);
   const body = $("transfers").tBodies[0];
   // A settled hold is followed by its settlement, which carries the amount charged.
   for (const t of page.data) if (!(t.is_hold && t.state === "posted")) body.append(transferRow(t));
-  state.after = page.next_after;
+  state.after = page.next_before;
   $("more").hidden = !page.has_more;
 }
 

@@ -330,6 +330,10 @@ pub async fn list_accounts(State(state): State<AppState>, headers: HeaderMap, Ap
 pub struct PageQuery {
     after: Option<u64>,
     limit: Option<u32>,
+    /// `asc` (oldest first, paged with `after`: the default) or `desc` (newest first, paged
+    /// with `before`).
+    order: Option<String>,
+    before: Option<u64>,
 }
 
 pub async fn account_transfers(
@@ -345,7 +349,18 @@ pub async fn account_transfers(
 /// A page of `account`'s transfers, oldest first, as both statement routes answer it.
 async fn statement(state: &AppState, account: AccountId, q: PageQuery) -> Result<Json<Value>, AppError> {
     let b = billing(state)?;
-    let page = b.statement(account, q.after, q.limit.unwrap_or(100)).await?;
+    let limit = q.limit.unwrap_or(100);
+    let newest_first = match q.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => return Err(AppError::invalid_value("order", format!("order must be asc or desc, got {o:?}"))),
+    };
+    let page = match (newest_first, q.after, q.before) {
+        (false, after, None) => b.statement(account, after, limit).await?,
+        (true, None, before) => b.statement_newest_first(account, before, limit).await?,
+        (false, _, Some(_)) => return Err(AppError::invalid_value("before", "before pages a statement in order=desc; use after with order=asc")),
+        (true, Some(_), _) => return Err(AppError::invalid_value("after", "after pages a statement in order=asc; use before with order=desc")),
+    };
     let receipts = b.receipt_ids(&page.items.iter().map(|t| t.id).collect::<Vec<_>>()).await?;
     let data: Vec<Value> = page
         .items
@@ -357,10 +372,8 @@ async fn statement(state: &AppState, account: AccountId, q: PageQuery) -> Result
             v
         })
         .collect();
-    Ok(Json(json!({
-        "object": "list", "data": data,
-        "next_after": page.next_cursor, "has_more": page.next_cursor.is_some(),
-    })))
+    let next = if newest_first { "next_before" } else { "next_after" };
+    Ok(Json(json!({"object": "list", "data": data, next: page.next_cursor, "has_more": page.next_cursor.is_some()})))
 }
 
 #[derive(Deserialize)]

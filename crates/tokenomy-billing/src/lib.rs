@@ -485,6 +485,12 @@ impl Billing {
         Ok(self.store.statement(id, after, limit).await?)
     }
 
+    /// The account's transfers newest first, before the cursor of the previous page.
+    pub async fn statement_newest_first(&self, id: AccountId, before: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+        self.store.get_account(id).await?;
+        Ok(self.store.statement_newest_first(id, before, limit).await?)
+    }
+
     /// The receipt of each transfer that has one (a posted charge, a mint, a transfer), so a
     /// statement links each line to its proof.
     pub async fn receipt_ids(&self, transfers: &[tokenomy_ledger::TransferId]) -> Result<Vec<Option<String>>> {

@@ -170,6 +170,9 @@ impl LedgerStore for AnyStore {
     fn statement(&self, account: AccountId, after_cursor: Option<u64>, limit: u32) -> impl Future<Output = Result<Page<Transfer>>> + Send {
         dispatch!(self, s => s.statement(account, after_cursor, limit))
     }
+    fn statement_newest_first(&self, account: AccountId, before_cursor: Option<u64>, limit: u32) -> impl Future<Output = Result<Page<Transfer>>> + Send {
+        dispatch!(self, s => s.statement_newest_first(account, before_cursor, limit))
+    }
     fn check(&self) -> impl Future<Output = Result<CheckReport>> + Send {
         dispatch!(self, PG_CHECK_TIMEOUT_MS, s => s.check())
     }

@@ -164,6 +164,14 @@ pub trait LedgerStore: Send + Sync + 'static {
         after_cursor: Option<u64>,
         limit: u32,
     ) -> impl Future<Output = Result<Page<Transfer>>> + Send;
+    /// Transfers touching `account`, newest first, before `before_cursor` (the `next_cursor`
+    /// of the previous page): what a person looking at their account asks for first.
+    fn statement_newest_first(
+        &self,
+        account: AccountId,
+        before_cursor: Option<u64>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Page<Transfer>>> + Send;
     /// Re-derives every invariant from stored history.
     fn check(&self) -> impl Future<Output = Result<CheckReport>> + Send;
     fn log_entries(&self, from_index: u64, limit: u32) -> impl Future<Output = Result<Vec<LogEntry>>> + Send;

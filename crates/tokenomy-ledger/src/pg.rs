@@ -767,14 +767,30 @@ async fn read_statement(tx: &Transaction<'_>, account: AccountId, after: Option<
     );
     let after = after.unwrap_or(0) as i64;
     let rows = query(tx, &sql, &[&&account.to_bytes()[..], &after, &(limit as i64)]).await?;
+    page_of(&rows, limit)
+}
+
+/// Rows of `(seq, transfer…)` as a page whose cursor is the last seq, when the page is full.
+fn page_of(rows: &[Row], limit: u32) -> Result<Page<Transfer>> {
     let mut items = Vec::with_capacity(rows.len());
     let mut last = 0i64;
-    for row in &rows {
+    for row in rows {
         last = col(row, 0)?;
         items.push(row_transfer(row, 1)?);
     }
     let next_cursor = (items.len() == limit as usize).then_some(last as u64);
     Ok(Page { items, next_cursor })
+}
+
+async fn read_statement_newest_first(tx: &Transaction<'_>, account: AccountId, before: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+    load_accounts(tx, &[account]).await?;
+    let sql = format!(
+        "SELECT seq, {TRANSFER_COLS} FROM transfers WHERE (debit_account = $1 OR credit_account = $1) \
+         AND seq < $2 ORDER BY seq DESC LIMIT $3"
+    );
+    let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    let rows = query(tx, &sql, &[&&account.to_bytes()[..], &before, &(limit as i64)]).await?;
+    page_of(&rows, limit)
 }
 
 async fn read_keys(tx: &Transaction<'_>, sql_where: &'static str, arg: Vec<u8>) -> Result<Vec<KeyRecord>> {
@@ -919,6 +935,11 @@ impl LedgerStore for PgStore {
     async fn statement(&self, account: AccountId, after_cursor: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
         validate_page_limit(limit)?;
         self.in_tx(|tx| Box::pin(read_statement(tx, account, after_cursor, limit))).await
+    }
+
+    async fn statement_newest_first(&self, account: AccountId, before_cursor: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+        validate_page_limit(limit)?;
+        self.in_tx(|tx| Box::pin(read_statement_newest_first(tx, account, before_cursor, limit))).await
     }
 
     async fn check(&self) -> Result<CheckReport> {

@@ -986,6 +986,35 @@ fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit:
     Ok(Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor })
 }
 
+/// A page of `account`'s transfers, newest first: from the tail of `transfers` past the index
+/// file's head, then from the index file, in one read transaction.
+fn read_statement_newest_first(c: &Connection, account: AccountId, before: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+    let upto = indexed_upto(c)?;
+    let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+    let id = &account.to_bytes()[..];
+    let query = |sql: &str, n: usize, before: i64| -> Result<Vec<(i64, Transfer)>> {
+        c.prepare_cached(sql)
+            .and_then(|mut s| {
+                s.query_map(params![id, before, n as i64, upto], |r| Ok((r.get(0)?, row_transfer_at(r, 1)?)))?.collect()
+            })
+            .map_err(db_err)
+    };
+    let tail = concat!(
+        "SELECT seq, ", transfer_cols!(), " FROM transfers WHERE seq < ?2 AND seq > ?4 AND (debit_account = ?1 OR credit_account = ?1) \
+         ORDER BY seq DESC LIMIT ?3"
+    );
+    let indexed = concat!(
+        "SELECT t.seq, ", transfer_cols!(), " FROM ix.account_transfers a JOIN transfers t ON t.seq = a.seq \
+         WHERE a.account = ?1 AND a.seq < ?2 AND a.seq <= ?4 ORDER BY a.seq DESC LIMIT ?3"
+    );
+    let mut rows = if before > upto + 1 { query(tail, limit as usize, before)? } else { Vec::new() };
+    if rows.len() < limit as usize {
+        rows.extend(query(indexed, limit as usize - rows.len(), before)?);
+    }
+    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.0 as u64)).flatten();
+    Ok(Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor })
+}
+
 fn query_i128(c: &Connection, sql: &str) -> Result<i128> {
     c.prepare_cached(sql).and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0))).map(i128::from).map_err(db_err)
 }
@@ -1288,6 +1317,15 @@ impl LedgerStore for SqliteStore {
         self.read(move |c| {
             load_account(c, account)?;
             read_statement(c, account, after_cursor, limit)
+        })
+        .await
+    }
+
+    async fn statement_newest_first(&self, account: AccountId, before_cursor: Option<u64>, limit: u32) -> Result<Page<Transfer>> {
+        validate_page_limit(limit)?;
+        self.read(move |c| {
+            load_account(c, account)?;
+            read_statement_newest_first(c, account, before_cursor, limit)
         })
         .await
     }

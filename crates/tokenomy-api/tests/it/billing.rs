@@ -415,6 +415,31 @@ async fn me_shows_what_the_usage_would_have_cost_at_the_reference_list_price() {
 }
 
 #[tokio::test]
+async fn a_statement_reads_newest_first_too() {
+    let n = node(None, "unused", &[]).await;
+    let (acc, key) = n.funded("pages", 10_000_000).await;
+    for _ in 0..3 {
+        assert_eq!(n.call("POST", "/v1/chat/completions", Some(chat(2)), &key).await.status, StatusCode::OK);
+    }
+    let oldest_first = n.statement(&acc).await;
+    let (mut newest_first, mut before) = (Vec::new(), String::new());
+    loop {
+        let page = n.call("GET", &format!("/v1/me/transfers?order=desc&limit=2{before}"), None, &key).await.json();
+        newest_first.extend(page["data"].as_array().unwrap().iter().cloned());
+        assert!(page.get("next_after").is_none(), "{page}");
+        match page["next_before"].as_u64() {
+            Some(c) => before = format!("&before={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(newest_first, oldest_first.into_iter().rev().collect::<Vec<_>>());
+    for (query, param) in [("order=desc&after=1", "after"), ("before=5", "before"), ("order=sideways", "order")] {
+        let e = assert_error(&n.call("GET", &format!("/v1/me/transfers?{query}"), None, &key).await, StatusCode::BAD_REQUEST);
+        assert_eq!(e["param"], param, "{query}: {e}");
+    }
+}
+
+#[tokio::test]
 async fn token_ids_the_model_lacks_are_refused_before_anything_is_held() {
     let n = node(None, "unused", &[]).await;
     let (acc, key) = n.funded("vocab", 1_000_000).await;

@@ -34,6 +34,20 @@ async fn statement_ids<S: LedgerStore>(s: &S, account: AccountId, page: u32) -> 
     }
 }
 
+/// Ids of `account`'s statement newest first, paged `page` at a time.
+async fn newest_first_ids<S: LedgerStore>(s: &S, account: AccountId, page: u32) -> Vec<TransferId> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let p = s.statement_newest_first(account, cursor, page).await.unwrap();
+        ids.extend(p.items.iter().map(|t| t.id));
+        match p.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return ids,
+        }
+    }
+}
+
 /// The index file's head, read beside the store.
 fn indexed_upto(path: &std::path::Path) -> i64 {
     Connection::open(index_path(path)).unwrap().query_row("SELECT indexed_upto FROM index_head", [], |r| r.get(0)).unwrap()
@@ -94,6 +108,9 @@ async fn statements_and_retries_span_the_bulk_index() {
             let expected = ids_in_file(&path, *a);
             assert_eq!(statement_ids(&*s, *a, 97).await, expected, "round {round}");
             assert_eq!(statement_ids(&*s, *a, 1000).await, expected, "round {round}");
+            let reversed: Vec<TransferId> = expected.iter().rev().copied().collect();
+            assert_eq!(newest_first_ids(&*s, *a, 97).await, reversed, "round {round}: newest first, across the index's head");
+            assert_eq!(newest_first_ids(&*s, *a, 1).await, reversed, "round {round}");
         }
         // A key from the indexed part and one from the tail replay their holds...
         assert_eq!(s.hold(accounts[0], 100, "h0", 60_000, now_ms()).await.unwrap(), first);

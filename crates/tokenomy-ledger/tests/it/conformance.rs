@@ -392,6 +392,20 @@ pub async fn statement_pages<S: LedgerStore>(s: Arc<S>) {
     assert!(s.statement(a.id, None, 0).await.is_err());
     assert!(s.statement(a.id, None, MAX_PAGE_LEN + 1).await.is_err());
     assert!(s.statement(AccountId(7 << 100), None, 10).await.is_err());
+    // Newest first: the same transfers in reverse, paged by the same kind of cursor.
+    let (mut newest, mut cursor) = (vec![], None);
+    loop {
+        let page = s.statement_newest_first(b.id, cursor, 7).await.unwrap();
+        newest.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(newest, expected.iter().rev().cloned().collect::<Vec<_>>());
+    assert_eq!(s.statement_newest_first(a.id, None, 1).await.unwrap().items, [expected[23].clone()]);
+    assert!(s.statement_newest_first(a.id, None, 0).await.is_err());
+    assert!(s.statement_newest_first(AccountId(7 << 100), None, 10).await.is_err());
     assert_check_ok(&*s).await;
 }
 
