@@ -76,7 +76,7 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
     let inputs = inputs(state, &model, &req.input)?;
     routes::known_tokens(state, &model, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
-    let charge = routes::begin_charge(state, g.caller.as_ref(), &request_id, &model, routes::prompt_len(&inputs), 0, g.idempotency_key.clone(), body.sha256).await?;
+    let charge = routes::begin_charge(state, g, &request_id, &model, routes::prompt_len(&inputs), 0, body.sha256).await?;
     let account = g.caller.as_ref().map(|p| p.account);
     let lengths: Vec<u32> = inputs.iter().map(|i| i.len() as u32).collect();
     let started = state.backend.embed(&model, inputs).map_err(AppError::from);

@@ -145,7 +145,7 @@ pub(crate) async fn run(state: &AppState, g: &Gate, raw: bytes::Bytes, request_s
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let prompt_tokens_max = raw.len() as u64;
-    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_tokens_max, completion_tokens_max, g.idempotency_key.clone(), request_sha256).await?;
+    let charge = begin_charge(state, g, &request_id, &model, prompt_tokens_max, completion_tokens_max, request_sha256).await?;
     let p = Proxied { model, request_id, body, stream, include_usage, charge, prompt_tokens_max, completion_tokens_max };
     // The upstream is asked, and its answer settled, on a task of its own: a client that
     // leaves does not cancel it, so what the upstream produced (and charged this node for) is

@@ -278,21 +278,20 @@ async fn model_sha256(state: &AppState, model: &str) -> [u8; 32] {
 /// Authenticates, rate-limits and places the hold for the worst case of a request.
 pub(crate) async fn begin_charge(
     state: &AppState,
-    caller: Option<&Principal>,
+    g: &Gate,
     request_id: &str,
     model: &str,
     prompt_tokens: u64,
     completion_tokens_max: u64,
-    idempotency_key: Option<String>,
     request_sha256: [u8; 32],
 ) -> Result<Option<Charge>, AppError> {
-    let (Some(billing), Some(p)) = (&state.billing, caller) else { return Ok(None) };
+    let (Some(billing), Some(p)) = (&state.billing, g.caller.as_ref()) else { return Ok(None) };
     let req = ChargeRequest {
         request_id: request_id.to_string(),
         model: model.to_string(),
         prompt_tokens,
         completion_tokens_max,
-        idempotency_key,
+        idempotency_key: g.idempotency_key.clone(),
     };
     // The hold is placed on a task of its own: a client that leaves while it is being placed
     // cancels this handler, not the ledger's write, and the task then voids the hold at once
@@ -306,7 +305,14 @@ pub(crate) async fn begin_charge(
             }
         }
     });
-    let hold = placed.await.map_err(|_| AppError::internal("placing the hold failed"))??;
+    let hold = placed.await.map_err(|_| AppError::internal("placing the hold failed"))?.map_err(|e| {
+        // A refusal for the key's limits (a request too large for its TPM) says where they stand.
+        let e = AppError::from(e);
+        match e.status == axum::http::StatusCode::TOO_MANY_REQUESTS && e.allowance.is_none() {
+            true => AppError { allowance: Some(Box::new(g.allowance.clone())), ..e },
+            false => e,
+        }
+    })?;
     Ok(Some(Charge { principal: p.clone(), hold, request_sha256 }))
 }
 
@@ -703,7 +709,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     fits_context(ctx, &prompts, params.max_tokens, "messages")?;
     known_tokens(state, &model, &prompts, "messages", &params.logit_bias)?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
-    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
+    let charge = begin_charge(state, g, &request_id, &model, prompt_len(&prompts), worst, body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
     let started = match start(state, request_id, &model, &prompts, n, &params, false, charge, &|| post.answer_end()) {
         Ok(s) => s,
@@ -1182,7 +1188,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
-    let charge = begin_charge(state, g.caller.as_ref(), &request_id, &model, prompt_len(&prompts), worst, g.idempotency_key.clone(), body.sha256).await?;
+    let charge = begin_charge(state, g, &request_id, &model, prompt_len(&prompts), worst, body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
     let started = match start(state, request_id, &model, &prompts, n, &params, echo_logprobs, charge, &|| None) {
         Ok(s) => s,

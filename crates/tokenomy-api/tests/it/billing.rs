@@ -700,6 +700,7 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
     let e = assert_error(&r, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("tokens"), Some("rate_limit_exceeded")), "{e}");
     assert!(!r.headers.contains_key("retry-after"), "{:?}", r.headers);
+    assert_eq!(r.headers["x-ratelimit-limit-tokens"], "60", "the refusal says where the key's limits stand");
     let mut open_ended = chat(1);
     open_ended.as_object_mut().unwrap().remove("max_tokens");
     open_ended["ignore_eos"] = json!(true);
