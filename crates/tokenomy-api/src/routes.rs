@@ -499,6 +499,20 @@ fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32, param: &str
 /// not spend an `Idempotency-Key`'s attempts.
 pub(crate) fn known_tokens(state: &AppState, model: &str, prompts: &[Vec<TokenId>], param: &str, logit_bias: &[(TokenId, f32)]) -> Result<(), AppError> {
     let Some(vocab) = state.backend.models().into_iter().find(|m| m.name == model).map(|m| m.vocab_size) else { return Ok(()) };
+    known_ids(model, vocab, prompts, param, logit_bias)
+}
+
+/// Refuses, before anything is held, a request for more generations (prompts × `n`) than the
+/// model's queue takes at once: no balance would make it run.
+fn fits_queue(state: &AppState, model: &str, wanted: usize) -> Result<(), AppError> {
+    let Some(max) = state.backend.models().into_iter().find(|m| m.name == model).map(|m| m.generations_max) else { return Ok(()) };
+    match wanted <= max as usize {
+        true => Ok(()),
+        false => Err(AppError::invalid_value("n", format!("this request asks for {wanted} generations (prompts × n) and `{model}` queues at most {max} (--queue-max)"))),
+    }
+}
+
+fn known_ids(model: &str, vocab: u32, prompts: &[Vec<TokenId>], param: &str, logit_bias: &[(TokenId, f32)]) -> Result<(), AppError> {
     let outside = |t: TokenId| u32::try_from(t).map_or(true, |t| t >= vocab);
     if let Some(bad) = prompts.iter().flatten().copied().find(|&t| outside(t)) {
         return Err(AppError::invalid_value(param, format!("token id {bad} is outside the vocabulary of `{model}` (0..{vocab})")));
@@ -708,6 +722,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let prompts = [prompt];
     fits_context(ctx, &prompts, params.max_tokens, "messages")?;
     known_tokens(state, &model, &prompts, "messages", &params.logit_bias)?;
+    fits_queue(state, &model, n as usize)?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g, &request_id, &model, prompt_len(&prompts), worst, body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
@@ -1185,6 +1200,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     }
     fits_context(ctx, &prompts, params.max_tokens, "prompt")?;
     known_tokens(state, &model, &prompts, "prompt", &params.logit_bias)?;
+    fits_queue(state, &model, prompts.len() * n as usize)?;
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);

@@ -268,6 +268,8 @@ pub struct ModelInfo {
     pub has_chat_template: bool,
     /// Token ids run from 0 to `vocab_size - 1`.
     pub vocab_size: u32,
+    /// The most generations (prompts × `n`) one request may ask for (the model's queue).
+    pub generations_max: u32,
 }
 
 /// A chat message handed to a chat template. Content is plain text; the API layer flattens

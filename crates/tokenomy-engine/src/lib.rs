@@ -273,6 +273,7 @@ fn load_model(cfg: &ModelConfig) -> Result<LoadedModel, String> {
         sha256: None,
         has_chat_template: template.is_some(),
         vocab_size: u32::try_from(model.n_vocab()).unwrap_or(0),
+        generations_max: u32::try_from(limits.queue_max).unwrap_or(u32::MAX),
     };
     let prefix_reuse = summary.sliding_window.is_none() && !model.is_recurrent() && !model.is_hybrid();
     let queued = Arc::new(Queued::default());

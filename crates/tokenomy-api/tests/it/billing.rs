@@ -459,6 +459,14 @@ async fn token_ids_the_model_lacks_are_refused_before_anything_is_held() {
             assert!(e["message"].as_str().unwrap().contains("outside the vocabulary"), "{e}");
         }
     }
+    // So is a request for more generations than the model's queue takes at once.
+    let many = json!({"model": MODEL, "prompt": vec!["Hi"; 8], "n": 16, "max_tokens": 1});
+    for _ in 0..10 {
+        let auth = format!("Bearer {key}");
+        let r = request(&n.state, "POST", "/v1/completions", Some(&many.to_string()), &[("authorization", &auth), ("idempotency-key", "queue-1")]).await;
+        let e = assert_error(&r, StatusCode::BAD_REQUEST);
+        assert!(e["param"] == "n" && e["message"].as_str().unwrap().contains("queues at most"), "{e}");
+    }
     assert_eq!(n.statement(&acc).await.len(), 1, "only the funding mint: no hold was placed");
     assert_eq!(n.balance(&acc).await, (1_000_000, 0));
 }
