@@ -273,7 +273,12 @@ async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) 
     if crate::proxy::routes_here(state, &chat.value.common.model, 1) {
         return proxied(state, g, chat).await;
     }
-    let r = routes::chat_run(state, g, chat).await?;
+    let (raw, sha256) = (chat.raw.clone(), chat.sha256);
+    let r = match routes::chat_run(state, g, chat).await {
+        // The local queue filled up meanwhile: an upstream serving the model takes it.
+        Err(e) if crate::proxy::overflows(state, &e, &raw) => return proxied_raw(state, g, raw, sha256).await,
+        r => r?,
+    };
     let rid = r.started.request_id.clone();
     if r.stream {
         let cached = Arc::new(OnceLock::new());
@@ -288,7 +293,11 @@ async fn run(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) 
 /// stream's `message_start` cannot know the prompt's tokens, which the upstream counts: it
 /// says 0, and `message_delta`'s usage has them.)
 async fn proxied(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatRequest>) -> Result<Response, AppError> {
-    let (answer, billed) = crate::proxy::run(state, g, chat.raw, chat.sha256).await?;
+    proxied_raw(state, g, chat.raw, chat.sha256).await
+}
+
+async fn proxied_raw(state: &AppState, g: &routes::Gate, raw: bytes::Bytes, sha256: [u8; 32]) -> Result<Response, AppError> {
+    let (answer, billed) = crate::proxy::run(state, g, raw, sha256).await?;
     let resp = match answer {
         crate::proxy::ProxyAnswer::Whole(v) => Json(to_message(&v)).into_response(),
         crate::proxy::ProxyAnswer::Stream(chunks) => Sse::new(events(chunks, 0, Arc::new(OnceLock::from(0)))).into_response(),
@@ -405,6 +414,7 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let body = body?;
     crate::charge::caller(&state, &headers).await?;
     let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, true)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    crate::proxy::chat_only(&state, &chat.common.model, "/v1/messages/count_tokens")?;
     let messages = crate::openai::chat_messages(&chat.messages)?;
     // As `messages` renders it: with `tool_choice: none` the tools are left out of the prompt.
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;

@@ -45,6 +45,18 @@ pub(crate) fn routes_here(state: &AppState, model: &str, n: u32) -> bool {
     !local || !state.backend.has_room(model, n.max(1) as usize)
 }
 
+/// Whether a local refusal `e` of a request for `model` lets an upstream take it: the engine's
+/// queue was full (`overloaded`) and an upstream serves the model.
+pub(crate) fn overflows_model(state: &AppState, e: &AppError, model: &str) -> bool {
+    e.code == Some("overloaded") && state.upstreams.as_ref().is_some_and(|u| u.serves(model))
+}
+
+/// [`overflows_model`] for a chat request's JSON (`raw`).
+pub(crate) fn overflows(state: &AppState, e: &AppError, raw: &[u8]) -> bool {
+    let model = serde_json::from_slice::<Value>(raw).ok().and_then(|v| v["model"].as_str().map(str::to_string));
+    model.is_some_and(|m| overflows_model(state, e, &m))
+}
+
 /// Refuses, for an endpoint whose requests are not chats (completions, embeddings), a model
 /// that only an upstream serves, saying so rather than "no such model".
 pub(crate) fn chat_only(state: &AppState, model: &str, endpoint: &str) -> Result<(), AppError> {

@@ -419,6 +419,7 @@ pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let owner = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
     let mut p = parse(&body.value, body.sha256)?;
     let (chat, _, _) = chat_request(&state, owner, &mut p)?;
+    crate::proxy::chat_only(&state, &chat.common.model, "/v1/responses/input_tokens")?;
     let messages = crate::openai::chat_messages(&chat.messages).map_err(in_responses_terms)?;
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
@@ -435,7 +436,11 @@ async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Respon
         return proxied(state, g, p, raw, keep).await;
     }
     // The receipt names the Responses body (as sent), not its chat translation.
-    let r = routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256, raw }).await.map_err(in_responses_terms)?;
+    let r = match routes::chat_run(state, g, HashedJson { value: req, sha256: p.sha256, raw: raw.clone() }).await {
+        // The local queue filled up meanwhile: an upstream serving the model takes it.
+        Err(e) if crate::proxy::overflows(state, &e, &raw) => return proxied(state, g, p, raw, keep).await,
+        r => r.map_err(in_responses_terms)?,
+    };
     let rid = r.started.request_id.clone();
     let mut skeleton = p.skeleton;
     skeleton["id"] = json!(format!("resp_{}", r.id.trim_start_matches("chatcmpl-")));

@@ -556,9 +556,7 @@ async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -
     let (model, raw, sha256) = (body.value.common.model.clone(), body.raw.clone(), body.sha256);
     let run = match chat_run(state, g, body).await {
         // The local queue filled up meanwhile: an upstream serving the model takes it.
-        Err(e) if e.code == Some("overloaded") && state.upstreams.as_ref().is_some_and(|u| u.serves(&model)) => {
-            return crate::proxy::chat(state, g, raw, sha256).await;
-        }
+        Err(e) if crate::proxy::overflows_model(state, &e, &model) => return crate::proxy::chat(state, g, raw, sha256).await,
         r => r?,
     };
     let ChatRun { started, post, id, receipt_id, stream, include_usage, .. } = run;

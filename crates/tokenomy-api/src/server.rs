@@ -2,8 +2,8 @@
 //! `axum::serve` does not set.
 //!
 //! * **Header read timeout** ([`ServeLimits::header_read_timeout`]): a connection that does
-//!   not finish sending a request's headers in time (a slow or silent client, an idle
-//!   keep-alive connection) is closed, so idle sockets cannot pile up until the process runs
+//!   not finish sending a request's headers in time (a slow or silent client, one that sends
+//!   nothing at all, an idle keep-alive connection) is closed, so idle sockets cannot pile up until the process runs
 //!   out of file descriptors and refuses everyone.
 //! * **Body read timeout**: a body that stalls is refused (`408`).
 //! * **A connection cap** ([`ServeLimits::connections_max`]): past it the loop stops
@@ -52,6 +52,7 @@ pub async fn serve_with_limits(
     let router = app(state).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(limits.body_read_timeout));
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max.max(1)));
     let graceful = GracefulShutdown::new();
+    let closing = tokio_util::sync::CancellationToken::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut last_accept_error: Option<Instant> = None;
     loop {
@@ -85,8 +86,24 @@ pub async fn serve_with_limits(
         let mut builder = Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
         builder.http2().timer(TokioTimer::new()).keep_alive_interval(None);
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service).into_owned());
+        let first_byte_max = limits.header_read_timeout;
+        let watcher = graceful.watcher();
+        let closing = closing.clone();
         tokio::spawn(async move {
+            // hyper's header timeout starts with the first byte (its HTTP/1-or-2 sniffing waits
+            // for it unbounded): a client that connects and sends nothing is closed here, and at
+            // once when the node shuts down (the watcher would hold the shutdown up meanwhile).
+            // (`peek`, not `readable`, which may report a fresh socket ready with nothing in it.)
+            let mut first_byte = [0u8; 1];
+            let first = tokio::select! {
+                r = tokio::time::timeout(first_byte_max, tcp.peek(&mut first_byte)) => matches!(r, Ok(Ok(n)) if n > 0),
+                () = closing.cancelled() => false,
+            };
+            if !first {
+                drop(permit);
+                return;
+            }
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(tcp), service).into_owned());
             if let Err(e) = conn.await {
                 tracing::trace!(error = %e, "connection ended");
             }
@@ -94,6 +111,7 @@ pub async fn serve_with_limits(
         });
     }
     drop(listener);
+    closing.cancel();
     graceful.shutdown().await;
     Ok(())
 }

@@ -215,6 +215,17 @@ impl TransferRequest {
             && self.key_id == t.key_id
     }
 
+    /// Whether a request with this key is answered with `t`, the transfer the key already
+    /// has: the same request ([`matches`](Self::matches)), or any hold between the same
+    /// accounts when `t` is a voided hold, which moved nothing (a request whose first attempt
+    /// was refused and which then asks again for another amount, as one that went to an
+    /// upstream does, learns that attempt was voided and takes the key's next attempt).
+    pub fn replays(&self, t: &Transfer) -> bool {
+        let voided_hold = t.hold && t.state == TransferState::Voided;
+        self.matches(t)
+            || (voided_hold && self.hold && self.debit_account == t.debit_account && self.credit_account == t.credit_account && self.code == t.code)
+    }
+
     /// Build the transfer this request creates (state Pending for holds).
     pub fn into_transfer(self, now_ms: i64, pending_id: Option<TransferId>) -> Transfer {
         let state = if self.hold { TransferState::Pending } else { TransferState::Posted };

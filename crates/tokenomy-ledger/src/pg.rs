@@ -551,7 +551,7 @@ async fn log_index_of(tx: &Transaction<'_>, id: TransferId) -> Result<Option<u64
 // ------------------------------------------------------------------ operations
 
 fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
-    if req.matches(&existing) {
+    if req.replays(&existing) {
         Ok(existing)
     } else {
         Err(LedgerError::IdempotencyConflict { key: req.idempotency_key.clone() })

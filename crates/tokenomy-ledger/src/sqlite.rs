@@ -689,7 +689,7 @@ fn log_index_of(c: &WriteConn, id: TransferId) -> Result<Option<u64>> {
 // ------------------------------------------------------------------ operations
 
 fn replay(req: &TransferRequest, existing: Transfer) -> Result<Transfer> {
-    if req.matches(&existing) {
+    if req.replays(&existing) {
         Ok(existing)
     } else {
         Err(LedgerError::IdempotencyConflict { key: req.idempotency_key.clone() })

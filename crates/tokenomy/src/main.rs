@@ -203,16 +203,25 @@ async fn upstreams(args: &ServeArgs) -> Result<Option<Arc<tokenomy_upstream::Ups
         return Ok(None);
     }
     let u = Arc::new(tokenomy_upstream::Upstreams::new(&config, |var| std::env::var(var).ok()).map_err(anyhow::Error::msg)?);
-    for e in u.discover().await {
-        tracing::warn!(error = %e, "an upstream's models could not be listed; asking again in a minute");
+    let failed = u.discover().await;
+    for e in &failed {
+        tracing::warn!(error = %e, "an upstream's models could not be listed; asking again every 5 s until it answers");
     }
     let models = u.models();
     tracing::info!(upstreams = u.upstreams().len(), models = ?models.iter().map(|(m, _)| m).collect::<Vec<_>>(), "upstreams");
     let again = u.clone();
     tokio::spawn(async move {
+        let mut missing = !failed.is_empty();
         loop {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            for e in again.discover().await {
+            // An upstream not yet listed is asked again soon (its models are not served until
+            // then); once all have answered, every minute (their lists may change).
+            tokio::time::sleep(Duration::from_secs(if missing { 5 } else { 60 })).await;
+            let failed = again.discover().await;
+            if missing && failed.is_empty() {
+                tracing::info!(models = ?again.models().iter().map(|(m, _)| m).collect::<Vec<_>>(), "every upstream listed its models");
+            }
+            missing = !failed.is_empty();
+            for e in failed {
                 tracing::debug!(error = %e, "listing an upstream's models");
             }
         }

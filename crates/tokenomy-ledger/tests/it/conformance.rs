@@ -172,6 +172,13 @@ pub async fn idempotency_conflicts<S: LedgerStore>(s: Arc<S>) {
     s.settle(h.id, C / 2, T0 + 1, None).await.unwrap();
     let key = settle_key(h.id);
     assert_eq!(s.settle(h.id, C / 3, T0 + 2, None).await.map(|_| ()), conflict(&key));
+    // A voided hold moved nothing: its key, asked again for another amount, answers with the
+    // voided hold (the caller takes its next attempt) instead of refusing.
+    let v = s.hold(a.id, C, "v", 1000, T0).await.unwrap();
+    s.void(v.id).await.unwrap();
+    let again = s.hold(a.id, 2 * C, "v", 2000, T0).await.unwrap();
+    assert_eq!((again.id, again.state), (v.id, TransferState::Voided));
+    assert_eq!(s.mint(a.id, C, "v", None).await.map(|_| ()), conflict("v"), "not a hold: still refused");
     assert_eq!(s.get_account(a.id).await.unwrap().balance_micros, 11 * C - C / 2);
     assert_check_ok(&*s).await;
 }

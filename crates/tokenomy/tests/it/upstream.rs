@@ -254,7 +254,9 @@ fn a_full_local_queue_overflows_to_an_upstream_serving_the_same_model() {
                     let mut body = ask("smollm2");
                     body["max_tokens"] = json!(24);
                     body["messages"][0]["content"] = json!(format!("Count to {}.", i + 3));
-                    let r = post(a, key, &body);
+                    // (Each with a key of its own: a key's refused local attempt must not stop
+                    // its overflow.)
+                    let r = client().post(format!("{}/v1/chat/completions", a.base)).bearer_auth(key).header("idempotency-key", format!("burst-{i}")).json(&body).send().unwrap();
                     let (status, upstream) = (r.status().as_u16(), r.headers().get("tokenomy-upstream").map(|v| v.to_str().unwrap().to_string()));
                     let v: Value = r.json().unwrap();
                     (status, upstream, v["receipt"]["amount_micros"].as_i64().unwrap_or(0))
@@ -268,5 +270,23 @@ fn a_full_local_queue_overflows_to_an_upstream_serving_the_same_model() {
     assert!((1..8).contains(&overflowed), "some served here, the rest by the pool: {replies:?}");
     let charged: i64 = replies.iter().map(|(_, _, amount)| amount).sum();
     assert_eq!(before - balance(&a), charged, "every answer charged here once, wherever it was served");
+
+    // The Messages and Responses APIs overflow too.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (a, key) = (&a, &key);
+                s.spawn(move || {
+                    let (path, body) = match i % 2 {
+                        0 => ("/v1/messages", json!({"model": "smollm2", "max_tokens": 24, "messages": [{"role": "user", "content": format!("Count to {}.", i + 3)}]})),
+                        _ => ("/v1/responses", json!({"model": "smollm2", "max_output_tokens": 24, "input": format!("Count to {}.", i + 3)})),
+                    };
+                    client().post(format!("{}{path}", a.base)).bearer_auth(key).json(&body).send().unwrap().status().as_u16()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(get(&a, "/admin/v1/ledger/check", &a.admin_key())["ok"], true);
 }
