@@ -79,6 +79,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJs
             return Err(AppError::invalid("Expected a JSON body with `Content-Type: application/json`", None));
         }
         let bytes = bytes::Bytes::from_request(req, state).await.map_err(|r| {
+            if stalled(&r) {
+                let message = "The request body stalled: no data came within the node's body timeout (--body-read-timeout-ms)";
+                return AppError { status: StatusCode::REQUEST_TIMEOUT, code: Some("request_timeout"), ..AppError::invalid(message, None) };
+            }
             let status = r.status();
             let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
                 format!("The request body is too large: {}", r.body_text())
@@ -90,6 +94,18 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJs
         let value = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?.0;
         Ok(HashedJson { value, sha256: Sha256::digest(&bytes).into(), raw: bytes })
     }
+}
+
+/// Whether a body could not be read because it stalled past the listener's body timeout.
+fn stalled(r: &axum::extract::rejection::BytesRejection) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(r);
+    while let Some(err) = e {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        e = err.source();
+    }
+    false
 }
 
 fn json_rejection(r: JsonRejection) -> AppError {

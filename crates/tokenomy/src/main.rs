@@ -170,6 +170,9 @@ struct ServeArgs {
     /// an idle keep-alive connection) is closed.
     #[arg(long, default_value_t = 30_000, env = "TOKENOMY_HEADER_READ_TIMEOUT_MS")]
     header_read_timeout_ms: u64,
+    /// A request body that sends nothing for this long is refused (408).
+    #[arg(long, default_value_t = 60_000, env = "TOKENOMY_BODY_READ_TIMEOUT_MS")]
+    body_read_timeout_ms: u64,
 }
 
 /// Raises the soft open-file limit to the hard one: each connection is a descriptor, and
@@ -343,7 +346,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let limits = tokenomy_api::ServeLimits {
         connections_max: args.connections_max,
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
-        ..Default::default()
+        body_read_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
     };
     tokenomy_api::serve_with_limits(listener, state.clone(), shutdown_signal(state.clone(), delay, drain_max), limits).await?;
     tracing::info!("shutting down: waiting for in-flight metering");
