@@ -130,7 +130,7 @@ pub const IDEMPOTENT_RESPONSES_MAX: usize = 10_000;
 pub const IDEMPOTENCY_KEY_LEN_MAX_BYTES: usize = 64;
 
 /// The headers of a kept answer that its replays carry too.
-const REPLAYED_HEADERS: [&str; 2] = ["x-request-id", "tokenomy-receipt"];
+const REPLAYED_HEADERS: [&str; 3] = ["x-request-id", "tokenomy-receipt", "tokenomy-upstream"];
 
 #[derive(Clone)]
 enum Slot {

@@ -152,6 +152,14 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // A keyed retry is replayed the first answer, headers included.
+    let keyed = |_| client().post(format!("{}/v1/chat/completions", a.base)).bearer_auth(a.user_key()).header("idempotency-key", "proxied-once").json(&ask("smollm2")).send().unwrap();
+    let (first, again) = (keyed(1), keyed(2));
+    for h in ["x-request-id", "tokenomy-receipt", "tokenomy-upstream"] {
+        assert_eq!(first.headers().get(h), again.headers().get(h), "{h}");
+    }
+    assert_eq!(again.headers()["tokenomy-upstream"], "pool");
+
     // Other endpoints say that only chat completions go upstream; bad limits are refused here.
     let r = client().post(format!("{}/v1/completions", a.base)).bearer_auth(a.user_key()).json(&json!({"model": "smollm2", "prompt": "Hi"})).send().unwrap();
     assert_eq!(r.status().as_u16(), 400);
@@ -185,8 +193,8 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     let check = get(&a, "/admin/v1/ledger/check", &a.admin_key());
     assert_eq!(check["ok"], true, "{check}");
     let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
-    // Eleven requests went to the upstream; one failed it (the refused one was the client's fault).
-    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 11"), "{metrics}");
+    // Twelve requests went to the upstream; one failed it (the refused one was the client's fault).
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 12"), "{metrics}");
     assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"pool\"} 1"), "{metrics}");
 }
 
