@@ -258,8 +258,11 @@ pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: R
     // A body that cannot be read or parsed is answered in Anthropic's error shape too.
     let body = body?;
     let chat_json = to_chat(&body.value, false)?;
-    // (Forwarded as is when an upstream serves the model.)
-    let raw = serde_json::to_vec(&chat_json).unwrap_or_default().into();
+    // (Forwarded as is when an upstream serves the model: kept only where there are upstreams.)
+    let raw = match state.upstreams {
+        Some(_) => serde_json::to_vec(&chat_json).unwrap_or_default().into(),
+        None => bytes::Bytes::new(),
+    };
     let chat: ChatRequest = serde_json::from_value(chat_json).map_err(|e| invalid(format!("invalid request: {e}")))?;
     let g = match routes::gate(&state, &headers, "/v1/messages", body.sha256).await? {
         Ok(g) => g,

@@ -74,7 +74,7 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
     let model = req.model;
     crate::proxy::chat_only(state, &model, "/v1/embeddings")?;
     let inputs = inputs(state, &model, &req.input)?;
-    routes::known_tokens(state, &model, &inputs, "input", &[])?;
+    routes::known_tokens(&routes::model_info(state, &model)?, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let charge = routes::begin_charge(state, g, &request_id, &model, routes::prompt_len(&inputs), 0, body.sha256).await?;
     let account = g.caller.as_ref().map(|p| p.account);

@@ -408,7 +408,11 @@ fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> R
     let system = p.instructions.take().map(|t| json!({"role": "system", "content": t}));
     chat.insert("messages".into(), Value::Array(system.into_iter().chain(history.iter().cloned()).collect()));
     let chat = Value::Object(chat);
-    let raw = serde_json::to_vec(&chat).unwrap_or_default().into();
+    // (Forwarded as is when an upstream serves the model: kept only where there are upstreams.)
+    let raw = match state.upstreams {
+        Some(_) => serde_json::to_vec(&chat).unwrap_or_default().into(),
+        None => bytes::Bytes::new(),
+    };
     let req: ChatRequest = serde_json::from_value(chat).map_err(|e| AppError::invalid(format!("invalid request: {e}"), None))?;
     Ok((req, history, raw))
 }

@@ -489,13 +489,13 @@ fn finish_reason(outcomes: &[Outcome], index: u32) -> &'static str {
     outcomes.get(index as usize).map_or("stop", |o| o.finish_reason.as_openai())
 }
 
-fn context_length(state: &AppState, model: &str) -> Result<u32, AppError> {
+/// What the engine says of `model` (one lookup per request: its context, vocabulary, queue).
+pub(crate) fn model_info(state: &AppState, model: &str) -> Result<tokenomy_core::ModelInfo, AppError> {
     state
         .backend
         .models()
         .into_iter()
         .find(|m| m.name == model)
-        .map(|m| m.context_length)
         .ok_or_else(|| tokenomy_core::BackendError::UnknownModel(model.to_string()).into())
 }
 
@@ -510,25 +510,21 @@ fn fits_context(ctx: u32, prompts: &[Vec<TokenId>], max_tokens: u32, param: &str
     Ok(())
 }
 
-/// Refuses token ids the model does not have (in the prompts, named by `param`, or in
-/// `logit_bias`) before anything is held: such a request leaves no voided hold behind and does
-/// not spend an `Idempotency-Key`'s attempts.
-pub(crate) fn known_tokens(state: &AppState, model: &str, prompts: &[Vec<TokenId>], param: &str, logit_bias: &[(TokenId, f32)]) -> Result<(), AppError> {
-    let Some(vocab) = state.backend.models().into_iter().find(|m| m.name == model).map(|m| m.vocab_size) else { return Ok(()) };
-    known_ids(model, vocab, prompts, param, logit_bias)
-}
-
 /// Refuses, before anything is held, a request for more generations (prompts × `n`) than the
 /// model's queue takes at once: no balance would make it run.
-fn fits_queue(state: &AppState, model: &str, wanted: usize) -> Result<(), AppError> {
-    let Some(max) = state.backend.models().into_iter().find(|m| m.name == model).map(|m| m.generations_max) else { return Ok(()) };
+fn fits_queue(info: &tokenomy_core::ModelInfo, wanted: usize) -> Result<(), AppError> {
+    let (model, max) = (&info.name, info.generations_max);
     match wanted <= max as usize {
         true => Ok(()),
         false => Err(AppError::invalid_value("n", format!("this request asks for {wanted} generations (prompts × n) and `{model}` queues at most {max} (--queue-max)"))),
     }
 }
 
-fn known_ids(model: &str, vocab: u32, prompts: &[Vec<TokenId>], param: &str, logit_bias: &[(TokenId, f32)]) -> Result<(), AppError> {
+/// Refuses token ids the model does not have (in the prompts, named by `param`, or in
+/// `logit_bias`) before anything is held: such a request leaves no voided hold behind and does
+/// not spend an `Idempotency-Key`'s attempts.
+pub(crate) fn known_tokens(info: &tokenomy_core::ModelInfo, prompts: &[Vec<TokenId>], param: &str, logit_bias: &[(TokenId, f32)]) -> Result<(), AppError> {
+    let (model, vocab) = (&info.name, info.vocab_size);
     let outside = |t: TokenId| u32::try_from(t).map_or(true, |t| t >= vocab);
     if let Some(bad) = prompts.iter().flatten().copied().find(|&t| outside(t)) {
         return Err(AppError::invalid_value(param, format!("token id {bad} is outside the vocabulary of `{model}` (0..{vocab})")));
@@ -609,7 +605,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     params.logprobs = req.logprobs.then_some(top);
     let messages = openai::chat_messages(&req.messages)?;
     let model = req.common.model.clone();
-    let ctx = context_length(state, &model)?;
+    let info = model_info(state, &model)?;
+    let ctx = info.context_length;
     for (legacy, now) in [("functions", &req.functions), ("function_call", &req.function_call)] {
         if now.as_ref().is_some_and(|v| !v.is_null()) {
             let msg = format!("`{legacy}` is OpenAI's deprecated function calling; send the functions as `tools` (and `function_call` as `tool_choice`)");
@@ -735,8 +732,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let prompt_tokens = prompt.len() as u32;
     let prompts = [prompt];
     fits_context(ctx, &prompts, params.max_tokens, "messages")?;
-    known_tokens(state, &model, &prompts, "messages", &params.logit_bias)?;
-    fits_queue(state, &model, n as usize)?;
+    known_tokens(&info, &prompts, "messages", &params.logit_bias)?;
+    fits_queue(&info, n as usize)?;
     let worst = u64::from(n) * u64::from(params.max_tokens);
     let charge = begin_charge(state, g, &request_id, &model, prompt_len(&prompts), worst, body.sha256).await?;
     let receipt_id = charge.as_ref().filter(|c| c.hold.is_charged()).map(|c| c.hold.receipt_id.clone());
@@ -1206,15 +1203,16 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     }
     let model = req.common.model.clone();
     crate::proxy::chat_only(state, &model, "/v1/completions")?;
-    let ctx = context_length(state, &model)?;
+    let info = model_info(state, &model)?;
+    let ctx = info.context_length;
     let prompts = prompt_tokens(state, &model, &req.prompt)?;
     params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(16);
     if params.max_tokens == 0 && !req.echo {
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }
     fits_context(ctx, &prompts, params.max_tokens, "prompt")?;
-    known_tokens(state, &model, &prompts, "prompt", &params.logit_bias)?;
-    fits_queue(state, &model, prompts.len() * n as usize)?;
+    known_tokens(&info, &prompts, "prompt", &params.logit_bias)?;
+    fits_queue(&info, prompts.len() * n as usize)?;
     let echo_logprobs = req.echo && req.logprobs.is_some();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let worst = prompts.len() as u64 * u64::from(n) * u64::from(params.max_tokens);
