@@ -8,7 +8,7 @@ step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # timeout. Generous: the whole suite takes ~6 min on 2 cores after a ~16 min fresh build.
 limited() { local limit="$1"; shift; timeout --kill-after=30s "$limit" "$@"; }
 step install-deps
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh --test
 step fetch-test-models
 bash scripts/fetch-test-models.sh
 step start-postgres
