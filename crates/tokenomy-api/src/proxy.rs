@@ -365,14 +365,7 @@ async fn settle(
                 request_sha256: c.request_sha256,
                 output_sha256: Sha256::digest(serde_json::to_vec(texts).unwrap_or_default()).into(),
             };
-            match billing.settle(c.hold, served).await {
-                Ok(r) => (r, None),
-                Err(tokenomy_billing::BillingError::SettlementDeferred { receipt_id, .. }) => (None, Some(receipt_id)),
-                Err(e) => {
-                    tracing::error!(request_id, error = %e, "settling a proxied charge");
-                    (None, None)
-                }
-            }
+            crate::routes::settle_served(billing, c.hold, served, request_id).await
         }
         _ => (None, None),
     };

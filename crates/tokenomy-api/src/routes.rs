@@ -260,7 +260,13 @@ pub(crate) async fn finish_charge(state: &AppState, c: Charge, model: &str, outc
         request_sha256: c.request_sha256,
         output_sha256: Sha256::digest(serde_json::to_vec(&texts).unwrap_or_default()).into(),
     };
-    match billing.settle(c.hold, served).await {
+    settle_served(billing, c.hold, served, &request_id).await
+}
+
+/// Posts a hold's exact cost: the receipt, or the id of one whose settlement is being retried
+/// in the background, or nothing (logged) if the ledger refused it.
+pub(crate) async fn settle_served(billing: &tokenomy_billing::Billing, hold: Hold, served: Served, request_id: &str) -> (Option<ReceiptRef>, Option<String>) {
+    match billing.settle(hold, served).await {
         Ok(r) => (r, None),
         Err(tokenomy_billing::BillingError::SettlementDeferred { receipt_id, .. }) => (None, Some(receipt_id)),
         Err(e) => {

@@ -20,26 +20,25 @@ fn ids_in_file(path: &std::path::Path, account: AccountId) -> Vec<TransferId> {
     rows.map(|r| TransferId::from_slice(&r.unwrap()).unwrap()).collect()
 }
 
-/// Ids of `account`'s statement, paged `page` at a time.
+/// Ids of `account`'s statement, paged `page` at a time, oldest first.
 async fn statement_ids<S: LedgerStore>(s: &S, account: AccountId, page: u32) -> Vec<TransferId> {
-    let mut ids = Vec::new();
-    let mut cursor = None;
-    loop {
-        let p = s.statement(account, cursor, page).await.unwrap();
-        ids.extend(p.items.iter().map(|t| t.id));
-        match p.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => return ids,
-        }
-    }
+    paged_ids(account, page, |a, c, n| s.statement(a, c, n)).await
 }
 
 /// Ids of `account`'s statement newest first, paged `page` at a time.
 async fn newest_first_ids<S: LedgerStore>(s: &S, account: AccountId, page: u32) -> Vec<TransferId> {
+    paged_ids(account, page, |a, c, n| s.statement_newest_first(a, c, n)).await
+}
+
+async fn paged_ids<F, Fut>(account: AccountId, page: u32, read: F) -> Vec<TransferId>
+where
+    F: Fn(AccountId, Option<u64>, u32) -> Fut,
+    Fut: std::future::Future<Output = Result<Page<Transfer>>>,
+{
     let mut ids = Vec::new();
     let mut cursor = None;
     loop {
-        let p = s.statement_newest_first(account, cursor, page).await.unwrap();
+        let p = read(account, cursor, page).await.unwrap();
         ids.extend(p.items.iter().map(|t| t.id));
         match p.next_cursor {
             Some(c) => cursor = Some(c),
