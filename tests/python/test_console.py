@@ -287,3 +287,37 @@ def test_an_operator_opens_an_account_whose_key_then_works(node, browser):
     d.find_element(By.ID, "key-use").click()
     wait(d, lambda d: text(d, "balance") == "2.500001")
     assert not d.find_element(By.CSS_SELECTOR, "nav button[data-tab=operator]").is_displayed()
+
+
+def test_a_key_with_the_transfer_scope_sends_credits_once_and_verifies_the_receipt(node, browser):
+    d = browser
+    payer = api(node, "/admin/v1/accounts", node.admin_key, {"name": "console-payer", "kind": "agent"})
+    payee = api(node, "/admin/v1/accounts", node.admin_key, {"name": "console-payee", "kind": "agent"})
+    api(node, f"/admin/v1/accounts/{payer['id']}/mint", node.admin_key, {"amount_micros": 3_000_000, "idempotency_key": "console-payer"})
+    key = api(node, f"/admin/v1/accounts/{payer['id']}/keys", node.admin_key, {"scopes": ["transfer"]})["key"]
+    # An inference key's page has no such form.
+    open_console(d, node, node.key)
+    assert not d.find_element(By.ID, "send").is_displayed()
+    d.find_element(By.ID, "key-input").send_keys(key)
+    d.find_element(By.ID, "key-use").click()
+    wait(d, lambda d: text(d, "balance") == "3.000000")
+    assert d.find_element(By.ID, "send").is_displayed()
+    d.find_element(By.ID, "send-to").send_keys(payee["id"])
+    d.find_element(By.ID, "send-amount").send_keys("1.25")
+    # However fast the button is clicked, the credits move once.
+    d.execute_script("const b = arguments[0]; b.click(); b.click();", d.find_element(By.ID, "send-go"))
+    wait(d, lambda d: text(d, "balance") == "1.750000")
+    assert api(node, f"/admin/v1/accounts/{payee['id']}", node.admin_key)["balance_micros"] == 1_250_000
+    d.find_element(By.ID, "send-verify").click()
+    wait(d, lambda d: text(d, "receipt-verdict") != "")
+    assert text(d, "receipt-verdict").startswith("✓"), text(d, "receipt-verdict")
+    fields = {row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text
+              for row in d.find_elements(By.CSS_SELECTOR, "#receipt-fields tr")}
+    assert fields["counterparty_id"] == payee["id"] and fields["amount_micros"].startswith("-1250000 "), fields
+    # The ledger tab lists it as a transfer out; an amount the account lacks is refused.
+    assert "-1.250000" in d.find_element(By.ID, "transfers").text
+    d.find_element(By.ID, "send-to").send_keys(payee["id"])
+    d.find_element(By.ID, "send-amount").send_keys("5")
+    d.find_element(By.ID, "send-go").click()
+    wait(d, lambda d: "short by" in text(d, "banner"))
+    assert api(node, "/admin/v1/ledger/check", node.admin_key)["ok"]

@@ -145,6 +145,39 @@ function showAccount(me) {
     l.spend_cap_month_micros != null ? `${credits(l.spend_cap_month_micros)} credits/month` : null,
   ].filter(Boolean);
   $("limits").textContent = parts.length ? parts.join(", ") : "none";
+  $("send").hidden = !(me.scopes || []).includes("transfer");
+}
+
+// ---- credits to another account (a key with the "transfer" scope) ----------------------------
+
+async function sendCredits(event) {
+  event.preventDefault();
+  await once($("send-go"), sendCreditsNow);
+}
+
+async function sendCreditsNow() {
+  const to = $("send-to").value.trim();
+  const micros = parseCredits($("send-amount").value);
+  if (micros === null || micros === 0n) throw new Error("Credits: a positive amount under a billion, at most six decimals");
+  // One transfer per form: a retry after a failure (a lost answer) reuses the key, so the
+  // node sends the credits once; new values make a new transfer.
+  const what = `${to}|${micros}`;
+  if (!state.send || state.send.what !== what) state.send = { what, key: `console:${crypto.randomUUID()}` };
+  const r = await api("/v1/transfers", {
+    method: "POST",
+    headers: { "content-type": "application/json", "idempotency-key": state.send.key },
+    body: `{"to":${JSON.stringify(to)},"amount_micros":${micros}}`,
+  });
+  state.send = null;
+  $("send").reset();
+  const out = $("send-result");
+  out.replaceChildren(`Sent ${credits(r.transfer.amount_micros)} credits, receipt `, el("code", r.receipt.id), " ");
+  const b = el("button", "Verify", "small");
+  b.type = "button";
+  b.id = "send-verify";
+  b.addEventListener("click", () => verifyById(r.receipt.id));
+  out.append(b);
+  await loadAccount();
 }
 
 const CODE_NAMES = { mint: "credits added", usagecharge: "tokens", transfer: "transfer", refund: "refund" };
@@ -513,6 +546,7 @@ async function start() {
   $("refresh").addEventListener("click", guard(loadAccount));
   $("more").addEventListener("click", guard(loadTransfers));
   $("chat-form").addEventListener("submit", guard(sendChat));
+  $("send").addEventListener("submit", guard(sendCredits));
   $("chat-stop").addEventListener("click", () => inFlight && inFlight.abort());
   $("verify-run").addEventListener("click", guard(verifyPasted));
   $("unpin").addEventListener("click", trustCurrentKey);

@@ -544,6 +544,42 @@ pub async fn transfer(State(state): State<AppState>, headers: HeaderMap, ApiJson
     Ok(Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendCredits {
+    to: String,
+    amount_micros: i64,
+    idempotency_key: Option<String>,
+}
+
+/// `POST /v1/transfers`: a key with the `transfer` scope sends its account's credits to
+/// another customer account. Money moves once per `Idempotency-Key` (the header, or
+/// `idempotency_key` in the body), which is therefore required: a client that timed out
+/// retries with it and gets the same transfer and receipt back.
+pub async fn send_credits(State(state): State<AppState>, headers: HeaderMap, ApiJson(req): ApiJson<SendCredits>) -> Result<Response, AppError> {
+    let b = billing(&state)?;
+    let p = principal(&state, &headers).await?;
+    let key = match (idempotency_key(&headers)?, req.idempotency_key) {
+        (Some(h), Some(k)) if h != k => return Err(AppError::invalid("The Idempotency-Key header and idempotency_key differ: send one.", Some("idempotency_key"))),
+        (Some(k), _) => k,
+        (None, Some(k)) if !k.is_empty() && k.len() <= IDEMPOTENCY_KEY_LEN_MAX_BYTES && k.bytes().all(|b| b.is_ascii_graphic()) => k,
+        (None, Some(_)) => {
+            let msg = format!("idempotency_key must be 1..={IDEMPOTENCY_KEY_LEN_MAX_BYTES} visible ASCII characters");
+            return Err(AppError::invalid(msg, Some("idempotency_key")));
+        }
+        (None, None) => {
+            let msg = "A transfer needs an Idempotency-Key (the header, or idempotency_key), so that a retry cannot send the credits twice.";
+            return Err(AppError::invalid(msg, Some("idempotency_key")));
+        }
+    };
+    let to = parse_account_id(&req.to).map_err(|_| AppError::invalid(format!("to: {:?} is not an account id.", req.to), Some("to")))?;
+    let allowance = b.admit(&p).await?;
+    let (t, r) = b.send(&p, to, req.amount_micros, &key).await?;
+    let mut resp = Json(json!({"transfer": transfer_json(&t), "receipt": receipt_json(&r)})).into_response();
+    ratelimit_headers(&mut resp, &allowance);
+    Ok(resp)
+}
+
 pub async fn ledger_check(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
     let r = billing(&state)?.check().await?;

@@ -262,6 +262,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/me", get(charge::me))
         .route("/v1/me/transfers", get(charge::my_transfers))
+        .route("/v1/transfers", post(charge::send_credits))
         .route("/v1/receipts/{id}", get(charge::get_receipt))
         .route("/admin/v1/accounts", post(charge::create_account).get(charge::list_accounts))
         .route("/admin/v1/accounts/{id}", get(charge::get_account))

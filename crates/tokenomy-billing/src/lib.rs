@@ -39,6 +39,9 @@ pub use ratelimit::{Allowance, Limited, Limits};
 
 pub const SCOPE_INFERENCE: &str = "inference";
 pub const SCOPE_ADMIN: &str = "admin";
+/// May send the key's account's credits to another customer account (`POST /v1/transfers`).
+/// Never granted by default: an inference key that leaks can spend tokens, not move money.
+pub const SCOPE_TRANSFER: &str = "transfer";
 /// Most attempts of one `Idempotency-Key` whose holds were voided (each failed, nothing
 /// charged) before the key is refused: see `Billing::place_idempotent`.
 pub const IDEMPOTENT_ATTEMPTS_MAX: u32 = 8;
@@ -315,6 +318,18 @@ fn hex_id(s: &str) -> Option<u128> {
     (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u128::from_str_radix(s, 16).ok()).flatten()
 }
 
+/// The `transfer` scope and spend caps exclude each other: caps count what a key holds for
+/// requests, so a capped key that could also send credits would spend past its cap. An agent
+/// that pays others gets an account of its own, whose balance is its budget.
+fn transfer_scope_allowed(caps: SpendCaps) -> Result<()> {
+    if caps.is_capped() {
+        return Err(BillingError::Invalid(
+            "a key with the \"transfer\" scope has no spend caps (caps count requests, not transfers): give it an account of its own, whose balance is its budget".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub fn parse_account_id(s: &str) -> Result<AccountId> {
     hex_id(s).map(AccountId).ok_or_else(|| BillingError::Invalid(format!("malformed account id {s:?}: expected 32 hex digits")))
 }
@@ -416,17 +431,20 @@ impl Billing {
         caps: SpendCaps,
     ) -> Result<(KeyId, String)> {
         for s in scopes {
-            if s != SCOPE_INFERENCE && s != SCOPE_ADMIN {
-                return Err(BillingError::Invalid(format!("unknown scope {s:?}: use \"inference\" and/or \"admin\"")));
+            if ![SCOPE_INFERENCE, SCOPE_ADMIN, SCOPE_TRANSFER].contains(&s.as_str()) {
+                return Err(BillingError::Invalid(format!("unknown scope {s:?}: use \"inference\", \"transfer\" and/or \"admin\"")));
             }
+        }
+        if scopes.iter().any(|s| s == SCOPE_TRANSFER) {
+            transfer_scope_allowed(caps)?;
         }
         if scopes.is_empty() {
             return Err(BillingError::Invalid("a key needs at least one scope".into()));
         }
         tokenomy_ledger::validate_rates(rpm, tpm)?;
         let acc = self.store.get_account(account).await?;
-        if scopes.iter().any(|s| s == SCOPE_INFERENCE) && !acc.kind.must_stay_funded() {
-            return Err(BillingError::Invalid("inference keys belong to user or agent accounts".into()));
+        if scopes.iter().any(|s| s == SCOPE_INFERENCE || s == SCOPE_TRANSFER) && !acc.kind.must_stay_funded() {
+            return Err(BillingError::Invalid("inference and transfer keys belong to user or agent accounts".into()));
         }
         if scopes.iter().any(|s| s == SCOPE_ADMIN) && acc.kind.must_stay_funded() {
             // An admin key may mint: on a customer's account it would let the customer pay
@@ -445,8 +463,16 @@ impl Billing {
     /// Changes a key's RPM/TPM limits and spend caps (those `change` names, in one write);
     /// effective from its next request.
     pub async fn set_key_limits(&self, key: KeyId, change: KeyLimitsChange) -> Result<KeyRecord> {
-        if self.store.get_key(key).await?.revoked_at_ms.is_some() {
+        let rec = self.store.get_key(key).await?;
+        if rec.revoked_at_ms.is_some() {
             return Err(BillingError::Conflict(format!("key {key} is revoked: its limits no longer apply to anything")));
+        }
+        if rec.scopes.iter().any(|s| s == SCOPE_TRANSFER) {
+            let caps = SpendCaps {
+                day_micros: change.day_micros.unwrap_or(rec.caps.day_micros),
+                month_micros: change.month_micros.unwrap_or(rec.caps.month_micros),
+            };
+            transfer_scope_allowed(caps)?;
         }
         Ok(self.store.set_key_limits(key, change).await?)
     }
@@ -516,6 +542,42 @@ impl Billing {
         self.serving()?;
         let receipt = self.money_receipt(ReceiptKind::Transfer, from, to, actor);
         let t = self.store.transfer(from, to, amount_micros, key, Some(leaf_for(receipt, -amount_micros))).await?;
+        Ok((t.clone(), self.receipt_of(&t).await?))
+    }
+
+    /// A customer's key sends credits from its own account to another customer's (`to`, a user
+    /// or agent account), with a v2 receipt both parties can fetch. Idempotent per account and
+    /// `key` (the ledger key `send:ACCOUNT:KEY`, so two customers' keys never meet): a retry
+    /// gets the same transfer and receipt, the same key with another recipient or amount a 409.
+    pub async fn send(&self, p: &Principal, to: AccountId, amount_micros: i64, key: &str) -> Result<(Transfer, ReceiptRef)> {
+        if !p.has_scope(SCOPE_TRANSFER) {
+            return Err(BillingError::Forbidden("This key lacks the \"transfer\" scope: an operator grants it to a key of its own (`tokenomy keys create ACCOUNT --scope transfer`).".into()));
+        }
+        // Caps are counted on holds only; a capped key that could send would step around them.
+        transfer_scope_allowed(p.caps)?;
+        if !(1..=tokenomy_ledger::MAX_AMOUNT_MICROS).contains(&amount_micros) {
+            let msg = format!("amount_micros is 1 to {} micro-credits, not {amount_micros}.", tokenomy_ledger::MAX_AMOUNT_MICROS);
+            return Err(BillingError::InvalidParam("amount_micros", msg));
+        }
+        self.serving()?;
+        let recipient = self.store.get_account(to).await.map_err(|e| match e {
+            LedgerError::UnknownAccount(_) => BillingError::InvalidParam("to", format!("No account {to}.")),
+            e => e.into(),
+        })?;
+        if !recipient.kind.must_stay_funded() {
+            return Err(BillingError::InvalidParam("to", format!("Credits go to user or agent accounts, not to the {} account.", recipient.kind.api_name())));
+        }
+        if to == p.account {
+            return Err(BillingError::InvalidParam("to", "A transfer goes to another account than the key's own.".into()));
+        }
+        let receipt = self.money_receipt(ReceiptKind::Transfer, p.account, to, p);
+        let ledger_key = format!("send:{}:{key}", p.account);
+        let t = match self.store.transfer(p.account, to, amount_micros, &ledger_key, Some(leaf_for(receipt, -amount_micros))).await {
+            Err(LedgerError::IdempotencyConflict { .. }) => {
+                return Err(idempotency("idempotency_key_reused", "This Idempotency-Key was already used for a transfer to another account or of another amount."))
+            }
+            r => r?,
+        };
         Ok((t.clone(), self.receipt_of(&t).await?))
     }
 

@@ -260,6 +260,92 @@ async fn a_charge_is_refunded_once_with_a_receipt_the_customer_can_verify() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_sends_credits_once_with_a_receipt_both_parties_verify() {
+    for pg in stores() {
+        let n = node(pg.as_deref(), "tokenomy_api_send", &[]).await;
+        let (payer, inference_key) = n.funded("payer", 1_000).await;
+        let (payee, payee_key) = n.funded("payee", 0).await;
+        let grant = |scopes: Value, extra: Value| {
+            let mut body = json!({"scopes": scopes});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            body
+        };
+        let url = format!("/admin/v1/accounts/{payer}/keys");
+        let key = n.admin("POST", &url, Some(grant(json!(["inference", "transfer"]), json!({"rpm": 100})))).await["key"].as_str().unwrap().to_string();
+        let before = n.check().await;
+
+        // Refused, and nothing moves: the scope is not an inference key's; a capped key may not
+        // send (caps count requests); the transfer scope is a customer's only.
+        let cap = json!({"spend_cap_day_micros": 10});
+        let e = assert_error(&n.call("POST", &url, Some(grant(json!(["transfer"]), cap.clone())), &n.first.admin_key).await, StatusCode::BAD_REQUEST);
+        assert!(e["message"].as_str().unwrap().contains("spend caps"), "{e}");
+        let ops = format!("/admin/v1/accounts/{}/keys", tokenomy_ledger::OPERATOR_REVENUE);
+        assert_error(&n.call("POST", &ops, Some(grant(json!(["transfer"]), json!({}))), &n.first.admin_key).await, StatusCode::BAD_REQUEST);
+        let key_id = n.call("GET", "/v1/me", None, &key).await.json()["key_id"].as_str().unwrap().to_string();
+        let capping = n.call("PATCH", &format!("/admin/v1/keys/{key_id}/limits"), Some(cap), &n.first.admin_key).await;
+        assert_error(&capping, StatusCode::BAD_REQUEST);
+        let send = |to: &str, amount: i64, k: &str| json!({"to": to, "amount_micros": amount, "idempotency_key": k});
+        let e = assert_error(&n.call("POST", "/v1/transfers", Some(send(&payee, 5, "x")), &inference_key).await, StatusCode::FORBIDDEN);
+        assert!(e["message"].as_str().unwrap().contains("transfer"), "{e}");
+        let refusals = [
+            (json!({"to": payee, "amount_micros": 5}), StatusCode::BAD_REQUEST, "idempotency_key"),
+            (send(&payee, 0, "a"), StatusCode::BAD_REQUEST, "amount_micros"),
+            (send(&payee, -5, "b"), StatusCode::BAD_REQUEST, "amount_micros"),
+            (send(&payer, 5, "c"), StatusCode::BAD_REQUEST, "to"),
+            (send("not-an-id", 5, "d"), StatusCode::BAD_REQUEST, "to"),
+            (send("00000000000000000000000000000abc", 5, "e"), StatusCode::BAD_REQUEST, "to"),
+            (send(&tokenomy_ledger::TREASURY.to_string(), 5, "f"), StatusCode::BAD_REQUEST, "to"),
+            (send(&tokenomy_ledger::OPERATOR_REVENUE.to_string(), 5, "g"), StatusCode::BAD_REQUEST, "to"),
+            (send(&payee, 1_001, "h"), StatusCode::PAYMENT_REQUIRED, ""),
+        ];
+        for (body, status, param) in refusals {
+            let e = assert_error(&n.call("POST", "/v1/transfers", Some(body.clone()), &key).await, status);
+            if !param.is_empty() {
+                assert_eq!(e["param"], param, "{body}: {e}");
+            }
+        }
+        let after = n.check().await;
+        assert_eq!(before["transfers"], after["transfers"], "no refusal moved anything");
+
+        // Sent once, whatever the retries; the same key for another amount is a 409.
+        let auth = format!("Bearer {key}");
+        let h = [("authorization", auth.as_str()), ("idempotency-key", "pay-1")];
+        let body = json!({"to": payee, "amount_micros": 300}).to_string();
+        let first = request(&n.state, "POST", "/v1/transfers", Some(&body), &h).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+        assert_eq!(first.headers["x-ratelimit-limit-requests"], "100");
+        let again = request(&n.state, "POST", "/v1/transfers", Some(&body), &h).await;
+        assert_eq!(again.json(), first.json(), "a retry is the same transfer and receipt");
+        let other = json!({"to": payee, "amount_micros": 301}).to_string();
+        let e = assert_error(&request(&n.state, "POST", "/v1/transfers", Some(&other), &h).await, StatusCode::CONFLICT);
+        assert_eq!(e["code"], "idempotency_key_reused");
+        let mixed = json!({"to": payee, "amount_micros": 300, "idempotency_key": "pay-2"}).to_string();
+        assert_error(&request(&n.state, "POST", "/v1/transfers", Some(&mixed), &h).await, StatusCode::BAD_REQUEST);
+        assert_eq!((n.balance(&payer).await, n.balance(&payee).await), ((700, 0), (300, 0)));
+        // Another customer's identical key is its own transfer.
+        let (payer2, _) = n.funded("payer2", 50).await;
+        let key2 = n.admin("POST", &format!("/admin/v1/accounts/{payer2}/keys"), Some(grant(json!(["transfer"]), json!({})))).await["key"].as_str().unwrap().to_string();
+        let r = n.call("POST", "/v1/transfers", Some(send(&payee, 50, "pay-1")), &key2).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(n.balance(&payee).await, (350, 0));
+
+        // Both parties fetch the receipt and verify it offline; it names the other party.
+        let doc = first.json();
+        let id = doc["receipt"]["id"].as_str().unwrap();
+        for (k, account, amount) in [(&key, &payer, -300), (&payee_key, &payer, -300)] {
+            let bundle = n.call("GET", &format!("/v1/receipts/{id}"), None, k).await;
+            assert_eq!(bundle.status, StatusCode::OK, "{}", bundle.text);
+            let v = verify_bundle(&bundle.text, &n.key()).unwrap().receipt;
+            assert_eq!((v.kind, v.amount_micros, &v.account_id, &v.counterparty_id), (ReceiptKind::Transfer, amount, account, &payee));
+            assert_eq!(v.key_id, key_id, "the receipt names the key that sent it");
+        }
+        let lines = n.call("GET", "/v1/me/transfers?order=desc", None, &payee_key).await.json();
+        assert!(lines["data"].as_array().unwrap().iter().any(|l| l["receipt_id"] == id && l["from"] == payer.as_str()), "{lines}");
+        n.check().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_never_overdraw_an_account() {
     for pg in stores() {
         let n = node(pg.as_deref(), "tokenomy_api_concurrent", &[]).await;
