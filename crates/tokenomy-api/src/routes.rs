@@ -910,6 +910,12 @@ impl ChatPost {
             let names: Vec<&str> = self.tool_names.iter().map(String::as_str).collect();
             let mut p = Hermes.parse(&content, &names);
             if self.one_call {
+                if p.calls.is_empty() {
+                    // The engine ended the answer when the call's arguments closed.
+                    if let Some((before, call)) = tokenomy_chat::callstream::first_call(&content, &names) {
+                        return Answer { reasoning, content: before, calls: vec![call] };
+                    }
+                }
                 p.calls.truncate(1);
             }
             if !p.calls.is_empty() {

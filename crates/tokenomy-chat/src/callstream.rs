@@ -315,6 +315,28 @@ impl CallStream {
     }
 }
 
+/// The first call of an answer to a `parallel_tool_calls: false` request, read as a stream
+/// reads it: the engine ends such an answer on the token that closes its first call's
+/// arguments ([`CallStream::settled`]), before the call's closing markup (`}` and the closing
+/// tag), so the whole-text parser finds no call in it. The content before the call, and the
+/// call; `None` when the text holds no complete call.
+pub fn first_call(text: &str, known: &[&str]) -> Option<(String, crate::toolcall::ToolCall)> {
+    let mut s = CallStream::new(known).one_call();
+    let mut pieces = s.push(text);
+    pieces.extend(s.finish());
+    let (mut content, mut name, mut args) = (String::new(), None, String::new());
+    for p in pieces {
+        match p {
+            Piece::Content(c) if name.is_none() => content.push_str(&c),
+            Piece::CallStart { index: 0, name: n } => name = Some(n),
+            Piece::CallArgs { index: 0, fragment } => args.push_str(&fragment),
+            _ => {}
+        }
+    }
+    let arguments = serde_json::from_str(&args).ok().filter(serde_json::Value::is_object)?;
+    Some((content, crate::toolcall::ToolCall { name: name?, arguments }))
+}
+
 /// Where in `s` a suffix starts that is a proper prefix of `tag` (s.len() if none).
 fn partial_suffix(s: &str, tag: &str) -> usize {
     (1..tag.len().min(s.len() + 1))
@@ -534,6 +556,19 @@ mod tests {
         assert_eq!(settled_after("[{\"name\": \"add\", \"arguments\": {}}] "), None);
         assert_eq!(settled_after("<tool_call>\n{\"name\": \"add\", \"arguments\": {}}\n</tool_call>"), None);
         assert_eq!(settled_after("{\"weather\": \"sunny\"} and more"), None);
+    }
+
+    #[test]
+    fn the_first_call_is_read_from_an_answer_the_engine_ended_at_its_arguments() {
+        // As the engine ends a `parallel_tool_calls: false` answer: on the `}` that closes the
+        // arguments, before the call object's own `}` and the closing tag.
+        let text = "Sure. <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\n    \"city\": \"Paris\"\n}";
+        assert!(Hermes.parse(text, KNOWN).calls.is_empty(), "the whole-text parser needs the closing markup");
+        let (content, call) = first_call(text, KNOWN).expect("a call");
+        assert_eq!((content.as_str(), call.name.as_str(), call.arguments.clone()), ("Sure.", "get_weather", serde_json::json!({"city": "Paris"})));
+        // Arguments cut short, or no call at all: none.
+        assert_eq!(first_call("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Par", KNOWN), None);
+        assert_eq!(first_call("It is sunny.", KNOWN), None);
     }
 
     #[test]

@@ -581,3 +581,36 @@ async fn a_forced_call_opens_with_the_models_own_tag_token() {
     assert_eq!(tokens.first(), Some(&"<tool_call>"), "{tokens:?}");
     assert_eq!(tokens.last(), Some(&"</tool_call>"), "{tokens:?}");
 }
+
+/// `parallel_tool_calls: false` with a forced call: the engine ends the answer when the call's
+/// arguments close, and the answer is that call, streamed or not, on every API (it used to come
+/// back as its unfinished markup when not streamed, `finish_reason: "stop"`, which broke
+/// openai-agents and LangChain's `with_structured_output`, which send that flag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_forced_call_is_a_call_streamed_or_not() {
+    let weather = "Get the weather in Paris, in Tokyo and in Rome.";
+    for (s, model, prompt) in [(crate::state(), "smollm2", "What is the weather in Paris?"), (qwen(), QWEN, weather)] {
+        for choice in [json!("required"), json!({"type": "function", "function": {"name": "get_weather"}})] {
+            let body = |stream: bool| {
+                json!({"model": model, "temperature": 0, "max_tokens": 64, "stream": stream, "tools": [weather_tool()],
+                       "tool_choice": choice, "parallel_tool_calls": false, "messages": [{"role": "user", "content": prompt}]})
+            };
+            let whole = the_call(&post(&s, "/v1/chat/completions", body(false)).await);
+            let streamed = stream_choice(&post(&s, "/v1/chat/completions", body(true)).await);
+            assert_eq!(streamed["finish_reason"], "tool_calls", "{streamed}");
+            let args = |a: &Value| serde_json::from_str::<Value>(a.as_str().unwrap()).unwrap();
+            let call = &streamed["message"]["tool_calls"][0]["function"];
+            assert_eq!((&call["name"], args(&call["arguments"])), (&whole["function"]["name"], args(&whole["function"]["arguments"])), "{model} {choice}");
+        }
+        // Anthropic's `disable_parallel_tool_use` with `any`, and the Responses API.
+        let tool = json!({"name": "get_weather", "input_schema": weather_tool()["function"]["parameters"]});
+        let m = json!({"model": model, "max_tokens": 64, "temperature": 0, "tools": [tool],
+                       "tool_choice": {"type": "any", "disable_parallel_tool_use": true}, "messages": [{"role": "user", "content": prompt}]});
+        let v = post(&s, "/v1/messages", m).await.json();
+        assert_eq!((v["stop_reason"].as_str(), v["content"].as_array().unwrap().last().unwrap()["type"].as_str()), (Some("tool_use"), Some("tool_use")), "{v}");
+        let r = json!({"model": model, "max_output_tokens": 64, "temperature": 0, "tool_choice": "required", "parallel_tool_calls": false, "input": prompt,
+                       "tools": [{"type": "function", "name": "get_weather", "parameters": weather_tool()["function"]["parameters"]}]});
+        let v = post(&s, "/v1/responses", r).await.json();
+        assert!(v["output"].as_array().unwrap().iter().any(|o| o["type"] == "function_call" && o["name"] == "get_weather"), "{v}");
+    }
+}
