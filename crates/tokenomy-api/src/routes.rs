@@ -672,7 +672,12 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         let closed: Vec<(&str, Value)> = defs
             .iter()
             .map(|d| {
-                let mut p = d["function"]["parameters"].clone();
+                let mut p = match &d["function"]["parameters"] {
+                    // No parameters (or `{}`): a function of no arguments, as OpenAI reads it.
+                    Value::Null => json!({"type": "object", "properties": {}}),
+                    Value::Object(o) if o.is_empty() => json!({"type": "object", "properties": {}}),
+                    p => p.clone(),
+                };
                 if !lazy || d["function"]["strict"] == true {
                     openai::closed_objects(&mut p);
                 }

@@ -614,3 +614,19 @@ async fn a_single_forced_call_is_a_call_streamed_or_not() {
         assert!(v["output"].as_array().unwrap().iter().any(|o| o["type"] == "function_call" && o["name"] == "get_weather"), "{v}");
     }
 }
+
+/// A tool declared without parameters (or with `{}`) is a function of no arguments, as OpenAI
+/// reads it: a forced call's arguments are `{}`, not whatever the model makes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_without_parameters_is_called_with_none() {
+    let s = qwen();
+    for function in [json!({"name": "get_time"}), json!({"name": "get_time", "parameters": {}}), json!({"name": "get_time", "parameters": null})] {
+        let body = json!({"model": QWEN, "temperature": 0, "max_tokens": 48, "tool_choice": "required",
+            "tools": [{"type": "function", "function": function}], "messages": [{"role": "user", "content": "What time is it?"}]});
+        let r = post(&s, "/v1/chat/completions", body).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let v = r.json();
+        let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+        assert_eq!((call["name"].as_str(), call["arguments"].as_str()), (Some("get_time"), Some("{}")), "{function}: {v}");
+    }
+}
