@@ -91,3 +91,30 @@ def test_errors_are_anthropic_shaped(node):
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.create(model="smollm2", max_tokens=5, messages=[{"role": "robot", "content": "hi"}])
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_structured_output_with_parse(qwen):
+    # `messages.parse(output_format=Model)` sends `output_config.format`: the answer is
+    # constrained to the model's schema, so the SDK's parse never fails on it.
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    m = qwen.messages.parse(model=QWEN, max_tokens=64, extra_body={"temperature": 0}, output_format=City,
+                            messages=[{"role": "user", "content": "Name the capital of France and its country."}])
+    assert isinstance(m.parsed_output, City), m
+    assert m.parsed_output.name.strip()
+
+
+def test_agent_mistakes_are_refused_as_anthropic_refuses_them(qwen):
+    q = [{"role": "user", "content": "What is the weather in Paris right now?"},
+         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+         {"role": "user", "content": "And in Rome?"}]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        qwen.messages.create(model=QWEN, max_tokens=16, tools=[WEATHER], messages=q)
+    assert "toolu_1" in e.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        qwen.messages.create(model=QWEN, max_tokens=16, tools=[{"name": "f"}], messages=q[:1])
+    assert "tools.0.input_schema" in e.value.body["error"]["message"]

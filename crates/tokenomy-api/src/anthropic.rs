@@ -128,6 +128,47 @@ fn messages_of(m: &Value, i: usize) -> Result<Vec<Value>, AppError> {
     Ok(out)
 }
 
+/// A user turn after an assistant turn with `tool_use` blocks answers each of them with a
+/// `tool_result` block, as Anthropic requires (a conversation that goes on without a call's
+/// result is an agent's bug, not something to answer and bill).
+fn answered(previous: &Value, m: &Value, i: usize) -> Result<(), AppError> {
+    let blocks = |v: &Value, kind: &str, key: &str| -> Vec<String> {
+        v["content"].as_array().into_iter().flatten().filter(|b| b["type"] == kind).filter_map(|b| b[key].as_str().map(str::to_string)).collect()
+    };
+    if previous["role"] != "assistant" {
+        return Ok(());
+    }
+    let results = blocks(m, "tool_result", "tool_use_id");
+    let missing: Vec<String> = blocks(previous, "tool_use", "id").into_iter().filter(|id| !results.contains(id)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
+        missing.join(", ")
+    )))
+}
+
+/// Anthropic's structured output (`output_config.format`, or the older `output_format`), a
+/// JSON schema the answer is constrained to: the chat pipeline's `response_format`.
+fn output_format(o: &Map<String, Value>) -> Result<Option<Value>, AppError> {
+    if let Some(effort) = o.get("output_config").and_then(|c| c.get("effort")).filter(|e| !e.is_null()) {
+        // Checked and not acted on, as OpenAI's `reasoning_effort` is.
+        if !matches!(effort.as_str(), Some("low" | "medium" | "high" | "xhigh" | "max")) {
+            return Err(invalid(format!("output_config.effort must be low, medium, high, xhigh or max, got {effort}")));
+        }
+    }
+    let (format, param) = match (o.get("output_config").and_then(|c| c.get("format")), o.get("output_format")) {
+        (Some(f), _) if !f.is_null() => (f, "output_config.format"),
+        (_, Some(f)) if !f.is_null() => (f, "output_format"),
+        _ => return Ok(None),
+    };
+    if format["type"] != "json_schema" || !format["schema"].is_object() {
+        return Err(invalid(format!("{param} must be {{\"type\": \"json_schema\", \"schema\": {{…}}}}")));
+    }
+    Ok(Some(json!({"type": "json_schema", "json_schema": {"name": "output", "schema": format["schema"], "strict": true}})))
+}
+
 /// The Messages request as the chat pipeline's (OpenAI-shaped) request.
 fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     let o = body.as_object().ok_or_else(|| invalid("the body must be a JSON object"))?;
@@ -141,8 +182,15 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     if let Some(system) = o.get("system") {
         messages.push(json!({"role": "system", "content": text_of(system, "system")?}));
     }
-    let list = o.get("messages").and_then(Value::as_array).ok_or_else(|| invalid("messages: field required"))?;
+    let list = match o.get("messages") {
+        None => return Err(invalid("messages: field required")),
+        Some(Value::Array(list)) => list,
+        Some(other) => return Err(invalid(format!("messages: an array of messages is required, got {}", crate::openai::json_type(other)))),
+    };
     for (i, m) in list.iter().enumerate() {
+        if i > 0 {
+            answered(&list[i - 1], m, i)?;
+        }
         messages.extend(messages_of(m, i)?);
     }
     let mut chat = Map::new();
@@ -157,11 +205,19 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
         }
     }
     if let Some(tools) = o.get("tools").and_then(Value::as_array) {
+        for (i, t) in tools.iter().enumerate() {
+            if !t["input_schema"].is_object() || t["input_schema"].get("type").is_some_and(|ty| ty != "object") {
+                return Err(invalid(format!("tools.{i}.input_schema: a JSON Schema object with \"type\": \"object\" is required")));
+            }
+        }
         let defs: Vec<Value> = tools
             .iter()
             .map(|t| json!({"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}}))
             .collect();
         chat.insert("tools".into(), Value::Array(defs));
+    }
+    if let Some(format) = output_format(o)? {
+        chat.insert("response_format".into(), format);
     }
     if let Some(tc) = o.get("tool_choice") {
         let choice = match tc["type"].as_str() {
@@ -186,8 +242,9 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
                 }
                 chat.insert("thinking_token_budget".into(), json!(budget));
             }
-            Some("disabled") => {}
-            other => return Err(invalid(format!("thinking.type must be enabled or disabled, got {}", crate::openai::shown(other)))),
+            // The model decides whether to think: one that does, does (no budget).
+            Some("disabled" | "adaptive") => {}
+            other => return Err(invalid(format!("thinking.type must be enabled, adaptive or disabled, got {}", crate::openai::shown(other)))),
         }
     }
     if o.get("stream").and_then(Value::as_bool) == Some(true) {

@@ -149,6 +149,18 @@ pub(crate) fn shown(v: Option<&str>) -> String {
     v.map_or_else(|| "nothing".to_string(), |s| format!("{s:?}"))
 }
 
+/// The JSON type of a value, as an error message names it.
+pub(crate) fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 pub fn closed_objects(schema: &mut Value) {
     // A schema that composes objects with `allOf` adds properties to an object from beside it
     // (a sibling branch, a `$ref`'d base): closed, its parts would contradict one another.
@@ -427,6 +439,12 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
                     let msg = format!("{param}: tool_call_id {id:?} answers none of the tool_calls of the assistant message before it");
                     return Err(AppError::invalid_value(&format!("{param}.tool_call_id"), msg));
                 }
+                ("user" | "assistant", Some(calls), _) => {
+                    if let Some(id) = unanswered(calls, &messages[..i]) {
+                        let msg = format!("{param}: the assistant message with tool_calls before it must be followed by tool messages answering each call; tool_call_id {id:?} has none");
+                        return Err(AppError::invalid_value(&param, msg));
+                    }
+                }
                 _ => {}
             }
             // Only an assistant's message may go without content (its tool calls say it), as
@@ -443,6 +461,17 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
             })
         })
         .collect()
+}
+
+/// The first of `calls` (the tool calls of the last assistant turn in `before`) that no tool
+/// message after that turn answers, as OpenAI refuses a conversation that goes on without
+/// them. (Results named only by function `name`, the legacy form, are not matched by id.)
+fn unanswered<'a>(calls: &'a [Value], before: &[WireMessage]) -> Option<&'a str> {
+    let results: Vec<&WireMessage> = before.iter().rev().take_while(|p| p.role != "assistant").filter(|p| p.role == "tool").collect();
+    if results.iter().any(|r| r.tool_call_id.is_none()) {
+        return None;
+    }
+    calls.iter().filter_map(|c| c["id"].as_str()).find(|id| !results.iter().any(|r| r.tool_call_id.as_deref() == Some(*id)))
 }
 
 fn content_text(content: Option<&Value>, param: &str) -> Result<String, AppError> {

@@ -124,6 +124,25 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     let wrong = json!([{"role": "user", "content": "hi"}, call, {"role": "tool", "tool_call_id": "c2", "content": "ok"}]);
     let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": wrong})).await;
     assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "messages[2].tool_call_id");
+    // ...and the conversation goes on only once each call has its result (an agent that drops
+    // one is told so, not answered and billed).
+    let two = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{}"}}]});
+    for (later, param, id) in [
+        (json!([{"role": "user", "content": "and then?"}]), "messages[2]", "\"c1\""),
+        (json!([{"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "and then?"}]), "messages[3]", "\"c2\""),
+    ] {
+        let mut messages = vec![json!({"role": "user", "content": "hi"}), two.clone()];
+        messages.extend(later.as_array().unwrap().iter().cloned());
+        let e = assert_error(&post(&s, "/v1/chat/completions", json!({"model": MODEL, "max_tokens": 1, "messages": messages})).await, StatusCode::BAD_REQUEST);
+        assert_eq!(e["param"], param, "{e}");
+        assert!(e["message"].as_str().unwrap().contains(id), "{e}");
+    }
+    let done = json!([{"role": "user", "content": "hi"}, two, {"role": "tool", "tool_call_id": "c2", "content": "ok"},
+                      {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "and then?"}]);
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "max_tokens": 1, "messages": done})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     // best_of is n or nothing (each candidate is a returned choice).
     for best_of in [1, 3] {
         let r = post(&s, "/v1/completions", json!({"model": MODEL, "prompt": "hi", "n": 2, "best_of": best_of, "max_tokens": 1})).await;
