@@ -849,6 +849,17 @@ impl Billing {
                     attempt += 1;
                 }
                 Err(LedgerError::Storage(e)) => return Err(self.settle_later(h, cost, now, receipt, e)),
+                // The store stalled for this node longer than the hold's timeout (its upkeep could
+                // not extend it), and another node voided it as expired: the tokens were served,
+                // so the account is charged directly, as a journalled settlement would be.
+                Err(LedgerError::NotPending { state: TransferState::Voided, .. }) => {
+                    tracing::warn!(request_id = %h.request_id, "the charge's hold was voided meanwhile; charging the account directly");
+                    return match charge_late(&self.store, hold.id, &receipt, cost, leaf).await {
+                        Ok(t) => Ok(Some(self.receipt_of(&t).await?)),
+                        Err(LedgerError::Storage(e)) => Err(self.settle_later(h, cost, now, receipt, e)),
+                        Err(e) => Err(e.into()),
+                    };
+                }
                 r => break r?,
             }
         };
@@ -1146,10 +1157,8 @@ impl Unsettled {
         let leaf = leaf_for(self.receipt.clone(), -self.cost_micros);
         match store.settle(hold_id, self.cost_micros, self.now_ms, Some(leaf.clone())).await {
             Err(LedgerError::NotPending { state: TransferState::Voided, .. }) => {
-                let account = u128::from_str_radix(&self.receipt.account_id, 16).map(AccountId).map_err(|_| LedgerError::UnknownTransfer(hold_id))?;
-                let key = format!("late:{}", self.hold_id);
                 tracing::warn!(request_id = %self.receipt.request_id, "the charge's hold was voided meanwhile; charging the account directly");
-                store.transfer(account, tokenomy_ledger::OPERATOR_REVENUE, self.cost_micros, &key, Some(leaf)).await.map(drop)
+                charge_late(store, hold_id, &self.receipt, self.cost_micros, leaf).await.map(drop)
             }
             r => r.map(drop),
         }
@@ -1189,6 +1198,15 @@ impl Unsettled {
             }
         }
     }
+}
+
+/// The charge of tokens served under a hold that was voided before its settlement landed: a
+/// transfer from the account to operator revenue under the key `late:HOLD` (so that every
+/// retry posts it once), with the receipt the client was promised.
+async fn charge_late(store: &AnyStore, hold_id: tokenomy_ledger::TransferId, receipt: &Receipt, cost_micros: i64, leaf: tokenomy_ledger::Leaf) -> std::result::Result<Transfer, LedgerError> {
+    let account = u128::from_str_radix(&receipt.account_id, 16).map(AccountId).map_err(|_| LedgerError::UnknownTransfer(hold_id))?;
+    let key = format!("late:{hold_id}");
+    store.transfer(account, tokenomy_ledger::OPERATOR_REVENUE, cost_micros, &key, Some(leaf)).await
 }
 
 /// A place among the [`SETTLE_RETRIES_MAX`] settlements retried in the background; freed on drop.

@@ -573,6 +573,34 @@ fn a_settlement_whose_hold_was_voided_meanwhile_is_charged_directly() {
     posted_after_a_stop(true);
 }
 
+/// A node whose store stalled longer than a hold's timeout (so its upkeep could not keep the
+/// hold alive) finds, when the store answers again, that another node voided the hold as
+/// expired: the request is still charged, directly, with the receipt its client was promised
+/// (it used to be answered without a receipt and never charged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_voided_under_a_running_request_is_charged_directly() {
+    for pg in stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = ledger_url(pg, "tokenomy_billing_voided_under").await;
+        let (b, first) = Billing::open(opts(dir.path(), url.as_deref())).await.unwrap();
+        let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+        let before = b.account(user.account).await.unwrap().balance_micros;
+        let h = b.hold(&user, &req("voided-under", 100, 100)).await.unwrap();
+        let held = b.store().statement(user.account, None, 100).await.unwrap().items.into_iter().find(|t| t.hold).unwrap();
+        b.store().void(held.id).await.unwrap(); // as another node's sweep of expired holds does
+        let r = b.settle(h, served(100, 20)).await.unwrap().expect("charged");
+        assert_eq!(r.receipt_id, "rcpt_voided-under");
+        let again = b.store().statement(user.account, None, 100).await.unwrap().items;
+        let charge = again.iter().find(|t| t.idempotency_key == format!("late:{}", held.id)).expect("a late charge");
+        assert_eq!((charge.amount_micros, charge.state), (r.amount_micros, tokenomy_ledger::TransferState::Posted));
+        assert_eq!(b.account(user.account).await.unwrap().balance_micros, before - r.amount_micros);
+        let bundle = b.receipt_bundle("rcpt_voided-under", &user).await.unwrap();
+        let key = VerifierKey::parse(std::fs::read_to_string(dir.path().join("node.pub")).unwrap().trim()).unwrap();
+        assert_eq!(verify_bundle(&bundle, &key).unwrap().receipt.amount_micros, -r.amount_micros);
+        assert!(b.store().check().await.unwrap().ok);
+    }
+}
+
 fn posted_after_a_stop(voided_meanwhile: bool) {
     let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
         return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
