@@ -466,36 +466,36 @@ async fn a_signal() {
 }
 
 /// The first signal starts a graceful shutdown: new connections are refused and in-flight
-/// answers finish. Past `drain_max` the answers still running are cut (`cancel_all`): each ends
-/// as cancelled and is charged for what it produced, like a client that disconnects, and the
-/// node then stops as after a drain. A second signal, or [`SETTLE_MAX`] more, stops the process
-/// at once: the holds of answers cut off then are voided when they time out, as after a crash.
+/// answers finish. Past `drain_max`, or at a second signal, the answers still running are cut
+/// (`cancel_all`): each ends as cancelled and is charged for what it produced, like a client
+/// that disconnects, and the node then stops as after a drain. A third signal, or
+/// [`SETTLE_MAX`] after the cut, stops the process at once: the holds of answers cut off then
+/// are voided when they time out, as after a crash.
 async fn shutdown_signal(state: tokenomy_api::AppState, delay: Duration, drain_max: Duration) {
     a_signal().await;
     state.start_draining();
+    let mut cut_now = false;
     if !delay.is_zero() {
-        tracing::info!("signal received; /ready says draining, serving on for {delay:?} (a second signal stops at once)");
+        tracing::info!("signal received; /ready says draining, serving on for {delay:?} (a second signal cuts the answers in flight)");
         tokio::select! {
-            _ = a_signal() => {
-                tracing::warn!("second signal: stopping now");
-                hard_stop();
-            }
+            _ = a_signal() => cut_now = true,
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    tracing::info!("closing the listener; finishing in-flight requests (a second signal stops at once)");
+    tracing::info!("closing the listener; finishing in-flight requests (a second signal cuts them, charged for what they produced)");
     let backend = state.backend.clone();
     tokio::spawn(async move {
-        let cut = async {
-            tokio::time::sleep(drain_max).await;
-            tracing::warn!("in-flight requests still running after {drain_max:?}: cutting them, charged for what they produced");
-            backend.cancel_all();
-            tokio::time::sleep(SETTLE_MAX).await;
-            tracing::warn!("cut requests still unsettled after {SETTLE_MAX:?}: stopping now");
-        };
+        if !cut_now {
+            tokio::select! {
+                _ = a_signal() => {}
+                _ = tokio::time::sleep(drain_max) => tracing::warn!("in-flight requests still running after {drain_max:?}"),
+            }
+        }
+        tracing::warn!("cutting the answers in flight, charged for what they produced (another signal stops at once)");
+        backend.cancel_all();
         tokio::select! {
-            _ = a_signal() => tracing::warn!("second signal: stopping now"),
-            _ = cut => {}
+            _ = a_signal() => tracing::warn!("another signal: stopping now"),
+            _ = tokio::time::sleep(SETTLE_MAX) => tracing::warn!("cut requests still unsettled after {SETTLE_MAX:?}: stopping now"),
         }
         hard_stop();
     });
