@@ -147,18 +147,29 @@ fn read_or_create_config(dir: &Path, env: &[(String, String)]) -> Result<NodeCon
     NodeConfig::parse(&text, env.iter().cloned()).map_err(BillingError::Invalid)
 }
 
-fn read_or_create_signer(dir: &Path, origin: Option<&str>) -> Result<SignerKey> {
+/// The data dir's node key, or a new one named `origin` (`true`: new, not yet written, so a
+/// start refused before [`write_signer`], say for a name another node's key has, leaves no
+/// key behind and can be retried with another `--origin`).
+fn read_or_generate_signer(dir: &Path, origin: Option<&str>) -> Result<(SignerKey, bool)> {
     let path = dir.join("node.key");
     if path.exists() {
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        return SignerKey::parse(text.trim()).map_err(|e| BillingError::Invalid(format!("{}: {e}", path.display())));
+        let key = SignerKey::parse(text.trim()).map_err(|e| BillingError::Invalid(format!("{}: {e}", path.display())))?;
+        if let Some(o) = origin.filter(|o| *o != key.name()) {
+            tracing::warn!("--origin {o:?} is not used: this data dir's node key is named {:?} (a name is given to a new key only)", key.name());
+        }
+        return Ok((key, false));
     }
     let name = origin.map_or_else(|| format!("tokenomy.local/node-{:08x}", rand::random::<u32>()), str::to_string);
     let key = SignerKey::generate(&name, &mut rand::rngs::OsRng).map_err(|e| BillingError::Invalid(format!("origin {name:?}: {e}")))?;
+    Ok((key, true))
+}
+
+fn write_signer(dir: &Path, key: &SignerKey) -> Result<()> {
+    let path = dir.join("node.key");
     write_file(&path, &format!("{}\n", key.to_key_string()), true).map_err(io_err(&path))?;
     let pub_path = dir.join("node.pub");
-    write_file(&pub_path, &format!("{}\n", key.verifier()), false).map_err(io_err(&pub_path))?;
-    Ok(key)
+    write_file(&pub_path, &format!("{}\n", key.verifier()), false).map_err(io_err(&pub_path))
 }
 
 async fn open_store(dir: &Path, url: Option<&str>, timeout_ms: u64) -> Result<AnyStore> {
@@ -176,12 +187,15 @@ impl Billing {
         create_private_dir(&dir).map_err(io_err(&dir))?;
         let data_dir_lock = lock_data_dir(&dir)?;
         let config = read_or_create_config(&dir, &opts.env)?;
-        let signed_before = dir.join("node.key").exists();
-        let signer = read_or_create_signer(&dir, opts.origin.as_deref())?;
+        let (signer, fresh) = read_or_generate_signer(&dir, opts.origin.as_deref())?;
+        let signed_before = !fresh;
         let store = open_store(&dir, opts.database_url.as_deref(), config.billing.ledger_timeout_ms).await?;
         if let AnyStore::Pg(pg) = &store {
             // (SQLite: the ledger's only node is this one.)
             pg.claim_origin(signer.name(), &signer.verifier().to_string()).await?;
+        }
+        if fresh {
+            write_signer(&dir, &signer)?;
         }
         let cp_path = dir.join("checkpoint");
         let last = match std::fs::read_to_string(&cp_path) {

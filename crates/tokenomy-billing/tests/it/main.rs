@@ -846,7 +846,13 @@ async fn a_second_node_with_the_same_origin_is_refused_at_start() {
     let key = std::fs::read_to_string(first_dir.path().join("node.pub")).unwrap();
     let e = Billing::open(same(second_dir.path())).await.unwrap_err().to_string();
     assert!(e.contains("shared.example/log") && e.contains(key.trim()) && e.contains("--origin"), "{e}");
-    drop(a);
+    // The refused data dir keeps no key under the taken name: started again with a name of
+    // its own, as the message says, it serves.
+    assert!(!second_dir.path().join("node.key").exists(), "no key left behind");
+    let own = OpenOptions { origin: Some("second.example/log".into()), ..opts(second_dir.path(), s.pg.as_deref()) };
+    let (second, _) = Billing::open(own).await.unwrap();
+    assert_eq!(second.origin(), "second.example/log");
+    drop((a, second));
     let (again, _) = Billing::open(same(first_dir.path())).await.unwrap();
     assert_eq!(again.origin(), "shared.example/log");
 }
