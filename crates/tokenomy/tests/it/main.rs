@@ -173,6 +173,24 @@ fn pull_from_a_file_a_url_and_a_hugging_face_path_checks_sha256() {
     let (ok, out) = run(&["pull", &format!("{endpoint}/notes.gguf")], env_home);
     assert!(!ok && out.contains("not a GGUF model file"), "{out}");
     assert!(!home.join("models").join("notes.gguf").exists());
+    // 2c. a server that sends no length and stops a quarter of the way (killed mid-transfer):
+    // the body ends as if whole, and the file's own layout shows it was cut; not kept. And a
+    // query never names the stored file.
+    let cut = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cut_url = format!("http://{}/files/cut.gguf?x=../../y", cut.local_addr().unwrap());
+    let bytes = std::fs::read(model(SMOLLM2)).unwrap();
+    let cutter = std::thread::spawn(move || {
+        let (mut conn, _) = cut.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        let _ = std::io::Write::write_all(&mut conn, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let _ = std::io::Write::write_all(&mut conn, &bytes[..bytes.len() / 4]);
+    });
+    let (ok, out) = run(&["pull", &cut_url], env_home);
+    cutter.join().unwrap();
+    assert!(!ok && out.contains("arrived incomplete"), "{out}");
+    let models: Vec<_> = std::fs::read_dir(home.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(models.is_empty(), "nothing kept: {models:?}");
     // 3. a Hugging Face path, through HF_ENDPOINT
     let mut cmd = Command::new(BIN);
     cmd.args(["pull", &format!("org/repo/{SMOLLM2}")]).env("TOKENOMY_HOME", &home).env("HF_ENDPOINT", &endpoint);
