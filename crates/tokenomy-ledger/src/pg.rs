@@ -766,19 +766,20 @@ async fn read_statement(tx: &Transaction<'_>, account: AccountId, after: Option<
          AND seq > $2 ORDER BY seq LIMIT $3"
     );
     let after = after.unwrap_or(0) as i64;
-    let rows = query(tx, &sql, &[&&account.to_bytes()[..], &after, &(limit as i64)]).await?;
+    let rows = query(tx, &sql, &[&&account.to_bytes()[..], &after, &(limit as i64 + 1)]).await?;
     page_of(&rows, limit)
 }
 
-/// Rows of `(seq, transfer…)` as a page whose cursor is the last seq, when the page is full.
+/// Up to `limit + 1` rows of `(seq, transfer…)` as a page of `limit`, whose cursor (the last
+/// seq on it) is there only when the extra row says another page follows.
 fn page_of(rows: &[Row], limit: u32) -> Result<Page<Transfer>> {
     let mut items = Vec::with_capacity(rows.len());
     let mut last = 0i64;
-    for row in rows {
+    for row in rows.iter().take(limit as usize) {
         last = col(row, 0)?;
         items.push(row_transfer(row, 1)?);
     }
-    let next_cursor = (items.len() == limit as usize).then_some(last as u64);
+    let next_cursor = (rows.len() > limit as usize).then_some(last as u64);
     Ok(Page { items, next_cursor })
 }
 
@@ -789,7 +790,7 @@ async fn read_statement_newest_first(tx: &Transaction<'_>, account: AccountId, b
          AND seq < $2 ORDER BY seq DESC LIMIT $3"
     );
     let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
-    let rows = query(tx, &sql, &[&&account.to_bytes()[..], &before, &(limit as i64)]).await?;
+    let rows = query(tx, &sql, &[&&account.to_bytes()[..], &before, &(limit as i64 + 1)]).await?;
     page_of(&rows, limit)
 }
 

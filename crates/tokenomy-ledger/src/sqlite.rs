@@ -978,12 +978,13 @@ fn read_statement(c: &Connection, account: AccountId, after: Option<u64>, limit:
         "SELECT seq, ", transfer_cols!(), " FROM transfers WHERE seq > ?2 AND (debit_account = ?1 OR credit_account = ?1) \
          ORDER BY seq LIMIT ?3"
     );
-    let mut rows = if after < upto { query(indexed, limit as usize, after)? } else { Vec::new() };
-    if rows.len() < limit as usize {
-        rows.extend(query(tail, limit as usize - rows.len(), after.max(upto))?);
+    // One row past the page says whether there is a next one (a full last page has none).
+    let want = limit as usize + 1;
+    let mut rows = if after < upto { query(indexed, want, after)? } else { Vec::new() };
+    if rows.len() < want {
+        rows.extend(query(tail, want - rows.len(), after.max(upto))?);
     }
-    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.0 as u64)).flatten();
-    Ok(Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor })
+    Ok(page_of_rows(rows, limit))
 }
 
 /// A page of `account`'s transfers, newest first: from the tail of `transfers` past the index
@@ -1007,12 +1008,21 @@ fn read_statement_newest_first(c: &Connection, account: AccountId, before: Optio
         "SELECT t.seq, ", transfer_cols!(), " FROM ix.account_transfers a JOIN transfers t ON t.seq = a.seq \
          WHERE a.account = ?1 AND a.seq < ?2 AND a.seq <= ?4 ORDER BY a.seq DESC LIMIT ?3"
     );
-    let mut rows = if before > upto + 1 { query(tail, limit as usize, before)? } else { Vec::new() };
-    if rows.len() < limit as usize {
-        rows.extend(query(indexed, limit as usize - rows.len(), before)?);
+    let want = limit as usize + 1;
+    let mut rows = if before > upto + 1 { query(tail, want, before)? } else { Vec::new() };
+    if rows.len() < want {
+        rows.extend(query(indexed, want - rows.len(), before)?);
     }
-    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|r| r.0 as u64)).flatten();
-    Ok(Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor })
+    Ok(page_of_rows(rows, limit))
+}
+
+/// Up to `limit + 1` rows of `(seq, transfer)` as a page of `limit`, whose cursor (the last
+/// seq on it) is there only when the extra row says another page follows.
+fn page_of_rows(mut rows: Vec<(i64, Transfer)>, limit: u32) -> Page<Transfer> {
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_cursor = more.then(|| rows.last().map(|r| r.0 as u64)).flatten();
+    Page { items: rows.into_iter().map(|r| r.1).collect(), next_cursor }
 }
 
 fn query_i128(c: &Connection, sql: &str) -> Result<i128> {

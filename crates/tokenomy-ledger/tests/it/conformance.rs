@@ -411,6 +411,13 @@ pub async fn statement_pages<S: LedgerStore>(s: Arc<S>) {
     }
     assert_eq!(newest, expected.iter().rev().cloned().collect::<Vec<_>>());
     assert_eq!(s.statement_newest_first(a.id, None, 1).await.unwrap().items, [expected[23].clone()]);
+    // A page that holds exactly the rest says there is no next one, in either order.
+    let exact = s.statement(a.id, None, 25).await.unwrap();
+    assert_eq!((exact.items.len(), exact.next_cursor), (25, None));
+    let exact = s.statement_newest_first(a.id, None, 25).await.unwrap();
+    assert_eq!((exact.items.len(), exact.next_cursor), (25, None));
+    let last = s.statement(a.id, s.statement(a.id, None, 24).await.unwrap().next_cursor, 1).await.unwrap();
+    assert_eq!((last.items.len(), last.next_cursor), (1, None));
     assert!(s.statement_newest_first(a.id, None, 0).await.is_err());
     assert!(s.statement_newest_first(AccountId(7 << 100), None, 10).await.is_err());
     assert_check_ok(&*s).await;
