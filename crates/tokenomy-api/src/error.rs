@@ -154,13 +154,19 @@ impl From<tokenomy_billing::BillingError> for AppError {
                 code: Some("ledger_log_rewritten"),
                 ..base
             },
-            B::Unavailable(_) => AppError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                kind: "server_error",
-                code: Some("ledger_unavailable"),
-                retry_after_s: Some(2),
-                ..base
-            },
+            B::Unavailable(detail) => {
+                // The store's own words (a driver's "connection refused", a host) are the
+                // operator's, in the log; the client learns what to do.
+                tracing::warn!(error = %detail, "the ledger is unavailable");
+                AppError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    kind: "server_error",
+                    code: Some("ledger_unavailable"),
+                    retry_after_s: Some(2),
+                    message: "The ledger is unavailable; retry shortly.".into(),
+                    ..base
+                }
+            }
             B::Internal(_) | B::SettlementDeferred { .. } => AppError::internal(base.message),
         }
     }

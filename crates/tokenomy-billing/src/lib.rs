@@ -1085,15 +1085,12 @@ impl Billing {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cp);
             let mut n: u64 = 0;
+            let (mut cp_errors, mut extend_errors) = (QuietErrors::default(), QuietErrors::default());
             loop {
                 tick.tick().await;
                 let Some(b) = weak.upgrade() else { return };
-                if let Err(e) = b.checkpoint().await {
-                    tracing::error!(error = %e, "checkpoint");
-                }
-                if let Err(e) = b.extend_live_holds().await {
-                    tracing::error!(error = %e, "extending the holds of requests in progress");
-                }
+                cp_errors.note(b.checkpoint().await.err(), "checkpoint");
+                extend_errors.note(b.extend_live_holds().await.err(), "extending the holds of requests in progress");
                 if n % ex_every == 0 {
                     match b.expire_holds().await {
                         Ok(0) => {}
@@ -1200,6 +1197,32 @@ impl Unsettled {
     }
 }
 
+/// An upkeep step's errors, logged without flooding the log while the ledger is away (a tick
+/// a second): an error is logged when it differs from the last one or a minute after it was,
+/// with how many repeats went unlogged, and the step's recovery once.
+#[derive(Default)]
+struct QuietErrors {
+    last: Option<(String, std::time::Instant)>,
+    repeats: u64,
+}
+
+impl QuietErrors {
+    fn note(&mut self, e: Option<BillingError>, what: &str) {
+        match (e, &self.last) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                tracing::info!(repeats = self.repeats, "{what}: working again");
+                (self.last, self.repeats) = (None, 0);
+            }
+            (Some(e), Some((msg, at))) if *msg == e.to_string() && at.elapsed() < std::time::Duration::from_secs(60) => self.repeats += 1,
+            (Some(e), _) => {
+                tracing::error!(error = %e, repeats = self.repeats, "{what}");
+                (self.last, self.repeats) = (Some((e.to_string(), std::time::Instant::now())), 0);
+            }
+        }
+    }
+}
+
 /// The charge of tokens served under a hold that was voided before its settlement landed: a
 /// transfer from the account to operator revenue under the key `late:HOLD` (so that every
 /// retry posts it once), with the receipt the client was promised.
@@ -1233,3 +1256,23 @@ fn leaf_for(receipt: Receipt, amount_micros: i64) -> tokenomy_ledger::Leaf {
     })
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upkeep_error_that_repeats_is_counted_not_logged_again() {
+        let mut q = QuietErrors::default();
+        let away = || Some(BillingError::Unavailable("connection refused".into()));
+        q.note(away(), "checkpoint");
+        for _ in 0..5 {
+            q.note(away(), "checkpoint");
+        }
+        assert_eq!(q.repeats, 5, "logged once, then counted");
+        q.note(Some(BillingError::Unavailable("timed out".into())), "checkpoint");
+        assert_eq!(q.repeats, 0, "another error is logged at once");
+        q.note(None, "checkpoint");
+        assert!(q.last.is_none() && q.repeats == 0, "recovered");
+    }
+}
