@@ -394,7 +394,7 @@ pub fn max_tokens(v: Option<i64>, name: &str) -> Result<Option<u32>, AppError> {
     match v {
         None => Ok(None),
         Some(x) if (0..=i64::from(u32::MAX)).contains(&x) => Ok(Some(x as u32)),
-        Some(x) => Err(AppError::invalid_value(name, format!("{name} must be a non-negative integer, got {x}"))),
+        Some(x) => Err(AppError::invalid_value(name, format!("{name} must be a whole number of tokens from 0 to {}, got {x}", u32::MAX))),
     }
 }
 

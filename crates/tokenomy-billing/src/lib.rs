@@ -450,7 +450,7 @@ impl Billing {
             // An admin key may mint: on a customer's account it would let the customer pay
             // themselves.
             return Err(BillingError::Invalid(format!(
-                "admin keys belong to the operator's accounts, not to a {} account: create it on operator_revenue ({})",
+                "admin keys belong to the operator's accounts, not to a customer's ({} account): create it on operator_revenue ({})",
                 acc.kind.api_name(),
                 tokenomy_ledger::OPERATOR_REVENUE
             )));

@@ -206,7 +206,14 @@ impl Billing {
         let mut log = log::LogState::new(last.clone());
         log.sync(&store).await?;
         if let Some(l) = &last {
-            log.assert_consistent_with(&l.checkpoint).map_err(BillingError::Internal)?;
+            log.assert_consistent_with(&l.checkpoint).map_err(|e| {
+                BillingError::Internal(format!(
+                    "{e}. The ledger went back under this node (a restored backup, a failover that lost commits): restore it to a state \
+                     that extends the checkpoint in {}, or, to accept the loss, move that file aside (the node then signs a log that \
+                     forks from the one it signed before; see the README)",
+                    cp_path.display()
+                ))
+            })?;
         } else if signed_before && log.size() > 0 {
             // The file that lets a restart catch a ledger gone back is gone: say so loudly.
             tracing::error!(

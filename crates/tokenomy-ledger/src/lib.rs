@@ -257,6 +257,10 @@ pub(crate) fn posted_request(
 ) -> Result<TransferRequest> {
     validate_amount(amount_micros)?;
     validate_idempotency_key(key)?;
+    if from == to && code == TransferCode::Mint {
+        // The treasury minting to itself: it is the account that may not be credited.
+        return Err(LedgerError::InvalidArgument("credits are minted from the treasury to a user or agent account, not to the treasury".into()));
+    }
     if from == to {
         return Err(LedgerError::SelfTransfer);
     }

@@ -22,7 +22,12 @@ fn read(path: &Path) -> Result<String> {
 /// `tokenomy verify RECEIPT --key K`: signature, fields, inclusion proof and checkpoint.
 pub fn verify(receipt: &Path, key: &str) -> Result<()> {
     let key = load_key(key)?;
-    let v = verify_bundle(&read(receipt)?, &key).map_err(|e| anyhow::anyhow!("receipt does not verify: {e}"))?;
+    let text = read(receipt)?;
+    // A saved error answer (the node refused to give the receipt) is not a receipt at all.
+    if let Some(message) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)) {
+        anyhow::bail!("{} holds an error answer, not a receipt: {message}", receipt.display());
+    }
+    let v = verify_bundle(&text, &key).map_err(|e| anyhow::anyhow!("receipt does not verify: {e}"))?;
     let r = &v.receipt;
     out!("ok: receipt {} ({}) signed by {}", r.receipt_id, r.kind, key.name());
     out!("  account {}  amount {} micro-credits  transfer {}", r.account_id, r.amount_micros, r.transfer_id);
@@ -97,7 +102,7 @@ pub enum Accounts {
     },
     /// Balance and pending holds of an account (its id, or its name if no other account has it).
     Show { id: String },
-    /// Every account, oldest first (or those with a name: names need not be unique).
+    /// Every account, oldest first (or the one with a name: names are unique).
     List {
         #[arg(long)]
         name: Option<String>,

@@ -242,7 +242,16 @@ fn write_out(line: std::fmt::Arguments) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The error and its causes, as a person reads them: not `main`'s `Debug` print, which
+        // adds a backtrace whenever RUST_BACKTRACE is set.
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -86,4 +86,13 @@ fn the_admin_cli_wraps_the_admin_api() {
 
     let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("spend cap"), "{out}");
+    // Errors read as a person reads them, without a backtrace even where RUST_BACKTRACE is set,
+    // and say what is wrong (the treasury is what may not be minted to).
+    let (ok, out) = run(&["credits", "mint", "treasury", "1", "--url", &node.base, "--data-dir", &dir], &[("RUST_BACKTRACE", std::path::Path::new("1"))]);
+    assert!(!ok && out.contains("not to the treasury") && !out.contains("backtrace") && out.lines().count() <= 2, "{out}");
+    // A saved error answer given to `verify` is named as one.
+    let error = std::path::Path::new(&dir).join("not-a-receipt.json");
+    std::fs::write(&error, r#"{"error": {"message": "No receipt \"rcpt_x\".", "type": "invalid_request_error"}}"#).unwrap();
+    let (ok, out) = run(&["verify", error.to_str().unwrap(), "--key", std::path::Path::new(&dir).join("node.pub").to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("an error answer, not a receipt"), "{out}");
 }
