@@ -136,7 +136,8 @@ impl From<tokenomy_billing::BillingError> for AppError {
             },
             B::RateLimited(l) => AppError {
                 status: StatusCode::TOO_MANY_REQUESTS,
-                kind: "rate_limit_error",
+                // OpenAI's type names the limit reached: "requests" or "tokens".
+                kind: l.limit,
                 code: Some("rate_limit_exceeded"),
                 retry_after_s: Some(u32::try_from(((l.retry_after_ms + 999) / 1000).max(1)).unwrap_or(u32::MAX)),
                 allowance: Some(Box::new(l.allowance)),

@@ -762,7 +762,7 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
     n.call("POST", "/v1/chat/completions", Some(chat(1)), key).await;
     let r = n.call("POST", "/v1/chat/completions", Some(chat(1)), key).await;
     let e = assert_error(&r, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("requests"), Some("rate_limit_exceeded")), "{e}");
     assert!(r.headers["retry-after"].to_str().unwrap().parse::<u32>().unwrap() >= 1);
     assert_eq!((&r.headers["x-ratelimit-limit-requests"], &r.headers["x-ratelimit-remaining-requests"]), (&"2".parse().unwrap(), &"0".parse().unwrap()));
     assert!(r.headers.contains_key("x-request-id"), "an error names a request id too");
@@ -782,7 +782,8 @@ async fn rate_limits_and_insufficient_quota_speak_openai() {
     let each = used / ok.len() as u64; // the requests are alike
     assert!(ok.len() < 8 && used - each < 100, "{} of 8 ran, {used} tokens: all but the last fit the minute", ok.len());
     for r in replies.iter().filter(|r| r.status != StatusCode::OK) {
-        assert_eq!(assert_error(r, StatusCode::TOO_MANY_REQUESTS)["code"], "rate_limit_exceeded");
+        let e = assert_error(r, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("tokens"), Some("rate_limit_exceeded")), "OpenAI's type names the limit: {e}");
         assert_eq!(r.headers["x-ratelimit-limit-tokens"], "100");
     }
     // A request that may use more than the minute's tokens is refused at once, whatever is
