@@ -372,7 +372,7 @@ impl Billing {
     /// The key behind a bearer token; 401 for a missing, unknown or revoked key.
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal> {
         let token = bearer.ok_or_else(|| {
-            BillingError::Unauthorized("Missing API key. Send `Authorization: Bearer <key>` (see DATA_DIR/user.key on this node).".into())
+            BillingError::Unauthorized("Missing API key. Send `Authorization: Bearer <key>` (or, as Anthropic's clients do, `x-api-key: <key>`; see DATA_DIR/user.key on this node).".into())
         })?;
         let invalid = || BillingError::Unauthorized("Invalid API key.".into());
         if token.is_empty() || token.len() > keys::KEY_LEN_MAX_BYTES {
