@@ -339,7 +339,8 @@ fn sigterm_drains_a_second_cuts_and_a_third_stops_at_once() {
     assert!(t.elapsed() < Duration::from_secs(3) && status.success(), "{status:?} after {:?}", t.elapsed());
     let mut charged = 0;
     for l in long {
-        // (Two run, two wait in the queue with nothing produced, nothing charged.)
+        // (Two run, two wait in the queue with nothing produced, nothing charged; on a busy
+        // machine the second may still be reading its prompt.)
         let text = l.join().unwrap();
         let last: Value = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().map(|d| serde_json::from_str(d).unwrap()).unwrap();
         assert!(text.contains(r#""finish_reason":"abort""#) && text.trim_end().ends_with("data: [DONE]"), "cut: {text}");
@@ -347,7 +348,7 @@ fn sigterm_drains_a_second_cuts_and_a_third_stops_at_once() {
         assert_eq!(last["receipt"]["amount_micros"].as_i64().is_some_and(|a| a > 0), produced > 0, "charged for what it produced: {last}");
         charged += usize::from(produced > 0);
     }
-    assert!(charged >= 2, "the running answers were charged");
+    assert!(charged >= 1, "the running answers were charged");
     // Three signals: the node is gone at once, with status 1 (it used to die of SIGSEGV 3
     // times in 10: `exit` ran llama.cpp's destructors under its decoding threads).
     let mut node = serve(&["--model", model(SMOLLM2).to_str().unwrap()]);
