@@ -156,6 +156,7 @@ async function sendCredits(event) {
 }
 
 async function sendCreditsNow() {
+  $("send-result").replaceChildren(); // an earlier success must not stand beside a new failure
   const to = $("send-to").value.trim();
   const micros = parseCredits($("send-amount").value);
   if (micros === null || micros === 0n) throw new Error("Credits: a positive amount under a billion, at most six decimals");

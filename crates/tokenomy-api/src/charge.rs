@@ -318,8 +318,15 @@ pub async fn list_accounts(State(state): State<AppState>, headers: HeaderMap, Ap
     }
     let after = q.after.as_deref().map(parse_account_id).transpose()?;
     let limit = q.limit.unwrap_or(100);
-    let page = billing(&state)?.accounts(after, limit).await?;
-    let next = (page.len() == limit as usize).then(|| page.last().map(|a| a.id.to_string())).flatten();
+    let b = billing(&state)?;
+    let page = b.accounts(after, limit).await?;
+    // A full page has a next one only if an account follows it (an exactly full last page has none).
+    let last = page.last().filter(|_| page.len() == limit as usize).map(|a| a.id);
+    let more = match last {
+        Some(id) => !b.accounts(Some(id), 1).await?.is_empty(),
+        None => false,
+    };
+    let next = last.filter(|_| more).map(|id| id.to_string());
     Ok(Json(json!({
         "object": "list", "data": page.iter().map(account_json).collect::<Vec<_>>(),
         "next_after": next, "has_more": next.is_some(),
@@ -400,9 +407,12 @@ pub async fn create_key(
     admin(&state, &headers).await?;
     let account = parse_account_id(&id)?;
     let caps = SpendCaps { day_micros: req.spend_cap_day_micros, month_micros: req.spend_cap_month_micros };
-    let (key_id, key) = billing(&state)?.create_key(account, &req.scopes, req.rpm, req.tpm, caps).await?;
+    let mut scopes = req.scopes;
+    scopes.sort();
+    scopes.dedup(); // (as the key is stored)
+    let (key_id, key) = billing(&state)?.create_key(account, &scopes, req.rpm, req.tpm, caps).await?;
     let body = json!({
-        "key_id": key_id.to_string(), "key": key, "account_id": account.to_string(), "scopes": req.scopes,
+        "key_id": key_id.to_string(), "key": key, "account_id": account.to_string(), "scopes": scopes,
         "rpm": req.rpm, "tpm": req.tpm,
         "spend_cap_day_micros": caps.day_micros, "spend_cap_month_micros": caps.month_micros,
     });

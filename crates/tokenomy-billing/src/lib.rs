@@ -318,6 +318,18 @@ fn hex_id(s: &str) -> Option<u128> {
     (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u128::from_str_radix(s, 16).ok()).flatten()
 }
 
+/// The ledger keys the node makes for requests, customers' transfers, refunds and late
+/// charges begin with these; an operator's own idempotency key may not, so that it can never
+/// stand for (and be answered with) one of them.
+const RESERVED_KEY_PREFIXES: [&str; 5] = ["req:", "idem:", "send:", "refund:", "late:"];
+
+fn operator_key(key: &str) -> Result<()> {
+    if let Some(p) = RESERVED_KEY_PREFIXES.iter().find(|p| key.starts_with(*p)) {
+        return Err(BillingError::InvalidParam("idempotency_key", format!("an idempotency key may not begin with {p:?}, which the node's own keys use")));
+    }
+    Ok(())
+}
+
 /// The `transfer` scope and spend caps exclude each other: caps count what a key holds for
 /// requests, so a capped key that could also send credits would spend past its cap. An agent
 /// that pays others gets an account of its own, whose balance is its budget.
@@ -441,6 +453,10 @@ impl Billing {
         if scopes.is_empty() {
             return Err(BillingError::Invalid("a key needs at least one scope".into()));
         }
+        let mut scopes = scopes.to_vec();
+        scopes.sort();
+        scopes.dedup();
+        let scopes = &scopes[..];
         tokenomy_ledger::validate_rates(rpm, tpm)?;
         let acc = self.store.get_account(account).await?;
         if scopes.iter().any(|s| s == SCOPE_INFERENCE || s == SCOPE_TRANSFER) && !acc.kind.must_stay_funded() {
@@ -531,6 +547,7 @@ impl Billing {
 
     /// Credits from the treasury, with a receipt.
     pub async fn mint(&self, to: AccountId, amount_micros: i64, idempotency_key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        operator_key(idempotency_key)?;
         self.serving()?;
         let receipt = self.money_receipt(ReceiptKind::Mint, to, tokenomy_ledger::TREASURY, actor);
         let t = self.store.mint(to, amount_micros, idempotency_key, Some(leaf_for(receipt, amount_micros))).await?;
@@ -539,6 +556,7 @@ impl Billing {
 
     /// Credits between two accounts, with a receipt.
     pub async fn transfer(&self, from: AccountId, to: AccountId, amount_micros: i64, key: &str, actor: &Principal) -> Result<(Transfer, ReceiptRef)> {
+        operator_key(key)?;
         self.serving()?;
         let receipt = self.money_receipt(ReceiptKind::Transfer, from, to, actor);
         let t = self.store.transfer(from, to, amount_micros, key, Some(leaf_for(receipt, -amount_micros))).await?;
@@ -857,6 +875,10 @@ impl Billing {
                     return match charge_late(&self.store, hold.id, &receipt, cost, leaf).await {
                         Ok(t) => Ok(Some(self.receipt_of(&t).await?)),
                         Err(LedgerError::Storage(e)) => Err(self.settle_later(h, cost, now, receipt, e)),
+                        // Its credits went elsewhere once the hold no longer kept them: tried
+                        // again for one hold timeout (credits added meanwhile pay it), as an
+                        // account is never overdrawn.
+                        Err(e @ LedgerError::InsufficientFunds { .. }) => Err(self.settle_later(h, cost, now, receipt, e.to_string())),
                         Err(e) => Err(e.into()),
                     };
                 }
@@ -899,7 +921,7 @@ impl Billing {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(SETTLE_RETRY_BACKGROUND_MS)).await;
                 match job.post(&store, hold_id).await {
-                    Err(LedgerError::Storage(e)) if tokenomy_ledger::now_ms() < deadline_ms => {
+                    Err(e @ (LedgerError::Storage(_) | LedgerError::InsufficientFunds { .. })) if tokenomy_ledger::now_ms() < deadline_ms => {
                         tracing::warn!(%request_id, error = %e, "settling a charge failed again");
                         continue;
                     }

@@ -122,7 +122,8 @@ pub enum Keys {
     /// Create a key for an account; the key is shown once.
     Create {
         account: String,
-        #[arg(long = "scope", default_values_t = ["inference".to_string()])]
+        /// inference, transfer or admin; several as `--scope inference,transfer` or repeated.
+        #[arg(long = "scope", value_delimiter = ',', default_values_t = ["inference".to_string()])]
         scopes: Vec<String>,
         #[command(flatten)]
         limits: KeyLimits,

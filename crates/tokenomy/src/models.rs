@@ -238,13 +238,21 @@ async fn download(url: &str, dir: &Path) -> Result<(String, PathBuf)> {
     let tmp = dir.join(format!(".{name}.partial"));
     let mut w = std::fs::File::create(&tmp)?;
     let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.with_context(|| format!("reading {url}"))?;
-        w.write_all(&chunk)?;
-        bar.inc(chunk.len() as u64);
+    let written: Result<()> = async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.with_context(|| format!("reading {url}"))?;
+            w.write_all(&chunk)?;
+            bar.inc(chunk.len() as u64);
+        }
+        Ok(w.sync_all()?)
     }
-    w.sync_all()?;
+    .await;
     bar.finish();
+    if let Err(e) = written {
+        // A download that failed keeps nothing (a later pull starts over).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context("the download failed; nothing was kept"));
+    }
     Ok((name, tmp))
 }
 

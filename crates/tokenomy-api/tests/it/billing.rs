@@ -744,6 +744,21 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         let after = n.check().await;
         assert_eq!((before["accounts"].clone(), before["transfers"].clone()), (after["accounts"].clone(), after["transfers"].clone()));
         assert_eq!(n.balance(&a).await, (1_000, 0));
+        // An operator's idempotency key cannot take the form of the node's own ledger keys
+        // (it would be answered with a customer's transfer or a request's hold).
+        for key in [format!("send:{a}:zz"), "late:01".into(), "idem:x".into()] {
+            let r = n.call("POST", &format!("/admin/v1/accounts/{a}/mint"), Some(json!({"amount_micros": 5, "idempotency_key": key})), &admin).await;
+            assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "idempotency_key", "{key}");
+        }
+        // A page that holds exactly the rest of the accounts says there is no next one.
+        let all = n.admin("GET", "/admin/v1/accounts?limit=1000", None).await["data"].as_array().unwrap().len();
+        let exact = n.admin("GET", &format!("/admin/v1/accounts?limit={all}"), None).await;
+        assert_eq!((exact["has_more"].as_bool(), exact["next_after"].is_null()), (Some(false), true), "{exact}");
+        let short = n.admin("GET", &format!("/admin/v1/accounts?limit={}", all - 1), None).await;
+        assert_eq!(short["has_more"], true);
+        // A scope named twice is one scope.
+        let k = n.admin("POST", &format!("/admin/v1/accounts/{a}/keys"), Some(json!({"scopes": ["inference", "inference"]}))).await;
+        assert_eq!(k["scopes"], json!(["inference"]), "{k}");
         // An account is found by its name.
         let named = n.admin("GET", "/admin/v1/accounts?name=a", None).await;
         assert_eq!((named["data"].as_array().unwrap().len(), named["data"][0]["id"].as_str()), (1, Some(a.as_str())), "{named}");

@@ -598,6 +598,32 @@ async fn a_hold_voided_under_a_running_request_is_charged_directly() {
         let key = VerifierKey::parse(std::fs::read_to_string(dir.path().join("node.pub")).unwrap().trim()).unwrap();
         assert_eq!(verify_bundle(&bundle, &key).unwrap().receipt.amount_micros, -r.amount_micros);
         assert!(b.store().check().await.unwrap().ok);
+
+        // The same, when the account spent the credits the voided hold no longer kept: the
+        // answer names its receipt as pending, and the charge lands once credits come in.
+        let h = b.hold(&user, &req("voided-spent", 100, 100)).await.unwrap();
+        let held = b.store().statement(user.account, None, 100).await.unwrap().items.into_iter().rfind(|t| t.hold).unwrap();
+        b.store().void(held.id).await.unwrap();
+        let other = b.create_account("elsewhere", tokenomy_ledger::AccountKind::User).await.unwrap();
+        let all = b.account(user.account).await.unwrap().available_micros();
+        b.store().transfer(user.account, other.id, all, "spent-it", None).await.unwrap();
+        let e = b.settle(h, served(100, 20)).await.unwrap_err();
+        assert!(matches!(&e, BillingError::SettlementDeferred { receipt_id, .. } if receipt_id == "rcpt_voided-spent"), "{e}");
+        b.store().mint(user.account, 1_000, "top-up", None).await.unwrap();
+        let late = format!("late:{}", held.id);
+        let mut landed = None;
+        for _ in 0..100 {
+            let items = b.store().statement(user.account, None, 100).await.unwrap().items;
+            landed = items.into_iter().find(|t| t.idempotency_key == late);
+            if landed.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let landed = landed.expect("charged once credits came in");
+        assert_eq!(b.account(user.account).await.unwrap().balance_micros, 1_000 - landed.amount_micros);
+        assert!(b.receipt_bundle("rcpt_voided-spent", &user).await.is_ok());
+        assert!(b.store().check().await.unwrap().ok);
     }
 }
 

@@ -86,6 +86,9 @@ fn the_admin_cli_wraps_the_admin_api() {
 
     let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("spend cap"), "{out}");
+    // Scopes given as a list.
+    let both = cli(&["keys", "create", &id, "--scope", "inference,transfer"]);
+    assert_eq!(both["scopes"], json!(["inference", "transfer"]), "{both}");
     // Errors read as a person reads them, without a backtrace even where RUST_BACKTRACE is set,
     // and say what is wrong (the treasury is what may not be minted to).
     let (ok, out) = run(&["credits", "mint", "treasury", "1", "--url", &node.base, "--data-dir", &dir], &[("RUST_BACKTRACE", std::path::Path::new("1"))]);

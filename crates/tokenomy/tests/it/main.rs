@@ -191,6 +191,23 @@ fn pull_from_a_file_a_url_and_a_hugging_face_path_checks_sha256() {
     assert!(!ok && out.contains("arrived incomplete"), "{out}");
     let models: Vec<_> = std::fs::read_dir(home.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(models.is_empty(), "nothing kept: {models:?}");
+    // ...and one that promised a length and broke off: an error, and no partial file left.
+    let broken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_url = format!("http://{}/files/broken.gguf", broken.local_addr().unwrap());
+    let bytes = std::fs::read(model(SMOLLM2)).unwrap();
+    let breaker = std::thread::spawn(move || {
+        let (mut conn, _) = broken.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len());
+        let _ = std::io::Write::write_all(&mut conn, head.as_bytes());
+        let _ = std::io::Write::write_all(&mut conn, &bytes[..bytes.len() / 3]);
+    });
+    let (ok, out) = run(&["pull", &broken_url], env_home);
+    breaker.join().unwrap();
+    assert!(!ok && out.contains("nothing was kept"), "{out}");
+    let models: Vec<_> = std::fs::read_dir(home.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(models.is_empty(), "no partial file: {models:?}");
     // 3. a Hugging Face path, through HF_ENDPOINT
     let mut cmd = Command::new(BIN);
     cmd.args(["pull", &format!("org/repo/{SMOLLM2}")]).env("TOKENOMY_HOME", &home).env("HF_ENDPOINT", &endpoint);
