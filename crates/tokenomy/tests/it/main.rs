@@ -134,6 +134,21 @@ fn inspect_prints_the_facts_of_each_model() {
     assert!(!ok && out.contains("nonexistent"), "{out}");
 }
 
+/// A URL on a one-shot server that answers its first request with `head` and then `body`,
+/// and closes (a server killed mid-transfer).
+fn serve_once(path: &str, head: String, body: Vec<u8>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}{path}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut req = [0u8; 4096];
+        let _ = std::io::Read::read(&mut conn, &mut req);
+        let _ = std::io::Write::write_all(&mut conn, head.as_bytes());
+        let _ = std::io::Write::write_all(&mut conn, &body);
+    });
+    url
+}
+
 #[test]
 fn pull_from_a_file_a_url_and_a_hugging_face_path_checks_sha256() {
     let home = tempdir("pull");
@@ -175,39 +190,17 @@ fn pull_from_a_file_a_url_and_a_hugging_face_path_checks_sha256() {
     assert!(!home.join("models").join("notes.gguf").exists());
     // 2c. a server that sends no length and stops a quarter of the way (killed mid-transfer):
     // the body ends as if whole, and the file's own layout shows it was cut; not kept. And a
-    // query never names the stored file.
-    let cut = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let cut_url = format!("http://{}/files/cut.gguf?x=../../y", cut.local_addr().unwrap());
+    // query never names the stored file. Then one that promised a length and broke off: an
+    // error, and no partial file left.
     let bytes = std::fs::read(model(SMOLLM2)).unwrap();
-    let cutter = std::thread::spawn(move || {
-        let (mut conn, _) = cut.accept().unwrap();
-        let mut req = [0u8; 4096];
-        let _ = std::io::Read::read(&mut conn, &mut req);
-        let _ = std::io::Write::write_all(&mut conn, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-        let _ = std::io::Write::write_all(&mut conn, &bytes[..bytes.len() / 4]);
-    });
-    let (ok, out) = run(&["pull", &cut_url], env_home);
-    cutter.join().unwrap();
-    assert!(!ok && out.contains("arrived incomplete"), "{out}");
-    let models: Vec<_> = std::fs::read_dir(home.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(models.is_empty(), "nothing kept: {models:?}");
-    // ...and one that promised a length and broke off: an error, and no partial file left.
-    let broken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let broken_url = format!("http://{}/files/broken.gguf", broken.local_addr().unwrap());
-    let bytes = std::fs::read(model(SMOLLM2)).unwrap();
-    let breaker = std::thread::spawn(move || {
-        let (mut conn, _) = broken.accept().unwrap();
-        let mut req = [0u8; 4096];
-        let _ = std::io::Read::read(&mut conn, &mut req);
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len());
-        let _ = std::io::Write::write_all(&mut conn, head.as_bytes());
-        let _ = std::io::Write::write_all(&mut conn, &bytes[..bytes.len() / 3]);
-    });
-    let (ok, out) = run(&["pull", &broken_url], env_home);
-    breaker.join().unwrap();
-    assert!(!ok && out.contains("nothing was kept"), "{out}");
-    let models: Vec<_> = std::fs::read_dir(home.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(models.is_empty(), "no partial file: {models:?}");
+    let length = format!("Content-Length: {}\r\n", bytes.len());
+    for (path, head, part, says) in [("cut.gguf?x=../../y", "", 4, "arrived incomplete"), ("broken.gguf", length.as_str(), 3, "nothing was kept")] {
+        let url = serve_once(&format!("/files/{path}"), format!("HTTP/1.1 200 OK\r\n{head}Connection: close\r\n\r\n"), bytes[..bytes.len() / part].to_vec());
+        let (ok, out) = run(&["pull", &url], env_home);
+        assert!(!ok && out.contains(says), "{out}");
+        let models: Vec<_> = std::fs::read_dir(home.join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(models.is_empty(), "nothing kept: {models:?}");
+    }
     // 3. a Hugging Face path, through HF_ENDPOINT
     let mut cmd = Command::new(BIN);
     cmd.args(["pull", &format!("org/repo/{SMOLLM2}")]).env("TOKENOMY_HOME", &home).env("HF_ENDPOINT", &endpoint);
