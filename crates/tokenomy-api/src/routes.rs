@@ -247,7 +247,7 @@ pub(crate) async fn void_charge(state: &AppState, charge: Option<Charge>) {
 pub(crate) async fn finish_charge(state: &AppState, c: Charge, model: &str, outcomes: &[Outcome], usage: &Usage, failed: bool) -> (Option<ReceiptRef>, Option<String>) {
     let Some(billing) = state.billing.as_ref() else { return (None, None) };
     let request_id = c.hold.request_id.clone();
-    if failed || outcomes.is_empty() || engine_error(outcomes).is_some() {
+    if failed || outcomes.is_empty() || engine_fault(outcomes) {
         if let Err(e) = billing.void(c.hold).await {
             tracing::error!(request_id, error = %e, "voiding a hold");
         }
@@ -479,11 +479,29 @@ fn total_usage(outcomes: &[Outcome], per_prompt: u32) -> Usage {
     usage
 }
 
+/// The engine's errors that end a generation with a constraint's failure start so: the
+/// request's own schema or grammar could not be followed (llguidance's limits, reached midway).
+const CONSTRAINT_ERROR_PREFIX: &str = "constraint: ";
+
 fn engine_error(outcomes: &[Outcome]) -> Option<AppError> {
-    outcomes
-        .iter()
-        .find(|o| o.finish_reason == FinishReason::Error)
-        .map(|o| AppError::internal(o.error.clone().unwrap_or_else(|| "the engine failed".into())))
+    let o = outcomes.iter().find(|o| o.finish_reason == FinishReason::Error)?;
+    let error = o.error.clone().unwrap_or_else(|| "the engine failed".into());
+    match error.strip_prefix(CONSTRAINT_ERROR_PREFIX) {
+        // The request's fault, in a line: the constrained decoder's state dump stays in the log.
+        Some(detail) => {
+            tracing::warn!(error = %detail, "a constrained generation could not go on");
+            let first: String = detail.lines().next().unwrap_or_default().chars().take(300).collect();
+            Some(AppError::invalid(format!("The response format or tool schema could not be followed to the end ({first}); simplify it. The tokens generated until then were charged."), None))
+        }
+        None => Some(AppError::internal(error)),
+    }
+}
+
+/// Whether a generation failed for the node's own reasons (its hold is voided). A constraint
+/// that could not be followed is the request's doing: what it generated until then is charged,
+/// as a stream has already sent it (a schema that fails late would otherwise stream for free).
+fn engine_fault(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().any(|o| o.finish_reason == FinishReason::Error && !o.error.as_deref().is_some_and(|e| e.starts_with(CONSTRAINT_ERROR_PREFIX)))
 }
 
 /// The stop string that ended choice `index` (vLLM's `stop_reason`; `null` otherwise).

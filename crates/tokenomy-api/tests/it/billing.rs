@@ -927,3 +927,31 @@ async fn an_answer_whose_settlement_is_retried_names_its_receipt_as_pending() {
     assert_eq!((last["receipt"]["id"].as_str(), last["receipt"]["status"].as_str()), (Some(named.as_str()), Some("pending")), "{last}");
     back.await.unwrap();
 }
+
+/// A schema that the constrained decoder can start but not finish (an `anyOf` past
+/// llguidance's row limit, reached after a first property) fails midway: what was generated
+/// until then is charged, streamed or not, and the answer is a 400 naming the schema (it used
+/// to stream its tokens and then void the hold: tokens for free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_that_fails_midway_is_charged_for_what_it_generated() {
+    let n = node(None, "tokenomy_api_schema_midway", &[]).await;
+    let (acc, key) = n.funded("schemer", 1_000_000).await;
+    let branches: Vec<Value> = (0..2001).map(|i| json!({"type": "object", "properties": {format!("k{i}"): {"type": "integer"}}, "required": [format!("k{i}")]})).collect();
+    let schema = json!({"type": "object", "properties": {"s": {"type": "string", "minLength": 5, "maxLength": 12}, "a": {"anyOf": branches}}, "required": ["s", "a"]});
+    for stream in [false, true] {
+        let (before, _) = n.balance(&acc).await;
+        let body = json!({"model": MODEL, "max_tokens": 60, "temperature": 0, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            "messages": [{"role": "user", "content": "Answer in JSON."}]});
+        let r = n.call("POST", "/v1/chat/completions", Some(body), &key).await;
+        if stream {
+            assert!(r.text.contains("could not be followed"), "{}", r.text);
+        } else {
+            let e = assert_error(&r, StatusCode::BAD_REQUEST);
+            assert!(e["message"].as_str().unwrap().contains("could not be followed") && e["message"].as_str().unwrap().len() < 600, "{e}");
+        }
+        let (after, pending) = n.balance(&acc).await;
+        assert!(after < before && pending == 0, "charged for what it generated: {before} → {after}");
+    }
+    n.check().await;
+}
