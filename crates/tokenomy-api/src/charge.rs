@@ -127,6 +127,9 @@ pub(crate) fn receipt_json(r: &ReceiptRef) -> Value {
 
 /// Completed responses kept for replay, oldest dropped first.
 pub const IDEMPOTENT_RESPONSES_MAX: usize = 10_000;
+/// ...and their bodies' bytes in all, so that a client sending large answers' worth of keys
+/// cannot grow the node's memory without bound.
+pub const IDEMPOTENT_RESPONSES_BYTES_MAX: usize = 256 << 20;
 pub const IDEMPOTENCY_KEY_LEN_MAX_BYTES: usize = 64;
 
 /// The headers of a kept answer that its replays carry too.
@@ -142,7 +145,8 @@ enum Slot {
 
 #[derive(Default)]
 pub struct IdempotencyCache {
-    inner: Mutex<(HashMap<(AccountId, String), Slot>, VecDeque<(AccountId, String)>)>,
+    /// The slots, the order the answers were kept in, and the kept bodies' bytes.
+    inner: Mutex<(HashMap<(AccountId, String), Slot>, VecDeque<(AccountId, String)>, usize)>,
     owners: std::sync::atomic::AtomicU64,
 }
 
@@ -194,13 +198,24 @@ impl IdempotencyCache {
         let headers = REPLAYED_HEADERS.iter().filter_map(|&name| Some((name, from.get(name)?.clone()))).collect();
         let mut g = self.inner.lock().expect("idempotency lock");
         let k = (account, key.to_string());
-        g.0.insert(k.clone(), Slot::Done { request_sha256, status, body, headers });
+        g.2 += body.len();
+        if let Some(Slot::Done { body: replaced, .. }) = g.0.insert(k.clone(), Slot::Done { request_sha256, status, body, headers }) {
+            g.2 -= replaced.len();
+        }
         g.1.push_back(k);
-        while g.1.len() > IDEMPOTENT_RESPONSES_MAX {
-            if let Some(old) = g.1.pop_front() {
-                g.0.remove(&old);
+        while g.1.len() > IDEMPOTENT_RESPONSES_MAX || (g.2 > IDEMPOTENT_RESPONSES_BYTES_MAX && g.1.len() > 1) {
+            let Some(old) = g.1.pop_front() else { break };
+            if let Some(Slot::Done { body, .. }) = g.0.remove(&old) {
+                g.2 -= body.len();
             }
         }
+    }
+
+    /// Kept answers and their bodies' bytes.
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
+        let g = self.inner.lock().expect("idempotency lock");
+        (g.1.len(), g.2)
     }
 
     /// Forgets the key's run `owner` if it is still in flight (a run that finished, or a later
@@ -662,4 +677,26 @@ pub async fn consistency(State(state): State<AppState>, ApiQuery(q): ApiQuery<Co
 pub async fn node_key(State(state): State<AppState>) -> Result<Response, AppError> {
     let key = billing(&state)?.verifier().to_string();
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{key}\n")).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_answers_are_bounded_in_bytes_too() {
+        let cache = IdempotencyCache::default();
+        let account = AccountId(7);
+        let body = bytes::Bytes::from(vec![b'x'; 1 << 20]); // (one buffer, shared by every entry)
+        for i in 0..300 {
+            let key = format!("k{i}");
+            let Begin::Run(_) = cache.begin(account, &key, [0; 32]).unwrap() else { panic!("first run") };
+            cache.finish(account, &key, [0; 32], StatusCode::OK, body.clone(), &HeaderMap::new());
+        }
+        let (count, bytes) = cache.kept();
+        assert!(bytes <= IDEMPOTENT_RESPONSES_BYTES_MAX && count == IDEMPOTENT_RESPONSES_BYTES_MAX >> 20, "{count} answers, {bytes} bytes");
+        // The newest is replayed, the oldest is gone (a retry of it runs again).
+        assert!(matches!(cache.begin(account, "k299", [0; 32]), Ok(Begin::Replay(_))));
+        assert!(matches!(cache.begin(account, "k0", [0; 32]), Ok(Begin::Run(_))));
+    }
 }

@@ -282,7 +282,7 @@ const FIELD_TYPES: [(&str, fn(&Value) -> bool, &str); 17] = [
     ("user", Value::is_string, "a string"),
     ("safety_identifier", Value::is_string, "a string"),
     ("prompt_cache_key", Value::is_string, "a string"),
-    ("metadata", is_string_map, "an object of strings"),
+    ("metadata", is_metadata, "an object of at most 16 strings (keys up to 64 characters, values up to 512), as OpenAI's"),
     ("include", is_string_list, "a list of strings"),
     ("text", Value::is_object, "an object"),
     ("reasoning", Value::is_object, "an object"),
@@ -294,8 +294,12 @@ fn is_whole(v: &Value) -> bool {
     v.is_i64() || v.is_u64()
 }
 
-fn is_string_map(v: &Value) -> bool {
-    v.as_object().is_some_and(|m| m.values().all(Value::is_string))
+/// OpenAI's bounds on `metadata`, which a response echoes (and a node keeps for replays and
+/// `previous_response_id`): 16 pairs, keys of 64 characters, values of 512.
+fn is_metadata(v: &Value) -> bool {
+    v.as_object().is_some_and(|m| {
+        m.len() <= 16 && m.iter().all(|(k, v)| k.chars().count() <= 64 && v.as_str().is_some_and(|s| s.chars().count() <= 512))
+    })
 }
 
 fn is_string_list(v: &Value) -> bool {

@@ -131,6 +131,9 @@ async fn bad_responses_input_is_refused_in_openai_shape() {
         (json!({"model": MODEL, "input": "Hi", "temperature": "hot"}), "temperature"),
         (json!({"model": MODEL, "input": "Hi", "truncation": "sometimes"}), "truncation"),
         (json!({"model": MODEL, "input": "Hi", "metadata": 5}), "metadata"),
+        // OpenAI's bounds: a response echoes its metadata, and a node keeps responses.
+        (json!({"model": MODEL, "input": "Hi", "metadata": {"k": "v".repeat(513)}}), "metadata"),
+        (json!({"model": MODEL, "input": "Hi", "metadata": (0..17).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}), "metadata"),
         (json!({"model": MODEL, "input": "Hi", "top_logprobs": 50}), "top_logprobs"),
         (json!({"model": MODEL, "input": [{"role": "user"}]}), "input.0.content"),
         // Every call answered by its own output, before anything else is said.
