@@ -20,6 +20,10 @@ use crate::{AppError, AppState};
 
 /// Inputs one request may embed, at most (OpenAI's limit).
 pub const EMBED_INPUTS_MAX: usize = 2048;
+/// Tokens one embeddings request may hold in all. Each model embeds on one thread, first come
+/// first served: without this a single cheap request of 2048 long inputs would hold that
+/// thread for hours on a small machine, every other account's embeddings waiting behind it.
+pub const EMBED_TOKENS_PER_REQUEST_MAX: usize = 16_384;
 
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingRequest {
@@ -50,6 +54,10 @@ fn inputs(state: &AppState, model: &str, input: &PromptField) -> Result<Vec<Vec<
     };
     if inputs.is_empty() {
         return Err(AppError::invalid_value("input", "input must not be empty"));
+    }
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    if tokens > EMBED_TOKENS_PER_REQUEST_MAX {
+        return Err(AppError::invalid_value("input", format!("{tokens} tokens in one request; at most {EMBED_TOKENS_PER_REQUEST_MAX} (send the rest in other requests)")));
     }
     Ok(inputs)
 }

@@ -78,6 +78,9 @@ async fn bad_embedding_requests_are_refused_in_openai_shape() {
         (json!({"model": MODEL, "input": long}), "input"),
         (json!({"model": MODEL, "input": [1, 99_999_999]}), "input"),
         (json!({"model": MODEL, "input": vec!["x"; 2049]}), "input"),
+        // One request may not hold the model's embedding thread for long: 17 inputs of 1024
+        // tokens are refused before anything is held.
+        (json!({"model": MODEL, "input": vec![vec![42u32; 1024]; 17]}), "input"),
     ];
     for (body, param) in cases {
         let e = assert_error(&post(&s, "/v1/embeddings", body.clone()).await, StatusCode::BAD_REQUEST);
