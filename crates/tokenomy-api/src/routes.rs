@@ -190,12 +190,14 @@ fn start(
     answer_end: &dyn Fn() -> Option<AnswerEnd>,
 ) -> Result<Started, (AppError, Option<Charge>)> {
     let mut requests = Vec::with_capacity(prompts.len() * n as usize);
+    // Each account its own prefix cache: no account learns what another's prompts hold.
+    let cache_salt = charge.as_ref().map_or(0, |c| cache_salt_of(c.principal.account));
     for prompt in prompts {
         for j in 0..n {
             let mut p = params.clone();
             p.seed = p.seed.map(|s| s.wrapping_add(u64::from(j)));
             let (request_id, model, prompt, answer_end) = (request_id.clone(), model.to_string(), prompt.clone(), answer_end());
-            requests.push(GenerateRequest { request_id, model, prompt, params: p, echo_logprobs: echo, answer_end });
+            requests.push(GenerateRequest { request_id, model, prompt, params: p, echo_logprobs: echo, answer_end, cache_salt });
         }
     }
     let (mut choices, mut outcomes) = (Vec::new(), Vec::new());
@@ -231,6 +233,11 @@ fn start(
         let _ = done_tx.send(Done { outcomes: all, usage, receipt, receipt_pending });
     });
     Ok(Started { request_id, model: model.to_string(), choices, done })
+}
+
+/// An account's prefix-cache namespace (never 0, the namespace of requests without a ledger).
+fn cache_salt_of(account: tokenomy_ledger::AccountId) -> u64 {
+    (account.0 as u64 ^ (account.0 >> 64) as u64).max(1)
 }
 
 /// Voids the hold of a request that did not run.

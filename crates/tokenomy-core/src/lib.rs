@@ -183,6 +183,10 @@ pub struct GenerateRequest {
     /// Also return log-probabilities of the prompt tokens (the first one has none).
     pub echo_logprobs: bool,
     pub answer_end: Option<AnswerEnd>,
+    /// The prefix-cache namespace (vLLM's `cache_salt`): a request reuses cached KV only of
+    /// requests with the same salt. The HTTP layer gives each account its own, so no account
+    /// can learn (from `cached_tokens`, or from how fast its prompt is read) what another sent.
+    pub cache_salt: u64,
 }
 
 /// Tells, from each piece of an answer's text as the engine emits it, whether the answer is

@@ -207,6 +207,7 @@ impl Engine {
             prompt: request.prompt,
             max_tokens: p.max_tokens,
             echo_logits: request.echo_logprobs,
+            cache_salt: request.cache_salt,
         };
         let sub = Submission {
             sampler: Sampler::new(p.clone(), &spec.prompt),

@@ -46,6 +46,8 @@ pub struct JobSpec {
     pub max_tokens: u32,
     /// Compute logits for every prompt token (prompt log-probabilities).
     pub echo_logits: bool,
+    /// Its prefix-cache namespace: it shares cached tokens only with jobs of the same salt.
+    pub cache_salt: u64,
 }
 
 #[derive(Debug)]
@@ -64,6 +66,8 @@ struct Job {
 struct Slot {
     /// Exactly the tokens whose KV this sequence holds, at positions 0..len.
     cached: Vec<TokenId>,
+    /// The cache salt of the job that computed them.
+    salt: u64,
     job: Option<Job>,
     last_used_step: u64,
 }
@@ -205,7 +209,7 @@ impl Scheduler {
                 k += 1;
                 continue;
             }
-            let Some(dst) = self.free_slot_for(&spec.prompt) else { break };
+            let Some(dst) = self.free_slot_for(&spec.prompt, spec.cache_salt) else { break };
             let needed = job_cells(spec);
             if !self.make_room(needed, dst, &mut plan.kv_ops) {
                 break;
@@ -213,9 +217,10 @@ impl Scheduler {
             let spec = self.waiting.remove(k).expect("k < len");
             // Prompt log-probabilities need logits at every prompt position: no reuse.
             let reuse = self.prefix_reuse && !spec.echo_logits;
-            let cached = self.attach_prefix(dst, &spec.prompt, reuse, &mut plan.kv_ops);
+            let cached = self.attach_prefix(dst, &spec.prompt, spec.cache_salt, reuse, &mut plan.kv_ops);
             plan.admitted.push((spec.id, cached));
             let slot = &mut self.slots[dst];
+            slot.salt = spec.cache_salt;
             slot.job = Some(Job { prompt_done: cached as usize, cached_tokens: cached, next_token: None, generated: 0, spec });
             slot.last_used_step = self.step;
         }
@@ -229,14 +234,14 @@ impl Scheduler {
             return false;
         }
         let limit = spec.prompt.len().saturating_sub(1);
-        let shared = |tokens: &[TokenId]| common_prefix(tokens, &spec.prompt).min(limit);
-        let cached = self.slots.iter().map(|s| shared(&s.cached)).max().unwrap_or(0);
+        let shared = |tokens: &[TokenId], salt: u64| if salt == spec.cache_salt { common_prefix(tokens, &spec.prompt).min(limit) } else { 0 };
+        let cached = self.slots.iter().map(|s| shared(&s.cached, s.salt)).max().unwrap_or(0);
         let in_flight = self
             .slots
             .iter()
             .filter_map(|s| s.job.as_ref())
             .filter(|j| j.prompt_done < j.spec.prompt.len())
-            .map(|j| shared(&j.spec.prompt))
+            .map(|j| shared(&j.spec.prompt, j.spec.cache_salt))
             .max()
             .unwrap_or(0);
         in_flight >= cached + SHARED_WAIT_TOKENS_MIN
@@ -249,7 +254,7 @@ impl Scheduler {
     /// used, then the lowest index. So a conversation's next turn lands on its own cache, and a
     /// request that shares only a system prompt with another conversation takes an empty or
     /// stale slot (the shared prefix is copied there) instead of overwriting that one.
-    fn free_slot_for(&self, prompt: &[TokenId]) -> Option<usize> {
+    fn free_slot_for(&self, prompt: &[TokenId], salt: u64) -> Option<usize> {
         // 2: a hole in the run, 1: next to it (or nothing runs), 0: elsewhere (moved later).
         let run = self.running_range();
         let place = |i: usize| match run {
@@ -263,7 +268,7 @@ impl Scheduler {
             .enumerate()
             .filter(|(_, s)| s.job.is_none())
             .max_by_key(|(i, s)| {
-                let common = common_prefix(&s.cached, prompt);
+                let common = salted_prefix(s, salt, prompt);
                 let lost = (s.cached.len() - common) / PREFIX_COPY_TOKENS_MIN;
                 (place(*i), Reverse(lost), common, Reverse(s.last_used_step), Reverse(*i))
             })
@@ -293,9 +298,9 @@ impl Scheduler {
                 0 => KvOp::Truncate { seq: hole as SeqId, from: 0 },
                 len => KvOp::CopyPrefix { src: hi as SeqId, dst: hole as SeqId, len: len as u32 },
             });
-            let job = self.slots[hi].job.take();
+            let (job, salt) = (self.slots[hi].job.take(), self.slots[hi].salt);
             let dst = &mut self.slots[hole];
-            (dst.cached, dst.job, dst.last_used_step) = (cached, job, self.step);
+            (dst.cached, dst.salt, dst.job, dst.last_used_step) = (cached, salt, job, self.step);
             if self.reserved_cells() > self.limits.kv_cells_max {
                 // (Only where the cells are fewer than slots × context: drop the left copy.)
                 self.slots[hi].cached.clear();
@@ -319,8 +324,8 @@ impl Scheduler {
             return;
         }
         ops.push(KvOp::CopyPrefix { src: hole as SeqId, dst: spare as SeqId, len: len as u32 });
-        let (cached, used) = (self.slots[hole].cached.clone(), self.slots[hole].last_used_step);
-        (self.slots[spare].cached, self.slots[spare].last_used_step) = (cached, used);
+        let (cached, salt, used) = (self.slots[hole].cached.clone(), self.slots[hole].salt, self.slots[hole].last_used_step);
+        (self.slots[spare].cached, self.slots[spare].salt, self.slots[spare].last_used_step) = (cached, salt, used);
     }
 
     /// Evicts idle caches (least recently used first, never `keep`) until `needed` more cells
@@ -351,14 +356,14 @@ impl Scheduler {
 
     /// Points slot `dst` at the longest cached prefix of `prompt`; returns its length.
     /// At least one prompt token is always left to compute, to get logits.
-    fn attach_prefix(&mut self, dst: usize, prompt: &[TokenId], reuse: bool, ops: &mut Vec<KvOp>) -> u32 {
+    fn attach_prefix(&mut self, dst: usize, prompt: &[TokenId], salt: u64, reuse: bool, ops: &mut Vec<KvOp>) -> u32 {
         let limit = if reuse { prompt.len().saturating_sub(1) } else { 0 };
-        let own = common_prefix(&self.slots[dst].cached, prompt).min(limit);
+        let own = salted_prefix(&self.slots[dst], salt, prompt).min(limit);
         let (src, best) = self
             .slots
             .iter()
             .enumerate()
-            .map(|(i, s)| (i, common_prefix(&s.cached, prompt).min(limit)))
+            .map(|(i, s)| (i, salted_prefix(s, salt, prompt).min(limit)))
             .max_by_key(|&(i, len)| (len, i == dst))
             .expect("at least one slot");
         let dst_seq = dst as SeqId;
@@ -497,6 +502,16 @@ fn slot_cells(s: &Slot) -> u32 {
     }
 }
 
+/// The prefix of `prompt` that `slot` holds, for a job of cache salt `salt`: none when its
+/// tokens were computed under another salt (another account's).
+fn salted_prefix(slot: &Slot, salt: u64, prompt: &[TokenId]) -> usize {
+    if slot.salt == salt {
+        common_prefix(&slot.cached, prompt)
+    } else {
+        0
+    }
+}
+
 fn common_prefix(a: &[TokenId], b: &[TokenId]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -510,7 +525,7 @@ mod tests {
     }
 
     fn job(id: JobId, prompt: &[TokenId], max_tokens: u32) -> JobSpec {
-        JobSpec { id, prompt: prompt.to_vec(), max_tokens, echo_logits: false }
+        JobSpec { id, prompt: prompt.to_vec(), max_tokens, echo_logits: false, cache_salt: 0 }
     }
 
     /// Runs plans, "sampling" token 100+job for every sampling entry, until all jobs finish.
@@ -671,6 +686,31 @@ mod tests {
         assert!(plan.kv_ops.contains(&KvOp::Truncate { seq: 0, from: 4 }));
         let fed: Vec<TokenId> = plan.batch.iter().filter(|e| e.job == 3).map(|e| e.token).collect();
         assert_eq!(fed, vec![6]);
+    }
+
+    #[test]
+    fn a_cache_is_shared_only_under_its_own_salt() {
+        let mut s = Scheduler::new(limits(), true);
+        let prompt: Vec<TokenId> = (1..=24).collect();
+        let salted = |id: JobId, salt: u64| JobSpec { cache_salt: salt, ..job(id, &prompt, 1) };
+        s.submit(salted(1, 7)).unwrap();
+        run_to_end(&mut s);
+        // Another account's identical prompt reuses nothing (its own slot, computed whole)...
+        s.submit(salted(2, 8)).unwrap();
+        let plan = s.plan();
+        assert_eq!(plan.admitted, vec![(2, 0)]);
+        assert!(!plan.kv_ops.iter().any(|op| matches!(op, KvOp::CopyPrefix { .. })), "{:?}", plan.kv_ops);
+        run_to_end(&mut s);
+        // ...and does not wait for another account's prefix in flight either; the same
+        // account's next request reuses its own.
+        s.submit(salted(3, 7)).unwrap();
+        assert_eq!(run_to_end(&mut s)[0].admitted, vec![(3, 23)]);
+        let prefill = |salt| JobSpec { cache_salt: salt, ..job(10 + salt, &(100..130).collect::<Vec<_>>(), 1) };
+        s.submit(prefill(1)).unwrap();
+        s.plan(); // job 11 starts computing its 30-token prompt, 8 tokens a step
+        s.submit(prefill(2)).unwrap();
+        assert!(!s.waits_for_prefix(&prefill(2)), "no waiting on another salt's prefix");
+        assert!(s.waits_for_prefix(&prefill(1)), "but on the same salt's");
     }
 
     #[test]

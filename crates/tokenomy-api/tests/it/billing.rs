@@ -955,3 +955,20 @@ async fn a_schema_that_fails_midway_is_charged_for_what_it_generated() {
     }
     n.check().await;
 }
+
+/// Each account has its own prefix cache: another account's identical prompt reads nothing
+/// from it (`cached_tokens` would tell it what that account had sent), while the account's
+/// own repeat does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_prompts_are_cached_for_it_alone() {
+    let n = node(None, "tokenomy_api_cache_salt", &[]).await;
+    let (_, alice) = n.funded("salt-alice", 1_000_000).await;
+    let (_, mallory) = n.funded("salt-mallory", 1_000_000).await;
+    let body = json!({"model": MODEL, "max_tokens": 1, "temperature": 0, "messages": [
+        {"role": "system", "content": "Customer note 7731: PIN 8841, account overdrawn since March, be discreet about it."},
+        {"role": "user", "content": "Summarise the note."}]});
+    let cached = |r: Reply| r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached(n.call("POST", "/v1/chat/completions", Some(body.clone()), &alice).await), 0);
+    assert_eq!(cached(n.call("POST", "/v1/chat/completions", Some(body.clone()), &mallory).await), 0, "another account's prompt is not read");
+    assert!(cached(n.call("POST", "/v1/chat/completions", Some(body.clone()), &alice).await) > 20, "the account's own repeat is");
+}
