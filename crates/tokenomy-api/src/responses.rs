@@ -30,6 +30,10 @@ use crate::{AppError, AppState};
 pub const RESPONSES_STORED_MAX: usize = 10_000;
 /// Bytes of kept conversations (their JSON), at most; the oldest go first.
 pub const RESPONSES_STORED_BYTES_MAX: usize = 256 << 20;
+/// One account's share of the store, at most (its own oldest go first past it): no account can
+/// push every other account's conversations out alone.
+pub const RESPONSES_STORED_PER_ACCOUNT_MAX: usize = RESPONSES_STORED_MAX / 10;
+pub const RESPONSES_STORED_PER_ACCOUNT_BYTES_MAX: usize = RESPONSES_STORED_BYTES_MAX / 10;
 
 fn invalid(param: &str, message: impl Into<String>) -> AppError {
     AppError::invalid_value(param, message)
@@ -60,6 +64,24 @@ struct StoreInner {
     bytes: usize,
 }
 
+impl StoreInner {
+    /// Drops `owner`'s own oldest responses until one more of `bytes` fits its share.
+    fn make_room_for(&mut self, owner: Option<AccountId>, bytes: usize) {
+        loop {
+            let mine = self.by_id.values().filter(|r| r.owner == owner);
+            let (count, used) = mine.fold((0, 0), |(c, b), r| (c + 1, b + r.bytes));
+            if count < RESPONSES_STORED_PER_ACCOUNT_MAX && used + bytes <= RESPONSES_STORED_PER_ACCOUNT_BYTES_MAX {
+                return;
+            }
+            let Some(at) = self.order.iter().position(|id| self.by_id.get(id).is_some_and(|r| r.owner == owner)) else { return };
+            let id = self.order.remove(at).expect("found");
+            if let Some(gone) = self.by_id.remove(&id) {
+                self.bytes -= gone.bytes;
+            }
+        }
+    }
+}
+
 impl ResponseStore {
     fn put(&self, owner: Option<AccountId>, history: Vec<Value>, input_items: Vec<Value>, response: Value) {
         let id = response["id"].as_str().unwrap_or_default().to_string();
@@ -68,7 +90,14 @@ impl ResponseStore {
             tracing::warn!(id, bytes, "a response too large to keep");
             return;
         }
+        if owner.is_some() && bytes > RESPONSES_STORED_PER_ACCOUNT_BYTES_MAX {
+            tracing::warn!(id, bytes, "a response too large to keep");
+            return;
+        }
         let mut s = self.inner.lock().expect("response store");
+        if owner.is_some() {
+            s.make_room_for(owner, bytes);
+        }
         while s.by_id.len() >= RESPONSES_STORED_MAX || s.bytes + bytes > RESPONSES_STORED_BYTES_MAX {
             let Some(old) = s.order.pop_front() else { break };
             if let Some(gone) = s.by_id.remove(&old) {
@@ -930,5 +959,18 @@ mod tests {
         assert!(s.get("resp_a", a).is_none(), "the oldest went first");
         assert_eq!(s.inner.lock().unwrap().by_id.len(), RESPONSES_STORED_MAX);
         assert!(s.delete("resp_7", None) && s.get("resp_7", None).is_none());
+    }
+
+    #[test]
+    fn one_account_cannot_push_the_others_out() {
+        let s = ResponseStore::default();
+        let (victim, attacker) = (Some(AccountId(1)), Some(AccountId(2)));
+        s.put(victim, Vec::new(), Vec::new(), json!({"id": "resp_victim"}));
+        for i in 0..RESPONSES_STORED_MAX {
+            s.put(attacker, Vec::new(), Vec::new(), json!({"id": format!("resp_{i}")}));
+        }
+        assert!(s.get("resp_victim", victim).is_some(), "kept: the attacker's own oldest went instead");
+        let g = s.inner.lock().unwrap();
+        assert_eq!(g.by_id.values().filter(|r| r.owner == attacker).count(), RESPONSES_STORED_PER_ACCOUNT_MAX);
     }
 }
