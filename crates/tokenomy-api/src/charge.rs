@@ -20,11 +20,22 @@ use crate::routes::{ApiJson, ApiQuery};
 use crate::{AppError, AppState};
 
 /// The API key: `Authorization: Bearer …` (OpenAI) or `x-api-key: …` (Anthropic).
+/// Two different keys in one request (two `Authorization` headers, or one there and another
+/// in `x-api-key`) are no key the caller can be held to: they authenticate as this, which no
+/// key is.
+const CONFLICTING_KEYS: &str = "tk-conflicting-keys-in-one-request";
+
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim);
+    let mut given = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).map(str::trim))
+        .chain(headers.get_all("x-api-key").iter().map(|v| v.to_str().ok().map(str::trim)));
+    let first = given.next()?;
+    if given.any(|k| k != first) {
+        return Some(CONFLICTING_KEYS);
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    first
 }
 
 tokio::task_local! {

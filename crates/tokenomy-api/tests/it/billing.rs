@@ -673,8 +673,17 @@ async fn a_request_without_a_valid_key_gets_401_whatever_its_body() {
     assert_eq!(send(&n.state, "GET", "/health", None).await.status, StatusCode::OK);
     assert_eq!(send(&n.state, "GET", "/v1/log/checkpoint", None).await.status, StatusCode::OK);
     assert_error(&send(&n.state, "GET", "/v1/no-such-route", None).await, StatusCode::NOT_FOUND);
+    // Two different keys in one request are no key; the same key twice is that key.
+    let bearer = format!("Bearer {user_key}");
+    let (_, other_key) = n.funded("second-key-holder", 0).await;
+    for h in [vec![("authorization", bearer.as_str()), ("x-api-key", other_key.as_str())], vec![("authorization", bearer.as_str()), ("x-api-key", "tk-nonsense")]] {
+        assert_error(&request(&n.state, "GET", "/v1/me", None, &h).await, StatusCode::UNAUTHORIZED);
+    }
+    let same = request(&n.state, "GET", "/v1/me", None, &[("authorization", &bearer), ("x-api-key", &user_key)]).await;
+    assert_eq!(same.status, StatusCode::OK, "{}", same.text);
     let after = n.check().await;
-    assert_eq!((before["accounts"].clone(), before["transfers"].clone()), (after["accounts"].clone(), after["transfers"].clone()));
+    let count = |v: &Value, k: &str| v[k].as_u64().unwrap();
+    assert_eq!((count(&before, "accounts") + 1, count(&before, "transfers")), (count(&after, "accounts"), count(&after, "transfers")), "only the key holder's account was made");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
