@@ -193,31 +193,34 @@ impl<R: std::io::Read> Reader<R> {
     }
     /// Skips one metadata value of GGUF type `ty`.
     fn skip_value(&mut self, ty: u32) -> Result<(), String> {
+        if let Some(w) = scalar_bytes(ty) {
+            return self.skip(w);
+        }
         match ty {
-            0 | 1 | 7 => self.skip(1), // u8, i8, bool
-            2 | 3 => self.skip(2),
-            4..=6 => self.skip(4), // u32, i32, f32
-            10..=12 => self.skip(8), // u64, i64, f64
             8 => {
                 let n = self.u64()?;
                 self.skip(n)
             }
             9 => {
                 let (elem, n) = (self.u32()?, self.u64()?);
-                let width = match elem {
-                    0 | 1 | 7 => Some(1),
-                    2 | 3 => Some(2),
-                    4..=6 => Some(4),
-                    10..=12 => Some(8),
-                    _ => None,
-                };
-                match width {
+                match scalar_bytes(elem) {
                     Some(w) => self.skip(n.saturating_mul(w)),
                     None => (0..n).try_for_each(|_| self.skip_value(elem)),
                 }
             }
             other => Err(format!("unknown metadata type {other}")),
         }
+    }
+}
+
+/// Bytes of a GGUF metadata scalar of type `ty` (`None`: a string, an array, or unknown).
+fn scalar_bytes(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1), // u8, i8, bool
+        2 | 3 => Some(2),     // u16, i16
+        4..=6 => Some(4),     // u32, i32, f32
+        10..=12 => Some(8),   // u64, i64, f64
+        _ => None,
     }
 }
 
