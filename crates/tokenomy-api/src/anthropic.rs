@@ -206,6 +206,13 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     }
     if let Some(tools) = o.get("tools").and_then(Value::as_array) {
         for (i, t) in tools.iter().enumerate() {
+            // Anthropic's server tools (web search, code execution, …) name a versioned type;
+            // a client tool has none, or "custom".
+            if let Some(ty) = t["type"].as_str().filter(|ty| *ty != "custom") {
+                return Err(invalid(format!(
+                    "tools.{i}.type: {ty:?} is not a client tool; server tools (web search, code execution, …) are not served here, client tools (a name and an input_schema) are"
+                )));
+            }
             if !t["input_schema"].is_object() || t["input_schema"].get("type").is_some_and(|ty| ty != "object") {
                 return Err(invalid(format!("tools.{i}.input_schema: a JSON Schema object with \"type\": \"object\" is required")));
             }

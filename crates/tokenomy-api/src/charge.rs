@@ -241,6 +241,10 @@ impl IdempotencyCache {
 
 pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, AppError> {
     let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    if headers.get_all("idempotency-key").iter().nth(1).is_some() {
+        // Which one would be the request's? A retry sending either must not run it twice.
+        return Err(AppError::invalid("more than one Idempotency-Key header: send one", None));
+    }
     let s = v.to_str().map_err(|_| AppError::invalid("Idempotency-Key must be visible ASCII", None))?;
     if s.is_empty() || s.len() > IDEMPOTENCY_KEY_LEN_MAX_BYTES || !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(AppError::invalid(format!("Idempotency-Key must be 1..={IDEMPOTENCY_KEY_LEN_MAX_BYTES} visible ASCII characters"), None));

@@ -16,6 +16,9 @@ pub struct AppError {
     pub retry_after_s: Option<u32>,
     /// A key's rate-limit state, sent as `x-ratelimit-*` headers (on a 429 for a limit).
     pub allowance: Option<Box<tokenomy_billing::Allowance>>,
+    /// The request's id where the node logged it under one (a proxied request's failure):
+    /// sent as `x-request-id`, so that the operator finds the log lines the client quotes.
+    pub request_id: Option<String>,
 }
 
 impl AppError {
@@ -28,6 +31,7 @@ impl AppError {
             code: None,
             retry_after_s: None,
             allowance: None,
+            request_id: None,
         }
     }
 
@@ -60,6 +64,9 @@ impl AppError {
         }
         if let Some(a) = &self.allowance {
             crate::charge::ratelimit_headers(resp, a);
+        }
+        if let Some(v) = self.request_id.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
+            resp.headers_mut().insert("x-request-id", v);
         }
     }
 

@@ -183,7 +183,8 @@ pub struct AppState {
     /// Requests without a key are charged to the local user (`DATA_DIR/user.key`).
     pub no_auth: bool,
     idempotency: Arc<charge::IdempotencyCache>,
-    /// Responses kept for `previous_response_id` (`store`), in memory.
+    /// Responses kept for `previous_response_id` (`store`): in memory, or in a PostgreSQL
+    /// ledger's database.
     responses: Arc<responses::ResponseStore>,
     /// When this node began serving (Unix seconds): its models' `created`.
     started_s: u64,
@@ -216,7 +217,12 @@ impl AppState {
         if let Some(r) = &billing.config().reference {
             let _ = self.meter.reference.set((r.name.clone(), r.price()));
         }
-        AppState { billing: Some(billing), no_auth, ..self }
+        // On a PostgreSQL ledger, kept responses are in its database, for every node of it.
+        let responses = match billing.store() {
+            tokenomy_ledger::AnyStore::Pg(pg) => Arc::new(responses::ResponseStore::shared(pg.clone())),
+            tokenomy_ledger::AnyStore::Sqlite(_) => self.responses.clone(),
+        };
+        AppState { billing: Some(billing), no_auth, responses, ..self }
     }
 
     /// Serves the models of `upstreams` that the local engine does not, through them.
@@ -292,9 +298,25 @@ pub fn app(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(axum::middleware::from_fn(move |req, next| refuse_declared_too_large(body_max, req, next)))
         .layer(axum::middleware::map_response(with_a_request_id))
         .layer(axum::middleware::from_fn_with_state(state.meter.clone(), count_response))
         .with_state(state)
+}
+
+/// A body whose `Content-Length` is past the limit is refused at once (`413`), before a byte
+/// of it is read: the client is not left sending it, nor the connection held until the body
+/// timeout.
+async fn refuse_declared_too_large(body_max: usize, req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > body_max as u64 => {
+            let message = format!("The request body is too large: {n} bytes declared, at most {body_max} are taken (--body-bytes-max)");
+            let e = AppError { status: axum::http::StatusCode::PAYLOAD_TOO_LARGE, code: Some("request_too_large"), ..AppError::invalid(message, None) };
+            anthropic::shaped_for(req.uri().path(), e)
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// Counts every response in [`Meter`] by the route it matched and its status.

@@ -90,6 +90,10 @@ pub struct ChatRequest {
     /// Accepted and not acted on (the engine has no reasoning effort), but checked: a typo is
     /// the client's to know.
     pub reasoning_effort: Option<String>,
+    /// The search-model option: no web is searched here, so it is refused, not ignored.
+    pub web_search_options: Option<Value>,
+    /// A hint to answer tersely or at length: accepted and not acted on, but checked.
+    pub verbosity: Option<String>,
 }
 
 impl ChatRequest {
@@ -104,6 +108,13 @@ impl ChatRequest {
         const EFFORTS: [&str; 7] = ["none", "minimal", "low", "medium", "high", "xhigh", "max"];
         if let Some(e) = self.reasoning_effort.as_deref().filter(|e| !EFFORTS.contains(e)) {
             return Err(AppError::invalid_value("reasoning_effort", format!("reasoning_effort must be one of {EFFORTS:?}, got {e:?}")));
+        }
+        if self.web_search_options.as_ref().is_some_and(|w| !w.is_null()) {
+            return Err(AppError::invalid_value("web_search_options", "web search is not served: the model answers from its weights alone"));
+        }
+        const VERBOSITIES: [&str; 3] = ["low", "medium", "high"];
+        if let Some(v) = self.verbosity.as_deref().filter(|v| !VERBOSITIES.contains(v)) {
+            return Err(AppError::invalid_value("verbosity", format!("verbosity must be one of {VERBOSITIES:?}, got {v:?}")));
         }
         Ok(())
     }

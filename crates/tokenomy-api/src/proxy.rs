@@ -31,6 +31,12 @@ use crate::{AppError, AppState};
 /// `max_tokens` for a proxied request that names no limit.
 pub const COMPLETION_TOKENS_DEFAULT: u64 = 4096;
 
+/// Prompt tokens a chat template may add to a proxied request's body, past one token per byte
+/// of it: its role markers, its default system prompt, tools rendered with their instructions
+/// (SmolLM2's template adds 5 to a 131-byte body with one tool; Hermes-style tool prompts a few
+/// hundred). The hold covers them, so an honest upstream's count is not cut.
+pub const PROXIED_TEMPLATE_TOKENS_MAX: u64 = 2048;
+
 /// Chunks a proxied stream may have waiting for a slow client.
 const STREAM_CHUNKS_QUEUED_MAX: usize = 64;
 
@@ -156,7 +162,7 @@ pub(crate) async fn run(state: &AppState, g: &Gate, raw: bytes::Bytes, request_s
     let Prepared { body, completion_tokens_max, stream, include_usage } = prepare(&raw)?;
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
-    let prompt_tokens_max = raw.len() as u64;
+    let prompt_tokens_max = (raw.len() as u64).saturating_add(PROXIED_TEMPLATE_TOKENS_MAX);
     let charge = begin_charge(state, g, &request_id, &model, prompt_tokens_max, completion_tokens_max, request_sha256).await?;
     let p = Proxied { model, request_id, body, stream, include_usage, charge, prompt_tokens_max, completion_tokens_max };
     // The upstream is asked, and its answer settled, on a task of its own: a client that
@@ -179,7 +185,7 @@ async fn forward(state: &AppState, p: Proxied) -> Result<(ProxyAnswer, Billed), 
         route.upstream.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let answer = match p.stream {
             true => route.upstream.provider.chat_stream(&forwarded).await.map(Answer::Stream),
-            false => route.upstream.provider.chat(&forwarded).await.map(Answer::Whole),
+            false => route.upstream.provider.chat(&forwarded).await.and_then(|v| answer_of(&route, v)).map(Answer::Whole),
         };
         match answer {
             Ok(a) => {
@@ -207,7 +213,21 @@ async fn forward(state: &AppState, p: Proxied) -> Result<(ProxyAnswer, Billed), 
         }
     }
     void_charge(state, p.charge).await;
-    Err(last.map_or_else(|| AppError::internal(format!("no upstream serves {}", p.model)), refused))
+    let e = last.map_or_else(|| AppError::internal(format!("no upstream serves {}", p.model)), refused);
+    Err(AppError { request_id: Some(p.request_id), ..e })
+}
+
+/// A whole answer that is one: `200` with an `error` object, or without `choices`, is the
+/// upstream failing (and the next upstream is tried), not an answer to pass on uncharged.
+fn answer_of(route: &Route, v: Value) -> Result<Value, UpstreamError> {
+    if v["choices"].is_array() && v.get("error").is_none_or(Value::is_null) {
+        return Ok(v);
+    }
+    let detail = match v.pointer("/error/message").and_then(Value::as_str) {
+        Some(m) => format!("an error in a 200 answer: {m}"),
+        None => "a 200 answer without choices".into(),
+    };
+    Err(UpstreamError::Protocol { upstream: route.upstream.name().into(), detail })
 }
 
 enum Answer {
@@ -221,7 +241,10 @@ async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Pr
     let usage = usage_of(&v);
     log_upstream_receipt(&p.request_id, route, &v);
     v.as_object_mut().map(|o| o.remove("receipt")); // the upstream's, not the client's
-    let (receipt, pending) = settle(state, p.charge, &p.request_id, &p.model, route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
+    let (receipt, pending, charged) = settle(state, p.charge, &p.request_id, &p.model, route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
+    if let Some(u) = charged {
+        v["usage"] = usage_json(u); // what was charged, should the upstream's have been cut
+    }
     v["id"] = json!(format!("chatcmpl-{}", p.request_id));
     v["model"] = json!(p.model);
     let receipt = receipt_of(receipt.as_ref(), pending.as_ref());
@@ -268,10 +291,9 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
                 }
             }
         }
-        if failed.is_none() && usage.is_none() {
-            failed = Some(UpstreamError::Protocol { upstream: route.upstream.name().into(), detail: "the stream ended without its usage".into() });
-        }
-        let (receipt, pending) = settle(&st, p.charge, &p.request_id, &p.model, &route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
+        // (A stream that ends without its usage was delivered whole: it is not charged, and
+        // `settle` logs it, as for a whole answer.)
+        let (receipt, pending, charged) = settle(&st, p.charge, &p.request_id, &p.model, &route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
         let Some(t) = client else { return };
         if let Some(e) = failed.filter(|_| receipt.is_none() && pending.is_none()) {
             tracing::warn!(request_id = %p.request_id, upstream = route.upstream.name(), error = %e, "a proxied stream failed");
@@ -282,7 +304,7 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
         if p.include_usage {
             let mut last = last_chunk.unwrap_or_else(|| json!({"id": id, "object": "chat.completion.chunk", "model": p.model}));
             last["choices"] = json!([]);
-            last["usage"] = usage_json(usage.unwrap_or_default());
+            last["usage"] = usage_json(charged.unwrap_or_default());
             if let Some((r, _)) = receipt_of(receipt.as_ref(), pending.as_ref()) {
                 last["receipt"] = r;
             }
@@ -292,7 +314,8 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
     (ProxyAnswer::Stream(tokio_stream::wrappers::ReceiverStream::new(rx)), request_id, receipt_id)
 }
 
-fn usage_json(u: UpstreamUsage) -> Value {
+/// Usage as the client is shown it: what it was charged for.
+fn usage_json(u: Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
         "total_tokens": u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
@@ -349,12 +372,12 @@ async fn settle(
     usage: Option<UpstreamUsage>,
     bounds: (u64, u64),
     texts: &[String],
-) -> (Option<ReceiptRef>, Option<String>) {
+) -> (Option<ReceiptRef>, Option<String>, Option<Usage>) {
     let account = charge.as_ref().map(|c| c.principal.account);
     let Some(u) = usage else {
         tracing::error!(request_id, upstream = route.upstream.name(), "the upstream reported no usage: nothing charged");
         void_charge(state, charge).await;
-        return (None, None);
+        return (None, None, None);
     };
     let usage = bounded(request_id, route, u, bounds);
     let (receipt, pending) = match (charge, &state.billing) {
@@ -370,11 +393,11 @@ async fn settle(
         _ => (None, None),
     };
     state.meter.record_usage(request_id, model, &usage, account, receipt.as_ref(), false);
-    (receipt, pending)
+    (receipt, pending, Some(usage))
 }
 
 /// The upstream's usage within the bounds the hold was placed for (one prompt token per byte
-/// of the body; `max_tokens` × `n`): an upstream cannot make this node charge its client, or
+/// of the body and [`PROXIED_TEMPLATE_TOKENS_MAX`]; `max_tokens` × `n`): an upstream cannot make this node charge its client, or
 /// sign a receipt, for more than the request could have used. Past them, it is cut, and logged.
 fn bounded(request_id: &str, route: &Route, u: UpstreamUsage, (prompt_max, completion_max): (u64, u64)) -> Usage {
     let cap = |v: u32, max: u64| u32::try_from(u64::from(v).min(max)).unwrap_or(u32::MAX);

@@ -5,9 +5,10 @@
 //! object — output items `reasoning`, `message` and `function_call` — or into the streaming
 //! events `response.created` … `response.completed`.
 //!
-//! `store` (OpenAI's default) keeps the conversation in this node's memory, bounded in count and
-//! bytes and lost at restart, so that `previous_response_id` continues it on the node that
-//! answered. Agents that keep their own history send `store: false` and the whole input.
+//! `store` (OpenAI's default) keeps the conversation, bounded in count and bytes, so that
+//! `previous_response_id` continues it: in this node's memory (lost at restart), or, on a
+//! PostgreSQL ledger, in its database, where every node of the ledger finds it. Agents that keep
+//! their own history send `store: false` and the whole input.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -40,21 +41,27 @@ fn invalid(param: &str, message: impl Into<String>) -> AppError {
 }
 
 /// A response kept for its conversation to be continued.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct Stored {
     /// The account that asked for it; `None` on a node without accounts.
+    #[serde(skip)]
     owner: Option<AccountId>,
     /// The conversation as chat messages: what came before, its input and its answer
     /// (instructions are not carried over, as OpenAI's are not).
     history: Vec<Value>,
     input_items: Vec<Value>,
     response: Value,
+    #[serde(skip)]
     bytes: usize,
 }
 
-/// Kept responses, oldest first out.
+/// Kept responses, oldest first out: in this node's memory, or, on a PostgreSQL ledger, in
+/// its database, where every node of the ledger finds them (a load balancer may send a
+/// conversation's next turn to any node).
 #[derive(Default)]
 pub(crate) struct ResponseStore {
     inner: Mutex<StoreInner>,
+    shared: Option<tokenomy_ledger::PgStore>,
 }
 
 #[derive(Default)]
@@ -82,10 +89,42 @@ impl StoreInner {
     }
 }
 
+/// The bounds of the store, as the shared database applies them.
+const SHARED_LIMITS: tokenomy_ledger::KeptLimits = tokenomy_ledger::KeptLimits {
+    count_max: RESPONSES_STORED_MAX as u64,
+    bytes_max: RESPONSES_STORED_BYTES_MAX as u64,
+    per_owner_count_max: RESPONSES_STORED_PER_ACCOUNT_MAX as u64,
+    per_owner_bytes_max: RESPONSES_STORED_PER_ACCOUNT_BYTES_MAX as u64,
+};
+
+fn unavailable(e: tokenomy_ledger::LedgerError) -> AppError {
+    AppError::from(tokenomy_billing::BillingError::from(e))
+}
+
 impl ResponseStore {
-    fn put(&self, owner: Option<AccountId>, history: Vec<Value>, input_items: Vec<Value>, response: Value) {
+    /// Keeps responses in `pg`, shared by every node of its ledger.
+    pub(crate) fn shared(pg: tokenomy_ledger::PgStore) -> ResponseStore {
+        ResponseStore { shared: Some(pg), ..Default::default() }
+    }
+
+    /// Keeps a response; one that cannot be kept (too large, or the database failed) is
+    /// logged, and a later `previous_response_id` naming it is answered as for any unknown id.
+    async fn put(&self, owner: Option<AccountId>, history: Vec<Value>, input_items: Vec<Value>, response: Value) {
         let id = response["id"].as_str().unwrap_or_default().to_string();
-        let bytes = history.iter().chain(&input_items).map(|m| m.to_string().len()).sum::<usize>() + response.to_string().len();
+        let Some(pg) = &self.shared else {
+            return self.put_here(owner, Stored { owner, history, input_items, response, bytes: 0 });
+        };
+        let doc = serde_json::to_vec(&Stored { owner, history, input_items, response, bytes: 0 }).unwrap_or_default();
+        match tokenomy_ledger::any::pg_within(pg, 0, pg.keep_response(&id, owner, &doc, SHARED_LIMITS)).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(id, bytes = doc.len(), "a response too large to keep"),
+            Err(e) => tracing::warn!(id, error = %e, "a response could not be kept"),
+        }
+    }
+
+    fn put_here(&self, owner: Option<AccountId>, mut stored: Stored) {
+        let id = stored.response["id"].as_str().unwrap_or_default().to_string();
+        let bytes = stored.history.iter().chain(&stored.input_items).map(|m| m.to_string().len()).sum::<usize>() + stored.response.to_string().len();
         if bytes > RESPONSES_STORED_BYTES_MAX {
             tracing::warn!(id, bytes, "a response too large to keep");
             return;
@@ -94,6 +133,7 @@ impl ResponseStore {
             tracing::warn!(id, bytes, "a response too large to keep");
             return;
         }
+        stored.bytes = bytes;
         let mut s = self.inner.lock().expect("response store");
         if owner.is_some() {
             s.make_room_for(owner, bytes);
@@ -106,25 +146,35 @@ impl ResponseStore {
         }
         s.bytes += bytes;
         s.order.push_back(id.clone());
-        s.by_id.insert(id, Arc::new(Stored { owner, history, input_items, response, bytes }));
+        s.by_id.insert(id, Arc::new(stored));
         debug_assert_eq!(s.bytes, s.by_id.values().map(|v| v.bytes).sum::<usize>());
     }
 
     /// The response `id` if `caller` may see it (another account's is as good as missing).
-    fn get(&self, id: &str, caller: Option<AccountId>) -> Option<Arc<Stored>> {
-        let s = self.inner.lock().expect("response store");
-        s.by_id.get(id).filter(|r| r.owner.is_none() || r.owner == caller).cloned()
+    async fn get(&self, id: &str, caller: Option<AccountId>) -> Result<Option<Arc<Stored>>, AppError> {
+        let Some(pg) = &self.shared else {
+            let s = self.inner.lock().expect("response store");
+            return Ok(s.by_id.get(id).filter(|r| r.owner.is_none() || r.owner == caller).cloned());
+        };
+        let kept = tokenomy_ledger::any::pg_within(pg, 0, pg.kept_response(id)).await.map_err(unavailable)?;
+        let Some(kept) = kept.filter(|k| k.owner.is_none() || k.owner == caller) else { return Ok(None) };
+        let mut stored: Stored = serde_json::from_slice(&kept.doc).map_err(|e| AppError::internal(format!("kept response {id} unreadable: {e}")))?;
+        (stored.owner, stored.bytes) = (kept.owner, kept.doc.len());
+        Ok(Some(Arc::new(stored)))
     }
 
-    fn delete(&self, id: &str, caller: Option<AccountId>) -> bool {
+    async fn delete(&self, id: &str, caller: Option<AccountId>) -> Result<bool, AppError> {
+        if let Some(pg) = &self.shared {
+            return tokenomy_ledger::any::pg_within(pg, 0, pg.forget_response(id, caller)).await.map_err(unavailable);
+        }
         let mut s = self.inner.lock().expect("response store");
         if s.by_id.get(id).is_none_or(|r| r.owner.is_some() && r.owner != caller) {
-            return false;
+            return Ok(false);
         }
         let gone = s.by_id.remove(id).expect("present");
         s.bytes -= gone.bytes;
         s.order.retain(|k| k != id);
-        true
+        Ok(true)
     }
 }
 
@@ -427,11 +477,11 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Has
 
 /// The chat request a Responses request stands for, and the conversation it continues with its
 /// input (without instructions, which are not carried over).
-fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> Result<(ChatRequest, Vec<Value>, bytes::Bytes), AppError> {
+async fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> Result<(ChatRequest, Vec<Value>, bytes::Bytes), AppError> {
     let mut history = match &p.previous {
         None => Vec::new(),
         Some(id) => {
-            let prev = state.responses.get(id, owner).ok_or_else(|| invalid("previous_response_id", format!("Previous response with id '{id}' not found.")))?;
+            let prev = state.responses.get(id, owner).await?.ok_or_else(|| invalid("previous_response_id", format!("Previous response with id '{id}' not found.")))?;
             prev.history.clone()
         }
     };
@@ -455,7 +505,7 @@ fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> R
 pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<Value>) -> Result<Json<Value>, AppError> {
     let owner = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
     let mut p = parse(&body.value, body.sha256)?;
-    let (chat, _, _) = chat_request(&state, owner, &mut p)?;
+    let (chat, _, _) = chat_request(&state, owner, &mut p).await?;
     crate::proxy::chat_only(&state, &chat.common.model, "/v1/responses/input_tokens")?;
     let messages = crate::openai::chat_messages(&chat.messages).map_err(in_responses_terms)?;
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
@@ -467,7 +517,7 @@ pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, bod
 
 async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Response, AppError> {
     let owner = g.caller.as_ref().map(|c| c.account);
-    let (req, history, raw) = chat_request(state, owner, &mut p)?;
+    let (req, history, raw) = chat_request(state, owner, &mut p).await?;
     let keep = p.store.then(|| Keep { store: state.responses.clone(), owner, history, input_items: std::mem::take(&mut p.input_items) });
     if crate::proxy::routes_here(state, &req.common.model, 1) {
         return proxied(state, g, p, raw, keep).await;
@@ -489,7 +539,7 @@ async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Respon
     let (Json(v), receipt_id) = routes::chat_body(r.started, r.id, &r.post).await?;
     let response = finished(skeleton, &v["choices"][0], output_of(&v["choices"][0], &response_suffix(&v)), &v["usage"], &v["receipt"]);
     if let Some(k) = keep {
-        k.put(&response);
+        k.put(&response).await;
     }
     Ok(routes::billed_headers(Json(response).into_response(), &rid, receipt_id.as_deref(), &g.allowance_now(state).await))
 }
@@ -504,7 +554,7 @@ async fn proxied(state: &AppState, g: &routes::Gate, p: Parsed, raw: bytes::Byte
         crate::proxy::ProxyAnswer::Whole(v) => {
             let response = finished(skeleton, &v["choices"][0], output_of(&v["choices"][0], &response_suffix(&v)), &v["usage"], &v["receipt"]);
             if let Some(k) = keep {
-                k.put(&response);
+                k.put(&response).await;
             }
             Json(response).into_response()
         }
@@ -566,7 +616,7 @@ struct Keep {
 
 impl Keep {
     /// Keeps the conversation with the response's answer as its last assistant turn.
-    fn put(mut self, response: &Value) {
+    async fn put(mut self, response: &Value) {
         let (mut text, mut calls) = (String::new(), Vec::new());
         for item in response["output"].as_array().into_iter().flatten() {
             match item["type"].as_str() {
@@ -580,7 +630,7 @@ impl Keep {
             turn["tool_calls"] = Value::Array(calls);
         }
         self.history.push(turn);
-        self.store.put(self.owner, self.history, self.input_items, response.clone());
+        self.store.put(self.owner, self.history, self.input_items, response.clone()).await;
     }
 }
 
@@ -629,7 +679,8 @@ fn usage_of(u: &Value) -> Value {
     let output = u["completion_tokens"].as_u64().unwrap_or(0);
     json!({
         "input_tokens": input,
-        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0)},
+        // (Nothing is written to a cache at a price of its own here: `cache_write_tokens` is 0.)
+        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0), "cache_write_tokens": 0},
         "output_tokens": output,
         "output_tokens_details": {"reasoning_tokens": u["completion_tokens_details"]["reasoning_tokens"].as_u64().unwrap_or(0)},
         "total_tokens": input + output,
@@ -680,6 +731,8 @@ struct StreamState {
     open: Option<Open>,
     finish: Value,
     keep: Option<Keep>,
+    /// The finished response, to keep before its last event is sent.
+    to_keep: Option<(Keep, Value)>,
     /// A `response.failed` was sent: the stream ends there.
     failed: bool,
 }
@@ -820,24 +873,51 @@ impl StreamState {
         }
         self.close(if status == "incomplete" { "incomplete" } else { "completed" }, out);
         let r = finished(self.response.clone(), &self.finish, std::mem::take(&mut self.output), &c["usage"], &c["receipt"]);
-        if let Some(k) = self.keep.take() {
-            k.put(&r);
-        }
+        // Kept before the last event goes out (see `events`): a client that sends the next turn
+        // at once finds it.
+        self.to_keep = self.keep.take().map(|k| (k, r.clone()));
         let kind = if status == "incomplete" { "response.incomplete" } else { "response.completed" };
         out.push(self.ev(kind, json!({"response": r})));
     }
 }
 
 fn events(chunks: impl Stream<Item = Value> + Send + 'static, skeleton: Value, keep: Option<Keep>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let mut st = StreamState { response: skeleton, suffix: String::new(), seq: 0, started: false, output: Vec::new(), open: None, finish: Value::Null, keep, failed: false };
+    let mut st = StreamState { response: skeleton, suffix: String::new(), seq: 0, started: false, output: Vec::new(), open: None, finish: Value::Null, keep, to_keep: None, failed: false };
     st.suffix = st.response["id"].as_str().unwrap_or_default().trim_start_matches("resp_").to_string();
-    chunks.flat_map(move |c| stream::iter(st.chunk(&c))).map(Ok)
+    chunks
+        .then(move |c| {
+            let out = st.chunk(&c);
+            let to_keep = st.to_keep.take();
+            async move {
+                if let Some((k, r)) = to_keep {
+                    k.put(&r).await;
+                }
+                stream::iter(out)
+            }
+        })
+        .flatten()
+        .map(Ok)
 }
 
-/// `GET /v1/responses/{id}`: a kept response, to the account that asked for it.
-pub async fn get(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+#[derive(Debug, serde::Deserialize)]
+pub struct GetQuery {
+    stream: Option<String>,
+}
+
+/// `GET /v1/responses/{id}`: a kept response, to the account that asked for it. Its events are
+/// not replayed (`stream=true`, for background responses, which are not served): a `400`,
+/// rather than a JSON body that an SDK reading events would find empty.
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    crate::routes::ApiQuery(q): crate::routes::ApiQuery<GetQuery>,
+) -> Result<Json<Value>, AppError> {
+    if q.stream.as_deref().is_some_and(|s| s != "false") {
+        return Err(invalid("stream", "a kept response's events are not replayed: GET it without stream"));
+    }
     let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
-    let r = state.responses.get(&id, caller).ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
+    let r = state.responses.get(&id, caller).await?.ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
     Ok(Json(r.response.clone()))
 }
 
@@ -856,7 +936,7 @@ pub async fn input_items(
     crate::routes::ApiQuery(q): crate::routes::ApiQuery<ItemsQuery>,
 ) -> Result<Json<Value>, AppError> {
     let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
-    let r = state.responses.get(&id, caller).ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
+    let r = state.responses.get(&id, caller).await?.ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(invalid("limit", format!("limit must be between 1 and 100, got {limit}")));
@@ -882,7 +962,7 @@ pub async fn input_items(
 /// `DELETE /v1/responses/{id}`.
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
     let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
-    if !state.responses.delete(&id, caller) {
+    if !state.responses.delete(&id, caller).await? {
         return Err(AppError::not_found(format!("Response with id '{id}' not found.")));
     }
     Ok(Json(json!({"id": id, "object": "response", "deleted": true})))
@@ -914,7 +994,7 @@ mod tests {
 
     #[test]
     fn a_stream_translates_text_and_calls_into_indexed_items() {
-        let mut st = StreamState { response: json!({"id": "resp_1"}), suffix: "1".into(), seq: 0, started: false, output: Vec::new(), open: None, finish: Value::Null, keep: None, failed: false };
+        let mut st = StreamState { response: json!({"id": "resp_1"}), suffix: "1".into(), seq: 0, started: false, output: Vec::new(), open: None, finish: Value::Null, keep: None, to_keep: None, failed: false };
         let kinds = |evs: Vec<SseEvent>| evs.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>();
         let mut all = kinds(st.chunk(&json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})));
         all.extend(kinds(st.chunk(&json!({"choices": [{"delta": {"content": "Hi"}}]}))));
@@ -945,31 +1025,31 @@ mod tests {
         assert!(all[12].contains(r#"\"total_tokens\":5"#), "{}", all[12]);
     }
 
-    #[test]
-    fn the_store_is_bounded_and_scoped_to_its_account() {
+    #[tokio::test]
+    async fn the_store_is_bounded_and_scoped_to_its_account() {
         let s = ResponseStore::default();
         let a = Some(AccountId(1));
-        s.put(a, vec![json!({"role": "user", "content": "x"})], Vec::new(), json!({"id": "resp_a"}));
-        assert!(s.get("resp_a", a).is_some());
-        assert!(s.get("resp_a", Some(AccountId(2))).is_none());
-        assert!(!s.delete("resp_a", None));
+        s.put(a, vec![json!({"role": "user", "content": "x"})], Vec::new(), json!({"id": "resp_a"})).await;
+        assert!(s.get("resp_a", a).await.unwrap().is_some());
+        assert!(s.get("resp_a", Some(AccountId(2))).await.unwrap().is_none());
+        assert!(!s.delete("resp_a", None).await.unwrap());
         for i in 0..RESPONSES_STORED_MAX {
-            s.put(None, Vec::new(), Vec::new(), json!({"id": format!("resp_{i}")}));
+            s.put(None, Vec::new(), Vec::new(), json!({"id": format!("resp_{i}")})).await;
         }
-        assert!(s.get("resp_a", a).is_none(), "the oldest went first");
+        assert!(s.get("resp_a", a).await.unwrap().is_none(), "the oldest went first");
         assert_eq!(s.inner.lock().unwrap().by_id.len(), RESPONSES_STORED_MAX);
-        assert!(s.delete("resp_7", None) && s.get("resp_7", None).is_none());
+        assert!(s.delete("resp_7", None).await.unwrap() && s.get("resp_7", None).await.unwrap().is_none());
     }
 
-    #[test]
-    fn one_account_cannot_push_the_others_out() {
+    #[tokio::test]
+    async fn one_account_cannot_push_the_others_out() {
         let s = ResponseStore::default();
         let (victim, attacker) = (Some(AccountId(1)), Some(AccountId(2)));
-        s.put(victim, Vec::new(), Vec::new(), json!({"id": "resp_victim"}));
+        s.put(victim, Vec::new(), Vec::new(), json!({"id": "resp_victim"})).await;
         for i in 0..RESPONSES_STORED_MAX {
-            s.put(attacker, Vec::new(), Vec::new(), json!({"id": format!("resp_{i}")}));
+            s.put(attacker, Vec::new(), Vec::new(), json!({"id": format!("resp_{i}")})).await;
         }
-        assert!(s.get("resp_victim", victim).is_some(), "kept: the attacker's own oldest went instead");
+        assert!(s.get("resp_victim", victim).await.unwrap().is_some(), "kept: the attacker's own oldest went instead");
         let g = s.inner.lock().unwrap();
         assert_eq!(g.by_id.values().filter(|r| r.owner == attacker).count(), RESPONSES_STORED_PER_ACCOUNT_MAX);
     }

@@ -91,6 +91,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJs
             };
             AppError { status: if status.is_client_error() { status } else { StatusCode::BAD_REQUEST }, ..AppError::invalid(message, None) }
         })?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() {
+            // Every endpoint takes an object: an array is not read as its fields in order.
+            return Err(AppError::invalid("The request body must be a JSON object", None));
+        }
         let value = Json::<T>::from_bytes(&bytes).map_err(json_rejection)?.0;
         Ok(HashedJson { value, sha256: Sha256::digest(&bytes).into(), raw: bytes })
     }

@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 pub use any::AnyStore;
 pub use domain::*;
-pub use pg::PgStore;
+pub use pg::{KeptDoc, KeptLimits, PgStore};
 pub use sqlite::{Durability, SqliteStore};
 
 /// Builds the log leaf for a posted transfer, given the log index it will get.

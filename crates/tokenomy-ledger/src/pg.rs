@@ -29,7 +29,10 @@ use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_requ
 const SCHEMA: &str = include_str!("sql/pg_schema.sql");
 /// The version `SCHEMA` brings a database to; a database of a later version is refused (an
 /// older node would not maintain what the newer schema relies on, such as `pending_holds`).
-const SCHEMA_VERSION: i32 = 5;
+const SCHEMA_VERSION: i32 = 6;
+/// How long a new connection may take, its TCP connect and PostgreSQL's startup handshake
+/// (authentication included) together, before it fails as a storage error.
+pub const PG_CONNECTION_CREATE_TIMEOUT_MS: u64 = 10_000;
 /// Attempts per operation on a retryable conflict.
 pub const MAX_RETRIES: u32 = 5;
 const ACCOUNT_COLS: &str = "id, name, kind, balance_micros, pending_micros, created_at_ms";
@@ -41,6 +44,8 @@ const RETRY_MARK: &str = "retryable: ";
 #[path = "pg_batch.rs"]
 mod batch;
 pub use batch::{BATCHERS, MAX_PG_BATCH, PG_CHANNEL_CAPACITY};
+mod kept;
+pub use kept::{KeptDoc, KeptLimits};
 
 /// Cheap to clone; clones share the connection pool and the batch tasks.
 #[derive(Clone)]
@@ -65,6 +70,11 @@ fn pg_err(e: tokio_postgres::Error) -> LedgerError {
 /// A pool's failure to connect, with its cause (a wrong password, a database that does not
 /// exist, a server that refuses), which the pool's own message leaves out.
 pub(crate) fn pool_err(e: deadpool_postgres::PoolError) -> LedgerError {
+    if let deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create) = e {
+        return LedgerError::Storage(format!(
+            "the PostgreSQL server did not complete a connection within {PG_CONNECTION_CREATE_TIMEOUT_MS} ms (it accepts connections and answers nothing: is it hung, or not PostgreSQL?)"
+        ));
+    }
     LedgerError::Storage(error_chain(&e))
 }
 
@@ -116,7 +126,11 @@ impl PgStore {
         cfg.connect_timeout(std::time::Duration::from_secs(5));
         cfg.keepalives_idle(std::time::Duration::from_secs(30));
         let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(mgr).max_size(pool_size).build().map_err(|e| LedgerError::Storage(e.to_string()))?;
+        // One that accepts the connection and then answers nothing (a hung server, a port that
+        // is not PostgreSQL's) would otherwise hold its creator forever: at start, a node that
+        // never binds and says nothing.
+        let create_timeout = Some(std::time::Duration::from_millis(PG_CONNECTION_CREATE_TIMEOUT_MS));
+        let pool = Pool::builder(mgr).max_size(pool_size).runtime(deadpool_postgres::Runtime::Tokio1).create_timeout(create_timeout).build().map_err(|e| LedgerError::Storage(e.to_string()))?;
         let mut store = PgStore { pool, jobs: None, operation_timeout_ms: crate::any::PG_OPERATION_TIMEOUT_MS };
         store.migrate(schema).await?;
         store.jobs = Some(batch::spawn(store.pool.clone()));

@@ -155,14 +155,23 @@ fn default_connect_timeout_ms() -> u64 {
 impl UpstreamsConfig {
     pub fn parse(text: &str) -> Result<UpstreamsConfig, String> {
         let c: UpstreamsConfig = toml::from_str(text).map_err(|e| format!("upstreams file: {e}"))?;
-        let mut names = std::collections::BTreeSet::new();
         for u in &c.upstream {
             u.validate()?;
-            if !names.insert(u.name.clone()) {
+        }
+        c.check_names()?;
+        Ok(c)
+    }
+
+    /// Each upstream's name is its own (the file's and the command line's together): metrics,
+    /// the `tokenomy-upstream` header and the logs name upstreams by it.
+    pub fn check_names(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for u in &self.upstream {
+            if !names.insert(u.name.as_str()) {
                 return Err(format!("upstream {:?} is named twice", u.name));
             }
         }
-        Ok(c)
+        Ok(())
     }
 
     /// The quick form of the command line, `NAME=URL`: every model the upstream lists, its
@@ -197,6 +206,11 @@ impl UpstreamConfig {
         }
         if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
             return Err(format!("upstream {}: base_url must be an http:// or https:// URL", u.name));
+        }
+        match reqwest::Url::parse(&u.base_url) {
+            Ok(url) if url.host_str().is_some_and(|h| !h.is_empty()) => {}
+            Ok(_) => return Err(format!("upstream {}: base_url {:?} names no host", u.name, u.base_url)),
+            Err(e) => return Err(format!("upstream {}: base_url {:?} is not a URL ({e})", u.name, u.base_url)),
         }
         if u.api_key.is_some() && u.api_key_env.is_some() {
             return Err(format!("upstream {}: give api_key or api_key_env, not both", u.name));
@@ -331,7 +345,13 @@ impl Upstreams {
         for u in &config.upstream {
             let key = match (&u.api_key, &u.api_key_env) {
                 (Some(k), _) => Some(k.clone()),
-                (None, Some(var)) => env(var),
+                (None, Some(var)) => {
+                    let key = env(var).filter(|k| !k.is_empty());
+                    if key.is_none() {
+                        tracing::warn!(upstream = %u.name, var, "the upstream's key variable is not set: requests to it go without a key");
+                    }
+                    key
+                }
                 (None, None) => None,
             };
             let timeouts = (Duration::from_millis(u.connect_timeout_ms), Duration::from_millis(u.timeout_ms));
@@ -487,6 +507,8 @@ mod tests {
             ("[[upstream]]\nname = \"a\"\nbase_url = \"http://x\"\n[[upstream]]\nname = \"a\"\nbase_url = \"http://y\"", "named twice"),
             ("[[upstream]]\nname = \"a\"\nkind = \"grpc\"\nbase_url = \"http://x\"", "not supported"),
             ("[[upstream]]\nname = \"a\"\nbase_url = \"http://x\"\napi_key = \"k\"\napi_key_env = \"K\"", "not both"),
+            ("[[upstream]]\nname = \"a\"\nbase_url = \"http://\"", "not a URL"),
+            ("[[upstream]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:99999/v1\"", "not a URL"),
             ("[[upstream]]\nname = \"a\"\nbase_url = \"http://x\"\ncolour = 1", "unknown field"),
             ("policy = \"random\"", "unknown variant"),
         ] {
@@ -495,6 +517,10 @@ mod tests {
         }
         assert!(UpstreamsConfig::quick("pool=http://10.0.0.2:8080/v1").is_ok());
         assert!(UpstreamsConfig::quick("pool").unwrap_err().contains("NAME=URL"));
+        // A name given on the command line that the file (or another flag) gives too.
+        let mut c = UpstreamsConfig::parse("[[upstream]]\nname = \"pool\"\nbase_url = \"http://x/v1\"").unwrap();
+        c.upstream.push(UpstreamsConfig::quick("pool=http://y/v1").unwrap());
+        assert!(c.check_names().unwrap_err().contains("\"pool\" is named twice"));
     }
 
     #[test]

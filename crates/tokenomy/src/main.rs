@@ -202,6 +202,7 @@ async fn upstreams(args: &ServeArgs) -> Result<Option<Arc<tokenomy_upstream::Ups
     for spec in &args.upstream {
         config.upstream.push(tokenomy_upstream::UpstreamsConfig::quick(spec).map_err(anyhow::Error::msg)?);
     }
+    config.check_names().map_err(anyhow::Error::msg)?;
     if config.upstream.is_empty() {
         return Ok(None);
     }

@@ -321,6 +321,10 @@ async fn a_customer_sends_credits_once_with_a_receipt_both_parties_verify() {
         assert_eq!(e["code"], "idempotency_key_reused");
         let mixed = json!({"to": payee, "amount_micros": 300, "idempotency_key": "pay-2"}).to_string();
         assert_error(&request(&n.state, "POST", "/v1/transfers", Some(&mixed), &h).await, StatusCode::BAD_REQUEST);
+        // Two keys: which would it be? A retry under either must not send it twice.
+        let two = [("authorization", auth.as_str()), ("idempotency-key", "pay-3"), ("idempotency-key", "pay-4")];
+        let e = assert_error(&request(&n.state, "POST", "/v1/transfers", Some(&body), &two).await, StatusCode::BAD_REQUEST);
+        assert!(e["message"].as_str().unwrap().contains("more than one Idempotency-Key"), "{e}");
         assert_eq!((n.balance(&payer).await, n.balance(&payee).await), ((700, 0), (300, 0)));
         // Another customer's identical key is its own transfer.
         let (payer2, _) = n.funded("payer2", 50).await;

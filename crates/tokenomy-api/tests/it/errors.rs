@@ -94,6 +94,8 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
         ("modalities", json!(["text", "audio"])),
         ("audio", json!({"voice": "alloy", "format": "wav"})),
         ("reasoning_effort", json!("extreme")),
+        ("web_search_options", json!({"search_context_size": "high"})),
+        ("verbosity", json!("terse")),
     ] {
         let mut body = base.clone();
         body[field] = value.clone();
@@ -160,6 +162,27 @@ async fn a_body_over_the_limit_is_413() {
     let big = format!(r#"{{"model":"smollm2","prompt":"{}"}}"#, "x".repeat(100 * 1024));
     let r = send(&s, "POST", "/v1/completions", Some(&big)).await;
     assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE);
+    // A body declared too large is refused before any of it comes (here none ever does), in
+    // the shape of the API it was sent to.
+    for (uri, shape) in [("/v1/chat/completions", "/error/code"), ("/v1/messages", "/error/type")] {
+        let never = axum::body::Body::from_stream(futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>());
+        let req = axum::http::Request::builder().method("POST").uri(uri).header("content-type", "application/json").header("content-length", "99999999999").body(never).unwrap();
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(5), tower::ServiceExt::oneshot(tokenomy_api::app(s.clone()), req)).await.expect("at once").unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(resp.headers().contains_key("x-request-id"));
+        let body: serde_json::Value = serde_json::from_slice(&http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body.pointer(shape).and_then(|v| v.as_str()), Some("request_too_large"), "{body}");
+    }
+}
+
+/// A body that is JSON but not an object is refused, not read as the fields in order.
+#[tokio::test]
+async fn a_body_that_is_not_an_object_is_400() {
+    let s = state();
+    for uri in ["/v1/embeddings", "/v1/chat/completions", "/v1/completions"] {
+        let e = assert_error(&send(&s, "POST", uri, Some(r#"["smollm2","hello","float",null]"#)).await, StatusCode::BAD_REQUEST);
+        assert_eq!(e["message"], "The request body must be a JSON object", "{uri}");
+    }
 }
 
 #[tokio::test]
@@ -226,6 +249,11 @@ async fn a_body_the_messages_api_cannot_parse_is_answered_in_anthropic_shape() {
         assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some("invalid_request_error")), "{uri}: {v}");
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     }
+    // A server tool (Anthropic runs those itself) is named as one, not as a bad schema.
+    let body = json!({"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
+    let r = send(&s, "POST", "/v1/messages", Some(&body.to_string())).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("\"web_search_20250305\" is not a client tool"), "{}", r.text);
 }
 
 #[tokio::test]

@@ -151,6 +151,12 @@ async fn bad_responses_input_is_refused_in_openai_shape() {
             assert_eq!(e["param"], param, "{body}: {e}");
         }
     }
+    // A kept response's events are not replayed: a 400, not a body an SDK would read as no events.
+    let kept = post(&s, "/v1/responses", json!({"model": MODEL, "max_output_tokens": 1, "input": "Hi"})).await.json();
+    assert_eq!(kept["usage"]["input_tokens_details"]["cache_write_tokens"], 0, "{kept}");
+    let id = kept["id"].as_str().unwrap();
+    assert_eq!(assert_error(&send(&s, "GET", &format!("/v1/responses/{id}?stream=true"), None).await, StatusCode::BAD_REQUEST)["param"], "stream");
+    assert_eq!(send(&s, "GET", &format!("/v1/responses/{id}?stream=false"), None).await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,4 +189,59 @@ async fn a_response_is_charged_and_its_receipt_names_the_body_sent() {
     assert_error(&r, StatusCode::BAD_REQUEST);
     assert_error(&n.call("DELETE", &format!("/v1/responses/{id}"), None, &other).await, StatusCode::NOT_FOUND);
     n.check().await;
+}
+
+/// On a PostgreSQL ledger, kept responses are in its database: a conversation answered by one
+/// node is continued (streamed), read, listed and deleted through another, and stays its
+/// account's own there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_of_one_postgres_ledger_share_kept_responses() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let db = "tokenomy_api_shared_responses";
+    let a = node(Some(&server), db, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("{}/{db}", server.rsplit_once('/').unwrap().0);
+    let opts = tokenomy_billing::OpenOptions { data_dir: dir.path().into(), database_url: Some(url), origin: Some("test.tokenomy/b".into()), env: Default::default() };
+    let (billing_b, _) = tokenomy_billing::Billing::open(opts).await.unwrap();
+    let b = tokenomy_api::AppState::new(crate::shared_engine(), Default::default()).with_billing(billing_b, false);
+    let key = a.first.user_key.clone();
+    let on_b = |method: &'static str, uri: String, body: Option<Value>, key: String| {
+        let b = b.clone();
+        async move {
+            let auth = format!("Bearer {key}");
+            crate::request(&b, method, &uri, body.map(|v| v.to_string()).as_deref(), &[("authorization", &auth)]).await
+        }
+    };
+
+    let first = a.call("POST", "/v1/responses", Some(json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "input": "My name is Ada."})), &key).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let first = first.json();
+    let id = first["id"].as_str().unwrap().to_string();
+    let body = json!({"model": MODEL, "temperature": 0, "max_output_tokens": 8, "previous_response_id": id, "input": "What is my name?", "stream": true});
+    let evs = events(&on_b("POST", "/v1/responses".into(), Some(body.clone()), key.clone()).await);
+    let done = &evs.last().unwrap()["response"];
+    assert_eq!(done["previous_response_id"], json!(id), "{done}");
+    // Continued, not started anew: the prompt holds the first turn and its answer.
+    let mut alone = body.clone();
+    alone.as_object_mut().unwrap().remove("previous_response_id");
+    alone["stream"] = json!(false);
+    let counted_alone = on_b("POST", "/v1/responses/input_tokens".into(), Some(alone), key.clone()).await.json();
+    assert!(done["usage"]["input_tokens"].as_u64().unwrap() > counted_alone["input_tokens"].as_u64().unwrap(), "{done} {counted_alone}");
+
+    // Kept before its last event went out: the other node reads it at once.
+    let sid = done["id"].as_str().unwrap().to_string();
+    assert_eq!(a.call("GET", &format!("/v1/responses/{sid}"), None, &key).await.json(), *done);
+    let items = on_b("GET", format!("/v1/responses/{id}/input_items"), None, key.clone()).await.json();
+    assert_eq!(items["data"][0]["content"][0]["text"], "My name is Ada.", "{items}");
+    // Another account sees none of it, on either node.
+    let (_, other) = a.funded("other", 1_000_000).await;
+    assert_error(&on_b("GET", format!("/v1/responses/{id}"), None, other.clone()).await, StatusCode::NOT_FOUND);
+    assert_error(&a.call("DELETE", &format!("/v1/responses/{id}"), None, &other).await, StatusCode::NOT_FOUND);
+    // Deleted through one node, gone from both.
+    assert_eq!(on_b("DELETE", format!("/v1/responses/{id}"), None, key.clone()).await.json()["deleted"], true);
+    assert_error(&a.call("GET", &format!("/v1/responses/{id}"), None, &key).await, StatusCode::NOT_FOUND);
+    let gone = a.call("POST", "/v1/responses", Some(json!({"model": MODEL, "previous_response_id": id, "input": "Hi"})), &key).await;
+    assert_eq!(assert_error(&gone, StatusCode::BAD_REQUEST)["param"], "previous_response_id");
 }

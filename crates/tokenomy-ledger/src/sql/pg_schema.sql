@@ -120,3 +120,18 @@ UPDATE schema_version SET version = 4 WHERE version < 4;
 ALTER TABLE key_rates ADD COLUMN IF NOT EXISTS rpm BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE key_rates ADD COLUMN IF NOT EXISTS tpm BIGINT NOT NULL DEFAULT 0;
 UPDATE schema_version SET version = 5 WHERE version < 5;
+
+-- version 6: responses kept for OpenAI's Responses API (`store`), so that any node of the
+-- ledger continues a conversation (`previous_response_id`) another node answered. Soft state,
+-- bounded by the node (oldest first out); `doc` is the API layer's own encoding. owner: the
+-- account's 16-byte id, or empty for a node without accounts.
+CREATE TABLE IF NOT EXISTS kept_responses (
+    id     TEXT   PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 256),
+    owner  BYTEA  NOT NULL CHECK (length(owner) IN (0, 16)),
+    seq    BIGINT GENERATED ALWAYS AS IDENTITY,
+    bytes  BIGINT NOT NULL CHECK (bytes >= 0),
+    doc    BYTEA  NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kept_responses_owner_seq ON kept_responses (owner, seq);
+CREATE INDEX IF NOT EXISTS kept_responses_seq ON kept_responses (seq);
+UPDATE schema_version SET version = 6 WHERE version < 6;

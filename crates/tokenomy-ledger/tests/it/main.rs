@@ -257,12 +257,12 @@ async fn postgres_schema_from_a_newer_version_is_refused() {
     drop(PgStore::open_in_schema(&url, &schema, 1).await.unwrap());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 6")).await.unwrap();
+    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 7")).await.unwrap();
     let err = PgStore::open_in_schema(&url, &schema, 1).await.err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 5"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 6"), "{err}");
 }
 
-/// A PostgreSQL schema created by version 1 is brought to the current version (5) on open:
+/// A PostgreSQL schema created by version 1 is brought to the current version (6) on open:
 /// key columns added, a hold left pending by the old version listed for the expiry sweep,
 /// and the keys' rate clocks table created, with the limits they were stepped under.
 #[tokio::test]
@@ -297,7 +297,7 @@ async fn postgres_schema_v1_is_migrated() {
     assert_eq!(s.expire_holds(now_ms()).await.unwrap(), 1);
     assert_eq!(s.get_account(AccountId(42 << 64)).await.unwrap().pending_micros, 0);
     let version: i32 = client.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.unwrap().get(0);
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     s.update_key_rate(KeyId(9), |r| r.rpm = 3).await.unwrap();
     assert_eq!(s.key_rate(KeyId(9)).await.unwrap().rpm, 3);
     let a = s.create_account("a", AccountKind::User).await.unwrap();
@@ -308,4 +308,60 @@ async fn postgres_schema_v1_is_migrated() {
     s.settle(h.id, 4, now_ms(), None).await.unwrap();
     assert_eq!(s.find_key_by_hash([4; 32]).await.unwrap().unwrap().spend.month_micros, 4);
     assert!(s.check().await.unwrap().ok);
+}
+
+/// Kept responses on PostgreSQL: read back by id with their owner, bounded per owner and in
+/// all (oldest first out, another owner's untouched by one owner's bound), deleted only by
+/// their owner (anyone for one without an owner).
+#[tokio::test]
+async fn postgres_kept_responses_are_bounded_and_scoped() {
+    use tokenomy_ledger::*;
+    let Ok(url) = std::env::var(PG_ENV) else { return };
+    let schema = test_schema(&url).await;
+    let s = PgStore::open_in_schema(&url, &schema, 2).await.unwrap();
+    let limits = KeptLimits { count_max: 5, bytes_max: 1_000, per_owner_count_max: 3, per_owner_bytes_max: 300 };
+    let (a, b) = (Some(AccountId(7 << 64)), Some(AccountId(8 << 64)));
+    assert!(s.keep_response("b1", b, b"from b", limits).await.unwrap());
+    for i in 0..4 {
+        assert!(s.keep_response(&format!("a{i}"), a, format!("doc {i}").as_bytes(), limits).await.unwrap());
+    }
+    // a's oldest went past its 3; b's is untouched.
+    assert_eq!(s.kept_response("a0").await.unwrap(), None);
+    assert_eq!(s.kept_response("a3").await.unwrap(), Some(KeptDoc { owner: a, doc: b"doc 3".to_vec() }));
+    assert_eq!(s.kept_response("b1").await.unwrap().unwrap().owner, b);
+    // A byte bound: one of 296 bytes leaves room for nothing else of a's (5 bytes each).
+    assert!(s.keep_response("a-big", a, &[b'x'; 296], limits).await.unwrap());
+    assert!(s.kept_response("a2").await.unwrap().is_none() && s.kept_response("a3").await.unwrap().is_none());
+    assert!(!s.keep_response("too-big", a, &[b'x'; 301], limits).await.unwrap(), "over the owner's bytes: not kept");
+    // Without an owner: only the bounds in all; the oldest of everyone goes first.
+    for i in 0..4 {
+        assert!(s.keep_response(&format!("n{i}"), None, b"anon", limits).await.unwrap());
+    }
+    assert_eq!(s.kept_response("b1").await.unwrap(), None, "the oldest in all went past 5");
+    assert_eq!(s.kept_response("n3").await.unwrap().unwrap().owner, None);
+    // Deleting: not another account's; one without an owner, by anyone.
+    assert!(!s.forget_response("a-big", b).await.unwrap());
+    assert!(s.forget_response("a-big", a).await.unwrap());
+    assert!(!s.forget_response("a-big", a).await.unwrap(), "already gone");
+    assert!(s.forget_response("n3", b).await.unwrap());
+    assert!(s.kept_response("n3").await.unwrap().is_none());
+}
+
+/// A server that accepts connections and answers nothing (hung, or not PostgreSQL) fails the
+/// open within the connection timeout, saying so: a node does not wait at start forever.
+#[tokio::test]
+async fn postgres_that_never_answers_fails_the_open_in_time() {
+    use std::time::Duration;
+    use tokenomy_ledger::pg::PG_CONNECTION_CREATE_TIMEOUT_MS;
+    use tokenomy_ledger::*;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || listener.incoming().take(4).map(|c| c.unwrap()).collect::<Vec<_>>());
+    let url = format!("postgres://tokenomy:tokenomy@127.0.0.1:{port}/none");
+    let started = std::time::Instant::now();
+    let open = tokio::time::timeout(Duration::from_millis(PG_CONNECTION_CREATE_TIMEOUT_MS + 10_000), PgStore::open(&url, 1)).await;
+    let err = open.expect("the open gives up by itself").err().expect("refused");
+    assert!(err.to_string().contains("did not complete a connection"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(PG_CONNECTION_CREATE_TIMEOUT_MS - 1_000));
+    drop(held);
 }

@@ -78,6 +78,18 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     assert_eq!(signed["model"], "smollm2");
     verify(&a, receipt["id"].as_str().unwrap());
 
+    // A chat template adds tokens a body's bytes do not count (tools rendered with their
+    // instructions, more tokens than this body has bytes): the upstream's count is charged
+    // whole, and the usage shown is the receipt's.
+    let tools = json!({"model": "smollm2", "max_tokens": 1, "tools": [{"type": "function", "function": {"name": "f"}}], "messages": [{"role": "user", "content": "x"}]});
+    let direct_tools: Value = post(&b, &b_key, &tools).json().unwrap();
+    let prompt_tokens = direct_tools["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > tools.to_string().len() as u64, "{direct_tools}");
+    let v: Value = post(&a, &a.user_key(), &tools).json().unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], json!(prompt_tokens), "{v}");
+    let signed = get(&a, &format!("/v1/receipts/{}", v["receipt"]["id"].as_str().unwrap()), &a.user_key())["receipt"].clone();
+    assert_eq!(signed["prompt_tokens"], json!(prompt_tokens), "{signed}");
+
     // Streamed: the same words, the usage chunk with the receipt; without include_usage the
     // usage is not sent, and the answer is charged all the same.
     let mut body = ask("smollm2");
@@ -194,8 +206,8 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     let check = get(&a, "/admin/v1/ledger/check", &a.admin_key());
     assert_eq!(check["ok"], true, "{check}");
     let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
-    // Twelve requests went to the upstream; one failed it (the refused one was the client's fault).
-    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 12"), "{metrics}");
+    // Thirteen requests went to the upstream; one failed it (the refused one was the client's fault).
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 13"), "{metrics}");
     assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"pool\"} 1"), "{metrics}");
 }
 
