@@ -364,7 +364,7 @@ async fn proxied(state: &AppState, g: &routes::Gate, chat: HashedJson<ChatReques
 }
 
 async fn proxied_raw(state: &AppState, g: &routes::Gate, raw: bytes::Bytes, sha256: [u8; 32]) -> Result<Response, AppError> {
-    let (answer, billed) = crate::proxy::run(state, g, raw, sha256).await?;
+    let (answer, billed) = crate::proxy::run(state, g, raw, sha256, crate::proxy::Endpoint::Chat).await?;
     let resp = match answer {
         crate::proxy::ProxyAnswer::Whole(v) => Json(to_message(&v)).into_response(),
         crate::proxy::ProxyAnswer::Stream(chunks) => Sse::new(events(chunks, 0, Arc::new(OnceLock::from(0)))).into_response(),
@@ -481,7 +481,7 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let body = body?;
     crate::charge::caller(&state, &headers).await?;
     let chat: ChatRequest = serde_json::from_value(to_chat(&body.value, true)?).map_err(|e| invalid(format!("invalid request: {e}")))?;
-    crate::proxy::chat_only(&state, &chat.common.model, "/v1/messages/count_tokens")?;
+    crate::proxy::not_forwarded(&state, &chat.common.model, "/v1/messages/count_tokens")?;
     let messages = crate::openai::chat_messages(&chat.messages)?;
     // As `messages` renders it: with `tool_choice: none` the tools are left out of the prompt.
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;

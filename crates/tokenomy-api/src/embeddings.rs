@@ -44,17 +44,14 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
 
 /// The inputs as token lists (texts tokenized as the model's tokenizer does, with its BOS).
 fn inputs(state: &AppState, model: &str, input: &PromptField) -> Result<Vec<Vec<TokenId>>, AppError> {
+    input_count(input)?;
     let tok = |s: &String| state.backend.tokenize(model, s, true).map_err(AppError::from);
     let inputs = match input {
         PromptField::Text(s) => vec![tok(s)?],
-        PromptField::Texts(v) if v.len() <= EMBED_INPUTS_MAX => v.iter().map(tok).collect::<Result<_, _>>()?,
+        PromptField::Texts(v) => v.iter().map(tok).collect::<Result<_, _>>()?,
         PromptField::Tokens(t) => vec![t.clone()],
-        PromptField::TokenLists(v) if v.len() <= EMBED_INPUTS_MAX => v.clone(),
-        _ => return Err(AppError::invalid_value("input", format!("at most {EMBED_INPUTS_MAX} inputs per request"))),
+        PromptField::TokenLists(v) => v.clone(),
     };
-    if inputs.is_empty() {
-        return Err(AppError::invalid_value("input", "input must not be empty"));
-    }
     let tokens: usize = inputs.iter().map(Vec::len).sum();
     if tokens > EMBED_TOKENS_PER_REQUEST_MAX {
         return Err(AppError::invalid_value("input", format!("{tokens} tokens in one request; at most {EMBED_TOKENS_PER_REQUEST_MAX} (send the rest in other requests)")));
@@ -62,8 +59,22 @@ fn inputs(state: &AppState, model: &str, input: &PromptField) -> Result<Vec<Vec<
     Ok(inputs)
 }
 
+/// How many inputs `input` has: at least one, at most [`EMBED_INPUTS_MAX`].
+fn input_count(input: &PromptField) -> Result<usize, AppError> {
+    let n = match input {
+        PromptField::Text(_) | PromptField::Tokens(_) => 1,
+        PromptField::Texts(v) => v.len(),
+        PromptField::TokenLists(v) => v.len(),
+    };
+    match n {
+        0 => Err(AppError::invalid_value("input", "input must not be empty")),
+        n if n > EMBED_INPUTS_MAX => Err(AppError::invalid_value("input", format!("at most {EMBED_INPUTS_MAX} inputs per request"))),
+        n => Ok(n),
+    }
+}
+
 /// A vector as OpenAI's `base64` encoding gives it: little-endian float32s.
-fn base64_of(v: &[f32]) -> String {
+pub(crate) fn base64_of(v: &[f32]) -> String {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -80,7 +91,10 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
         Some(d) => Some(usize::try_from(d).ok().filter(|&d| d > 0).ok_or_else(|| AppError::invalid_value("dimensions", format!("dimensions must be a positive number, got {d}")))?),
     };
     let model = req.model;
-    crate::proxy::chat_only(state, &model, "/v1/embeddings")?;
+    if crate::proxy::upstream_only(state, &model) {
+        input_count(&req.input)?;
+        return crate::proxy::embeddings(state, g, body.raw, body.sha256).await;
+    }
     let inputs = inputs(state, &model, &req.input)?;
     routes::known_tokens(&routes::model_info(state, &model)?, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();

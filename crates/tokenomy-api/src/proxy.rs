@@ -1,10 +1,11 @@
-//! Chat completions served by an upstream (`tokenomy-upstream`): held, forwarded, metered on
-//! the usage the upstream reports, settled with a receipt, as a local answer is.
+//! Chat completions (and text completions and embeddings) served by an upstream
+//! (`tokenomy-upstream`): held, forwarded, metered on the usage the upstream reports, settled
+//! with a receipt, as a local answer is.
 //!
 //! The request is forwarded as the client sent it (after the same validation as a local one),
 //! with the model renamed to the upstream's and, when the client set no limit, `max_tokens`
-//! set to [`COMPLETION_TOKENS_DEFAULT`], so that the hold bounds what the upstream may
-//! produce. The prompt is held at one token per byte of the body, an upper bound for any
+//! set to [`COMPLETION_TOKENS_DEFAULT`] (16, the API's own default, for a text completion),
+//! so that the hold bounds what the upstream may produce. The prompt is held at one token per byte of the body, an upper bound for any
 //! tokenizer that covers at least a byte per token; the settlement charges what the upstream
 //! counted.
 //!
@@ -40,6 +41,48 @@ pub const PROXIED_TEMPLATE_TOKENS_MAX: u64 = 2048;
 /// Chunks a proxied stream may have waiting for a slow client.
 const STREAM_CHUNKS_QUEUED_MAX: usize = 64;
 
+/// Which generation endpoint a proxied request is: its path upstream, its ids and where its
+/// choices' texts are differ; holding, failover and settling do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `/v1/chat/completions` (and the Messages and Responses APIs, translated to it).
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+impl Endpoint {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Completion => "cmpl-",
+        }
+    }
+
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        }
+    }
+
+    /// Where a choice's text is: in a whole answer's choice, and in a stream chunk's.
+    fn text_pointers(self) -> (&'static str, &'static str) {
+        match self {
+            Endpoint::Chat => ("/message/content", "/delta/content"),
+            Endpoint::Completion => ("/text", "/text"),
+        }
+    }
+
+    /// `max_tokens` when the client names none.
+    fn max_tokens_default(self) -> u64 {
+        match self {
+            Endpoint::Chat => COMPLETION_TOKENS_DEFAULT,
+            Endpoint::Completion => 16,
+        }
+    }
+}
+
 /// Whether a request for `model` with `n` choices goes to an upstream: one serves it, and
 /// either no local model has that name or the local one's queue is full (it would be refused
 /// with a 429: it overflows to the upstreams instead).
@@ -63,18 +106,23 @@ pub(crate) fn overflows(state: &AppState, e: &AppError, raw: &[u8]) -> bool {
     model.is_some_and(|m| overflows_model(state, e, &m))
 }
 
-/// Refuses, for an endpoint whose requests are not chats (completions, embeddings), a model
+/// Whether only an upstream serves `model` (no local model has its name).
+pub(crate) fn upstream_only(state: &AppState, model: &str) -> bool {
+    state.upstreams.as_ref().is_some_and(|u| u.serves(model)) && !state.backend.models().iter().any(|m| m.name == model)
+}
+
+/// Refuses, for an endpoint that is not forwarded (the token counters), a model
 /// that only an upstream serves, saying so rather than "no such model".
-pub(crate) fn chat_only(state: &AppState, model: &str, endpoint: &str) -> Result<(), AppError> {
-    let upstream_only = state.upstreams.as_ref().is_some_and(|u| u.serves(model)) && !state.backend.models().iter().any(|m| m.name == model);
-    match upstream_only {
-        true => Err(AppError::invalid_value("model", format!("`{model}` is served through an upstream, and this node forwards only /v1/chat/completions (and /v1/messages and /v1/responses, as chats) to upstreams, not {endpoint}"))),
+pub(crate) fn not_forwarded(state: &AppState, model: &str, endpoint: &str) -> Result<(), AppError> {
+    match upstream_only(state, model) {
+        true => Err(AppError::invalid_value("model", format!("`{model}` is served through an upstream, and this node forwards generations and embeddings to upstreams (/v1/chat/completions, /v1/completions, /v1/embeddings, and /v1/messages and /v1/responses as chats), not {endpoint}"))),
         false => Ok(()),
     }
 }
 
 /// What one proxied request needs past its gate.
 struct Proxied {
+    endpoint: Endpoint,
     model: String,
     request_id: String,
     body: Value,
@@ -89,14 +137,15 @@ struct Proxied {
 /// A request's body as it is forwarded, and what the hold and the answer need of it.
 struct Prepared {
     body: Value,
-    /// What every choice may produce together: `max_tokens` (4096 if the client set none) × `n`.
+    /// What every choice may produce together: `max_tokens` (4096 if the client set none) × `n`
+    /// (× the prompts, for a text completion of several).
     completion_tokens_max: u64,
     stream: bool,
     /// Whether the client asked for the usage chunk (it is always asked of the upstream).
     include_usage: bool,
 }
 
-fn prepare(raw: &[u8]) -> Result<Prepared, AppError> {
+fn prepare(raw: &[u8], endpoint: Endpoint) -> Result<Prepared, AppError> {
     let mut body: Value = serde_json::from_slice(raw).map_err(|e| AppError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
     let named = ["max_completion_tokens", "max_tokens"].into_iter().find(|k| body.get(*k).is_some_and(|v| !v.is_null()));
@@ -104,20 +153,32 @@ fn prepare(raw: &[u8]) -> Result<Prepared, AppError> {
         Some(k) => Some(body[k].as_u64().ok_or_else(|| AppError::invalid_value(k, format!("{k} must be a non-negative integer, got {}", body[k])))?),
         None => None,
     };
-    if limit == Some(0) {
+    // A text completion may ask for none, to have its prompt echoed (with its logprobs).
+    let echoed = endpoint == Endpoint::Completion && body.get("echo") == Some(&json!(true));
+    if limit == Some(0) && !echoed {
         let k = named.unwrap_or("max_tokens");
         return Err(AppError::invalid_value(k, format!("{k} must be at least 1")));
     }
     let per_choice = limit.unwrap_or_else(|| {
-        body["max_tokens"] = json!(COMPLETION_TOKENS_DEFAULT);
-        COMPLETION_TOKENS_DEFAULT
+        body["max_tokens"] = json!(endpoint.max_tokens_default());
+        endpoint.max_tokens_default()
     });
+    let choices = n.saturating_mul(prompts_in(&body));
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
     let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
     if stream {
         body["stream_options"] = json!({"include_usage": true});
     }
-    Ok(Prepared { body, completion_tokens_max: per_choice.saturating_mul(n), stream, include_usage })
+    Ok(Prepared { body, completion_tokens_max: per_choice.saturating_mul(choices), stream, include_usage })
+}
+
+/// How many prompts a request has: a text completion's `prompt` may be a list of them (texts,
+/// or token lists), each given `n` choices; a list of numbers is one prompt, as tokens.
+fn prompts_in(body: &Value) -> u64 {
+    match body.get("prompt").and_then(Value::as_array) {
+        Some(a) if !a.iter().all(Value::is_number) => a.len() as u64,
+        _ => 1,
+    }
 }
 
 /// A proxied answer, in OpenAI's chat shape: the HTTP layer renders it for its API (chat
@@ -146,9 +207,10 @@ impl Billed {
     }
 }
 
-/// `POST /v1/chat/completions` for a model served upstream.
-pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<Response, AppError> {
-    let (answer, billed) = run(state, g, raw, request_sha256).await?;
+/// `POST /v1/chat/completions` (or, as `endpoint` says, `/v1/completions`) for a model served
+/// upstream.
+pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32], endpoint: Endpoint) -> Result<Response, AppError> {
+    let (answer, billed) = run(state, g, raw, request_sha256, endpoint).await?;
     let resp = match answer {
         ProxyAnswer::Whole(v) => Json(v).into_response(),
         ProxyAnswer::Stream(s) => sse(s).into_response(),
@@ -157,14 +219,15 @@ pub(crate) async fn chat(state: &AppState, g: &Gate, raw: bytes::Bytes, request_
 }
 
 /// Holds, forwards to the first upstream that answers, and settles: `raw` is a chat
-/// completion request's JSON (the client's, or its translation from another API).
-pub(crate) async fn run(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<(ProxyAnswer, Billed), AppError> {
-    let Prepared { body, completion_tokens_max, stream, include_usage } = prepare(&raw)?;
+/// completion request's JSON (the client's, or its translation from another API), or a text
+/// completion's.
+pub(crate) async fn run(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32], endpoint: Endpoint) -> Result<(ProxyAnswer, Billed), AppError> {
+    let Prepared { body, completion_tokens_max, stream, include_usage } = prepare(&raw, endpoint)?;
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let prompt_tokens_max = (raw.len() as u64).saturating_add(PROXIED_TEMPLATE_TOKENS_MAX);
     let charge = begin_charge(state, g, &request_id, &model, prompt_tokens_max, completion_tokens_max, request_sha256).await?;
-    let p = Proxied { model, request_id, body, stream, include_usage, charge, prompt_tokens_max, completion_tokens_max };
+    let p = Proxied { endpoint, model, request_id, body, stream, include_usage, charge, prompt_tokens_max, completion_tokens_max };
     // The upstream is asked, and its answer settled, on a task of its own: a client that
     // leaves does not cancel it, so what the upstream produced (and charged this node for) is
     // charged to the client, and the hold never waits out its timeout.
@@ -176,31 +239,56 @@ pub(crate) async fn run(state: &AppState, g: &Gate, raw: bytes::Bytes, request_s
 /// Tries the upstreams in route order until one answers; settles (or, for a stream, starts
 /// the task that settles) on its usage.
 async fn forward(state: &AppState, p: Proxied) -> Result<(ProxyAnswer, Billed), AppError> {
-    let routes = state.upstreams.as_ref().map(|u| u.routes(&p.model)).unwrap_or_default();
+    let (body, stream, endpoint) = (&p.body, p.stream, p.endpoint);
+    let asked = first_answer(state, &p.model, &p.request_id, |route| {
+        let mut forwarded = body.clone();
+        forwarded["model"] = json!(route.upstream_model);
+        async move {
+            let provider = &route.upstream.provider;
+            match (endpoint, stream) {
+                (Endpoint::Chat, true) => provider.chat_stream(&forwarded).await.map(Answer::Stream),
+                (Endpoint::Completion, true) => provider.completion_stream(&forwarded).await.map(Answer::Stream),
+                (Endpoint::Chat, false) => provider.chat(&forwarded).await.and_then(|v| answer_of(&route, v, "choices")).map(Answer::Whole),
+                (Endpoint::Completion, false) => provider.completion(&forwarded).await.and_then(|v| answer_of(&route, v, "choices")).map(Answer::Whole),
+            }
+        }
+    })
+    .await;
+    match asked {
+        Ok((route, a)) => {
+            let upstream = route.upstream.name().to_string();
+            let (answer, request_id, receipt_id) = match a {
+                Answer::Whole(v) => whole(state, p, &route, v).await,
+                Answer::Stream(chunks) => streamed(state, p, route, chunks),
+            };
+            Ok((answer, Billed { request_id, receipt_id, upstream }))
+        }
+        Err(last) => Err(unanswered(state, p.charge, &p.model, p.request_id, last).await),
+    }
+}
+
+/// Asks the routes of `model` in order (`ask` asks one) until one answers: that route and its
+/// answer, or the last failure. A failure that is the request's own fault (a `400`) ends the
+/// search: every other upstream would refuse it too.
+async fn first_answer<T, F, Fut>(state: &AppState, model: &str, request_id: &str, mut ask: F) -> Result<(Route, T), Option<UpstreamError>>
+where
+    F: FnMut(Route) -> Fut,
+    Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+{
+    let routes = state.upstreams.as_ref().map(|u| u.routes(model)).unwrap_or_default();
     let mut last = None;
     for route in routes {
-        let mut forwarded = p.body.clone();
-        forwarded["model"] = json!(route.upstream_model);
         let started = Instant::now();
         route.upstream.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let answer = match p.stream {
-            true => route.upstream.provider.chat_stream(&forwarded).await.map(Answer::Stream),
-            false => route.upstream.provider.chat(&forwarded).await.and_then(|v| answer_of(&route, v)).map(Answer::Whole),
-        };
-        match answer {
+        match ask(route.clone()).await {
             Ok(a) => {
                 route.upstream.observe_ttfb(started.elapsed().as_millis() as u64);
                 route.upstream.record_success();
-                let upstream = route.upstream.name().to_string();
-                let (answer, request_id, receipt_id) = match a {
-                    Answer::Whole(v) => whole(state, p, &route, v).await,
-                    Answer::Stream(chunks) => streamed(state, p, route, chunks),
-                };
-                return Ok((answer, Billed { request_id, receipt_id, upstream }));
+                return Ok((route, a));
             }
             Err(e) => {
                 let retry = e.retryable();
-                tracing::warn!(request_id = %p.request_id, upstream = route.upstream.name(), error = %e, "upstream failed");
+                tracing::warn!(request_id, upstream = route.upstream.name(), error = %e, "upstream failed");
                 if retry {
                     route.upstream.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     route.upstream.record_failure();
@@ -212,20 +300,83 @@ async fn forward(state: &AppState, p: Proxied) -> Result<(ProxyAnswer, Billed), 
             }
         }
     }
-    void_charge(state, p.charge).await;
-    let e = last.map_or_else(|| AppError::internal(format!("no upstream serves {}", p.model)), refused);
-    Err(AppError { request_id: Some(p.request_id), ..e })
+    Err(last)
 }
 
-/// A whole answer that is one: `200` with an `error` object, or without `choices`, is the
-/// upstream failing (and the next upstream is tried), not an answer to pass on uncharged.
-fn answer_of(route: &Route, v: Value) -> Result<Value, UpstreamError> {
-    if v["choices"].is_array() && v.get("error").is_none_or(Value::is_null) {
+/// No upstream answered: the hold is voided, and the client told why (with the request id the
+/// node's log names the failures under).
+async fn unanswered(state: &AppState, charge: Option<Charge>, model: &str, request_id: String, last: Option<UpstreamError>) -> AppError {
+    void_charge(state, charge).await;
+    let e = last.map_or_else(|| AppError::internal(format!("no upstream serves {model}")), refused);
+    AppError { request_id: Some(request_id), ..e }
+}
+
+/// `POST /v1/embeddings` for a model served upstream: held at one token per byte of the body
+/// (and [`PROXIED_TEMPLATE_TOKENS_MAX`], for the special tokens a model adds to each input),
+/// forwarded with the model renamed, and charged the prompt tokens the upstream reports, with
+/// a receipt whose output hash covers the vectors as `base64` gives them, as a local one's does.
+pub(crate) async fn embeddings(state: &AppState, g: &Gate, raw: bytes::Bytes, request_sha256: [u8; 32]) -> Result<Response, AppError> {
+    let body: Value = serde_json::from_slice(&raw).map_err(|e| AppError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let prompt_tokens_max = (raw.len() as u64).saturating_add(PROXIED_TEMPLATE_TOKENS_MAX);
+    let charge = begin_charge(state, g, &request_id, &model, prompt_tokens_max, 0, request_sha256).await?;
+    let st = state.clone();
+    // On a task of its own, as a chat is: a client that leaves is charged what was embedded.
+    let task = state.tasks.spawn(async move {
+        let asked = first_answer(&st, &model, &request_id, |route| {
+            let mut forwarded = body.clone();
+            forwarded["model"] = json!(route.upstream_model);
+            async move { route.upstream.provider.embeddings(&forwarded).await.and_then(|v| answer_of(&route, v, "data")) }
+        })
+        .await;
+        let (route, mut v) = match asked {
+            Ok(answer) => answer,
+            Err(last) => return Err(unanswered(&st, charge, &model, request_id, last).await),
+        };
+        log_upstream_receipt(&request_id, &route, &v);
+        v.as_object_mut().map(|o| o.remove("receipt"));
+        let vectors = base64_vectors(&v);
+        let usage = tokenomy_upstream::embedding_usage_of(&v);
+        let (receipt, pending, charged) = settle(&st, charge, &request_id, &model, &route, usage, (prompt_tokens_max, 0), &vectors).await;
+        if let Some(u) = charged {
+            v["usage"] = json!({"prompt_tokens": u.prompt_tokens, "total_tokens": u.prompt_tokens});
+        }
+        v["model"] = json!(model);
+        let receipt = receipt_of(receipt.as_ref(), pending.as_ref());
+        if let Some((r, _)) = &receipt {
+            v["receipt"] = r.clone();
+        }
+        let upstream = route.upstream.name().to_string();
+        Ok((v, Billed { request_id, receipt_id: receipt.map(|(_, id)| id), upstream }))
+    });
+    let (v, billed) = task.await.map_err(|e| AppError::internal(format!("the proxied request's task failed: {e}")))??;
+    Ok(billed.respond(state, g, Json(v).into_response()).await)
+}
+
+/// Each vector of an embeddings answer as `base64` gives it (little-endian float32s), whichever
+/// encoding the upstream answered in: what the receipt's output hash covers.
+fn base64_vectors(v: &Value) -> Vec<String> {
+    let vector = |e: &Value| match e {
+        Value::String(s) => s.clone(),
+        e => {
+            let floats: Vec<f32> = e.as_array().into_iter().flatten().map(|x| x.as_f64().unwrap_or(f64::NAN) as f32).collect();
+            crate::embeddings::base64_of(&floats)
+        }
+    };
+    v["data"].as_array().into_iter().flatten().map(|d| vector(&d["embedding"])).collect()
+}
+
+/// A whole answer that is one: `200` with an `error` object, or without its `list` (a chat's
+/// `choices`, embeddings' `data`), is the upstream failing (and the next upstream is tried),
+/// not an answer to pass on uncharged.
+fn answer_of(route: &Route, v: Value, list: &str) -> Result<Value, UpstreamError> {
+    if v[list].is_array() && v.get("error").is_none_or(Value::is_null) {
         return Ok(v);
     }
     let detail = match v.pointer("/error/message").and_then(Value::as_str) {
         Some(m) => format!("an error in a 200 answer: {m}"),
-        None => "a 200 answer without choices".into(),
+        None => format!("a 200 answer without {list}"),
     };
     Err(UpstreamError::Protocol { upstream: route.upstream.name().into(), detail })
 }
@@ -237,7 +388,7 @@ enum Answer {
 
 /// A whole answer: settled before it is sent, with its receipt in the body.
 async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (ProxyAnswer, String, Option<String>) {
-    let texts = choice_texts(&v);
+    let texts = choice_texts(&v, p.endpoint.text_pointers().0);
     let usage = usage_of(&v);
     log_upstream_receipt(&p.request_id, route, &v);
     v.as_object_mut().map(|o| o.remove("receipt")); // the upstream's, not the client's
@@ -245,7 +396,7 @@ async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Pr
     if let Some(u) = charged {
         v["usage"] = usage_json(u); // what was charged, should the upstream's have been cut
     }
-    v["id"] = json!(format!("chatcmpl-{}", p.request_id));
+    v["id"] = json!(format!("{}{}", p.endpoint.id_prefix(), p.request_id));
     v["model"] = json!(p.model);
     let receipt = receipt_of(receipt.as_ref(), pending.as_ref());
     if let Some((r, _)) = &receipt {
@@ -263,7 +414,7 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
     let request_id = p.request_id.clone();
     let st = state.clone();
     state.tasks.spawn(async move {
-        let id = format!("chatcmpl-{}", p.request_id);
+        let id = format!("{}{}", p.endpoint.id_prefix(), p.request_id);
         let (mut client, mut texts, mut usage, mut last_chunk, mut failed) = (Some(tx), Vec::<String>::new(), None, None, None);
         while let Some(item) = chunks.next().await {
             let mut chunk = match item {
@@ -284,7 +435,7 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
                     continue;
                 }
             }
-            collect_deltas(&chunk, &mut texts);
+            collect_deltas(&chunk, &mut texts, p.endpoint.text_pointers().1);
             if let Some(t) = &client {
                 if t.send(chunk).await.is_err() {
                     client = None; // The client left; the upstream is read on, for its usage.
@@ -302,7 +453,7 @@ fn streamed(state: &AppState, p: Proxied, route: Route, mut chunks: ChunkStream)
             return;
         }
         if p.include_usage {
-            let mut last = last_chunk.unwrap_or_else(|| json!({"id": id, "object": "chat.completion.chunk", "model": p.model}));
+            let mut last = last_chunk.unwrap_or_else(|| json!({"id": id, "object": p.endpoint.chunk_object(), "model": p.model}));
             last["choices"] = json!([]);
             last["usage"] = usage_json(charged.unwrap_or_default());
             if let Some((r, _)) = receipt_of(receipt.as_ref(), pending.as_ref()) {
@@ -332,29 +483,29 @@ fn log_upstream_receipt(request_id: &str, route: &Route, v: &Value) {
     }
 }
 
-/// Each choice's content, by index, from a whole answer.
-fn choice_texts(v: &Value) -> Vec<String> {
+/// Each choice's content (at `text` in the choice), by index, from a whole answer.
+fn choice_texts(v: &Value, text: &str) -> Vec<String> {
     let mut texts = Vec::new();
     for c in v["choices"].as_array().into_iter().flatten() {
         let i = c["index"].as_u64().unwrap_or(texts.len() as u64) as usize;
         if i >= texts.len() {
             texts.resize(i.min(1024) + 1, String::new());
         }
-        if let (Some(t), Some(s)) = (texts.get_mut(i), c.pointer("/message/content").and_then(Value::as_str)) {
+        if let (Some(t), Some(s)) = (texts.get_mut(i), c.pointer(text).and_then(Value::as_str)) {
             t.push_str(s);
         }
     }
     texts
 }
 
-/// Appends a stream chunk's content deltas to each choice's text.
-fn collect_deltas(chunk: &Value, texts: &mut Vec<String>) {
+/// Appends a stream chunk's content deltas (at `delta` in each choice) to each choice's text.
+fn collect_deltas(chunk: &Value, texts: &mut Vec<String>, delta: &str) {
     for c in chunk["choices"].as_array().into_iter().flatten() {
         let i = c["index"].as_u64().unwrap_or(0) as usize;
         if i >= texts.len() {
             texts.resize(i.min(1024) + 1, String::new());
         }
-        if let (Some(t), Some(s)) = (texts.get_mut(i), c.pointer("/delta/content").and_then(Value::as_str)) {
+        if let (Some(t), Some(s)) = (texts.get_mut(i), c.pointer(delta).and_then(Value::as_str)) {
             t.push_str(s);
         }
     }
@@ -470,13 +621,21 @@ mod tests {
 
     #[test]
     fn limits_are_checked_and_set_before_forwarding() {
-        let p = prepare(br#"{"model":"m","messages":[],"n":3,"max_completion_tokens":10,"stream":true}"#).unwrap();
+        let p = prepare(br#"{"model":"m","messages":[],"n":3,"max_completion_tokens":10,"stream":true}"#, Endpoint::Chat).unwrap();
         assert_eq!((p.completion_tokens_max, p.stream, p.include_usage), (30, true, false));
         assert_eq!(p.body["stream_options"], json!({"include_usage": true}), "usage is always asked of the upstream");
-        let p = prepare(br#"{"model":"m","messages":[]}"#).unwrap();
+        let p = prepare(br#"{"model":"m","messages":[]}"#, Endpoint::Chat).unwrap();
         assert_eq!((p.completion_tokens_max, &p.body["max_tokens"]), (COMPLETION_TOKENS_DEFAULT, &json!(COMPLETION_TOKENS_DEFAULT)));
+        // A text completion: 16 tokens unless told, for each choice of each prompt.
+        let p = prepare(br#"{"model":"m","prompt":["a","b"],"n":2}"#, Endpoint::Completion).unwrap();
+        assert_eq!((p.completion_tokens_max, &p.body["max_tokens"]), (64, &json!(16)));
+        let p = prepare(br#"{"model":"m","prompt":[1,2,3],"max_tokens":5}"#, Endpoint::Completion).unwrap();
+        assert_eq!(p.completion_tokens_max, 5, "a list of numbers is one prompt");
+        let p = prepare(br#"{"model":"m","prompt":"a","max_tokens":0,"echo":true}"#, Endpoint::Completion).unwrap();
+        assert_eq!(p.completion_tokens_max, 0, "an echo alone");
+        assert!(prepare(br#"{"model":"m","prompt":"a","max_tokens":0}"#, Endpoint::Completion).is_err());
         for (body, param) in [(r#"{"max_tokens":-1}"#, "max_tokens"), (r#"{"max_completion_tokens":0}"#, "max_completion_tokens"), (r#"{"max_tokens":1.5}"#, "max_tokens")] {
-            let e = prepare(body.as_bytes()).err().unwrap();
+            let e = prepare(body.as_bytes(), Endpoint::Chat).err().unwrap();
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
         }
     }

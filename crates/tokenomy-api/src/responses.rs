@@ -506,7 +506,7 @@ pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let owner = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
     let mut p = parse(&body.value, body.sha256)?;
     let (chat, _, _) = chat_request(&state, owner, &mut p).await?;
-    crate::proxy::chat_only(&state, &chat.common.model, "/v1/responses/input_tokens")?;
+    crate::proxy::not_forwarded(&state, &chat.common.model, "/v1/responses/input_tokens")?;
     let messages = crate::openai::chat_messages(&chat.messages).map_err(in_responses_terms)?;
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
@@ -546,7 +546,7 @@ async fn run(state: &AppState, g: &routes::Gate, mut p: Parsed) -> Result<Respon
 
 /// A response answered by an upstream: its chat answer translated (and kept) as a local one is.
 async fn proxied(state: &AppState, g: &routes::Gate, p: Parsed, raw: bytes::Bytes, keep: Option<Keep>) -> Result<Response, AppError> {
-    let (answer, billed) = crate::proxy::run(state, g, raw, p.sha256).await.map_err(in_responses_terms)?;
+    let (answer, billed) = crate::proxy::run(state, g, raw, p.sha256, crate::proxy::Endpoint::Chat).await.map_err(in_responses_terms)?;
     let mut skeleton = p.skeleton;
     skeleton["id"] = json!(format!("resp_{}", billed.request_id));
     let resp = match answer {
@@ -916,9 +916,14 @@ pub async fn get(
     if q.stream.as_deref().is_some_and(|s| s != "false") {
         return Err(invalid("stream", "a kept response's events are not replayed: GET it without stream"));
     }
-    let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
-    let r = state.responses.get(&id, caller).await?.ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
+    let r = kept(&state, &headers, &id).await?;
     Ok(Json(r.response.clone()))
+}
+
+/// The caller's kept response `id`, or a 404 (another account's is not found either).
+async fn kept(state: &AppState, headers: &HeaderMap, id: &str) -> Result<Arc<Stored>, AppError> {
+    let caller = crate::charge::caller(state, headers).await?.map(|p| p.account);
+    state.responses.get(id, caller).await?.ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -935,8 +940,7 @@ pub async fn input_items(
     Path(id): Path<String>,
     crate::routes::ApiQuery(q): crate::routes::ApiQuery<ItemsQuery>,
 ) -> Result<Json<Value>, AppError> {
-    let caller = crate::charge::caller(&state, &headers).await?.map(|p| p.account);
-    let r = state.responses.get(&id, caller).await?.ok_or_else(|| AppError::not_found(format!("Response with id '{id}' not found.")))?;
+    let r = kept(&state, &headers, &id).await?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(invalid("limit", format!("limit must be between 1 and 100, got {limit}")));

@@ -598,12 +598,12 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
 
 async fn chat_inner(state: &AppState, g: &Gate, body: HashedJson<ChatRequest>) -> Result<Response, AppError> {
     if crate::proxy::routes_here(state, &body.value.common.model, body.value.common.n.unwrap_or(1)) {
-        return crate::proxy::chat(state, g, body.raw, body.sha256).await;
+        return crate::proxy::chat(state, g, body.raw, body.sha256, crate::proxy::Endpoint::Chat).await;
     }
     let (model, raw, sha256) = (body.value.common.model.clone(), body.raw.clone(), body.sha256);
     let run = match chat_run(state, g, body).await {
         // The local queue filled up meanwhile: an upstream serving the model takes it.
-        Err(e) if crate::proxy::overflows_model(state, &e, &model) => return crate::proxy::chat(state, g, raw, sha256).await,
+        Err(e) if crate::proxy::overflows_model(state, &e, &model) => return crate::proxy::chat(state, g, raw, sha256, crate::proxy::Endpoint::Chat).await,
         r => r?,
     };
     let ChatRun { started, post, id, receipt_id, stream, include_usage, .. } = run;
@@ -1248,7 +1248,9 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         _ => {}
     }
     let model = req.common.model.clone();
-    crate::proxy::chat_only(state, &model, "/v1/completions")?;
+    if crate::proxy::upstream_only(state, &model) {
+        return crate::proxy::chat(state, g, body.raw, body.sha256, crate::proxy::Endpoint::Completion).await;
+    }
     let info = model_info(state, &model)?;
     let ctx = info.context_length;
     let prompts = prompt_tokens(state, &model, &req.prompt)?;

@@ -86,6 +86,12 @@ pub fn usage_of(v: &Value) -> Option<UpstreamUsage> {
     })
 }
 
+/// The `usage` of an embeddings answer (prompt tokens only), if it has one.
+pub fn embedding_usage_of(v: &Value) -> Option<UpstreamUsage> {
+    let prompt_tokens = v.get("usage")?.get("prompt_tokens")?.as_u64()?;
+    Some(UpstreamUsage { prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX), ..UpstreamUsage::default() })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
@@ -242,6 +248,27 @@ impl Provider {
     pub async fn chat(&self, body: &Value) -> Result<Value, UpstreamError> {
         match self {
             Provider::OpenAi(p) => p.chat(body).await,
+        }
+    }
+
+    /// A text completion (OpenAI's legacy `/completions`): the whole answer.
+    pub async fn completion(&self, body: &Value) -> Result<Value, UpstreamError> {
+        match self {
+            Provider::OpenAi(p) => p.completion(body).await,
+        }
+    }
+
+    /// A streamed text completion: its chunks, once the upstream has accepted the request.
+    pub async fn completion_stream(&self, body: &Value) -> Result<ChunkStream, UpstreamError> {
+        match self {
+            Provider::OpenAi(p) => p.completion_stream(body).await,
+        }
+    }
+
+    /// Embeddings (OpenAI's `/embeddings`): the whole answer.
+    pub async fn embeddings(&self, body: &Value) -> Result<Value, UpstreamError> {
+        match self {
+            Provider::OpenAi(p) => p.embeddings(body).await,
         }
     }
 
@@ -530,5 +557,9 @@ mod tests {
         assert_eq!(usage_of(&v), Some(UpstreamUsage { prompt_tokens: 12, cached_tokens: 8, completion_tokens: 5, reasoning_tokens: 2 }));
         assert_eq!(usage_of(&serde_json::json!({"usage": null})), None);
         assert_eq!(usage_of(&serde_json::json!({"usage": {"prompt_tokens": 1}})), None);
+        // Embeddings report prompt tokens only.
+        let e = serde_json::json!({"usage": {"prompt_tokens": 7, "total_tokens": 7}});
+        assert_eq!(embedding_usage_of(&e), Some(UpstreamUsage { prompt_tokens: 7, ..UpstreamUsage::default() }));
+        assert_eq!(embedding_usage_of(&serde_json::json!({"usage": {"prompt_tokens": "7"}})), None);
     }
 }

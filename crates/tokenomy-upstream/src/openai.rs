@@ -76,13 +76,35 @@ impl OpenAi {
     }
 
     pub async fn chat(&self, body: &Value) -> Result<Value, UpstreamError> {
-        let r = self.checked(self.post("/chat/completions", body).send().await).await?;
+        self.whole("/chat/completions", body).await
+    }
+
+    pub async fn completion(&self, body: &Value) -> Result<Value, UpstreamError> {
+        self.whole("/completions", body).await
+    }
+
+    pub async fn embeddings(&self, body: &Value) -> Result<Value, UpstreamError> {
+        self.whole("/embeddings", body).await
+    }
+
+    /// A whole JSON answer to a POST of `body` to `path`.
+    async fn whole(&self, path: &str, body: &Value) -> Result<Value, UpstreamError> {
+        let r = self.checked(self.post(path, body).send().await).await?;
         let bytes = read_capped(r, BODY_BYTES_MAX).await.map_err(|e| self.error(e))?;
         serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("the answer is not JSON: {e}")))
     }
 
     pub async fn chat_stream(&self, body: &Value) -> Result<ChunkStream, UpstreamError> {
-        let r = self.checked(self.post("/chat/completions", body).send().await).await?;
+        self.stream("/chat/completions", body).await
+    }
+
+    pub async fn completion_stream(&self, body: &Value) -> Result<ChunkStream, UpstreamError> {
+        self.stream("/completions", body).await
+    }
+
+    /// The chunks of a streamed answer to a POST of `body` to `path`.
+    async fn stream(&self, path: &str, body: &Value) -> Result<ChunkStream, UpstreamError> {
+        let r = self.checked(self.post(path, body).send().await).await?;
         let is_sse = r.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
         if !is_sse {
             return Err(self.protocol("a stream was asked for, and the answer is not text/event-stream".into()));

@@ -921,7 +921,9 @@ async fn an_answer_whose_settlement_is_retried_names_its_receipt_as_pending() {
     };
     let db = "tokenomy_api_pending_receipt";
     let n = node(Some(&server), db, &[]).await;
-    let body = json!({"model": MODEL, "max_tokens": 24, "ignore_eos": true, "stream": true,
+    // Long enough that the ledger is away before it ends, on a loaded machine too (it once
+    // ended, 24 tokens long, before the database had gone).
+    let body = json!({"model": MODEL, "max_tokens": 192, "ignore_eos": true, "stream": true,
         "messages": [{"role": "user", "content": "Count to ten."}]});
     let req = axum::http::Request::builder()
         .method("POST")
@@ -934,11 +936,13 @@ async fn an_answer_whose_settlement_is_retried_names_its_receipt_as_pending() {
     assert_eq!(resp.status(), StatusCode::OK);
     let named = resp.headers()["tokenomy-receipt"].to_str().unwrap().to_string();
     // The hold is placed (the head is sent after it): now the ledger goes away.
-    let back = tokenomy_ledger::testing::database_away(&server, db, std::time::Duration::from_secs(8)).await;
+    // Away until the answer has ended (then brought back at once).
+    let back = tokenomy_ledger::testing::database_away(&server, db, std::time::Duration::from_secs(120)).await;
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    back.abort();
+    tokenomy_ledger::testing::database_back(&server, db).await;
     let last: Value = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").last().map(|d| serde_json::from_str(d).unwrap()).unwrap();
     assert_eq!((last["receipt"]["id"].as_str(), last["receipt"]["status"].as_str()), (Some(named.as_str()), Some("pending")), "{last}");
-    back.await.unwrap();
 }
 
 /// A schema that the constrained decoder can start but not finish (an `anyOf` past

@@ -173,11 +173,60 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     }
     assert_eq!(again.headers()["tokenomy-upstream"], "pool");
 
-    // Other endpoints say that only chat completions go upstream; bad limits are refused here.
-    let r = client().post(format!("{}/v1/completions", a.base)).bearer_auth(a.user_key()).json(&json!({"model": "smollm2", "prompt": "Hi"})).send().unwrap();
+    // Embeddings go upstream too: the upstream's vectors (in either encoding), charged here the
+    // prompt tokens it counted, with a receipt whose output hash is the upstream's own (both
+    // hash the vectors as `base64` gives them).
+    for encoding in ["float", "base64"] {
+        let body = json!({"model": "smollm2", "input": ["The capital of France", "Paris"], "encoding_format": encoding});
+        let embed = |node: &Node, key: &str| client().post(format!("{}/v1/embeddings", node.base)).bearer_auth(key).json(&body).send().unwrap();
+        let direct: Value = embed(&b, &b_key).json().unwrap();
+        let before = balance(&a);
+        let r = embed(&a, &a.user_key());
+        assert_eq!((r.status().as_u16(), r.headers()["tokenomy-upstream"].to_str().unwrap()), (200, "pool"));
+        let v: Value = r.json().unwrap();
+        assert_eq!((&v["data"], &v["usage"], &v["model"]), (&direct["data"], &direct["usage"], &json!("smollm2")), "{encoding}: {v}");
+        assert_eq!(before - balance(&a), v["receipt"]["amount_micros"].as_i64().unwrap(), "{v}");
+        let ours = get(&a, &format!("/v1/receipts/{}", v["receipt"]["id"].as_str().unwrap()), &a.user_key())["receipt"].clone();
+        let theirs = get(&b, &format!("/v1/receipts/{}", direct["receipt"]["id"].as_str().unwrap()), &b_key)["receipt"].clone();
+        assert_eq!((&ours["output_sha256"], &ours["prompt_tokens"], &ours["completion_tokens"]), (&theirs["output_sha256"], &theirs["prompt_tokens"], &json!(0)), "{ours}");
+        verify(&a, v["receipt"]["id"].as_str().unwrap());
+    }
+
+    // Text completions go upstream too, whole and streamed: the upstream's text under this
+    // node's `cmpl-` id, charged here, with a receipt whose output hash is the upstream's own.
+    let prompt = json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let complete = |node: &Node, key: &str, body: &Value| client().post(format!("{}/v1/completions", node.base)).bearer_auth(key).json(body).send().unwrap();
+    let direct: Value = complete(&b, &b_key, &prompt).json().unwrap();
+    let before = balance(&a);
+    let r = complete(&a, &a.user_key(), &prompt);
+    assert_eq!((r.status().as_u16(), r.headers()["tokenomy-upstream"].to_str().unwrap()), (200, "pool"));
+    let v: Value = r.json().unwrap();
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-") && v["object"] == "text_completion", "{v}");
+    assert_eq!((&v["choices"][0]["text"], &v["usage"]["completion_tokens"], &v["model"]), (&direct["choices"][0]["text"], &direct["usage"]["completion_tokens"], &json!("smollm2")), "{v}");
+    assert_eq!(before - balance(&a), v["receipt"]["amount_micros"].as_i64().unwrap(), "{v}");
+    let ours = get(&a, &format!("/v1/receipts/{}", v["receipt"]["id"].as_str().unwrap()), &a.user_key())["receipt"].clone();
+    let theirs = get(&b, &format!("/v1/receipts/{}", direct["receipt"]["id"].as_str().unwrap()), &b_key)["receipt"].clone();
+    assert_eq!((&ours["output_sha256"], &ours["completion_tokens"]), (&theirs["output_sha256"], &theirs["completion_tokens"]), "{ours}");
+    verify(&a, v["receipt"]["id"].as_str().unwrap());
+    let mut streamed = prompt.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let text = complete(&a, &a.user_key(), &streamed).text().unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let chunks: Vec<Value> = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let said: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(said, direct["choices"][0]["text"].as_str().unwrap(), "{text}");
+    let last = chunks.last().unwrap();
+    assert!(chunks.iter().all(|c| c["id"].as_str().unwrap().starts_with("cmpl-")), "{text}");
+    assert_eq!(last["usage"]["completion_tokens"], direct["usage"]["completion_tokens"], "{last}");
+    verify(&a, last["receipt"]["id"].as_str().unwrap());
+
+    // The token counters are not forwarded, and say so; bad limits are refused here.
+    let count = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]});
+    let r = client().post(format!("{}/v1/messages/count_tokens", a.base)).bearer_auth(a.user_key()).json(&count).send().unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let e: Value = r.json().unwrap();
-    assert!(e["error"]["message"].as_str().unwrap().contains("forwards only /v1/chat/completions"), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("not /v1/messages/count_tokens"), "{e}");
     let mut negative = ask("smollm2");
     negative["max_tokens"] = json!(-1);
     let e: Value = post(&a, &a.user_key(), &negative).json().unwrap();
@@ -206,8 +255,8 @@ fn a_model_served_by_an_upstream_node_is_charged_and_proven_here() {
     let check = get(&a, "/admin/v1/ledger/check", &a.admin_key());
     assert_eq!(check["ok"], true, "{check}");
     let metrics = client().get(format!("{}/metrics", a.base)).send().unwrap().text().unwrap();
-    // Thirteen requests went to the upstream; one failed it (the refused one was the client's fault).
-    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 13"), "{metrics}");
+    // Seventeen requests went to the upstream; one failed it (the refused one was the client's fault).
+    assert!(metrics.contains("tokenomy_upstream_requests_total{upstream=\"pool\"} 17"), "{metrics}");
     assert!(metrics.contains("tokenomy_upstream_failures_total{upstream=\"pool\"} 1"), "{metrics}");
 }
 
