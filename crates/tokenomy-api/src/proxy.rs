@@ -78,7 +78,7 @@ impl Endpoint {
     fn max_tokens_default(self) -> u64 {
         match self {
             Endpoint::Chat => COMPLETION_TOKENS_DEFAULT,
-            Endpoint::Completion => 16,
+            Endpoint::Completion => crate::routes::TEXT_COMPLETION_TOKENS_DEFAULT,
         }
     }
 }

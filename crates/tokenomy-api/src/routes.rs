@@ -1223,6 +1223,9 @@ pub(crate) fn chat_stream(started: Started, id: String, include_usage: bool, pos
 // ---------------------------------------------------------------------------------------------
 // /v1/completions
 
+/// A text completion's `max_tokens` when the client names none: the API's own default.
+pub(crate) const TEXT_COMPLETION_TOKENS_DEFAULT: u64 = 16;
+
 pub async fn completions(State(state): State<AppState>, headers: HeaderMap, body: HashedJson<CompletionRequest>) -> Result<Response, AppError> {
     let g = match gate(&state, &headers, "/v1/completions", body.sha256).await? {
         Ok(g) => g,
@@ -1254,7 +1257,7 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     let info = model_info(state, &model)?;
     let ctx = info.context_length;
     let prompts = prompt_tokens(state, &model, &req.prompt)?;
-    params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(16);
+    params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(TEXT_COMPLETION_TOKENS_DEFAULT as u32);
     if params.max_tokens == 0 && !req.echo {
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }
