@@ -61,12 +61,7 @@ fn inputs(state: &AppState, model: &str, input: &PromptField) -> Result<Vec<Vec<
 
 /// How many inputs `input` has: at least one, at most [`EMBED_INPUTS_MAX`].
 fn input_count(input: &PromptField) -> Result<usize, AppError> {
-    let n = match input {
-        PromptField::Text(_) | PromptField::Tokens(_) => 1,
-        PromptField::Texts(v) => v.len(),
-        PromptField::TokenLists(v) => v.len(),
-    };
-    match n {
+    match routes::prompt_count(input) {
         0 => Err(AppError::invalid_value("input", "input must not be empty")),
         n if n > EMBED_INPUTS_MAX => Err(AppError::invalid_value("input", format!("at most {EMBED_INPUTS_MAX} inputs per request"))),
         n => Ok(n),
@@ -101,7 +96,14 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
     let charge = routes::begin_charge(state, g, &request_id, &model, routes::prompt_len(&inputs), 0, body.sha256).await?;
     let account = g.caller.as_ref().map(|p| p.account);
     let lengths: Vec<u32> = inputs.iter().map(|i| i.len() as u32).collect();
-    let started = state.backend.embed(&model, inputs).map_err(AppError::from);
+    let started = match state.backend.embed(&model, inputs).map_err(AppError::from) {
+        // The local queue is full: an upstream serving the model takes it.
+        Err(e) if crate::proxy::overflows_model(state, &e, &model) => {
+            routes::void_charge(state, charge).await;
+            return crate::proxy::embeddings(state, g, body.raw, body.sha256).await;
+        }
+        started => started,
+    };
     let (st, m) = (state.clone(), model.clone());
     let task = state.tasks.spawn(async move {
         let vectors = match started {

@@ -1251,7 +1251,8 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         _ => {}
     }
     let model = req.common.model.clone();
-    if crate::proxy::upstream_only(state, &model) {
+    let generations = prompt_count(&req.prompt).saturating_mul(n as usize).min(u32::MAX as usize) as u32;
+    if crate::proxy::routes_here(state, &model, generations) {
         return crate::proxy::chat(state, g, body.raw, body.sha256, crate::proxy::Endpoint::Completion).await;
     }
     let info = model_info(state, &model)?;
@@ -1273,6 +1274,10 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
         Ok(s) => s,
         Err((e, charge)) => {
             void_charge(state, charge).await;
+            // The local queue filled up meanwhile: an upstream serving the model takes it.
+            if crate::proxy::overflows_model(state, &e, &model) {
+                return crate::proxy::chat(state, g, body.raw, body.sha256, crate::proxy::Endpoint::Completion).await;
+            }
             return Err(e);
         }
     };
@@ -1298,6 +1303,15 @@ struct CompletionCtx {
     /// Prompt text per prompt when `echo` is on.
     echo_texts: Vec<String>,
     logprobs: bool,
+}
+
+/// How many prompts `prompt` holds (one generation each per choice).
+pub(crate) fn prompt_count(prompt: &PromptField) -> usize {
+    match prompt {
+        PromptField::Text(_) | PromptField::Tokens(_) => 1,
+        PromptField::Texts(v) => v.len(),
+        PromptField::TokenLists(v) => v.len(),
+    }
 }
 
 fn prompt_tokens(state: &AppState, model: &str, prompt: &PromptField) -> Result<Vec<Vec<TokenId>>, AppError> {

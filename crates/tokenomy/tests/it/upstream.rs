@@ -358,5 +358,37 @@ fn a_full_local_queue_overflows_to_an_upstream_serving_the_same_model() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    // So do text completions, and embeddings once the embedding queue (16 places) is full.
+    let before = balance(&a);
+    let completions = burst(&a, &key, 8, |i| ("/v1/completions", json!({"model": "smollm2", "max_tokens": 24, "prompt": format!("Count to {}:", i + 3)})));
+    let paragraph = "The ledger holds credits before a model generates and settles the exact amount after. ".repeat(12);
+    let embeddings = burst(&a, &key, 20, |i| ("/v1/embeddings", json!({"model": "smollm2", "input": format!("{i}: {paragraph}")})));
+    for (what, replies) in [("completions", &completions), ("embeddings", &embeddings)] {
+        assert!(replies.iter().all(|(status, _, v)| *status == 200 && v["usage"]["prompt_tokens"].as_u64() > Some(0)), "{what}: {replies:?}");
+        let overflowed = replies.iter().filter(|(_, u, _)| u.as_deref() == Some("pool")).count();
+        assert!((1..replies.len()).contains(&overflowed), "{what}: some served here, the rest by the pool: {replies:?}");
+    }
+    let charged: i64 = completions.iter().chain(&embeddings).map(|(_, _, v)| v["receipt"]["amount_micros"].as_i64().unwrap()).sum();
+    assert_eq!(before - balance(&a), charged, "every answer charged here once, wherever it was served");
     assert_eq!(get(&a, "/admin/v1/ledger/check", &a.admin_key())["ok"], true);
+}
+
+/// Sends `n` requests at once (`body(i)` gives each one's path and JSON): each one's status,
+/// `tokenomy-upstream` header and JSON body.
+fn burst(node: &Node, key: &str, n: usize, body: impl Fn(usize) -> (&'static str, Value) + Sync) -> Vec<(u16, Option<String>, Value)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let body = &body;
+                s.spawn(move || {
+                    let (path, body) = body(i);
+                    let r = client().post(format!("{}{path}", node.base)).bearer_auth(key).json(&body).send().unwrap();
+                    let (status, upstream) = (r.status().as_u16(), r.headers().get("tokenomy-upstream").map(|v| v.to_str().unwrap().to_string()));
+                    (status, upstream, r.json().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
