@@ -52,8 +52,13 @@ impl IntoResponse for AnthropicError {
         let e = self.0;
         // The chat pipeline's checks name OpenAI's fields; a Messages client knows Anthropic's.
         let message = e.message.replace("tool_call_id", "tool_use_id").replace("tool_calls", "tool_use blocks");
-        let body = json!({"type": "error", "error": {"type": error_type(e.status), "message": message}});
-        let mut r = (e.status, Json(body)).into_response();
+        // A full queue is Anthropic's `overloaded_error` (529, which its SDKs retry), not a rate limit.
+        let (status, kind) = match e.code {
+            Some("overloaded") => (StatusCode::from_u16(529).expect("a valid status"), "overloaded_error"),
+            _ => (e.status, error_type(e.status)),
+        };
+        let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+        let mut r = (status, Json(body)).into_response();
         e.add_headers(&mut r);
         r
     }
@@ -198,6 +203,10 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     chat.insert("messages".into(), Value::Array(messages));
     if let Some(n) = max_tokens {
         chat.insert("max_tokens".into(), json!(n));
+    }
+    // Anthropic's temperature runs from 0 to 1 (OpenAI's, which the chat pipeline checks, to 2).
+    if let Some(t) = o.get("temperature").and_then(Value::as_f64).filter(|t| !(0.0..=1.0).contains(t)) {
+        return Err(invalid(format!("temperature: must be between 0 and 1, got {t}")));
     }
     for (from, to) in [("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("stop_sequences", "stop")] {
         if let Some(v) = o.get(from) {
@@ -487,7 +496,7 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
-    let n = state.backend.render_chat(&chat.common.model, &messages, defs)?.tokens.len();
+    let n = crate::routes::blocking(|| state.backend.render_chat(&chat.common.model, &messages, defs))?.tokens.len();
     Ok(Json(json!({"input_tokens": n})))
 }
 

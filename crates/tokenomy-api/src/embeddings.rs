@@ -90,7 +90,7 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
         input_count(&req.input)?;
         return crate::proxy::embeddings(state, g, body.raw, body.sha256).await;
     }
-    let inputs = inputs(state, &model, &req.input)?;
+    let inputs = routes::blocking(|| inputs(state, &model, &req.input))?;
     routes::known_tokens(&routes::model_info(state, &model)?, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let charge = routes::begin_charge(state, g, &request_id, &model, routes::prompt_len(&inputs), 0, body.sha256).await?;

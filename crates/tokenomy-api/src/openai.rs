@@ -400,12 +400,12 @@ pub fn choices(n: Option<u32>) -> Result<u32, AppError> {
     }
 }
 
-/// `max_tokens` as given: `None` when absent.
-pub fn max_tokens(v: Option<i64>, name: &str) -> Result<Option<u32>, AppError> {
+/// `max_tokens` as given (at least `min`): `None` when absent.
+pub fn max_tokens(v: Option<i64>, name: &str, min: u32) -> Result<Option<u32>, AppError> {
     match v {
         None => Ok(None),
-        Some(x) if (0..=i64::from(u32::MAX)).contains(&x) => Ok(Some(x as u32)),
-        Some(x) => Err(AppError::invalid_value(name, format!("{name} must be a whole number of tokens from 0 to {}, got {x}", u32::MAX))),
+        Some(x) if (i64::from(min)..=i64::from(u32::MAX)).contains(&x) => Ok(Some(x as u32)),
+        Some(x) => Err(AppError::invalid_value(name, format!("{name} must be a whole number of tokens from {min} to {}, got {x}", u32::MAX))),
     }
 }
 

@@ -511,7 +511,7 @@ pub async fn input_tokens(State(state): State<AppState>, headers: HeaderMap, bod
     let tools = crate::openai::tools(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != crate::openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
-    let n = state.backend.render_chat(&chat.common.model, &messages, defs)?.tokens.len();
+    let n = crate::routes::blocking(|| state.backend.render_chat(&chat.common.model, &messages, defs))?.tokens.len();
     Ok(Json(json!({"object": "response.input_tokens", "input_tokens": n})))
 }
 

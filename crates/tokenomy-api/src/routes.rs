@@ -244,6 +244,16 @@ fn cache_salt_of(account: tokenomy_ledger::AccountId) -> u64 {
     (account.0 as u64 ^ (account.0 >> 64) as u64).max(1)
 }
 
+/// Runs `f`, a CPU-bound step such as rendering or tokenizing a prompt of up to the body limit
+/// (seconds for a few MiB), so that the runtime's other tasks move to another worker meanwhile
+/// rather than wait behind it (on a runtime of one thread, as in tests, it just runs).
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Voids the hold of a request that did not run.
 pub(crate) async fn void_charge(state: &AppState, charge: Option<Charge>) {
     if let (Some(c), Some(billing)) = (charge, &state.billing) {
@@ -651,7 +661,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     let tools = openai::tools(req.tools.as_ref(), req.tool_choice.as_ref())?;
     let active = tools.filter(|t| t.choice != openai::ToolChoice::None);
     let defs: &[Value] = active.as_ref().map_or(&[], |t| &t.defs);
-    let ChatPrompt { text, tokens: prompt } = state.backend.render_chat(&model, &messages, defs)?;
+    let ChatPrompt { text, tokens: prompt } = blocking(|| state.backend.render_chat(&model, &messages, defs))?;
     let format = reasoning_format(req.reasoning_format.as_deref())?;
     let prefill = messages.last().is_some_and(ChatMessage::is_prefill);
     // The answer starts inside a think block when the prompt left one open: the template's
@@ -751,10 +761,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         format,
     };
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-    let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), param)?;
-    if asked == Some(0) {
-        return Err(AppError::invalid_value(param, format!("{param} must be at least 1")));
-    }
+    let asked = openai::max_tokens(req.max_completion_tokens.or(req.max_tokens), param, 1)?;
     params.max_tokens = asked.unwrap_or_else(|| ctx.saturating_sub(prompt.len() as u32));
     if let (None, Some(tpm)) = (asked, g.caller.as_ref().and_then(|p| p.limits.tpm)) {
         // Without max_tokens, an answer on a key with a TPM limit may use what the limit
@@ -1257,8 +1264,8 @@ async fn completions_inner(state: &AppState, g: &Gate, body: HashedJson<Completi
     }
     let info = model_info(state, &model)?;
     let ctx = info.context_length;
-    let prompts = prompt_tokens(state, &model, &req.prompt)?;
-    params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens")?.unwrap_or(TEXT_COMPLETION_TOKENS_DEFAULT as u32);
+    let prompts = blocking(|| prompt_tokens(state, &model, &req.prompt))?;
+    params.max_tokens = openai::max_tokens(req.max_tokens, "max_tokens", 0)?.unwrap_or(TEXT_COMPLETION_TOKENS_DEFAULT as u32);
     if params.max_tokens == 0 && !req.echo {
         return Err(AppError::invalid_value("max_tokens", "max_tokens: 0 is only meaningful with echo: true"));
     }

@@ -229,13 +229,13 @@ impl Engine {
         Ok((sub, Generation { events, outcome }))
     }
 
-    /// `text` cut at its special tokens by the engine, its pieces tokenized as plain text: how
-    /// [`Backend::render_chat`] tokenizes a prompt when a message holds a control token's
-    /// text. Public so that tests hold it to llama.cpp's own tokenization of texts without any.
+    /// `text` tokenized by llama.cpp alone, special tokens parsed: what the engine's own cut at
+    /// special tokens ([`Backend::tokenize`], [`Backend::render_chat`]) must agree with. Public
+    /// so that tests hold the engine to it; quadratic in the special tokens the text holds.
     #[doc(hidden)]
-    pub fn tokenize_in_fragments(&self, model: &str, text: &str) -> Result<Vec<TokenId>, BackendError> {
+    pub fn tokenize_by_llama_cpp(&self, model: &str, text: &str) -> Result<Vec<TokenId>, BackendError> {
         let m = self.get(model)?;
-        Ok(m.specials.tokenize(&m.model, text, &[], true))
+        Ok(m.model.vocab().tokenize(text.as_bytes(), true, true).into_iter().map(|t| t.0).collect())
     }
 
     /// Per-sequence context limit of a model.
@@ -390,7 +390,8 @@ impl Backend for Engine {
 
     fn tokenize(&self, model: &str, text: &str, add_special: bool) -> Result<Vec<TokenId>, BackendError> {
         let m = self.get(model)?;
-        Ok(m.model.vocab().tokenize(text.as_bytes(), add_special, true).into_iter().map(|t| t.0).collect())
+        // Cut at special tokens here, not by llama.cpp (quadratic in them; see `prompt`).
+        Ok(m.specials.tokenize(&m.model, text, &[], add_special))
     }
 
     fn detokenize(&self, model: &str, tokens: &[TokenId]) -> Result<String, BackendError> {
@@ -424,10 +425,7 @@ impl Backend for Engine {
             text.drain(..bos.len());
             plain.iter_mut().for_each(|r| *r = r.start.saturating_sub(bos.len())..r.end.saturating_sub(bos.len()));
         }
-        let tokens = match plain.is_empty() {
-            true => m.model.vocab().tokenize(text.as_bytes(), true, true).into_iter().map(|t| t.0).collect(),
-            false => m.specials.tokenize(&m.model, &text, &plain, true),
-        };
+        let tokens = m.specials.tokenize(&m.model, &text, &plain, true);
         Ok(ChatPrompt { text, tokens })
     }
 

@@ -314,6 +314,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // Models are resolved first: a typo must not leave a new data dir (keys, a grant) behind.
     let configs = model_configs(&args)?;
     let upstreams = upstreams(&args).await?;
+    // So is a port already taken: said before a first run's setup and the models' load.
+    if args.listen.port() != 0 {
+        drop(std::net::TcpListener::bind(args.listen).with_context(|| format!("binding {}", args.listen))?);
+    }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| models::home().join("data"));
     // (Billing::open creates the data dir, readable by its owner only.)
     let billing = open_billing(&args, &data_dir).await?;

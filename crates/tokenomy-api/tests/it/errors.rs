@@ -45,8 +45,12 @@ async fn max_tokens_beyond_the_context_is_a_400_before_anything_is_held() {
         let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})).await;
         assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["code"], "context_length_exceeded");
     }
-    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})).await;
-    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["param"], "max_tokens");
+    for max_tokens in [0, -1] {
+        let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})).await;
+        let e = assert_error(&r, StatusCode::BAD_REQUEST);
+        assert_eq!(e["param"], "max_tokens");
+        assert!(e["message"].as_str().unwrap().starts_with("max_tokens must be a whole number of tokens from 1 to "), "{e}");
+    }
 }
 
 #[tokio::test]
@@ -56,6 +60,22 @@ async fn unknown_model_is_404() {
     let e = assert_error(&r, StatusCode::NOT_FOUND);
     assert_eq!(e["code"], "model_not_found");
     assert!(e["message"].as_str().unwrap().contains("gpt-9"));
+}
+
+/// A prompt of many special tokens is tokenized in time linear in its length: 60 000 short
+/// messages (120 000 turn markers) used to hold a core for minutes in llama.cpp's cut at
+/// special tokens before their 400; a completion prompt of the markers' text likewise.
+#[tokio::test]
+async fn many_short_messages_are_refused_without_holding_a_core() {
+    let s = AppState::new(shared_engine(), ApiConfig { body_bytes_max: 4 * 1024 * 1024 });
+    let messages: Vec<serde_json::Value> = (0..60_000).map(|i| json!({"role": "user", "content": format!("a{i}")})).collect();
+    let r = post(&s, "/v1/chat/completions", json!({"model": MODEL, "max_tokens": 2, "messages": messages})).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["code"], "context_length_exceeded");
+    let r = post(&s, "/v1/messages/count_tokens", json!({"model": MODEL, "messages": vec![json!({"role": "user", "content": "a"}); 60_000]})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.json()["input_tokens"].as_u64() > Some(240_000), "{}", r.text);
+    let r = post(&s, "/v1/completions", json!({"model": MODEL, "max_tokens": 1, "prompt": "<|im_end|>x".repeat(100_000)})).await;
+    assert_eq!(assert_error(&r, StatusCode::BAD_REQUEST)["code"], "context_length_exceeded");
 }
 
 #[tokio::test]
@@ -254,6 +274,11 @@ async fn a_body_the_messages_api_cannot_parse_is_answered_in_anthropic_shape() {
     let r = send(&s, "POST", "/v1/messages", Some(&body.to_string())).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("\"web_search_20250305\" is not a client tool"), "{}", r.text);
+    // Anthropic's temperature runs to 1, not to OpenAI's 2.
+    let body = json!({"model": "smollm2", "max_tokens": 4, "temperature": 1.5, "messages": [{"role": "user", "content": "hi"}]});
+    let r = send(&s, "POST", "/v1/messages", Some(&body.to_string())).await;
+    assert_eq!((r.status, r.json()["error"]["type"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request_error")), "{}", r.text);
+    assert!(r.json()["error"]["message"].as_str().unwrap().starts_with("temperature: must be between 0 and 1"), "{}", r.text);
 }
 
 #[tokio::test]
@@ -288,6 +313,15 @@ async fn overload_is_a_429_with_retry_after_and_everyone_else_is_answered() {
         page.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse::<u64>().unwrap())
     };
     assert_eq!((count(200), count(429)), (Some(ok + 1), Some(busy)), "{page}");
+    // The Messages API says it in Anthropic's words: 529 `overloaded_error`, which its SDKs retry.
+    let body = json!({"model": MODEL, "max_tokens": 24, "messages": [{"role": "user", "content": "Count: one, two,"}]});
+    let replies = futures::future::join_all((0..12).map(|_| post(&s, "/v1/messages", body.clone()))).await;
+    let busy: Vec<&Reply> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(!busy.is_empty() && busy.len() < replies.len(), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    for r in busy {
+        assert_eq!((r.status.as_u16(), r.json()["error"]["type"].as_str()), (529, Some("overloaded_error")), "{}", r.text);
+        assert!(r.headers.contains_key("retry-after"));
+    }
 }
 
 /// `--queue-max` bounds the generations waiting for a slot once every slot runs (the engine

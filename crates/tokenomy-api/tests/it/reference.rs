@@ -142,9 +142,9 @@ async fn perplexity_through_echo_logprobs_matches_llama_perplexity() {
     assert!(rel < 0.01, "perplexity {ppl:.4} vs llama-perplexity {want:.4} ({:.2} % apart)", rel * 100.0);
 }
 
-/// When a message holds a control token's text, the engine cuts the prompt at special tokens
-/// itself (llama.cpp cannot be told to leave some of them as text). On texts without such
-/// messages that cut must give llama.cpp's own tokens: checked on the recorded texts and
+/// The engine cuts every prompt at special tokens itself (llama.cpp cannot be told to leave
+/// some of them as text, and its own cut is quadratic in them). On texts without wrapped
+/// spans that cut must give llama.cpp's own tokens: checked on the recorded texts and
 /// prompts, on strings that stress the cut (adjacent and leading special tokens, spaces around
 /// them, user-defined tokens, Unicode), for the three model families (BPE and SentencePiece).
 #[test]
@@ -158,6 +158,9 @@ fn the_engines_own_cut_at_special_tokens_gives_llama_cpps_tokens() {
         "no special tokens at all, just text\n\n\twith tabs".into(),
         "<|fim_prefix|>def f():<|fim_suffix|>\n<|fim_middle|>".into(),
         "<<|im_start|>>|im_end|>".into(),
+        "<|im_start|><|im_start|>  <|im_end|><|im_end|>x<|endoftext|><|im_end|>".into(),
+        "<start_of_turn><end_of_turn><start_of_turn>  \n\n  <end_of_turn>\n\n\n\n   \t<bos><eos>".into(),
+        "<|im_start|>user\na<|im_end|>\n".repeat(300),
         String::new(),
     ];
     for r in &REFERENCES {
@@ -178,8 +181,8 @@ fn the_engines_own_cut_at_special_tokens_gives_llama_cpps_tokens() {
         c.ctx_tokens_max = Some(256);
         let engine = Engine::load(&[c]).expect("model loads");
         for text in &texts {
-            let ours = engine.tokenize_in_fragments(name, text).unwrap();
-            let theirs = engine.tokenize(name, text, true).unwrap();
+            let ours = engine.tokenize(name, text, true).unwrap();
+            let theirs = engine.tokenize_by_llama_cpp(name, text).unwrap();
             assert_eq!(ours, theirs, "{name}: {text:?}");
         }
     }

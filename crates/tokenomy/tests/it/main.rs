@@ -265,6 +265,18 @@ fn a_ledger_that_cannot_be_opened_says_why() {
     assert!(err.contains("tokenomy_no_such_database\" does not exist") && !err.contains("retry shortly"), "{err}");
 }
 
+/// A port already taken is said at once: before a first run sets up the data dir, and before
+/// the models load.
+#[test]
+fn a_port_already_taken_is_said_before_the_data_dir_is_set_up() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let dir = tempdir("taken").join("data");
+    let (ok, out) = run(&["serve", "--model", model(SMOLLM2).to_str().unwrap(), "--listen", &listen, "--data-dir", dir.to_str().unwrap()], &[]);
+    assert!(!ok && out.contains(&format!("binding {listen}")), "{out}");
+    assert!(!dir.exists(), "no data dir was set up");
+}
+
 /// `serve --model SmolLM2 ARGS` in `dir` must exit unsuccessfully within a minute (not serve):
 /// returns what it printed on stderr.
 fn serve_refuses(dir: &Path, args: &[&str]) -> String {
