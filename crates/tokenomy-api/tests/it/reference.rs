@@ -161,6 +161,7 @@ fn the_engines_own_cut_at_special_tokens_gives_llama_cpps_tokens() {
         "<|im_start|><|im_start|>  <|im_end|><|im_end|>x<|endoftext|><|im_end|>".into(),
         "<start_of_turn><end_of_turn><start_of_turn>  \n\n  <end_of_turn>\n\n\n\n   \t<bos><eos>".into(),
         "<|im_start|>user\na<|im_end|>\n".repeat(300),
+        format!("a{}b{}c\t\t\t{}", "\n".repeat(70), " ".repeat(70), "\n \n  ".repeat(20)),
         String::new(),
     ];
     for r in &REFERENCES {
