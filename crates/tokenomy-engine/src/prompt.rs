@@ -52,7 +52,7 @@ pub struct Specials {
     control_lens: Vec<usize>,
     /// The characters a control token's text starts with (most text is passed over at once).
     control_starts: std::collections::HashSet<char>,
-    /// Finds every occurrence of every token's text in one pass (pattern `i` is `all[i]`).
+    /// Tells in one pass which tokens' texts occur in a prompt (pattern `i` is `all[i]`).
     matcher: Option<aho_corasick::AhoCorasick>,
 }
 
