@@ -19,6 +19,10 @@ use crate::openai::ChatRequest;
 use crate::routes::{self, HashedJson};
 use crate::{AppError, AppState};
 
+/// `stop_sequences` a request may name (Anthropic sets no limit of OpenAI's 4; each costs a
+/// check per generated token).
+pub const STOP_SEQUENCES_MAX: usize = 64;
+
 /// An [`AppError`] rendered in Anthropic's error shape.
 pub struct AnthropicError(AppError);
 
@@ -336,7 +340,8 @@ pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: R
         Some(_) => serde_json::to_vec(&chat_json).unwrap_or_default().into(),
         None => bytes::Bytes::new(),
     };
-    let chat: ChatRequest = serde_json::from_value(chat_json).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    let mut chat: ChatRequest = serde_json::from_value(chat_json).map_err(|e| invalid(format!("invalid request: {e}")))?;
+    chat.common.stops_max = Some(STOP_SEQUENCES_MAX);
     let g = match routes::gate(&state, &headers, "/v1/messages", body.sha256).await? {
         Ok(g) => g,
         Err(replay) => return Ok(replay),

@@ -25,11 +25,18 @@ use crate::{AppError, AppState};
 /// key is.
 const CONFLICTING_KEYS: &str = "tk-conflicting-keys-in-one-request";
 
+/// The credentials of an `Authorization` value in the `Bearer` scheme, whose name is
+/// case-insensitive (RFC 9110 §11.1), or `None` for another scheme.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim())
+}
+
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let mut given = headers
         .get_all(header::AUTHORIZATION)
         .iter()
-        .map(|v| v.to_str().ok().and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).map(str::trim))
+        .map(|v| v.to_str().ok().and_then(bearer_credentials))
         .chain(headers.get_all("x-api-key").iter().map(|v| v.to_str().ok().map(str::trim)));
     let first = given.next()?;
     if given.any(|k| k != first) {
@@ -697,6 +704,15 @@ pub async fn node_key(State(state): State<AppState>) -> Result<Response, AppErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_schemes_name_is_case_insensitive() {
+        for (value, key) in [("Bearer tk-a", Some("tk-a")), ("bearer tk-a", Some("tk-a")), ("BEARER  tk-a ", Some("tk-a")), ("Basic dXNlcg==", None), ("Bearertk-a", None)] {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer(&h), key, "{value:?}");
+        }
+    }
 
     #[test]
     fn kept_answers_are_bounded_in_bytes_too() {

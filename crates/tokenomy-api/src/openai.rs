@@ -56,6 +56,10 @@ pub struct CommonFields {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
+    /// Stop strings allowed: OpenAI's [`STOPS_MAX`] unless the request came through an API
+    /// that allows more (Anthropic's `stop_sequences`). Not a wire field.
+    #[serde(skip)]
+    pub stops_max: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,7 +353,7 @@ pub fn sampling(c: &CommonFields) -> Result<SamplingParams, AppError> {
     };
     p.seed = c.seed.map(|s| s as u64);
     p.logit_bias = logit_bias(c.logit_bias.as_ref())?;
-    p.stop = stops(c.stop.as_ref())?;
+    p.stop = stops(c.stop.as_ref(), c.stops_max.unwrap_or(STOPS_MAX))?;
     p.ignore_eos = c.ignore_eos.unwrap_or(false);
     Ok(p)
 }
@@ -381,14 +385,14 @@ fn logit_bias(map: Option<&HashMap<String, f32>>) -> Result<Vec<(TokenId, f32)>,
     Ok(out)
 }
 
-fn stops(stop: Option<&StopField>) -> Result<Vec<String>, AppError> {
+fn stops(stop: Option<&StopField>, max: usize) -> Result<Vec<String>, AppError> {
     let list = match stop {
         None => Vec::new(),
         Some(StopField::One(s)) => vec![s.clone()],
         Some(StopField::Many(v)) => v.clone(),
     };
-    if list.len() > STOPS_MAX {
-        return Err(AppError::invalid_value("stop", format!("at most {STOPS_MAX} stop sequences are allowed, got {}", list.len())));
+    if list.len() > max {
+        return Err(AppError::invalid_value("stop", format!("at most {max} stop sequences are allowed, got {}", list.len())));
     }
     Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
 }
@@ -465,7 +469,7 @@ pub fn chat_messages(messages: &[WireMessage]) -> Result<Vec<ChatMessage>, AppEr
             }
             Ok(ChatMessage {
                 role,
-                content: content_text(m.content.as_ref(), &param)?,
+                content: content_text(m.content.as_ref(), &param, m.role == "assistant")?,
                 tool_calls,
                 tool_call_id: m.tool_call_id.clone(),
                 name: m.name.clone(),
@@ -485,7 +489,9 @@ fn unanswered<'a>(calls: &'a [Value], before: &[WireMessage]) -> Option<&'a str>
     calls.iter().filter_map(|c| c["id"].as_str()).find(|id| !results.iter().any(|r| r.tool_call_id.as_deref() == Some(*id)))
 }
 
-fn content_text(content: Option<&Value>, param: &str) -> Result<String, AppError> {
+/// A message's text. An assistant's earlier answer sent back may hold a `refusal` part (what
+/// OpenAI's models say when they decline), which is what the assistant said.
+fn content_text(content: Option<&Value>, param: &str, assistant: bool) -> Result<String, AppError> {
     match content {
         None | Some(Value::Null) => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
@@ -494,6 +500,9 @@ fn content_text(content: Option<&Value>, param: &str) -> Result<String, AppError
             for part in parts {
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => text.push_str(t),
+                    (Some("refusal"), _) if assistant && part.get("refusal").is_some_and(Value::is_string) => {
+                        text.push_str(part["refusal"].as_str().unwrap_or_default())
+                    }
                     _ => return Err(AppError::invalid_value(param, format!("{param}: only text content parts are supported"))),
                 }
             }

@@ -339,9 +339,8 @@ pub(crate) async fn embeddings(state: &AppState, g: &Gate, raw: bytes::Bytes, re
         let vectors = base64_vectors(&v);
         let usage = tokenomy_upstream::embedding_usage_of(&v);
         let (receipt, pending, charged) = settle(&st, charge, &request_id, &model, &route, usage, (prompt_tokens_max, 0), &vectors).await;
-        if let Some(u) = charged {
-            v["usage"] = json!({"prompt_tokens": u.prompt_tokens, "total_tokens": u.prompt_tokens});
-        }
+        let u = charged.unwrap_or_default();
+        v["usage"] = json!({"prompt_tokens": u.prompt_tokens, "total_tokens": u.prompt_tokens});
         v["model"] = json!(model);
         let receipt = receipt_of(receipt.as_ref(), pending.as_ref());
         if let Some((r, _)) = &receipt {
@@ -393,9 +392,9 @@ async fn whole(state: &AppState, p: Proxied, route: &Route, mut v: Value) -> (Pr
     log_upstream_receipt(&p.request_id, route, &v);
     v.as_object_mut().map(|o| o.remove("receipt")); // the upstream's, not the client's
     let (receipt, pending, charged) = settle(state, p.charge, &p.request_id, &p.model, route, usage, (p.prompt_tokens_max, p.completion_tokens_max), &texts).await;
-    if let Some(u) = charged {
-        v["usage"] = usage_json(u); // what was charged, should the upstream's have been cut
-    }
+    // What was charged, should the upstream's have been cut; nothing when it was unreadable
+    // (missing, negative, not a number), as a stream's usage chunk says then too.
+    v["usage"] = usage_json(charged.unwrap_or_default());
     v["id"] = json!(format!("{}{}", p.endpoint.id_prefix(), p.request_id));
     v["model"] = json!(p.model);
     let receipt = receipt_of(receipt.as_ref(), pending.as_ref());

@@ -97,12 +97,15 @@ impl NodeConfig {
         let parse = |v: &str| v.replace('_', "").parse::<i64>().map_err(|_| format!("{key}={value}: not an integer"));
         if let Some(rest) = key.strip_prefix("TOKENOMY_PRICES__") {
             let (model, field) = rest.split_once("__").ok_or_else(|| format!("{key}: expected TOKENOMY_PRICES__<MODEL>__<FIELD>"))?;
+            // A variable's name cannot hold `.` or `-`: `QWEN2_5_CODER_0_5B` names
+            // `qwen2.5-coder-0.5b` (its env form), whose tokenomy.toml price it then changes.
             let model = model.to_ascii_lowercase();
             let price = if model == "default" {
                 &mut self.prices.default
             } else {
                 let base = self.prices.default;
-                self.prices.models.entry(model).or_insert(base)
+                let listed = self.prices.models.keys().find(|m| env_form(m) == model).cloned();
+                self.prices.models.entry(listed.unwrap_or(model)).or_insert(base)
             };
             let n = parse(value)?;
             match field.to_ascii_lowercase().as_str() {
@@ -162,10 +165,18 @@ impl NodeConfig {
     /// dearer cached price (say, a model given only an input price, below the default's cached
     /// one) would make its cost exceed its hold.
     pub fn price(&self, model: &str) -> Price {
-        let mut p: Price = self.prices.models.get(model).copied().unwrap_or(self.prices.default).into();
+        let models = &self.prices.models;
+        let listed = models.get(model).or_else(|| models.get(&env_form(model)));
+        let mut p: Price = listed.copied().unwrap_or(self.prices.default).into();
         p.cached_input_micros_per_mtok = p.cached_input_micros_per_mtok.min(p.input_micros_per_mtok);
         p
     }
+}
+
+/// A model's name as a `TOKENOMY_PRICES__<MODEL>__…` variable spells it (lower-cased): every
+/// character but ASCII letters and digits becomes `_`.
+pub fn env_form(model: &str) -> String {
+    model.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect()
 }
 
 #[cfg(test)]
@@ -201,6 +212,23 @@ mod tests {
         assert!(c.prices.default.cached_input_micros_per_mtok > 7);
         assert_eq!(c.price("newmodel").cached_input_micros_per_mtok, 7);
         assert_eq!(c.billing.hold_timeout_ms, 5_000);
+    }
+
+    #[test]
+    fn a_variable_names_a_model_with_dots_and_dashes_by_its_env_form() {
+        let env = [
+            // listed in the file as "qwen2.5-coder-0.5b": that entry changes, its other prices stay
+            ("TOKENOMY_PRICES__QWEN2_5_CODER_0_5B__OUTPUT_MICROS_PER_MTOK".to_string(), "7".to_string()),
+            // not listed: found by its env form when the node asks for "gemma3-270m"
+            ("TOKENOMY_PRICES__GEMMA3_270M__INPUT_MICROS_PER_MTOK".to_string(), "3".to_string()),
+        ];
+        let c = NodeConfig::parse(DEFAULT_CONFIG_TOML, env).unwrap();
+        let qwen = c.price("qwen2.5-coder-0.5b");
+        assert_eq!((qwen.input_micros_per_mtok, qwen.output_micros_per_mtok), (100_000, 7));
+        assert!(!c.prices.models.contains_key("qwen2_5_coder_0_5b"));
+        assert_eq!(c.price("gemma3-270m").input_micros_per_mtok, 3);
+        assert_eq!(c.price("gemma3-270m").output_micros_per_mtok, c.prices.default.output_micros_per_mtok);
+        assert_eq!(env_form("Qwen2.5-Coder-0.5B"), "qwen2_5_coder_0_5b");
     }
 
     #[test]

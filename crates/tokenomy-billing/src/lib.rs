@@ -120,7 +120,10 @@ impl From<LedgerError> for BillingError {
             L::SpendCapExceeded { period, cap_micros, remaining_micros, requested_micros } => {
                 BillingError::SpendCapExceeded { period, cap_micros, remaining_micros, needed_micros: requested_micros }
             }
-            L::IdempotencyConflict { .. } | L::NotPending { .. } | L::SettleExceedsHold { .. } | L::HoldExpired(_) => {
+            // (The code inference requests and `/v1/transfers` answer with; admin mints and
+            // transfers meet it here.)
+            L::IdempotencyConflict { .. } => BillingError::Idempotency { code: "idempotency_key_reused", message: e.to_string() },
+            L::NotPending { .. } | L::SettleExceedsHold { .. } | L::HoldExpired(_) => {
                 BillingError::Conflict(e.to_string())
             }
             L::Storage(_) | L::Closed => BillingError::Unavailable(e.to_string()),
@@ -466,8 +469,9 @@ impl Billing {
             // An admin key may mint: on a customer's account it would let the customer pay
             // themselves.
             return Err(BillingError::Invalid(format!(
-                "admin keys belong to the operator's accounts, not to a customer's ({} account): create it on operator_revenue ({})",
+                "admin keys belong to the operator's accounts, not to a customer's ({} account): create it on {} ({})",
                 acc.kind.api_name(),
+                tokenomy_ledger::OPERATOR_REVENUE_NAME,
                 tokenomy_ledger::OPERATOR_REVENUE
             )));
         }

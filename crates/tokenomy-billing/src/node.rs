@@ -354,7 +354,7 @@ impl Billing {
         if grant > 0 {
             match self.mint(user_account, grant, FIRST_RUN_GRANT_KEY, &admin).await {
                 Ok(_) => {}
-                Err(BillingError::Conflict(_)) => {
+                Err(BillingError::Idempotency { code: "idempotency_key_reused", .. }) => {
                     // Another node's first run minted the grant first: join its ledger instead.
                     self.store.revoke_key(user_key_id).await?;
                     self.join_ledger(&admin_key)?;

@@ -43,6 +43,9 @@ pub struct KeyId(pub u128);
 pub const TREASURY: AccountId = AccountId(1);
 /// Operator revenue: the credit side of every usage charge.
 pub const OPERATOR_REVENUE: AccountId = AccountId(2);
+/// The system accounts' names, as every store creates them.
+pub const TREASURY_NAME: &str = "treasury";
+pub const OPERATOR_REVENUE_NAME: &str = "operator-revenue";
 
 macro_rules! id_bytes {
     ($t:ty) => {
@@ -548,7 +551,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     if name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return bad("reads as an account id (32 hex digits): add a prefix such as cust-");
     }
-    if [AccountKind::Treasury, AccountKind::OperatorRevenue].iter().any(|k| k.api_name().eq_ignore_ascii_case(name)) {
+    // The system accounts' names (`treasury`, `operator-revenue`) and their kinds' API names.
+    let system = [AccountKind::Treasury.api_name(), AccountKind::OperatorRevenue.api_name(), OPERATOR_REVENUE_NAME];
+    if system.iter().any(|n| n.eq_ignore_ascii_case(name)) {
         return bad("is a system account's name");
     }
     Ok(())

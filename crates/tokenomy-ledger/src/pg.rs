@@ -166,8 +166,8 @@ impl PgStore {
         tx.batch_execute(SCHEMA).await.map_err(pg_err)?;
         let now = crate::now_ms();
         for (id, name, kind) in [
-            (TREASURY, "treasury", AccountKind::Treasury),
-            (OPERATOR_REVENUE, "operator-revenue", AccountKind::OperatorRevenue),
+            (TREASURY, TREASURY_NAME, AccountKind::Treasury),
+            (OPERATOR_REVENUE, OPERATOR_REVENUE_NAME, AccountKind::OperatorRevenue),
         ] {
             tx.execute(
                 "INSERT INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) \

@@ -405,8 +405,8 @@ fn migrate_v6(conn: &Connection) -> Result<()> {
 fn create_system_accounts(conn: &Connection) -> Result<()> {
     let now = crate::now_ms();
     for (id, name, kind) in [
-        (TREASURY, "treasury", AccountKind::Treasury),
-        (OPERATOR_REVENUE, "operator-revenue", AccountKind::OperatorRevenue),
+        (TREASURY, TREASURY_NAME, AccountKind::Treasury),
+        (OPERATOR_REVENUE, OPERATOR_REVENUE_NAME, AccountKind::OperatorRevenue),
     ] {
         conn.execute(
             "INSERT OR IGNORE INTO accounts (id, name, kind, balance_micros, pending_micros, created_at_ms) \

@@ -377,11 +377,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
 /// The price each served model pays, and a warning for a price set for a model that is neither
 /// served nor a known model (a typo there would leave a model at the default price unnoticed).
 fn log_prices(billing: &tokenomy_billing::Billing, served: &[&str], data_dir: &std::path::Path) {
-    let known = |n: &str| served.contains(&n) || models::KNOWN.iter().any(|k| k.name == n);
+    let is = |m: &str, n: &str| m == n || tokenomy_billing::config::env_form(m) == n;
+    let known = |n: &str| served.iter().any(|m| is(m, n)) || models::KNOWN.iter().any(|k| is(k.name, n));
     for name in billing.config().prices.models.keys().filter(|n| !known(n)) {
         tracing::warn!(
             model = %name,
-            "{} sets a price for model `{name}`, which this node does not serve (served: {served:?}); check the name",
+            "{} or a TOKENOMY_PRICES__ variable sets a price for model `{name}`, which this node does not serve (served: {served:?}); check the name",
             data_dir.join("tokenomy.toml").display()
         );
     }

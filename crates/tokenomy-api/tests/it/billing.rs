@@ -10,7 +10,8 @@ use tokenomy_api::AppState;
 use tokenomy_billing::{Billing, FirstRun, OpenOptions};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, ReceiptKind, VerifierKey};
 
-use crate::{assert_error, request, send, shared_engine, Reply, MODEL};
+use crate::{assert_error, engine_with, request, send, shared_engine, Reply, MODEL};
+use std::sync::Arc;
 use tokenomy_core::Backend;
 
 pub struct Node {
@@ -151,6 +152,15 @@ async fn a_charged_request_has_a_receipt_that_verifies_offline() {
         let t = n
             .admin("POST", "/admin/v1/transfers", Some(json!({"from": acc, "to": other, "amount_micros": 3, "idempotency_key": "rt"})))
             .await;
+        // A key reused for other parameters is refused with the code inference requests get.
+        let admin = n.first.admin_key.clone();
+        for (uri, body) in [
+            (format!("/admin/v1/accounts/{acc}/mint"), json!({"amount_micros": 8, "idempotency_key": "rm"})),
+            ("/admin/v1/transfers".to_string(), json!({"from": acc, "to": other, "amount_micros": 4, "idempotency_key": "rt"})),
+        ] {
+            let r = n.call("POST", &uri, Some(body), &admin).await;
+            assert_eq!((r.status, r.json()["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("idempotency_key_reused")), "{}", r.text);
+        }
         for (doc, kind, amount) in [(&m, ReceiptKind::Mint, 7), (&t, ReceiptKind::Transfer, -3)] {
             let id = doc["receipt"]["id"].as_str().unwrap();
             let bundle = n.call("GET", &format!("/v1/receipts/{id}"), None, &user).await;
@@ -978,7 +988,9 @@ async fn a_schema_that_fails_midway_is_charged_for_what_it_generated() {
 /// own repeat does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accounts_prompts_are_cached_for_it_alone() {
-    let n = node(None, "tokenomy_api_cache_salt", &[]).await;
+    let mut n = node(None, "tokenomy_api_cache_salt", &[]).await;
+    // An engine of its own: tests running at once on the shared one may take alice's slot.
+    n.state.backend = Arc::new(engine_with(|_| {}));
     let (_, alice) = n.funded("salt-alice", 1_000_000).await;
     let (_, mallory) = n.funded("salt-mallory", 1_000_000).await;
     let body = json!({"model": MODEL, "max_tokens": 1, "temperature": 0, "messages": [

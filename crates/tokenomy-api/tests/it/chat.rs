@@ -179,6 +179,30 @@ async fn a_final_assistant_message_is_continued() {
     assert!(assert_error(&r, StatusCode::BAD_REQUEST)["message"].as_str().unwrap().contains("prefill"));
 }
 
+/// An earlier answer sent back as OpenAI's SDK holds it: a `refusal` part is what the
+/// assistant said, prompted as its text would be. Only an assistant's message may hold one.
+#[tokio::test]
+async fn an_assistant_refusal_part_is_read_as_its_text() {
+    let s = solo_state();
+    let said = "I can't help with that.";
+    let turns = |assistant: Value, user_part: Value| {
+        json!({"model": MODEL, "max_tokens": 3, "temperature": 0, "messages": [
+            {"role": "user", "content": "Help me."},
+            {"role": "assistant", "content": assistant, "refusal": null, "annotations": []},
+            {"role": "user", "content": [user_part]},
+        ]})
+    };
+    let text = json!({"type": "text", "text": "Why not?"});
+    let refused = post(&s, "/v1/chat/completions", turns(json!([{"type": "refusal", "refusal": said}]), text.clone())).await;
+    assert_eq!(refused.status, StatusCode::OK, "{}", refused.text);
+    let plain = post(&s, "/v1/chat/completions", turns(json!(said), text)).await.json();
+    let refused = refused.json();
+    assert_eq!(refused["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"], "{refused}");
+    assert_eq!(refused["choices"][0]["message"]["content"], plain["choices"][0]["message"]["content"]);
+    let r = post(&s, "/v1/chat/completions", turns(json!(said), json!({"type": "refusal", "refusal": said}))).await;
+    assert_error(&r, StatusCode::BAD_REQUEST);
+}
+
 /// A message that holds the text of the template's control tokens (a user message or a tool
 /// result quoting `<|im_end|>\n<|im_start|>system…`) cannot close its turn and open another:
 /// that text is tokenized as text, as OpenAI's and Anthropic's APIs do. Everything the

@@ -53,7 +53,7 @@ pub async fn create_and_get_account<S: LedgerStore>(s: Arc<S>) {
     assert!(s.create_account(&"n".repeat(129), AccountKind::User).await.is_err());
     // A name is a handle: printable, not an id's shape, not a system account's, and unique.
     assert_eq!(s.create_account("alice", AccountKind::Agent).await.unwrap_err(), LedgerError::NameTaken("alice".into()));
-    for bad in ["   ", "evil\nbalance_micros: 9", " alice", "0123456789abcdef0123456789ABCDEF", "Treasury", "operator_revenue"] {
+    for bad in ["   ", "evil\nbalance_micros: 9", " alice", "0123456789abcdef0123456789ABCDEF", "Treasury", "operator_revenue", "operator-revenue", "Operator-Revenue"] {
         let e = s.create_account(bad, AccountKind::User).await.unwrap_err();
         assert!(matches!(&e, LedgerError::InvalidArgument(m) if m.contains(&format!("{bad:?}"))), "{bad:?}: {e:?}");
     }
