@@ -120,3 +120,12 @@ def test_agent_mistakes_are_refused_as_anthropic_refuses_them(qwen):
     with pytest.raises(anthropic.BadRequestError) as e:
         qwen.messages.create(model=QWEN, max_tokens=16, tools=[{"name": "f"}], messages=q[:1])
     assert "tools.0.input_schema" in e.value.body["error"]["message"]
+    hi = {"role": "user", "content": "hi"}
+    for empty in ([{"role": "user", "content": []}], [{"role": "user", "content": ""}],
+                  [hi, {"role": "assistant", "content": []}, {"role": "user", "content": "more"}]):
+        with pytest.raises(anthropic.BadRequestError) as e:
+            qwen.messages.create(model=QWEN, max_tokens=16, messages=empty)
+        assert "non-empty content" in e.value.body["error"]["message"], e.value.body
+    # but a final assistant turn may be empty (a prefill of nothing)
+    m = qwen.messages.create(model=QWEN, max_tokens=2, messages=[hi, {"role": "assistant", "content": ""}])
+    assert m.usage.output_tokens > 0

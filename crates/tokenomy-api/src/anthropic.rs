@@ -200,6 +200,12 @@ fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
         if i > 0 {
             answered(&list[i - 1], m, i)?;
         }
+        // As Anthropic has it: an empty turn is a client's mistake, but for a final assistant
+        // turn (a prefill of nothing).
+        let empty = m["content"].as_str().is_some_and(str::is_empty) || m["content"].as_array().is_some_and(Vec::is_empty);
+        if empty && !(i + 1 == list.len() && m["role"] == "assistant") {
+            return Err(invalid(format!("messages.{i}: all messages must have non-empty content except for the optional final assistant message")));
+        }
         messages.extend(messages_of(m, i)?);
     }
     let mut chat = Map::new();
