@@ -63,6 +63,10 @@ impl IntoResponse for AnthropicError {
         };
         let body = json!({"type": "error", "error": {"type": kind, "message": message}});
         let mut r = (status, Json(body)).into_response();
+        if status.as_u16() == 529 {
+            // (No standard status: HTTP/1 would send it with an empty reason phrase.)
+            r.extensions_mut().insert(hyper::ext::ReasonPhrase::from_static(b"Overloaded"));
+        }
         e.add_headers(&mut r);
         r
     }
@@ -514,6 +518,13 @@ pub async fn count_tokens(State(state): State<AppState>, headers: HeaderMap, bod
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_is_a_529_with_a_reason_phrase() {
+        let r = AnthropicError(AppError::overloaded("full")).into_response();
+        assert_eq!(r.status().as_u16(), 529);
+        assert_eq!(r.extensions().get::<hyper::ext::ReasonPhrase>().map(|p| p.as_bytes()), Some(&b"Overloaded"[..]));
+    }
 
     /// `message_start` waits for the engine's admission (OpenAI's first chunk, the role alone,
     /// comes before it) and splits the prompt into computed and cached tokens.
