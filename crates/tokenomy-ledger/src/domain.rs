@@ -551,8 +551,8 @@ pub fn validate_name(name: &str) -> Result<()> {
     if name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return bad("reads as an account id (32 hex digits): add a prefix such as cust-");
     }
-    // The system accounts' names (`treasury`, `operator-revenue`) and their kinds' API names.
-    let system = [AccountKind::Treasury.api_name(), AccountKind::OperatorRevenue.api_name(), OPERATOR_REVENUE_NAME];
+    // The system accounts' names, and `operator_revenue` (its kind's API name) too.
+    let system = [TREASURY_NAME, OPERATOR_REVENUE_NAME, AccountKind::OperatorRevenue.api_name()];
     if system.iter().any(|n| n.eq_ignore_ascii_case(name)) {
         return bad("is a system account's name");
     }
