@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -116,6 +117,19 @@ def test_a_user_sees_the_balance_streams_tokens_and_verifies_the_receipt(node, b
     after = api(node, "/v1/me", node.key)
     wait(d, lambda d: text(d, "balance") == credits(after["account"]["balance_micros"]))
     ref = after["usage"]["reference"]
+    usage = after["usage"]  # the ledger's, from the receipts: this charge is in it
+    day = time.strftime("%Y-%m-%d", time.gmtime(usage["since"]))
+    assert text(d, "usage-charged") == credits(usage["charged_micros"] - usage["refunded_micros"])
+    assert f"{usage['requests']} requests" in text(d, "usage-detail") and f"since {day}" in text(d, "usage-detail")
+    # The usage-by-day table shows today's rows as /v1/me/usage reports them.
+    midnight = int(time.time()) // 86_400 * 86_400
+    today = api(node, f"/v1/me/usage?group_by=model&start_time={midnight}", node.key)["data"][0]
+    want = [[time.strftime("%Y-%m-%d", time.gmtime(today["start_time"])), x["model"] or "refunds", str(x["num_model_requests"]),
+             str(x["input_tokens"]), str(x["input_cached_tokens"]), str(x["output_tokens"])] for x in today["results"]]
+    assert r["model"] in [w[1] for w in want], want
+    shown = lambda d: [[c.text for c in row.find_elements(By.TAG_NAME, "td")][:6]
+                       for row in d.find_elements(By.CSS_SELECTOR, f"#usage-days tbody tr[data-day='{want[0][0]}']")]
+    wait(d, lambda d: shown(d) == want)
     assert text(d, "saved") == credits(ref["saved_micros"]) and ref["name"] in text(d, "saved-label")
     row = d.find_element(By.CSS_SELECTOR, f"#transfers button[data-receipt='{receipt_id}']")
     assert credits(r["amount_micros"]) in row.find_element(By.XPATH, "./ancestor::tr").text

@@ -110,7 +110,33 @@ async function loadAccount() {
   if (operator) await loadOperator();
   state.after = null;
   $("transfers").tBodies[0].replaceChildren();
-  await loadTransfers();
+  await Promise.all([loadTransfers(), loadUsageDays()]);
+}
+
+// The account's usage by UTC day and model, newest day first; refunds are rows of no model.
+async function loadUsageDays() {
+  const page = await api("/v1/me/usage?group_by=model&limit=7");
+  const rows = [];
+  for (const b of [...page.data].reverse()) {
+    const day = new Date(b.start_time * 1000).toISOString().slice(0, 10);
+    for (const r of b.results) {
+      const tr = el("tr");
+      tr.dataset.day = day;
+      const charged = r.model === null ? `-${credits(r.refunded_micros)} (refunded)` : credits(r.charged_micros);
+      tr.append(el("td", day), el("td", r.model ?? "refunds"), el("td", String(r.num_model_requests), "num"),
+        el("td", String(r.input_tokens), "num"), el("td", String(r.input_cached_tokens), "num"),
+        el("td", String(r.output_tokens), "num"), el("td", charged, "num"));
+      rows.push(tr);
+    }
+  }
+  if (!rows.length) {
+    const tr = el("tr");
+    const td = el("td", "No charges in these days.", "muted");
+    td.colSpan = 7;
+    tr.append(td);
+    rows.push(tr);
+  }
+  $("usage-days").tBodies[0].replaceChildren(...rows);
 }
 
 function showOperator(shown) {
@@ -124,8 +150,11 @@ function showAccount(me) {
   $("account").hidden = false;
   $("balance").textContent = credits(a.balance_micros);
   $("available").textContent = credits(a.available_micros);
-  $("usage-charged").textContent = credits(me.usage.charged_micros);
-  $("usage-detail").textContent = `${me.usage.requests} requests, ${me.usage.prompt_tokens} prompt + ${me.usage.completion_tokens} completion tokens since ${me.usage.since}`;
+  const u = me.usage;
+  $("usage-charged").textContent = credits(u.charged_micros - u.refunded_micros);
+  const since = u.since === null ? "no charges yet" : `since ${new Date(u.since * 1000).toISOString().slice(0, 10)}`;
+  const refunded = u.refunded_micros ? `, ${credits(u.refunded_micros)} credits refunded` : "";
+  $("usage-detail").textContent = `${u.requests} requests, ${u.prompt_tokens} prompt + ${u.completion_tokens} completion tokens${refunded}, ${since}`;
   const ref = me.usage.reference;
   $("saved-card").hidden = !ref;
   if (ref) {

@@ -93,7 +93,7 @@ fn keyless(no_auth: bool, headers: &HeaderMap) -> bool {
 
 /// Whose request this is: the key's owner, or under `--no-auth` a keyless request's local
 /// user (who is charged for it, so `/v1/me` and its receipts are theirs too).
-async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
+pub(crate) async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
     let b = billing(state)?;
     if keyless(state.no_auth, headers) {
         return Ok(b.local_principal().await?);
@@ -102,7 +102,7 @@ async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, A
 }
 
 /// The caller of an admin route, who must hold the admin scope.
-async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
+pub(crate) async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppError> {
     let p = authenticate(billing(state)?, headers).await?;
     if !p.is_admin() {
         return Err(tokenomy_billing::BillingError::Forbidden("This route needs a key with the \"admin\" scope.".into()).into());
@@ -110,7 +110,7 @@ async fn admin(state: &AppState, headers: &HeaderMap) -> Result<Principal, AppEr
     Ok(p)
 }
 
-fn billing(state: &AppState) -> Result<&tokenomy_billing::Billing, AppError> {
+pub(crate) fn billing(state: &AppState) -> Result<&tokenomy_billing::Billing, AppError> {
     state.billing.as_deref().ok_or_else(|| AppError::not_found("This node runs without a ledger."))
 }
 
@@ -660,7 +660,7 @@ pub async fn me(State(state): State<AppState>, headers: HeaderMap) -> Result<Jso
         },
         "spend": spend_json(p.caps, p.spend),
         "account": account_json(&a),
-        "usage": state.meter.account_json(p.account),
+        "usage": crate::usage::totals_json(b, p.account).await?,
     })))
 }
 

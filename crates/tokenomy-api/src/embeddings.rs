@@ -94,7 +94,6 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
     routes::known_tokens(&routes::model_info(state, &model)?, &inputs, "input", &[])?;
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     let charge = routes::begin_charge(state, g, &request_id, &model, routes::prompt_len(&inputs), 0, body.sha256).await?;
-    let account = g.caller.as_ref().map(|p| p.account);
     let lengths: Vec<u32> = inputs.iter().map(|i| i.len() as u32).collect();
     let started = match state.backend.embed(&model, inputs).map_err(AppError::from) {
         // The local queue is full: an upstream serving the model takes it.
@@ -128,7 +127,7 @@ async fn run(state: &AppState, g: &routes::Gate, body: HashedJson<EmbeddingReque
             None => (None, None),
         };
         if vectors.is_ok() {
-            st.meter.record(&request_id, &m, &outcomes, &usage, account, receipt.as_ref());
+            st.meter.record(&request_id, &m, &outcomes, &usage, receipt.as_ref());
         }
         (request_id, vectors, usage, receipt, pending)
     });

@@ -18,9 +18,9 @@ pub mod openai;
 mod responses;
 mod routes;
 mod server;
+mod usage;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +29,6 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use tokenomy_billing::{Billing, ReceiptRef};
 use tokenomy_core::{Backend, Outcome, Usage};
-use tokenomy_ledger::AccountId;
 use tokio_util::task::TaskTracker;
 
 pub use error::AppError;
@@ -47,72 +46,77 @@ impl Default for ApiConfig {
     }
 }
 
-/// Totals of what was metered, from engine outcomes (also for disconnected clients).
+/// Totals of what was metered, by model, from engine outcomes (also for disconnected clients)
+/// and upstream answers.
 #[derive(Debug, Default)]
 pub struct Meter {
-    pub requests: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub cached_tokens: AtomicU64,
-    pub completion_tokens: AtomicU64,
-    pub cancelled: AtomicU64,
-    pub charged_micros: AtomicU64,
-    /// Per-account totals since this node started (for `/v1/me`), bounded.
-    accounts: Mutex<HashMap<AccountId, AccountUsage>>,
+    models: Mutex<std::collections::BTreeMap<String, Metered>>,
     /// Responses by route template and status code, refusals (402, 429, 503) included.
     responses: Mutex<std::collections::BTreeMap<(String, u16), u64>>,
     /// The closed API whose list price the usage is compared with (`[reference]`), if any.
     reference: std::sync::OnceLock<(String, tokenomy_ledger::Price)>,
-    /// What the metered usage would have cost at that price.
-    pub reference_micros: AtomicU64,
 }
 
-/// Accounts whose usage totals are kept in memory at most.
-pub const METERED_ACCOUNTS_MAX: usize = 100_000;
+/// Models counted under their own name at most; the rest count under `other`. (Requests name
+/// only served models, local or upstream, so this is a guard, not a working limit.)
+pub const METERED_MODELS_MAX: usize = 1_000;
 
-#[derive(Debug, Default, Clone, Copy)]
-struct AccountUsage {
-    reference_micros: u64,
-    requests: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    charged_micros: u64,
+/// One model's counters (or their sum).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    /// Requests whose client went away.
+    pub cancelled: u64,
+    /// Micro-credits posted for usage.
+    pub charged_micros: u64,
+    /// What the usage would have cost at the reference list price.
+    pub reference_micros: u64,
 }
 
 impl Meter {
-    fn record(&self, request_id: &str, model: &str, outcomes: &[Outcome], usage: &Usage, account: Option<AccountId>, receipt: Option<&ReceiptRef>) {
+    fn record(&self, request_id: &str, model: &str, outcomes: &[Outcome], usage: &Usage, receipt: Option<&ReceiptRef>) {
         if outcomes.is_empty() {
             return;
         }
         let cancelled = outcomes.iter().any(|o| o.finish_reason == tokenomy_core::FinishReason::Cancelled);
-        self.record_usage(request_id, model, usage, account, receipt, cancelled);
+        self.record_usage(request_id, model, usage, receipt, cancelled);
     }
 
     /// Counts one request's usage (served here or by an upstream).
-    fn record_usage(&self, request_id: &str, model: &str, usage: &Usage, account: Option<AccountId>, receipt: Option<&ReceiptRef>, cancelled: bool) {
-        let completion = usage.completion_tokens;
-        let charged = receipt.map_or(0, |r| r.amount_micros.max(0) as u64);
-        self.charged_micros.fetch_add(charged, Relaxed);
+    fn record_usage(&self, request_id: &str, model: &str, usage: &Usage, receipt: Option<&ReceiptRef>, cancelled: bool) {
         let reference = self.reference_cost(usage);
-        self.reference_micros.fetch_add(reference, Relaxed);
-        if let Some(a) = account {
-            let mut m = self.accounts.lock().expect("meter lock");
-            if m.len() < METERED_ACCOUNTS_MAX || m.contains_key(&a) {
-                let u = m.entry(a).or_default();
-                u.requests += 1;
-                u.prompt_tokens += u64::from(usage.prompt_tokens);
-                u.completion_tokens += u64::from(completion);
-                u.charged_micros += charged;
-                u.reference_micros += reference;
-            }
+        {
+            let mut models = self.models.lock().expect("meter lock");
+            let name = if models.len() < METERED_MODELS_MAX || models.contains_key(model) { model } else { "other" };
+            let m = models.entry(name.to_string()).or_default();
+            m.requests += 1;
+            m.prompt_tokens += u64::from(usage.prompt_tokens);
+            m.cached_tokens += u64::from(usage.cached_tokens);
+            m.completion_tokens += u64::from(usage.completion_tokens);
+            m.cancelled += u64::from(cancelled);
+            m.charged_micros += receipt.map_or(0, |r| r.amount_micros.max(0) as u64);
+            m.reference_micros += reference;
         }
-        self.requests.fetch_add(1, Relaxed);
-        self.prompt_tokens.fetch_add(usage.prompt_tokens.into(), Relaxed);
-        self.cached_tokens.fetch_add(usage.cached_tokens.into(), Relaxed);
-        self.completion_tokens.fetch_add(completion.into(), Relaxed);
-        if cancelled {
-            self.cancelled.fetch_add(1, Relaxed);
-        }
-        tracing::info!(request_id, model, prompt_tokens = usage.prompt_tokens, cached_tokens = usage.cached_tokens, completion_tokens = completion, cancelled, "metered");
+        let (prompt_tokens, cached_tokens, completion_tokens) = (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens);
+        tracing::info!(request_id, model, prompt_tokens, cached_tokens, completion_tokens, cancelled, "metered");
+    }
+
+    /// The counters of every model, added up.
+    pub fn totals(&self) -> Metered {
+        let models = self.models.lock().expect("meter lock");
+        models.values().fold(Metered::default(), |mut t, m| {
+            t.requests += m.requests;
+            t.prompt_tokens += m.prompt_tokens;
+            t.cached_tokens += m.cached_tokens;
+            t.completion_tokens += m.completion_tokens;
+            t.cancelled += m.cancelled;
+            t.charged_micros += m.charged_micros;
+            t.reference_micros += m.reference_micros;
+            t
+        })
     }
 
     /// What `usage` would cost at the reference list price (0 without one).
@@ -120,21 +124,6 @@ impl Meter {
         let Some((_, price)) = self.reference.get() else { return 0 };
         let u = tokenomy_ledger::Usage::from_openai(usage.prompt_tokens.into(), usage.cached_tokens.into(), usage.completion_tokens.into(), usage.reasoning_tokens.into());
         tokenomy_ledger::cost_micros(u, *price).map_or(0, |c| c.max(0) as u64)
-    }
-
-    fn account_json(&self, account: AccountId) -> serde_json::Value {
-        let u = self.accounts.lock().expect("meter lock").get(&account).copied().unwrap_or_default();
-        let reference = self.reference.get().map(|(name, _)| {
-            serde_json::json!({
-                "name": name, "cost_micros": u.reference_micros,
-                "saved_micros": i64::try_from(u.reference_micros).unwrap_or(i64::MAX).saturating_sub(i64::try_from(u.charged_micros).unwrap_or(i64::MAX)),
-            })
-        });
-        serde_json::json!({
-            "since": "node start", "requests": u.requests, "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens, "charged_micros": u.charged_micros,
-            "reference": reference,
-        })
     }
 
     /// Counts one response of a route template (or `other`).
@@ -149,25 +138,34 @@ impl Meter {
         for ((route, code), n) in self.responses.lock().expect("meter lock").iter() {
             let _ = writeln!(out, "{name}{{route=\"{route}\",code=\"{code}\"}} {n}");
         }
-        for (name, v, help) in [
-            ("tokenomy_metered_requests_total", &self.requests, "Requests metered"),
-            ("tokenomy_metered_prompt_tokens_total", &self.prompt_tokens, "Prompt tokens metered"),
-            ("tokenomy_metered_cached_tokens_total", &self.cached_tokens, "Cached prompt tokens metered"),
-            ("tokenomy_metered_completion_tokens_total", &self.completion_tokens, "Completion tokens metered"),
-            ("tokenomy_cancelled_requests_total", &self.cancelled, "Requests whose client went away"),
-            ("tokenomy_charged_micros_total", &self.charged_micros, "Micro-credits posted for usage"),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        let models = self.models.lock().expect("meter lock");
+        let series: [(&str, &str, fn(&Metered) -> u64); 6] = [
+            ("tokenomy_metered_requests_total", "Requests metered", |m| m.requests),
+            ("tokenomy_metered_prompt_tokens_total", "Prompt tokens metered", |m| m.prompt_tokens),
+            ("tokenomy_metered_cached_tokens_total", "Cached prompt tokens metered", |m| m.cached_tokens),
+            ("tokenomy_metered_completion_tokens_total", "Completion tokens metered", |m| m.completion_tokens),
+            ("tokenomy_cancelled_requests_total", "Requests whose client went away", |m| m.cancelled),
+            ("tokenomy_charged_micros_total", "Micro-credits posted for usage", |m| m.charged_micros),
+        ];
+        for (name, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}, by model\n# TYPE {name} counter");
+            for (model, m) in models.iter() {
+                let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", label_value(model), value(m));
+            }
         }
         if let Some((reference, _)) = self.reference.get() {
             let name = "tokenomy_reference_cost_micros_total";
-            let _ = writeln!(
-                out,
-                "# HELP {name} What the metered usage would have cost at the reference list price\n# TYPE {name} counter\n{name}{{reference=\"{reference}\"}} {}",
-                self.reference_micros.load(Relaxed)
-            );
+            let _ = writeln!(out, "# HELP {name} What the metered usage would have cost at the reference list price, by model\n# TYPE {name} counter");
+            for (model, m) in models.iter() {
+                let _ = writeln!(out, "{name}{{reference=\"{}\",model=\"{}\"}} {}", label_value(reference), label_value(model), m.reference_micros);
+            }
         }
     }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Shared state of all handlers.
@@ -268,6 +266,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/me", get(charge::me))
         .route("/v1/me/transfers", get(charge::my_transfers))
+        .route("/v1/me/usage", get(usage::mine))
         .route("/v1/transfers", post(charge::send_credits))
         .route("/v1/receipts/{id}", get(charge::get_receipt))
         .route("/admin/v1/accounts", post(charge::create_account).get(charge::list_accounts))
@@ -280,6 +279,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/v1/transfers", post(charge::transfer))
         .route("/admin/v1/receipts/{id}/refund", post(charge::refund))
         .route("/admin/v1/ledger/check", get(charge::ledger_check))
+        .route("/admin/v1/usage", get(usage::ledger))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), charge::authenticate_first));
     Router::new()
         .route("/v1/models", get(routes::list_models))

@@ -523,7 +523,6 @@ async fn settle(
     bounds: (u64, u64),
     texts: &[String],
 ) -> (Option<ReceiptRef>, Option<String>, Option<Usage>) {
-    let account = charge.as_ref().map(|c| c.principal.account);
     let Some(u) = usage else {
         tracing::error!(request_id, upstream = route.upstream.name(), "the upstream reported no usage: nothing charged");
         void_charge(state, charge).await;
@@ -542,7 +541,7 @@ async fn settle(
         }
         _ => (None, None),
     };
-    state.meter.record_usage(request_id, model, &usage, account, receipt.as_ref(), false);
+    state.meter.record_usage(request_id, model, &usage, receipt.as_ref(), false);
     (receipt, pending, Some(usage))
 }
 

@@ -228,12 +228,11 @@ fn start(
             }));
         }
         let usage = total_usage(&all, n);
-        let account = charge.as_ref().map(|c| c.principal.account);
         let (receipt, receipt_pending) = match charge {
             Some(c) => finish_charge(&st, c, &m, &all, &usage, failed).await,
             None => (None, None),
         };
-        st.meter.record(&rid, &m, &all, &usage, account, receipt.as_ref());
+        st.meter.record(&rid, &m, &all, &usage, receipt.as_ref());
         let _ = done_tx.send(Done { outcomes: all, usage, receipt, receipt_pending });
     });
     Ok(Started { request_id, model: model.to_string(), choices, done })

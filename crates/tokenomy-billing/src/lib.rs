@@ -22,6 +22,7 @@ pub mod log;
 pub mod ratelimit;
 mod node;
 mod rates;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::collections::HashMap;
@@ -543,6 +544,23 @@ impl Billing {
         let mut log = self.log.lock().await;
         self.sync_log(&mut log).await?;
         Ok(transfers.iter().map(|t| log.receipt_for_transfer(*t)).collect())
+    }
+
+    /// What `account` (the whole ledger, for `None`) was charged for on the UTC days in
+    /// `days`, by day and model, from the receipts log caught up now: every node's charges
+    /// since the ledger began.
+    pub async fn usage(&self, account: Option<AccountId>, days: std::ops::RangeInclusive<u32>) -> Result<Vec<(usage::BucketKey, usage::UsageTotals)>> {
+        let mut log = self.log.lock().await;
+        self.sync_log(&mut log).await?;
+        Ok(log.usage().buckets(account, days))
+    }
+
+    /// Everything `account` (the whole ledger, for `None`) was charged for, and the first UTC
+    /// day it was charged.
+    pub async fn usage_totals(&self, account: Option<AccountId>) -> Result<(usage::UsageTotals, Option<u32>)> {
+        let mut log = self.log.lock().await;
+        self.sync_log(&mut log).await?;
+        Ok(log.usage().totals(account))
     }
 
     pub async fn check(&self) -> Result<CheckReport> {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use tokenomy_ledger::{AccountId, LedgerStore, LogEntry, TransferId};
+use tokenomy_ledger::{AccountId, LedgerStore, LogEntry, Price, TransferId};
 use tokenomy_receipts::{Checkpoint, Hash, Receipt, SignerKey, Tree, VerifierKey};
 
 /// Entries read from the store per catch-up query.
@@ -30,15 +30,24 @@ pub struct LogState {
     /// ledger transfer → receipt id.
     by_transfer: HashMap<TransferId, String>,
     last: Option<Signed>,
+    /// What each account was charged, by day and model, from the receipts read so far.
+    usage: crate::usage::UsageBook,
     /// The entry at the end of the tree: each sync reads it again, so a store whose log went
     /// back (a restored backup, a failover to a replica that lost commits) is noticed.
     tail: Option<LogEntry>,
 }
 
 impl LogState {
-    /// A log state that continues from `last`, a checkpoint signed before (if any).
-    pub fn new(last: Option<Signed>) -> LogState {
-        LogState { tree: Tree::new(), index: HashMap::new(), by_transfer: HashMap::new(), last, tail: None }
+    /// A log state that continues from `last`, a checkpoint signed before (if any); its usage
+    /// reports price tokens at `reference` too.
+    pub fn new(last: Option<Signed>, reference: Option<Price>) -> LogState {
+        let usage = crate::usage::UsageBook::new(reference);
+        LogState { tree: Tree::new(), index: HashMap::new(), by_transfer: HashMap::new(), last, usage, tail: None }
+    }
+
+    /// The usage of the receipts read so far (call [`sync`](Self::sync) first).
+    pub fn usage(&self) -> &crate::usage::UsageBook {
+        &self.usage
     }
 
     pub fn size(&self) -> u64 {
@@ -87,6 +96,7 @@ impl LogState {
         }
         self.tree.push_data(&e.leaf_bytes);
         self.by_transfer.insert(e.transfer_id, r.receipt_id.clone());
+        self.usage.add(e.account_id, &r);
         self.index.insert(r.receipt_id, (e.log_index, e.account_id));
         Ok(())
     }

@@ -203,7 +203,7 @@ impl Billing {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(&cp_path)(e)),
         };
-        let mut log = log::LogState::new(last.clone());
+        let mut log = log::LogState::new(last.clone(), config.reference.as_ref().map(|r| r.price()));
         log.sync(&store).await?;
         if let Some(l) = &last {
             log.assert_consistent_with(&l.checkpoint).map_err(|e| {

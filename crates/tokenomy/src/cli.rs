@@ -226,6 +226,18 @@ pub enum Credits {
 pub enum Ledger {
     /// Re-derive every ledger invariant from history.
     Check,
+    /// What was charged for tokens, by UTC day: the whole ledger's, or one account's.
+    Usage {
+        /// An account (its id, or its name if no other account has it); all accounts when absent.
+        #[arg(long)]
+        account: Option<String>,
+        /// Days back, today included (at most 31).
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+        /// A line per model in each day.
+        #[arg(long)]
+        by_model: bool,
+    },
 }
 
 fn idem(k: Option<String>) -> String {
@@ -308,6 +320,31 @@ impl Conn {
         }
         print_flat("", v);
     }
+}
+
+/// A usage page as a table: a line per day (and model), days without charges left out; the
+/// charged column is net of refunds.
+fn print_usage(page: &Value) {
+    out!("{:<10}  {:<24} {:>8} {:>12} {:>10} {:>12} {:>16}", "day", "model", "requests", "prompt", "cached", "completion", "charged");
+    for b in page["data"].as_array().into_iter().flatten() {
+        let (y, m, d) = tokenomy_core::civil_from_days(b["start_time"].as_i64().unwrap_or(0) / 86_400);
+        for r in b["results"].as_array().into_iter().flatten() {
+            let n = |k: &str| r[k].as_u64().unwrap_or(0);
+            // Net of refunds, which are rows of their own (no model) when grouped by model.
+            let charged = credits_text(i128::from(n("charged_micros")) - i128::from(n("refunded_micros")));
+            let model = r["model"].as_str().unwrap_or(if n("num_model_requests") == 0 { "(refunds)" } else { "(all)" });
+            out!(
+                "{y:04}-{m:02}-{d:02}  {model:<24} {:>8} {:>12} {:>10} {:>12} {charged:>16}",
+                n("num_model_requests"), n("input_tokens"), n("input_cached_tokens"), n("output_tokens")
+            );
+        }
+    }
+}
+
+/// Micro-credits as credits with six decimals.
+fn credits_text(micros: i128) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    format!("{sign}{}.{:06}", micros.abs() / 1_000_000, micros.abs() % 1_000_000)
 }
 
 fn print_flat(prefix: &str, v: &Value) {
@@ -398,6 +435,24 @@ pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
 pub async fn ledger(c: Conn, cmd: Ledger) -> Result<()> {
     let v = match cmd {
         Ledger::Check => c.call(reqwest::Method::GET, "/admin/v1/ledger/check", None).await?,
+        Ledger::Usage { account, days, by_model } => {
+            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let start_s = (now_s / 86_400).saturating_sub(u64::from(days.max(1)) - 1) * 86_400;
+            let mut uri = format!("/admin/v1/usage?start_time={start_s}&limit={days}");
+            if let Some(a) = account {
+                uri.push_str(&format!("&account_id={}", c.account_id(&a).await?));
+            }
+            if by_model {
+                uri.push_str("&group_by=model");
+            }
+            let v = c.call(reqwest::Method::GET, &uri, None).await?;
+            if c.json {
+                c.show(&v);
+            } else {
+                print_usage(&v);
+            }
+            return Ok(());
+        }
     };
     c.show(&v);
     if v["ok"] != json!(true) {

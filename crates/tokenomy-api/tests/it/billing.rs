@@ -511,7 +511,63 @@ async fn me_shows_what_the_usage_would_have_cost_at_the_reference_list_price() {
     assert_eq!(me["usage"]["reference"], json!({"name": "gpt-4o-mini", "cost_micros": reference, "saved_micros": reference - charged}), "{me}");
     assert!(reference > charged, "SmolLM2 is priced below gpt-4o-mini here");
     let metrics = send(&n.state, "GET", "/metrics", None).await.text;
-    assert!(metrics.contains(&format!("tokenomy_reference_cost_micros_total{{reference=\"gpt-4o-mini\"}} {reference}")), "{metrics}");
+    assert!(metrics.contains(&format!("tokenomy_reference_cost_micros_total{{reference=\"gpt-4o-mini\",model=\"{MODEL}\"}} {reference}")), "{metrics}");
+    // The node's counters are per model (the node's traffic; the usage reports are the ledger's).
+    assert!(metrics.contains(&format!("tokenomy_charged_micros_total{{model=\"{MODEL}\"}} {charged}")), "{metrics}");
+    assert!(metrics.contains(&format!("tokenomy_metered_requests_total{{model=\"{MODEL}\"}} 2")), "{metrics}");
+}
+
+/// `GET /v1/me/usage` and `GET /admin/v1/usage`: daily buckets in the shape of OpenAI's usage
+/// API, counted from the receipts, and `/v1/me`'s all-time sum of them.
+#[tokio::test]
+async fn usage_is_reported_by_day_and_model_from_the_receipts() {
+    let n = node(None, "unused", &[]).await;
+    let (acc, key) = n.funded("reporter", 10_000_000).await;
+    let mut charged = 0;
+    let mut prompt = 0;
+    for max_tokens in [3, 5] {
+        let v = n.call("POST", "/v1/chat/completions", Some(chat(max_tokens)), &key).await.json();
+        charged += v["receipt"]["amount_micros"].as_u64().unwrap();
+        prompt += v["usage"]["prompt_tokens"].as_u64().unwrap();
+    }
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (today, yesterday) = (now_s / 86_400 * 86_400, now_s / 86_400 * 86_400 - 86_400);
+    let page = n.call("GET", &format!("/v1/me/usage?start_time={}&group_by=model", now_s - 86_400), None, &key).await.json();
+    assert_eq!((&page["object"], &page["has_more"], &page["next_page"]), (&json!("page"), &json!(false), &Value::Null), "{page}");
+    let buckets = page["data"].as_array().unwrap();
+    assert_eq!(buckets.iter().map(|b| b["start_time"].as_u64().unwrap()).collect::<Vec<_>>(), [yesterday, today], "{page}");
+    assert_eq!(buckets[0]["results"], json!([]), "a day without charges is an empty bucket");
+    let r = &buckets[1]["results"][0];
+    assert_eq!((&r["object"], &r["model"], &r["num_model_requests"]), (&json!("organization.usage.completions.result"), &json!(MODEL), &json!(2)), "{r}");
+    assert_eq!((r["input_tokens"].as_u64(), r["charged_micros"].as_u64()), (Some(prompt), Some(charged)), "{r}");
+    // Without group_by one result per day; the admin sees it by account or for the ledger.
+    let mine = n.call("GET", &format!("/v1/me/usage?start_time={today}"), None, &key).await.json();
+    let admin = n.admin("GET", &format!("/admin/v1/usage?start_time={today}&account_id={acc}"), None).await;
+    assert_eq!(mine, admin);
+    assert_eq!(mine["data"][0]["results"][0]["model"], Value::Null);
+    assert_eq!(mine["data"][0]["results"][0]["output_tokens"], r["output_tokens"]);
+    let ledger = n.admin("GET", &format!("/admin/v1/usage?start_time={today}"), None).await;
+    assert!(ledger["data"][0]["results"][0]["num_model_requests"].as_u64().unwrap() >= 2, "{ledger}");
+    // Paging: one day per page.
+    let first = n.call("GET", &format!("/v1/me/usage?start_time={yesterday}&limit=1"), None, &key).await.json();
+    assert_eq!((&first["has_more"], &first["next_page"]), (&json!(true), &json!(today.to_string())), "{first}");
+    let next = n.call("GET", &format!("/v1/me/usage?page={today}&limit=1"), None, &key).await.json();
+    assert_eq!(next["data"], mine["data"]);
+    // /v1/me: the same charges, all time.
+    let me = n.call("GET", "/v1/me", None, &key).await.json();
+    assert_eq!((&me["usage"]["requests"], &me["usage"]["charged_micros"], &me["usage"]["since"]), (&json!(2), &json!(charged), &json!(today)), "{me}");
+    // Bad queries are the API's errors.
+    for (uri, status, param) in [
+        ("/v1/me/usage?bucket_width=1h".to_string(), StatusCode::BAD_REQUEST, "bucket_width"),
+        (format!("/v1/me/usage?account_id={acc}"), StatusCode::BAD_REQUEST, "account_id"),
+        ("/admin/v1/usage".to_string(), StatusCode::FORBIDDEN, ""),
+        ("/v1/me/usage?project_ids=x".to_string(), StatusCode::BAD_REQUEST, ""),
+    ] {
+        let e = assert_error(&n.call("GET", &uri, None, &key).await, status);
+        assert!(param.is_empty() || e["param"] == param, "{uri}: {e}");
+    }
+    let unknown = n.call("GET", "/admin/v1/usage?account_id=000000000000000000000000000000ff", None, &n.first.admin_key).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

@@ -131,7 +131,7 @@ async fn max_tokens_gives_length() {
 #[tokio::test]
 async fn a_client_that_disconnects_mid_stream_is_still_metered() {
     let s = state();
-    let before_cancelled = s.meter.cancelled.load(std::sync::atomic::Ordering::Relaxed);
+    let before_cancelled = s.meter.totals().cancelled;
     let body = hello(json!({"stream": true, "max_tokens": 400, "messages": [{"role": "user", "content": "Tell me a very long story."}]}));
     let req = axum::http::Request::builder()
         .method("POST")
@@ -147,11 +147,11 @@ async fn a_client_that_disconnects_mid_stream_is_still_metered() {
     }
     drop(body);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while s.meter.cancelled.load(std::sync::atomic::Ordering::Relaxed) == before_cancelled {
+    while s.meter.totals().cancelled == before_cancelled {
         assert!(std::time::Instant::now() < deadline, "the cancelled request was never metered");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let completion = s.meter.completion_tokens.load(std::sync::atomic::Ordering::Relaxed);
+    let completion = s.meter.totals().completion_tokens;
     assert!(completion > 0);
 }
 

@@ -882,3 +882,43 @@ async fn a_second_node_with_the_same_origin_is_refused_at_start() {
     let (again, _) = Billing::open(same(first_dir.path())).await.unwrap();
     assert_eq!(again.origin(), "shared.example/log");
 }
+
+/// Usage reports come from the ledger's receipts log: a restarted node still has them, a node
+/// sharing the ledger (PostgreSQL) reports the other's charges too, a refund counts on its
+/// day, and mints and transfers are not usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reports_are_the_ledgers_and_survive_a_restart() {
+    for pg in stores() {
+        let shared = pg.is_some();
+        let pg = ledger_url(pg, "tokenomy_billing_usage").await;
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (one, first) = Billing::open(opts(dirs[0].path(), pg.as_deref())).await.unwrap();
+        let first = first.unwrap();
+        let (user, admin) = (one.authenticate(Some(&first.user_key)).await.unwrap(), one.authenticate(Some(&first.admin_key)).await.unwrap());
+        let today = u32::try_from(tokenomy_ledger::utc_day(tokenomy_ledger::now_ms())).unwrap();
+        assert_eq!(one.usage_totals(Some(user.account)).await.unwrap().1, None, "the grant is no usage");
+
+        let h = one.hold(&user, &req("u1", 1_000, 100)).await.unwrap();
+        let r1 = one.settle(h, served(1_000, 10)).await.unwrap().unwrap();
+        let h = one.hold(&user, &req("u2", 20, 100)).await.unwrap();
+        let r2 = one.settle(h, served(20, 30)).await.unwrap().unwrap();
+        one.refund(&r2.receipt_id, Some(1), &admin).await.unwrap();
+        let other = one.create_account("payee", tokenomy_ledger::AccountKind::User).await.unwrap();
+        one.transfer(user.account, other.id, 5, "usage-test-transfer", &admin).await.unwrap();
+        drop(one); // a restart of the node, or (PostgreSQL) another node of the ledger
+
+        let (two, _) = Billing::open(opts(dirs[usize::from(shared)].path(), pg.as_deref())).await.unwrap();
+        let user2 = two.authenticate(Some(&first.user_key)).await.unwrap();
+        let h = two.hold(&user2, &req("u3", 3, 100)).await.unwrap();
+        let r3 = two.settle(h, served(3, 4)).await.unwrap().unwrap();
+        let (t, since) = two.usage_totals(Some(user.account)).await.unwrap();
+        assert_eq!(since, Some(today));
+        assert_eq!((t.requests, t.prompt_tokens, t.completion_tokens), (3, 1_023, 44));
+        assert_eq!((t.charged_micros, t.refunded_micros), ((r1.amount_micros + r2.amount_micros + r3.amount_micros) as u64, 1));
+        let days = two.usage(Some(user.account), today - 1..=today).await.unwrap();
+        let keys: Vec<_> = days.iter().map(|(k, _)| k.clone()).collect();
+        assert_eq!(keys, [(today, String::new()), (today, "smollm2".to_string())], "a refund is bucketed under no model");
+        assert_eq!(two.usage(Some(other.id), 0..=today).await.unwrap(), [], "a transfer received is no usage");
+        assert_eq!(two.usage_totals(None).await.unwrap().0.requests, 3, "the ledger's usage is every account's");
+    }
+}

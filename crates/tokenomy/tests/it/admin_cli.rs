@@ -83,6 +83,24 @@ fn the_admin_cli_wraps_the_admin_api() {
     let (ok, out) = run(&["credits", "refund", &receipt, "--amount-micros", "1", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("already refunded"), "{out}");
     assert_eq!(cli(&["ledger", "check"])["ok"], true);
+    // The charge and its refund in today's usage, for the account and for the ledger.
+    let usage = cli(&["ledger", "usage", "--account", "agent-7", "--days", "1", "--by-model"]);
+    let today: Vec<_> = usage["data"][0]["results"].as_array().unwrap().iter().map(|r| (r["model"].clone(), r["charged_micros"].as_i64(), r["refunded_micros"].as_i64())).collect();
+    assert_eq!(today, [(Value::Null, Some(0), Some(spent)), (json!("smollm2"), Some(spent), Some(0))], "{usage}");
+    let ledger = cli(&["ledger", "usage"]);
+    assert_eq!(ledger["data"].as_array().unwrap().len(), 7, "{ledger}");
+    assert!(ledger["data"][6]["results"][0]["num_model_requests"].as_u64() >= Some(1), "{ledger}");
+    // Read by a person: a line per model and day, the refund a line of its own.
+    let (ok, out) = run(&["ledger", "usage", "--account", &id, "--days", "1", "--by-model", "--url", &node.base, "--data-dir", &dir], &[]);
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (y, m, d) = tokenomy_core::civil_from_days((now_s / 86_400) as i64);
+    let lines: Vec<Vec<&str>> = out.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    let (day, charged) = (format!("{y:04}-{m:02}-{d:02}"), format!("{}.{:06}", spent / 1_000_000, spent % 1_000_000));
+    assert!(ok && lines.len() == 2, "{out}");
+    assert_eq!((lines[0][0], lines[0][1], lines[0][6]), (day.as_str(), "(refunds)", format!("-{charged}").as_str()), "{out}");
+    assert_eq!((lines[1][1], lines[1][2], lines[1][6]), ("smollm2", "1", charged.as_str()), "{out}");
+    let (ok, out) = run(&["ledger", "usage", "--days", "40", "--url", &node.base, "--data-dir", &dir], &[]);
+    assert!(!ok && out.contains("1 to 31"), "{out}");
 
     let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("spend cap"), "{out}");

@@ -1,0 +1,179 @@
+//! Usage reports: `GET /v1/me/usage` (the key's account) and `GET /admin/v1/usage` (the whole
+//! ledger, or one account), in the shape of OpenAI's completions usage API (`object: page` of
+//! daily `bucket`s whose `results` count `input_tokens`, `output_tokens`,
+//! `input_cached_tokens` and `num_model_requests`), with what the tokens were charged here and
+//! would have cost at the reference list price. `/v1/me`'s `usage` is their all-time sum.
+//!
+//! The figures are the ledger's receipts (`tokenomy_billing::usage`): every node's charges,
+//! surviving restarts. A free model's requests are not charged and so not in them.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokenomy_billing::usage::{UsageTotals, DAY_MS};
+use tokenomy_ledger::AccountId;
+
+use crate::charge::{admin, billing, principal};
+use crate::error::AppError;
+use crate::routes::ApiQuery;
+use crate::AppState;
+
+const DAY_S: u64 = DAY_MS / 1000;
+/// Daily buckets per page: OpenAI's default and maximum for `bucket_width=1d`.
+pub const BUCKETS_DEFAULT: u32 = 7;
+pub const BUCKETS_MAX: u32 = 31;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Unix seconds; the report starts at the UTC day holding it (default: six days before today).
+    start_time: Option<u64>,
+    /// Unix seconds, exclusive; the report ends with the UTC day holding the second before it
+    /// (default: now).
+    end_time: Option<u64>,
+    /// Only `1d`.
+    bucket_width: Option<String>,
+    /// `model`: a result per model in each bucket (default: one result per bucket).
+    group_by: Option<String>,
+    /// Buckets per page, 1 to [`BUCKETS_MAX`].
+    limit: Option<u32>,
+    /// The `next_page` of the previous page.
+    page: Option<String>,
+    /// Admin route only: one account's usage instead of the ledger's.
+    account_id: Option<String>,
+}
+
+/// `GET /v1/me/usage`: the key's account's usage by UTC day.
+pub async fn mine(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<UsageQuery>) -> Result<Json<Value>, AppError> {
+    let p = principal(&state, &headers).await?;
+    if q.account_id.is_some() {
+        return Err(AppError::invalid_value("account_id", "account_id is for the admin route, /admin/v1/usage; this one reports the key's own account"));
+    }
+    page(&state, Some(p.account), q).await
+}
+
+/// `GET /admin/v1/usage`: the ledger's usage by UTC day, or one account's (`account_id`).
+pub async fn ledger(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<UsageQuery>) -> Result<Json<Value>, AppError> {
+    admin(&state, &headers).await?;
+    let account = q.account_id.as_deref().map(tokenomy_billing::parse_account_id).transpose()?;
+    if let Some(a) = account {
+        billing(&state)?.account(a).await?; // an unknown account is a 404, not an empty report
+    }
+    page(&state, account, q).await
+}
+
+/// The days a query asks for: `(first, last)` UTC day numbers, inclusive, at most `limit`.
+fn days(q: &UsageQuery, now_s: u64) -> Result<(u32, u32, u32), AppError> {
+    if let Some(w) = q.bucket_width.as_deref().filter(|w| *w != "1d") {
+        return Err(AppError::invalid_value("bucket_width", format!("bucket_width must be 1d (usage is kept by UTC day), got {w:?}")));
+    }
+    if let Some(g) = q.group_by.as_deref().filter(|g| *g != "model") {
+        return Err(AppError::invalid_value("group_by", format!("group_by must be model, got {g:?}")));
+    }
+    let limit = q.limit.unwrap_or(BUCKETS_DEFAULT);
+    if !(1..=BUCKETS_MAX).contains(&limit) {
+        return Err(AppError::invalid_value("limit", format!("limit must be 1 to {BUCKETS_MAX} daily buckets, got {limit}")));
+    }
+    let end_s = q.end_time.unwrap_or(now_s);
+    let start_s = match &q.page {
+        Some(p) => p.parse::<u64>().map_err(|_| AppError::invalid_value("page", format!("page must be a next_page this route returned, got {p:?}")))?,
+        None => q.start_time.unwrap_or((now_s / DAY_S).saturating_sub(6) * DAY_S),
+    };
+    if end_s <= start_s {
+        return Err(AppError::invalid_value("end_time", format!("end_time ({end_s}) must be after start_time ({start_s})")));
+    }
+    let day = |s: u64| u32::try_from(s / DAY_S).map_err(|_| AppError::invalid_value("end_time", "times are Unix seconds"));
+    let (first, last) = (day(start_s)?, day(end_s - 1)?);
+    Ok((first, last.min(first.saturating_add(limit - 1)), last))
+}
+
+async fn page(state: &AppState, account: Option<AccountId>, q: UsageQuery) -> Result<Json<Value>, AppError> {
+    let b = billing(state)?;
+    let now_s = u64::try_from(tokenomy_ledger::now_ms()).unwrap_or(0) / 1000;
+    let (first, last, end) = days(&q, now_s)?;
+    let by_model = q.group_by.is_some();
+    let reference = b.config().reference.as_ref();
+    let buckets = b.usage(account, first..=last).await?;
+    let data: Vec<Value> = (first..=last)
+        .map(|day| {
+            let of_day = buckets.iter().filter(|((d, _), _)| *d == day);
+            let results: Vec<Value> = if by_model {
+                of_day.map(|((_, model), t)| result(t, (!model.is_empty()).then_some(model.as_str()), reference.is_some())).collect()
+            } else {
+                let mut t = UsageTotals::default();
+                let mut any = false;
+                of_day.for_each(|(_, b)| {
+                    t.add(b);
+                    any = true;
+                });
+                if any { vec![result(&t, None, reference.is_some())] } else { vec![] }
+            };
+            let start = u64::from(day) * DAY_S;
+            json!({"object": "bucket", "start_time": start, "end_time": start + DAY_S, "results": results})
+        })
+        .collect();
+    let more = last < end;
+    let next = more.then(|| (u64::from(last) + 1) * DAY_S);
+    Ok(Json(json!({"object": "page", "data": data, "has_more": more, "next_page": next.map(|n| n.to_string())})))
+}
+
+/// One result row: OpenAI's fields, then what the tokens cost here and at the reference price.
+fn result(t: &UsageTotals, model: Option<&str>, with_reference: bool) -> Value {
+    json!({
+        "object": "organization.usage.completions.result",
+        "input_tokens": t.prompt_tokens, "output_tokens": t.completion_tokens,
+        "input_cached_tokens": t.cached_tokens, "num_model_requests": t.requests,
+        "model": model, "reasoning_tokens": t.reasoning_tokens,
+        "charged_micros": t.charged_micros, "refunded_micros": t.refunded_micros,
+        "reference_cost_micros": with_reference.then_some(t.reference_micros),
+    })
+}
+
+/// `/v1/me`'s `usage`: everything the account was charged for, since its first charge.
+pub async fn totals_json(b: &tokenomy_billing::Billing, account: AccountId) -> Result<Value, AppError> {
+    let (t, first_day) = b.usage_totals(Some(account)).await?;
+    let net = i64::try_from(t.charged_micros.saturating_sub(t.refunded_micros)).unwrap_or(i64::MAX);
+    let reference = b.config().reference.as_ref().map(|r| {
+        let cost = i64::try_from(t.reference_micros).unwrap_or(i64::MAX);
+        json!({"name": r.name, "cost_micros": cost, "saved_micros": cost.saturating_sub(net)})
+    });
+    Ok(json!({
+        "since": first_day.map(|d| u64::from(d) * DAY_S),
+        "requests": t.requests, "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
+        "completion_tokens": t.completion_tokens, "reasoning_tokens": t.reasoning_tokens,
+        "charged_micros": t.charged_micros, "refunded_micros": t.refunded_micros, "reference": reference,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(s: &str) -> UsageQuery {
+        let uri: axum::http::Uri = format!("/v1/me/usage?{s}").parse().unwrap();
+        axum::extract::Query::try_from_uri(&uri).unwrap().0
+    }
+
+    #[test]
+    fn a_query_names_whole_utc_days_and_pages_by_limit() {
+        let now = 20_000 * DAY_S + 3_600;
+        assert_eq!(days(&query(""), now).unwrap(), (19_994, 20_000, 20_000), "the last 7 days by default");
+        let q = format!("start_time={}&end_time={}&limit=2", 19_990 * DAY_S + 5, 19_995 * DAY_S);
+        assert_eq!(days(&query(&q), now).unwrap(), (19_990, 19_991, 19_994), "end_time is exclusive");
+        let q = format!("page={}&end_time={}&limit=2", 19_994 * DAY_S, 19_995 * DAY_S);
+        assert_eq!(days(&query(&q), now).unwrap(), (19_994, 19_994, 19_994));
+        for (q, param) in [
+            ("bucket_width=1h", "bucket_width"),
+            ("group_by=api_key_id", "group_by"),
+            ("limit=0", "limit"),
+            ("limit=32", "limit"),
+            ("page=tomorrow", "page"),
+            ("start_time=100&end_time=100", "end_time"),
+        ] {
+            let e = days(&query(q), now).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{q}: {e:?}");
+        }
+    }
+}
