@@ -53,9 +53,24 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, AppError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(r) => Err(AppError::invalid(format!("The query string is not valid for this endpoint: {}", r.body_text()), None)),
+            Err(r) => {
+                let text = r.body_text();
+                let param = query_param_named(&text).map(str::to_string);
+                Err(AppError::invalid(format!("The query string is not valid for this endpoint: {text}"), param.as_deref()))
+            }
         }
     }
+}
+
+/// The parameter a query-string rejection is about, when serde names it: `limit: invalid digit
+/// …` or ``unknown field `foo`, expected …``.
+fn query_param_named(text: &str) -> Option<&str> {
+    let detail = text.rsplit_once("query string: ").map_or(text, |(_, d)| d);
+    let name = match detail.strip_prefix("unknown field `") {
+        Some(rest) => rest.split('`').next()?,
+        None => detail.split_once(": ")?.0,
+    };
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "_[]".contains(c))).then_some(name)
 }
 
 /// A JSON body and the SHA-256 of its bytes (the receipt's `request_sha256`).

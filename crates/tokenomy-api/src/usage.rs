@@ -28,14 +28,17 @@ pub const BUCKETS_MAX: u32 = 31;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
-    /// Unix seconds; the report starts at the UTC day holding it (default: six days before today).
+    /// Unix seconds; the report starts at the UTC day holding it (default: six days before the
+    /// day of `end_time`). Usage is kept by day: a time within a day stands for the whole day.
     start_time: Option<u64>,
     /// Unix seconds, exclusive; the report ends with the UTC day holding the second before it
     /// (default: now).
     end_time: Option<u64>,
     /// Only `1d`.
     bucket_width: Option<String>,
-    /// `model`: a result per model in each bucket (default: one result per bucket).
+    /// `model`: a result per model in each bucket (default: one result per bucket). OpenAI's
+    /// array form, `group_by[]=model`, too.
+    #[serde(alias = "group_by[]")]
     group_by: Option<String>,
     /// Buckets per page, 1 to [`BUCKETS_MAX`].
     limit: Option<u32>,
@@ -57,9 +60,13 @@ pub async fn mine(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
 /// `GET /admin/v1/usage`: the ledger's usage by UTC day, or one account's (`account_id`).
 pub async fn ledger(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<UsageQuery>) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
-    let account = q.account_id.as_deref().map(tokenomy_billing::parse_account_id).transpose()?;
+    let account = match q.account_id.as_deref() {
+        None => None,
+        Some(id) => Some(tokenomy_billing::parse_account_id(id).map_err(|e| AppError { param: Some("account_id".into()), ..AppError::from(e) })?),
+    };
     if let Some(a) = account {
-        billing(&state)?.account(a).await?; // an unknown account is a 404, not an empty report
+        // An unknown account is a 404, not an empty report.
+        billing(&state)?.account(a).await.map_err(|e| AppError { param: Some("account_id".into()), ..AppError::from(e) })?;
     }
     page(&state, account, q).await
 }
@@ -77,15 +84,20 @@ fn days(q: &UsageQuery, now_s: u64) -> Result<(u32, u32, u32), AppError> {
         return Err(AppError::invalid_value("limit", format!("limit must be 1 to {BUCKETS_MAX} daily buckets, got {limit}")));
     }
     let end_s = q.end_time.unwrap_or(now_s);
-    let start_s = match &q.page {
-        Some(p) => p.parse::<u64>().map_err(|_| AppError::invalid_value("page", format!("page must be a next_page this route returned, got {p:?}")))?,
-        None => q.start_time.unwrap_or((now_s / DAY_S).saturating_sub(6) * DAY_S),
+    let (start_s, start_param) = match (&q.page, q.start_time) {
+        (Some(p), _) => (p.parse::<u64>().map_err(|_| AppError::invalid_value("page", format!("page must be a next_page this route returned, got {p:?}")))?, "page"),
+        (None, Some(s)) => (s, "start_time"),
+        (None, None) => ((end_s.saturating_sub(1) / DAY_S).saturating_sub(6) * DAY_S, "end_time"),
     };
     if end_s <= start_s {
-        return Err(AppError::invalid_value("end_time", format!("end_time ({end_s}) must be after start_time ({start_s})")));
+        let (param, message) = match q.end_time {
+            None => (start_param, format!("{start_param} ({start_s}) must be before end_time (now: {end_s})")),
+            Some(_) => ("end_time", format!("end_time ({end_s}) must be after {start_param} ({start_s})")),
+        };
+        return Err(AppError::invalid_value(param, message));
     }
-    let day = |s: u64| u32::try_from(s / DAY_S).map_err(|_| AppError::invalid_value("end_time", "times are Unix seconds"));
-    let (first, last) = (day(start_s)?, day(end_s - 1)?);
+    let day = |s: u64, param: &str| u32::try_from(s / DAY_S).map_err(|_| AppError::invalid_value(param, format!("{param} is Unix seconds, got {s}")));
+    let (first, last) = (day(start_s, start_param)?, day(end_s - 1, "end_time")?);
     Ok((first, last.min(first.saturating_add(limit - 1)), last))
 }
 
@@ -125,26 +137,35 @@ fn result(t: &UsageTotals, model: Option<&str>, with_reference: bool) -> Value {
         "object": "organization.usage.completions.result",
         "input_tokens": t.prompt_tokens, "output_tokens": t.completion_tokens,
         "input_cached_tokens": t.cached_tokens, "num_model_requests": t.requests,
+        "input_audio_tokens": 0, "output_audio_tokens": 0,
+        "project_id": null, "user_id": null, "api_key_id": null, "batch": null,
         "model": model, "reasoning_tokens": t.reasoning_tokens,
         "charged_micros": t.charged_micros, "refunded_micros": t.refunded_micros,
         "reference_cost_micros": with_reference.then_some(t.reference_micros),
     })
 }
 
-/// `/v1/me`'s `usage`: everything the account was charged for, since its first charge.
-pub async fn totals_json(b: &tokenomy_billing::Billing, account: AccountId) -> Result<Value, AppError> {
-    let (t, first_day) = b.usage_totals(Some(account)).await?;
+/// `/v1/me`'s `usage`: everything the account was charged for, since its first charge; `null`
+/// when the receipts log cannot be read now (a halted node still shows the balance).
+pub async fn totals_json(b: &tokenomy_billing::Billing, account: AccountId) -> Value {
+    let (t, first_day) = match b.usage_totals(Some(account)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "/v1/me without usage: the receipts log could not be read");
+            return Value::Null;
+        }
+    };
     let net = i64::try_from(t.charged_micros.saturating_sub(t.refunded_micros)).unwrap_or(i64::MAX);
     let reference = b.config().reference.as_ref().map(|r| {
         let cost = i64::try_from(t.reference_micros).unwrap_or(i64::MAX);
         json!({"name": r.name, "cost_micros": cost, "saved_micros": cost.saturating_sub(net)})
     });
-    Ok(json!({
+    json!({
         "since": first_day.map(|d| u64::from(d) * DAY_S),
         "requests": t.requests, "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
         "completion_tokens": t.completion_tokens, "reasoning_tokens": t.reasoning_tokens,
         "charged_micros": t.charged_micros, "refunded_micros": t.refunded_micros, "reference": reference,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -160,10 +181,14 @@ mod tests {
     fn a_query_names_whole_utc_days_and_pages_by_limit() {
         let now = 20_000 * DAY_S + 3_600;
         assert_eq!(days(&query(""), now).unwrap(), (19_994, 20_000, 20_000), "the last 7 days by default");
+        let q = format!("end_time={}", 19_990 * DAY_S);
+        assert_eq!(days(&query(&q), now).unwrap(), (19_983, 19_989, 19_989), "the 7 days before end_time");
+        assert_eq!(days(&query("group_by[]=model"), now).unwrap().0, 19_994, "OpenAI's array form");
         let q = format!("start_time={}&end_time={}&limit=2", 19_990 * DAY_S + 5, 19_995 * DAY_S);
         assert_eq!(days(&query(&q), now).unwrap(), (19_990, 19_991, 19_994), "end_time is exclusive");
         let q = format!("page={}&end_time={}&limit=2", 19_994 * DAY_S, 19_995 * DAY_S);
         assert_eq!(days(&query(&q), now).unwrap(), (19_994, 19_994, 19_994));
+        let future = format!("start_time={}", now + DAY_S);
         for (q, param) in [
             ("bucket_width=1h", "bucket_width"),
             ("group_by=api_key_id", "group_by"),
@@ -171,6 +196,9 @@ mod tests {
             ("limit=32", "limit"),
             ("page=tomorrow", "page"),
             ("start_time=100&end_time=100", "end_time"),
+            (future.as_str(), "start_time"),
+            ("start_time=18446744073709551615", "start_time"),
+            ("end_time=18446744073709551615", "end_time"),
         ] {
             let e = days(&query(q), now).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{q}: {e:?}");

@@ -118,10 +118,13 @@ impl UsageBook {
     /// Everything `account` (the whole ledger for `None`) was charged, and the first day
     /// with a charge.
     pub fn totals(&self, account: Option<AccountId>) -> (UsageTotals, Option<u32>) {
-        let all = self.buckets(account, 0..=u32::MAX - 1);
+        let book = match account {
+            Some(a) => self.accounts.get(&a),
+            None => Some(&self.ledger),
+        };
         let mut t = UsageTotals::default();
-        all.iter().for_each(|(_, b)| t.add(b));
-        (t, all.first().map(|((day, _), _)| *day))
+        book.into_iter().flat_map(|b| b.values()).for_each(|b| t.add(b));
+        (t, book.and_then(|b| b.keys().next()).map(|(day, _)| *day))
     }
 }
 

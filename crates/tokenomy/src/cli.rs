@@ -231,8 +231,8 @@ pub enum Ledger {
         /// An account (its id, or its name if no other account has it); all accounts when absent.
         #[arg(long)]
         account: Option<String>,
-        /// Days back, today included (at most 31).
-        #[arg(long, default_value_t = 7)]
+        /// Days back, today included.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=31))]
         days: u32,
         /// A line per model in each day.
         #[arg(long)]
@@ -437,7 +437,7 @@ pub async fn ledger(c: Conn, cmd: Ledger) -> Result<()> {
         Ledger::Check => c.call(reqwest::Method::GET, "/admin/v1/ledger/check", None).await?,
         Ledger::Usage { account, days, by_model } => {
             let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-            let start_s = (now_s / 86_400).saturating_sub(u64::from(days.max(1)) - 1) * 86_400;
+            let start_s = (now_s / 86_400).saturating_sub(u64::from(days) - 1) * 86_400;
             let mut uri = format!("/admin/v1/usage?start_time={start_s}&limit={days}");
             if let Some(a) = account {
                 uri.push_str(&format!("&account_id={}", c.account_id(&a).await?));

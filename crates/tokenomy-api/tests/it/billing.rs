@@ -561,13 +561,17 @@ async fn usage_is_reported_by_day_and_model_from_the_receipts() {
         ("/v1/me/usage?bucket_width=1h".to_string(), StatusCode::BAD_REQUEST, "bucket_width"),
         (format!("/v1/me/usage?account_id={acc}"), StatusCode::BAD_REQUEST, "account_id"),
         ("/admin/v1/usage".to_string(), StatusCode::FORBIDDEN, ""),
-        ("/v1/me/usage?project_ids=x".to_string(), StatusCode::BAD_REQUEST, ""),
+        ("/v1/me/usage?project_ids=x".to_string(), StatusCode::BAD_REQUEST, "project_ids"),
+        ("/v1/me/usage?limit=abc".to_string(), StatusCode::BAD_REQUEST, "limit"),
+        (format!("/v1/me/usage?start_time={}", now_s + 86_400), StatusCode::BAD_REQUEST, "start_time"),
     ] {
         let e = assert_error(&n.call("GET", &uri, None, &key).await, status);
         assert!(param.is_empty() || e["param"] == param, "{uri}: {e}");
     }
-    let unknown = n.call("GET", "/admin/v1/usage?account_id=000000000000000000000000000000ff", None, &n.first.admin_key).await;
-    assert_error(&unknown, StatusCode::NOT_FOUND);
+    for (id, status) in [("000000000000000000000000000000ff", StatusCode::NOT_FOUND), ("bob", StatusCode::BAD_REQUEST)] {
+        let r = n.call("GET", &format!("/admin/v1/usage?account_id={id}"), None, &n.first.admin_key).await;
+        assert_eq!(assert_error(&r, status)["param"], "account_id");
+    }
 }
 
 #[tokio::test]

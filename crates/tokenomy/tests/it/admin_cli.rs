@@ -100,7 +100,7 @@ fn the_admin_cli_wraps_the_admin_api() {
     assert_eq!((lines[0][0], lines[0][1], lines[0][6]), (day.as_str(), "(refunds)", format!("-{charged}").as_str()), "{out}");
     assert_eq!((lines[1][1], lines[1][2], lines[1][6]), ("smollm2", "1", charged.as_str()), "{out}");
     let (ok, out) = run(&["ledger", "usage", "--days", "40", "--url", &node.base, "--data-dir", &dir], &[]);
-    assert!(!ok && out.contains("1 to 31"), "{out}");
+    assert!(!ok && out.contains("--days") && out.contains("1..=31"), "{out}");
 
     let (ok, out) = run(&["keys", "create", &id, "--spend-cap-day-micros=-5", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("spend cap"), "{out}");
