@@ -36,8 +36,8 @@ pub struct UsageQuery {
     end_time: Option<u64>,
     /// Only `1d`.
     bucket_width: Option<String>,
-    /// `model`: a result per model in each bucket (default: one result per bucket). OpenAI's
-    /// array form, `group_by[]=model`, too.
+    /// `model`, `api_key_id` or both, comma-separated: a result per model and/or key in each
+    /// bucket (default: one result per bucket). OpenAI's array form, `group_by[]=model`, too.
     #[serde(alias = "group_by[]")]
     group_by: Option<String>,
     /// Buckets per page, 1 to [`BUCKETS_MAX`].
@@ -76,9 +76,6 @@ fn days(q: &UsageQuery, now_s: u64) -> Result<(u32, u32, u32), AppError> {
     if let Some(w) = q.bucket_width.as_deref().filter(|w| *w != "1d") {
         return Err(AppError::invalid_value("bucket_width", format!("bucket_width must be 1d (usage is kept by UTC day), got {w:?}")));
     }
-    if let Some(g) = q.group_by.as_deref().filter(|g| *g != "model") {
-        return Err(AppError::invalid_value("group_by", format!("group_by must be model, got {g:?}")));
-    }
     let limit = q.limit.unwrap_or(BUCKETS_DEFAULT);
     if !(1..=BUCKETS_MAX).contains(&limit) {
         return Err(AppError::invalid_value("limit", format!("limit must be 1 to {BUCKETS_MAX} daily buckets, got {limit}")));
@@ -101,27 +98,43 @@ fn days(q: &UsageQuery, now_s: u64) -> Result<(u32, u32, u32), AppError> {
     Ok((first, last.min(first.saturating_add(limit - 1)), last))
 }
 
+/// What a result row is per: `group_by` as `model`, `api_key_id` or both (comma-separated).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Grouping {
+    model: bool,
+    key: bool,
+}
+
+fn grouping(g: Option<&str>, account: Option<AccountId>) -> Result<Grouping, AppError> {
+    let mut out = Grouping::default();
+    for part in g.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "model" => out.model = true,
+            "api_key_id" => out.key = true,
+            other => return Err(AppError::invalid_value("group_by", format!("group_by is model, api_key_id or both (comma-separated), got {other:?}"))),
+        }
+    }
+    if out.key && account.is_none() {
+        return Err(AppError::invalid_value("group_by", "group_by=api_key_id reports one account's keys: add account_id"));
+    }
+    Ok(out)
+}
+
 async fn page(state: &AppState, account: Option<AccountId>, q: UsageQuery) -> Result<Json<Value>, AppError> {
     let b = billing(state)?;
     let now_s = u64::try_from(tokenomy_ledger::now_ms()).unwrap_or(0) / 1000;
     let (first, last, end) = days(&q, now_s)?;
-    let by_model = q.group_by.is_some();
-    let reference = b.config().reference.as_ref();
+    let by = grouping(q.group_by.as_deref(), account)?;
+    let reference = b.config().reference.is_some();
     let buckets = b.usage(account, first..=last).await?;
     let data: Vec<Value> = (first..=last)
         .map(|day| {
-            let of_day = buckets.iter().filter(|((d, _), _)| *d == day);
-            let results: Vec<Value> = if by_model {
-                of_day.map(|((_, model), t)| result(t, (!model.is_empty()).then_some(model.as_str()), reference.is_some())).collect()
-            } else {
-                let mut t = UsageTotals::default();
-                let mut any = false;
-                of_day.for_each(|(_, b)| {
-                    t.add(b);
-                    any = true;
-                });
-                if any { vec![result(&t, None, reference.is_some())] } else { vec![] }
-            };
+            // Rows of the day per (model, key) as grouped; "" (a refund's) reads as null.
+            let mut rows: std::collections::BTreeMap<(Option<&str>, Option<&str>), UsageTotals> = Default::default();
+            for ((_, model, key), t) in buckets.iter().filter(|((d, _, _), _)| *d == day) {
+                rows.entry((named(by.model, model), named(by.key, key))).or_default().add(t);
+            }
+            let results: Vec<Value> = rows.iter().map(|((model, key), t)| result(t, *model, *key, reference)).collect();
             let start = u64::from(day) * DAY_S;
             json!({"object": "bucket", "start_time": start, "end_time": start + DAY_S, "results": results})
         })
@@ -131,14 +144,19 @@ async fn page(state: &AppState, account: Option<AccountId>, q: UsageQuery) -> Re
     Ok(Json(json!({"object": "page", "data": data, "has_more": more, "next_page": next.map(|n| n.to_string())})))
 }
 
+/// `v` when its row is grouped by it and it has one ("" is none: a refund's).
+fn named(on: bool, v: &str) -> Option<&str> {
+    (on && !v.is_empty()).then_some(v)
+}
+
 /// One result row: OpenAI's fields, then what the tokens cost here and at the reference price.
-fn result(t: &UsageTotals, model: Option<&str>, with_reference: bool) -> Value {
+fn result(t: &UsageTotals, model: Option<&str>, api_key_id: Option<&str>, with_reference: bool) -> Value {
     json!({
         "object": "organization.usage.completions.result",
         "input_tokens": t.prompt_tokens, "output_tokens": t.completion_tokens,
         "input_cached_tokens": t.cached_tokens, "num_model_requests": t.requests,
         "input_audio_tokens": 0, "output_audio_tokens": 0,
-        "project_id": null, "user_id": null, "api_key_id": null, "batch": null,
+        "project_id": null, "user_id": null, "api_key_id": api_key_id, "batch": null,
         "model": model, "reasoning_tokens": t.reasoning_tokens,
         "charged_micros": t.charged_micros, "refunded_micros": t.refunded_micros,
         "reference_cost_micros": with_reference.then_some(t.reference_micros),
@@ -183,7 +201,7 @@ mod tests {
         assert_eq!(days(&query(""), now).unwrap(), (19_994, 20_000, 20_000), "the last 7 days by default");
         let q = format!("end_time={}", 19_990 * DAY_S);
         assert_eq!(days(&query(&q), now).unwrap(), (19_983, 19_989, 19_989), "the 7 days before end_time");
-        assert_eq!(days(&query("group_by[]=model"), now).unwrap().0, 19_994, "OpenAI's array form");
+        assert_eq!(query("group_by[]=model").group_by.as_deref(), Some("model"), "OpenAI's array form");
         let q = format!("start_time={}&end_time={}&limit=2", 19_990 * DAY_S + 5, 19_995 * DAY_S);
         assert_eq!(days(&query(&q), now).unwrap(), (19_990, 19_991, 19_994), "end_time is exclusive");
         let q = format!("page={}&end_time={}&limit=2", 19_994 * DAY_S, 19_995 * DAY_S);
@@ -191,7 +209,6 @@ mod tests {
         let future = format!("start_time={}", now + DAY_S);
         for (q, param) in [
             ("bucket_width=1h", "bucket_width"),
-            ("group_by=api_key_id", "group_by"),
             ("limit=0", "limit"),
             ("limit=32", "limit"),
             ("page=tomorrow", "page"),
@@ -202,6 +219,17 @@ mod tests {
         ] {
             let e = days(&query(q), now).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{q}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn results_group_by_model_key_or_both() {
+        let a = Some(AccountId(7));
+        assert_eq!(grouping(None, a).unwrap(), Grouping::default());
+        assert_eq!(grouping(Some("model"), None).unwrap(), Grouping { model: true, key: false });
+        assert_eq!(grouping(Some("api_key_id, model"), a).unwrap(), Grouping { model: true, key: true });
+        for (g, account) in [(Some("project_id"), a), (Some("api_key_id"), None)] {
+            assert_eq!(grouping(g, account).unwrap_err().param.as_deref(), Some("group_by"), "{g:?}");
         }
     }
 }

@@ -73,10 +73,12 @@ impl UsageTotals {
     }
 }
 
-/// A bucket's key: the UTC day (days since 1970-01-01) and the model ("" for refunds).
-pub type BucketKey = (u32, String);
+/// A bucket's key: the UTC day (days since 1970-01-01), the model and the API key id (both ""
+/// for refunds; the key "" in the ledger's book, which is not kept by key).
+pub type BucketKey = (u32, String, String);
 
-/// Usage per account and for the whole ledger, built receipt by receipt in log order.
+/// Usage per account (by day, model and key) and for the whole ledger (by day and model), built
+/// receipt by receipt in log order.
 #[derive(Debug, Default)]
 pub struct UsageBook {
     reference: Option<Price>,
@@ -93,13 +95,16 @@ impl UsageBook {
     pub fn add(&mut self, account: AccountId, r: &Receipt) {
         let Some(t) = UsageTotals::of(r, self.reference) else { return };
         let day = u32::try_from(r.ended_at_ms / DAY_MS).unwrap_or(u32::MAX);
-        let model = if r.kind == ReceiptKind::Usage { r.model.clone() } else { String::new() };
-        self.ledger.entry((day, model.clone())).or_default().add(&t);
-        self.accounts.entry(account).or_default().entry((day, model)).or_default().add(&t);
+        let (model, key) = match r.kind {
+            ReceiptKind::Usage => (r.model.clone(), r.key_id.clone()),
+            _ => Default::default(),
+        };
+        self.ledger.entry((day, model.clone(), String::new())).or_default().add(&t);
+        self.accounts.entry(account).or_default().entry((day, model, key)).or_default().add(&t);
     }
 
-    /// The buckets of `account` (the whole ledger for `None`) whose day is in `days`, in day
-    /// then model order.
+    /// The buckets of `account` (the whole ledger for `None`) whose day is in `days`, in day,
+    /// model, then key order.
     pub fn buckets(&self, account: Option<AccountId>, days: std::ops::RangeInclusive<u32>) -> Vec<(BucketKey, UsageTotals)> {
         let book = match account {
             Some(a) => match self.accounts.get(&a) {
@@ -108,7 +113,7 @@ impl UsageBook {
             },
             None => &self.ledger,
         };
-        let (from, to) = ((*days.start(), String::new()), (days.end().saturating_add(1), String::new()));
+        let (from, to) = ((*days.start(), String::new(), String::new()), (days.end().saturating_add(1), String::new(), String::new()));
         if from > to {
             return Vec::new();
         }
@@ -124,7 +129,7 @@ impl UsageBook {
         };
         let mut t = UsageTotals::default();
         book.into_iter().flat_map(|b| b.values()).for_each(|b| t.add(b));
-        (t, book.and_then(|b| b.keys().next()).map(|(day, _)| *day))
+        (t, book.and_then(|b| b.keys().next()).map(|(day, _, _)| *day))
     }
 }
 
@@ -133,6 +138,10 @@ mod tests {
     use super::*;
 
     fn receipt(kind: ReceiptKind, model: &str, ended_at_ms: u64, amount_micros: i64, tokens: (u64, u64, u64)) -> Receipt {
+        keyed(kind, model, "k1", ended_at_ms, amount_micros, tokens)
+    }
+
+    fn keyed(kind: ReceiptKind, model: &str, key: &str, ended_at_ms: u64, amount_micros: i64, tokens: (u64, u64, u64)) -> Receipt {
         Receipt {
             version: tokenomy_receipts::receipt::RECEIPT_VERSION,
             origin: "node".into(),
@@ -140,7 +149,7 @@ mod tests {
             request_id: String::new(),
             account_id: String::new(),
             counterparty_id: String::new(),
-            key_id: String::new(),
+            key_id: key.into(),
             kind,
             model: model.into(),
             model_sha256: [0; 32],
@@ -168,7 +177,7 @@ mod tests {
         let (a, b) = (AccountId(10), AccountId(11));
         let day = 20_000 * DAY_MS;
         book.add(a, &receipt(ReceiptKind::Usage, "smollm2", day + 5, -7, (10, 4, 3)));
-        book.add(a, &receipt(ReceiptKind::Usage, "smollm2", day + DAY_MS - 1, -5, (2, 0, 1)));
+        book.add(a, &keyed(ReceiptKind::Usage, "smollm2", "k2", day + DAY_MS - 1, -5, (2, 0, 1)));
         book.add(a, &receipt(ReceiptKind::Usage, "qwen", day + DAY_MS, -9, (1, 0, 1)));
         book.add(a, &receipt(ReceiptKind::Refund, "", day + DAY_MS + 1, 5, (0, 0, 0)));
         book.add(a, &receipt(ReceiptKind::Mint, "", day, 1_000, (0, 0, 0)));
@@ -177,13 +186,17 @@ mod tests {
 
         let days = book.buckets(Some(a), 20_000..=20_001);
         let keys: Vec<_> = days.iter().map(|(k, _)| k.clone()).collect();
-        assert_eq!(keys, [(20_000, "smollm2".to_string()), (20_001, String::new()), (20_001, "qwen".to_string())]);
-        let first = days[0].1;
-        assert_eq!((first.requests, first.prompt_tokens, first.cached_tokens, first.completion_tokens, first.charged_micros), (2, 12, 4, 4, 12));
+        let k = |day: u32, model: &str, key: &str| (day, model.to_string(), key.to_string());
+        assert_eq!(keys, [k(20_000, "smollm2", "k1"), k(20_000, "smollm2", "k2"), k(20_001, "", ""), k(20_001, "qwen", "k1")]);
+        let (first, second) = (days[0].1, days[1].1);
+        assert_eq!((first.requests, first.prompt_tokens, first.cached_tokens, first.completion_tokens, first.charged_micros), (1, 10, 4, 3, 7));
+        assert_eq!((second.requests, second.prompt_tokens, second.charged_micros), (1, 2, 5));
         // Reference cost per request, rounded up as charges are: 6 + 2 + 6 = 14, then 2 + 2 = 4.
-        assert_eq!(first.reference_micros, 14 + 4);
-        assert_eq!(days[1].1, UsageTotals { refunded_micros: 5, ..Default::default() });
+        assert_eq!((first.reference_micros, second.reference_micros), (14, 4));
+        assert_eq!(days[2].1, UsageTotals { refunded_micros: 5, ..Default::default() });
         assert_eq!(book.buckets(Some(a), 20_001..=20_001).len(), 2, "a range of one day");
+        let ledger: Vec<_> = book.buckets(None, 20_000..=20_000).into_iter().map(|(k, t)| (k, t.requests)).collect();
+        assert_eq!(ledger, [(k(20_000, "smollm2", ""), 3)], "the ledger's book is by day and model only");
         assert!(book.buckets(Some(a), 19_000..=19_999).is_empty() && book.buckets(Some(AccountId(99)), 0..=u32::MAX).is_empty());
 
         let (all, first_day) = book.totals(Some(a));

@@ -237,6 +237,9 @@ pub enum Ledger {
         /// A line per model in each day.
         #[arg(long)]
         by_model: bool,
+        /// A line per API key in each day (with --account).
+        #[arg(long, requires = "account")]
+        by_key: bool,
     },
 }
 
@@ -325,7 +328,7 @@ impl Conn {
 /// A usage page as a table: a line per day (and model), days without charges left out; the
 /// charged column is net of refunds.
 fn print_usage(page: &Value) {
-    out!("{:<10}  {:<24} {:>8} {:>12} {:>10} {:>12} {:>16}", "day", "model", "requests", "prompt", "cached", "completion", "charged");
+    out!("{:<10}  {:<24} {:>8} {:>12} {:>10} {:>12} {:>16}  key", "day", "model", "requests", "prompt", "cached", "completion", "charged");
     for b in page["data"].as_array().into_iter().flatten() {
         let (y, m, d) = tokenomy_core::civil_from_days(b["start_time"].as_i64().unwrap_or(0) / 86_400);
         for r in b["results"].as_array().into_iter().flatten() {
@@ -334,8 +337,9 @@ fn print_usage(page: &Value) {
             let charged = credits_text(i128::from(n("charged_micros")) - i128::from(n("refunded_micros")));
             let model = r["model"].as_str().unwrap_or(if n("num_model_requests") == 0 { "(refunds)" } else { "(all)" });
             out!(
-                "{y:04}-{m:02}-{d:02}  {model:<24} {:>8} {:>12} {:>10} {:>12} {charged:>16}",
-                n("num_model_requests"), n("input_tokens"), n("input_cached_tokens"), n("output_tokens")
+                "{y:04}-{m:02}-{d:02}  {model:<24} {:>8} {:>12} {:>10} {:>12} {charged:>16}  {}",
+                n("num_model_requests"), n("input_tokens"), n("input_cached_tokens"), n("output_tokens"),
+                r["api_key_id"].as_str().unwrap_or("")
             );
         }
     }
@@ -435,15 +439,16 @@ pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
 pub async fn ledger(c: Conn, cmd: Ledger) -> Result<()> {
     let v = match cmd {
         Ledger::Check => c.call(reqwest::Method::GET, "/admin/v1/ledger/check", None).await?,
-        Ledger::Usage { account, days, by_model } => {
+        Ledger::Usage { account, days, by_model, by_key } => {
             let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
             let start_s = (now_s / 86_400).saturating_sub(u64::from(days) - 1) * 86_400;
             let mut uri = format!("/admin/v1/usage?start_time={start_s}&limit={days}");
             if let Some(a) = account {
                 uri.push_str(&format!("&account_id={}", c.account_id(&a).await?));
             }
-            if by_model {
-                uri.push_str("&group_by=model");
+            let group: Vec<&str> = [(by_model, "model"), (by_key, "api_key_id")].into_iter().filter_map(|(on, g)| on.then_some(g)).collect();
+            if !group.is_empty() {
+                uri.push_str(&format!("&group_by={}", group.join(",")));
             }
             let v = c.call(reqwest::Method::GET, &uri, None).await?;
             if c.json {

@@ -548,6 +548,21 @@ async fn usage_is_reported_by_day_and_model_from_the_receipts() {
     assert_eq!(mine["data"][0]["results"][0]["output_tokens"], r["output_tokens"]);
     let ledger = n.admin("GET", &format!("/admin/v1/usage?start_time={today}"), None).await;
     assert!(ledger["data"][0]["results"][0]["num_model_requests"].as_u64().unwrap() >= 2, "{ledger}");
+    // By key: a second key of the account has a row of its own.
+    let k2 = n.admin("POST", &format!("/admin/v1/accounts/{acc}/keys"), Some(json!({"scopes": ["inference"]}))).await;
+    let second = n.call("POST", "/v1/chat/completions", Some(chat(2)), k2["key"].as_str().unwrap()).await.json();
+    let first_key = n.call("GET", "/v1/me", None, &key).await.json()["key_id"].clone();
+    let by_key = n.call("GET", &format!("/v1/me/usage?start_time={today}&group_by=api_key_id"), None, &key).await.json();
+    let rows: Vec<_> = by_key["data"][0]["results"].as_array().unwrap().iter().map(|r| (r["api_key_id"].clone(), r["num_model_requests"].clone(), r["model"].clone())).collect();
+    let mut want = vec![(first_key, json!(2), Value::Null), (k2["key_id"].clone(), json!(1), Value::Null)];
+    want.sort_by_key(|w| w.0.as_str().unwrap().to_string());
+    assert_eq!(rows, want, "{by_key}");
+    let both = n.admin("GET", &format!("/admin/v1/usage?start_time={today}&account_id={acc}&group_by=model,api_key_id"), None).await;
+    assert_eq!(both["data"][0]["results"].as_array().unwrap().len(), 2, "{both}");
+    assert_eq!(both["data"][0]["results"][0]["model"], MODEL, "{both}");
+    charged += second["receipt"]["amount_micros"].as_u64().unwrap();
+    let mine = n.call("GET", &format!("/v1/me/usage?start_time={today}"), None, &key).await.json();
+    assert_eq!(mine["data"][0]["results"][0]["charged_micros"], charged, "{mine}");
     // Paging: one day per page.
     let first = n.call("GET", &format!("/v1/me/usage?start_time={yesterday}&limit=1"), None, &key).await.json();
     assert_eq!((&first["has_more"], &first["next_page"]), (&json!(true), &json!(today.to_string())), "{first}");
@@ -555,12 +570,13 @@ async fn usage_is_reported_by_day_and_model_from_the_receipts() {
     assert_eq!(next["data"], mine["data"]);
     // /v1/me: the same charges, all time.
     let me = n.call("GET", "/v1/me", None, &key).await.json();
-    assert_eq!((&me["usage"]["requests"], &me["usage"]["charged_micros"], &me["usage"]["since"]), (&json!(2), &json!(charged), &json!(today)), "{me}");
+    assert_eq!((&me["usage"]["requests"], &me["usage"]["charged_micros"], &me["usage"]["since"]), (&json!(3), &json!(charged), &json!(today)), "{me}");
     // Bad queries are the API's errors.
     for (uri, status, param) in [
         ("/v1/me/usage?bucket_width=1h".to_string(), StatusCode::BAD_REQUEST, "bucket_width"),
         (format!("/v1/me/usage?account_id={acc}"), StatusCode::BAD_REQUEST, "account_id"),
         ("/admin/v1/usage".to_string(), StatusCode::FORBIDDEN, ""),
+        ("/v1/me/usage?group_by=project_id".to_string(), StatusCode::BAD_REQUEST, "group_by"),
         ("/v1/me/usage?project_ids=x".to_string(), StatusCode::BAD_REQUEST, "project_ids"),
         ("/v1/me/usage?limit=abc".to_string(), StatusCode::BAD_REQUEST, "limit"),
         (format!("/v1/me/usage?start_time={}", now_s + 86_400), StatusCode::BAD_REQUEST, "start_time"),

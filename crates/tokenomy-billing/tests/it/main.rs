@@ -917,7 +917,8 @@ async fn usage_reports_are_the_ledgers_and_survive_a_restart() {
         assert_eq!((t.charged_micros, t.refunded_micros), ((r1.amount_micros + r2.amount_micros + r3.amount_micros) as u64, 1));
         let days = two.usage(Some(user.account), today - 1..=today).await.unwrap();
         let keys: Vec<_> = days.iter().map(|(k, _)| k.clone()).collect();
-        assert_eq!(keys, [(today, String::new()), (today, "smollm2".to_string())], "a refund is bucketed under no model");
+        let key_id = user.key_id.to_string();
+        assert_eq!(keys, [(today, String::new(), String::new()), (today, "smollm2".to_string(), key_id)], "a refund is bucketed under no model or key");
         assert_eq!(two.usage(Some(other.id), 0..=today).await.unwrap(), [], "a transfer received is no usage");
         assert_eq!(two.usage_totals(None).await.unwrap().0.requests, 3, "the ledger's usage is every account's");
     }

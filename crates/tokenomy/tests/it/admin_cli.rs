@@ -99,6 +99,9 @@ fn the_admin_cli_wraps_the_admin_api() {
     assert!(ok && lines.len() == 2, "{out}");
     assert_eq!((lines[0][0], lines[0][1], lines[0][6]), (day.as_str(), "(refunds)", format!("-{charged}").as_str()), "{out}");
     assert_eq!((lines[1][1], lines[1][2], lines[1][6]), ("smollm2", "1", charged.as_str()), "{out}");
+    let (ok, out) = run(&["ledger", "usage", "--account", &id, "--days", "1", "--by-key", "--url", &node.base, "--data-dir", &dir], &[]);
+    let keyed: Vec<Vec<&str>> = out.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert!(ok && keyed.iter().any(|l| l.len() == 8 && l[7] == key_id && l[2] == "1"), "the charge's key: {out}");
     let (ok, out) = run(&["ledger", "usage", "--days", "40", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("--days") && out.contains("1..=31"), "{out}");
 
