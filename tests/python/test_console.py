@@ -122,14 +122,9 @@ def test_a_user_sees_the_balance_streams_tokens_and_verifies_the_receipt(node, b
     assert text(d, "usage-charged") == credits(usage["charged_micros"] - usage["refunded_micros"])
     assert f"{usage['requests']} requests" in text(d, "usage-detail") and f"since {day}" in text(d, "usage-detail")
     # The usage-by-day table shows today's rows as /v1/me/usage reports them.
-    midnight = int(time.time()) // 86_400 * 86_400
-    today = api(node, f"/v1/me/usage?group_by=model&start_time={midnight}", node.key)["data"][0]
-    want = [[time.strftime("%Y-%m-%d", time.gmtime(today["start_time"])), x["model"] or "refunds", str(x["num_model_requests"]),
-             str(x["input_tokens"]), str(x["input_cached_tokens"]), str(x["output_tokens"])] for x in today["results"]]
+    want = usage_today(node, "/v1/me/usage", node.key)
     assert r["model"] in [w[1] for w in want], want
-    shown = lambda d: [[c.text for c in row.find_elements(By.TAG_NAME, "td")][:6]
-                       for row in d.find_elements(By.CSS_SELECTOR, f"#usage-days tbody tr[data-day='{want[0][0]}']")]
-    wait(d, lambda d: shown(d) == want)
+    wait(d, lambda d: usage_rows(d, "usage-days") == want)
     assert text(d, "saved") == credits(ref["saved_micros"]) and ref["name"] in text(d, "saved-label")
     row = d.find_element(By.CSS_SELECTOR, f"#transfers button[data-receipt='{receipt_id}']")
     assert credits(r["amount_micros"]) in row.find_element(By.XPATH, "./ancestor::tr").text
@@ -265,13 +260,35 @@ def test_the_browser_checks_that_the_log_only_grew(node, browser):
     assert out[3:] == ["consistency", "consistency"], out
 
 
+def usage_today(node, path, key):
+    """Today's usage rows of a usage route as the console's tables show them."""
+    midnight = int(time.time()) // 86_400 * 86_400
+    today = api(node, f"{path}?group_by=model&start_time={midnight}", key)["data"][0]
+    day = time.strftime("%Y-%m-%d", time.gmtime(today["start_time"]))
+    return [[day, x["model"] or "refunds", str(x["num_model_requests"]), str(x["input_tokens"]),
+             str(x["input_cached_tokens"]), str(x["output_tokens"])] for x in today["results"]]
+
+
+def usage_rows(d, table):
+    """Today's rows of a usage table (the first six cells)."""
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    return [[c.text for c in row.find_elements(By.TAG_NAME, "td")][:6]
+            for row in d.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr[data-day='{day}']")]
+
+
 def test_an_operator_opens_an_account_whose_key_then_works(node, browser):
     d = browser
+    # Someone was served today: the operator sees it in the ledger's usage.
+    chat = {"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    api(node, "/v1/chat/completions", node.key, chat)
     open_console(d, node, node.admin_key)
     wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "nav button[data-tab=operator]").is_displayed())
     d.find_element(By.CSS_SELECTOR, "nav button[data-tab=operator]").click()
     wait(d, lambda d: text(d, "ledger-check") != "")
     assert text(d, "ledger-check").startswith("✓ The ledger balances"), text(d, "ledger-check")
+    want = usage_today(node, "/admin/v1/usage", node.admin_key)
+    assert want, "today's charge"
+    wait(d, lambda d: usage_rows(d, "ledger-usage-days") == want)
     d.find_element(By.ID, "new-account-name").send_keys("console-customer")
     d.find_element(By.ID, "new-account-credits").send_keys("2.5")
     d.find_element(By.CSS_SELECTOR, "#new-account button").click()

@@ -110,12 +110,13 @@ async function loadAccount() {
   if (operator) await loadOperator();
   state.after = null;
   $("transfers").tBodies[0].replaceChildren();
-  await Promise.all([loadTransfers(), loadUsageDays()]);
+  await Promise.all([loadTransfers(), loadUsageDays("/v1/me/usage", "usage-days")]);
 }
 
-// The account's usage by UTC day and model, newest day first; refunds are rows of no model.
-async function loadUsageDays() {
-  const page = await api("/v1/me/usage?group_by=model&limit=7");
+// Usage by UTC day and model (the key's account's, or the ledger's on the operator tab), newest
+// day first; refunds are rows of no model.
+async function loadUsageDays(path, tableId) {
+  const page = await api(`${path}?group_by=model&limit=7`);
   const rows = [];
   for (const b of [...page.data].reverse()) {
     const day = new Date(b.start_time * 1000).toISOString().slice(0, 10);
@@ -136,7 +137,7 @@ async function loadUsageDays() {
     tr.append(td);
     rows.push(tr);
   }
-  $("usage-days").tBodies[0].replaceChildren(...rows);
+  $(tableId).tBodies[0].replaceChildren(...rows);
 }
 
 function showOperator(shown) {
@@ -444,7 +445,7 @@ async function loadOperator() {
   p.className = check.ok ? "good" : "bad";
   state.accountsAfter = null;
   $("accounts").tBodies[0].replaceChildren();
-  await loadAccounts();
+  await Promise.all([loadAccounts(), loadUsageDays("/admin/v1/usage", "ledger-usage-days")]);
 }
 
 async function loadAccounts() {

@@ -507,15 +507,18 @@ async fn a_ledger_that_hangs_fails_requests_in_time_and_the_node_recovers() {
     b.ledger_reachable().await.unwrap();
     // The refused request's hold, placed once the ledger answered, is voided at once, not left
     // holding its credits for a hold timeout.
-    let holds = || async { b.store().statement(user.account, None, 100).await.unwrap().items.into_iter().filter(|t| t.hold).collect::<Vec<_>>() };
+    // (A read may still time out while the server catches up on a loaded machine: it is
+    // looked at again, as the node's own reads would be by the next request.)
+    let holds = || async { b.store().statement(user.account, None, 100).await.map(|p| p.items.into_iter().filter(|t| t.hold).collect::<Vec<_>>()) };
     let mut late = holds().await;
     for _ in 0..100 {
-        if late.len() == 1 && late[0].state == tokenomy_ledger::TransferState::Voided {
+        if matches!(&late, Ok(l) if l.len() == 1 && l[0].state == tokenomy_ledger::TransferState::Voided) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         late = holds().await;
     }
+    let late = late.unwrap();
     assert!(late.len() == 1 && late[0].state == tokenomy_ledger::TransferState::Voided, "the late hold was placed, then voided: {late:?}");
     assert_eq!(b.account(user.account).await.unwrap().pending_micros, 0);
     let h = b.hold(&user, &req("after", 10, 10)).await.unwrap();
