@@ -1,5 +1,5 @@
-//! Usage reports read from the receipts log: what each account was charged for, by UTC day and
-//! model, on every node of the ledger and since the ledger began.
+//! Usage reports read from the receipts log: what each account was charged for, by UTC day,
+//! model and API key, on every node of the ledger and since the ledger began.
 //!
 //! Why from the log: the log is the ledger's own record of every charge, shared by the nodes
 //! of one ledger and read in full at each start, so a report built while reading it is durable
@@ -7,8 +7,9 @@
 //! (a usage receipt each) and given back (refund receipts); a free model's requests have no
 //! receipt and are not in it.
 //!
-//! Memory: one bucket per account, UTC day and model that had a charge, never more than the
-//! log's receipts (whose ids the log view already keeps).
+//! Memory: one bucket per account, UTC day, model and key that had a charge, and one per UTC day
+//! and model for the ledger: never more than twice the log's receipts (whose ids the log view
+//! already keeps).
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -28,10 +28,17 @@ pub async fn database_away(url: &str, name: &str, away: std::time::Duration) -> 
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
     tokio::spawn(conn);
     client.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).await.expect("refuse connections");
-    client
-        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&name])
-        .await
-        .expect("cut the database's connections");
+    // A connection that was being opened as connections stopped being allowed may show up in
+    // `pg_stat_activity` only after a first sweep: sweep until three in a row find none.
+    let mut quiet = 0;
+    while quiet < 3 {
+        let cut = client
+            .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&name])
+            .await
+            .expect("cut the database's connections");
+        quiet = if cut == 0 { quiet + 1 } else { 0 };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let allow = format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true");
     tokio::spawn(async move {
         tokio::time::sleep(away).await;
