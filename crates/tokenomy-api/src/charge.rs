@@ -701,6 +701,15 @@ pub async fn node_key(State(state): State<AppState>) -> Result<Response, AppErro
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{key}\n")).into_response())
 }
 
+/// `GET /v1/node/keys`: the keys of every node of this node's ledger, one per line, this
+/// node's first (each signs the receipts and checkpoints of the log name it carries; any node
+/// of a shared ledger serves every node's receipts). A file `tokenomy verify --key` reads.
+pub async fn node_keys(State(state): State<AppState>) -> Result<Response, AppError> {
+    let keys = billing(&state)?.node_keys().await?;
+    let text: String = keys.iter().map(|k| format!("{k}\n")).collect();
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -290,6 +290,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/log/checkpoint", get(charge::checkpoint))
         .route("/v1/log/consistency", get(charge::consistency))
         .route("/v1/node/key", get(charge::node_key))
+        .route("/v1/node/keys", get(charge::node_keys))
         .route("/", get(console::root))
         .route("/console", get(console::root))
         .route("/console/", get(console::index))

@@ -303,6 +303,9 @@ pub struct Billing {
     /// `Idempotency-Key` (`req:NODE:`, NODE from its signing key): a restart finds the holds
     /// of its earlier run by it ([`hold_prefix`]).
     req_hold_prefix: String,
+    /// On PostgreSQL, the size of the last checkpoint this node published with the
+    /// signatures of its receipts it covers ([`Billing::publish`]); held while publishing.
+    published_size: tokio::sync::Mutex<u64>,
 }
 
 /// `req:` and 12 hex digits of the SHA-256 of the node's verifier key: short (a ledger key has
@@ -1070,11 +1073,9 @@ impl Billing {
             return Err(not_found());
         }
         if receipt.origin != self.signer.name() {
-            // Another node of this ledger issued it: only its key can sign it and its checkpoint.
-            return Err(BillingError::Misdirected(format!(
-                "Receipt {receipt_id:?} was issued by node {:?}, whose key signs it; fetch it from that node.",
-                receipt.origin
-            )));
+            // Another node of this ledger issued it: its key signs it and its checkpoint.
+            drop(log);
+            return self.published_bundle(receipt, &entry.leaf_bytes).await;
         }
         let signed = self.checkpoint_locked(&mut log)?;
         let hashes = log.inclusion_proof(index, signed.checkpoint.size).map_err(BillingError::Internal)?;
@@ -1083,6 +1084,97 @@ impl Billing {
         assert_eq!(canonical, entry.leaf_bytes, "a logged receipt re-encodes to its own bytes");
         let proof = TlogProof { extra: None, index, hashes, checkpoint_note: signed.note };
         Ok(ReceiptBundle::new(receipt, &canonical, &signature, &self.signer.verifier(), &proof).to_json())
+    }
+
+    /// The bundle of a receipt another node of the ledger issued, from what that node
+    /// published ([`Billing::publish`]): its signature and an inclusion proof against its
+    /// checkpoint, so the bundle verifies with that node's key, as if that node served it. A
+    /// receipt its node has not published yet is waited for, up to [`PUBLISH_WAIT_INTERVALS`]
+    /// publishing intervals; then (its node may be down) the answer names that node (`421`).
+    async fn published_bundle(&self, receipt: Receipt, canonical: &[u8]) -> Result<String> {
+        let (origin, index) = (receipt.origin.clone(), receipt.log_index);
+        let misdirected = |why: &str| {
+            BillingError::Misdirected(format!(
+                "Receipt {:?} was issued by node {origin:?}, whose key signs it, and {why}; fetch it from that node, or again later.",
+                receipt.receipt_id
+            ))
+        };
+        let AnyStore::Pg(pg) = &self.store else { return Err(misdirected("this node's ledger is not shared")) };
+        let interval_ms = self.config.billing.checkpoint_interval_ms;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(interval_ms * PUBLISH_WAIT_INTERVALS);
+        let published = loop {
+            match pg.published_receipt(&origin, index).await? {
+                Some(p) if p.checkpoint_size > index && p.signature.is_some() => break p,
+                _ if std::time::Instant::now() < deadline => tokio::time::sleep(std::time::Duration::from_millis(interval_ms.min(250))).await,
+                _ => return Err(misdirected("that node has not published it yet (a node publishes its receipts while it runs)")),
+            }
+        };
+        let corrupt = |what: String| BillingError::Internal(format!("what node {origin:?} published for log entry {index}: {what}"));
+        let key = VerifierKey::parse(&published.verifier_key).map_err(|e| corrupt(format!("its key: {e}")))?;
+        let checkpoint = tokenomy_receipts::Checkpoint::open(&published.checkpoint_note, &key).map_err(|e| corrupt(format!("its checkpoint: {e}")))?;
+        let signature: [u8; 64] = published.signature.as_deref().unwrap_or_default().try_into().map_err(|_| corrupt("a signature not 64 bytes long".into()))?;
+        if !tokenomy_receipts::verify_receipt_signature(canonical, &signature, &key) {
+            return Err(corrupt("a signature that does not verify".into()));
+        }
+        let mut log = self.log.lock().await;
+        if log.size() < checkpoint.size {
+            self.sync_log(&mut log).await?;
+        }
+        log.assert_consistent_with(&checkpoint).map_err(|e| corrupt(format!("its checkpoint against this node's view of the log: {e}")))?;
+        let hashes = log.inclusion_proof(index, checkpoint.size).map_err(BillingError::Internal)?;
+        drop(log);
+        let proof = TlogProof { extra: None, index, hashes, checkpoint_note: published.checkpoint_note };
+        Ok(ReceiptBundle::new(receipt, canonical, &signature, &key, &proof).to_json())
+    }
+
+    /// Signs a checkpoint of the log as it is now and, on PostgreSQL, publishes it to the
+    /// ledger for the other nodes, after the signatures of this node's receipts it covers
+    /// (written once each), so that any node of the ledger can serve this node's receipts,
+    /// verifiable with this node's key (even once this node is gone). The upkeep calls it at
+    /// every tick; one publication at a time.
+    pub async fn publish(&self) -> Result<log::Signed> {
+        let AnyStore::Pg(pg) = &self.store else { return self.checkpoint().await };
+        let mut published = self.published_size.lock().await;
+        let signed = self.checkpoint().await?;
+        let size = signed.checkpoint.size;
+        if size <= *published {
+            return Ok(signed);
+        }
+        let mut from = *published;
+        while from < size {
+            let entries = self.store.log_entries(from, PUBLISH_BATCH.min(size - from) as u32).await?;
+            let Some(last) = entries.last() else {
+                return Err(BillingError::Internal(format!("the ledger's log has no entry {from} to publish")));
+            };
+            from = last.log_index + 1;
+            let mut signatures = Vec::new();
+            for e in entries {
+                let r = Receipt::from_canonical_bytes(&e.leaf_bytes).map_err(|err| BillingError::Internal(format!("log entry {}: {err}", e.log_index)))?;
+                if r.origin == self.signer.name() {
+                    let (canonical, signature) = r.sign(&self.signer).map_err(|err| BillingError::Internal(err.to_string()))?;
+                    assert_eq!(canonical, e.leaf_bytes, "a logged receipt re-encodes to its own bytes");
+                    signatures.push((e.log_index, signature));
+                }
+            }
+            pg.publish_signatures(&signatures).await?;
+        }
+        pg.publish_checkpoint(self.signer.name(), size, &signed.note).await?;
+        *published = size;
+        Ok(signed)
+    }
+
+    /// The keys of the ledger's nodes, this node's first: each verifies the receipts and
+    /// checkpoints of the node whose name it carries.
+    pub async fn node_keys(&self) -> Result<Vec<VerifierKey>> {
+        let mut keys = vec![self.signer.verifier()];
+        if let AnyStore::Pg(pg) = &self.store {
+            for (origin, key) in pg.node_keys().await? {
+                if origin != self.signer.name() {
+                    keys.push(VerifierKey::parse(&key).map_err(|e| BillingError::Internal(format!("the key of node {origin:?}: {e}")))?);
+                }
+            }
+        }
+        Ok(keys)
     }
 
     /// Extends the holds of requests still being served that would expire within half a
@@ -1133,7 +1225,7 @@ impl Billing {
             loop {
                 tick.tick().await;
                 let Some(b) = weak.upgrade() else { return };
-                cp_errors.note(b.checkpoint().await.err(), "checkpoint");
+                cp_errors.note(b.publish().await.err(), "checkpoint");
                 extend_errors.note(b.extend_live_holds().await.err(), "extending the holds of requests in progress");
                 if n % ex_every == 0 {
                     match b.expire_holds().await {
@@ -1169,6 +1261,13 @@ fn receipt_ref(receipt_id: String, settled: tokenomy_ledger::Settled) -> Result<
     let log_index = settled.log_index.ok_or_else(|| BillingError::Internal("settle logged nothing".into()))?;
     Ok(Some(ReceiptRef { receipt_id, log_index, amount_micros: posted.amount_micros, transfer_id: posted.id.to_string() }))
 }
+
+/// Log entries read per query while publishing this node's receipt signatures.
+const PUBLISH_BATCH: u64 = 1_000;
+
+/// How many publishing intervals (`checkpoint_interval_ms`) a node waits for another node to
+/// publish a receipt it is asked for before it names that node instead.
+pub const PUBLISH_WAIT_INTERVALS: u64 = 3;
 
 /// Where settlements retried in the background wait on disk (`DATA_DIR/unsettled/HOLD.json`)
 /// until they land, so a node stopped or crashed during a ledger outage still posts them.

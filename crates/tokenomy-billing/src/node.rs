@@ -223,6 +223,11 @@ impl Billing {
                 cp_path.display()
             );
         }
+        // (On SQLite, where this node is the ledger's only one, nothing is published.)
+        let published_size = match &store {
+            AnyStore::Pg(pg) => pg.published_size(signer.name()).await?.unwrap_or(0),
+            _ => 0,
+        };
         let rates = rates::RateClocks::for_store(&store);
         let verifier = signer.verifier().to_string();
         let billing = Arc::new(Billing {
@@ -238,6 +243,7 @@ impl Billing {
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
             req_hold_prefix: crate::hold_prefix(&verifier),
+            published_size: tokio::sync::Mutex::new(published_size),
         });
         let waiting = billing.resume_unsettled().await;
         let voided = billing.void_orphaned_holds(waiting).await?;

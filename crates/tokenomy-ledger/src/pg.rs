@@ -29,7 +29,7 @@ use crate::{hold_request, posted_request, run_leaf, settle_precheck, settle_requ
 const SCHEMA: &str = include_str!("sql/pg_schema.sql");
 /// The version `SCHEMA` brings a database to; a database of a later version is refused (an
 /// older node would not maintain what the newer schema relies on, such as `pending_holds`).
-const SCHEMA_VERSION: i32 = 6;
+const SCHEMA_VERSION: i32 = 7;
 /// How long a new connection may take, its TCP connect and PostgreSQL's startup handshake
 /// (authentication included) together, before it fails as a storage error.
 pub const PG_CONNECTION_CREATE_TIMEOUT_MS: u64 = 10_000;
@@ -46,6 +46,8 @@ mod batch;
 pub use batch::{BATCHERS, MAX_PG_BATCH, PG_CHANNEL_CAPACITY};
 mod kept;
 pub use kept::{KeptDoc, KeptLimits};
+mod published;
+pub use published::PublishedReceipt;
 
 /// Cheap to clone; clones share the connection pool and the batch tasks.
 #[derive(Clone)]
@@ -225,9 +227,6 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Records that log name `origin` belongs to the node key `verifier_key` (a signed-note
-    /// verifier key) on this ledger, or finds that it already does. Another key under the same
-    /// name is refused, naming it: nodes of one ledger each sign with a name of their own.
     /// Voids the pending holds whose ledger keys start with `prefix` (at most
     /// [`MAX_EXPIRE_PER_CALL`] a call): a node's own holds of an earlier run, when their keys
     /// name the node (a restarted node's requests of before died with it).
@@ -258,6 +257,9 @@ impl PgStore {
         Ok(voided)
     }
 
+    /// Records that log name `origin` belongs to the node key `verifier_key` (a signed-note
+    /// verifier key) on this ledger, or finds that it already does. Another key under the same
+    /// name is refused, naming it: nodes of one ledger each sign with a name of their own.
     pub async fn claim_origin(&self, origin: &str, verifier_key: &str) -> Result<()> {
         let client = self.client().await?;
         let insert = "INSERT INTO node_origins (origin, verifier_key, created_at_ms) VALUES ($1, $2, $3) ON CONFLICT (origin) DO NOTHING";

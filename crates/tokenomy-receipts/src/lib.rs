@@ -70,4 +70,4 @@ pub use checkpoint::{Checkpoint, CheckpointError};
 pub use merkle::{Hash, ProofError, Tree};
 pub use note::{open_note, sign_note, Note, NoteError, SignerKey, VerifierKey};
 pub use proof::{verify_tlog_proof, Leaf, TlogProof, TlogProofError};
-pub use receipt::{Receipt, ReceiptError, ReceiptKind};
+pub use receipt::{verify_receipt_signature, Receipt, ReceiptError, ReceiptKind};

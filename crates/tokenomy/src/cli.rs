@@ -10,9 +10,19 @@ use serde_json::{json, Value};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, Hash, VerifierKey};
 
 /// A verifier key given inline (`name+hash+base64`) or as a file holding one.
-fn load_key(arg: &str) -> Result<VerifierKey> {
+/// The key in `arg` (a key, or a file of keys one per line, as `GET /v1/node/keys` writes
+/// the keys of every node of a ledger) that signs for the log named `name`: with one key,
+/// that key (checks then say whose it is not); with several, the one of that name.
+fn load_key(arg: &str, name: &str) -> Result<VerifierKey> {
     let text = if Path::new(arg).is_file() { std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))? } else { arg.to_string() };
-    VerifierKey::parse(text.trim()).map_err(|e| anyhow::anyhow!("verifier key: {e}"))
+    let keys = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(VerifierKey::parse).collect::<Result<Vec<_>, _>>();
+    let mut keys = keys.map_err(|e| anyhow::anyhow!("verifier key: {e}"))?;
+    match keys.iter().position(|k| k.name() == name) {
+        _ if keys.len() == 1 => Ok(keys.remove(0)),
+        Some(i) => Ok(keys.swap_remove(i)),
+        None if keys.is_empty() => anyhow::bail!("verifier key: {arg} holds no key"),
+        None => anyhow::bail!("none of the {} keys in {arg} is named {name:?}, the node that signed it", keys.len()),
+    }
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -21,12 +31,13 @@ fn read(path: &Path) -> Result<String> {
 
 /// `tokenomy verify RECEIPT --key K`: signature, fields, inclusion proof and checkpoint.
 pub fn verify(receipt: &Path, key: &str) -> Result<()> {
-    let key = load_key(key)?;
     let text = read(receipt)?;
+    let json = serde_json::from_str::<Value>(&text).ok();
     // A saved error answer (the node refused to give the receipt) is not a receipt at all.
-    if let Some(message) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"]["message"].as_str().map(str::to_string)) {
+    if let Some(message) = json.as_ref().and_then(|v| v["error"]["message"].as_str().map(str::to_string)) {
         anyhow::bail!("{} holds an error answer, not a receipt: {message}", receipt.display());
     }
+    let key = load_key(key, json.as_ref().and_then(|v| v["receipt"]["origin"].as_str()).unwrap_or_default())?;
     let v = verify_bundle(&text, &key).map_err(|e| anyhow::anyhow!("receipt does not verify: {e}"))?;
     let r = &v.receipt;
     out!("ok: receipt {} ({}) signed by {}", r.receipt_id, r.kind, key.name());
@@ -40,9 +51,10 @@ pub fn verify(receipt: &Path, key: &str) -> Result<()> {
 
 /// `tokenomy verify-log --key K OLD NEW PROOF`: the log grew append-only from OLD to NEW.
 pub fn verify_log(key: &str, old: &Path, new: &Path, proof: &Path) -> Result<()> {
-    let key = load_key(key)?;
+    let old_note = read(old)?;
+    let key = load_key(key, old_note.lines().next().unwrap_or_default())?;
     let (hashes, sizes) = parse_proof(&read(proof)?).with_context(|| format!("{} is not a consistency proof", proof.display()))?;
-    let (o, n) = verify_consistency_notes(&read(old)?, &read(new)?, &hashes, &key).map_err(|e| anyhow::anyhow!("log is not consistent: {e}"))?;
+    let (o, n) = verify_consistency_notes(&old_note, &read(new)?, &hashes, &key).map_err(|e| anyhow::anyhow!("log is not consistent: {e}"))?;
     if let Some((po, pn)) = sizes.filter(|&s| s != (o.size, n.size)) {
         anyhow::bail!("the proof says it is from size {po} to {pn}, but the checkpoints are of sizes {} and {}", o.size, n.size);
     }

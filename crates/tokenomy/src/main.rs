@@ -50,12 +50,15 @@ enum Command {
     Verify {
         /// The JSON document `GET /v1/receipts/{id}` returned.
         receipt: PathBuf,
-        /// The node's verifier key (`GET /v1/node/key`, or DATA_DIR/node.pub), inline or a file.
+        /// The node's verifier key (`GET /v1/node/key`, or DATA_DIR/node.pub), inline or a
+        /// file; or a file of a ledger's node keys, one per line (`GET /v1/node/keys`), of
+        /// which the one named like the receipt's node is used.
         #[arg(long)]
         key: String,
     },
     /// Check offline that the log grew append-only between two checkpoints.
     VerifyLog {
+        /// The node's verifier key, inline or a file (or a file of keys, as for `verify`).
         #[arg(long)]
         key: String,
         /// The older checkpoint note (`GET /v1/log/checkpoint`).

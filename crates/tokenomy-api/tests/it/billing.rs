@@ -1077,3 +1077,44 @@ async fn an_accounts_prompts_are_cached_for_it_alone() {
     assert_eq!(cached(n.call("POST", "/v1/chat/completions", Some(body.clone()), &mallory).await), 0, "another account's prompt is not read");
     assert!(cached(n.call("POST", "/v1/chat/completions", Some(body.clone()), &alice).await) > 20, "the account's own repeat is");
 }
+
+/// Two nodes of one PostgreSQL ledger behind a load balancer: a receipt one issued is served
+/// by the other, verifiable with the issuing node's key, which `/v1/node/keys` of either node
+/// lists (the upkeep publishes each node's signatures and checkpoints to the ledger).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_is_served_by_every_node_of_a_postgres_ledger() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let url = fresh_pg(&server, "tokenomy_api_receipts_any_node").await;
+    let env = vec![("TOKENOMY_BILLING__CHECKPOINT_INTERVAL_MS".to_string(), "200".to_string())];
+    let open = |origin: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions { data_dir: dir.path().into(), database_url: Some(url.clone()), origin: Some(origin.into()), env: env.clone() };
+        async move { (Billing::open(opts).await.unwrap(), dir) }
+    };
+    let ((billing_a, first), _dir_a) = open("test.tokenomy/a").await;
+    let ((billing_b, _), _dir_b) = open("test.tokenomy/b").await;
+    let _upkeep = billing_a.spawn_upkeep();
+    let key_a = billing_a.verifier();
+    let a = AppState::new(shared_engine(), Default::default()).with_billing(billing_a, false);
+    let b = AppState::new(shared_engine(), Default::default()).with_billing(billing_b.clone(), false);
+    let key = first.unwrap().user_key;
+    let auth = [("authorization", format!("Bearer {key}"))];
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let r = request(&a, "POST", "/v1/chat/completions", Some(&chat(4).to_string()), &auth).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let id = r.json()["receipt"]["id"].as_str().unwrap().to_string();
+    let from_b = request(&b, "GET", &format!("/v1/receipts/{id}"), None, &auth).await;
+    assert_eq!(from_b.status, StatusCode::OK, "{}", from_b.text);
+    assert_eq!(verify_bundle(&from_b.text, &key_a).unwrap().receipt.receipt_id, id);
+    assert!(verify_bundle(&from_b.text, &billing_b.verifier()).is_err());
+    let keys = request(&b, "GET", "/v1/node/keys", None, &[]).await;
+    assert_eq!(keys.status, StatusCode::OK);
+    let listed: Vec<&str> = keys.text.lines().collect();
+    assert_eq!(listed, [billing_b.verifier().to_string(), key_a.to_string()], "{}", keys.text);
+    // A receipt no node issued is "not found" there too.
+    let other = request(&b, "GET", "/v1/receipts/rcpt_00000000000000000000000000000000", None, &auth).await;
+    assert_error(&other, StatusCode::NOT_FOUND);
+}

@@ -374,29 +374,82 @@ async fn two_nodes_given_one_idempotency_key_at_once_run_it_once() {
     assert!(two.check().await.unwrap().ok);
 }
 
-/// Two nodes on one PostgreSQL ledger share its log, but each signs with its own key: a
-/// receipt is served, verifiable, by the node that issued it, and another node says which
-/// node that is instead of a bundle that cannot verify.
+/// Two nodes on one PostgreSQL ledger share its log, and each signs with its own key. Each
+/// publishes its signatures and checkpoints to the ledger, so either node serves the other's
+/// receipts, verifiable with the issuing node's key alone, even once that node is gone; a
+/// receipt its node has not published is waited for, then the answer names that node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receipt_is_served_by_the_node_that_signed_it() {
+async fn any_node_of_a_ledger_serves_every_nodes_receipts() {
     let Some(pg) = stores().into_iter().flatten().next() else { return };
     let pg = fresh_pg(&pg, "tokenomy_billing_receipt_node").await;
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    // Each node the name it takes by default (its own), as nodes started without --origin do.
-    let own_name = |d: &std::path::Path| OpenOptions { origin: None, ..opts(d, Some(&pg)) };
-    let (one, first) = Billing::open(own_name(dirs[0].path())).await.unwrap();
-    let (two, _) = Billing::open(own_name(dirs[1].path())).await.unwrap();
+    // Each node the name it takes by default (its own), as nodes started without --origin do;
+    // publishing every 200 ms (the upkeep's tick; these tests call `publish` themselves).
+    let node = |d: &std::path::Path| {
+        let env = vec![("TOKENOMY_BILLING__CHECKPOINT_INTERVAL_MS".to_string(), "200".to_string())];
+        OpenOptions { origin: None, env, ..opts(d, Some(&pg)) }
+    };
+    let (one, first) = Billing::open(node(dirs[0].path())).await.unwrap();
+    let (two, _) = Billing::open(node(dirs[1].path())).await.unwrap();
     let key = first.unwrap().user_key;
     let (u1, u2) = (one.authenticate(Some(&key)).await.unwrap(), two.authenticate(Some(&key)).await.unwrap());
-    let h = one.hold(&u1, &req("on-one", 100, 100)).await.unwrap();
-    let r = one.settle(h, served(100, 10)).await.unwrap().expect("charged");
-    let key_one = VerifierKey::parse(std::fs::read_to_string(dirs[0].path().join("node.pub")).unwrap().trim()).unwrap();
-    let bundle = one.receipt_bundle(&r.receipt_id, &u1).await.unwrap();
-    assert_eq!(verify_bundle(&bundle, &key_one).unwrap().receipt.receipt_id, r.receipt_id);
-    match two.receipt_bundle(&r.receipt_id, &u2).await {
-        Err(BillingError::Misdirected(m)) => assert!(m.contains(key_one.name()), "{m}"),
+    let pub_key = |d: &tempfile::TempDir| VerifierKey::parse(std::fs::read_to_string(d.path().join("node.pub")).unwrap().trim()).unwrap();
+    let (key_one, key_two) = (pub_key(&dirs[0]), pub_key(&dirs[1]));
+    let charge = |b: &std::sync::Arc<Billing>, u, id: &'static str| {
+        let (b, u) = (b.clone(), u);
+        async move {
+            let h = b.hold(&u, &req(id, 100, 100)).await.unwrap();
+            b.settle(h, served(100, 10)).await.unwrap().expect("charged").receipt_id
+        }
+    };
+    let verifies = |bundle: &str, key: &VerifierKey, id: &str| assert_eq!(verify_bundle(bundle, key).unwrap().receipt.receipt_id, id);
+
+    // Node one's receipt, asked of node two before one published it: two waits for it.
+    let r1 = charge(&one, u1.clone(), "on-one").await;
+    verifies(&one.receipt_bundle(&r1, &u1).await.unwrap(), &key_one, &r1);
+    let publisher = {
+        let one = one.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            one.publish().await.unwrap()
+        })
+    };
+    let from_two = two.receipt_bundle(&r1, &u2).await.unwrap();
+    assert!(publisher.await.unwrap().checkpoint.size > 0);
+    verifies(&from_two, &key_one, &r1);
+    assert!(verify_bundle(&from_two, &key_two).is_err(), "signed by the node that issued it, not the one serving it");
+
+    // Node two's receipt, with node one publishing first (it signs only its own receipts).
+    let r2 = charge(&two, u2.clone(), "on-two").await;
+    one.publish().await.unwrap();
+    two.publish().await.unwrap();
+    verifies(&one.receipt_bundle(&r2, &u1).await.unwrap(), &key_two, &r2);
+    // The ledger's keys, from either node, this node's first.
+    let keys: Vec<String> = two.node_keys().await.unwrap().iter().map(|k| k.to_string()).collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], key_two.to_string());
+    assert!(keys.contains(&key_one.to_string()));
+
+    // A receipt whose node went away before publishing it: the answer names that node, after
+    // waiting a few publishing intervals for it.
+    let r3 = charge(&one, u1.clone(), "unpublished").await;
+    drop(one);
+    let started = std::time::Instant::now();
+    match two.receipt_bundle(&r3, &u2).await {
+        Err(BillingError::Misdirected(m)) => assert!(m.contains(key_one.name()) && m.contains("not published"), "{m}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
+    let waited_ms = started.elapsed().as_millis() as u64;
+    assert!(waited_ms >= 200 * (tokenomy_billing::PUBLISH_WAIT_INTERVALS - 1), "waited {waited_ms} ms");
+    // Node one, started again on its data dir, publishes what it had not (from where it left
+    // off), and node two serves it; the receipts node one published before are still served
+    // once it is gone for good.
+    let (one, _) = Billing::open(node(dirs[0].path())).await.unwrap();
+    one.publish().await.unwrap();
+    drop(one);
+    verifies(&two.receipt_bundle(&r3, &u2).await.unwrap(), &key_one, &r3);
+    verifies(&two.receipt_bundle(&r1, &u2).await.unwrap(), &key_one, &r1);
+    assert!(two.check().await.unwrap().ok);
 }
 
 /// A settlement whose database is away is tried again, not dropped (its hold would expire,

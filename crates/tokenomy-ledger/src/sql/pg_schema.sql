@@ -135,3 +135,22 @@ CREATE TABLE IF NOT EXISTS kept_responses (
 CREATE INDEX IF NOT EXISTS kept_responses_owner_seq ON kept_responses (owner, seq);
 CREATE INDEX IF NOT EXISTS kept_responses_seq ON kept_responses (seq);
 UPDATE schema_version SET version = 6 WHERE version < 6;
+
+-- version 7: what each node published so that every node of the ledger can serve its receipts:
+-- its signature over each receipt it issued (the log entry's canonical bytes), and its latest
+-- signed checkpoint, written only after the signatures of every receipt of its own that the
+-- checkpoint covers. Any node can then hand out a receipt another node issued, with that
+-- node's signature and an inclusion proof against that node's checkpoint, verifiable with
+-- that node's key alone. Signatures are deterministic (Ed25519), so writing one twice is
+-- harmless; a checkpoint row only grows.
+CREATE TABLE IF NOT EXISTS receipt_signatures (
+    log_index BIGINT PRIMARY KEY REFERENCES log_entries (log_index),
+    signature BYTEA  NOT NULL CHECK (length(signature) = 64)
+);
+CREATE TABLE IF NOT EXISTS node_checkpoints (
+    origin        TEXT   PRIMARY KEY REFERENCES node_origins (origin),
+    size          BIGINT NOT NULL CHECK (size >= 0),
+    note          TEXT   NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+UPDATE schema_version SET version = 7 WHERE version < 7;

@@ -257,14 +257,15 @@ async fn postgres_schema_from_a_newer_version_is_refused() {
     drop(PgStore::open_in_schema(&url, &schema, 1).await.unwrap());
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 7")).await.unwrap();
+    client.batch_execute(&format!("UPDATE {schema}.schema_version SET version = 8")).await.unwrap();
     let err = PgStore::open_in_schema(&url, &schema, 1).await.err().expect("refused");
-    assert!(err.to_string().contains("newer than this tokenomy's 6"), "{err}");
+    assert!(err.to_string().contains("newer than this tokenomy's 7"), "{err}");
 }
 
-/// A PostgreSQL schema created by version 1 is brought to the current version (6) on open:
+/// A PostgreSQL schema created by version 1 is brought to the current version (7) on open:
 /// key columns added, a hold left pending by the old version listed for the expiry sweep,
-/// and the keys' rate clocks table created, with the limits they were stepped under.
+/// the keys' rate clocks table created, with the limits they were stepped under, and the
+/// tables of what nodes publish (a checkpoint that only grows).
 #[tokio::test]
 async fn postgres_schema_v1_is_migrated() {
     use tokenomy_ledger::*;
@@ -297,7 +298,14 @@ async fn postgres_schema_v1_is_migrated() {
     assert_eq!(s.expire_holds(now_ms()).await.unwrap(), 1);
     assert_eq!(s.get_account(AccountId(42 << 64)).await.unwrap().pending_micros, 0);
     let version: i32 = client.query_one(&format!("SELECT version FROM {schema}.schema_version"), &[]).await.unwrap().get(0);
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
+    s.claim_origin("node/a", "node/a+00000000+key").await.unwrap();
+    assert_eq!(s.published_size("node/a").await.unwrap(), None);
+    s.publish_checkpoint("node/a", 5, "note of 5").await.unwrap();
+    s.publish_checkpoint("node/a", 3, "note of 3").await.unwrap();
+    let p = s.published_receipt("node/a", 4).await.unwrap().unwrap();
+    assert_eq!((p.checkpoint_size, p.checkpoint_note.as_str(), p.signature), (5, "note of 5", None));
+    assert_eq!(s.node_keys().await.unwrap(), [("node/a".to_string(), "node/a+00000000+key".to_string())]);
     s.update_key_rate(KeyId(9), |r| r.rpm = 3).await.unwrap();
     assert_eq!(s.key_rate(KeyId(9)).await.unwrap().rpm, 3);
     let a = s.create_account("a", AccountKind::User).await.unwrap();

@@ -119,4 +119,18 @@ fn the_admin_cli_wraps_the_admin_api() {
     std::fs::write(&error, r#"{"error": {"message": "No receipt \"rcpt_x\".", "type": "invalid_request_error"}}"#).unwrap();
     let (ok, out) = run(&["verify", error.to_str().unwrap(), "--key", std::path::Path::new(&dir).join("node.pub").to_str().unwrap()], &[]);
     assert!(!ok && out.contains("an error answer, not a receipt"), "{out}");
+    // A file of a ledger's node keys (`GET /v1/node/keys`, here with another node's key
+    // before this one's): `verify` uses the key of the node the receipt names.
+    let get = |path: &str| reqwest::blocking::Client::new().get(format!("{}{path}", node.base)).bearer_auth(key).send().unwrap().text().unwrap();
+    let node_keys = get("/v1/node/keys");
+    assert_eq!(node_keys, std::fs::read_to_string(std::path::Path::new(&dir).join("node.pub")).unwrap(), "one node: its own key");
+    let other = tokenomy_receipts::SignerKey::from_seed("other.node/log", &[7; 32]).unwrap().verifier().to_string();
+    let (bundle, keys) = (std::path::Path::new(&dir).join("r.json"), std::path::Path::new(&dir).join("ledger.pub"));
+    std::fs::write(&bundle, get(&format!("/v1/receipts/{receipt}"))).unwrap();
+    std::fs::write(&keys, format!("{other}\n{node_keys}")).unwrap();
+    let (ok, out) = run(&["verify", bundle.to_str().unwrap(), "--key", keys.to_str().unwrap()], &[]);
+    assert!(ok && out.starts_with("ok: receipt"), "{out}");
+    std::fs::write(&keys, format!("{other}\n{}\n", tokenomy_receipts::SignerKey::from_seed("third.node/log", &[8; 32]).unwrap().verifier())).unwrap();
+    let (ok, out) = run(&["verify", bundle.to_str().unwrap(), "--key", keys.to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("none of the 2 keys"), "{out}");
 }
