@@ -352,3 +352,43 @@ def test_a_key_with_the_transfer_scope_sends_credits_once_and_verifies_the_recei
     d.find_element(By.ID, "send-go").click()
     wait(d, lambda d: "short by" in text(d, "banner"))
     assert api(node, "/admin/v1/ledger/check", node.admin_key)["ok"]
+
+
+def fresh_database(name: str) -> str:
+    """A new, empty PostgreSQL database on the test server; its URL."""
+    server = os.environ["TOKENOMY_TEST_POSTGRES_URL"]
+    for sql in [f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"]:
+        subprocess.run(["psql", server, "-qc", sql], check=True, capture_output=True)
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.mark.skipif(not os.environ.get("TOKENOMY_TEST_POSTGRES_URL"), reason="TOKENOMY_TEST_POSTGRES_URL is not set")
+def test_the_console_of_one_node_verifies_a_receipt_another_node_issued(browser, tmp_path):
+    """Two nodes of one PostgreSQL ledger: a charge on node a, verified in node b's console
+    against node a's key (which b lists at /v1/node/keys), not against b's own."""
+    from conftest import Node
+
+    url = fresh_database("tokenomy_console_two_nodes")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Node(tmp_path / "a", "--database", url, "--origin", "console.test/a")
+    b = None
+    try:
+        b = Node(tmp_path / "b", "--database", url, "--origin", "console.test/b")
+        reply = api(a, "/v1/chat/completions", a.key,
+                    {"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        receipt_id = reply["receipt"]["id"]
+        d = browser
+        open_console(d, b, a.key)
+        button = f"#transfers button[data-receipt='{receipt_id}']"
+        wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, button))
+        d.find_element(By.CSS_SELECTOR, button).click()
+        wait(d, lambda d: text(d, "receipt-verdict") != "")
+        assert text(d, "receipt-verdict").startswith("✓"), text(d, "receipt-verdict")
+        checks = d.find_element(By.ID, "receipt-checks").text
+        assert "node console.test/a, which issued it" in checks, checks
+        assert text(d, "node-key").startswith("console.test/b+")
+    finally:
+        if b:
+            b.stop()
+        a.stop()

@@ -249,22 +249,41 @@ function transferRow(t) {
 // ---- receipts --------------------------------------------------------------------------------
 
 async function verifyById(id) {
-  let bundle;
+  let bundle, trusted;
   try {
     bundle = await api(`/v1/receipts/${encodeURIComponent(id)}`);
+    trusted = await trustedKeyFor(bundle.receipt && bundle.receipt.origin);
   } catch (e) {
     showVerdict(id, null, e, []);
     return;
   }
-  await verifyAndShow(bundle, state.pinned, id);
+  await verifyAndShow(bundle, trusted.key, id, trusted.how);
 }
 
-async function verifyAndShow(bundle, keyText, label) {
+const keyName = (keyText) => keyText.split("+")[0];
+
+/** The key a receipt of the node named `origin` is checked against. This node's own: the key
+ * the user trusts. Another node of the same ledger (every node serves every node's receipts):
+ * that node's key as this node lists it (`/v1/node/keys`), trusted from its first use in this
+ * browser and checked against that from then on, as this node's own key is. */
+async function trustedKeyFor(origin) {
+  const own = { key: state.pinned, how: "signed by the trusted node key" };
+  if (!origin || origin === keyName(state.pinned)) return own;
+  const pin = `${PIN}.${origin}`;
+  const before = localStorage.getItem(pin);
+  if (before) return { key: before, how: `signed by the key of node ${origin} you trusted before` };
+  const listed = (await api("/v1/node/keys")).split("\n").map((l) => l.trim()).find((k) => keyName(k) === origin);
+  if (!listed) return own; // then the check says whose key the bundle names instead
+  localStorage.setItem(pin, listed);
+  return { key: listed, how: `signed by the key of node ${origin}, which issued it (as this node lists it; trusted from this first use)` };
+}
+
+async function verifyAndShow(bundle, keyText, label, signedBy = "signed by the trusted node key") {
   const checks = [];
   let result = null, error = null;
   try {
     result = await v.verifyBundle(bundle, keyText);
-    checks.push("signed by the trusted node key", "every readable field matches the signed bytes",
+    checks.push(signedBy, "every readable field matches the signed bytes",
       `logged at index ${result.receipt.log_index} of a log of ${result.checkpoint.size} receipts, whose signed checkpoint includes it`);
   } catch (e) {
     error = e;

@@ -13,7 +13,10 @@
 //!   the API runs them; on PostgreSQL the clocks are shared by the ledger's nodes (a locked
 //!   row per key), in memory on SQLite. Each request on its own key;
 //! * `hot key` — `limited` with every request on one key (its row lock taken in turn);
-//! * `bundles` — `GET /v1/receipts/{id}`'s work: catch up, checkpoint, inclusion proof, signature.
+//! * `bundles` — `GET /v1/receipts/{id}`'s work: catch up, checkpoint, inclusion proof, signature;
+//! * PostgreSQL only: `publish` — the node's first publication of its receipts (every receipt
+//!   of the log signed and stored, then its checkpoint), then a second node opening on the
+//!   ledger (reading the whole log) and serving the first node's receipts from what it published.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,14 +132,18 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     let admin = Principal { key_id: principals[0].key_id, account: principals[0].account, scopes: vec!["admin".into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
     let size = b.checkpoint().await.unwrap().checkpoint.size;
     let ids: Vec<String> = (0..writers.min(8)).map(|w| format!("rcpt_{}-{}", principals[w as usize].key_id, 0)).collect();
-    let bb = b.clone();
+    let (bb, viewer) = (b.clone(), admin.clone());
     let bundles = run_phase(&principals[..ids.len()], secs.min(3), move |p, _| {
-        let (b, admin, id) = (bb.clone(), admin.clone(), format!("rcpt_{}-0", p.key_id));
+        let (b, admin, id) = (bb.clone(), viewer.clone(), format!("rcpt_{}-0", p.key_id));
         async move {
             b.receipt_bundle(&id, &admin).await.unwrap();
         }
     })
     .await;
+    let published = match b.store() {
+        tokenomy_ledger::AnyStore::Pg(_) => Some(publish_and_serve_elsewhere(&b, &principals[..ids.len()], admin.clone(), secs.min(3)).await),
+        _ => None,
+    };
     let check = b.check().await.unwrap();
     println!("{name}: {writers} concurrent writers, {secs} s per phase; log size {size}; ledger check ok={}", check.ok);
     println!("  ledger  (reference, no receipt): {:>7.0} settled/s  hold+settle p50 {:>6.2} ms  p99 {:>6.2} ms  ({} pairs)", ledger.per_s, ledger.p50_ms, ledger.p99_ms, ledger.n);
@@ -158,6 +165,47 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
         hot_key.per_s, hot_key.p50_ms, hot_key.p99_ms, hot_key.n, hot_key.per_s / billing.per_s
     );
     println!("  receipt bundles (proof + signature): {:>7.0}/s  p50 {:.2} ms  p99 {:.2} ms", bundles.per_s, bundles.p50_ms, bundles.p99_ms);
+    if let Some(p) = published {
+        println!(
+            "  publish (sign + store every receipt of the log, first time): {} receipts in {:.2} s = {:.0}/s; against billing's settled/s: {:.1}x",
+            p.receipts, p.publish_s, p.receipts as f64 / p.publish_s, p.receipts as f64 / p.publish_s / billing.per_s
+        );
+        println!("  another node joins the ledger (open: reads the whole log): {:.2} s for {} entries", p.open_s, p.receipts);
+        println!(
+            "  receipt bundles from that node (published signature + proof): {:>7.0}/s  p50 {:.2} ms  p99 {:.2} ms; against the issuing node's: {:.2}x",
+            p.bundles.per_s, p.bundles.p50_ms, p.bundles.p99_ms, p.bundles.per_s / bundles.per_s
+        );
+    }
+}
+
+struct Published {
+    receipts: u64,
+    publish_s: f64,
+    open_s: f64,
+    bundles: Stats,
+}
+
+/// PostgreSQL: the node publishes its receipts (all of the log: its first publication), a
+/// second node opens on the ledger, and serves the first node's receipts.
+async fn publish_and_serve_elsewhere(b: &Arc<Billing>, principals: &[Principal], admin: Principal, secs: u64) -> Published {
+    let t = Instant::now();
+    let receipts = b.publish_all().await.unwrap();
+    let publish_s = t.elapsed().as_secs_f64();
+    let dir = tempfile::tempdir().unwrap();
+    let url = std::env::var("TOKENOMY_TEST_POSTGRES_URL").unwrap();
+    let url = format!("{}/tokenomy_bench", url.rsplit_once('/').unwrap().0);
+    let t = Instant::now();
+    let opts = OpenOptions { data_dir: dir.path().into(), database_url: Some(url), origin: Some("bench.tokenomy/other".into()), env: vec![] };
+    let (other, _) = Billing::open(opts).await.unwrap();
+    let open_s = t.elapsed().as_secs_f64();
+    let bundles = run_phase(principals, secs, move |p, _| {
+        let (b, admin, id) = (other.clone(), admin.clone(), format!("rcpt_{}-0", p.key_id));
+        async move {
+            b.receipt_bundle(&id, &admin).await.unwrap();
+        }
+    })
+    .await;
+    Published { receipts, publish_s, open_s, bundles }
 }
 
 #[tokio::main]

@@ -303,9 +303,17 @@ pub struct Billing {
     /// `Idempotency-Key` (`req:NODE:`, NODE from its signing key): a restart finds the holds
     /// of its earlier run by it ([`hold_prefix`]).
     req_hold_prefix: String,
-    /// On PostgreSQL, the size of the last checkpoint this node published with the
-    /// signatures of its receipts it covers ([`Billing::publish`]); held while publishing.
-    published_size: tokio::sync::Mutex<u64>,
+    /// On PostgreSQL, how far this node has published ([`Billing::publish`]); held while
+    /// publishing.
+    published: tokio::sync::Mutex<Publication>,
+}
+
+/// How far a node has published its receipts to a shared ledger: its signatures of the log's
+/// entries before `signed_through`, its checkpoint of size `checkpoint_size`.
+#[derive(Debug, Default)]
+pub(crate) struct Publication {
+    pub signed_through: u64,
+    pub checkpoint_size: u64,
 }
 
 /// `req:` and 12 hex digits of the SHA-256 of the node's verifier key: short (a ledger key has
@@ -1089,8 +1097,8 @@ impl Billing {
     /// The bundle of a receipt another node of the ledger issued, from what that node
     /// published ([`Billing::publish`]): its signature and an inclusion proof against its
     /// checkpoint, so the bundle verifies with that node's key, as if that node served it. A
-    /// receipt its node has not published yet is waited for, up to [`PUBLISH_WAIT_INTERVALS`]
-    /// publishing intervals; then (its node may be down) the answer names that node (`421`).
+    /// receipt its node has not published yet is waited for (see [`publish_wait_ms`]); then
+    /// (its node may be down) the answer names that node (`421`).
     async fn published_bundle(&self, receipt: Receipt, canonical: &[u8]) -> Result<String> {
         let (origin, index) = (receipt.origin.clone(), receipt.log_index);
         let misdirected = |why: &str| {
@@ -1099,20 +1107,26 @@ impl Billing {
                 receipt.receipt_id
             ))
         };
+        let corrupt = |what: String| BillingError::Internal(format!("what node {origin:?} published for log entry {index}: {what}"));
         let AnyStore::Pg(pg) = &self.store else { return Err(misdirected("this node's ledger is not shared")) };
         let interval_ms = self.config.billing.checkpoint_interval_ms;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(interval_ms * PUBLISH_WAIT_INTERVALS);
-        let published = loop {
-            match pg.published_receipt(&origin, index).await? {
-                Some(p) if p.checkpoint_size > index && p.signature.is_some() => break p,
-                _ if std::time::Instant::now() < deadline => tokio::time::sleep(std::time::Duration::from_millis(interval_ms.min(250))).await,
-                _ => return Err(misdirected("that node has not published it yet (a node publishes its receipts while it runs)")),
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(publish_wait_ms(interval_ms));
+        let (published, key, checkpoint) = loop {
+            if let Some(p) = pg.published_receipt(&origin, index).await? {
+                let key = VerifierKey::parse(&p.verifier_key).map_err(|e| corrupt(format!("its key: {e}")))?;
+                let checkpoint = tokenomy_receipts::Checkpoint::open(&p.checkpoint_note, &key).map_err(|e| corrupt(format!("its checkpoint: {e}")))?;
+                if checkpoint.size > index {
+                    break (p, key, checkpoint);
+                }
             }
+            if std::time::Instant::now() >= deadline {
+                return Err(misdirected("that node has not published it yet (a node publishes its receipts while it runs)"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(interval_ms.min(250))).await;
         };
-        let corrupt = |what: String| BillingError::Internal(format!("what node {origin:?} published for log entry {index}: {what}"));
-        let key = VerifierKey::parse(&published.verifier_key).map_err(|e| corrupt(format!("its key: {e}")))?;
-        let checkpoint = tokenomy_receipts::Checkpoint::open(&published.checkpoint_note, &key).map_err(|e| corrupt(format!("its checkpoint: {e}")))?;
-        let signature: [u8; 64] = published.signature.as_deref().unwrap_or_default().try_into().map_err(|_| corrupt("a signature not 64 bytes long".into()))?;
+        // Its checkpoint covers the entry, so its signature was written before it.
+        let signature = published.signature.as_deref().ok_or_else(|| corrupt("its checkpoint covers it, but its signature is missing".into()))?;
+        let signature: [u8; 64] = signature.try_into().map_err(|_| corrupt("a signature not 64 bytes long".into()))?;
         if !tokenomy_receipts::verify_receipt_signature(canonical, &signature, &key) {
             return Err(corrupt("a signature that does not verify".into()));
         }
@@ -1129,38 +1143,60 @@ impl Billing {
 
     /// Signs a checkpoint of the log as it is now and, on PostgreSQL, publishes it to the
     /// ledger for the other nodes, after the signatures of this node's receipts it covers
-    /// (written once each), so that any node of the ledger can serve this node's receipts,
-    /// verifiable with this node's key (even once this node is gone). The upkeep calls it at
-    /// every tick; one publication at a time.
-    pub async fn publish(&self) -> Result<log::Signed> {
-        let AnyStore::Pg(pg) = &self.store else { return self.checkpoint().await };
-        let mut published = self.published_size.lock().await;
+    /// (each written once), so that any node of the ledger can serve this node's receipts,
+    /// verifiable with this node's key (even once this node is gone). One publication at a
+    /// time; the upkeep calls it at every tick, a stopping node once more.
+    ///
+    /// A call signs at most [`PUBLISH_ENTRIES_MAX`] entries (a first publication on a long
+    /// log takes several): the size of the checkpoint it published (on SQLite, signed), or
+    /// `None` while entries remain to be signed.
+    pub async fn publish(&self) -> Result<Option<u64>> {
+        let AnyStore::Pg(pg) = &self.store else { return Ok(Some(self.checkpoint().await?.checkpoint.size)) };
+        let mut done = self.published.lock().await;
         let signed = self.checkpoint().await?;
         let size = signed.checkpoint.size;
-        if size <= *published {
-            return Ok(signed);
-        }
-        let mut from = *published;
-        while from < size {
-            let entries = self.store.log_entries(from, PUBLISH_BATCH.min(size - from) as u32).await?;
-            let Some(last) = entries.last() else {
+        let until = size.min(done.signed_through + PUBLISH_ENTRIES_MAX);
+        while done.signed_through < until {
+            let from = done.signed_through;
+            let entries = self.store.log_entries(from, PUBLISH_BATCH.min(until - from) as u32).await?;
+            let Some(last) = entries.last().map(|e| e.log_index) else {
                 return Err(BillingError::Internal(format!("the ledger's log has no entry {from} to publish")));
             };
-            from = last.log_index + 1;
-            let mut signatures = Vec::new();
-            for e in entries {
-                let r = Receipt::from_canonical_bytes(&e.leaf_bytes).map_err(|err| BillingError::Internal(format!("log entry {}: {err}", e.log_index)))?;
-                if r.origin == self.signer.name() {
-                    let (canonical, signature) = r.sign(&self.signer).map_err(|err| BillingError::Internal(err.to_string()))?;
-                    assert_eq!(canonical, e.leaf_bytes, "a logged receipt re-encodes to its own bytes");
-                    signatures.push((e.log_index, signature));
-                }
-            }
-            pg.publish_signatures(&signatures).await?;
+            pg.publish_signatures(&self.own_signatures(&entries)?).await?;
+            done.signed_through = last + 1;
         }
-        pg.publish_checkpoint(self.signer.name(), size, &signed.note).await?;
-        *published = size;
-        Ok(signed)
+        if done.signed_through < size {
+            return Ok(None);
+        }
+        if done.checkpoint_size < size {
+            pg.publish_checkpoint(self.signer.name(), size, &signed.note).await?;
+            done.checkpoint_size = size;
+        }
+        Ok(Some(size))
+    }
+
+    /// This node's signatures of the receipts among `entries` that it issued.
+    fn own_signatures(&self, entries: &[tokenomy_ledger::LogEntry]) -> Result<Vec<(u64, [u8; 64])>> {
+        let mut signatures = Vec::new();
+        for e in entries {
+            let r = Receipt::from_canonical_bytes(&e.leaf_bytes).map_err(|err| BillingError::Internal(format!("log entry {}: {err}", e.log_index)))?;
+            if r.origin == self.signer.name() {
+                let (canonical, signature) = r.sign(&self.signer).map_err(|err| BillingError::Internal(err.to_string()))?;
+                assert_eq!(canonical, e.leaf_bytes, "a logged receipt re-encodes to its own bytes");
+                signatures.push((e.log_index, signature));
+            }
+        }
+        Ok(signatures)
+    }
+
+    /// Publishes until every receipt this node issued is published (a stopping node's last
+    /// call: the other nodes then serve them once it is gone).
+    pub async fn publish_all(&self) -> Result<u64> {
+        loop {
+            if let Some(size) = self.publish().await? {
+                return Ok(size);
+            }
+        }
     }
 
     /// The keys of the ledger's nodes, this node's first: each verifies the receipts and
@@ -1225,8 +1261,9 @@ impl Billing {
             loop {
                 tick.tick().await;
                 let Some(b) = weak.upgrade() else { return };
-                cp_errors.note(b.publish().await.err(), "checkpoint");
+                // (Holds first: a first publication on a long log takes a few ticks' time.)
                 extend_errors.note(b.extend_live_holds().await.err(), "extending the holds of requests in progress");
+                cp_errors.note(b.publish().await.err(), "checkpoint");
                 if n % ex_every == 0 {
                     match b.expire_holds().await {
                         Ok(0) => {}
@@ -1265,9 +1302,16 @@ fn receipt_ref(receipt_id: String, settled: tokenomy_ledger::Settled) -> Result<
 /// Log entries read per query while publishing this node's receipt signatures.
 const PUBLISH_BATCH: u64 = 1_000;
 
-/// How many publishing intervals (`checkpoint_interval_ms`) a node waits for another node to
-/// publish a receipt it is asked for before it names that node instead.
-pub const PUBLISH_WAIT_INTERVALS: u64 = 3;
+/// Log entries one [`Billing::publish`] call reads and signs its own of at most (about two
+/// seconds' work; a node settles far fewer a second).
+pub const PUBLISH_ENTRIES_MAX: u64 = 50_000;
+
+/// How long a node waits for another node to publish a receipt it is asked for before it names
+/// that node instead: three publishing intervals (`checkpoint_interval_ms`, which should be
+/// the same on every node of a ledger), at least 1 s and at most 10 s.
+pub fn publish_wait_ms(checkpoint_interval_ms: u64) -> u64 {
+    checkpoint_interval_ms.saturating_mul(3).clamp(1_000, 10_000)
+}
 
 /// Where settlements retried in the background wait on disk (`DATA_DIR/unsettled/HOLD.json`)
 /// until they land, so a node stopped or crashed during a ledger outage still posts them.

@@ -224,9 +224,12 @@ impl Billing {
             );
         }
         // (On SQLite, where this node is the ledger's only one, nothing is published.)
-        let published_size = match &store {
-            AnyStore::Pg(pg) => pg.published_size(signer.name()).await?.unwrap_or(0),
-            _ => 0,
+        let published = match &store {
+            AnyStore::Pg(pg) => {
+                let size = pg.published_size(signer.name()).await?.unwrap_or(0);
+                crate::Publication { signed_through: size, checkpoint_size: size }
+            }
+            _ => Default::default(),
         };
         let rates = rates::RateClocks::for_store(&store);
         let verifier = signer.verifier().to_string();
@@ -243,7 +246,7 @@ impl Billing {
             _data_dir_lock: data_dir_lock,
             local_user_key: Default::default(),
             req_hold_prefix: crate::hold_prefix(&verifier),
-            published_size: tokio::sync::Mutex::new(published_size),
+            published: tokio::sync::Mutex::new(published),
         });
         let waiting = billing.resume_unsettled().await;
         let voided = billing.void_orphaned_holds(waiting).await?;

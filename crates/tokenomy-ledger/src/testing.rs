@@ -81,6 +81,7 @@ pub async fn rewind_log(url: &str, size: u64) {
     client
         .batch_execute(&format!(
             "BEGIN; ALTER TABLE log_entries DISABLE TRIGGER log_entries_no_change; \
+             DELETE FROM receipt_signatures WHERE log_index >= {size}; DELETE FROM node_checkpoints WHERE size > {size}; \
              DELETE FROM log_entries WHERE log_index >= {size}; UPDATE log_head SET next_index = {size}; \
              ALTER TABLE log_entries ENABLE TRIGGER log_entries_no_change; COMMIT"
         ))

@@ -18,7 +18,8 @@ fn load_key(arg: &str, name: &str) -> Result<VerifierKey> {
     let keys = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(VerifierKey::parse).collect::<Result<Vec<_>, _>>();
     let mut keys = keys.map_err(|e| anyhow::anyhow!("verifier key: {e}"))?;
     match keys.iter().position(|k| k.name() == name) {
-        _ if keys.len() == 1 => Ok(keys.remove(0)),
+        // (No name: not a receipt or checkpoint at all, which the check then says.)
+        _ if keys.len() == 1 || (name.is_empty() && !keys.is_empty()) => Ok(keys.remove(0)),
         Some(i) => Ok(keys.swap_remove(i)),
         None if keys.is_empty() => anyhow::bail!("verifier key: {arg} holds no key"),
         None => anyhow::bail!("none of the {} keys in {arg} is named {name:?}, the node that signed it", keys.len()),

@@ -371,7 +371,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tracing::warn!("some metering tasks did not finish in time");
     }
     upkeep.abort();
-    if let Err(e) = billing.checkpoint().await {
+    // The last checkpoint, published with the receipts settled since the last tick, so that
+    // the other nodes of a shared ledger serve them once this one is gone.
+    if let Err(e) = billing.publish_all().await {
         tracing::warn!(error = %e, "final checkpoint");
     }
     Ok(())

@@ -403,3 +403,40 @@ fn gpu_layers_in_a_build_without_a_gpu_backend_refuse_to_start() {
     let (status, v) = chat(&node, "smollm2");
     assert_eq!(status, 200, "{v}");
 }
+
+/// Nodes of one PostgreSQL ledger: a receipt node a issued just before it was stopped (SIGTERM)
+/// is served by node b once a is gone, and verifies with the file of the ledger's keys that b
+/// lists (`tokenomy verify` picks a's key from it). Node a publishes only at its start and its
+/// stop here (its upkeep's interval is an hour), so what b serves is what the stop published.
+#[test]
+fn a_stopped_node_leaves_its_receipts_to_the_others() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(tokenomy_ledger::testing::fresh_database(&server, "tokenomy_cli_stopped_node"));
+    let smollm2 = model(SMOLLM2);
+    let args = |origin: &'static str| ["--model", smollm2.to_str().unwrap(), "--database", url.as_str(), "--origin", origin];
+    let hourly = [("TOKENOMY_BILLING__CHECKPOINT_INTERVAL_MS", "3600000")];
+    let (dir_a, dir_b) = (tempdir("stopped-a"), tempdir("stopped-b"));
+    let mut a = serve_in(&dir_a, &args("stopped.test/a"), &hourly);
+    let b = serve_in(&dir_b, &args("stopped.test/b"), &hourly);
+    let key = a.user_key();
+    let (status, reply) = chat(&a, "smollm2");
+    assert_eq!(status, 200, "{reply}");
+    let id = reply["receipt"]["id"].as_str().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().unwrap().success());
+    assert!(a.child.wait().unwrap().success());
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let r = client.get(format!("{}/v1/receipts/{id}", b.base)).bearer_auth(&key).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (bundle, keys) = (dir_b.join("r.json"), dir_b.join("ledger.pub"));
+    std::fs::write(&bundle, r.text().unwrap()).unwrap();
+    let listed = client.get(format!("{}/v1/node/keys", b.base)).send().unwrap().text().unwrap();
+    assert!(listed.starts_with("stopped.test/b+") && listed.lines().count() == 2, "{listed}");
+    std::fs::write(&keys, listed).unwrap();
+    let (ok, out) = run(&["verify", bundle.to_str().unwrap(), "--key", keys.to_str().unwrap()], &[]);
+    assert!(ok && out.contains("signed by stopped.test/a"), "{out}");
+    let (ok, out) = run(&["verify", bundle.to_str().unwrap(), "--key", dir_b.join("node.pub").to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("not the trusted key"), "{out}");
+}
