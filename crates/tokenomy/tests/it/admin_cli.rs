@@ -133,4 +133,8 @@ fn the_admin_cli_wraps_the_admin_api() {
     std::fs::write(&keys, format!("{other}\n{}\n", tokenomy_receipts::SignerKey::from_seed("third.node/log", &[8; 32]).unwrap().verifier())).unwrap();
     let (ok, out) = run(&["verify", bundle.to_str().unwrap(), "--key", keys.to_str().unwrap()], &[]);
     assert!(!ok && out.contains("none of the 2 keys"), "{out}");
+    // Something that is not a receipt at all is named as such, keys file or not.
+    std::fs::write(&bundle, "not json").unwrap();
+    let (ok, out) = run(&["verify", bundle.to_str().unwrap(), "--key", keys.to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("not valid JSON"), "{out}");
 }
