@@ -1,8 +1,9 @@
 //! Usage reports: `GET /v1/me/usage` (the key's account) and `GET /admin/v1/usage` (the whole
 //! ledger, or one account), in the shape of OpenAI's completions usage API (`object: page` of
 //! daily `bucket`s whose `results` count `input_tokens`, `output_tokens`,
-//! `input_cached_tokens` and `num_model_requests`), with what the tokens were charged here and
-//! would have cost at the reference list price. `/v1/me`'s `usage` is their all-time sum.
+//! `input_cached_tokens` and `num_model_requests`, grouped by model, API key and/or account,
+//! for all models or some), with what the tokens were charged here and would have cost at the
+//! reference list price. `/v1/me`'s `usage` is their all-time sum.
 //!
 //! The figures are the ledger's receipts (`tokenomy_billing::usage`): every node's charges,
 //! surviving restarts. A free model's requests are not charged and so not in them.
@@ -12,7 +13,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokenomy_billing::usage::{UsageTotals, DAY_MS};
+use tokenomy_billing::usage::{BucketKey, UsageTotals, DAY_MS};
 use tokenomy_ledger::AccountId;
 
 use crate::charge::{admin, billing, principal};
@@ -36,10 +37,14 @@ pub struct UsageQuery {
     end_time: Option<u64>,
     /// Only `1d`.
     bucket_width: Option<String>,
-    /// `model`, `api_key_id` or both, comma-separated: a result per model and/or key in each
-    /// bucket (default: one result per bucket). OpenAI's array form, `group_by[]=model`, too.
+    /// `model`, `api_key_id`, `account_id`, comma-separated: a result per model, key and/or
+    /// account in each bucket (default: one result per bucket). OpenAI's array form,
+    /// `group_by[]=model`, too.
     #[serde(alias = "group_by[]")]
     group_by: Option<String>,
+    /// Only these models, comma-separated (refunds, which name no model, are left out).
+    #[serde(alias = "models[]")]
+    models: Option<String>,
     /// Buckets per page, 1 to [`BUCKETS_MAX`].
     limit: Option<u32>,
     /// The `next_page` of the previous page.
@@ -98,11 +103,12 @@ fn days(q: &UsageQuery, now_s: u64) -> Result<(u32, u32, u32), AppError> {
     Ok((first, last.min(first.saturating_add(limit - 1)), last))
 }
 
-/// What a result row is per: `group_by` as `model`, `api_key_id` or both (comma-separated).
+/// What a result row is per: `group_by` as `model`, `api_key_id`, `account_id` (comma-separated).
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Grouping {
     model: bool,
     key: bool,
+    account: bool,
 }
 
 fn grouping(g: Option<&str>, account: Option<AccountId>) -> Result<Grouping, AppError> {
@@ -111,7 +117,11 @@ fn grouping(g: Option<&str>, account: Option<AccountId>) -> Result<Grouping, App
         match part {
             "model" => out.model = true,
             "api_key_id" => out.key = true,
-            other => return Err(AppError::invalid_value("group_by", format!("group_by is model, api_key_id or both (comma-separated), got {other:?}"))),
+            "account_id" => out.account = true,
+            other => {
+                let message = format!("group_by is model, api_key_id or account_id (any of them, comma-separated), got {other:?}");
+                return Err(AppError::invalid_value("group_by", message));
+            }
         }
     }
     if out.key && account.is_none() {
@@ -120,21 +130,40 @@ fn grouping(g: Option<&str>, account: Option<AccountId>) -> Result<Grouping, App
     Ok(out)
 }
 
+/// The `models` filter: `None` for every model (and refunds).
+fn models(m: Option<&str>) -> Result<Option<std::collections::BTreeSet<&str>>, AppError> {
+    let Some(m) = m else { return Ok(None) };
+    let set: std::collections::BTreeSet<&str> = m.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    if set.is_empty() {
+        return Err(AppError::invalid_value("models", "models names one or more models, comma-separated"));
+    }
+    Ok(Some(set))
+}
+
+/// A result row's grouping: model, key and account, each `None` where not grouped by it.
+type RowKey<'a> = (Option<&'a str>, Option<&'a str>, Option<String>);
+
 async fn page(state: &AppState, account: Option<AccountId>, q: UsageQuery) -> Result<Json<Value>, AppError> {
     let b = billing(state)?;
     let now_s = u64::try_from(tokenomy_ledger::now_ms()).unwrap_or(0) / 1000;
     let (first, last, end) = days(&q, now_s)?;
     let by = grouping(q.group_by.as_deref(), account)?;
+    let only = models(q.models.as_deref())?;
     let reference = b.config().reference.is_some();
-    let buckets = b.usage(account, first..=last).await?;
+    let buckets: Vec<(Option<AccountId>, BucketKey, UsageTotals)> = match account {
+        None if by.account => b.usage_by_account(first..=last).await?.into_iter().map(|(a, k, t)| (Some(a), k, t)).collect(),
+        _ => b.usage(account, first..=last).await?.into_iter().map(|(k, t)| (account, k, t)).collect(),
+    };
+    let kept = |model: &str| only.as_ref().is_none_or(|set| set.contains(model));
     let data: Vec<Value> = (first..=last)
         .map(|day| {
-            // Rows of the day per (model, key) as grouped; "" (a refund's) reads as null.
-            let mut rows: std::collections::BTreeMap<(Option<&str>, Option<&str>), UsageTotals> = Default::default();
-            for ((_, model, key), t) in buckets.iter().filter(|((d, _, _), _)| *d == day) {
-                rows.entry((named(by.model, model), named(by.key, key))).or_default().add(t);
+            // Rows of the day as grouped; "" (a refund's model and key) reads as null.
+            let mut rows: std::collections::BTreeMap<RowKey, UsageTotals> = Default::default();
+            for (acc, (_, model, key), t) in buckets.iter().filter(|(_, (d, m, _), _)| *d == day && kept(m)) {
+                let acc = acc.filter(|_| by.account).map(|a| a.to_string());
+                rows.entry((named(by.model, model), named(by.key, key), acc)).or_default().add(t);
             }
-            let results: Vec<Value> = rows.iter().map(|((model, key), t)| result(t, *model, *key, reference)).collect();
+            let results: Vec<Value> = rows.iter().map(|((model, key, acc), t)| result(t, *model, *key, acc.as_deref(), reference)).collect();
             let start = u64::from(day) * DAY_S;
             json!({"object": "bucket", "start_time": start, "end_time": start + DAY_S, "results": results})
         })
@@ -150,14 +179,14 @@ fn named(on: bool, v: &str) -> Option<&str> {
 }
 
 /// One result row: OpenAI's fields, then what the tokens cost here and at the reference price.
-fn result(t: &UsageTotals, model: Option<&str>, api_key_id: Option<&str>, with_reference: bool) -> Value {
+fn result(t: &UsageTotals, model: Option<&str>, api_key_id: Option<&str>, account_id: Option<&str>, with_reference: bool) -> Value {
     json!({
         "object": "organization.usage.completions.result",
         "input_tokens": t.prompt_tokens, "output_tokens": t.completion_tokens,
         "input_cached_tokens": t.cached_tokens, "num_model_requests": t.requests,
         "input_audio_tokens": 0, "output_audio_tokens": 0,
         "project_id": null, "user_id": null, "api_key_id": api_key_id, "batch": null,
-        "model": model, "reasoning_tokens": t.reasoning_tokens,
+        "model": model, "account_id": account_id, "reasoning_tokens": t.reasoning_tokens,
         "charged_micros": t.charged_micros, "refunded_micros": t.refunded_micros,
         "reference_cost_micros": with_reference.then_some(t.reference_micros),
     })
@@ -226,8 +255,12 @@ mod tests {
     fn results_group_by_model_key_or_both() {
         let a = Some(AccountId(7));
         assert_eq!(grouping(None, a).unwrap(), Grouping::default());
-        assert_eq!(grouping(Some("model"), None).unwrap(), Grouping { model: true, key: false });
-        assert_eq!(grouping(Some("api_key_id, model"), a).unwrap(), Grouping { model: true, key: true });
+        assert_eq!(grouping(Some("model"), None).unwrap(), Grouping { model: true, ..Default::default() });
+        assert_eq!(grouping(Some("api_key_id, model"), a).unwrap(), Grouping { model: true, key: true, account: false });
+        assert_eq!(grouping(Some("account_id,model"), None).unwrap(), Grouping { model: true, key: false, account: true });
+        assert_eq!(models(Some("a, b,")).unwrap(), Some(["a", "b"].into_iter().collect()));
+        assert_eq!(models(None).unwrap(), None);
+        assert_eq!(models(Some(" , ")).unwrap_err().param.as_deref(), Some("models"));
         for (g, account) in [(Some("project_id"), a), (Some("api_key_id"), None)] {
             assert_eq!(grouping(g, account).unwrap_err().param.as_deref(), Some("group_by"), "{g:?}");
         }

@@ -566,6 +566,13 @@ impl Billing {
         Ok(log.usage().buckets(account, days))
     }
 
+    /// Every account's usage buckets of the UTC days `days`, by account.
+    pub async fn usage_by_account(&self, days: std::ops::RangeInclusive<u32>) -> Result<Vec<(AccountId, usage::BucketKey, usage::UsageTotals)>> {
+        let mut log = self.log.lock().await;
+        self.sync_log(&mut log).await?;
+        Ok(log.usage().buckets_by_account(days))
+    }
+
     /// Everything `account` (the whole ledger, for `None`) was charged for, and the first UTC
     /// day it was charged.
     pub async fn usage_totals(&self, account: Option<AccountId>) -> Result<(usage::UsageTotals, Option<u32>)> {
@@ -1102,13 +1109,13 @@ impl Billing {
     async fn published_bundle(&self, receipt: Receipt, canonical: &[u8]) -> Result<String> {
         let (origin, index) = (receipt.origin.clone(), receipt.log_index);
         let misdirected = |why: &str| {
-            BillingError::Misdirected(format!(
-                "Receipt {:?} was issued by node {origin:?}, whose key signs it, and {why}; fetch it from that node, or again later.",
-                receipt.receipt_id
-            ))
+            BillingError::Misdirected(format!("Receipt {:?} was issued by node {origin:?}, whose key signs it, and {why}.", receipt.receipt_id))
         };
         let corrupt = |what: String| BillingError::Internal(format!("what node {origin:?} published for log entry {index}: {what}"));
-        let AnyStore::Pg(pg) = &self.store else { return Err(misdirected("this node's ledger is not shared")) };
+        let AnyStore::Pg(pg) = &self.store else {
+            // (A node key replaced on a ledger of one node: only the old key signs it.)
+            return Err(misdirected("this node does not hold that key: fetch it from a node that does"));
+        };
         let interval_ms = self.config.billing.checkpoint_interval_ms;
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(publish_wait_ms(interval_ms));
         let (published, key, checkpoint) = loop {
@@ -1120,7 +1127,7 @@ impl Billing {
                 }
             }
             if std::time::Instant::now() >= deadline {
-                return Err(misdirected("that node has not published it yet (a node publishes its receipts while it runs)"));
+                return Err(misdirected("that node has not published it yet (a node publishes its receipts while it runs): fetch it from that node, or again later"));
             }
             tokio::time::sleep(std::time::Duration::from_millis(interval_ms.min(250))).await;
         };

@@ -121,6 +121,12 @@ impl UsageBook {
         book.range(from..to).map(|(k, v)| (k.clone(), *v)).collect()
     }
 
+    /// Every account's buckets whose day is in `days`, by account (in no particular order).
+    pub fn buckets_by_account(&self, days: std::ops::RangeInclusive<u32>) -> Vec<(AccountId, BucketKey, UsageTotals)> {
+        let each = |&a: &AccountId| self.buckets(Some(a), days.clone()).into_iter().map(move |(k, t)| (a, k, t));
+        self.accounts.keys().flat_map(each).collect()
+    }
+
     /// Everything `account` (the whole ledger for `None`) was charged, and the first day
     /// with a charge.
     pub fn totals(&self, account: Option<AccountId>) -> (UsageTotals, Option<u32>) {
@@ -199,6 +205,9 @@ mod tests {
         let ledger: Vec<_> = book.buckets(None, 20_000..=20_000).into_iter().map(|(k, t)| (k, t.requests)).collect();
         assert_eq!(ledger, [(k(20_000, "smollm2", ""), 3)], "the ledger's book is by day and model only");
         assert!(book.buckets(Some(a), 19_000..=19_999).is_empty() && book.buckets(Some(AccountId(99)), 0..=u32::MAX).is_empty());
+        let mut by_account: Vec<_> = book.buckets_by_account(20_000..=20_000).into_iter().map(|(acc, k, t)| (acc, k, t.requests)).collect();
+        by_account.sort();
+        assert_eq!(by_account, [(a, k(20_000, "smollm2", "k1"), 1), (a, k(20_000, "smollm2", "k2"), 1), (b, k(20_000, "smollm2", "k1"), 1)]);
 
         let (all, first_day) = book.totals(Some(a));
         assert_eq!((all.requests, all.charged_micros, all.refunded_micros, first_day), (3, 21, 5, Some(20_000)));

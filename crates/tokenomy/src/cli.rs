@@ -9,7 +9,6 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tokenomy_receipts::{verify_bundle, verify_consistency_notes, Hash, VerifierKey};
 
-/// A verifier key given inline (`name+hash+base64`) or as a file holding one.
 /// The key in `arg` (a key, or a file of keys one per line, as `GET /v1/node/keys` writes
 /// the keys of every node of a ledger) that signs for the log named `name`: with one key,
 /// that key (checks then say whose it is not); with several, the one of that name.
@@ -253,6 +252,9 @@ pub enum Ledger {
         /// A line per API key in each day (with --account).
         #[arg(long, requires = "account")]
         by_key: bool,
+        /// A line per account in each day (without --account).
+        #[arg(long, conflicts_with = "account")]
+        by_account: bool,
     },
 }
 
@@ -341,7 +343,7 @@ impl Conn {
 /// A usage page as a table: a line per day (and model), days without charges left out; the
 /// charged column is net of refunds.
 fn print_usage(page: &Value) {
-    out!("{:<10}  {:<24} {:>8} {:>12} {:>10} {:>12} {:>16}  key", "day", "model", "requests", "prompt", "cached", "completion", "charged");
+    out!("{:<10}  {:<24} {:>8} {:>12} {:>10} {:>12} {:>16}  key / account", "day", "model", "requests", "prompt", "cached", "completion", "charged");
     for b in page["data"].as_array().into_iter().flatten() {
         let (y, m, d) = tokenomy_core::civil_from_days(b["start_time"].as_i64().unwrap_or(0) / 86_400);
         for r in b["results"].as_array().into_iter().flatten() {
@@ -352,7 +354,7 @@ fn print_usage(page: &Value) {
             out!(
                 "{y:04}-{m:02}-{d:02}  {model:<24} {:>8} {:>12} {:>10} {:>12} {charged:>16}  {}",
                 n("num_model_requests"), n("input_tokens"), n("input_cached_tokens"), n("output_tokens"),
-                r["api_key_id"].as_str().unwrap_or("")
+                r["api_key_id"].as_str().or(r["account_id"].as_str()).unwrap_or("")
             );
         }
     }
@@ -450,31 +452,38 @@ pub async fn credits(c: Conn, cmd: Credits) -> Result<()> {
 }
 
 pub async fn ledger(c: Conn, cmd: Ledger) -> Result<()> {
-    let v = match cmd {
-        Ledger::Check => c.call(reqwest::Method::GET, "/admin/v1/ledger/check", None).await?,
-        Ledger::Usage { account, days, by_model, by_key } => {
-            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-            let start_s = (now_s / 86_400).saturating_sub(u64::from(days) - 1) * 86_400;
-            let mut uri = format!("/admin/v1/usage?start_time={start_s}&limit={days}");
-            if let Some(a) = account {
-                uri.push_str(&format!("&account_id={}", c.account_id(&a).await?));
+    match cmd {
+        Ledger::Check => {
+            let v = c.call(reqwest::Method::GET, "/admin/v1/ledger/check", None).await?;
+            c.show(&v);
+            if v["ok"] != json!(true) {
+                bail!("the ledger check failed");
             }
-            let group: Vec<&str> = [(by_model, "model"), (by_key, "api_key_id")].into_iter().filter_map(|(on, g)| on.then_some(g)).collect();
-            if !group.is_empty() {
-                uri.push_str(&format!("&group_by={}", group.join(",")));
-            }
-            let v = c.call(reqwest::Method::GET, &uri, None).await?;
-            if c.json {
-                c.show(&v);
-            } else {
-                print_usage(&v);
-            }
-            return Ok(());
+            Ok(())
         }
-    };
-    c.show(&v);
-    if v["ok"] != json!(true) {
-        bail!("the ledger check failed");
+        Ledger::Usage { account, days, by_model, by_key, by_account } => usage(&c, account, days, [by_model, by_key, by_account]).await,
+    }
+}
+
+/// `tokenomy ledger usage`: the last `days` UTC days of the ledger's usage (or one account's),
+/// as a table or as the API's JSON.
+/// `by`: a line per model, per key, per account.
+async fn usage(c: &Conn, account: Option<String>, days: u32, by: [bool; 3]) -> Result<()> {
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let start_s = (now_s / 86_400).saturating_sub(u64::from(days) - 1) * 86_400;
+    let mut uri = format!("/admin/v1/usage?start_time={start_s}&limit={days}");
+    if let Some(a) = account {
+        uri.push_str(&format!("&account_id={}", c.account_id(&a).await?));
+    }
+    let group: Vec<&str> = by.into_iter().zip(["model", "api_key_id", "account_id"]).filter_map(|(on, g)| on.then_some(g)).collect();
+    if !group.is_empty() {
+        uri.push_str(&format!("&group_by={}", group.join(",")));
+    }
+    let v = c.call(reqwest::Method::GET, &uri, None).await?;
+    if c.json {
+        c.show(&v);
+    } else {
+        print_usage(&v);
     }
     Ok(())
 }

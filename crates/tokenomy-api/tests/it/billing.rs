@@ -563,6 +563,22 @@ async fn usage_is_reported_by_day_and_model_from_the_receipts() {
     charged += second["receipt"]["amount_micros"].as_u64().unwrap();
     let mine = n.call("GET", &format!("/v1/me/usage?start_time={today}"), None, &key).await.json();
     assert_eq!(mine["data"][0]["results"][0]["charged_micros"], charged, "{mine}");
+    // The operator's view by account: a row per account that was charged, in one call.
+    let (other, other_key) = n.funded("reporter-2", 10_000_000).await;
+    assert_eq!(n.call("POST", "/v1/chat/completions", Some(chat(2)), &other_key).await.status, StatusCode::OK);
+    let by_account = n.admin("GET", &format!("/admin/v1/usage?start_time={today}&group_by=account_id"), None).await;
+    let rows: Vec<_> = by_account["data"][0]["results"].as_array().unwrap().iter().map(|r| (r["account_id"].clone(), r["num_model_requests"].clone())).collect();
+    let mut want = vec![(json!(acc), json!(3)), (json!(other), json!(1))];
+    want.sort_by_key(|w| w.0.as_str().unwrap().to_string());
+    assert_eq!(rows, want, "{by_account}");
+    let one = n.admin("GET", &format!("/admin/v1/usage?start_time={today}&group_by=account_id,model&account_id={acc}"), None).await;
+    assert_eq!(one["data"][0]["results"], json!([mine["data"][0]["results"][0].as_object().unwrap().clone().into_iter()
+        .map(|(k, v)| match k.as_str() { "account_id" => (k, json!(acc)), "model" => (k, json!(MODEL)), _ => (k, v) }).collect::<serde_json::Map<_, _>>()]), "{one}");
+    // Some models only: another model's filter leaves the days empty.
+    let of_model = n.call("GET", &format!("/v1/me/usage?start_time={today}&models={MODEL},other-model"), None, &key).await.json();
+    assert_eq!(of_model, mine);
+    let of_none = n.call("GET", &format!("/v1/me/usage?start_time={today}&models=other-model"), None, &key).await.json();
+    assert_eq!(of_none["data"][0]["results"], json!([]), "{of_none}");
     // Paging: one day per page.
     let first = n.call("GET", &format!("/v1/me/usage?start_time={yesterday}&limit=1"), None, &key).await.json();
     assert_eq!((&first["has_more"], &first["next_page"]), (&json!(true), &json!(today.to_string())), "{first}");
@@ -579,6 +595,7 @@ async fn usage_is_reported_by_day_and_model_from_the_receipts() {
         ("/v1/me/usage?group_by=project_id".to_string(), StatusCode::BAD_REQUEST, "group_by"),
         ("/v1/me/usage?project_ids=x".to_string(), StatusCode::BAD_REQUEST, "project_ids"),
         ("/v1/me/usage?limit=abc".to_string(), StatusCode::BAD_REQUEST, "limit"),
+        ("/v1/me/usage?models=".to_string(), StatusCode::BAD_REQUEST, "models"),
         (format!("/v1/me/usage?start_time={}", now_s + 86_400), StatusCode::BAD_REQUEST, "start_time"),
     ] {
         let e = assert_error(&n.call("GET", &uri, None, &key).await, status);

@@ -102,6 +102,9 @@ fn the_admin_cli_wraps_the_admin_api() {
     let (ok, out) = run(&["ledger", "usage", "--account", &id, "--days", "1", "--by-key", "--url", &node.base, "--data-dir", &dir], &[]);
     let keyed: Vec<Vec<&str>> = out.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert!(ok && keyed.iter().any(|l| l.len() == 8 && l[7] == key_id && l[2] == "1"), "the charge's key: {out}");
+    let (ok, out) = run(&["ledger", "usage", "--days", "1", "--by-account", "--url", &node.base, "--data-dir", &dir], &[]);
+    let accounts: Vec<Vec<&str>> = out.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert!(ok && accounts.iter().any(|l| l.len() == 8 && l[7] == id && l[2] == "1"), "the account's line: {out}");
     let (ok, out) = run(&["ledger", "usage", "--days", "40", "--url", &node.base, "--data-dir", &dir], &[]);
     assert!(!ok && out.contains("--days") && out.contains("1..=31"), "{out}");
 
