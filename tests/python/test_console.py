@@ -289,6 +289,13 @@ def test_an_operator_opens_an_account_whose_key_then_works(node, browser):
     want = usage_today(node, "/admin/v1/usage", node.admin_key)
     assert want, "today's charge"
     wait(d, lambda d: usage_rows(d, "ledger-usage-days") == want)
+    # Each account's row shows what it was charged in those days (the local user was served).
+    user = api(node, "/v1/me", node.key)["account"]["id"]
+    week = api(node, f"/admin/v1/usage?group_by=account_id&limit=7&account_id={user}", node.admin_key)
+    rows = [r for b in week["data"] for r in b["results"]]
+    net, requests = sum(r["charged_micros"] - r["refunded_micros"] for r in rows), sum(r["num_model_requests"] for r in rows)
+    cell = d.find_element(By.CSS_SELECTOR, f"#accounts tr[data-account='{user}'] td[data-usage]")
+    assert requests >= 1 and cell.text == f"{credits(net)} ({requests} requests)", cell.text
     d.find_element(By.ID, "new-account-name").send_keys("console-customer")
     d.find_element(By.ID, "new-account-credits").send_keys("2.5")
     d.find_element(By.CSS_SELECTOR, "#new-account button").click()

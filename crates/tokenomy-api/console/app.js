@@ -464,7 +464,24 @@ async function loadOperator() {
   p.className = check.ok ? "good" : "bad";
   state.accountsAfter = null;
   $("accounts").tBodies[0].replaceChildren();
+  await loadAccountUsage();
   await Promise.all([loadAccounts(), loadUsageDays("/admin/v1/usage", "ledger-usage-days")]);
+}
+
+/** What each account was charged in the last 7 UTC days, net of refunds, and for how many
+ * requests (`group_by=account_id`: every account in one call). */
+async function loadAccountUsage() {
+  const page = await api("/admin/v1/usage?group_by=account_id&limit=7");
+  const usage = new Map();
+  for (const b of page.data) {
+    for (const r of b.results) {
+      const t = usage.get(r.account_id) || { requests: 0, net_micros: 0 };
+      t.requests += r.num_model_requests;
+      t.net_micros += r.charged_micros - r.refunded_micros;
+      usage.set(r.account_id, t);
+    }
+  }
+  state.accountUsage = usage;
 }
 
 async function loadAccounts() {
@@ -481,7 +498,10 @@ function accountRow(a) {
   tr.dataset.account = a.id;
   const name = el("td", a.name);
   name.title = a.id;
-  tr.append(name, el("td", a.kind), el("td", credits(a.balance_micros), "num"), el("td", credits(a.available_micros), "num"));
+  const used = (state.accountUsage && state.accountUsage.get(a.id)) || { requests: 0, net_micros: 0 };
+  const usedCell = el("td", used.requests || used.net_micros ? `${credits(used.net_micros)} (${used.requests} requests)` : "—", "num");
+  usedCell.dataset.usage = "7d";
+  tr.append(name, el("td", a.kind), el("td", credits(a.balance_micros), "num"), el("td", credits(a.available_micros), "num"), usedCell);
   const mintCell = el("td");
   const keyCell = el("td");
   if (a.kind === "user" || a.kind === "agent") {
