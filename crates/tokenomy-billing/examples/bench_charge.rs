@@ -17,6 +17,9 @@
 //! * PostgreSQL only: `publish` — the node's first publication of its receipts (every receipt
 //!   of the log signed and stored, then its checkpoint), then a second node opening on the
 //!   ledger (reading the whole log) and serving the first node's receipts from what it published.
+//!
+//! `BENCH_JOIN=1` (after a run with PostgreSQL): only a node joining the ledger that run left,
+//! in a fresh process: its start time and the memory its view of the log takes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +76,12 @@ where
     stats(all, start.elapsed().as_secs_f64())
 }
 
+/// A request id of the API's form (32 hex digits, as its UUIDs): the key's and the request's
+/// number. Its receipt is `rcpt_` and the same digits.
+fn request_id(p: &Principal, i: u64) -> String {
+    format!("{:016x}{i:016x}", p.key_id.0 as u64)
+}
+
 /// One request's charge as the API runs it: admission, hold, settlement, and the figures of
 /// the response's rate-limit headers (admission and headers cost nothing for a key without
 /// limits).
@@ -108,7 +117,7 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     let bb = b.clone();
     let billing = run_phase(&principals, secs, move |p, i| {
         let b = bb.clone();
-        async move { charge(&b, &p, format!("{}-{i}", p.key_id), i).await }
+        async move { charge(&b, &p, request_id(&p, i), i).await }
     })
     .await;
     let mut limited_keys = Vec::new();
@@ -122,7 +131,7 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
         let next_id = next_id.clone();
         move |p: Principal, i: u64| {
             let (b, n) = (b.clone(), next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-            async move { charge(&b, &p, format!("limited-{n}"), i).await }
+            async move { charge(&b, &p, format!("{:032x}", (1u128 << 120) | u128::from(n)), i).await }
         }
     };
     let limited = run_phase(&limited_keys, secs, limited_phase(b.clone())).await;
@@ -131,10 +140,10 @@ async fn bench(name: &str, b: Arc<Billing>, writers: u64, secs: u64) {
     // Bundles for receipts made in the billing phase.
     let admin = Principal { key_id: principals[0].key_id, account: principals[0].account, scopes: vec!["admin".into()], limits: Default::default(), caps: Default::default(), spend: Default::default() };
     let size = b.checkpoint().await.unwrap().checkpoint.size;
-    let ids: Vec<String> = (0..writers.min(8)).map(|w| format!("rcpt_{}-{}", principals[w as usize].key_id, 0)).collect();
+    let ids: Vec<String> = (0..writers.min(8)).map(|w| format!("rcpt_{}", request_id(&principals[w as usize], 0))).collect();
     let (bb, viewer) = (b.clone(), admin.clone());
     let bundles = run_phase(&principals[..ids.len()], secs.min(3), move |p, _| {
-        let (b, admin, id) = (bb.clone(), viewer.clone(), format!("rcpt_{}-0", p.key_id));
+        let (b, admin, id) = (bb.clone(), viewer.clone(), format!("rcpt_{}", request_id(&p, 0)));
         async move {
             b.receipt_bundle(&id, &admin).await.unwrap();
         }
@@ -199,7 +208,7 @@ async fn publish_and_serve_elsewhere(b: &Arc<Billing>, principals: &[Principal],
     let (other, _) = Billing::open(opts).await.unwrap();
     let open_s = t.elapsed().as_secs_f64();
     let bundles = run_phase(principals, secs, move |p, _| {
-        let (b, admin, id) = (other.clone(), admin.clone(), format!("rcpt_{}-0", p.key_id));
+        let (b, admin, id) = (other.clone(), admin.clone(), format!("rcpt_{}", request_id(&p, 0)));
         async move {
             b.receipt_bundle(&id, &admin).await.unwrap();
         }
@@ -208,8 +217,34 @@ async fn publish_and_serve_elsewhere(b: &Arc<Billing>, principals: &[Principal],
     Published { receipts, publish_s, open_s, bundles }
 }
 
+/// `BENCH_JOIN=1`: a node joins the PostgreSQL ledger a run left (`tokenomy_bench`) in a fresh
+/// process, which reports the time and the resident memory its view of the log takes.
+async fn join_only(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("{}/tokenomy_bench", url.rsplit_once('/').unwrap().0);
+    let (t, before) = (Instant::now(), rss_bytes());
+    let opts = OpenOptions { data_dir: dir.path().into(), database_url: Some(url), origin: None, env: vec![] };
+    let (b, _) = Billing::open(opts).await.unwrap();
+    let (open_s, grew) = (t.elapsed().as_secs_f64(), rss_bytes().saturating_sub(before));
+    let entries = b.checkpoint().await.unwrap().checkpoint.size;
+    println!(
+        "a node joins a ledger of {entries} log entries: open {open_s:.2} s ({:.0} entries/s); resident memory +{:.1} MiB ({:.0} bytes per entry)",
+        entries as f64 / open_s, grew as f64 / 1_048_576.0, grew as f64 / entries.max(1) as f64
+    );
+}
+
+/// This process's resident memory (Linux), 0 where unknown.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kb.unwrap_or(0) * 1024
+}
+
 #[tokio::main]
 async fn main() {
+    if let (Ok(_), Ok(url)) = (std::env::var("BENCH_JOIN"), std::env::var("TOKENOMY_TEST_POSTGRES_URL")) {
+        return join_only(&url).await;
+    }
     let writers = env_u64("BENCH_WRITERS", 64);
     let secs = env_u64("BENCH_SECS", 5);
     let dir = tempfile::tempdir().unwrap();
