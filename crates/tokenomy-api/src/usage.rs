@@ -252,7 +252,7 @@ mod tests {
     }
 
     #[test]
-    fn results_group_by_model_key_or_both() {
+    fn results_group_by_model_key_and_account_and_filter_models() {
         let a = Some(AccountId(7));
         assert_eq!(grouping(None, a).unwrap(), Grouping::default());
         assert_eq!(grouping(Some("model"), None).unwrap(), Grouping { model: true, ..Default::default() });
