@@ -471,7 +471,13 @@ async function loadOperator() {
 /** What each account was charged in the last 7 UTC days, net of refunds, and for how many
  * requests (`group_by=account_id`: every account in one call). */
 async function loadAccountUsage() {
-  const page = await api("/admin/v1/usage?group_by=account_id&limit=7");
+  let page;
+  try {
+    page = await api("/admin/v1/usage?group_by=account_id&limit=7");
+  } catch (e) {
+    state.accountUsage = null; // the accounts still show, without it
+    return;
+  }
   const usage = new Map();
   for (const b of page.data) {
     for (const r of b.results) {

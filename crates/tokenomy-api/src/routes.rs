@@ -53,13 +53,20 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, AppError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(r) => {
-                let text = r.body_text();
-                let param = query_param_named(&text).map(str::to_string);
-                Err(AppError::invalid(format!("The query string is not valid for this endpoint: {text}"), param.as_deref()))
-            }
+            Err(r) => Err(query_error(&r.body_text())),
         }
     }
+}
+
+/// A query string read as [`ApiQuery`] reads a request's.
+pub fn api_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, AppError> {
+    let uri: axum::http::Uri = format!("/?{query}").parse().map_err(|_| query_error("not a query string"))?;
+    axum::extract::Query::<T>::try_from_uri(&uri).map(|q| q.0).map_err(|r| query_error(&r.body_text()))
+}
+
+fn query_error(text: &str) -> AppError {
+    let param = query_param_named(text).map(str::to_string);
+    AppError::invalid(format!("The query string is not valid for this endpoint: {text}"), param.as_deref())
 }
 
 /// The parameter a query-string rejection is about, when serde names it: `limit: invalid digit

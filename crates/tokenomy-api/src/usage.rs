@@ -8,7 +8,7 @@
 //! The figures are the ledger's receipts (`tokenomy_billing::usage`): every node's charges,
 //! surviving restarts. A free model's requests are not charged and so not in them.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
@@ -18,7 +18,6 @@ use tokenomy_ledger::AccountId;
 
 use crate::charge::{admin, billing, principal};
 use crate::error::AppError;
-use crate::routes::ApiQuery;
 use crate::AppState;
 
 const DAY_S: u64 = DAY_MS / 1000;
@@ -26,7 +25,7 @@ const DAY_S: u64 = DAY_MS / 1000;
 pub const BUCKETS_DEFAULT: u32 = 7;
 pub const BUCKETS_MAX: u32 = 31;
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     /// Unix seconds; the report starts at the UTC day holding it (default: six days before the
@@ -53,8 +52,39 @@ pub struct UsageQuery {
     account_id: Option<String>,
 }
 
+/// The query string with each list parameter (`models`, `group_by`) once, its values joined
+/// with commas: OpenAI's array form names it once per value (`models[]=a&models[]=b`), and
+/// repeating a parameter is how a query string lists values anyway.
+fn join_lists(query: &str) -> String {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let list = match name.to_ascii_lowercase().as_str() {
+            "models" | "models[]" | "models%5b%5d" => "models",
+            "group_by" | "group_by[]" | "group_by%5b%5d" => "group_by",
+            _ => {
+                pairs.push((name.to_string(), value.to_string()));
+                continue;
+            }
+        };
+        match pairs.iter_mut().find(|(n, _)| n == list) {
+            Some((_, joined)) => {
+                joined.push(',');
+                joined.push_str(value);
+            }
+            None => pairs.push((list.to_string(), value.to_string())),
+        }
+    }
+    pairs.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join("&")
+}
+
+fn usage_query(raw: Option<String>) -> Result<UsageQuery, AppError> {
+    crate::routes::api_query(&join_lists(raw.as_deref().unwrap_or("")))
+}
+
 /// `GET /v1/me/usage`: the key's account's usage by UTC day.
-pub async fn mine(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<UsageQuery>) -> Result<Json<Value>, AppError> {
+pub async fn mine(State(state): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Result<Json<Value>, AppError> {
+    let q = usage_query(raw)?;
     let p = principal(&state, &headers).await?;
     if q.account_id.is_some() {
         return Err(AppError::invalid_value("account_id", "account_id is for the admin route, /admin/v1/usage; this one reports the key's own account"));
@@ -63,8 +93,9 @@ pub async fn mine(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q)
 }
 
 /// `GET /admin/v1/usage`: the ledger's usage by UTC day, or one account's (`account_id`).
-pub async fn ledger(State(state): State<AppState>, headers: HeaderMap, ApiQuery(q): ApiQuery<UsageQuery>) -> Result<Json<Value>, AppError> {
+pub async fn ledger(State(state): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Result<Json<Value>, AppError> {
     admin(&state, &headers).await?;
+    let q = usage_query(raw)?;
     let account = match q.account_id.as_deref() {
         None => None,
         Some(id) => Some(tokenomy_billing::parse_account_id(id).map_err(|e| AppError { param: Some("account_id".into()), ..AppError::from(e) })?),
@@ -113,7 +144,12 @@ struct Grouping {
 
 fn grouping(g: Option<&str>, account: Option<AccountId>) -> Result<Grouping, AppError> {
     let mut out = Grouping::default();
-    for part in g.unwrap_or("").split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    let Some(g) = g else { return Ok(out) };
+    let parts: Vec<&str> = g.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return Err(AppError::invalid_value("group_by", "group_by names model, api_key_id or account_id (any of them, comma-separated); leave it out for one row a day"));
+    }
+    for part in parts {
         match part {
             "model" => out.model = true,
             "api_key_id" => out.key = true,
@@ -220,8 +256,16 @@ mod tests {
     use super::*;
 
     fn query(s: &str) -> UsageQuery {
-        let uri: axum::http::Uri = format!("/v1/me/usage?{s}").parse().unwrap();
-        axum::extract::Query::try_from_uri(&uri).unwrap().0
+        usage_query(Some(s.to_string())).unwrap()
+    }
+
+    #[test]
+    fn list_parameters_may_be_repeated() {
+        assert_eq!(join_lists("models[]=a&limit=2&models[]=b&group_by%5B%5D=model&group_by=account_id"), "models=a,b&limit=2&group_by=model,account_id");
+        assert_eq!(query("models=a&models=b%20c").models.as_deref(), Some("a,b c"));
+        assert_eq!(query("group_by[]=model&group_by[]=api_key_id").group_by.as_deref(), Some("model,api_key_id"));
+        assert_eq!(join_lists("limit&&start_time=5"), "limit=&start_time=5");
+        assert_eq!(usage_query(Some("limit=2&limit=3".into())).unwrap_err().message, "The query string is not valid for this endpoint: Failed to deserialize query string: duplicate field `limit`");
     }
 
     #[test]
@@ -261,7 +305,7 @@ mod tests {
         assert_eq!(models(Some("a, b,")).unwrap(), Some(["a", "b"].into_iter().collect()));
         assert_eq!(models(None).unwrap(), None);
         assert_eq!(models(Some(" , ")).unwrap_err().param.as_deref(), Some("models"));
-        for (g, account) in [(Some("project_id"), a), (Some("api_key_id"), None)] {
+        for (g, account) in [(Some("project_id"), a), (Some("api_key_id"), None), (Some(""), a), (Some(" , "), None)] {
             assert_eq!(grouping(g, account).unwrap_err().param.as_deref(), Some("group_by"), "{g:?}");
         }
     }

@@ -253,7 +253,7 @@ pub enum Ledger {
         #[arg(long, requires = "account")]
         by_key: bool,
         /// A line per account in each day (without --account).
-        #[arg(long, conflicts_with = "account")]
+        #[arg(long, conflicts_with_all = ["account", "by_key"])]
         by_account: bool,
     },
 }

@@ -577,6 +577,9 @@ async fn usage_is_reported_by_day_and_model_from_the_receipts() {
     // Some models only: another model's filter leaves the days empty.
     let of_model = n.call("GET", &format!("/v1/me/usage?start_time={today}&models={MODEL},other-model"), None, &key).await.json();
     assert_eq!(of_model, mine);
+    // OpenAI's array form, a value per repeat.
+    let repeated = n.call("GET", &format!("/v1/me/usage?start_time={today}&models[]={MODEL}&models[]=other-model"), None, &key).await.json();
+    assert_eq!(repeated, mine);
     let of_none = n.call("GET", &format!("/v1/me/usage?start_time={today}&models=other-model"), None, &key).await.json();
     assert_eq!(of_none["data"][0]["results"], json!([]), "{of_none}");
     // Paging: one day per page.
