@@ -7,7 +7,7 @@
 //! checkpoint is checked against the last one signed (kept in `DATA_DIR/checkpoint`, so the
 //! rule survives restarts): the tree at the old size must have the old root.
 
-use std::collections::HashMap;
+mod index;
 
 use tokenomy_ledger::{AccountId, LedgerStore, LogEntry, Price, TransferId};
 use tokenomy_receipts::{Checkpoint, Hash, Receipt, SignerKey, Tree, VerifierKey};
@@ -22,40 +22,11 @@ pub struct Signed {
     pub note: String,
 }
 
-/// A receipt id as the log view keeps it: `rcpt_` and 32 hex digits (every id this node
-/// mints: a random one, or its request's UUID) as the number they spell, 16 bytes where the
-/// text would take a 24-byte `String` and a 37-byte allocation; any other id as its text.
-/// (Memory per logged receipt is what bounds the view: see `docs/benchmarks.md`.)
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum ReceiptKey {
-    Hex(u128),
-    Text(Box<str>),
-}
-
-impl ReceiptKey {
-    fn of(id: &str) -> ReceiptKey {
-        let hex = id.strip_prefix("rcpt_").filter(|h| h.len() == 32 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-        match hex.and_then(|h| u128::from_str_radix(h, 16).ok()) {
-            Some(n) => ReceiptKey::Hex(n),
-            None => ReceiptKey::Text(id.into()),
-        }
-    }
-
-    fn id(&self) -> String {
-        match self {
-            ReceiptKey::Hex(n) => format!("rcpt_{n:032x}"),
-            ReceiptKey::Text(t) => t.to_string(),
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct LogState {
     tree: Tree,
-    /// receipt id → (log index, account).
-    index: HashMap<ReceiptKey, (u64, AccountId)>,
-    /// ledger transfer → receipt id.
-    by_transfer: HashMap<TransferId, ReceiptKey>,
+    /// receipt id → (log index, account); ledger transfer → receipt id.
+    index: index::ReceiptIndex,
     last: Option<Signed>,
     /// What each account was charged, by day and model, from the receipts read so far.
     usage: crate::usage::UsageBook,
@@ -69,7 +40,7 @@ impl LogState {
     /// reports price tokens at `reference` too.
     pub fn new(last: Option<Signed>, reference: Option<Price>) -> LogState {
         let usage = crate::usage::UsageBook::new(reference);
-        LogState { tree: Tree::new(), index: HashMap::new(), by_transfer: HashMap::new(), last, usage, tail: None }
+        LogState { tree: Tree::new(), index: Default::default(), last, usage, tail: None }
     }
 
     /// The usage of the receipts read so far (call [`sync`](Self::sync) first).
@@ -121,20 +92,19 @@ impl LogState {
         if r.log_index != e.log_index {
             return Err(format!("log entry {} holds a receipt for index {}", e.log_index, r.log_index));
         }
+        self.index.push(&r.receipt_id, e.transfer_id, e.account_id)?;
         self.tree.push_data(&e.leaf_bytes);
-        let key = ReceiptKey::of(&r.receipt_id);
-        self.by_transfer.insert(e.transfer_id, key.clone());
+        debug_assert_eq!(self.index.len(), self.tree.size());
         self.usage.add(e.account_id, &r);
-        self.index.insert(key, (e.log_index, e.account_id));
         Ok(())
     }
 
     pub fn receipt_for_transfer(&self, t: TransferId) -> Option<String> {
-        self.by_transfer.get(&t).map(ReceiptKey::id)
+        self.index.receipt_for_transfer(t)
     }
 
     pub fn find(&self, receipt_id: &str) -> Option<(u64, AccountId)> {
-        self.index.get(&ReceiptKey::of(receipt_id)).copied()
+        self.index.find(receipt_id)
     }
 
     /// The latest checkpoint, signing a new one if the tree grew since the last.
@@ -177,24 +147,5 @@ impl LogState {
     pub fn open_signed(note: &str, key: &VerifierKey) -> Result<Signed, String> {
         let checkpoint = Checkpoint::open(note, key).map_err(|e| format!("stored checkpoint: {e}"))?;
         Ok(Signed { checkpoint, note: note.to_string() })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ReceiptKey;
-
-    #[test]
-    fn receipt_ids_are_kept_as_numbers_where_they_spell_one_and_read_back_as_given() {
-        let hex = "rcpt_0123456789abcdef0123456789abcdef";
-        assert_eq!(ReceiptKey::of(hex), ReceiptKey::Hex(0x0123456789abcdef0123456789abcdef));
-        assert_eq!(ReceiptKey::of("rcpt_00000000000000000000000000000001").id(), "rcpt_00000000000000000000000000000001");
-        // Upper case, other lengths, other prefixes: kept as text, so each reads back as it was.
-        for id in ["rcpt_0123456789ABCDEF0123456789ABCDEF", "rcpt_0123", "rcpt_+123456789abcdef0123456789abcdef", "chatcmpl-1", ""] {
-            let key = ReceiptKey::of(id);
-            assert!(matches!(key, ReceiptKey::Text(_)), "{id}");
-            assert_eq!(key.id(), id);
-        }
-        assert_eq!(ReceiptKey::of(hex).id(), hex);
     }
 }
