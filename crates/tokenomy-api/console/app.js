@@ -475,6 +475,7 @@ async function loadAccountUsage() {
   try {
     page = await api("/admin/v1/usage?group_by=account_id&limit=7");
   } catch (e) {
+    console.warn("usage by account:", e);
     state.accountUsage = null; // the accounts still show, without it
     return;
   }

@@ -54,28 +54,28 @@ pub struct UsageQuery {
 
 /// The query string with each list parameter (`models`, `group_by`) once, its values joined
 /// with commas: OpenAI's array form names it once per value (`models[]=a&models[]=b`), and
-/// repeating a parameter is how a query string lists values anyway.
+/// repeating a parameter is how a query string lists values anyway. Names are compared
+/// decoded (`models%5B%5D` is `models[]`), as the query's deserializer reads them.
 fn join_lists(query: &str) -> String {
     let mut pairs: Vec<(String, String)> = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let list = match name.to_ascii_lowercase().as_str() {
-            "models" | "models[]" | "models%5b%5d" => "models",
-            "group_by" | "group_by[]" | "group_by%5b%5d" => "group_by",
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let list = match name.as_ref() {
+            "models" | "models[]" => "models",
+            "group_by" | "group_by[]" => "group_by",
             _ => {
-                pairs.push((name.to_string(), value.to_string()));
+                pairs.push((name.into_owned(), value.into_owned()));
                 continue;
             }
         };
         match pairs.iter_mut().find(|(n, _)| n == list) {
             Some((_, joined)) => {
                 joined.push(',');
-                joined.push_str(value);
+                joined.push_str(&value);
             }
-            None => pairs.push((list.to_string(), value.to_string())),
+            None => pairs.push((list.to_string(), value.into_owned())),
         }
     }
-    pairs.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join("&")
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
 
 fn usage_query(raw: Option<String>) -> Result<UsageQuery, AppError> {
@@ -84,8 +84,8 @@ fn usage_query(raw: Option<String>) -> Result<UsageQuery, AppError> {
 
 /// `GET /v1/me/usage`: the key's account's usage by UTC day.
 pub async fn mine(State(state): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Result<Json<Value>, AppError> {
-    let q = usage_query(raw)?;
     let p = principal(&state, &headers).await?;
+    let q = usage_query(raw)?;
     if q.account_id.is_some() {
         return Err(AppError::invalid_value("account_id", "account_id is for the admin route, /admin/v1/usage; this one reports the key's own account"));
     }
@@ -261,10 +261,14 @@ mod tests {
 
     #[test]
     fn list_parameters_may_be_repeated() {
-        assert_eq!(join_lists("models[]=a&limit=2&models[]=b&group_by%5B%5D=model&group_by=account_id"), "models=a,b&limit=2&group_by=model,account_id");
+        assert_eq!(join_lists("models[]=a&limit=2&models[]=b&group_by%5B%5D=model&group_by=account_id"), "models=a%2Cb&limit=2&group_by=model%2Caccount_id");
         assert_eq!(query("models=a&models=b%20c").models.as_deref(), Some("a,b c"));
+        // Names compared decoded, however encoded; compared as given (no case folding).
+        assert_eq!(query("models%5B]=a&%6Dodels[%5D=b+c&models=d%2Ce").models.as_deref(), Some("a,b c,d,e"));
+        assert_eq!(usage_query(Some("MODELS=a".into())).unwrap_err().param.as_deref(), Some("MODELS"));
         assert_eq!(query("group_by[]=model&group_by[]=api_key_id").group_by.as_deref(), Some("model,api_key_id"));
         assert_eq!(join_lists("limit&&start_time=5"), "limit=&start_time=5");
+        assert_eq!(join_lists("models=%26%3D"), "models=%26%3D", "values stay what they were");
         assert_eq!(usage_query(Some("limit=2&limit=3".into())).unwrap_err().message, "The query string is not valid for this endpoint: Failed to deserialize query string: duplicate field `limit`");
     }
 

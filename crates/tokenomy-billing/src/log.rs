@@ -94,7 +94,7 @@ impl LogState {
         }
         self.index.push(&r.receipt_id, e.transfer_id, e.account_id)?;
         self.tree.push_data(&e.leaf_bytes);
-        debug_assert_eq!(self.index.len(), self.tree.size());
+        assert_eq!(self.index.len(), self.tree.size(), "the receipt index and the tree went out of step");
         self.usage.add(e.account_id, &r);
         Ok(())
     }
