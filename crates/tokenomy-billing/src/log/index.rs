@@ -92,20 +92,11 @@ impl ReceiptIndex {
         });
         rows.transfer.push(transfer);
         rows.account.push(place);
-        let hash = hasher.hash_one(key);
-        match by_receipt.find_mut(hash, |&j| rows.key(j) == key) {
-            Some(j) => *j = i,
-            None => {
-                by_receipt.insert_unique(hash, i, |&j| hasher.hash_one(rows.key(j)));
-            }
-        }
-        let hash = hasher.hash_one(transfer);
-        match by_transfer.find_mut(hash, |&j| rows.transfer[j as usize] == transfer) {
-            Some(j) => *j = i,
-            None => {
-                by_transfer.insert_unique(hash, i, |&j| hasher.hash_one(rows.transfer[j as usize]));
-            }
-        }
+        let rows = &*rows;
+        let (hash, eq) = (hasher.hash_one(key), |&j: &u64| rows.key(j) == key);
+        point_at(by_receipt.entry(hash, eq, |&j| hasher.hash_one(rows.key(j))), i);
+        let (hash, eq) = (hasher.hash_one(transfer), |&j: &u64| rows.transfer[j as usize] == transfer);
+        point_at(by_transfer.entry(hash, eq, |&j| hasher.hash_one(rows.transfer[j as usize])), i);
         Ok(())
     }
 
@@ -130,6 +121,16 @@ impl ReceiptIndex {
     pub(super) fn receipt_for_transfer(&self, t: TransferId) -> Option<String> {
         let i = *self.by_transfer.find(self.hasher.hash_one(t), |&j| self.rows.transfer[j as usize] == t)?;
         Some(self.rows.key(i).id())
+    }
+}
+
+/// Points a table's entry at log index `i`: a new one, or one found (a key logged again).
+fn point_at(entry: hashbrown::hash_table::Entry<'_, u64>, i: u64) {
+    match entry {
+        hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = i,
+        hashbrown::hash_table::Entry::Vacant(v) => {
+            v.insert(i);
+        }
     }
 }
 
