@@ -1026,7 +1026,14 @@ impl Billing {
     /// Catches the log view up with the store; on a log that went back, halts the node.
     async fn sync_log(&self, log: &mut log::LogState) -> Result<()> {
         self.serving()?;
-        match log.sync(&self.store).await {
+        let synced = log.sync(&self.store).await;
+        self.halt_if_rewritten(synced)
+    }
+
+    /// Halts the node on [`BillingError::LogRewritten`] (its log view found the store's log
+    /// gone back); passes everything else through.
+    fn halt_if_rewritten<T>(&self, r: Result<T>) -> Result<T> {
+        match r {
             Err(BillingError::LogRewritten(why)) => {
                 if self.halted.set(why.clone()).is_ok() {
                     tracing::error!(%why, "the ledger's receipts log went back under this node: it stops charging");
@@ -1049,12 +1056,13 @@ impl Billing {
     pub async fn checkpoint(&self) -> Result<log::Signed> {
         let mut log = self.log.lock().await;
         self.sync_log(&mut log).await?;
-        self.checkpoint_locked(&mut log)
+        self.checkpoint_locked(&mut log).await
     }
 
-    fn checkpoint_locked(&self, log: &mut log::LogState) -> Result<log::Signed> {
+    async fn checkpoint_locked(&self, log: &mut log::LogState) -> Result<log::Signed> {
         let before = log.last().map(|s| s.checkpoint.size);
-        let signed = log.checkpoint(&self.signer).map_err(BillingError::Internal)?;
+        let signed = log.checkpoint(&self.signer, &self.store).await;
+        let signed = self.halt_if_rewritten(signed)?;
         if before != Some(signed.checkpoint.size) {
             node::persist_checkpoint(&self.data_dir, &signed.note).map_err(|e| BillingError::Internal(format!("saving the checkpoint: {e}")))?;
         }
@@ -1068,7 +1076,8 @@ impl Billing {
         if old == 0 || old > new || new > log.size() {
             return Err(BillingError::Invalid(format!("need 0 < old <= new <= {} (the log size), got old={old} new={new}", log.size())));
         }
-        log.consistency_proof(old, new).map_err(BillingError::Invalid)
+        let proof = log.consistency_proof(old, new, &self.store).await;
+        self.halt_if_rewritten(proof)
     }
 
     /// The verifiable bundle of one receipt: fields, signed bytes, signature and a tlog-proof
@@ -1092,8 +1101,9 @@ impl Billing {
             drop(log);
             return self.published_bundle(receipt, &entry.leaf_bytes).await;
         }
-        let signed = self.checkpoint_locked(&mut log)?;
-        let hashes = log.inclusion_proof(index, signed.checkpoint.size).map_err(BillingError::Internal)?;
+        let signed = self.checkpoint_locked(&mut log).await?;
+        let hashes = log.inclusion_proof(index, signed.checkpoint.size, &self.store).await;
+        let hashes = self.halt_if_rewritten(hashes)?;
         drop(log);
         let (canonical, signature) = receipt.sign(&self.signer).map_err(|e| BillingError::Internal(e.to_string()))?;
         assert_eq!(canonical, entry.leaf_bytes, "a logged receipt re-encodes to its own bytes");
@@ -1141,8 +1151,12 @@ impl Billing {
         if log.size() < checkpoint.size {
             self.sync_log(&mut log).await?;
         }
-        log.assert_consistent_with(&checkpoint).map_err(|e| corrupt(format!("its checkpoint against this node's view of the log: {e}")))?;
-        let hashes = log.inclusion_proof(index, checkpoint.size).map_err(BillingError::Internal)?;
+        log.assert_consistent_with(&checkpoint, &self.store).await.map_err(|e| match e {
+            BillingError::LogRewritten(why) => corrupt(format!("its checkpoint against this node's view of the log: {why}")),
+            e => e,
+        })?;
+        let hashes = log.inclusion_proof(index, checkpoint.size, &self.store).await;
+        let hashes = self.halt_if_rewritten(hashes)?;
         drop(log);
         let proof = TlogProof { extra: None, index, hashes, checkpoint_note: published.checkpoint_note };
         Ok(ReceiptBundle::new(receipt, canonical, &signature, &key, &proof).to_json())

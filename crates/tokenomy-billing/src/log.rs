@@ -3,6 +3,10 @@
 //! caught up before every proof), an index from receipt id to log position, and the last
 //! checkpoint this node signed.
 //!
+//! The tree holds hashes from 64-leaf tiles up ([`TiledTree`]): a proof that reaches inside a
+//! complete tile reads that tile's entries back from the store (at most two tiles per proof),
+//! and the tree checks them against the tile root it computed when it appended them.
+//!
 //! Architecture Invariant: the node never signs two inconsistent checkpoints. Every new
 //! checkpoint is checked against the last one signed (kept in `DATA_DIR/checkpoint`, so the
 //! rule survives restarts): the tree at the old size must have the old root.
@@ -10,7 +14,7 @@
 mod index;
 
 use tokenomy_ledger::{AccountId, LedgerStore, LogEntry, Price, TransferId};
-use tokenomy_receipts::{Checkpoint, Hash, Receipt, SignerKey, Tree, VerifierKey};
+use tokenomy_receipts::{Checkpoint, Hash, Receipt, SignerKey, Tile, TiledError, TiledTree, Tiles, VerifierKey, TILE_LEAVES};
 
 /// Entries read from the store per catch-up query.
 const SYNC_BATCH: u32 = 999; // + the tail read again: the store's page limit of 1 000
@@ -24,7 +28,7 @@ pub struct Signed {
 
 #[derive(Debug)]
 pub struct LogState {
-    tree: Tree,
+    tree: TiledTree,
     /// receipt id → (log index, account); ledger transfer → receipt id.
     index: index::ReceiptIndex,
     last: Option<Signed>,
@@ -33,6 +37,38 @@ pub struct LogState {
     /// The entry at the end of the tree: each sync reads it again, so a store whose log went
     /// back (a restored backup, a failover to a replica that lost commits) is noticed.
     tail: Option<LogEntry>,
+    /// Tiles read back for proofs, kept for the next ones (a client fetches its receipt soon
+    /// after the request, so recent tiles are asked for again and again).
+    tiles: TileCache,
+}
+
+/// Tiles read back from the store, at most [`TILE_CACHE_MAX`], the oldest read going first.
+#[derive(Debug, Default)]
+struct TileCache {
+    tiles: Tiles,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// 256 tiles of 127 hashes: 1 MiB, 16 384 entries' worth.
+const TILE_CACHE_MAX: usize = 256;
+
+impl TileCache {
+    fn insert(&mut self, number: u64, tile: Tile) {
+        if self.tiles.insert(number, tile).is_none() {
+            self.order.push_back(number);
+        }
+        while self.order.len() > TILE_CACHE_MAX {
+            let oldest = self.order.pop_front().expect("order is not empty");
+            self.tiles.remove(&oldest);
+        }
+        debug_assert_eq!(self.order.len(), self.tiles.len());
+    }
+
+    fn remove(&mut self, tile: u64) {
+        if self.tiles.remove(&tile).is_some() {
+            self.order.retain(|&t| t != tile);
+        }
+    }
 }
 
 impl LogState {
@@ -40,7 +76,7 @@ impl LogState {
     /// reports price tokens at `reference` too.
     pub fn new(last: Option<Signed>, reference: Option<Price>) -> LogState {
         let usage = crate::usage::UsageBook::new(reference);
-        LogState { tree: Tree::new(), index: Default::default(), last, usage, tail: None }
+        LogState { tree: TiledTree::new(), index: Default::default(), last, usage, tail: None, tiles: TileCache::default() }
     }
 
     /// The usage of the receipts read so far (call [`sync`](Self::sync) first).
@@ -108,39 +144,71 @@ impl LogState {
     }
 
     /// The latest checkpoint, signing a new one if the tree grew since the last.
-    pub fn checkpoint(&mut self, signer: &SignerKey) -> Result<Signed, String> {
-        if let Some(last) = &self.last {
+    pub async fn checkpoint<S: LedgerStore>(&mut self, signer: &SignerKey, store: &S) -> Result<Signed, crate::BillingError> {
+        if let Some(last) = self.last.clone() {
             if last.checkpoint.size == self.tree.size() {
                 assert_eq!(last.checkpoint.root, self.tree.root(), "same size, different root: the log was rewritten");
-                return Ok(last.clone());
+                return Ok(last);
             }
-            self.assert_consistent_with(&last.checkpoint)?;
+            self.assert_consistent_with(&last.checkpoint, store).await?;
         }
         let checkpoint = Checkpoint::new(signer.name(), self.tree.size(), self.tree.root());
-        let note = checkpoint.sign(signer).map_err(|e| e.to_string())?;
+        let note = checkpoint.sign(signer).map_err(|e| crate::BillingError::Internal(e.to_string()))?;
         let signed = Signed { checkpoint, note };
         self.last = Some(signed.clone());
         Ok(signed)
     }
 
-    /// Refuses to go on from a log that does not extend a checkpoint we signed.
-    pub fn assert_consistent_with(&self, old: &Checkpoint) -> Result<(), String> {
+    /// Refuses to go on from a log that does not extend `old`, a checkpoint signed before:
+    /// [`crate::BillingError::LogRewritten`].
+    pub async fn assert_consistent_with<S: LedgerStore>(&mut self, old: &Checkpoint, store: &S) -> Result<(), crate::BillingError> {
         if old.size > self.tree.size() {
-            return Err(format!("the log has {} entries but checkpoint {} was signed: entries were lost", self.tree.size(), old.size));
+            let why = format!("the log has {} entries but checkpoint {} was signed: entries were lost", self.tree.size(), old.size);
+            return Err(crate::BillingError::LogRewritten(why));
         }
-        let root: Hash = self.tree.root_at(old.size).map_err(|e| e.to_string())?;
+        let root = self.ask(store, |tree, tiles| tree.root_at(old.size, tiles)).await?;
         if root != old.root {
-            return Err(format!("the log at size {} does not match the signed checkpoint: history was rewritten", old.size));
+            let why = format!("the log at size {} does not match the signed checkpoint: history was rewritten", old.size);
+            return Err(crate::BillingError::LogRewritten(why));
         }
         Ok(())
     }
 
-    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, String> {
-        self.tree.inclusion_proof(index, size).map_err(|e| e.to_string())
+    pub async fn inclusion_proof<S: LedgerStore>(&mut self, index: u64, size: u64, store: &S) -> Result<Vec<Hash>, crate::BillingError> {
+        self.ask(store, |tree, tiles| tree.inclusion_proof(index, size, tiles)).await
     }
 
-    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, String> {
-        self.tree.consistency_proof(old, new).map_err(|e| e.to_string())
+    pub async fn consistency_proof<S: LedgerStore>(&mut self, old: u64, new: u64, store: &S) -> Result<Vec<Hash>, crate::BillingError> {
+        self.ask(store, |tree, tiles| tree.consistency_proof(old, new, tiles)).await
+    }
+
+    /// Asks the tree with the tiles kept; if it names others, reads their entries from the
+    /// store and asks again (the tree checks them against the tile roots it holds).
+    async fn ask<S: LedgerStore, T>(
+        &mut self,
+        store: &S,
+        ask: impl Fn(&TiledTree, &Tiles) -> Result<T, TiledError>,
+    ) -> Result<T, crate::BillingError> {
+        let mut read = false;
+        loop {
+            match ask(&self.tree, &self.tiles.tiles) {
+                Ok(answer) => return Ok(answer),
+                Err(TiledError::NeedTiles(needed)) if !read => {
+                    for t in needed {
+                        let tile = read_tile(store, t).await?;
+                        self.tiles.insert(t, tile);
+                    }
+                    read = true;
+                }
+                Err(TiledError::NeedTiles(needed)) => unreachable!("the tree asked again for tiles {needed:?}"),
+                Err(TiledError::TileMismatch(t)) => {
+                    self.tiles.remove(t);
+                    let (from, to) = (t * TILE_LEAVES, t * TILE_LEAVES + TILE_LEAVES - 1);
+                    return Err(crate::BillingError::LogRewritten(format!("the ledger's log entries {from}..={to} are not the ones this node read")));
+                }
+                Err(TiledError::Proof(e)) => return Err(crate::BillingError::Invalid(e.to_string())),
+            }
+        }
     }
 
     /// Reads a checkpoint note we signed, checking our own signature.
@@ -148,4 +216,19 @@ impl LogState {
         let checkpoint = Checkpoint::open(note, key).map_err(|e| format!("stored checkpoint: {e}"))?;
         Ok(Signed { checkpoint, note: note.to_string() })
     }
+}
+
+/// Tile `t` of the log, read from the store.
+async fn read_tile<S: LedgerStore>(store: &S, t: u64) -> Result<Tile, crate::BillingError> {
+    let from = t * TILE_LEAVES;
+    let entries = store.log_entries(from, TILE_LEAVES as u32).await?;
+    if entries.len() as u64 != TILE_LEAVES {
+        let why = format!("the ledger's log has {} entries from {from}, where this node read {TILE_LEAVES}", entries.len());
+        return Err(crate::BillingError::LogRewritten(why));
+    }
+    for (e, i) in entries.iter().zip(from..) {
+        assert_eq!(e.log_index, i, "the store returned log entries out of order");
+    }
+    let leaves: Vec<Hash> = entries.iter().map(|e| tokenomy_receipts::merkle::leaf_hash(&e.leaf_bytes)).collect();
+    Ok(Tile::new(&leaves).expect("a tile's worth of entries"))
 }

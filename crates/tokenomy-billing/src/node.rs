@@ -206,7 +206,8 @@ impl Billing {
         let mut log = log::LogState::new(last.clone(), config.reference.as_ref().map(|r| r.price()));
         log.sync(&store).await?;
         if let Some(l) = &last {
-            log.assert_consistent_with(&l.checkpoint).map_err(|e| {
+            log.assert_consistent_with(&l.checkpoint, &store).await.map_err(|e| {
+                let BillingError::LogRewritten(e) = e else { return e };
                 BillingError::Internal(format!(
                     "{e}. The ledger went back under this node (a restored backup, a failover that lost commits): restore it to a state \
                      that extends the checkpoint in {}, or, to accept the loss, move that file aside (the node then signs a log that \

@@ -16,7 +16,17 @@ pub fn stores() -> Vec<Option<String>> {
 pub async fn fresh_database(url: &str, name: &str) -> String {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to the test server");
     tokio::spawn(conn);
-    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.expect("drop the test database");
+    // FORCE ends the database's sessions, but not an autovacuum worker's (the server's own
+    // role), which a large run just before may have started: wait for it to end.
+    for attempt in 0.. {
+        match client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+            Ok(()) => break,
+            Err(e) if attempt < 100 && e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("drop the test database: {e}"),
+        }
+    }
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create the test database");
     format!("{}/{name}", url.rsplit_once('/').expect("a URL with a database").0)
 }

@@ -18,7 +18,9 @@
 //! * **Errors that say what failed** ([`bundle::VerifyError`]): a disputed charge needs to know
 //!   whether the signature, a field, the inclusion or the checkpoint was wrong.
 //! * **The node's hot path is here too** ([`merkle::Tree`]): proofs per request at ~10⁶ leaves
-//!   must be O(log n), so the tree caches complete subtree hashes.
+//!   must be O(log n), so the tree caches complete subtree hashes; [`tiled::TiledTree`] keeps
+//!   only those from 64-leaf tiles up (a byte per leaf) and asks for a tile's leaves when a
+//!   proof reaches inside it, for a node whose log holds the leaves anyway.
 //!
 //! # Example
 //!
@@ -51,7 +53,7 @@
 //! assert_eq!(verified.checkpoint.size, 1);
 //! ```
 //!
-//! Modules, bottom up: [`merkle`] → [`note`] → [`checkpoint`] → [`proof`] → [`receipt`] →
+//! Modules, bottom up: [`merkle`] (and [`tiled`] on it) → [`note`] → [`checkpoint`] → [`proof`] → [`receipt`] →
 //! [`bundle`].
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations)]
@@ -62,6 +64,7 @@ pub mod merkle;
 pub mod note;
 pub mod proof;
 pub mod receipt;
+pub mod tiled;
 
 pub use bundle::{
     verify_bundle, verify_consistency_notes, ReceiptBundle, VerifiedReceipt, VerifyError,
@@ -71,3 +74,4 @@ pub use merkle::{Hash, ProofError, Tree};
 pub use note::{open_note, sign_note, Note, NoteError, SignerKey, VerifierKey};
 pub use proof::{verify_tlog_proof, Leaf, TlogProof, TlogProofError};
 pub use receipt::{verify_receipt_signature, Receipt, ReceiptError, ReceiptKind};
+pub use tiled::{Tile, TiledError, TiledTree, Tiles, TILE_LEAVES};

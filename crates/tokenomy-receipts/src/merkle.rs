@@ -65,13 +65,13 @@ pub fn empty_root() -> Hash {
 }
 
 /// The largest power of two strictly below `n` (`n >= 2`): RFC 6962's split point.
-fn split_point(n: u64) -> u64 {
+pub(crate) fn split_point(n: u64) -> u64 {
     assert!(n >= 2, "split_point needs at least two leaves");
     1 << (63 - (n - 1).leading_zeros())
 }
 
 /// Answers `MTH(D[start:end])`; lets one proof algorithm serve slices and [`Tree`].
-trait SubtreeHashes {
+pub(crate) trait SubtreeHashes {
     fn mth(&self, start: u64, end: u64) -> Hash;
 }
 
@@ -130,7 +130,11 @@ fn subproof<H: SubtreeHashes>(h: &H, m: u64, lo: u64, hi: u64, b: bool, out: &mu
     }
 }
 
-fn inclusion_with<H: SubtreeHashes>(h: &H, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
+pub(crate) fn inclusion_with<H: SubtreeHashes>(
+    h: &H,
+    index: u64,
+    size: u64,
+) -> Result<Vec<Hash>, ProofError> {
     if index >= size {
         return Err(ProofError::IndexOutOfRange {
             index,
@@ -142,7 +146,7 @@ fn inclusion_with<H: SubtreeHashes>(h: &H, index: u64, size: u64) -> Result<Vec<
     Ok(out)
 }
 
-fn consistency_with<H: SubtreeHashes>(
+pub(crate) fn consistency_with<H: SubtreeHashes>(
     h: &H,
     old_size: u64,
     new_size: u64,
@@ -393,7 +397,7 @@ impl Tree {
     }
 
     /// Cached hash of the complete subtree of height `level` starting at leaf `start`.
-    fn complete(&self, level: u32, start: u64) -> Hash {
+    pub(crate) fn complete(&self, level: u32, start: u64) -> Hash {
         debug_assert_eq!(start % (1 << level), 0, "complete subtrees are aligned");
         self.levels[level as usize][(start >> level) as usize]
     }

@@ -980,3 +980,104 @@ async fn usage_reports_are_the_ledgers_and_survive_a_restart() {
         assert_eq!(two.usage_totals(None).await.unwrap().0.requests, 3, "the ledger's usage is every account's");
     }
 }
+
+/// The log view keeps hashes from 64-entry tiles up and reads a tile's entries back for a
+/// proof that reaches inside it: receipts deep in a log of several tiles verify offline,
+/// before and after a restart; consistency proofs between sizes inside complete tiles are
+/// the full tree's; checkpoints signed as tiles complete extend the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_deep_in_a_log_of_several_tiles_verify() {
+    for pg in stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = ledger_url(pg, "tokenomy_billing_tiles").await;
+        let (b, first) = Billing::open(opts(dir.path(), url.as_deref())).await.unwrap();
+        let first = first.unwrap();
+        let user = b.authenticate(Some(&first.user_key)).await.unwrap();
+        let mut receipts = vec![];
+        let mut notes = vec![];
+        for i in 0..150 {
+            let h = b.hold(&user, &req(&format!("t{i}"), 10, 10)).await.unwrap();
+            receipts.push(b.settle(h, served(10, 5)).await.unwrap().expect("charged").receipt_id);
+            if i % 50 == 20 {
+                notes.push(b.checkpoint().await.unwrap().note);
+            }
+        }
+        notes.push(b.checkpoint().await.unwrap().note);
+        let key = VerifierKey::parse(std::fs::read_to_string(dir.path().join("node.pub")).unwrap().trim()).unwrap();
+        let verify_all = |b: std::sync::Arc<Billing>| {
+            let (receipts, user, key) = (receipts.clone(), user.clone(), key.clone());
+            async move {
+                let mut tiles = std::collections::BTreeSet::new();
+                for id in receipts.iter().step_by(7).chain(receipts.last()) {
+                    let v = verify_bundle(&b.receipt_bundle(id, &user).await.unwrap(), &key).unwrap();
+                    assert_eq!(&v.receipt.receipt_id, id);
+                    tiles.insert(v.receipt.log_index / 64);
+                }
+                assert!(tiles.len() >= 3, "receipts in three tiles: {tiles:?}");
+            }
+        };
+        verify_all(b.clone()).await;
+        // Consistency proofs: the node's against a full tree of the store's entries.
+        let entries = b.store().log_entries(0, 1000).await.unwrap();
+        let mut full = tokenomy_receipts::Tree::new();
+        for e in &entries {
+            full.push_data(&e.leaf_bytes);
+        }
+        let size = full.size();
+        assert!(size > 150, "{size}");
+        for (old, new) in [(1, size), (63, 64), (64, 130), (70, 129), (100, size), (size - 1, size)] {
+            assert_eq!(b.consistency(old, new).await.unwrap(), full.consistency_proof(old, new).unwrap(), "{old} -> {new}");
+        }
+        for pair in notes.windows(2) {
+            let old_size = tokenomy_receipts::Checkpoint::open(&pair[0], &key).unwrap().size;
+            let new_size = tokenomy_receipts::Checkpoint::open(&pair[1], &key).unwrap().size;
+            let proof = b.consistency(old_size, new_size).await.unwrap();
+            verify_consistency_notes(&pair[0], &pair[1], &proof, &key).unwrap();
+        }
+        // A restart rebuilds the view (and checks it against the checkpoint it signed last).
+        drop(b);
+        let b = loop {
+            match Billing::open(opts(dir.path(), url.as_deref())).await {
+                Ok((b, _)) => break b,
+                Err(e) if e.to_string().contains("lock") => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        verify_all(b).await;
+    }
+}
+
+/// An entry changed inside a complete tile of the ledger's log (the node no longer holds
+/// its hash, only its tile's) is caught when a proof reads that tile back: the node stops
+/// charging rather than prove a receipt against a log it never signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_changed_inside_a_complete_tile_halts_the_node() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let url = fresh_pg(&server, "tokenomy_billing_tile_changed").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
+    let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+    let mut receipts = vec![];
+    for i in 0..70 {
+        let h = b.hold(&user, &req(&format!("c{i}"), 10, 10)).await.unwrap();
+        receipts.push(b.settle(h, served(10, 5)).await.unwrap().expect("charged").receipt_id);
+    }
+    // The view reads the log (and signs it) before the change, and reads back no tile yet.
+    assert!(b.checkpoint().await.unwrap().checkpoint.size > 64);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "BEGIN; ALTER TABLE log_entries DISABLE TRIGGER log_entries_no_change; \
+             UPDATE log_entries SET leaf_bytes = (SELECT leaf_bytes FROM log_entries WHERE log_index = 6) WHERE log_index = 5; \
+             ALTER TABLE log_entries ENABLE TRIGGER log_entries_no_change; COMMIT",
+        )
+        .await
+        .unwrap();
+    let e = b.receipt_bundle(&receipts[20], &user).await.unwrap_err();
+    assert!(matches!(&e, BillingError::LogRewritten(why) if why.contains("entries 0..=63")), "{e:?}");
+    let h = b.hold(&user, &req("after", 10, 10)).await;
+    assert!(matches!(h, Err(BillingError::LogRewritten(_))), "{h:?}");
+}

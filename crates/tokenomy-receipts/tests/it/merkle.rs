@@ -157,3 +157,149 @@ fn million_leaves() {
         verify_consistency(index + 1, size, &old_root, &r, &proof).unwrap();
     }
 }
+
+/// Asks a tiled tree, giving it the tiles it names from `leaves` (read back, as a node reads
+/// them from its log), and checks that it names each tile at most once.
+fn tiled_ask<T>(
+    leaves: &[Hash],
+    ask: impl Fn(&tokenomy_receipts::Tiles) -> Result<T, tokenomy_receipts::TiledError>,
+) -> (Result<T, tokenomy_receipts::TiledError>, usize) {
+    use tokenomy_receipts::{TiledError, TILE_LEAVES};
+    let mut tiles = tokenomy_receipts::Tiles::new();
+    match ask(&tiles) {
+        Err(TiledError::NeedTiles(needed)) => {
+            assert!(
+                !needed.is_empty() && needed.len() <= 2,
+                "a proof needs at most two tiles: {needed:?}"
+            );
+            for t in &needed {
+                let from = (t * TILE_LEAVES) as usize;
+                tiles.insert(
+                    *t,
+                    tokenomy_receipts::Tile::new(&leaves[from..from + TILE_LEAVES as usize])
+                        .unwrap(),
+                );
+            }
+            let again = ask(&tiles);
+            assert!(
+                !matches!(again, Err(TiledError::NeedTiles(_))),
+                "named tiles suffice"
+            );
+            (again, needed.len())
+        }
+        r => (r, 0),
+    }
+}
+
+/// Every root and proof of the tiled tree equals the full tree's, at every size up to a few
+/// tiles and at sampled ones beyond, and the tiles it asks for are the ones it needs.
+#[test]
+fn tiled_tree_answers_as_the_full_tree() {
+    use tokenomy_receipts::TiledTree;
+    let leaves: Vec<Hash> = (0u32..700).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+    let (mut full, mut tiled) = (Tree::new(), TiledTree::new());
+    let mut asked_for_tiles = 0;
+    for (n, leaf) in leaves.iter().enumerate() {
+        assert_eq!(tiled.push(*leaf), n as u64);
+        full.push(*leaf);
+        assert_eq!(tiled.size(), full.size());
+        assert_eq!(tiled.root(), full.root(), "root at {}", n + 1);
+    }
+    let size = full.size();
+    let sizes: Vec<u64> = (0..=200)
+        .chain((201..=size).step_by(37))
+        .chain([size - 1, size])
+        .collect();
+    for &s in &sizes {
+        let (got, _) = tiled_ask(&leaves, |t| tiled.root_at(s, t));
+        assert_eq!(got.unwrap(), full.root_at(s).unwrap(), "root_at {s}");
+        for &i in sizes.iter().filter(|&&i| i < s) {
+            let (got, n) = tiled_ask(&leaves, |t| tiled.inclusion_proof(i, s, t));
+            assert_eq!(
+                got.unwrap(),
+                full.inclusion_proof(i, s).unwrap(),
+                "inclusion {i} in {s}"
+            );
+            asked_for_tiles += n;
+        }
+        for &new in sizes.iter().filter(|&&new| new >= s) {
+            let (got, _) = tiled_ask(&leaves, |t| tiled.consistency_proof(s, new, t));
+            assert_eq!(
+                got.unwrap(),
+                full.consistency_proof(s, new).unwrap(),
+                "consistency {s} -> {new}"
+            );
+        }
+    }
+    assert!(
+        asked_for_tiles > 0,
+        "some proofs reach inside complete tiles"
+    );
+    // Out of range is the full tree's error, whatever tiles are given.
+    let none = tokenomy_receipts::Tiles::new();
+    assert_eq!(
+        tiled.inclusion_proof(size, size, &none),
+        Err(ProofError::IndexOutOfRange {
+            index: size,
+            tree_size: size
+        }
+        .into())
+    );
+    assert_eq!(
+        tiled.root_at(size + 1, &none),
+        Err(ProofError::SizeBeyondTree {
+            size: size + 1,
+            tree_size: size
+        }
+        .into())
+    );
+}
+
+/// The proofs that never leave memory: the newest leaves at the current size, and the root.
+/// Inside a complete tile, exactly that tile is named; given wrong leaves, it is refused.
+#[test]
+fn tiled_tree_names_the_tiles_it_needs_and_checks_them() {
+    use tokenomy_receipts::{Tile, TiledError, TiledTree, Tiles};
+    let leaves: Vec<Hash> = (0u32..200).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+    let mut tiled = TiledTree::new();
+    for l in &leaves {
+        tiled.push(*l);
+    }
+    let none = Tiles::new();
+    // 200 = 3 tiles + 8: the tail is in memory.
+    assert!(tiled.inclusion_proof(199, 200, &none).is_ok());
+    assert!(tiled.consistency_proof(192, 200, &none).is_ok());
+    assert!(tiled.consistency_proof(128, 200, &none).is_ok());
+    assert_eq!(
+        tiled.inclusion_proof(70, 200, &none),
+        Err(TiledError::NeedTiles(vec![1]))
+    );
+    assert_eq!(
+        tiled.inclusion_proof(3, 100, &none),
+        Err(TiledError::NeedTiles(vec![0, 1]))
+    );
+    assert_eq!(
+        tiled.root_at(130, &none),
+        Err(TiledError::NeedTiles(vec![2]))
+    );
+    let mut wrong = Tiles::new();
+    let mut tile = leaves[64..128].to_vec();
+    tile.swap(0, 1);
+    wrong.insert(1, Tile::new(&tile).unwrap());
+    assert_eq!(
+        tiled.inclusion_proof(70, 200, &wrong),
+        Err(TiledError::TileMismatch(1))
+    );
+    wrong.insert(1, Tile::new(&leaves[0..64]).unwrap());
+    assert_eq!(
+        tiled.inclusion_proof(70, 200, &wrong),
+        Err(TiledError::TileMismatch(1))
+    );
+    assert!(Tile::new(&leaves[64..127]).is_none(), "a tile is 64 leaves");
+    assert_eq!(tiled.tile_root(1), Some(root(&leaves[64..128])));
+    assert_eq!(
+        Tile::new(&leaves[64..128]).unwrap().root(),
+        root(&leaves[64..128])
+    );
+    assert_eq!(tiled.tile_root(3), None, "the tail is not a complete tile");
+}
