@@ -1104,6 +1104,9 @@ impl Billing {
         let signed = self.checkpoint_locked(&mut log).await?;
         let hashes = log.inclusion_proof(index, signed.checkpoint.size, &self.store).await;
         let hashes = self.halt_if_rewritten(hashes)?;
+        // The bytes about to be signed are the entry the tree holds (its tile was just read).
+        let same = log.assert_entry(index, &entry.leaf_bytes, &self.store).await;
+        self.halt_if_rewritten(same)?;
         drop(log);
         let (canonical, signature) = receipt.sign(&self.signer).map_err(|e| BillingError::Internal(e.to_string()))?;
         assert_eq!(canonical, entry.leaf_bytes, "a logged receipt re-encodes to its own bytes");
@@ -1151,10 +1154,8 @@ impl Billing {
         if log.size() < checkpoint.size {
             self.sync_log(&mut log).await?;
         }
-        log.assert_consistent_with(&checkpoint, &self.store).await.map_err(|e| match e {
-            BillingError::LogRewritten(why) => corrupt(format!("its checkpoint against this node's view of the log: {why}")),
-            e => e,
-        })?;
+        let extends = log.extends(&checkpoint, &self.store).await;
+        self.halt_if_rewritten(extends)?.map_err(|why| corrupt(format!("its checkpoint against this node's view of the log: {why}")))?;
         let hashes = log.inclusion_proof(index, checkpoint.size, &self.store).await;
         let hashes = self.halt_if_rewritten(hashes)?;
         drop(log);

@@ -162,14 +162,29 @@ impl LogState {
     /// Refuses to go on from a log that does not extend `old`, a checkpoint signed before:
     /// [`crate::BillingError::LogRewritten`].
     pub async fn assert_consistent_with<S: LedgerStore>(&mut self, old: &Checkpoint, store: &S) -> Result<(), crate::BillingError> {
+        self.extends(old, store).await?.map_err(crate::BillingError::LogRewritten)
+    }
+
+    /// Whether this view of the log extends checkpoint `old` (`Err(why)` if not). The outer
+    /// error is the store's: a failed read, or tiles read back that are not the ones this view
+    /// hashed ([`crate::BillingError::LogRewritten`]).
+    pub async fn extends<S: LedgerStore>(&mut self, old: &Checkpoint, store: &S) -> Result<Result<(), String>, crate::BillingError> {
         if old.size > self.tree.size() {
-            let why = format!("the log has {} entries but checkpoint {} was signed: entries were lost", self.tree.size(), old.size);
-            return Err(crate::BillingError::LogRewritten(why));
+            return Ok(Err(format!("the log has {} entries but checkpoint {} was signed: entries were lost", self.tree.size(), old.size)));
         }
         let root = self.ask(store, |tree, tiles| tree.root_at(old.size, tiles)).await?;
         if root != old.root {
-            let why = format!("the log at size {} does not match the signed checkpoint: history was rewritten", old.size);
-            return Err(crate::BillingError::LogRewritten(why));
+            return Ok(Err(format!("the log at size {} does not match the checkpoint: history was rewritten", old.size)));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Checks that `bytes`, read from the store as entry `index`, are the entry this view
+    /// hashed; [`crate::BillingError::LogRewritten`] if not.
+    pub async fn assert_entry<S: LedgerStore>(&mut self, index: u64, bytes: &[u8], store: &S) -> Result<(), crate::BillingError> {
+        let leaf = self.ask(store, |tree, tiles| tree.leaf(index, tiles)).await?;
+        if leaf != tokenomy_receipts::merkle::leaf_hash(bytes) {
+            return Err(crate::BillingError::LogRewritten(format!("the ledger's log entry {index} is not the one this node read")));
         }
         Ok(())
     }
@@ -226,8 +241,9 @@ async fn read_tile<S: LedgerStore>(store: &S, t: u64) -> Result<Tile, crate::Bil
         let why = format!("the ledger's log has {} entries from {from}, where this node read {TILE_LEAVES}", entries.len());
         return Err(crate::BillingError::LogRewritten(why));
     }
-    for (e, i) in entries.iter().zip(from..) {
-        assert_eq!(e.log_index, i, "the store returned log entries out of order");
+    if let Some((e, i)) = entries.iter().zip(from..).find(|(e, i)| e.log_index != *i) {
+        let why = format!("the ledger's log has entry {} where this node read entry {i}", e.log_index);
+        return Err(crate::BillingError::LogRewritten(why));
     }
     let leaves: Vec<Hash> = entries.iter().map(|e| tokenomy_receipts::merkle::leaf_hash(&e.leaf_bytes)).collect();
     Ok(Tile::new(&leaves).expect("a tile's worth of entries"))

@@ -130,6 +130,19 @@ impl TiledTree {
         self.run(tiles, |v| Ok(v.mth(0, size)))
     }
 
+    /// The leaf hash at `index`.
+    pub fn leaf(&self, index: u64, tiles: &Tiles) -> Result<Hash, TiledError> {
+        let size = self.size();
+        if index >= size {
+            return Err(ProofError::IndexOutOfRange {
+                index,
+                tree_size: size,
+            }
+            .into());
+        }
+        self.run(tiles, |v| Ok(v.mth(index, index + 1)))
+    }
+
     /// The inclusion proof of leaf `index` in the tree of the first `size` leaves.
     pub fn inclusion_proof(
         &self,

@@ -1078,6 +1078,43 @@ async fn an_entry_changed_inside_a_complete_tile_halts_the_node() {
         .unwrap();
     let e = b.receipt_bundle(&receipts[20], &user).await.unwrap_err();
     assert!(matches!(&e, BillingError::LogRewritten(why) if why.contains("entries 0..=63")), "{e:?}");
+    assert!(matches!(b.consistency(3, 66).await, Err(BillingError::LogRewritten(_))), "halted");
     let h = b.hold(&user, &req("after", 10, 10)).await;
     assert!(matches!(h, Err(BillingError::LogRewritten(_))), "{h:?}");
+}
+
+/// An entry changed in the tile still filling (held in memory, not read back) is caught when
+/// its receipt is fetched: the node does not sign bytes it never logged, and stops charging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_changed_in_the_last_tile_is_not_signed() {
+    let Ok(server) = std::env::var("TOKENOMY_TEST_POSTGRES_URL") else {
+        return eprintln!("SKIP PostgreSQL: TOKENOMY_TEST_POSTGRES_URL is not set");
+    };
+    let url = fresh_pg(&server, "tokenomy_billing_tail_changed").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (b, first) = Billing::open(opts(dir.path(), Some(&url))).await.unwrap();
+    let user = b.authenticate(Some(&first.unwrap().user_key)).await.unwrap();
+    let mut receipts = vec![];
+    for i in 0..4 {
+        let h = b.hold(&user, &req(&format!("l{i}"), 10, 10)).await.unwrap();
+        receipts.push(b.settle(h, served(10, 5 + i)).await.unwrap().expect("charged").receipt_id);
+    }
+    let size = b.checkpoint().await.unwrap().checkpoint.size;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // The last receipt's entry gets the bytes of the one before it with only its amount changed.
+    let last = i64::try_from(size - 1).unwrap();
+    let row = client.query_one("SELECT leaf_bytes FROM log_entries WHERE log_index = $1", &[&last]).await.unwrap();
+    let bytes: Vec<u8> = row.get(0);
+    let text = String::from_utf8(bytes).unwrap();
+    let forged = text.replacen("amount_micros -", "amount_micros -1", 1);
+    assert_ne!(forged, text, "{text}");
+    client
+        .execute("ALTER TABLE log_entries DISABLE TRIGGER log_entries_no_change", &[])
+        .await
+        .unwrap();
+    client.execute("UPDATE log_entries SET leaf_bytes = $1 WHERE log_index = $2", &[&forged.as_bytes(), &last]).await.unwrap();
+    client.execute("ALTER TABLE log_entries ENABLE TRIGGER log_entries_no_change", &[]).await.unwrap();
+    let e = b.receipt_bundle(receipts.last().unwrap(), &user).await.unwrap_err();
+    assert!(matches!(&e, BillingError::LogRewritten(why) if why.contains(&format!("entry {last}"))), "{e:?}");
 }

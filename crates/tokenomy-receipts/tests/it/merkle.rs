@@ -213,6 +213,10 @@ fn tiled_tree_answers_as_the_full_tree() {
     for &s in &sizes {
         let (got, _) = tiled_ask(&leaves, |t| tiled.root_at(s, t));
         assert_eq!(got.unwrap(), full.root_at(s).unwrap(), "root_at {s}");
+        if s < size {
+            let (got, _) = tiled_ask(&leaves, |t| tiled.leaf(s, t));
+            assert_eq!(got.unwrap(), leaves[s as usize], "leaf {s}");
+        }
         for &i in sizes.iter().filter(|&&i| i < s) {
             let (got, n) = tiled_ask(&leaves, |t| tiled.inclusion_proof(i, s, t));
             assert_eq!(
