@@ -185,7 +185,10 @@ fn output_format(o: &Map<String, Value>) -> Result<Option<Value>, AppError> {
 /// The Messages request as the chat pipeline's (OpenAI-shaped) request.
 fn to_chat(body: &Value, count_only: bool) -> Result<Value, AppError> {
     let o = body.as_object().ok_or_else(|| invalid("the body must be a JSON object"))?;
-    let model = o.get("model").and_then(Value::as_str).ok_or_else(|| invalid("model: field required"))?;
+    let model = match o.get("model") {
+        None | Some(Value::Null) => return Err(invalid("model: field required")),
+        Some(v) => v.as_str().ok_or_else(|| invalid(format!("model: a string is required, got {v}")))?,
+    };
     let max_tokens = match o.get("max_tokens") {
         None if !count_only => return Err(invalid("max_tokens: field required")),
         None => None,

@@ -400,7 +400,10 @@ fn parse(body: &Value, sha256: [u8; 32]) -> Result<Parsed, AppError> {
     if let Some(n) = field("top_logprobs").and_then(Value::as_i64).filter(|n| !(0..=20).contains(n)) {
         return Err(invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {n}")));
     }
-    let model = field("model").and_then(Value::as_str).ok_or_else(|| invalid("model", "model: field required"))?;
+    let model = match field("model") {
+        None | Some(Value::Null) => return Err(invalid("model", "model: field required")),
+        Some(v) => v.as_str().ok_or_else(|| AppError { code: Some("invalid_type"), ..invalid("model", format!("model must be a string, got {v}")) })?,
+    };
     for (k, what) in [("background", "background responses"), ("conversation", "conversations"), ("prompt", "prompt templates")] {
         if field(k).is_some_and(|v| v != &json!(false)) {
             return Err(invalid(k, format!("{what} are not served by this node")));
@@ -478,6 +481,11 @@ pub async fn create(State(state): State<AppState>, headers: HeaderMap, body: Has
 /// The chat request a Responses request stands for, and the conversation it continues with its
 /// input (without instructions, which are not carried over).
 async fn chat_request(state: &AppState, owner: Option<AccountId>, p: &mut Parsed) -> Result<(ChatRequest, Vec<Value>, bytes::Bytes), AppError> {
+    if p.input.is_empty() {
+        // (With previous_response_id the conversation would end in the last answer, which the
+        // model would go on writing, as after a prefill, rather than answer a new turn.)
+        return Err(invalid("input", "input must hold at least one item: the next turn of the conversation"));
+    }
     let mut history = match &p.previous {
         None => Vec::new(),
         Some(id) => {
@@ -591,10 +599,11 @@ fn pair_calls(history: &[Value]) -> Result<(), AppError> {
 /// An error of the chat pipeline in the Responses API's names (`max_output_tokens`,
 /// `text.format`, `input`, a tool's `name`).
 fn in_responses_terms(mut e: AppError) -> AppError {
-    const NAMES: [(&str, &str); 6] = [
+    const NAMES: [(&str, &str); 7] = [
         ("max_completion_tokens", "max_output_tokens"),
         ("max_tokens", "max_output_tokens"),
         ("response_format", "text.format"),
+        ("text.format.json_schema.", "text.format."),
         ("reasoning_effort", "reasoning.effort"),
         ("tool_call_id", "call_id"),
         (".function.", "."),

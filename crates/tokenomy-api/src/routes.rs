@@ -726,6 +726,8 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
     };
     let lazy = strict_auto.is_some();
     let constrained = forced.or_else(|| answer.as_ref().and(active.as_ref()).map(|t| t.defs.iter().collect())).or(strict_auto);
+    // Where a schema llguidance refuses came from, for the error's `param`.
+    let grammar_param = if constrained.is_some() { "tools" } else { "response_format.json_schema.schema" };
     if let Some(defs) = constrained {
         // A call's arguments get exactly the declared parameters (OpenAI's strict mode); under
         // `auto`, only a strict tool's are closed, the others' match their schema as written.
@@ -809,6 +811,9 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         Ok(s) => s,
         Err((e, charge)) => {
             void_charge(state, charge).await;
+            if e.param.is_none() && e.message.starts_with("invalid grammar or schema") {
+                return Err(AppError { param: Some(grammar_param.into()), code: Some("invalid_value"), ..e });
+            }
             return Err(e);
         }
     };

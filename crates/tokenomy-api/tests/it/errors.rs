@@ -279,6 +279,13 @@ async fn a_body_the_messages_api_cannot_parse_is_answered_in_anthropic_shape() {
     let r = send(&s, "POST", "/v1/messages", Some(&body.to_string())).await;
     assert_eq!((r.status, r.json()["error"]["type"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request_error")), "{}", r.text);
     assert!(r.json()["error"]["message"].as_str().unwrap().starts_with("temperature: must be between 0 and 1"), "{}", r.text);
+    // A model that is not a string is named as such, not as missing.
+    for (model, says) in [(json!(5), "model: a string is required, got 5"), (json!(null), "model: field required")] {
+        let body = json!({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+        let r = send(&s, "POST", "/v1/messages", Some(&body.to_string())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert_eq!(r.json()["error"]["message"], says, "{}", r.text);
+    }
 }
 
 #[tokio::test]

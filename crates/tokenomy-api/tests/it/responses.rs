@@ -142,6 +142,8 @@ async fn bad_responses_input_is_refused_in_openai_shape() {
         (json!({"model": MODEL, "input": [{"role": "user", "content": "Hi"}, {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
             {"role": "user", "content": "and?"}]}), "input"),
         (json!({"model": "nope", "input": "Hi"}), "model"),
+        (json!({"model": 5, "input": "Hi"}), "model"),
+        (json!({"model": MODEL, "input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}), "text.format.schema"),
     ];
     for (body, param) in cases {
         let r = post(&s, "/v1/responses", body.clone()).await;
@@ -149,6 +151,12 @@ async fn bad_responses_input_is_refused_in_openai_shape() {
         let e = assert_error(&r, status);
         if status == StatusCode::BAD_REQUEST {
             assert_eq!(e["param"], param, "{body}: {e}");
+            // Named as this API names its fields, and saying what is wrong.
+            let message = e["message"].as_str().unwrap();
+            assert!(!message.contains("json_schema."), "{body}: {e}");
+            if body["model"] == 5 {
+                assert!(message.contains("must be a string"), "{e}");
+            }
         }
     }
     // A kept response's events are not replayed: a 400, not a body an SDK would read as no events.
@@ -157,6 +165,9 @@ async fn bad_responses_input_is_refused_in_openai_shape() {
     let id = kept["id"].as_str().unwrap();
     assert_eq!(assert_error(&send(&s, "GET", &format!("/v1/responses/{id}?stream=true"), None).await, StatusCode::BAD_REQUEST)["param"], "stream");
     assert_eq!(send(&s, "GET", &format!("/v1/responses/{id}?stream=false"), None).await.status, StatusCode::OK);
+    // No new turn: refused, not read as a prefill that goes on writing the last answer.
+    let empty = post(&s, "/v1/responses", json!({"model": MODEL, "max_output_tokens": 2, "previous_response_id": id, "input": []})).await;
+    assert_eq!(assert_error(&empty, StatusCode::BAD_REQUEST)["param"], "input");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

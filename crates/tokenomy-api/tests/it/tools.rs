@@ -126,6 +126,21 @@ async fn bad_tools_and_tool_choices_are_400() {
         let e = assert_error(&post(&s, "/v1/chat/completions", body.clone()).await, StatusCode::BAD_REQUEST);
         assert!(e["message"].as_str().unwrap().len() > 10, "{body}: {e}");
     }
+    // A schema the constrained decoder refuses names where it came from.
+    let bad_schema = json!({"type": "object", "properties": {"x": {"type": "nonsense"}}});
+    let tool = json!({"type": "function", "function": {"name": "f", "parameters": bad_schema}});
+    for (extra, param) in [
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": bad_schema}}}), "response_format.json_schema.schema"),
+        (json!({"tools": [tool], "tool_choice": "required"}), "tools"),
+    ] {
+        let mut body = json!({"model": QWEN, "messages": msgs, "max_tokens": 4});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let e = assert_error(&post(&s, "/v1/chat/completions", body.clone()).await, StatusCode::BAD_REQUEST);
+        assert_eq!(e["param"], param, "{body}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("nonsense"), "{e}");
+    }
 }
 
 /// SmolLM2 behind a chatml template whose assistant turn opens a think block, as R1 distills' do.
