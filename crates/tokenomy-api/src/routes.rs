@@ -811,7 +811,7 @@ pub(crate) async fn chat_run(state: &AppState, g: &Gate, body: HashedJson<ChatRe
         Ok(s) => s,
         Err((e, charge)) => {
             void_charge(state, charge).await;
-            if e.param.is_none() && e.message.starts_with("invalid grammar or schema") {
+            if e.param.is_none() && e.message.starts_with(tokenomy_core::INVALID_GRAMMAR_PREFIX) {
                 return Err(AppError { param: Some(grammar_param.into()), code: Some("invalid_value"), ..e });
             }
             return Err(e);

@@ -115,6 +115,10 @@ pub enum GrammarTrigger {
     TextAtStart(String),
 }
 
+/// How a backend's [`BackendError::InvalidRequest`] begins when the request's schema or grammar
+/// cannot be compiled: the API, which knows which field it came from, names that field.
+pub const INVALID_GRAMMAR_PREFIX: &str = "invalid grammar or schema: ";
+
 /// What a constrained JSON value may have between its tokens (a regex): one space, or one or
 /// two line breaks and an indent of up to 20, as llama.cpp's schema grammars allow. Any run
 /// (llguidance's default) lets a small model that wants to end early write blanks until

@@ -50,10 +50,10 @@ impl Compiler {
             Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(tokenomy_core::with_bounded_whitespace(s.clone())),
             Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
         };
-        let parser = self.factory(model)?.create_parser(grammar).map_err(|e| format!("invalid grammar or schema: {e}"))?;
+        let parser = self.factory(model)?.create_parser(grammar).map_err(|e| format!("{}{e}", tokenomy_core::INVALID_GRAMMAR_PREFIX))?;
         let m = Matcher::new(Ok(parser));
         if let Some(e) = m.get_error() {
-            return Err(format!("invalid grammar or schema: {e}"));
+            return Err(format!("{}{e}", tokenomy_core::INVALID_GRAMMAR_PREFIX));
         }
         let factory = self.factory(model)?;
         let digit_led = self
